@@ -1,0 +1,167 @@
+"""User-facing messages in Spanish and English.
+
+Every message has a key (usually the machine error code) and `str.format` fields. The
+language comes from the request's Accept-Language header; a request that names neither
+Spanish nor English gets DEFAULT_LANGUAGE.
+"""
+
+from typing import Any
+
+SUPPORTED_LANGUAGES = ("es", "en")
+
+MESSAGES: dict[str, dict[str, str]] = {
+    # Generic request errors.
+    "validation_error": {
+        "es": "La solicitud no es válida: revisa los campos indicados en 'details'.",
+        "en": "The request is invalid: check the fields listed in 'details'.",
+    },
+    "not_found": {
+        "es": "El recurso solicitado no existe.",
+        "en": "The requested resource does not exist.",
+    },
+    "method_not_allowed": {
+        "es": "Método HTTP no permitido en esta ruta.",
+        "en": "HTTP method not allowed on this path.",
+    },
+    "internal_error": {
+        "es": "Error interno del servidor. Inténtalo de nuevo más tarde.",
+        "en": "Internal server error. Try again later.",
+    },
+    "payload_too_large": {
+        "es": "El cuerpo de la solicitud supera el tamaño máximo de {limit} bytes.",
+        "en": "The request body exceeds the maximum size of {limit} bytes.",
+    },
+    # Authentication and users.
+    "not_authenticated": {
+        "es": "Falta la autenticación: envía 'Authorization: Bearer <token>'.",
+        "en": "Authentication is missing: send 'Authorization: Bearer <token>'.",
+    },
+    "invalid_token": {
+        "es": "El token no es válido o ha caducado. Inicia sesión de nuevo.",
+        "en": "The token is invalid or has expired. Log in again.",
+    },
+    "invalid_credentials": {
+        "es": "Correo o contraseña incorrectos.",
+        "en": "Incorrect email or password.",
+    },
+    "inactive_user": {
+        "es": "La cuenta está desactivada.",
+        "en": "The account is disabled.",
+    },
+    "email_taken": {
+        "es": "Ya existe una cuenta con el correo {email}.",
+        "en": "An account with the email {email} already exists.",
+    },
+    "forbidden": {
+        "es": "No tienes permiso para esta operación.",
+        "en": "You do not have permission for this operation.",
+    },
+    "invalid_region": {
+        "es": "La región {region} no es un código de país ISO 3166 válido (por ejemplo MX, ES, US).",
+        "en": "The region {region} is not a valid ISO 3166 country code (for example MX, ES, US).",
+    },
+    # Devices.
+    "device_not_found": {
+        "es": "No existe el dispositivo {device_id}.",
+        "en": "Device {device_id} does not exist.",
+    },
+    "device_inactive": {
+        "es": "El dispositivo {device_id} está desactivado.",
+        "en": "Device {device_id} is disabled.",
+    },
+    # Messages.
+    "message_not_found": {
+        "es": "No existe el mensaje {message_id}.",
+        "en": "Message {message_id} does not exist.",
+    },
+    "invalid_phone_number": {
+        "es": "El número {number} no es válido ({reason}). Usa el formato E.164, por ejemplo +5215512345678.",
+        "en": "The number {number} is invalid ({reason}). Use the E.164 format, for example +5215512345678.",
+    },
+    "empty_body": {
+        "es": "El texto del mensaje está vacío.",
+        "en": "The message body is empty.",
+    },
+    "body_too_long": {
+        "es": "El texto tiene {length} caracteres; el máximo es {limit}.",
+        "en": "The body has {length} characters; the maximum is {limit}.",
+    },
+    "idempotency_key_reused": {
+        "es": "La clave Idempotency-Key ya se usó con otra solicitud distinta.",
+        "en": "The Idempotency-Key was already used with a different request.",
+    },
+    "invalid_cursor": {
+        "es": "El cursor de paginación no es válido; usa el valor 'next_cursor' de la respuesta anterior.",
+        "en": "The pagination cursor is invalid; use the 'next_cursor' value of the previous response.",
+    },
+    # Quotas.
+    "quota_exceeded_sms": {
+        "es": "Has alcanzado el límite de {limit} SMS este mes",
+        "en": "You have reached the limit of {limit} SMS this month",
+    },
+    "quota_exceeded_sms_bulk": {
+        "es": "Solo puedes enviar {available} SMS más este mes",
+        "en": "You can only send {available} more SMS this month",
+    },
+    "quota_exceeded_devices": {
+        "es": "Límite de {limit} dispositivos alcanzado",
+        "en": "Limit of {limit} devices reached",
+    },
+    # Device protocol.
+    "invalid_api_key": {
+        "es": "La API key del dispositivo no es válida, ha caducado o fue revocada.",
+        "en": "The device API key is invalid, expired or revoked.",
+    },
+    "invalid_frame": {
+        "es": "Trama no válida: {reason}",
+        "en": "Invalid frame: {reason}",
+    },
+    "unknown_frame_type": {
+        "es": "Tipo de trama desconocido: {frame_type}",
+        "en": "Unknown frame type: {frame_type}",
+    },
+    "report_not_allowed": {
+        "es": "El mensaje {message_id} no está asignado a este dispositivo.",
+        "en": "Message {message_id} is not assigned to this device.",
+    },
+}
+
+
+def negotiate_language(accept_language: str | None, default: str = "es") -> str:
+    """Pick "es" or "en" from an Accept-Language header, by quality then by order."""
+    if not accept_language:
+        return default
+
+    best: tuple[float, str] | None = None
+    for position, item in enumerate(accept_language.split(",")):
+        tag, _, params = item.strip().partition(";")
+        language = tag.strip().lower().split("-")[0]
+        if language not in SUPPORTED_LANGUAGES:
+            continue
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality <= 0:
+            continue
+        # Earlier entries win ties, so the position only breaks equal qualities.
+        candidate = (quality - position * 1e-6, language)
+        if best is None or candidate > best:
+            best = candidate
+    return best[1] if best else default
+
+
+def translate(key: str, language: str, **params: Any) -> str:
+    """Return the message `key` in `language`, formatted with `params`."""
+    templates = MESSAGES.get(key)
+    if templates is None:
+        return key
+    template = templates.get(language) or templates["en"]
+    try:
+        return template.format(**params)
+    except (KeyError, IndexError):
+        return template

@@ -1,0 +1,59 @@
+"""Every Redis stream, consumer group, channel and key name, in one place.
+
+All names start with `REDIS_KEY_PREFIX`, so that test runs and several installs can share
+one Redis server without touching each other's data.
+"""
+
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str
+
+    @property
+    def new_messages_stream(self) -> str:
+        """Stream of messages ready for assignment; entries carry `message_id`."""
+        return f"{self.prefix}:stream:messages:new"
+
+    @property
+    def dispatcher_group(self) -> str:
+        return "dispatcher"
+
+    @property
+    def device_events_stream(self) -> str:
+        """Stream of device presence changes (`device_id`, `event`), read by the dispatcher."""
+        return f"{self.prefix}:stream:devices:events"
+
+    @property
+    def webhook_events_stream(self) -> str:
+        """Stream of webhook events to deliver, read by the webhook-sender."""
+        return f"{self.prefix}:stream:webhooks:events"
+
+    @property
+    def webhook_group(self) -> str:
+        return "webhook-sender"
+
+    @property
+    def arq_queue(self) -> str:
+        return f"{self.prefix}:arq:queue"
+
+    def device_tasks_stream(self, device_id: uuid.UUID | str) -> str:
+        """Stream of tasks for one device that it has not yet finished reporting on."""
+        return f"{self.prefix}:stream:device:{device_id}:tasks"
+
+    def device_channel(self, device_id: uuid.UUID | str) -> str:
+        """Pub/sub channel that wakes, replaces or revokes the hub connection of one device."""
+        return f"{self.prefix}:channel:device:{device_id}"
+
+    def device_connection(self, device_id: uuid.UUID | str) -> str:
+        """Id of the newest hub connection of a device, with a TTL of the heartbeat timeout."""
+        return f"{self.prefix}:device:{device_id}:connection"
+
+
+# Control messages published on a device channel.
+CHANNEL_WAKE = "wake"
+CHANNEL_REVOKE = "revoke"
+# "connected:<connection id>": a newer connection of the device opened somewhere.
+CHANNEL_CONNECTED_PREFIX = "connected:"

@@ -1,0 +1,47 @@
+"""Structured logging setup shared by the services."""
+
+import logging
+import sys
+
+import structlog
+
+from mensajero_common.settings import Settings
+
+
+def configure_logging(settings: Settings, service: str) -> None:
+    """Route stdlib and structlog records through one JSON (or console) renderer."""
+    renderer: structlog.types.Processor
+    if settings.LOG_JSON:
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.LOG_LEVEL.upper())
+    # uvicorn's access log would print query strings, and the device WebSocket carries
+    # its API key in one.
+    logging.getLogger("uvicorn.access").disabled = True
+    structlog.contextvars.bind_contextvars(service=service)

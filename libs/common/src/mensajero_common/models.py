@@ -1,0 +1,282 @@
+"""SQLAlchemy models of every table, shared by all services.
+
+Table names follow the specification (`smsdevice`, `smsmessage`, `webhookconfig`,
+`userplan`, `userquota`). Relationships load with `lazy="raise"`, so every query is explicit.
+"""
+
+import uuid
+from datetime import date, datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from sqlalchemy import (
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
+
+
+def _updated_at() -> Mapped[datetime]:
+    return mapped_column(
+        DateTime(timezone=True),
+        server_default=func.now(),
+        onupdate=func.now(),
+        nullable=False,
+    )
+
+
+class MessageStatus(StrEnum):
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    RECEIVED = "received"
+
+
+class MessageType(StrEnum):
+    OUTGOING = "outgoing"
+    INCOMING = "incoming"
+
+
+class DeviceStatus(StrEnum):
+    REGISTERED = "registered"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class User(Base):
+    __tablename__ = "user"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    email: Mapped[str] = mapped_column(String(255), nullable=False)
+    hashed_password: Mapped[str] = mapped_column(String(255), nullable=False)
+    full_name: Mapped[str | None] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("true")
+    )
+    is_superuser: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
+    # ISO 3166 region in which national phone numbers of this user are read (e.g. "MX").
+    default_region: Mapped[str | None] = mapped_column(String(2))
+    # Bumped when the password changes; tokens carrying an older value stop working.
+    token_version: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+    quota: Mapped["UserQuota"] = relationship(back_populates="user", lazy="raise")
+
+    __table_args__ = (Index("uq_user_email_lower", func.lower(email), unique=True),)
+
+
+class UserPlan(Base):
+    __tablename__ = "userplan"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    # Stable machine name used by DEFAULT_PLAN and the upgrade endpoint ("free", "pro", …).
+    code: Mapped[str] = mapped_column(String(50), nullable=False, unique=True)
+    name: Mapped[str] = mapped_column(String(100), nullable=False, unique=True)
+    max_sms_per_month: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_devices: Mapped[int] = mapped_column(Integer, nullable=False)
+    price: Mapped[Decimal] = mapped_column(Numeric(10, 2), nullable=False)
+    is_active: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("true")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class UserQuota(Base):
+    __tablename__ = "userquota"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, unique=True
+    )
+    plan_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("userplan.id"), nullable=False, index=True
+    )
+    sms_sent_this_month: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
+    devices_registered: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
+    last_reset_date: Mapped[date] = mapped_column(
+        Date, nullable=False, server_default=func.current_date()
+    )
+    updated_at: Mapped[datetime] = _updated_at()
+
+    user: Mapped[User] = relationship(back_populates="quota", lazy="raise")
+    plan: Mapped[UserPlan] = relationship(lazy="raise")
+
+
+class SMSDevice(Base):
+    __tablename__ = "smsdevice"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    phone_number: Mapped[str | None] = mapped_column(String(32))
+    # SHA-256 of the device API key: keys are long random strings, so a fast hash is enough
+    # and lets the hub find the device with one indexed lookup.
+    api_key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    # First characters of the key, shown in listings so a user can tell keys apart.
+    api_key_prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    api_key_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[DeviceStatus] = mapped_column(
+        String(16),
+        nullable=False,
+        server_default=DeviceStatus.REGISTERED.value,
+        index=True,
+    )
+    is_active: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("true")
+    )
+    last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    app_version: Mapped[str | None] = mapped_column(String(64))
+    protocol_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class SMSMessage(Base):
+    __tablename__ = "smsmessage"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    device_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("smsdevice.id", ondelete="SET NULL"), index=True
+    )
+    # Set when the sender asked for this device; the dispatcher then never moves the message.
+    requested_device_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    type: Mapped[MessageType] = mapped_column(String(16), nullable=False, index=True)
+    status: Mapped[MessageStatus] = mapped_column(
+        String(16), nullable=False, index=True
+    )
+    to_number: Mapped[str | None] = mapped_column(String(32), index=True)
+    from_number: Mapped[str | None] = mapped_column(String(32), index=True)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    segments: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("1")
+    )
+    encoding: Mapped[str] = mapped_column(
+        String(8), nullable=False, server_default="gsm7"
+    )
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
+    webhook_sent: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false"), index=True
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Groups the messages of one bulk request.
+    bulk_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), index=True)
+    # The phone's own id for an incoming SMS, used to store an SMS uploaded twice only once.
+    external_id: Mapped[str | None] = mapped_column(String(128))
+    # Extra data that does not deserve a column (e.g. the phone's report details).
+    meta: Mapped[dict[str, object]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sending_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_smsmessage_user_id_created_at_id", "user_id", "created_at", "id"),
+        Index(
+            "uq_smsmessage_user_id_idempotency_key",
+            "user_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        Index(
+            "uq_smsmessage_device_id_external_id",
+            "device_id",
+            "external_id",
+            unique=True,
+            postgresql_where=text("external_id IS NOT NULL"),
+        ),
+        Index("ix_smsmessage_created_at", "created_at"),
+    )
+
+
+class WebhookConfig(Base):
+    __tablename__ = "webhookconfig"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    url: Mapped[str] = mapped_column(String(2048), nullable=False)
+    # Kept in clear because each delivery is signed with it.
+    secret_key: Mapped[str] = mapped_column(String(255), nullable=False)
+    events: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False)
+    is_active: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("true")
+    )
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+__all__ = [
+    "Base",
+    "DeviceStatus",
+    "MessageStatus",
+    "MessageType",
+    "SMSDevice",
+    "SMSMessage",
+    "User",
+    "UserPlan",
+    "UserQuota",
+    "WebhookConfig",
+]

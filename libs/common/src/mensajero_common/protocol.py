@@ -1,0 +1,171 @@
+"""The device protocol: JSON frames between a phone and the device-hub.
+
+Field names are the specification's. Additions: `request_id` on client frames (echoed in
+the `ack` or `error` that answers it), `protocol_version` and `app_version` in `register`,
+`sms_id` (the phone's own id of an incoming SMS, used to store it once) and the segment
+details in `task`. docs/device-protocol.md describes every frame for phone app authors.
+"""
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from mensajero_common import jsonutil
+
+PROTOCOL_VERSION = 1
+
+# WebSocket close codes sent by the hub, in the 4000-4999 range that RFC 6455 leaves to
+# applications, besides the standard 1008, 1009, 1011 and 1012.
+CLOSE_INVALID_API_KEY = 4001
+CLOSE_REPLACED = 4002
+CLOSE_REVOKED = 4003
+CLOSE_HEARTBEAT_TIMEOUT = 4008
+CLOSE_TOO_MANY_ERRORS = 4009
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_SERVICE_RESTART = 1012
+
+MAX_ID_LENGTH = 128
+MAX_TEXT_LENGTH = 4096
+
+
+class _ClientFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    request_id: Annotated[str | None, Field(max_length=MAX_ID_LENGTH)] = None
+
+
+class RegisterFrame(_ClientFrame):
+    type: Literal["register"]
+    device_name: Annotated[str | None, Field(max_length=255)] = None
+    phone_number: Annotated[str | None, Field(max_length=64)] = None
+    app_version: Annotated[str | None, Field(max_length=64)] = None
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class SmsReportFrame(_ClientFrame):
+    type: Literal["sms_report"]
+    message_id: uuid.UUID
+    status: Literal["sending", "sent", "delivered", "failed"]
+    error: Annotated[str | None, Field(max_length=1024)] = None
+
+
+class SmsIncomingFrame(_ClientFrame):
+    type: Literal["sms_incoming"]
+    from_: Annotated[str, Field(alias="from", min_length=1, max_length=64)]
+    body: Annotated[str, Field(max_length=MAX_TEXT_LENGTH)]
+    timestamp: datetime | None = None
+    sms_id: Annotated[str | None, Field(min_length=1, max_length=MAX_ID_LENGTH)] = None
+
+
+class PingFrame(_ClientFrame):
+    type: Literal["ping"]
+
+
+ClientFrame = Annotated[
+    RegisterFrame | SmsReportFrame | SmsIncomingFrame | PingFrame,
+    Field(discriminator="type"),
+]
+CLIENT_FRAME_TYPES = frozenset({"register", "sms_report", "sms_incoming", "ping"})
+
+_client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
+
+
+class FrameError(ValueError):
+    """A client frame that cannot be applied; `code` is the machine code sent back."""
+
+    def __init__(
+        self, code: str, *, request_id: str | None = None, **params: Any
+    ) -> None:
+        self.code = code
+        self.request_id = request_id
+        self.params = params
+        super().__init__(f"{code}: {params}")
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:3]:
+        location = ".".join(str(part) for part in item["loc"][1:] or item["loc"])
+        parts.append(f"{location}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_client_frame(
+    raw: str | bytes,
+) -> RegisterFrame | SmsReportFrame | SmsIncomingFrame | PingFrame:
+    """Parse one text frame from a phone, or raise FrameError with a machine code."""
+    try:
+        data = jsonutil.loads(raw)
+    except jsonutil.JSONDecodeError:
+        raise FrameError("invalid_frame", reason="not valid JSON") from None
+    if not isinstance(data, dict):
+        raise FrameError("invalid_frame", reason="a frame must be a JSON object")
+
+    request_id = (
+        data.get("request_id") if isinstance(data.get("request_id"), str) else None
+    )
+    frame_type = data.get("type")
+    if not isinstance(frame_type, str):
+        raise FrameError(
+            "invalid_frame", request_id=request_id, reason="missing field 'type'"
+        )
+    if frame_type not in CLIENT_FRAME_TYPES:
+        raise FrameError(
+            "unknown_frame_type", request_id=request_id, frame_type=frame_type[:64]
+        )
+
+    try:
+        return _client_frame_adapter.validate_python(data)
+    except ValidationError as error:
+        raise FrameError(
+            "invalid_frame", request_id=request_id, reason=_describe(error)
+        ) from None
+
+
+def task_frame(
+    message_id: uuid.UUID,
+    to: str,
+    body: str,
+    *,
+    segments: int,
+    encoding: str,
+    created_at: datetime,
+) -> dict[str, Any]:
+    return {
+        "type": "task",
+        "message_id": str(message_id),
+        "to": to,
+        "body": body,
+        "segments": segments,
+        "encoding": encoding,
+        "created_at": created_at,
+    }
+
+
+def ack_frame(
+    of: str, *, request_id: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "ack", "of": of}
+    if request_id is not None:
+        frame["request_id"] = request_id
+    frame.update({name: value for name, value in fields.items() if value is not None})
+    return frame
+
+
+def error_frame(
+    code: str, message: str, *, request_id: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "error": code, "message": message}
+    if request_id is not None:
+        frame["request_id"] = request_id
+    frame.update({name: value for name, value in fields.items() if value is not None})
+    return frame
+
+
+def pong_frame(server_time: datetime, request_id: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "pong", "server_time": server_time}
+    if request_id is not None:
+        frame["request_id"] = request_id
+    return frame

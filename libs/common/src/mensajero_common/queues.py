@@ -1,0 +1,113 @@
+"""Redis stream and channel operations that more than one service performs.
+
+Postgres holds every message; these streams only carry work. An entry lost with Redis is
+found again by the dispatcher's sweep over Postgres.
+"""
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+
+from mensajero_common import jsonutil
+from mensajero_common.keys import CHANNEL_WAKE, RedisKeys
+
+# Approximate cap on the shared streams: older entries are trimmed, and the Postgres sweep
+# re-signals any message whose entry was trimmed before it was read.
+SHARED_STREAM_MAXLEN = 1_000_000
+
+
+async def signal_new_messages(
+    redis: "Redis[bytes]", keys: RedisKeys, message_ids: Iterable[uuid.UUID]
+) -> None:
+    """Tell the dispatcher that these committed messages wait for assignment."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for message_id in message_ids:
+            pipe.xadd(
+                keys.new_messages_stream,
+                {"message_id": str(message_id)},
+                maxlen=SHARED_STREAM_MAXLEN,
+                approximate=True,
+            )
+        await pipe.execute()
+
+
+async def push_device_task(
+    redis: "Redis[bytes]",
+    keys: RedisKeys,
+    device_id: uuid.UUID,
+    message_id: uuid.UUID,
+    task: Mapping[str, Any],
+) -> bytes:
+    """Append a task to the device's stream and wake the hub connection that holds it."""
+    stream_id: bytes = await redis.xadd(
+        keys.device_tasks_stream(device_id),
+        {"message_id": str(message_id), "task": jsonutil.dumps(dict(task))},
+    )
+    await redis.publish(keys.device_channel(device_id), CHANNEL_WAKE)
+    return stream_id
+
+
+async def read_device_tasks(
+    redis: "Redis[bytes]",
+    keys: RedisKeys,
+    device_id: uuid.UUID,
+    after: bytes | str = "-",
+    count: int = 100,
+) -> list[tuple[bytes, uuid.UUID, dict[str, Any]]]:
+    """Return up to `count` tasks of the device queued after the stream id `after`."""
+    start = (
+        "-"
+        if after == "-"
+        else b"(" + (after if isinstance(after, bytes) else after.encode())
+    )
+    entries = await redis.xrange(
+        keys.device_tasks_stream(device_id), min=start, max="+", count=count
+    )
+    tasks = []
+    for stream_id, fields in entries:
+        tasks.append(
+            (
+                stream_id,
+                uuid.UUID(fields[b"message_id"].decode()),
+                jsonutil.loads(fields[b"task"]),
+            )
+        )
+    return tasks
+
+
+async def remove_device_task(
+    redis: "Redis[bytes]", keys: RedisKeys, device_id: uuid.UUID, message_id: uuid.UUID
+) -> int:
+    """Delete every entry of `message_id` from the device's stream; return how many."""
+    stream = keys.device_tasks_stream(device_id)
+    wanted = str(message_id).encode()
+    # The stream contains only tasks the phone has not finished, so a scan stays short.
+    entries = await redis.xrange(stream, min="-", max="+")
+    stale = [
+        stream_id
+        for stream_id, fields in entries
+        if fields.get(b"message_id") == wanted
+    ]
+    if not stale:
+        return 0
+    return int(await redis.xdel(stream, *stale))
+
+
+async def publish_device_control(
+    redis: "Redis[bytes]", keys: RedisKeys, device_id: uuid.UUID, message: str
+) -> None:
+    await redis.publish(keys.device_channel(device_id), message)
+
+
+async def signal_device_event(
+    redis: "Redis[bytes]", keys: RedisKeys, device_id: uuid.UUID, event: str
+) -> None:
+    """Tell the dispatcher that a device came online or went offline."""
+    await redis.xadd(
+        keys.device_events_stream,
+        {"device_id": str(device_id), "event": event},
+        maxlen=SHARED_STREAM_MAXLEN,
+        approximate=True,
+    )

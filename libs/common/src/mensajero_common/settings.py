@@ -1,0 +1,91 @@
+"""Settings shared by every service, read from environment variables (and `.env`)."""
+
+import sys
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "changethis"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=True
+    )
+
+    ENVIRONMENT: Environment = Environment.DEVELOPMENT
+    DATABASE_URL: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/mensajero"
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    # Every Redis key the project writes starts with this, so that several installs or test
+    # runs can share one Redis server.
+    REDIS_KEY_PREFIX: str = "mensajero"
+
+    SECRET_KEY: str = DEFAULT_SECRET
+    ACCESS_TOKEN_EXPIRE_MINUTES: Annotated[int, Field(gt=0)] = 60 * 24
+    FIRST_SUPERUSER: str = "admin@example.com"
+    FIRST_SUPERUSER_PASSWORD: str = DEFAULT_SECRET
+
+    WEBSOCKET_HEARTBEAT_TIMEOUT: Annotated[int, Field(gt=0, description="seconds")] = (
+        300
+    )
+    WEBSOCKET_PING_INTERVAL: Annotated[int, Field(gt=0, description="seconds")] = 60
+    WEBSOCKET_MAX_FRAME_BYTES: Annotated[int, Field(gt=0)] = 64 * 1024
+    QUOTA_RESET_DAY: Annotated[int, Field(ge=1, le=28)] = 1
+    DEFAULT_PLAN: str = "free"
+
+    # Language of user-facing messages when the request's Accept-Language names none we have.
+    DEFAULT_LANGUAGE: str = "es"
+    SMS_MAX_BODY_LENGTH: Annotated[int, Field(gt=0, description="characters")] = 1600
+    DEVICE_API_KEY_PREFIX: str = "mdk_"
+    # Bodies of SMS stay out of logs unless this is set, for debugging only.
+    LOG_MESSAGE_BODIES: bool = False
+    LOG_LEVEL: str = "INFO"
+    LOG_JSON: bool = True
+
+    # Pending-message sweep of the dispatcher, in seconds.
+    DISPATCHER_SWEEP_INTERVAL: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _reject_default_secrets(self) -> "Settings":
+        if self.ENVIRONMENT == Environment.DEVELOPMENT:
+            return self
+
+        for name in ("SECRET_KEY", "FIRST_SUPERUSER_PASSWORD"):
+            if getattr(self, name) == DEFAULT_SECRET:
+                raise ValueError(
+                    f"{name} is still the default {DEFAULT_SECRET!r}; "
+                    f"set it to a secret value when ENVIRONMENT is {self.ENVIRONMENT.value}"
+                )
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.ENVIRONMENT == Environment.PRODUCTION
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Render a settings validation error as one line per invalid setting."""
+    lines = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"]) or "settings"
+        lines.append(f"invalid setting {name}: {item['msg']}")
+    return "\n".join(lines)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Load the settings once, or exit with a message that names each invalid setting."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        sys.stderr.write(describe_validation_error(error) + "\n")
+        raise SystemExit(2) from None
