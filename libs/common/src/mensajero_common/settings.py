@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     # runs can share one Redis server.
     REDIS_KEY_PREFIX: str = "mensajero"
 
+    API_HOST: str = "127.0.0.1"
+    API_PORT: Annotated[int, Field(ge=0, le=65535)] = 8000
+    HUB_HOST: str = "127.0.0.1"
+    HUB_PORT: Annotated[int, Field(ge=0, le=65535)] = 8001
+
     SECRET_KEY: str = DEFAULT_SECRET
     ACCESS_TOKEN_EXPIRE_MINUTES: Annotated[int, Field(gt=0)] = 60 * 24
     FIRST_SUPERUSER: str = "admin@example.com"
