@@ -31,7 +31,16 @@ POSTGRES_SERVER = os.environ.get(
 REDIS_SERVER = os.environ.get("MENSAJERO_TEST_REDIS", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("MENSAJERO_TEST_REDIS_DB", "13"))
 TEST_DATABASE = f"mensajero_test_{os.getpid()}"
-TABLES = ("smsmessage", "smsdevice", "webhookconfig", "userquota", '"user"')
+TABLES = (
+    "webhookattempt",
+    "webhookdelivery",
+    "webhookevent",
+    "smsmessage",
+    "smsdevice",
+    "webhookconfig",
+    "userquota",
+    '"user"',
+)
 
 
 async def _drop_database(name: str) -> None:

@@ -10,16 +10,19 @@ from decimal import Decimal
 from enum import StrEnum
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Date,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -268,6 +271,98 @@ class WebhookConfig(Base):
     updated_at: Mapped[datetime] = _updated_at()
 
 
+class WebhookDeliveryStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    # The webhook was disabled or deleted before the event reached it.
+    CANCELLED = "cancelled"
+
+
+class WebhookEvent(Base):
+    """One event to notify (an outbox row), written in the transaction that caused it.
+
+    `body` is the exact JSON sent, so that every attempt and every webhook gets the same bytes.
+    """
+
+    __tablename__ = "webhookevent"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    message_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    event: Mapped[str] = mapped_column(String(32), nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+    __table_args__ = (
+        # One event per state change of a message, however often the phone reports it.
+        Index(
+            "uq_webhookevent_message_id_event",
+            "message_id",
+            "event",
+            unique=True,
+            postgresql_where=text("message_id IS NOT NULL"),
+        ),
+    )
+
+
+class WebhookDelivery(Base):
+    """The delivery of one event to one webhook, with its retry state."""
+
+    __tablename__ = "webhookdelivery"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    event_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhookevent.id", ondelete="CASCADE"), nullable=False
+    )
+    webhook_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhookconfig.id", ondelete="CASCADE"), nullable=False
+    )
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    status: Mapped[WebhookDeliveryStatus] = mapped_column(
+        String(16), nullable=False, server_default=WebhookDeliveryStatus.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    # When the next attempt is due; while an attempt runs, the end of its lease.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("event_id", "webhook_id"),
+        Index("ix_webhookdelivery_webhook_id_created_at", "webhook_id", "created_at"),
+        Index(
+            "ix_webhookdelivery_next_attempt_at_pending",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery: its outcome, duration and the retry it scheduled."""
+
+    __tablename__ = "webhookattempt"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhookdelivery.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    attempt_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    duration_ms: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    next_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 __all__ = [
     "Base",
     "DeviceStatus",
@@ -278,5 +373,9 @@ __all__ = [
     "User",
     "UserPlan",
     "UserQuota",
+    "WebhookAttempt",
     "WebhookConfig",
+    "WebhookDelivery",
+    "WebhookDeliveryStatus",
+    "WebhookEvent",
 ]

@@ -1,0 +1,135 @@
+"""Webhook events, signatures and URL safety, shared by the API and the webhook-sender.
+
+Each delivery carries two signatures over the same bytes:
+- `X-Webhook-Signature: sha256=<hex>`, the HMAC-SHA256 of "{timestamp}.{body}" keyed with the
+  secret's UTF-8 bytes, with `X-Webhook-Timestamp` (Unix seconds) and `X-Webhook-Id`;
+- the Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
+  `webhook-signature: v1,<base64>`), the HMAC-SHA256 of "{id}.{timestamp}.{body}" keyed with
+  the base64-decoded part of a `whsec_` secret, so that their verifier libraries work. A
+  secret chosen by the user without that prefix signs with its UTF-8 bytes instead.
+"""
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+EVENT_SMS_RECEIVED = "sms_received"
+EVENT_SMS_SENT = "sms_sent"
+EVENT_SMS_DELIVERED = "sms_delivered"
+EVENT_SMS_FAILED = "sms_failed"
+EVENTS = (EVENT_SMS_RECEIVED, EVENT_SMS_SENT, EVENT_SMS_DELIVERED, EVENT_SMS_FAILED)
+
+SECRET_PREFIX = "whsec_"
+
+
+def generate_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _standard_key(secret: str) -> bytes:
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return secret.encode()
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """Return the `X-Webhook-Signature` value for `body` sent at `timestamp`."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def sign_standard(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
+    """Return the Standard Webhooks `webhook-signature` value."""
+    signed = f"{event_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_standard_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signature_headers(secret: str, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "X-Webhook-Id": event_id,
+        "X-Webhook-Timestamp": str(timestamp),
+        "X-Webhook-Signature": sign(secret, timestamp, body),
+        "webhook-id": event_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign_standard(secret, event_id, timestamp, body),
+    }
+
+
+def verify(secret: str, timestamp: int, body: bytes, signature: str) -> bool:
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+@dataclass
+class UnsafeWebhookURLError(ValueError):
+    """A webhook URL that may not be used; `reason` is a machine code."""
+
+    url: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"webhook URL rejected ({self.reason}): {self.url}"
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    # is_global is False for loopback, RFC 1918, link-local (169.254.0.0/16, where cloud
+    # metadata services listen), unique-local, shared (100.64.0.0/10) and reserved ranges.
+    return address.is_global and not address.is_multicast
+
+
+def check_url_syntax(url: str, *, require_https: bool) -> tuple[str, int]:
+    """Check scheme and host of `url`; return the host and port to resolve."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise UnsafeWebhookURLError(url, "invalid_url") from None
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeWebhookURLError(url, "unsupported_scheme")
+    if require_https and parts.scheme != "https":
+        raise UnsafeWebhookURLError(url, "https_required")
+    if not parts.hostname:
+        raise UnsafeWebhookURLError(url, "missing_host")
+    if parts.username or parts.password:
+        raise UnsafeWebhookURLError(url, "credentials_in_url")
+    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+async def check_url_target(url: str, *, require_https: bool, allow_private: bool) -> None:
+    """Reject `url` unless every address its host resolves to may be reached.
+
+    NOTE: the host is resolved again when the request connects, so a DNS answer that
+    changes between this check and the connection is not caught here.
+    """
+    host, port = check_url_syntax(url, require_https=require_https)
+    if allow_private:
+        return
+
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addresses = [literal]
+    else:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise UnsafeWebhookURLError(url, "unresolvable_host") from None
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+
+    if not addresses or not all(_is_public(address) for address in addresses):
+        raise UnsafeWebhookURLError(url, "private_address")
