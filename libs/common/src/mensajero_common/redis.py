@@ -1,11 +1,10 @@
 """Redis client factory."""
 
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
 
 from mensajero_common.settings import Settings
 
 
-def create_redis(settings: Settings) -> "Redis[bytes]":
-    return Redis.from_url(
-        settings.REDIS_URL, decode_responses=False, health_check_interval=30
-    )
+def create_redis(settings: Settings) -> ArqRedis:
+    """Open a client for streams, channels and keys that can also enqueue arq jobs."""
+    return ArqRedis.from_url(settings.REDIS_URL, decode_responses=False, health_check_interval=30)
