@@ -39,6 +39,10 @@ class RedisKeys:
     def arq_queue(self) -> str:
         return f"{self.prefix}:arq:queue"
 
+    def periodic_job_lock(self, job_name: str) -> str:
+        """Lock that lets one replica, not every one, run a periodic job in an interval."""
+        return f"{self.prefix}:lock:job:{job_name}"
+
     def device_tasks_stream(self, device_id: uuid.UUID | str) -> str:
         """Stream of tasks for one device that it has not yet finished reporting on."""
         return f"{self.prefix}:stream:device:{device_id}:tasks"
