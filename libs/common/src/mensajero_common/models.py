@@ -326,7 +326,9 @@ class WebhookDelivery(Base):
     status: Mapped[WebhookDeliveryStatus] = mapped_column(
         String(16), nullable=False, server_default=WebhookDeliveryStatus.PENDING.value
     )
-    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    attempts: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
     # When the next attempt is due; while an attempt runs, the end of its lease.
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_status_code: Mapped[int | None] = mapped_column(Integer)
@@ -356,7 +358,9 @@ class WebhookAttempt(Base):
         ForeignKey("webhookdelivery.id", ondelete="CASCADE"), nullable=False, index=True
     )
     attempt_number: Mapped[int] = mapped_column(Integer, nullable=False)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False
+    )
     duration_ms: Mapped[int] = mapped_column(Integer, nullable=False)
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)

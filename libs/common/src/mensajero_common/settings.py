@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     LOG_LEVEL: str = "INFO"
     LOG_JSON: bool = True
 
+    WEBHOOK_TIMEOUT_S: Annotated[float, Field(gt=0)] = 10.0
+    # Attempts per delivery, the first included.
+    WEBHOOK_MAX_ATTEMPTS: Annotated[int, Field(ge=1, le=20)] = 3
+    # Delay before the second attempt; each later one doubles it, with random jitter.
+    WEBHOOK_RETRY_BASE_DELAY_S: Annotated[float, Field(ge=0)] = 10.0
+    WEBHOOK_CONCURRENCY: Annotated[int, Field(ge=1)] = 50
+    # How often the webhook-sender looks in Postgres for deliveries whose job Redis lost.
+    WEBHOOK_SWEEP_INTERVAL_S: Annotated[float, Field(gt=0)] = 30.0
+    # Whether webhook URLs may point at loopback, private or link-local addresses. Unset, they
+    # may everywhere but in production.
+    WEBHOOK_ALLOW_PRIVATE_URLS: bool | None = None
+
     # Pending-message sweep of the dispatcher, in seconds.
     DISPATCHER_SWEEP_INTERVAL: Annotated[float, Field(gt=0)] = 30.0
 
@@ -75,6 +87,12 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.ENVIRONMENT == Environment.PRODUCTION
+
+    @property
+    def webhook_private_urls_allowed(self) -> bool:
+        if self.WEBHOOK_ALLOW_PRIVATE_URLS is not None:
+            return self.WEBHOOK_ALLOW_PRIVATE_URLS
+        return not self.is_production
 
 
 def describe_validation_error(error: ValidationError) -> str:

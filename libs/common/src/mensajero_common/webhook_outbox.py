@@ -133,7 +133,11 @@ def delivery_job_id(delivery_id: uuid.UUID | str, attempt_number: int) -> str:
 
 
 async def queue_deliveries(
-    redis: ArqRedis, keys: RedisKeys, delivery_ids: Iterable[uuid.UUID], *, attempt_number: int = 1
+    redis: ArqRedis,
+    keys: RedisKeys,
+    delivery_ids: Iterable[uuid.UUID],
+    *,
+    attempt_number: int = 1,
 ) -> None:
     """Queue the first attempt of each delivery on the webhook-sender's arq queue."""
     for delivery_id in delivery_ids:

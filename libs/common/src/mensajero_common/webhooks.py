@@ -17,8 +17,11 @@ import hmac
 import ipaddress
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import httpx
 
 EVENT_SMS_RECEIVED = "sms_received"
 EVENT_SMS_SENT = "sms_sent"
@@ -44,7 +47,9 @@ def _standard_key(secret: str) -> bytes:
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
     """Return the `X-Webhook-Signature` value for `body` sent at `timestamp`."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    digest = hmac.new(
+        secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
+    ).hexdigest()
     return f"sha256={digest}"
 
 
@@ -55,7 +60,9 @@ def sign_standard(secret: str, event_id: str, timestamp: int, body: bytes) -> st
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signature_headers(secret: str, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+def signature_headers(
+    secret: str, event_id: str, timestamp: int, body: bytes
+) -> dict[str, str]:
     return {
         "Content-Type": "application/json",
         "X-Webhook-Id": event_id,
@@ -108,7 +115,9 @@ def check_url_syntax(url: str, *, require_https: bool) -> tuple[str, int]:
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
-async def check_url_target(url: str, *, require_https: bool, allow_private: bool) -> None:
+async def check_url_target(
+    url: str, *, require_https: bool, allow_private: bool
+) -> None:
     """Reject `url` unless every address its host resolves to may be reached.
 
     NOTE: the host is resolved again when the request connects, so a DNS answer that
@@ -126,10 +135,72 @@ async def check_url_target(url: str, *, require_https: bool, allow_private: bool
         addresses = [literal]
     else:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
         except OSError:
             raise UnsafeWebhookURLError(url, "unresolvable_host") from None
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
     if not addresses or not all(_is_public(address) for address in addresses):
         raise UnsafeWebhookURLError(url, "private_address")
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """The outcome of one POST: a status code, or an error when no response came."""
+
+    started_at: float
+    duration_ms: int
+    status_code: int | None = None
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+async def post_event(
+    client: httpx.AsyncClient,
+    *,
+    url: str,
+    secret: str,
+    event_id: str,
+    body: bytes,
+    timeout_s: float,
+    require_https: bool,
+    allow_private: bool,
+) -> AttemptResult:
+    """POST one signed event to `url` and return what happened; never raises for the network.
+
+    Redirects are not followed, so a public URL cannot bounce the request to a private one.
+    """
+    started_at = time.time()
+    started = time.perf_counter()
+
+    def elapsed_ms() -> int:
+        return int((time.perf_counter() - started) * 1000)
+
+    try:
+        await check_url_target(
+            url, require_https=require_https, allow_private=allow_private
+        )
+    except UnsafeWebhookURLError as error:
+        return AttemptResult(started_at, elapsed_ms(), error=error.reason)
+
+    headers = signature_headers(secret, event_id, int(started_at), body)
+    try:
+        response = await client.post(
+            url,
+            content=body,
+            headers=headers,
+            timeout=timeout_s,
+            follow_redirects=False,
+        )
+    except httpx.TimeoutException:
+        return AttemptResult(started_at, elapsed_ms(), error="timeout")
+    except httpx.HTTPError as error:
+        return AttemptResult(
+            started_at, elapsed_ms(), error=f"connection_error: {type(error).__name__}"
+        )
+    return AttemptResult(started_at, elapsed_ms(), status_code=response.status_code)

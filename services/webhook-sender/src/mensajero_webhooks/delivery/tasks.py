@@ -1,0 +1,34 @@
+"""arq jobs of the webhook-sender: `webhook_delivery.send` and `webhook_delivery.sweep`."""
+
+import uuid
+from typing import Any
+
+from arq.worker import func
+
+from mensajero_common.webhook_outbox import DELIVERY_JOB
+from mensajero_webhooks.delivery.service import (
+    DeliveryContext,
+    attempt_delivery,
+    requeue_due_deliveries,
+)
+
+SWEEP_JOB = "webhook_delivery.sweep"
+
+
+async def send(ctx: dict[str, Any], delivery_id: str) -> str:
+    context: DeliveryContext = ctx["delivery"]
+    return await attempt_delivery(context, uuid.UUID(delivery_id))
+
+
+async def sweep(ctx: dict[str, Any]) -> int:
+    context: DeliveryContext = ctx["delivery"]
+    return await requeue_due_deliveries(context)
+
+
+def job_functions(timeout_s: float) -> list[Any]:
+    # arq retries a job that raised; an attempt records its own failure and schedules its
+    # own retry, so arq must not run it again.
+    return [
+        func(send, name=DELIVERY_JOB, max_tries=1, timeout=timeout_s),
+        func(sweep, name=SWEEP_JOB, max_tries=1),
+    ]
