@@ -44,3 +44,58 @@ async def serve_app(app: Any, **config: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await asyncio.wait_for(task, scaled(10))
         sock.close()
+
+
+class WebhookReceiver:
+    """A real HTTP endpoint for webhook tests: records each request, answers as scripted.
+
+    `responses` lists the status code of each request in turn (the last one repeats); a
+    `delay_s` makes every answer that slow, to test timeouts.
+    """
+
+    def __init__(
+        self, responses: list[int] | None = None, delay_s: float = 0.0
+    ) -> None:
+        self.responses = responses or [200]
+        self.delay_s = delay_s
+        self.requests: list[tuple[dict[str, str], bytes, float]] = []
+        self.received = asyncio.Condition()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {
+            name.decode().lower(): value.decode() for name, value in scope["headers"]
+        }
+        index = len(self.requests)
+        self.requests.append((headers, body, asyncio.get_running_loop().time()))
+        async with self.received:
+            self.received.notify_all()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        status = self.responses[min(index, len(self.responses) - 1)]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def wait_for(self, count: int, timeout_s: float) -> None:
+        """Wait until `count` requests have arrived, or raise TimeoutError."""
+        async with asyncio.timeout(scaled(timeout_s)), self.received:
+            await self.received.wait_for(lambda: len(self.requests) >= count)

@@ -1,0 +1,42 @@
+import pytest
+from pydantic import ValidationError
+
+from mensajero_common.settings import Settings, describe_validation_error
+
+
+def test_settings_reject_default_secret_in_production() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(
+            _env_file=None,
+            ENVIRONMENT="production",
+            FIRST_SUPERUSER_PASSWORD="a-real-password",
+        )
+
+    assert "SECRET_KEY" in describe_validation_error(caught.value)
+
+
+def test_settings_allow_default_secret_in_development() -> None:
+    settings = Settings(_env_file=None, ENVIRONMENT="development")
+
+    assert settings.SECRET_KEY == "changethis"
+
+
+def test_settings_name_invalid_value() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, WEBSOCKET_HEARTBEAT_TIMEOUT="soon")
+
+    assert "invalid setting WEBSOCKET_HEARTBEAT_TIMEOUT" in describe_validation_error(
+        caught.value
+    )
+
+
+def test_settings_webhook_private_urls_follow_environment() -> None:
+    production = Settings(
+        _env_file=None,
+        ENVIRONMENT="production",
+        SECRET_KEY="s" * 40,
+        FIRST_SUPERUSER_PASSWORD="p" * 12,
+    )
+
+    assert production.webhook_private_urls_allowed is False
+    assert Settings(_env_file=None).webhook_private_urls_allowed is True

@@ -1,0 +1,146 @@
+import base64
+import hashlib
+import hmac
+import json
+
+import httpx
+import pytest
+
+from mensajero_common.testing import WebhookReceiver, serve_app
+from mensajero_common.webhooks import (
+    UnsafeWebhookURLError,
+    check_url_target,
+    generate_secret,
+    post_event,
+    sign,
+    sign_standard,
+    verify,
+)
+
+BODY = json.dumps({"body": "Hola <b> & ñ 😀"}, ensure_ascii=False).encode()
+
+
+def test_sign_matches_hmac_of_timestamp_and_body() -> None:
+    expected = hmac.new(b"secret", b"1700000000." + BODY, hashlib.sha256).hexdigest()
+
+    assert sign("secret", 1700000000, BODY) == f"sha256={expected}"
+
+
+def test_verify_fails_on_any_changed_byte() -> None:
+    signature = sign("secret", 1700000000, BODY)
+
+    assert verify("secret", 1700000000, BODY, signature)
+    for index in range(len(BODY)):
+        changed = bytearray(BODY)
+        changed[index] ^= 0x01
+        assert not verify("secret", 1700000000, bytes(changed), signature), index
+    assert not verify("secret", 1700000001, BODY, signature)
+    assert not verify("other", 1700000000, BODY, signature)
+
+
+def test_sign_standard_uses_decoded_whsec_key() -> None:
+    secret = generate_secret()
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, b"evt.1700000000." + BODY, hashlib.sha256).digest()
+
+    assert (
+        sign_standard(secret, "evt", 1700000000, BODY)
+        == "v1," + base64.b64encode(digest).decode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("ftp://example.com/hook", "unsupported_scheme"),
+        ("http://example.com/hook", "https_required"),
+        ("https://user:pass@example.com/hook", "credentials_in_url"),
+        ("https:///hook", "missing_host"),
+        ("https://127.0.0.1/hook", "private_address"),
+        ("https://10.1.2.3/hook", "private_address"),
+        ("https://192.168.0.10/hook", "private_address"),
+        ("https://169.254.169.254/latest/meta-data", "private_address"),
+        ("https://[::1]/hook", "private_address"),
+        ("https://[::ffff:10.0.0.1]/hook", "private_address"),
+        ("https://[fd00:ec2::254]/hook", "private_address"),
+        ("https://100.64.0.1/hook", "private_address"),
+        ("https://localhost/hook", "private_address"),
+        ("https://example.com:99999/hook", "invalid_url"),
+    ],
+)
+async def test_check_url_target_rejects(url: str, reason: str) -> None:
+    with pytest.raises(UnsafeWebhookURLError) as caught:
+        await check_url_target(url, require_https=True, allow_private=False)
+
+    assert caught.value.reason == reason
+
+
+async def test_check_url_target_allows_loopback_when_allowed() -> None:
+    await check_url_target(
+        "http://127.0.0.1:9/hook", require_https=False, allow_private=True
+    )
+
+
+async def test_post_event_sends_signed_exact_bytes() -> None:
+    receiver = WebhookReceiver([204])
+    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+        result = await post_event(
+            client,
+            url=f"{base_url}/hook",
+            secret="secret",
+            event_id="evt_1",
+            body=BODY,
+            timeout_s=5,
+            require_https=False,
+            allow_private=True,
+        )
+
+    assert result.status_code == 204
+    assert result.succeeded
+    headers, body, _ = receiver.requests[0]
+    assert body == BODY
+    assert headers["x-webhook-id"] == "evt_1"
+    assert headers["webhook-id"] == "evt_1"
+    assert verify(
+        "secret",
+        int(headers["x-webhook-timestamp"]),
+        body,
+        headers["x-webhook-signature"],
+    )
+
+
+async def test_post_event_reports_timeout() -> None:
+    receiver = WebhookReceiver([200], delay_s=2)
+    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+        result = await post_event(
+            client,
+            url=f"{base_url}/hook",
+            secret="secret",
+            event_id="evt_1",
+            body=BODY,
+            timeout_s=0.2,
+            require_https=False,
+            allow_private=True,
+        )
+
+    assert result.status_code is None
+    assert result.error == "timeout"
+
+
+async def test_post_event_does_not_follow_redirects() -> None:
+    receiver = WebhookReceiver([302])
+    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+        result = await post_event(
+            client,
+            url=f"{base_url}/hook",
+            secret="secret",
+            event_id="evt_1",
+            body=BODY,
+            timeout_s=5,
+            require_https=False,
+            allow_private=True,
+        )
+
+    assert result.status_code == 302
+    assert not result.succeeded
+    assert len(receiver.requests) == 1
