@@ -31,6 +31,14 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "El cuerpo de la solicitud supera el tamaño máximo de {limit} bytes.",
         "en": "The request body exceeds the maximum size of {limit} bytes.",
     },
+    "bad_request": {
+        "es": "La solicitud no es válida.",
+        "en": "The request is invalid.",
+    },
+    "http_error": {
+        "es": "La solicitud falló con el estado HTTP {status}.",
+        "en": "The request failed with HTTP status {status}.",
+    },
     # Authentication and users.
     "not_authenticated": {
         "es": "Falta la autenticación: envía 'Authorization: Bearer <token>'.",
@@ -94,6 +102,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "El cursor de paginación no es válido; usa el valor 'next_cursor' de la respuesta anterior.",
         "en": "The pagination cursor is invalid; use the 'next_cursor' value of the previous response.",
     },
+    "invalid_date_range": {
+        "es": "date_from ({date_from}) es posterior a date_to ({date_to}).",
+        "en": "date_from ({date_from}) is later than date_to ({date_to}).",
+    },
     # Quotas.
     "quota_exceeded_sms": {
         "es": "Has alcanzado el límite de {limit} SMS este mes",
@@ -106,6 +118,39 @@ MESSAGES: dict[str, dict[str, str]] = {
     "quota_exceeded_devices": {
         "es": "Límite de {limit} dispositivos alcanzado",
         "en": "Limit of {limit} devices reached",
+    },
+    # Confirmations of successful API requests (the `message` of a success envelope).
+    "user_created": {
+        "es": "Cuenta creada.",
+        "en": "Account created.",
+    },
+    "user_updated": {
+        "es": "Perfil actualizado.",
+        "en": "Profile updated.",
+    },
+    "device_registered": {
+        "es": "Dispositivo registrado. Guarda la API key ahora: no se volverá a mostrar.",
+        "en": "Device registered. Store the API key now: it is not shown again.",
+    },
+    "device_updated": {
+        "es": "Dispositivo actualizado.",
+        "en": "Device updated.",
+    },
+    "device_deleted": {
+        "es": "Dispositivo eliminado; su API key ya no funciona.",
+        "en": "Device deleted; its API key no longer works.",
+    },
+    "device_key_rotated": {
+        "es": "Nueva API key creada; la anterior ya no funciona. Guárdala ahora: no se volverá a mostrar.",
+        "en": "New API key created; the previous one no longer works. Store it now: it is not shown again.",
+    },
+    "message_queued": {
+        "es": "Mensaje en cola para envío.",
+        "en": "Message queued for sending.",
+    },
+    "message_replayed": {
+        "es": "Esta Idempotency-Key ya se usó: se devuelve el mensaje creado la primera vez.",
+        "en": "This Idempotency-Key was already used: returning the message created the first time.",
     },
     # Device protocol.
     "invalid_api_key": {
