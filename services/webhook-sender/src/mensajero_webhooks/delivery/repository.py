@@ -96,7 +96,7 @@ async def record_attempt(
                 next_attempt_at = :next_retry_at,
                 last_status_code = :status_code,
                 last_error = :error,
-                completed_at = CASE WHEN :status = 'pending' THEN NULL ELSE now() END,
+                completed_at = CASE WHEN CAST(:status AS varchar) = 'pending' THEN NULL ELSE now() END,
                 updated_at = now()
             WHERE id = :delivery_id
             """
