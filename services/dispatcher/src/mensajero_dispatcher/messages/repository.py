@@ -1,0 +1,271 @@
+"""Queries of the assignment: lock pending messages, weigh devices, record the outcome.
+
+Every locking query uses FOR UPDATE SKIP LOCKED, so several dispatcher replicas can work
+on the same messages at once: a row another replica holds is left to that replica.
+"""
+
+import uuid
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Select,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import (
+    DeviceStatus,
+    MessageStatus,
+    MessageType,
+    SMSDevice,
+    SMSMessage,
+)
+from mensajero_dispatcher.messages.schemas import (
+    Assignment,
+    InFlightTask,
+    OnlineDevice,
+    PendingMessage,
+    RequestedDevice,
+)
+
+Cursor = tuple[datetime, uuid.UUID]
+
+# Statuses of a message whose task sits in its device's stream.
+IN_FLIGHT_STATUSES = (MessageStatus.ASSIGNED, MessageStatus.SENDING)
+
+_messages = SMSMessage.__table__
+
+_MARK_ASSIGNED = (
+    update(_messages)
+    .where(
+        _messages.c.id == bindparam("b_message_id"),
+        _messages.c.status == MessageStatus.PENDING.value,
+    )
+    .values(
+        status=MessageStatus.ASSIGNED.value,
+        device_id=bindparam("b_device_id"),
+        assigned_at=func.now(),
+        attempts=_messages.c.attempts + 1,
+    )
+)
+
+
+def _select_pending() -> Select[Any]:
+    return select(
+        SMSMessage.id,
+        SMSMessage.user_id,
+        SMSMessage.requested_device_id,
+        SMSMessage.to_number,
+        SMSMessage.body,
+        SMSMessage.segments,
+        SMSMessage.encoding,
+        SMSMessage.created_at,
+    ).where(
+        SMSMessage.status == MessageStatus.PENDING,
+        SMSMessage.type == MessageType.OUTGOING,
+    )
+
+
+def _after(statement: Select[Any], cursor: Cursor | None) -> Select[Any]:
+    if cursor is None:
+        return statement
+    return statement.where(tuple_(SMSMessage.created_at, SMSMessage.id) > cursor)
+
+
+async def _lock(session: AsyncSession, statement: Select[Any]) -> list[PendingMessage]:
+    locked = statement.order_by(SMSMessage.created_at, SMSMessage.id).with_for_update(
+        of=SMSMessage, skip_locked=True
+    )
+    rows = (await session.execute(locked)).all()
+    return [PendingMessage(**row._mapping) for row in rows]
+
+
+async def lock_pending_by_ids(
+    session: AsyncSession, message_ids: Collection[uuid.UUID]
+) -> list[PendingMessage]:
+    """Lock those of `message_ids` that are still pending, oldest first."""
+    return await _lock(session, _select_pending().where(SMSMessage.id.in_(message_ids)))
+
+
+async def lock_pending_for_device(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    device_id: uuid.UUID,
+    after: Cursor | None,
+    limit: int,
+) -> list[PendingMessage]:
+    """Lock pending messages of the user that may go to `device_id`, oldest first.
+
+    A message that requested another device is not one of them.
+    """
+    statement = _select_pending().where(
+        SMSMessage.user_id == user_id,
+        or_(
+            SMSMessage.requested_device_id.is_(None),
+            SMSMessage.requested_device_id == device_id,
+        ),
+    )
+    return await _lock(session, _after(statement, after).limit(limit))
+
+
+async def lock_assignable_pending(
+    session: AsyncSession, *, older_than_s: float, after: Cursor | None, limit: int
+) -> list[PendingMessage]:
+    """Lock pending messages older than `older_than_s` that an assignment could move.
+
+    Messages that can only wait are left out. These are the ones that requested a disabled
+    device, and those without a requested device whose user has no device online. So a
+    user with many waiting messages does not cost every sweep a scan of them.
+    """
+    online_device_of_user = exists().where(
+        SMSDevice.user_id == SMSMessage.user_id,
+        SMSDevice.status == DeviceStatus.ONLINE,
+        SMSDevice.is_active.is_(True),
+    )
+    requested_device_disabled = exists().where(
+        SMSDevice.id == SMSMessage.requested_device_id,
+        SMSDevice.is_active.is_(False),
+    )
+    statement = _select_pending().where(
+        SMSMessage.created_at < func.now() - timedelta(seconds=older_than_s),
+        or_(
+            and_(SMSMessage.requested_device_id.is_(None), online_device_of_user),
+            and_(
+                SMSMessage.requested_device_id.is_not(None),
+                ~requested_device_disabled,
+            ),
+        ),
+    )
+    return await _lock(session, _after(statement, after).limit(limit))
+
+
+async def find_online_devices(
+    session: AsyncSession, user_ids: Iterable[uuid.UUID]
+) -> list[OnlineDevice]:
+    """Return the online, active devices of these users, each with its in-flight count."""
+    in_flight = (
+        select(func.count())
+        .where(
+            SMSMessage.device_id == SMSDevice.id,
+            SMSMessage.status.in_(IN_FLIGHT_STATUSES),
+        )
+        .scalar_subquery()
+    )
+    statement = select(SMSDevice.id, SMSDevice.user_id, in_flight).where(
+        SMSDevice.user_id.in_(list(user_ids)),
+        SMSDevice.status == DeviceStatus.ONLINE,
+        SMSDevice.is_active.is_(True),
+    )
+    rows = (await session.execute(statement)).all()
+    return [OnlineDevice(*row) for row in rows]
+
+
+async def find_requested_devices(
+    session: AsyncSession, device_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, RequestedDevice]:
+    statement = select(SMSDevice.id, SMSDevice.user_id, SMSDevice.is_active).where(
+        SMSDevice.id.in_(list(device_ids))
+    )
+    rows = (await session.execute(statement)).all()
+    return {row.id: RequestedDevice(*row) for row in rows}
+
+
+async def mark_assigned(
+    session: AsyncSession, assignments: Collection[Assignment]
+) -> None:
+    """Move each message to `assigned` on its device. The caller has locked the rows."""
+    if not assignments:
+        return
+    await session.execute(
+        _MARK_ASSIGNED,
+        [
+            {"b_message_id": item.message.id, "b_device_id": item.device_id}
+            for item in assignments
+        ],
+    )
+
+
+async def mark_failed(
+    session: AsyncSession, message_id: uuid.UUID, error: str
+) -> datetime | None:
+    """Move a pending message to `failed` and return the time, or None if not pending."""
+    statement = (
+        update(SMSMessage)
+        .where(SMSMessage.id == message_id, SMSMessage.status == MessageStatus.PENDING)
+        .values(status=MessageStatus.FAILED, failed_at=func.now(), error=error)
+        .returning(SMSMessage.failed_at)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def list_devices_with_tasks(
+    session: AsyncSession,
+    *,
+    assigned_before_s: float,
+    after: uuid.UUID | None,
+    limit: int,
+) -> list[uuid.UUID]:
+    """Return up to `limit` devices, in id order after `after`, that hold in-flight messages
+    assigned more than `assigned_before_s` seconds ago."""
+    statement = (
+        select(SMSMessage.device_id)
+        .where(
+            SMSMessage.status.in_(IN_FLIGHT_STATUSES),
+            SMSMessage.device_id.is_not(None),
+            SMSMessage.assigned_at < func.now() - timedelta(seconds=assigned_before_s),
+        )
+        .group_by(SMSMessage.device_id)
+        .order_by(SMSMessage.device_id)
+        .limit(limit)
+    )
+    if after is not None:
+        statement = statement.where(SMSMessage.device_id > after)
+    return list((await session.execute(statement)).scalars())
+
+
+async def list_in_flight_ids(
+    session: AsyncSession,
+    device_ids: Collection[uuid.UUID],
+    *,
+    assigned_before_s: float,
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Return (message id, device id) of the in-flight messages of these devices."""
+    statement = select(SMSMessage.id, SMSMessage.device_id).where(
+        SMSMessage.device_id.in_(device_ids),
+        SMSMessage.status.in_(IN_FLIGHT_STATUSES),
+        SMSMessage.assigned_at < func.now() - timedelta(seconds=assigned_before_s),
+    )
+    return [(row.id, row.device_id) for row in (await session.execute(statement)).all()]
+
+
+async def load_in_flight_tasks(
+    session: AsyncSession, message_ids: Collection[uuid.UUID]
+) -> list[InFlightTask]:
+    """Load those of `message_ids` still in flight, with the fields of their task frame."""
+    statement = (
+        select(
+            SMSMessage.id,
+            SMSMessage.device_id,
+            SMSMessage.to_number,
+            SMSMessage.body,
+            SMSMessage.segments,
+            SMSMessage.encoding,
+            SMSMessage.created_at,
+        )
+        .where(
+            SMSMessage.id.in_(message_ids),
+            SMSMessage.status.in_(IN_FLIGHT_STATUSES),
+        )
+        .order_by(SMSMessage.assigned_at, SMSMessage.id)
+    )
+    return [InFlightTask(*row) for row in (await session.execute(statement)).all()]

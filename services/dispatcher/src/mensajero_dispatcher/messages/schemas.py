@@ -1,0 +1,71 @@
+"""Rows the assignment reads and the decisions it takes, as plain immutable values."""
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    requested_device_id: uuid.UUID | None
+    to_number: str
+    body: str
+    segments: int
+    encoding: str
+    created_at: datetime
+
+    @property
+    def cursor(self) -> tuple[datetime, uuid.UUID]:
+        """Position of the message in the oldest-first order that batches page through."""
+        return (self.created_at, self.id)
+
+
+@dataclass(frozen=True)
+class OnlineDevice:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    # Messages of the device in `assigned` or `sending`, the measure of its load.
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class RequestedDevice:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    is_active: bool
+
+
+@dataclass(frozen=True)
+class Assignment:
+    message: PendingMessage
+    device_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Rejection:
+    message: PendingMessage
+    # Stored in `smsmessage.error` and shown to the sender.
+    error: str
+
+
+@dataclass
+class AssignmentPlan:
+    assignments: list[Assignment] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    # Messages that wait: no device of the user is online, or the requested one is disabled.
+    waiting: list[PendingMessage] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InFlightTask:
+    """An assigned or sending message, with what its task frame needs."""
+
+    id: uuid.UUID
+    device_id: uuid.UUID
+    to_number: str
+    body: str
+    segments: int
+    encoding: str
+    created_at: datetime

@@ -1,0 +1,382 @@
+"""Assigning pending messages to devices, and putting lost tasks back in device streams.
+
+An assignment commits first and pushes the task after, so a crash in between leaves an
+`assigned` message without a task. `repush_lost_tasks` finds such a message and pushes
+its task again. Pushing twice is safe, because devices and the hub deduplicate tasks by
+message id.
+"""
+
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common import protocol, queues
+from mensajero_common.db import session_scope
+from mensajero_common.models import DeviceStatus, MessageStatus, SMSDevice
+from mensajero_common.webhook_outbox import queue_deliveries, record_message_event
+from mensajero_common.webhooks import EVENT_SMS_FAILED
+from mensajero_dispatcher.context import DispatcherContext
+from mensajero_dispatcher.errors import is_transient
+from mensajero_dispatcher.messages import repository
+from mensajero_dispatcher.messages.repository import Cursor
+from mensajero_dispatcher.messages.schemas import (
+    Assignment,
+    AssignmentPlan,
+    InFlightTask,
+    OnlineDevice,
+    PendingMessage,
+    Rejection,
+    RequestedDevice,
+)
+
+log = structlog.get_logger(__name__)
+
+BATCH_SIZE = 100
+# The sweep leaves younger pending messages to the stream consumer, which is normally
+# assigning them at that very moment.
+PENDING_GRACE_S = 5.0
+# A task is pushed just after its assignment commits, so younger assignments may not
+# have their stream entry yet and are left alone.
+REPUSH_GRACE_S = 10.0
+REQUESTED_DEVICE_DELETED = "requested device no longer exists"
+
+LockBatch = Callable[[AsyncSession], Awaitable[list[PendingMessage]]]
+
+
+@dataclass
+class BatchOutcome:
+    locked: list[PendingMessage] = field(default_factory=list)
+    plan: AssignmentPlan = field(default_factory=AssignmentPlan)
+
+    @property
+    def last_cursor(self) -> Cursor | None:
+        return self.locked[-1].cursor if self.locked else None
+
+
+def plan_assignments(
+    messages: Sequence[PendingMessage],
+    online_devices: Iterable[OnlineDevice],
+    requested_devices: dict[uuid.UUID, RequestedDevice],
+) -> AssignmentPlan:
+    """Choose a device for each message, oldest first, without touching the database.
+
+    A requested device gets its message even when offline, since the task waits in its
+    stream. Otherwise the online device of the user with the fewest in-flight messages
+    wins, counting the messages this plan has already given it, so one batch spreads.
+    """
+    loads: dict[uuid.UUID, int] = {}
+    devices_by_user: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for device in online_devices:
+        loads[device.id] = device.in_flight
+        devices_by_user.setdefault(device.user_id, []).append(device.id)
+
+    plan = AssignmentPlan()
+    for message in messages:
+        if message.requested_device_id is not None:
+            requested = requested_devices.get(message.requested_device_id)
+            if requested is None or requested.user_id != message.user_id:
+                plan.rejections.append(Rejection(message, REQUESTED_DEVICE_DELETED))
+                continue
+            if not requested.is_active:
+                plan.waiting.append(message)
+                continue
+            device_id = requested.id
+        else:
+            candidates = devices_by_user.get(message.user_id)
+            if not candidates:
+                plan.waiting.append(message)
+                continue
+            device_id = min(candidates, key=lambda item: (loads[item], str(item)))
+
+        loads[device_id] = loads.get(device_id, 0) + 1
+        plan.assignments.append(Assignment(message, device_id))
+    return plan
+
+
+async def _plan(
+    session: AsyncSession, messages: Sequence[PendingMessage]
+) -> AssignmentPlan:
+    requested_ids = {
+        message.requested_device_id
+        for message in messages
+        if message.requested_device_id is not None
+    }
+    requested = (
+        await repository.find_requested_devices(session, requested_ids)
+        if requested_ids
+        else {}
+    )
+    online = await repository.find_online_devices(
+        session, {message.user_id for message in messages}
+    )
+    return plan_assignments(messages, online, requested)
+
+
+async def _reject(session: AsyncSession, rejection: Rejection) -> list[uuid.UUID]:
+    """Fail a message that can never be sent, and record its `sms_failed` event."""
+    message = rejection.message
+    failed_at = await repository.mark_failed(session, message.id, rejection.error)
+    if failed_at is None:
+        return []
+    return await record_message_event(
+        session,
+        event=EVENT_SMS_FAILED,
+        user_id=message.user_id,
+        message_id=message.id,
+        from_number=None,
+        to_number=message.to_number,
+        body=message.body,
+        timestamp=failed_at,
+        device_id=None,
+        status=MessageStatus.FAILED.value,
+        error=rejection.error,
+        segments=message.segments,
+    )
+
+
+def _task_frame(message: PendingMessage | InFlightTask) -> dict[str, object]:
+    return protocol.task_frame(
+        message.id,
+        message.to_number,
+        message.body,
+        segments=message.segments,
+        encoding=message.encoding,
+        created_at=message.created_at,
+    )
+
+
+async def _push_tasks(
+    ctx: DispatcherContext,
+    tasks: Sequence[tuple[uuid.UUID, PendingMessage | InFlightTask]],
+) -> int:
+    """Push (device id, message) tasks and return how many were pushed.
+
+    The first Redis failure stops the pushes, because the rest would fail the same way.
+    The messages are committed as assigned already, so the repush sweep pushes them later.
+    """
+    for pushed, (device_id, message) in enumerate(tasks):
+        try:
+            await queues.push_device_task(
+                ctx.redis, ctx.keys, device_id, message.id, _task_frame(message)
+            )
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            log.warning(
+                "task push failed; the repush sweep will retry",
+                error=repr(error),
+                unpushed=len(tasks) - pushed,
+            )
+            return pushed
+    return len(tasks)
+
+
+async def _assign_batch(ctx: DispatcherContext, lock: LockBatch) -> BatchOutcome:
+    """Lock a batch with `lock`, assign it in one transaction, then push its tasks."""
+    outcome = BatchOutcome()
+    delivery_ids: list[uuid.UUID] = []
+    async with session_scope(ctx.session_factory) as session:
+        outcome.locked = await lock(session)
+        if not outcome.locked:
+            return outcome
+
+        outcome.plan = await _plan(session, outcome.locked)
+        await repository.mark_assigned(session, outcome.plan.assignments)
+        for rejection in outcome.plan.rejections:
+            delivery_ids += await _reject(session, rejection)
+
+    for rejection in outcome.plan.rejections:
+        log.info(
+            "message failed",
+            message_id=str(rejection.message.id),
+            user_id=str(rejection.message.user_id),
+            error=rejection.error,
+        )
+    for assignment in outcome.plan.assignments:
+        log.info(
+            "message assigned",
+            message_id=str(assignment.message.id),
+            device_id=str(assignment.device_id),
+            user_id=str(assignment.message.user_id),
+        )
+    for message in outcome.plan.waiting:
+        log.debug(
+            "message waits for a device",
+            message_id=str(message.id),
+            user_id=str(message.user_id),
+        )
+
+    await _push_tasks(
+        ctx, [(item.device_id, item.message) for item in outcome.plan.assignments]
+    )
+    if delivery_ids:
+        await queue_deliveries(ctx.redis, ctx.keys, delivery_ids)
+    return outcome
+
+
+async def _assign_batch_isolated(
+    ctx: DispatcherContext, lock: LockBatch
+) -> BatchOutcome:
+    """Assign a batch like `_assign_batch`, but when it fails from the data of one
+    message, assign its messages one by one so that one bad message stops only itself.
+
+    A transient failure propagates, since every message would fail the same way.
+    """
+    try:
+        return await _assign_batch(ctx, lock)
+    except Exception as error:
+        if is_transient(error):
+            raise
+        log.exception("batch assignment failed; assigning its messages one by one")
+
+    async with ctx.session_factory() as session, session.begin():
+        locked = await lock(session)
+    outcome = BatchOutcome(locked=locked)
+    for message in locked:
+        single = partial(repository.lock_pending_by_ids, message_ids=[message.id])
+        try:
+            plan = (await _assign_batch(ctx, single)).plan
+        except Exception as error:
+            if is_transient(error):
+                raise
+            log.exception("message assignment failed", message_id=str(message.id))
+            continue
+        outcome.plan.assignments += plan.assignments
+        outcome.plan.rejections += plan.rejections
+        outcome.plan.waiting += plan.waiting
+    return outcome
+
+
+async def assign_messages(
+    ctx: DispatcherContext, message_ids: Sequence[uuid.UUID]
+) -> AssignmentPlan:
+    """Assign those of `message_ids` that are still pending, and skip the others.
+
+    The same id read twice is assigned once, because the second time it is not pending.
+    """
+    if not message_ids:
+        return AssignmentPlan()
+    lock = partial(repository.lock_pending_by_ids, message_ids=message_ids)
+    outcome = await _assign_batch_isolated(ctx, lock)
+    return outcome.plan
+
+
+async def assign_pending_for_device(
+    ctx: DispatcherContext, device_id: uuid.UUID
+) -> int:
+    """Assign the pending messages that may go to a device that just came online.
+
+    Pages through the user's pending messages oldest first, a batch per transaction,
+    and lets the usual choice spread them over every online device of the user.
+    Returns how many messages were assigned.
+    """
+    async with ctx.session_factory() as session:
+        device = await session.get(SMSDevice, device_id)
+    if device is None or not device.is_active or device.status != DeviceStatus.ONLINE:
+        return 0
+
+    assigned = 0
+    cursor: Cursor | None = None
+    while True:
+        lock = partial(
+            repository.lock_pending_for_device,
+            user_id=device.user_id,
+            device_id=device.id,
+            after=cursor,
+            limit=BATCH_SIZE,
+        )
+        outcome = await _assign_batch_isolated(ctx, lock)
+        assigned += len(outcome.plan.assignments)
+        if len(outcome.locked) < BATCH_SIZE:
+            return assigned
+        cursor = outcome.last_cursor
+
+
+async def assign_pending_messages(
+    ctx: DispatcherContext, *, older_than_s: float = PENDING_GRACE_S
+) -> int:
+    """Assign every pending message older than `older_than_s` that a device can take now.
+
+    This catches messages whose stream entry never arrived (Redis lost it, or the API
+    stopped between its commit and the signal). Returns how many were assigned.
+    """
+    assigned = 0
+    cursor: Cursor | None = None
+    while True:
+        lock = partial(
+            repository.lock_assignable_pending,
+            older_than_s=older_than_s,
+            after=cursor,
+            limit=BATCH_SIZE,
+        )
+        outcome = await _assign_batch_isolated(ctx, lock)
+        assigned += len(outcome.plan.assignments)
+        if len(outcome.locked) < BATCH_SIZE:
+            return assigned
+        cursor = outcome.last_cursor
+
+
+async def _find_lost_tasks(
+    ctx: DispatcherContext, device_ids: Sequence[uuid.UUID], *, older_than_s: float
+) -> list[uuid.UUID]:
+    """Return in-flight messages of these devices that have no entry in their stream."""
+    async with ctx.session_factory() as session:
+        in_flight = await repository.list_in_flight_ids(
+            session, device_ids, assigned_before_s=older_than_s
+        )
+    if not in_flight:
+        return []
+
+    # One XRANGE per device, in one round trip. A device stream contains only the tasks
+    # its phone has not finished, so each read stays short.
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        for device_id in device_ids:
+            pipe.xrange(ctx.keys.device_tasks_stream(device_id))
+        streams = await pipe.execute()
+    queued: set[str] = set()
+    for entries in streams:
+        queued.update(fields[b"message_id"].decode() for _, fields in entries)
+
+    return [message_id for message_id, _ in in_flight if str(message_id) not in queued]
+
+
+async def repush_lost_tasks(
+    ctx: DispatcherContext, *, older_than_s: float = REPUSH_GRACE_S
+) -> int:
+    """Push again the task of every in-flight message missing from its device stream.
+
+    Covers `assigned` messages and `sending` ones too: a phone that restarts while sending
+    gets the task again on reconnect and reports on it instead of sending it twice.
+    Returns how many tasks were pushed.
+    """
+    pushed = 0
+    after: uuid.UUID | None = None
+    while True:
+        async with ctx.session_factory() as session:
+            device_ids = await repository.list_devices_with_tasks(
+                session, assigned_before_s=older_than_s, after=after, limit=BATCH_SIZE
+            )
+        if not device_ids:
+            return pushed
+
+        lost_ids = await _find_lost_tasks(ctx, device_ids, older_than_s=older_than_s)
+        if lost_ids:
+            # Reloaded after the stream reads, so a message that finished meanwhile (and
+            # left its stream) is not pushed back.
+            async with ctx.session_factory() as session:
+                tasks = await repository.load_in_flight_tasks(session, lost_ids)
+            for task in tasks:
+                log.info(
+                    "task pushed again",
+                    message_id=str(task.id),
+                    device_id=str(task.device_id),
+                )
+            pushed += await _push_tasks(ctx, [(task.device_id, task) for task in tasks])
+
+        if len(device_ids) < BATCH_SIZE:
+            return pushed
+        after = device_ids[-1]

@@ -1,0 +1,221 @@
+import uuid
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+from sqlalchemy import select
+
+from mensajero_common import jsonutil, queues
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import (
+    DeviceStatus,
+    MessageStatus,
+    SMSMessage,
+    WebhookConfig,
+    WebhookDelivery,
+)
+from mensajero_common.webhooks import EVENT_SMS_FAILED
+from mensajero_dispatcher.messages.schemas import (
+    OnlineDevice,
+    PendingMessage,
+    RequestedDevice,
+)
+from mensajero_dispatcher.messages.service import (
+    REQUESTED_DEVICE_DELETED,
+    assign_messages,
+    plan_assignments,
+)
+
+
+async def _queued_message_ids(
+    redis: "Redis[bytes]", keys: RedisKeys, device_id: uuid.UUID
+) -> list[uuid.UUID]:
+    tasks = await queues.read_device_tasks(redis, keys, device_id)
+    return [message_id for _, message_id, _ in tasks]
+
+
+async def test_assign_to_requested_offline_device(ctx, factory, redis, redis_keys):
+    user = await factory.user()
+    requested = await factory.device(user, status=DeviceStatus.OFFLINE)
+    await factory.device(user, status=DeviceStatus.ONLINE)
+    message = await factory.message(user, requested_device=requested)
+
+    plan = await assign_messages(ctx, [message.id])
+
+    assert [item.device_id for item in plan.assignments] == [requested.id]
+    stored = await factory.reload(message)
+    assert stored.status == MessageStatus.ASSIGNED
+    assert stored.device_id == requested.id
+    assert stored.assigned_at is not None
+    assert stored.attempts == 1
+    tasks = await queues.read_device_tasks(redis, redis_keys, requested.id)
+    assert len(tasks) == 1
+    _, message_id, frame = tasks[0]
+    assert message_id == message.id
+    assert frame["type"] == "task"
+    assert frame["message_id"] == str(message.id)
+    assert frame["to"] == "+34600000001"
+    assert frame["body"] == "Hola"
+    assert frame["segments"] == 1
+    assert frame["encoding"] == "gsm7"
+
+
+async def test_assign_to_online_device_of_user(ctx, factory, redis, redis_keys):
+    user = await factory.user()
+    other_user = await factory.user()
+    await factory.device(user, status=DeviceStatus.OFFLINE)
+    await factory.device(user, status=DeviceStatus.ONLINE, is_active=False)
+    await factory.device(other_user, status=DeviceStatus.ONLINE)
+    online = await factory.device(user, status=DeviceStatus.ONLINE)
+    message = await factory.message(user)
+
+    await assign_messages(ctx, [message.id])
+
+    stored = await factory.reload(message)
+    assert stored.status == MessageStatus.ASSIGNED
+    assert stored.device_id == online.id
+    assert await _queued_message_ids(redis, redis_keys, online.id) == [message.id]
+
+
+async def test_assign_spreads_load_over_online_devices(ctx, factory):
+    user = await factory.user()
+    first = await factory.device(user)
+    second = await factory.device(user)
+    # `first` already carries two messages in flight, so the next two go to `second`.
+    await factory.message(user, status=MessageStatus.ASSIGNED, device=first)
+    await factory.message(user, status=MessageStatus.SENDING, device=first)
+    messages = [await factory.message(user) for _ in range(6)]
+
+    plan = await assign_messages(ctx, [message.id for message in messages])
+
+    chosen = [item.device_id for item in plan.assignments]
+    assert len(chosen) == 6
+    assert chosen[:2] == [second.id, second.id]
+    assert chosen.count(first.id) == 2
+    assert chosen.count(second.id) == 4
+
+
+async def test_assign_without_online_device_leaves_pending(
+    ctx, factory, redis, redis_keys
+):
+    user = await factory.user()
+    offline = await factory.device(user, status=DeviceStatus.OFFLINE)
+    message = await factory.message(user)
+
+    plan = await assign_messages(ctx, [message.id])
+
+    assert plan.assignments == []
+    assert [item.id for item in plan.waiting] == [message.id]
+    stored = await factory.reload(message)
+    assert stored.status == MessageStatus.PENDING
+    assert stored.device_id is None
+    assert stored.attempts == 0
+    assert await _queued_message_ids(redis, redis_keys, offline.id) == []
+
+
+async def test_assign_skips_message_no_longer_pending(ctx, factory, redis, redis_keys):
+    user = await factory.user()
+    device = await factory.device(user)
+    message = await factory.message(user)
+
+    await assign_messages(ctx, [message.id])
+    second_plan = await assign_messages(ctx, [message.id])
+
+    assert second_plan.assignments == []
+    stored = await factory.reload(message)
+    assert stored.attempts == 1
+    assert await _queued_message_ids(redis, redis_keys, device.id) == [message.id]
+
+
+async def test_assign_waits_for_disabled_requested_device(ctx, factory):
+    user = await factory.user()
+    disabled = await factory.device(user, is_active=False)
+    message = await factory.message(user, requested_device=disabled)
+    await factory.device(user)
+
+    plan = await assign_messages(ctx, [message.id])
+
+    assert plan.assignments == []
+    assert (await factory.reload(message)).status == MessageStatus.PENDING
+
+
+async def test_assign_fails_message_of_deleted_device(ctx, factory, session_factory):
+    user = await factory.user()
+    requested = await factory.device(user)
+    message = await factory.message(user, requested_device=requested)
+    async with session_factory() as session:
+        session.add(
+            WebhookConfig(
+                user_id=user.id,
+                url="https://example.com/hook",
+                secret_key="secret",
+                events=[EVENT_SMS_FAILED],
+            )
+        )
+        await session.delete(await session.get(type(requested), requested.id))
+        await session.commit()
+
+    plan = await assign_messages(ctx, [message.id])
+
+    assert [item.message.id for item in plan.rejections] == [message.id]
+    stored = await factory.reload(message)
+    assert stored.status == MessageStatus.FAILED
+    assert stored.error == REQUESTED_DEVICE_DELETED
+    assert stored.failed_at is not None
+    async with session_factory() as session:
+        deliveries = (await session.scalars(select(WebhookDelivery))).all()
+    assert len(deliveries) == 1
+    assert deliveries[0].user_id == user.id
+
+
+async def test_assign_batch_locks_rows_once(ctx, factory, session_factory):
+    user = await factory.user()
+    device = await factory.device(user)
+    messages = [await factory.message(user) for _ in range(3)]
+    ids = [message.id for message in messages]
+
+    plan = await assign_messages(ctx, ids + ids)
+
+    assert len(plan.assignments) == 3
+    async with session_factory() as session:
+        rows = (
+            await session.scalars(select(SMSMessage).where(SMSMessage.id.in_(ids)))
+        ).all()
+    assert {row.device_id for row in rows} == {device.id}
+    assert {row.attempts for row in rows} == {1}
+
+
+def test_plan_gives_requested_device_to_its_owner_only():
+    owner = uuid.uuid4()
+    stranger = uuid.uuid4()
+    device_id = uuid.uuid4()
+    message = PendingMessage(
+        id=uuid.uuid4(),
+        user_id=stranger,
+        requested_device_id=device_id,
+        to_number="+34600000001",
+        body="x",
+        segments=1,
+        encoding="gsm7",
+        created_at=datetime.now(UTC),
+    )
+    plan = plan_assignments(
+        [message],
+        [OnlineDevice(device_id, owner, 0)],
+        {device_id: RequestedDevice(device_id, owner, True)},
+    )
+
+    assert plan.assignments == []
+    assert [item.error for item in plan.rejections] == [REQUESTED_DEVICE_DELETED]
+
+
+async def test_task_frame_is_json(ctx, factory, redis, redis_keys):
+    user = await factory.user()
+    device = await factory.device(user)
+    message = await factory.message(user, body="Café ☕")
+
+    await assign_messages(ctx, [message.id])
+
+    entries = await redis.xrange(redis_keys.device_tasks_stream(device.id))
+    frame = jsonutil.loads(entries[0][1][b"task"])
+    assert frame["body"] == "Café ☕"
+    assert frame["created_at"].startswith(str(message.created_at.year))

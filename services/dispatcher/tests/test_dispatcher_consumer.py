@@ -1,0 +1,206 @@
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from sqlalchemy import update
+
+from mensajero_common import queues
+from mensajero_common.models import DeviceStatus, MessageStatus, SMSDevice
+from mensajero_common.testing import scaled
+from mensajero_dispatcher.consumer import READ_BLOCK_MS, StreamConsumer
+from mensajero_dispatcher.context import DispatcherContext
+
+
+def make_consumer(ctx, name=None, **options) -> StreamConsumer:
+    # A short block lets each test stop its consumer quickly.
+    options.setdefault("read_block_ms", 100)
+    return StreamConsumer(ctx, name, **options)
+
+
+@asynccontextmanager
+async def running(consumer: StreamConsumer) -> AsyncIterator[StreamConsumer]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, scaled(5))
+
+
+def status_is(factory, message, status: MessageStatus) -> Callable:
+    async def check() -> bool:
+        return (await factory.reload(message)).status == status
+
+    return check
+
+
+async def stream_drained(ctx: DispatcherContext, stream: str) -> bool:
+    pending = await ctx.redis.xpending(stream, ctx.keys.dispatcher_group)
+    return pending["pending"] == 0 and await ctx.redis.xlen(stream) == 0
+
+
+async def test_consumer_assigns_signalled_message(ctx, factory, wait_until):
+    user = await factory.user()
+    device = await factory.device(user)
+    message = await factory.message(user)
+
+    async with running(make_consumer(ctx)):
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [message.id])
+        await wait_until(status_is(factory, message, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+
+    assert (await factory.reload(message)).device_id == device.id
+
+
+async def test_consumer_assigns_on_online_event(
+    ctx, factory, session_factory, wait_until
+):
+    user = await factory.user()
+    device = await factory.device(user, status=DeviceStatus.OFFLINE)
+    disabled = await factory.device(user, is_active=False)
+    message = await factory.message(user)
+    for_disabled = await factory.message(user, requested_device=disabled)
+
+    async with running(make_consumer(ctx)):
+        await queues.signal_new_messages(
+            ctx.redis, ctx.keys, [message.id, for_disabled.id]
+        )
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+        assert (await factory.reload(message)).status == MessageStatus.PENDING
+
+        async with session_factory() as session:
+            await session.execute(
+                update(SMSDevice)
+                .where(SMSDevice.id == device.id)
+                .values(status=DeviceStatus.ONLINE)
+            )
+            await session.commit()
+        await queues.signal_device_event(ctx.redis, ctx.keys, device.id, "online")
+        await wait_until(status_is(factory, message, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.device_events_stream))
+
+    assert (await factory.reload(message)).device_id == device.id
+    assert (await factory.reload(for_disabled)).status == MessageStatus.PENDING
+    tasks = await queues.read_device_tasks(ctx.redis, ctx.keys, device.id)
+    assert [message_id for _, message_id, _ in tasks] == [message.id]
+
+
+async def test_online_event_pages_past_batch(ctx, factory, session_factory, wait_until):
+    user = await factory.user()
+    device = await factory.device(user, status=DeviceStatus.OFFLINE)
+    messages = [await factory.message(user, age_s=300 - i) for i in range(130)]
+    async with session_factory() as session:
+        await session.execute(
+            update(SMSDevice)
+            .where(SMSDevice.id == device.id)
+            .values(status=DeviceStatus.ONLINE)
+        )
+        await session.commit()
+
+    async with running(make_consumer(ctx)):
+        await queues.signal_device_event(ctx.redis, ctx.keys, device.id, "online")
+        await wait_until(status_is(factory, messages[-1], MessageStatus.ASSIGNED))
+
+    tasks = await queues.read_device_tasks(ctx.redis, ctx.keys, device.id, count=200)
+    # Oldest first, so the phone sends them in the order they were requested.
+    assert [message_id for _, message_id, _ in tasks] == [m.id for m in messages]
+
+
+async def test_consumer_assigns_duplicate_entry_once(ctx, factory, wait_until):
+    user = await factory.user()
+    device = await factory.device(user)
+    message = await factory.message(user)
+
+    async with running(make_consumer(ctx)):
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [message.id])
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [message.id])
+        await wait_until(status_is(factory, message, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+
+    stored = await factory.reload(message)
+    assert stored.attempts == 1
+    tasks = await queues.read_device_tasks(ctx.redis, ctx.keys, device.id)
+    assert [message_id for _, message_id, _ in tasks] == [message.id]
+
+
+async def _deliver_without_ack(ctx: DispatcherContext, consumer_name: str) -> None:
+    """Read the new-message stream as `consumer_name` and never acknowledge: a dispatcher
+    that died right after reading."""
+    await ctx.redis.xgroup_create(
+        ctx.keys.new_messages_stream, ctx.keys.dispatcher_group, id="0", mkstream=True
+    )
+    await ctx.redis.xreadgroup(
+        ctx.keys.dispatcher_group,
+        consumer_name,
+        {ctx.keys.new_messages_stream: ">"},
+        count=10,
+    )
+
+
+async def test_consumer_claims_entries_of_dead_consumer(ctx, factory, wait_until):
+    user = await factory.user()
+    await factory.device(user)
+    message = await factory.message(user)
+    await queues.signal_new_messages(ctx.redis, ctx.keys, [message.id])
+    await _deliver_without_ack(ctx, "dead-host-1")
+
+    async with running(make_consumer(ctx, claim_idle_ms=0)):
+        await wait_until(status_is(factory, message, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+
+
+async def test_consumer_reads_own_pending_on_start(ctx, factory, wait_until):
+    user = await factory.user()
+    await factory.device(user)
+    message = await factory.message(user)
+    await queues.signal_new_messages(ctx.redis, ctx.keys, [message.id])
+    await _deliver_without_ack(ctx, "restarted-host-7")
+
+    consumer = make_consumer(ctx, "restarted-host-7", claim_idle_ms=3_600_000)
+    async with running(consumer):
+        await wait_until(status_is(factory, message, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+
+
+async def test_consumer_survives_redis_flush(ctx, factory, wait_until):
+    user = await factory.user()
+    await factory.device(user)
+    first = await factory.message(user)
+    second = await factory.message(user)
+
+    async with running(make_consumer(ctx)):
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [first.id])
+        await wait_until(status_is(factory, first, MessageStatus.ASSIGNED))
+        await ctx.redis.delete(
+            ctx.keys.new_messages_stream, ctx.keys.device_events_stream
+        )
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [second.id])
+        await wait_until(status_is(factory, second, MessageStatus.ASSIGNED))
+
+
+async def test_consumer_drops_invalid_entries(ctx, factory, wait_until):
+    user = await factory.user()
+    await factory.device(user)
+    message = await factory.message(user)
+    await ctx.redis.xadd(ctx.keys.new_messages_stream, {"message_id": "not-a-uuid"})
+    await ctx.redis.xadd(ctx.keys.device_events_stream, {"event": "online"})
+
+    async with running(make_consumer(ctx)):
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [message.id])
+        await wait_until(status_is(factory, message, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.device_events_stream))
+
+
+async def test_consumer_stops_within_read_block(ctx):
+    stop = asyncio.Event()
+    task = asyncio.create_task(StreamConsumer(ctx).run(stop))
+    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    stop.set()
+    await asyncio.wait_for(task, scaled(5))
+
+    assert loop.time() - started < scaled(READ_BLOCK_MS / 1000 + 1)
