@@ -1,0 +1,1 @@
+"""Mensajero's public REST API: users, devices, sending and reading messages."""

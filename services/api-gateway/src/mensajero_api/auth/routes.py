@@ -1,0 +1,32 @@
+"""The OAuth2 password login that issues bearer tokens."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.security import OAuth2PasswordRequestForm
+
+from mensajero_api.auth import service
+from mensajero_api.auth.schemas import Token
+from mensajero_api.auth.security import create_access_token
+from mensajero_api.deps import PasswordsDep, SessionDep, SettingsDep
+from mensajero_api.envelope import error_responses
+
+router = APIRouter(prefix="/api/v1/login", tags=["login"])
+
+
+@router.post("/access-token", responses=error_responses(401, 403, 422))
+async def login_access_token(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    session: SessionDep,
+    passwords: PasswordsDep,
+    settings: SettingsDep,
+) -> Token:
+    """Exchange an email (`username`) and password, sent as a form, for a bearer token.
+
+    The answer is the bare OAuth2 token body (`access_token`, `token_type`, `expires_in`),
+    not the `{"success", "data"}` envelope, so that OAuth2 clients and the Authorize button
+    of /docs can read it. Errors use the usual error envelope.
+    """
+    user = await service.authenticate(session, passwords, form.username, form.password)
+    token = create_access_token(user.id, user.token_version, settings)
+    return Token(access_token=token.token, expires_in=token.expires_in_s)

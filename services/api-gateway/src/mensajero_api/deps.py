@@ -1,0 +1,71 @@
+"""Dependency aliases for route signatures: `session: SessionDep`, `user: CurrentUser`, …"""
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_api.auth import service as auth_service
+from mensajero_api.auth.security import PasswordHasher
+from mensajero_api.errors import request_language
+from mensajero_api.resources import Resources
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import User
+from mensajero_common.settings import Settings
+
+TOKEN_URL = "/api/v1/login/access-token"
+
+# auto_error=False so that a missing token raises our own localized 401 envelope; the
+# scheme still tells Swagger UI where its Authorize button gets a token.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+def get_settings(resources: ResourcesDep) -> Settings:
+    return resources.settings
+
+
+def get_redis(resources: ResourcesDep) -> Redis:
+    return resources.redis
+
+
+def get_keys(resources: ResourcesDep) -> RedisKeys:
+    return resources.keys
+
+
+def get_passwords(resources: ResourcesDep) -> PasswordHasher:
+    return resources.passwords
+
+
+async def get_session(resources: ResourcesDep) -> AsyncIterator[AsyncSession]:
+    """Open one session per request; services commit it, and closing rolls back the rest."""
+    async with resources.session_factory() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+KeysDep = Annotated[RedisKeys, Depends(get_keys)]
+PasswordsDep = Annotated[PasswordHasher, Depends(get_passwords)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+LanguageDep = Annotated[str, Depends(request_language)]
+TokenDep = Annotated[str | None, Depends(oauth2_scheme)]
+
+
+async def get_current_user(
+    session: SessionDep, settings: SettingsDep, token: TokenDep
+) -> User:
+    return await auth_service.get_user_for_token(session, settings, token)
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]

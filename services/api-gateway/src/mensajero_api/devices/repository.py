@@ -1,0 +1,64 @@
+"""Queries on the `smsdevice` table, always scoped to the owning user."""
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import SMSDevice
+
+
+async def insert_device(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    name: str,
+    phone_number: str | None,
+    api_key_hash: str,
+    api_key_prefix: str,
+) -> SMSDevice:
+    device = SMSDevice(
+        user_id=user_id,
+        name=name,
+        phone_number=phone_number,
+        api_key_hash=api_key_hash,
+        api_key_prefix=api_key_prefix,
+    )
+    session.add(device)
+    # The INSERT returns the server defaults (status, is_active, timestamps) as well.
+    await session.flush()
+    return device
+
+
+async def list_devices(
+    session: AsyncSession, user_id: uuid.UUID
+) -> Sequence[SMSDevice]:
+    statement = (
+        select(SMSDevice)
+        .where(SMSDevice.user_id == user_id)
+        .order_by(SMSDevice.created_at, SMSDevice.id)
+    )
+    return (await session.scalars(statement)).all()
+
+
+async def get_device(
+    session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID
+) -> SMSDevice | None:
+    statement = select(SMSDevice).where(
+        SMSDevice.id == device_id, SMSDevice.user_id == user_id
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def delete_device(
+    session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID
+) -> bool:
+    """Delete the device; tell whether it existed. Its messages keep device_id NULL."""
+    statement = (
+        delete(SMSDevice)
+        .where(SMSDevice.id == device_id, SMSDevice.user_id == user_id)
+        .returning(SMSDevice.id)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(statement)).first() is not None

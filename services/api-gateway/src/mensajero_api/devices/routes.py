@@ -1,0 +1,128 @@
+"""Devices (Android phones) of the current user and their API keys."""
+
+import uuid
+
+from fastapi import APIRouter, status
+
+from mensajero_api.deps import (
+    CurrentUser,
+    KeysDep,
+    LanguageDep,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+)
+from mensajero_api.devices import service
+from mensajero_api.devices.schemas import (
+    DeviceCreate,
+    DeviceDeleted,
+    DeviceList,
+    DevicePublic,
+    DeviceUpdate,
+    DeviceWithKey,
+)
+from mensajero_api.envelope import Envelope, error_responses
+from mensajero_common.i18n import translate
+from mensajero_common.models import SMSDevice
+
+router = APIRouter(prefix="/api/v1/sms/devices", tags=["devices"])
+
+
+def _with_key(device: SMSDevice, api_key: str) -> DeviceWithKey:
+    public = DevicePublic.model_validate(device)
+    return DeviceWithKey(**public.model_dump(), device_id=device.id, api_key=api_key)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(400, 401, 422, 429),
+)
+async def register_device(
+    data: DeviceCreate,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    language: LanguageDep,
+) -> Envelope[DeviceWithKey]:
+    """Register a device and create its API key, shown only in this response.
+
+    Counts against the plan's device limit: past it, 429 `quota_exceeded` with
+    `quota_type` "devices".
+    """
+    device, api_key = await service.register_device(session, settings, user, data)
+    return Envelope(
+        data=_with_key(device, api_key),
+        message=translate("device_registered", language),
+    )
+
+
+@router.get("", responses=error_responses(401))
+async def list_devices(user: CurrentUser, session: SessionDep) -> Envelope[DeviceList]:
+    devices = await service.list_devices(session, user)
+    return Envelope(
+        data=DeviceList(items=[DevicePublic.model_validate(d) for d in devices])
+    )
+
+
+@router.get("/{device_id}", responses=error_responses(401, 404, 422))
+async def read_device(
+    device_id: uuid.UUID, user: CurrentUser, session: SessionDep
+) -> Envelope[DevicePublic]:
+    device = await service.get_device(session, user, device_id)
+    return Envelope(data=DevicePublic.model_validate(device))
+
+
+@router.put("/{device_id}", responses=error_responses(400, 401, 404, 422))
+async def update_device(
+    device_id: uuid.UUID,
+    data: DeviceUpdate,
+    user: CurrentUser,
+    session: SessionDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    language: LanguageDep,
+) -> Envelope[DevicePublic]:
+    """Change the name, number or active flag; fields left out keep their values."""
+    device = await service.update_device(session, redis, keys, user, device_id, data)
+    return Envelope(
+        data=DevicePublic.model_validate(device),
+        message=translate("device_updated", language),
+    )
+
+
+@router.delete("/{device_id}", responses=error_responses(401, 404, 422))
+async def delete_device(
+    device_id: uuid.UUID,
+    user: CurrentUser,
+    session: SessionDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    language: LanguageDep,
+) -> Envelope[DeviceDeleted]:
+    """Delete the device: its key stops working, and its slot returns to the quota."""
+    await service.delete_device(session, redis, keys, user, device_id)
+    return Envelope(
+        data=DeviceDeleted(device_id=device_id),
+        message=translate("device_deleted", language),
+    )
+
+
+@router.post("/{device_id}/rotate-key", responses=error_responses(401, 404, 422))
+async def rotate_device_key(
+    device_id: uuid.UUID,
+    user: CurrentUser,
+    session: SessionDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    settings: SettingsDep,
+    language: LanguageDep,
+) -> Envelope[DeviceWithKey]:
+    """Replace the API key: the old one stops working at once, live connections included."""
+    device, api_key = await service.rotate_api_key(
+        session, redis, keys, settings, user, device_id
+    )
+    return Envelope(
+        data=_with_key(device, api_key),
+        message=translate("device_key_rotated", language),
+    )

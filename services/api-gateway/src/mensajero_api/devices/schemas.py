@@ -1,0 +1,68 @@
+"""Request and response bodies of the device endpoints."""
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mensajero_api.types import Name, StorableStr
+from mensajero_common.models import DeviceStatus
+
+_PHONE_DESCRIPTION = (
+    "The SIM's number: E.164, or national in the user's default region. "
+    "Stored in E.164."
+)
+
+
+class DeviceCreate(BaseModel):
+    name: Name
+    phone_number: StorableStr | None = Field(
+        default=None, description=_PHONE_DESCRIPTION
+    )
+
+
+class DeviceUpdate(BaseModel):
+    """Fields to change; a field left out keeps its value."""
+
+    # The None defaults below only mark a field as left out: pydantic does not validate
+    # defaults, so an explicit null still fails, as these columns are NOT NULL.
+    name: Name = Field(default=None)  # type: ignore[assignment]
+    phone_number: StorableStr | None = Field(
+        default=None, description=_PHONE_DESCRIPTION + " Null clears it."
+    )
+    is_active: bool = Field(
+        default=None,  # type: ignore[assignment]
+        description="false disables the device and closes its live connection.",
+    )
+
+
+class DevicePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    phone_number: str | None
+    status: DeviceStatus
+    is_active: bool
+    api_key_prefix: str = Field(description="First characters of the current API key.")
+    api_key_expires_at: datetime | None
+    last_heartbeat: datetime | None
+    app_version: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeviceWithKey(DevicePublic):
+    """A device with its new API key, returned once at registration and rotation."""
+
+    device_id: uuid.UUID
+    api_key: str = Field(description="Shown only now; the server keeps only its hash.")
+
+
+class DeviceList(BaseModel):
+    items: list[DevicePublic]
+
+
+class DeviceDeleted(BaseModel):
+    device_id: uuid.UUID
+    deleted: bool = True

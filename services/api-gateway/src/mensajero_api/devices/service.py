@@ -1,0 +1,176 @@
+"""Registering, changing and deleting devices, and rotating their API keys.
+
+A device's API key is shown once and stored only as a SHA-256 hash. Rotating the key,
+deleting the device or disabling it publishes `revoke` on the device's channel after the
+commit, so the device-hub closes a live WebSocket that still uses the old key.
+"""
+
+import uuid
+from collections.abc import Sequence
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_api.devices import repository
+from mensajero_api.devices.schemas import DeviceCreate, DeviceUpdate
+from mensajero_api.phones import normalize_phone_number
+from mensajero_api.quotas import repository as quotas_repository
+from mensajero_api.quotas import service as quotas_service
+from mensajero_common import apikeys, queues
+from mensajero_common.errors import ConflictError, NotFoundError
+from mensajero_common.keys import CHANNEL_REVOKE, RedisKeys
+from mensajero_common.models import SMSDevice, User
+from mensajero_common.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+
+class DeviceNotFoundError(NotFoundError):
+    """The device does not exist or belongs to another user (never a 403, so ids don't leak)."""
+
+    code = "device_not_found"
+
+    def __init__(self, device_id: uuid.UUID) -> None:
+        super().__init__(
+            device_id=str(device_id), details={"device_id": str(device_id)}
+        )
+
+
+class DeviceInactiveError(ConflictError):
+    code = "device_inactive"
+
+    def __init__(self, device_id: uuid.UUID) -> None:
+        super().__init__(
+            device_id=str(device_id), details={"device_id": str(device_id)}
+        )
+
+
+async def get_device(
+    session: AsyncSession, user: User, device_id: uuid.UUID
+) -> SMSDevice:
+    device = await repository.get_device(session, user.id, device_id)
+    if device is None:
+        raise DeviceNotFoundError(device_id)
+    return device
+
+
+async def list_devices(session: AsyncSession, user: User) -> Sequence[SMSDevice]:
+    return await repository.list_devices(session, user.id)
+
+
+async def register_device(
+    session: AsyncSession, settings: Settings, user: User, data: DeviceCreate
+) -> tuple[SMSDevice, str]:
+    """Create a device and its API key within the plan's device limit; commit.
+
+    Returns the device and the API key in clear, which is never stored.
+    """
+    phone_number = None
+    if data.phone_number is not None:
+        phone_number = normalize_phone_number(data.phone_number, user.default_region)
+
+    await quotas_service.take_device_slot(session, user.id, settings)
+    api_key = apikeys.generate_api_key(settings.DEVICE_API_KEY_PREFIX)
+    device = await repository.insert_device(
+        session,
+        user_id=user.id,
+        name=data.name,
+        phone_number=phone_number,
+        api_key_hash=apikeys.hash_api_key(api_key),
+        api_key_prefix=apikeys.display_prefix(api_key),
+    )
+    await session.commit()
+
+    logger.info("device registered", user_id=str(user.id), device_id=str(device.id))
+    return device, api_key
+
+
+async def update_device(
+    session: AsyncSession,
+    redis: Redis,
+    keys: RedisKeys,
+    user: User,
+    device_id: uuid.UUID,
+    data: DeviceUpdate,
+) -> SMSDevice:
+    device = await get_device(session, user, device_id)
+    changes = data.model_dump(include=data.model_fields_set)
+    if changes.get("phone_number") is not None:
+        changes["phone_number"] = normalize_phone_number(
+            changes["phone_number"], user.default_region
+        )
+
+    was_active = device.is_active
+    for name, value in changes.items():
+        setattr(device, name, value)
+    await session.commit()
+    # updated_at is set by the database on UPDATE, so load it back.
+    await session.refresh(device)
+
+    if was_active and not device.is_active:
+        logger.info("device disabled", user_id=str(user.id), device_id=str(device.id))
+        await _revoke_connection(redis, keys, device.id)
+    return device
+
+
+async def rotate_api_key(
+    session: AsyncSession,
+    redis: Redis,
+    keys: RedisKeys,
+    settings: Settings,
+    user: User,
+    device_id: uuid.UUID,
+) -> tuple[SMSDevice, str]:
+    """Replace the device's API key; the old key stops working at the commit."""
+    device = await get_device(session, user, device_id)
+    api_key = apikeys.generate_api_key(settings.DEVICE_API_KEY_PREFIX)
+    device.api_key_hash = apikeys.hash_api_key(api_key)
+    device.api_key_prefix = apikeys.display_prefix(api_key)
+    device.api_key_expires_at = None
+    await session.commit()
+    await session.refresh(device)
+
+    logger.info(
+        "device API key rotated", user_id=str(user.id), device_id=str(device.id)
+    )
+    await _revoke_connection(redis, keys, device.id)
+    return device, api_key
+
+
+async def delete_device(
+    session: AsyncSession,
+    redis: Redis,
+    keys: RedisKeys,
+    user: User,
+    device_id: uuid.UUID,
+) -> None:
+    """Delete the device, give its slot back to the quota, and close its connection."""
+    if not await repository.delete_device(session, user.id, device_id):
+        raise DeviceNotFoundError(device_id)
+    await quotas_repository.release_device_slot(session, user.id)
+    await session.commit()
+
+    logger.info("device deleted", user_id=str(user.id), device_id=str(device_id))
+    await _revoke_connection(redis, keys, device_id)
+    try:
+        # Nobody reads the tasks of a deleted device any more.
+        await redis.delete(keys.device_tasks_stream(device_id))
+    except RedisError:
+        logger.exception(
+            "deleting the task stream of a device failed", device_id=str(device_id)
+        )
+
+
+async def _revoke_connection(
+    redis: Redis, keys: RedisKeys, device_id: uuid.UUID
+) -> None:
+    # The change is committed either way; if Redis is down the hub misses this message,
+    # and a live socket with the old key lasts until it reconnects (and then fails).
+    try:
+        await queues.publish_device_control(redis, keys, device_id, CHANNEL_REVOKE)
+    except RedisError:
+        logger.exception(
+            "publishing revoke for a device failed", device_id=str(device_id)
+        )

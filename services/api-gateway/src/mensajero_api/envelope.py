@@ -1,0 +1,67 @@
+"""The response envelope of every endpoint, and the schemas of its error bodies.
+
+Success: `{"success": true, "data": …, "message": …}`; failure:
+`{"success": false, "error": "<machine code>", "message": "<localized text>", …details}`.
+The error schemas here only document the bodies in OpenAPI; the handlers in `errors.py`
+build them from `AppError`.
+"""
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from mensajero_common import jsonutil
+
+DataT = TypeVar("DataT")
+
+
+class Envelope(BaseModel, Generic[DataT]):
+    success: Literal[True] = True
+    data: DataT
+    message: str | None = Field(
+        default=None, description="Confirmation in the request's language."
+    )
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    success: Literal[False] = False
+    error: str = Field(description="Machine code, always English.")
+    message: str = Field(description="Explanation in the request's language.")
+
+
+class ValidationErrorItem(BaseModel):
+    field: str = Field(description="Dotted path of the invalid field.")
+    location: str | None = Field(description="body, query, path or header.")
+    message: str
+    type: str = Field(description="Pydantic's error type, e.g. missing.")
+
+
+class ValidationErrorBody(ErrorBody):
+    details: list[ValidationErrorItem]
+
+
+class QuotaErrorBody(ErrorBody):
+    quota_type: Literal["sms_monthly", "devices"]
+    limit: int
+    used: int
+    available: int
+    reset_date: str | None = Field(
+        description="Next monthly reset, ISO 8601 in UTC; null for device slots."
+    )
+    upgrade_url: str
+
+
+class EnvelopeJSONResponse(JSONResponse):
+    """A JSONResponse encoded with orjson, like the rest of the project's JSON."""
+
+    def render(self, content: Any) -> bytes:
+        return jsonutil.dumps(content)
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """Describe the error bodies of `status_codes` for a route's OpenAPI `responses`."""
+    models: dict[int, type[BaseModel]] = {422: ValidationErrorBody, 429: QuotaErrorBody}
+    return {code: {"model": models.get(code, ErrorBody)} for code in status_codes}

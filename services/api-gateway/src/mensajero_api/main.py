@@ -1,0 +1,116 @@
+"""The api-gateway application: `create_app()` for ASGI servers and tests, `main()` to run it."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+
+from mensajero_api.auth.routes import router as auth_router
+from mensajero_api.auth.security import PasswordHasher
+from mensajero_api.devices.routes import router as devices_router
+from mensajero_api.errors import install_error_handling
+from mensajero_api.health.routes import router as health_router
+from mensajero_api.messages.routes import router as messages_router
+from mensajero_api.quotas import repository as quotas_repository
+from mensajero_api.quotas.service import DefaultPlanMissingError
+from mensajero_api.resources import Resources
+from mensajero_api.users.routes import router as users_router
+from mensajero_api.users.service import ensure_first_superuser
+from mensajero_common.db import create_engine, create_session_factory
+from mensajero_common.keys import RedisKeys
+from mensajero_common.logging import configure_logging
+from mensajero_common.redis import create_redis
+from mensajero_common.settings import Settings, get_settings
+
+logger = structlog.get_logger(__name__)
+
+SERVICE_NAME = "api-gateway"
+# Large enough for a bulk send of 1000 recipients with a full-length body.
+MAX_REQUEST_BODY_BYTES = 1024 * 1024
+
+DESCRIPTION = """
+Self-hosted SMS gateway: Android phones connected to the device-hub send and receive
+the SMS that this API accepts and lists.
+
+Authenticate with `POST /api/v1/login/access-token` (or the Authorize button) and send
+`Authorization: Bearer <token>`. Responses are `{"success": true, "data": …, "message": …}`;
+errors are `{"success": false, "error": "<code>", "message": "<text>", …details}`, with
+`message` in Spanish or English after `Accept-Language` (Spanish by default).
+"""
+
+
+async def _check_default_plan(resources: Resources) -> None:
+    async with resources.session_factory() as session:
+        plan_code = resources.settings.DEFAULT_PLAN
+        if await quotas_repository.get_plan_by_code(session, plan_code) is None:
+            raise DefaultPlanMissingError(plan_code)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the engine and Redis, create the first superuser, and close both at the end."""
+    settings: Settings = app.state.settings
+    engine = create_engine(settings)
+    redis = create_redis(settings)
+    resources = Resources(
+        settings=settings,
+        engine=engine,
+        session_factory=create_session_factory(engine),
+        redis=redis,
+        keys=RedisKeys(settings.REDIS_KEY_PREFIX),
+        passwords=PasswordHasher(),
+    )
+    try:
+        await _check_default_plan(resources)
+        await ensure_first_superuser(
+            resources.session_factory, resources.passwords, settings
+        )
+        app.state.resources = resources
+        logger.info("api-gateway started", environment=settings.ENVIRONMENT.value)
+        yield
+    finally:
+        logger.info("api-gateway stopping")
+        await redis.aclose()
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="Mensajero API",
+        version="0.1.0",
+        description=DESCRIPTION,
+        docs_url="/docs",
+        redoc_url="/redoc",
+        lifespan=lifespan,
+        max_body_size=MAX_REQUEST_BODY_BYTES,
+    )
+    app.state.settings = settings or get_settings()
+    install_error_handling(app)
+    for router in (
+        health_router,
+        auth_router,
+        users_router,
+        devices_router,
+        messages_router,
+    ):
+        app.include_router(router)
+    return app
+
+
+def main() -> None:
+    """Serve the API with uvicorn on API_HOST:API_PORT."""
+    settings = get_settings()
+    configure_logging(settings, SERVICE_NAME)
+    # log_config=None keeps uvicorn from replacing the logging set up just above.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.API_HOST,
+        port=settings.API_PORT,
+        log_config=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Opaque keyset cursors over (created_at, id) for the message listings.
+
+A cursor is the position of the last row of a page, not an offset, so rows inserted
+between two page requests shift nothing: the next page starts strictly after that row.
+"""
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from mensajero_common import jsonutil
+from mensajero_common.errors import ValidationFailedError
+
+
+class InvalidCursorError(ValidationFailedError):
+    code = "invalid_cursor"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    created_at: datetime
+    message_id: uuid.UUID
+    # The order the cursor was made for; reusing it with the other order is an error.
+    order: str
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    payload = {
+        "t": cursor.created_at.isoformat(),
+        "i": str(cursor.message_id),
+        "o": cursor.order,
+    }
+    return base64.urlsafe_b64encode(jsonutil.dumps(payload)).rstrip(b"=").decode()
+
+
+def decode_cursor(token: str, order: str) -> Cursor:
+    """Read a cursor made by encode_cursor for the same `order`, or raise InvalidCursorError."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = jsonutil.loads(raw)
+        cursor = Cursor(
+            created_at=datetime.fromisoformat(payload["t"]),
+            message_id=uuid.UUID(payload["i"]),
+            order=payload["o"],
+        )
+    except (binascii.Error, ValueError, TypeError, KeyError, jsonutil.JSONDecodeError):
+        raise InvalidCursorError() from None
+
+    if cursor.order != order or cursor.created_at.tzinfo is None:
+        raise InvalidCursorError()
+    return cursor

@@ -1,0 +1,132 @@
+"""Sending SMS and reading sent and received messages."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from mensajero_api.deps import (
+    CurrentUser,
+    KeysDep,
+    LanguageDep,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+)
+from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.messages import service
+from mensajero_api.messages.schemas import (
+    MessageListQuery,
+    MessagePage,
+    MessagePublic,
+    SendRequest,
+    SendResult,
+)
+from mensajero_common.i18n import translate
+from mensajero_common.models import MessageType, SMSMessage
+
+router = APIRouter(prefix="/api/v1/sms", tags=["messages"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description=(
+            "Any unique string (a UUID, say). A repeat of the same request with the same "
+            "key returns the first message instead of sending a second SMS."
+        ),
+    ),
+]
+ListQuery = Annotated[MessageListQuery, Query()]
+
+
+def _page(rows: list[SMSMessage], next_cursor: str | None, limit: int) -> MessagePage:
+    return MessagePage(
+        items=[MessagePublic.from_model(row) for row in rows],
+        next_cursor=next_cursor,
+        limit=limit,
+    )
+
+
+@router.post(
+    "/send",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {
+            "description": "A repeat of an earlier request with the same Idempotency-Key."
+        },
+        **error_responses(400, 401, 404, 409, 422, 429),
+    },
+)
+async def send_sms(
+    data: SendRequest,
+    response: Response,
+    user: CurrentUser,
+    session: SessionDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    settings: SettingsDep,
+    language: LanguageDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Envelope[SendResult]:
+    """Queue one SMS: 201 with the new message, `pending` until a device takes it.
+
+    Errors: 400 `invalid_phone_number`, `empty_body`, `body_too_long`; 404
+    `device_not_found`; 409 `device_inactive`, `idempotency_key_reused`; 429
+    `quota_exceeded` (monthly SMS). A repeat with the same `Idempotency-Key` answers 200
+    with the first message and its current status, and header `Idempotent-Replayed: true`.
+    """
+    outcome = await service.send_message(
+        session, redis, keys, settings, user, data, idempotency_key
+    )
+    message = outcome.message
+    if outcome.created:
+        confirmation = translate("message_queued", language)
+    else:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+        confirmation = translate("message_replayed", language)
+
+    result = SendResult(
+        message_id=message.id,
+        status=message.status,
+        to=message.to_number or "",
+        segments=message.segments,
+        encoding=message.encoding,
+    )
+    return Envelope(data=result, message=confirmation)
+
+
+@router.get("/messages", responses=error_responses(400, 401, 422))
+async def list_messages(
+    query: ListQuery, user: CurrentUser, session: SessionDep
+) -> Envelope[MessagePage]:
+    """List the user's messages, newest first unless `order=asc`, by keyset pagination.
+
+    Follow `next_cursor` until it is null. Rows inserted between two page requests never
+    make a page repeat or skip a row that existed when the first page was read.
+    """
+    rows, next_cursor = await service.list_messages(session, user, query)
+    return Envelope(data=_page(rows, next_cursor, query.limit))
+
+
+@router.get("/messages/{message_id}", responses=error_responses(401, 404, 422))
+async def read_message(
+    message_id: uuid.UUID, user: CurrentUser, session: SessionDep
+) -> Envelope[MessagePublic]:
+    """Read one message; the id may be in any letter case."""
+    message = await service.get_message(session, user, message_id)
+    return Envelope(data=MessagePublic.from_model(message))
+
+
+@router.get("/incoming", responses=error_responses(400, 401, 422))
+async def list_incoming(
+    query: ListQuery, user: CurrentUser, session: SessionDep
+) -> Envelope[MessagePage]:
+    """List received SMS: the message listing with `type` fixed to incoming."""
+    rows, next_cursor = await service.list_messages(
+        session, user, query, message_type=MessageType.INCOMING
+    )
+    return Envelope(data=_page(rows, next_cursor, query.limit))

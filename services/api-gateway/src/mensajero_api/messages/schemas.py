@@ -1,0 +1,131 @@
+"""Request and response bodies of sending and reading messages."""
+
+import uuid
+from datetime import date, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from mensajero_api.types import StorableStr
+from mensajero_common.models import MessageStatus, MessageType, SMSMessage
+
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 50
+
+
+class SendRequest(BaseModel):
+    to: StorableStr = Field(
+        description="Recipient: E.164 (+5215512345678), or national in the user's default region.",
+        examples=["+5215512345678"],
+    )
+    body: StorableStr = Field(
+        description="Text of the SMS, at most SMS_MAX_BODY_LENGTH characters (default 1600)."
+    )
+    device_id: uuid.UUID | None = Field(
+        default=None,
+        description="Send from this device; left out, any online device of the user sends it.",
+    )
+
+
+class SendResult(BaseModel):
+    message_id: uuid.UUID
+    status: MessageStatus
+    to: str = Field(description="The recipient in E.164.")
+    segments: int = Field(description="SMS parts the body takes.")
+    encoding: str = Field(description="gsm7 or ucs2.")
+
+
+class MessagePublic(BaseModel):
+    id: uuid.UUID
+    type: MessageType
+    status: MessageStatus
+    to: str | None
+    from_: str | None = Field(serialization_alias="from")
+    body: str
+    segments: int
+    encoding: str
+    device_id: uuid.UUID | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    assigned_at: datetime | None
+    sending_at: datetime | None
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    failed_at: datetime | None
+    received_at: datetime | None
+
+    @classmethod
+    def from_model(cls, message: SMSMessage) -> "MessagePublic":
+        return cls(
+            id=message.id,
+            type=message.type,
+            status=message.status,
+            to=message.to_number,
+            from_=message.from_number,
+            body=message.body,
+            segments=message.segments,
+            encoding=message.encoding,
+            device_id=message.device_id,
+            error=message.error,
+            attempts=message.attempts,
+            created_at=message.created_at,
+            updated_at=message.updated_at,
+            assigned_at=message.assigned_at,
+            sending_at=message.sending_at,
+            sent_at=message.sent_at,
+            delivered_at=message.delivered_at,
+            failed_at=message.failed_at,
+            received_at=message.received_at,
+        )
+
+
+class MessagePage(BaseModel):
+    items: list[MessagePublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+    limit: int
+
+
+class MessageListQuery(BaseModel):
+    """Query parameters of the message listings."""
+
+    limit: int = Field(default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE)
+    cursor: str | None = Field(
+        default=None, max_length=512, description="`next_cursor` of the previous page."
+    )
+    order: Literal["desc", "asc"] = Field(
+        default="desc",
+        description="By creation time: newest first (desc) or oldest first.",
+    )
+    status: list[MessageStatus] | None = Field(
+        default=None, description="Repeat to match any of several statuses."
+    )
+    type: MessageType | None = None
+    device_id: uuid.UUID | None = None
+    phone: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Matches the recipient or the sender; read like `to` of a send.",
+    )
+    date_from: datetime | date | None = Field(
+        default=None,
+        description="Created at or after this instant; a bare date means its midnight UTC.",
+    )
+    date_to: datetime | date | None = Field(
+        default=None,
+        description="Created at or before this instant; a bare date includes that whole day (UTC).",
+    )
+
+    @field_validator("date_from", "date_to", mode="before")
+    @classmethod
+    def _read_bare_date(cls, value: Any) -> Any:
+        # Kept a date, not midnight, so that date_to=2024-01-31 can include all of that day.
+        if isinstance(value, str) and len(value) == len("YYYY-MM-DD"):
+            try:
+                return date.fromisoformat(value)
+            except ValueError:
+                return value
+        return value

@@ -1,0 +1,285 @@
+"""Accepting outgoing messages, and reading a user's messages.
+
+Sending writes the message (`pending`) and charges the monthly quota in one transaction,
+commits, and only then signals the dispatcher through Redis. If that signal is lost, the
+dispatcher's sweep over Postgres finds the pending message anyway.
+"""
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_api.devices import service as devices_service
+from mensajero_api.messages import repository
+from mensajero_api.messages.cursor import Cursor, decode_cursor, encode_cursor
+from mensajero_api.messages.repository import MessageFilters
+from mensajero_api.messages.schemas import MessageListQuery, SendRequest
+from mensajero_api.phones import normalize_phone_number
+from mensajero_api.quotas import service as quotas_service
+from mensajero_common import jsonutil, queues
+from mensajero_common.errors import ConflictError, NotFoundError, ValidationFailedError
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import (
+    MessageStatus,
+    MessageType,
+    SMSMessage,
+    User,
+)
+from mensajero_common.segments import count_segments
+from mensajero_common.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+# Marks the request kind in the stored request hash, so that one key reused for another
+# endpoint (a bulk send, say) counts as a different request.
+_SEND_OPERATION = "sms.send"
+
+
+class MessageNotFoundError(NotFoundError):
+    """The message does not exist or belongs to another user."""
+
+    code = "message_not_found"
+
+    def __init__(self, message_id: uuid.UUID) -> None:
+        super().__init__(
+            message_id=str(message_id), details={"message_id": str(message_id)}
+        )
+
+
+class EmptyBodyError(ValidationFailedError):
+    code = "empty_body"
+
+
+class BodyTooLongError(ValidationFailedError):
+    code = "body_too_long"
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(
+            length=length, limit=limit, details={"length": length, "limit": limit}
+        )
+
+
+class IdempotencyKeyReusedError(ConflictError):
+    code = "idempotency_key_reused"
+
+
+class InvalidDateRangeError(ValidationFailedError):
+    code = "invalid_date_range"
+
+    def __init__(self, date_from: datetime | date, date_to: datetime | date) -> None:
+        super().__init__(
+            date_from=date_from.isoformat(),
+            date_to=date_to.isoformat(),
+            details={
+                "date_from": date_from.isoformat(),
+                "date_to": date_to.isoformat(),
+            },
+        )
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    message: SMSMessage
+    # False when an earlier request with the same Idempotency-Key created the message.
+    created: bool
+
+
+def _request_hash(data: SendRequest) -> str:
+    canonical = {
+        "operation": _SEND_OPERATION,
+        "to": data.to.strip(),
+        "body": data.body,
+        "device_id": str(data.device_id) if data.device_id else None,
+    }
+    return hashlib.sha256(jsonutil.dumps(canonical)).hexdigest()
+
+
+def _check_body(body: str, settings: Settings) -> None:
+    if not body.strip():
+        raise EmptyBodyError()
+    # Characters (code points), the unit users count in; segments are counted separately.
+    if len(body) > settings.SMS_MAX_BODY_LENGTH:
+        raise BodyTooLongError(len(body), settings.SMS_MAX_BODY_LENGTH)
+
+
+def _replay(existing: SMSMessage, request_hash: str) -> SendOutcome:
+    if existing.meta.get("request_hash") != request_hash:
+        raise IdempotencyKeyReusedError()
+    return SendOutcome(message=existing, created=False)
+
+
+async def send_message(
+    session: AsyncSession,
+    redis: Redis,
+    keys: RedisKeys,
+    settings: Settings,
+    user: User,
+    data: SendRequest,
+    idempotency_key: str | None,
+) -> SendOutcome:
+    """Validate, store and charge one outgoing message, commit, then signal the dispatcher.
+
+    With an `idempotency_key`, a repeat of the same request returns the first message
+    (no second message, no second charge), and the same key with another request raises
+    IdempotencyKeyReusedError.
+    """
+    request_hash = _request_hash(data)
+    # Looked up before validating, so a repeat returns the first result even if, say,
+    # the device has been disabled since.
+    if idempotency_key is not None:
+        existing = await repository.get_message_by_idempotency_key(
+            session, user.id, idempotency_key
+        )
+        if existing is not None:
+            return _replay(existing, request_hash)
+
+    to_number = normalize_phone_number(data.to, user.default_region)
+    _check_body(data.body, settings)
+    if data.device_id is not None:
+        device = await devices_service.get_device(session, user, data.device_id)
+        if not device.is_active:
+            raise devices_service.DeviceInactiveError(device.id)
+
+    segment_info = count_segments(data.body)
+    # The insert comes before the quota charge: a concurrent request with the same key
+    # waits on it and then replays this message, instead of being refused by a quota
+    # that this message has just used up.
+    message = await repository.insert_outgoing(
+        session,
+        {
+            "id": uuid.uuid4(),
+            "user_id": user.id,
+            "type": MessageType.OUTGOING,
+            "status": MessageStatus.PENDING,
+            "to_number": to_number,
+            "body": data.body,
+            "segments": segment_info.segments,
+            "encoding": segment_info.encoding,
+            "device_id": data.device_id,
+            "requested_device_id": data.device_id,
+            "idempotency_key": idempotency_key,
+            "meta": {"request_hash": request_hash} if idempotency_key else {},
+        },
+    )
+    if message is None:
+        assert idempotency_key is not None
+        existing = await repository.get_message_by_idempotency_key(
+            session, user.id, idempotency_key
+        )
+        if existing is None:
+            raise RuntimeError("idempotency key conflicted but no message holds it")
+        return _replay(existing, request_hash)
+
+    await quotas_service.charge_sms(session, user.id, 1, settings)
+    await session.commit()
+
+    logger.info(
+        "message accepted",
+        user_id=str(user.id),
+        message_id=str(message.id),
+        device_id=str(data.device_id) if data.device_id else None,
+        segments=message.segments,
+        **({"body": message.body} if settings.LOG_MESSAGE_BODIES else {}),
+    )
+    await _signal_dispatcher(redis, keys, message.id)
+    return SendOutcome(message=message, created=True)
+
+
+async def _signal_dispatcher(
+    redis: Redis, keys: RedisKeys, message_id: uuid.UUID
+) -> None:
+    try:
+        await queues.signal_new_messages(redis, keys, [message_id])
+    except RedisError:
+        # The message is committed; the dispatcher's sweep of pending rows sends it later.
+        logger.exception("signalling the dispatcher failed", message_id=str(message_id))
+
+
+async def get_message(
+    session: AsyncSession, user: User, message_id: uuid.UUID
+) -> SMSMessage:
+    message = await repository.get_message(session, user.id, message_id)
+    if message is None:
+        raise MessageNotFoundError(message_id)
+    return message
+
+
+def _lower_bound(value: datetime | date) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.combine(value, time.min, tzinfo=UTC)
+
+
+def _exclusive_upper_bound(value: datetime | date) -> datetime:
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        # Postgres keeps microseconds, so this includes `value` itself and nothing later.
+        return moment + timedelta(microseconds=1)
+    return datetime.combine(value + timedelta(days=1), time.min, tzinfo=UTC)
+
+
+def _build_filters(
+    user: User, query: MessageListQuery, message_type: MessageType | None
+) -> MessageFilters:
+    created_from = _lower_bound(query.date_from) if query.date_from else None
+    created_before = _exclusive_upper_bound(query.date_to) if query.date_to else None
+    if (
+        created_from is not None
+        and created_before is not None
+        and created_from >= created_before
+    ):
+        assert query.date_from is not None and query.date_to is not None
+        raise InvalidDateRangeError(query.date_from, query.date_to)
+
+    phone = None
+    if query.phone is not None:
+        phone = normalize_phone_number(query.phone, user.default_region)
+    return MessageFilters(
+        statuses=tuple(query.status or ()),
+        type=message_type or query.type,
+        device_id=query.device_id,
+        phone=phone,
+        created_from=created_from,
+        created_before=created_before,
+    )
+
+
+async def list_messages(
+    session: AsyncSession,
+    user: User,
+    query: MessageListQuery,
+    message_type: MessageType | None = None,
+) -> tuple[list[SMSMessage], str | None]:
+    """Return one page of the user's messages and the cursor of the next page, if any.
+
+    `message_type` overrides the query's `type` (the incoming listing fixes it).
+    """
+    filters = _build_filters(user, query, message_type)
+    after = decode_cursor(query.cursor, query.order) if query.cursor else None
+
+    # One row more than asked tells whether a next page exists.
+    rows = list(
+        await repository.list_messages(
+            session,
+            user.id,
+            filters,
+            after=after,
+            descending=query.order == "desc",
+            limit=query.limit + 1,
+        )
+    )
+    if len(rows) <= query.limit:
+        return rows, None
+
+    page = rows[: query.limit]
+    last = page[-1]
+    next_cursor = encode_cursor(
+        Cursor(created_at=last.created_at, message_id=last.id, order=query.order)
+    )
+    return page, next_cursor

@@ -1,0 +1,100 @@
+"""Queries on plans and quotas, including the atomic charges of SMS and device slots.
+
+Every charge is one conditional UPDATE: Postgres locks the quota row, and a concurrent
+charge waits for it, then evaluates its WHERE clause again on the updated row. So N
+parallel requests against one remaining unit charge exactly one, without a SELECT … FOR
+UPDATE round trip, and the charge rolls back with the rest of the caller's transaction.
+"""
+
+import uuid
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import UserPlan, UserQuota
+
+_PLAN_MAX_DEVICES = (
+    select(UserPlan.max_devices)
+    .where(UserPlan.id == UserQuota.plan_id)
+    .scalar_subquery()
+)
+_PLAN_MAX_SMS = (
+    select(UserPlan.max_sms_per_month)
+    .where(UserPlan.id == UserQuota.plan_id)
+    .scalar_subquery()
+)
+
+
+async def get_plan_by_code(session: AsyncSession, code: str) -> UserPlan | None:
+    statement = select(UserPlan).where(UserPlan.code == code)
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def insert_quota(
+    session: AsyncSession, user_id: uuid.UUID, plan_id: uuid.UUID
+) -> None:
+    """Create the user's quota row unless it exists already."""
+    statement = (
+        insert(UserQuota)
+        .values(user_id=user_id, plan_id=plan_id)
+        .on_conflict_do_nothing(index_elements=[UserQuota.user_id])
+    )
+    await session.execute(statement)
+
+
+async def get_usage(
+    session: AsyncSession, user_id: uuid.UUID
+) -> tuple[UserQuota, UserPlan] | None:
+    statement = (
+        select(UserQuota, UserPlan)
+        .join(UserPlan, UserPlan.id == UserQuota.plan_id)
+        .where(UserQuota.user_id == user_id)
+        # The caller reads the counters after a refused charge: fresh values, not the
+        # ones an earlier query of this session left in the identity map.
+        .execution_options(populate_existing=True)
+    )
+    row = (await session.execute(statement)).one_or_none()
+    if row is None:
+        return None
+    return row[0], row[1]
+
+
+async def take_device_slot(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    """Count one more registered device if the plan allows it; tell whether it did."""
+    statement = (
+        update(UserQuota)
+        .where(
+            UserQuota.user_id == user_id,
+            UserQuota.devices_registered < _PLAN_MAX_DEVICES,
+        )
+        .values(devices_registered=UserQuota.devices_registered + 1)
+        .returning(UserQuota.devices_registered)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(statement)).first() is not None
+
+
+async def release_device_slot(session: AsyncSession, user_id: uuid.UUID) -> None:
+    statement = (
+        update(UserQuota)
+        .where(UserQuota.user_id == user_id, UserQuota.devices_registered > 0)
+        .values(devices_registered=UserQuota.devices_registered - 1)
+        .execution_options(synchronize_session=False)
+    )
+    await session.execute(statement)
+
+
+async def charge_sms(session: AsyncSession, user_id: uuid.UUID, count: int) -> bool:
+    """Count `count` more SMS this month if the plan allows all of them; tell whether it did."""
+    statement = (
+        update(UserQuota)
+        .where(
+            UserQuota.user_id == user_id,
+            UserQuota.sms_sent_this_month + count <= _PLAN_MAX_SMS,
+        )
+        .values(sms_sent_this_month=UserQuota.sms_sent_this_month + count)
+        .returning(UserQuota.sms_sent_this_month)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(statement)).first() is not None

@@ -1,0 +1,54 @@
+"""Sign-up and the current user's profile."""
+
+from fastapi import APIRouter, status
+
+from mensajero_api.deps import (
+    CurrentUser,
+    LanguageDep,
+    PasswordsDep,
+    SessionDep,
+    SettingsDep,
+)
+from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.users import service
+from mensajero_api.users.schemas import UserCreate, UserPublic, UserUpdate
+from mensajero_common.i18n import translate
+
+router = APIRouter(prefix="/api/v1/users", tags=["users"])
+
+
+@router.post(
+    "/signup",
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(400, 409, 422),
+)
+async def sign_up(
+    data: UserCreate,
+    session: SessionDep,
+    passwords: PasswordsDep,
+    settings: SettingsDep,
+    language: LanguageDep,
+) -> Envelope[UserPublic]:
+    """Create an account on the default plan (Free unless DEFAULT_PLAN says otherwise)."""
+    user = await service.sign_up(session, passwords, settings, data)
+    return Envelope(
+        data=UserPublic.model_validate(user),
+        message=translate("user_created", language),
+    )
+
+
+@router.get("/me", responses=error_responses(401, 403))
+async def read_me(user: CurrentUser) -> Envelope[UserPublic]:
+    return Envelope(data=UserPublic.model_validate(user))
+
+
+@router.patch("/me", responses=error_responses(400, 401, 403, 422))
+async def update_me(
+    data: UserUpdate, user: CurrentUser, session: SessionDep, language: LanguageDep
+) -> Envelope[UserPublic]:
+    """Change the full name or the default region of phone numbers."""
+    user = await service.update_profile(session, user, data)
+    return Envelope(
+        data=UserPublic.model_validate(user),
+        message=translate("user_updated", language),
+    )

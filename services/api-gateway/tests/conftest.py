@@ -1,0 +1,80 @@
+"""Fixtures of the api-gateway tests: the app inside its lifespan, a client, and users.
+
+Users made by `make_user` get their password hash from one argon2 run per test session
+and their token from `create_access_token`, because hashing with the production
+parameters takes about 0.1 s; the sign-up and login tests go through the real endpoints.
+"""
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from api_test_helpers import TEST_PASSWORD, ApiUser, MakeUser
+from fastapi import FastAPI
+from httpx import ASGITransport, AsyncClient
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_api.auth.security import PasswordHasher, create_access_token
+from mensajero_api.main import create_app
+from mensajero_api.quotas import repository as quotas_repository
+from mensajero_api.users import repository as users_repository
+from mensajero_common.settings import Settings
+
+
+@pytest.fixture(scope="session")
+async def password_hash() -> str:
+    return await PasswordHasher().hash(TEST_PASSWORD)
+
+
+@pytest.fixture
+async def app(
+    settings: Settings,
+    session_factory: async_sessionmaker[AsyncSession],
+    redis: object,
+) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[AsyncClient]:
+    transport = ASGITransport(app=app)
+    async with AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture
+def make_user(
+    session_factory: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    password_hash: str,
+) -> MakeUser:
+    async def make(
+        email: str | None = None,
+        *,
+        default_region: str | None = None,
+        plan: str = "free",
+    ) -> ApiUser:
+        email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+        async with session_factory() as session:
+            user = await users_repository.insert_user(
+                session,
+                email=email,
+                hashed_password=password_hash,
+                default_region=default_region,
+            )
+            assert user is not None
+            plan_row = await quotas_repository.get_plan_by_code(session, plan)
+            assert plan_row is not None
+            await quotas_repository.insert_quota(session, user.id, plan_row.id)
+            await session.commit()
+        token = create_access_token(user.id, 0, settings).token
+        return ApiUser(id=user.id, email=email, password=TEST_PASSWORD, token=token)
+
+    return make
+
+
+@pytest.fixture
+async def user(make_user: MakeUser) -> ApiUser:
+    return await make_user(plan="pro")

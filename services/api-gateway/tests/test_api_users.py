@@ -1,0 +1,269 @@
+from datetime import UTC, datetime, timedelta
+
+import jwt
+from api_test_helpers import ApiUser, MakeUser
+from httpx import AsyncClient
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_api.auth.security import create_access_token
+from mensajero_common.models import User, UserPlan, UserQuota
+from mensajero_common.settings import Settings
+
+SIGNUP_URL = "/api/v1/users/signup"
+LOGIN_URL = "/api/v1/login/access-token"
+ME_URL = "/api/v1/users/me"
+
+
+async def test_signup_login_and_me(
+    client: AsyncClient, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    signup = await client.post(
+        SIGNUP_URL,
+        json={
+            "email": "Ana@Example.com",
+            "password": "s3cret-pass",
+            "full_name": "Ana",
+            "default_region": "mx",
+        },
+    )
+    assert signup.status_code == 201, signup.text
+    body = signup.json()
+    assert body["success"] is True
+    assert body["message"] == "Cuenta creada."
+    assert body["data"]["email"] == "Ana@example.com"
+    assert body["data"]["default_region"] == "MX"
+    assert body["data"]["is_superuser"] is False
+    assert "hashed_password" not in body["data"]
+
+    login = await client.post(
+        LOGIN_URL, data={"username": "ana@EXAMPLE.com", "password": "s3cret-pass"}
+    )
+    assert login.status_code == 200, login.text
+    token = login.json()
+    assert token["token_type"] == "bearer"
+    assert token["expires_in"] == 24 * 60 * 60
+    assert "success" not in token
+
+    me = await client.get(
+        ME_URL, headers={"Authorization": f"Bearer {token['access_token']}"}
+    )
+    assert me.status_code == 200
+    assert me.json()["data"]["id"] == body["data"]["id"]
+
+    async with session_factory() as session:
+        row = (
+            await session.execute(
+                select(
+                    User.hashed_password, UserQuota.sms_sent_this_month, UserPlan.code
+                )
+                .join(UserQuota, UserQuota.user_id == User.id)
+                .join(UserPlan, UserPlan.id == UserQuota.plan_id)
+                .where(User.id == body["data"]["id"])
+            )
+        ).one()
+    assert row.hashed_password.startswith("$argon2id$")
+    assert row.sms_sent_this_month == 0
+    assert row.code == "free"
+
+
+async def test_signup_duplicate_email_any_case(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    await make_user("maria@example.com")
+
+    response = await client.post(
+        SIGNUP_URL, json={"email": "MARIA@example.com", "password": "another-pass"}
+    )
+
+    assert response.status_code == 409
+    body = response.json()
+    assert body["success"] is False
+    assert body["error"] == "email_taken"
+    assert body["email"] == "MARIA@example.com"
+
+
+async def test_signup_validation_errors(client: AsyncClient) -> None:
+    response = await client.post(
+        SIGNUP_URL, json={"email": "not-an-email", "password": "pw1234"}
+    )
+
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "validation_error"
+    assert {item["field"] for item in body["details"]} == {"email", "password"}
+    assert all(item["location"] == "body" for item in body["details"])
+    assert "pw1234" not in response.text
+
+
+async def test_signup_invalid_region(client: AsyncClient) -> None:
+    response = await client.post(
+        SIGNUP_URL,
+        json={
+            "email": "r@example.com",
+            "password": "long-enough",
+            "default_region": "XX",
+        },
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_region"
+    assert response.json()["region"] == "XX"
+
+
+async def test_login_wrong_password(client: AsyncClient, user: ApiUser) -> None:
+    response = await client.post(
+        LOGIN_URL, data={"username": user.email, "password": "wrong-password"}
+    )
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_credentials"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_login_unknown_email(client: AsyncClient) -> None:
+    response = await client.post(
+        LOGIN_URL, data={"username": "nobody@example.com", "password": "whatever1"}
+    )
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_credentials"
+
+
+async def test_login_disabled_user(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_factory() as session:
+        await session.execute(
+            update(User).where(User.id == user.id).values(is_active=False)
+        )
+        await session.commit()
+
+    login = await client.post(
+        LOGIN_URL, data={"username": user.email, "password": user.password}
+    )
+    me = await client.get(ME_URL, headers=user.headers)
+
+    assert login.status_code == 403
+    assert login.json()["error"] == "inactive_user"
+    assert me.status_code == 403
+    assert me.json()["error"] == "inactive_user"
+
+
+async def test_me_without_token(client: AsyncClient) -> None:
+    response = await client.get(ME_URL)
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "not_authenticated"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_me_expired_token(
+    client: AsyncClient, user: ApiUser, settings: Settings
+) -> None:
+    issued = datetime.now(UTC) - timedelta(
+        minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES + 1
+    )
+    token = create_access_token(user.id, 0, settings, now=issued).token
+
+    response = await client.get(ME_URL, headers={"Authorization": f"Bearer {token}"})
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_token"
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_me_forged_token(client: AsyncClient, user: ApiUser) -> None:
+    forged = jwt.encode(
+        {"sub": str(user.id), "ver": 0, "exp": datetime.now(UTC) + timedelta(hours=1)},
+        "another-secret-key-of-an-attacker-32-bytes",
+        algorithm="HS256",
+    )
+    unsigned = jwt.encode(
+        {"sub": str(user.id), "ver": 0, "exp": datetime.now(UTC) + timedelta(hours=1)},
+        None,
+        algorithm="none",
+    )
+
+    for token in (forged, unsigned, "not-a-jwt", user.token + "x"):
+        response = await client.get(
+            ME_URL, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 401, token
+        assert response.json()["error"] == "invalid_token"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_me_token_of_older_version(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_factory() as session:
+        await session.execute(
+            update(User).where(User.id == user.id).values(token_version=1)
+        )
+        await session.commit()
+
+    response = await client.get(ME_URL, headers=user.headers)
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_token"
+
+
+async def test_update_me(client: AsyncClient, user: ApiUser) -> None:
+    response = await client.patch(
+        ME_URL,
+        json={"full_name": "  Luis  ", "default_region": "es"},
+        headers={**user.headers, "Accept-Language": "en"},
+    )
+
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["full_name"] == "Luis"
+    assert data["default_region"] == "ES"
+    assert response.json()["message"] == "Profile updated."
+
+    cleared = await client.patch(
+        ME_URL, json={"default_region": None}, headers=user.headers
+    )
+    assert cleared.json()["data"]["default_region"] is None
+    assert cleared.json()["data"]["full_name"] == "Luis"
+
+
+async def test_update_me_invalid_region(client: AsyncClient, user: ApiUser) -> None:
+    response = await client.patch(
+        ME_URL, json={"default_region": "Mexico"}, headers=user.headers
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_region"
+
+
+async def test_first_superuser_created_at_start(
+    client: AsyncClient,
+    settings: Settings,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_factory() as session:
+        row = (
+            await session.execute(
+                select(User.is_superuser, UserPlan.code)
+                .join(UserQuota, UserQuota.user_id == User.id)
+                .join(UserPlan, UserPlan.id == UserQuota.plan_id)
+                .where(User.email == settings.FIRST_SUPERUSER)
+            )
+        ).one()
+    assert row.is_superuser is True
+    assert row.code == "free"
+
+    login = await client.post(
+        LOGIN_URL,
+        data={
+            "username": settings.FIRST_SUPERUSER,
+            "password": settings.FIRST_SUPERUSER_PASSWORD,
+        },
+    )
+    assert login.status_code == 200
