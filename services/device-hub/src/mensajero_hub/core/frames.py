@@ -1,0 +1,123 @@
+"""Replies and close reasons the hub sends to phones, and the errors that produce them.
+
+An `error` frame answers a frame that could not be applied; the connection stays open. A
+close code ends the connection; its reason text is short English for people reading logs,
+while phones act on the code (docs/device-protocol.md lists what to do on each).
+"""
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from mensajero_common import protocol
+from mensajero_common.i18n import translate
+
+# Close reasons, at most 123 bytes each as RFC 6455 allows.
+REASON_INVALID_API_KEY = {
+    "missing": "invalid api key: the api_key query parameter is missing",
+    "unknown": "invalid api key: no device has this key",
+    "expired": "invalid api key: the key has expired",
+    "device_inactive": "invalid api key: the device is disabled",
+    "user_inactive": "invalid api key: the account is disabled",
+}
+REASON_REPLACED = "replaced by a newer connection of this device"
+REASON_REVOKED = "device api key revoked or device deleted"
+REASON_TOO_MANY_ERRORS = "too many consecutive invalid frames"
+REASON_SERVICE_RESTART = "service restarting, reconnect"
+REASON_INTERNAL_ERROR = "internal error, reconnect later"
+
+
+def heartbeat_timeout_reason(timeout_s: int) -> str:
+    return f"heartbeat timeout: no frame for {timeout_s} s"
+
+
+class InvalidApiKeyError(Exception):
+    """The key of a new connection is missing, unknown, expired or of a disabled device."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+    @property
+    def close_reason(self) -> str:
+        return REASON_INVALID_API_KEY[self.reason]
+
+
+class FrameRejectedError(Exception):
+    """A well-formed frame that the hub refuses to apply; `code` goes to the phone."""
+
+    def __init__(
+        self,
+        code: str,
+        *,
+        request_id: str | None = None,
+        details: dict[str, Any] | None = None,
+        **params: Any,
+    ) -> None:
+        self.code = code
+        self.request_id = request_id
+        self.details = details or {}
+        self.params = params
+        super().__init__(f"{code}: {params}")
+
+
+def error_reply(
+    code: str,
+    language: str,
+    *,
+    request_id: str | None = None,
+    details: dict[str, Any] | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Build an `error` frame whose message is in the connection's language."""
+    message = translate(code, language, **params)
+    return protocol.error_frame(code, message, request_id=request_id, **(details or {}))
+
+
+def register_ack(
+    *,
+    device_id: uuid.UUID,
+    name: str,
+    phone_number: str | None,
+    request_id: str | None,
+    ping_interval_s: int,
+    heartbeat_timeout_s: int,
+    max_frame_bytes: int,
+) -> dict[str, Any]:
+    """Build the `ack` of a `register`, with the timing a phone has to keep."""
+    frame = protocol.ack_frame(
+        "register",
+        request_id=request_id,
+        device_id=str(device_id),
+        name=name,
+        protocol_version=protocol.PROTOCOL_VERSION,
+        ping_interval_s=ping_interval_s,
+        heartbeat_timeout_s=heartbeat_timeout_s,
+        max_frame_bytes=max_frame_bytes,
+    )
+    # A phone without a stored number gets an explicit null rather than a missing field.
+    frame["phone_number"] = phone_number
+    return frame
+
+
+def report_ack(
+    message_id: uuid.UUID, status: str, request_id: str | None
+) -> dict[str, Any]:
+    return protocol.ack_frame(
+        "sms_report", request_id=request_id, message_id=str(message_id), status=status
+    )
+
+
+def incoming_ack(
+    message_id: uuid.UUID, sms_id: str | None, request_id: str | None
+) -> dict[str, Any]:
+    return protocol.ack_frame(
+        "sms_incoming",
+        request_id=request_id,
+        message_id=str(message_id),
+        sms_id=sms_id,
+    )
+
+
+def pong(server_time: datetime, request_id: str | None) -> dict[str, Any]:
+    return protocol.pong_frame(server_time, request_id)

@@ -1,0 +1,253 @@
+"""SQL of the device-hub. Every function runs inside the caller's session and never commits."""
+
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import (
+    DeviceStatus,
+    MessageStatus,
+    MessageType,
+    SMSDevice,
+    SMSMessage,
+    User,
+)
+from mensajero_common.status import TIMESTAMP_COLUMNS, predecessors
+
+# Statuses in which a task is still the phone's to send; any other status makes its stream
+# entry stale.
+PUSHABLE_STATUSES = (MessageStatus.ASSIGNED.value, MessageStatus.SENDING.value)
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    device_id: uuid.UUID
+    user_id: uuid.UUID
+    name: str
+    phone_number: str | None
+    device_is_active: bool
+    user_is_active: bool
+    api_key_expires_at: datetime | None
+    default_region: str | None
+
+
+@dataclass(frozen=True)
+class MessageChange:
+    """A message row as it is after a status change, with what its webhook event needs."""
+
+    status: MessageStatus
+    user_id: uuid.UUID
+    from_number: str | None
+    to_number: str | None
+    body: str
+    segments: int
+    error: str | None
+    changed_at: datetime
+
+
+async def find_device_by_key_hash(
+    db: AsyncSession, api_key_hash: str
+) -> DeviceCredentials | None:
+    statement = (
+        select(
+            SMSDevice.id,
+            SMSDevice.user_id,
+            SMSDevice.name,
+            SMSDevice.phone_number,
+            SMSDevice.is_active,
+            User.is_active,
+            SMSDevice.api_key_expires_at,
+            User.default_region,
+        )
+        .join(User, User.id == SMSDevice.user_id)
+        .where(SMSDevice.api_key_hash == api_key_hash)
+    )
+    row = (await db.execute(statement)).one_or_none()
+    if row is None:
+        return None
+    return DeviceCredentials(*row)
+
+
+async def update_registration(
+    db: AsyncSession,
+    device_id: uuid.UUID,
+    *,
+    name: str | None,
+    phone_number: str | None,
+    app_version: str | None,
+    protocol_version: int,
+) -> tuple[str, str | None] | None:
+    """Store what a phone registered; absent values keep the stored ones.
+
+    Returns the device's name and number as stored, or None when the device is gone.
+    """
+    statement = (
+        update(SMSDevice)
+        .where(SMSDevice.id == device_id)
+        .values(
+            name=func.coalesce(name, SMSDevice.name),
+            phone_number=func.coalesce(phone_number, SMSDevice.phone_number),
+            app_version=func.coalesce(app_version, SMSDevice.app_version),
+            protocol_version=protocol_version,
+        )
+        .returning(SMSDevice.name, SMSDevice.phone_number)
+    )
+    row = (await db.execute(statement)).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+async def mark_online(db: AsyncSession, device_id: uuid.UUID) -> datetime | None:
+    """Mark the device online with a fresh heartbeat; return the heartbeat written."""
+    statement = (
+        update(SMSDevice)
+        .where(SMSDevice.id == device_id)
+        .values(status=DeviceStatus.ONLINE.value, last_heartbeat=func.now())
+        .returning(SMSDevice.last_heartbeat)
+    )
+    return (await db.execute(statement)).scalar_one_or_none()
+
+
+async def mark_offline(
+    db: AsyncSession, device_id: uuid.UUID, heartbeat_at: datetime
+) -> bool:
+    """Mark the device offline unless another connection wrote its heartbeat since.
+
+    `heartbeat_at` is the last heartbeat the closing connection wrote: a newer connection
+    of the device (on any hub) writes a different one, and then the device stays online.
+    """
+    statement = (
+        update(SMSDevice)
+        .where(
+            SMSDevice.id == device_id,
+            SMSDevice.last_heartbeat == heartbeat_at,
+            SMSDevice.status == DeviceStatus.ONLINE.value,
+        )
+        .values(status=DeviceStatus.OFFLINE.value)
+        .returning(SMSDevice.id)
+    )
+    return (await db.execute(statement)).scalar_one_or_none() is not None
+
+
+async def advance_message_status(
+    db: AsyncSession,
+    device_id: uuid.UUID,
+    message_id: uuid.UUID,
+    status: MessageStatus,
+    error: str | None,
+) -> MessageChange | None:
+    """Move an outgoing message of this device forward to `status`.
+
+    Returns the changed row, or None when the message is not this device's or the move
+    would go backwards (a late or repeated report), in which case nothing changes.
+    """
+    values: dict[str, object] = {
+        "status": status.value,
+        TIMESTAMP_COLUMNS[status]: func.now(),
+    }
+    if status is MessageStatus.FAILED:
+        values["error"] = error
+    timestamp_column = getattr(SMSMessage, TIMESTAMP_COLUMNS[status])
+    statement = (
+        update(SMSMessage)
+        .where(
+            SMSMessage.id == message_id,
+            SMSMessage.device_id == device_id,
+            SMSMessage.type == MessageType.OUTGOING.value,
+            SMSMessage.status.in_([state.value for state in predecessors(status)]),
+        )
+        .values(**values)
+        .returning(
+            SMSMessage.status,
+            SMSMessage.user_id,
+            SMSMessage.from_number,
+            SMSMessage.to_number,
+            SMSMessage.body,
+            SMSMessage.segments,
+            SMSMessage.error,
+            timestamp_column,
+        )
+    )
+    row = (await db.execute(statement)).one_or_none()
+    if row is None:
+        return None
+    return MessageChange(MessageStatus(row[0]), *row[1:])
+
+
+async def find_outgoing_status(
+    db: AsyncSession, device_id: uuid.UUID, message_id: uuid.UUID
+) -> MessageStatus | None:
+    """Return the status of an outgoing message assigned to this device, else None."""
+    statement = select(SMSMessage.status).where(
+        SMSMessage.id == message_id,
+        SMSMessage.device_id == device_id,
+        SMSMessage.type == MessageType.OUTGOING.value,
+    )
+    status = (await db.execute(statement)).scalar_one_or_none()
+    return None if status is None else MessageStatus(status)
+
+
+async def insert_incoming(
+    db: AsyncSession,
+    *,
+    device_id: uuid.UUID,
+    user_id: uuid.UUID,
+    from_number: str,
+    to_number: str | None,
+    body: str,
+    received_at: datetime,
+    sms_id: str | None,
+) -> uuid.UUID | None:
+    """Insert an incoming SMS; return its id, or None when this `sms_id` is stored already."""
+    values = {
+        "id": uuid.uuid4(),
+        "device_id": device_id,
+        "user_id": user_id,
+        "type": MessageType.INCOMING.value,
+        "status": MessageStatus.RECEIVED.value,
+        "from_number": from_number,
+        "to_number": to_number,
+        "body": body,
+        "received_at": received_at,
+        "external_id": sms_id,
+    }
+    if sms_id is None:
+        statement = insert(SMSMessage).values(**values).returning(SMSMessage.id)
+        return (await db.execute(statement)).scalar_one()
+
+    deduplicated = (
+        pg_insert(SMSMessage)
+        .values(**values)
+        .on_conflict_do_nothing(
+            index_elements=[SMSMessage.device_id, SMSMessage.external_id],
+            index_where=SMSMessage.external_id.is_not(None),
+        )
+        .returning(SMSMessage.id)
+    )
+    return (await db.execute(deduplicated)).scalar_one_or_none()
+
+
+async def find_incoming_id(
+    db: AsyncSession, device_id: uuid.UUID, sms_id: str
+) -> uuid.UUID | None:
+    statement = select(SMSMessage.id).where(
+        and_(SMSMessage.device_id == device_id, SMSMessage.external_id == sms_id)
+    )
+    return (await db.execute(statement)).scalar_one_or_none()
+
+
+async def find_pushable_message_ids(
+    db: AsyncSession, device_id: uuid.UUID, message_ids: Collection[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Return which of these messages are still assigned to this device and unsent."""
+    statement = select(SMSMessage.id).where(
+        SMSMessage.id.in_(list(message_ids)),
+        SMSMessage.device_id == device_id,
+        SMSMessage.type == MessageType.OUTGOING.value,
+        SMSMessage.status.in_(PUSHABLE_STATUSES),
+    )
+    return set((await db.execute(statement)).scalars().all())

@@ -1,0 +1,341 @@
+"""The hub's work in Postgres and Redis: authentication, presence, frames and tasks.
+
+Nothing here knows about WebSockets: a transport calls these through a DeviceSession.
+Every write commits before anything that depends on it is sent, so an `ack` always names
+committed data, and Redis signals (task removal, webhook jobs, presence events) follow the
+commit they describe.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_common import queues, webhook_outbox, webhooks
+from mensajero_common.apikeys import hash_api_key
+from mensajero_common.db import session_scope
+from mensajero_common.keys import CHANNEL_CONNECTED_PREFIX, RedisKeys
+from mensajero_common.models import MessageStatus
+from mensajero_common.phone import PhoneNumberError, normalize_e164
+from mensajero_common.protocol import RegisterFrame, SmsIncomingFrame, SmsReportFrame
+from mensajero_common.settings import Settings
+from mensajero_common.status import FINAL_STATUSES
+from mensajero_hub.core import repository
+from mensajero_hub.core.frames import FrameRejectedError, InvalidApiKeyError
+from mensajero_hub.core.presence import ConnectionKeys
+from mensajero_hub.core.state import TaskEntry, connection_key_ttl_s
+
+log = structlog.get_logger(__name__)
+
+# A report of one of these statuses means the phone is done with the task, so its stream
+# entry goes; after `sending` the phone still holds the task and may have to be offered it
+# again after a reconnect.
+TASK_DONE_STATUSES = frozenset(
+    {MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.FAILED}
+)
+
+STATUS_EVENTS = {
+    MessageStatus.SENT: webhooks.EVENT_SMS_SENT,
+    MessageStatus.DELIVERED: webhooks.EVENT_SMS_DELIVERED,
+    MessageStatus.FAILED: webhooks.EVENT_SMS_FAILED,
+}
+
+# Width of the smsmessage.from_number column.
+MAX_NUMBER_LENGTH = 32
+
+
+@dataclass(slots=True)
+class DeviceIdentity:
+    """The device behind an authenticated connection; register updates name and number."""
+
+    device_id: uuid.UUID
+    user_id: uuid.UUID
+    name: str
+    phone_number: str | None
+    default_region: str | None
+
+
+class DeviceService:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: async_sessionmaker[AsyncSession],
+        redis: ArqRedis,
+        keys: RedisKeys,
+    ) -> None:
+        self.settings = settings
+        self._sessions = session_factory
+        self._redis = redis
+        self._keys = keys
+        self.connection_keys = ConnectionKeys(
+            redis,
+            keys,
+            connection_key_ttl_s(
+                settings.WEBSOCKET_HEARTBEAT_TIMEOUT, settings.WEBSOCKET_PING_INTERVAL
+            ),
+        )
+
+    # Authentication and presence.
+
+    async def authenticate(self, api_key: str | None) -> DeviceIdentity:
+        """Find the active device of an API key, or raise InvalidApiKeyError."""
+        if not api_key:
+            raise InvalidApiKeyError("missing")
+
+        async with self._sessions() as db:
+            found = await repository.find_device_by_key_hash(db, hash_api_key(api_key))
+
+        if found is None:
+            raise InvalidApiKeyError("unknown")
+        if not found.device_is_active:
+            raise InvalidApiKeyError("device_inactive")
+        if not found.user_is_active:
+            raise InvalidApiKeyError("user_inactive")
+        if found.api_key_expires_at is not None and found.api_key_expires_at <= (
+            datetime.now(UTC)
+        ):
+            raise InvalidApiKeyError("expired")
+
+        return DeviceIdentity(
+            device_id=found.device_id,
+            user_id=found.user_id,
+            name=found.name,
+            phone_number=found.phone_number,
+            default_region=found.default_region,
+        )
+
+    async def announce_connection(
+        self, device_id: uuid.UUID, connection_id: str
+    ) -> None:
+        """Make this connection the device's newest and tell older ones, on any hub, to close."""
+        await self.connection_keys.claim(device_id, connection_id)
+        await queues.publish_device_control(
+            self._redis,
+            self._keys,
+            device_id,
+            f"{CHANNEL_CONNECTED_PREFIX}{connection_id}",
+        )
+
+    async def write_heartbeat(self, device_id: uuid.UUID) -> datetime | None:
+        """Mark the device online with a fresh heartbeat; return the value written."""
+        async with session_scope(self._sessions) as db:
+            return await repository.mark_online(db, device_id)
+
+    async def signal_presence(self, device_id: uuid.UUID, event: str) -> None:
+        await queues.signal_device_event(self._redis, self._keys, device_id, event)
+
+    async def go_offline(
+        self,
+        device_id: uuid.UUID,
+        connection_id: str,
+        heartbeat_at: datetime | None,
+    ) -> bool:
+        """Mark the device offline unless a newer connection took over; return if it did."""
+        released = await self.connection_keys.release(device_id, connection_id)
+        if not released or heartbeat_at is None:
+            return False
+
+        async with session_scope(self._sessions) as db:
+            changed = await repository.mark_offline(db, device_id, heartbeat_at)
+        if changed:
+            await self.signal_presence(device_id, "offline")
+        return changed
+
+    # Client frames.
+
+    async def register(
+        self, identity: DeviceIdentity, frame: RegisterFrame
+    ) -> DeviceIdentity:
+        """Store the name, number and versions a phone sends; raise on an unreadable number."""
+        name = (frame.device_name or "").strip() or None
+        phone_number = None
+        raw_number = (frame.phone_number or "").strip()
+        if raw_number:
+            try:
+                phone_number = normalize_e164(raw_number, identity.default_region)
+            except PhoneNumberError as error:
+                raise FrameRejectedError(
+                    "invalid_phone_number",
+                    request_id=frame.request_id,
+                    details={"field": "phone_number", "reason": error.reason},
+                    number=raw_number,
+                    reason=error.reason,
+                ) from None
+
+        async with session_scope(self._sessions) as db:
+            stored = await repository.update_registration(
+                db,
+                identity.device_id,
+                name=name,
+                phone_number=phone_number,
+                app_version=(frame.app_version or "").strip() or None,
+                protocol_version=frame.protocol_version,
+            )
+        if stored is not None:
+            identity.name, identity.phone_number = stored
+        return identity
+
+    async def apply_report(
+        self, identity: DeviceIdentity, frame: SmsReportFrame
+    ) -> MessageStatus:
+        """Apply a status report forward-only; return the message's status afterwards.
+
+        Raises FrameRejectedError(report_not_allowed) when the message is not an outgoing
+        message assigned to this device. A repeated or late report changes nothing.
+        """
+        status = MessageStatus(frame.status)
+        delivery_ids: list[uuid.UUID] = []
+        async with session_scope(self._sessions) as db:
+            change = await repository.advance_message_status(
+                db, identity.device_id, frame.message_id, status, frame.error
+            )
+            if change is None:
+                current = await repository.find_outgoing_status(
+                    db, identity.device_id, frame.message_id
+                )
+                if current is None:
+                    raise FrameRejectedError(
+                        "report_not_allowed",
+                        request_id=frame.request_id,
+                        details={"message_id": str(frame.message_id)},
+                        message_id=str(frame.message_id),
+                    )
+            else:
+                current = change.status
+                delivery_ids = await self._record_status_event(
+                    db, identity, frame.message_id, change
+                )
+
+        await self._queue_webhooks(delivery_ids)
+        if status in TASK_DONE_STATUSES or current in FINAL_STATUSES:
+            await queues.remove_device_task(
+                self._redis, self._keys, identity.device_id, frame.message_id
+            )
+        return current
+
+    async def store_incoming(
+        self, identity: DeviceIdentity, frame: SmsIncomingFrame
+    ) -> uuid.UUID:
+        """Store an incoming SMS once per `sms_id`; return its message id after the commit."""
+        from_number = self._read_sender(frame)
+        received_at = frame.timestamp or datetime.now(UTC)
+        if received_at.tzinfo is None:
+            received_at = received_at.replace(tzinfo=UTC)
+
+        delivery_ids: list[uuid.UUID] = []
+        async with session_scope(self._sessions) as db:
+            message_id = await repository.insert_incoming(
+                db,
+                device_id=identity.device_id,
+                user_id=identity.user_id,
+                from_number=from_number,
+                to_number=identity.phone_number,
+                body=frame.body,
+                received_at=received_at,
+                sms_id=frame.sms_id,
+            )
+            if message_id is not None:
+                delivery_ids = await webhook_outbox.record_message_event(
+                    db,
+                    event=webhooks.EVENT_SMS_RECEIVED,
+                    user_id=identity.user_id,
+                    message_id=message_id,
+                    from_number=from_number,
+                    to_number=identity.phone_number,
+                    body=frame.body,
+                    timestamp=received_at,
+                    device_id=identity.device_id,
+                    status=MessageStatus.RECEIVED.value,
+                )
+            elif frame.sms_id is not None:
+                # Only a frame with an sms_id can conflict: the phone uploaded it before.
+                message_id = await repository.find_incoming_id(
+                    db, identity.device_id, frame.sms_id
+                )
+            if message_id is None:
+                raise RuntimeError("incoming SMS conflicted but cannot be found")
+
+        await self._queue_webhooks(delivery_ids)
+        return message_id
+
+    def _read_sender(self, frame: SmsIncomingFrame) -> str:
+        """Return the sender in E.164 when it is a phone number, else as the phone sent it.
+
+        Senders are often short codes or names ("Movistar"), which are stored unchanged.
+        """
+        raw = frame.from_.strip()
+        try:
+            # Senders are read as international numbers only: a national-looking short
+            # code would otherwise be turned into some country's number.
+            sender = normalize_e164(raw) if raw.startswith("+") else raw
+        except PhoneNumberError:
+            sender = raw
+        if not sender or len(sender) > MAX_NUMBER_LENGTH:
+            raise FrameRejectedError(
+                "invalid_frame",
+                request_id=frame.request_id,
+                reason=f"'from' must be 1 to {MAX_NUMBER_LENGTH} characters",
+            )
+        return sender
+
+    async def _record_status_event(
+        self,
+        db: AsyncSession,
+        identity: DeviceIdentity,
+        message_id: uuid.UUID,
+        change: repository.MessageChange,
+    ) -> list[uuid.UUID]:
+        event = STATUS_EVENTS.get(change.status)
+        if event is None:
+            return []
+        return await webhook_outbox.record_message_event(
+            db,
+            event=event,
+            user_id=change.user_id,
+            message_id=message_id,
+            from_number=change.from_number or identity.phone_number,
+            to_number=change.to_number,
+            body=change.body,
+            timestamp=change.changed_at,
+            device_id=identity.device_id,
+            status=change.status.value,
+            error=change.error,
+            segments=change.segments,
+        )
+
+    async def _queue_webhooks(self, delivery_ids: list[uuid.UUID]) -> None:
+        if not delivery_ids:
+            return
+        try:
+            await webhook_outbox.queue_deliveries(self._redis, self._keys, delivery_ids)
+        except RedisError:
+            # The deliveries are committed; the webhook-sender's sweep sends them later.
+            log.exception("queueing webhook deliveries failed", count=len(delivery_ids))
+
+    # Tasks.
+
+    async def read_tasks(
+        self, device_id: uuid.UUID, after: bytes | None, count: int
+    ) -> list[TaskEntry]:
+        entries = await queues.read_device_tasks(
+            self._redis, self._keys, device_id, after=after or "-", count=count
+        )
+        return [TaskEntry(*entry) for entry in entries]
+
+    async def find_pushable(
+        self, device_id: uuid.UUID, message_ids: set[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        async with self._sessions() as db:
+            return await repository.find_pushable_message_ids(
+                db, device_id, message_ids
+            )
+
+    async def drop_task_entries(
+        self, device_id: uuid.UUID, stream_ids: list[bytes]
+    ) -> None:
+        """Delete stream entries of messages that are final or no longer this device's."""
+        await self._redis.xdel(self._keys.device_tasks_stream(device_id), *stream_ids)

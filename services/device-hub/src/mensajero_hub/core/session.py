@@ -1,0 +1,340 @@
+"""One device connection: frames in, replies and tasks out, over any transport.
+
+A transport (the WebSocket endpoint today, HTTP with server-sent events later) accepts
+the connection, asks the Hub for a session, feeds it every text or binary frame, and
+reports when the connection ends. The session decides what to answer and does the work
+through DeviceService; it never touches sockets itself.
+"""
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from mensajero_common import protocol
+from mensajero_common.keys import CHANNEL_CONNECTED_PREFIX, CHANNEL_REVOKE, CHANNEL_WAKE
+from mensajero_common.protocol import (
+    PingFrame,
+    RegisterFrame,
+    SmsIncomingFrame,
+    SmsReportFrame,
+)
+from mensajero_common.status import FINAL_STATUSES
+from mensajero_hub.core import frames
+from mensajero_hub.core.frames import FrameRejectedError
+from mensajero_hub.core.service import (
+    TASK_DONE_STATUSES,
+    DeviceIdentity,
+    DeviceService,
+)
+from mensajero_hub.core.state import (
+    ConnectionState,
+    TaskEntry,
+    heartbeat_touch_interval_s,
+)
+
+if TYPE_CHECKING:
+    from mensajero_hub.core.hub import Hub
+
+log = structlog.get_logger(__name__)
+
+# Tasks read from the device's stream per round trip.
+PUSH_BATCH_SIZE = 100
+# How long closing a connection may wait for the transport, e.g. on a peer that stopped
+# reading; the session is released even if the close frame could not be written.
+CLOSE_TIMEOUT_S = 5.0
+
+
+class Transport(Protocol):
+    """What a session needs from the connection that carries it."""
+
+    async def send(self, frame: dict[str, Any]) -> bool:
+        """Send one frame; return False when the connection is already closed."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the connection with a WebSocket close code, or its equivalent."""
+        ...
+
+
+class DeviceSession:
+    def __init__(
+        self,
+        hub: "Hub",
+        service: DeviceService,
+        identity: DeviceIdentity,
+        transport: Transport,
+        language: str,
+        now_s: float,
+    ) -> None:
+        self._hub = hub
+        self._service = service
+        self._transport = transport
+        self.identity = identity
+        self.language = language
+        self.state = ConnectionState(
+            device_id=identity.device_id,
+            connection_id=uuid.uuid4().hex,
+            opened_at_s=now_s,
+            last_frame_at_s=now_s,
+            last_touch_at_s=now_s,
+        )
+        settings = service.settings
+        self._touch_interval_s = heartbeat_touch_interval_s(
+            settings.WEBSOCKET_PING_INTERVAL
+        )
+        self.subscribed = False
+        self.closing = False
+        self.released = False
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self._push_task: asyncio.Task[None] | None = None
+        self._wake_pending = False
+        self.log = log.bind(
+            device_id=str(identity.device_id),
+            connection_id=self.state.connection_id,
+        )
+
+    @property
+    def device_id(self) -> uuid.UUID:
+        return self.identity.device_id
+
+    @property
+    def connection_id(self) -> str:
+        return self.state.connection_id
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closing and not self.released
+
+    # Lifecycle.
+
+    async def start(self) -> None:
+        """Take over the device, mark it online and push every task it has not reported on."""
+        await self._service.announce_connection(self.device_id, self.connection_id)
+        heartbeat_at = await self._service.write_heartbeat(self.device_id)
+        if heartbeat_at is None:
+            # The device was deleted between authentication and now.
+            await self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED)
+            return
+        self.state.record_touch(self._hub.now_s(), heartbeat_at)
+
+        self.wake()
+        await self._service.signal_presence(self.device_id, "online")
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the connection once; release it at once if the transport does not close."""
+        if self.closing or self.released:
+            return
+        self.closing = True
+        self.close_code = code
+        self.close_reason = reason
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._transport.close(code, reason)
+        except TimeoutError:
+            self.log.warning("close timed out, releasing the connection", code=code)
+            await self._hub.release(self, code)
+
+    def stop_background_work(self) -> None:
+        if self._push_task is not None and not self._push_task.done():
+            self._push_task.cancel()
+        self.state.pushed.clear()
+
+    # Frames from the phone.
+
+    async def handle_text(self, raw: str) -> None:
+        now_s = self._hub.now_s()
+        self.state.record_frame(now_s)
+        try:
+            await self._handle_frame(raw)
+        finally:
+            await self._touch_if_due(now_s)
+
+    async def handle_binary(self, size_bytes: int) -> None:
+        self.state.record_frame(self._hub.now_s())
+        self.log.debug("binary frame rejected", size_bytes=size_bytes)
+        await self._reject(
+            FrameRejectedError(
+                "invalid_frame",
+                reason="binary frames are not supported; send JSON in text frames",
+            )
+        )
+
+    async def _handle_frame(self, raw: str) -> None:
+        try:
+            frame = protocol.parse_client_frame(raw)
+        except protocol.FrameError as error:
+            self.log.debug("invalid frame", error=error.code)
+            await self._reject(
+                FrameRejectedError(
+                    error.code, request_id=error.request_id, **error.params
+                )
+            )
+            return
+
+        self.log.debug("frame received", frame_type=frame.type)
+        try:
+            reply = await self._apply(frame)
+        except FrameRejectedError as error:
+            await self._reject(error)
+            return
+        except Exception:
+            self.log.exception("frame handling failed", frame_type=frame.type)
+            await self._send(
+                frames.error_reply(
+                    "internal_error", self.language, request_id=frame.request_id
+                )
+            )
+            return
+
+        self.state.record_success()
+        await self._send(reply)
+
+    async def _apply(
+        self, frame: RegisterFrame | SmsReportFrame | SmsIncomingFrame | PingFrame
+    ) -> dict[str, Any]:
+        if isinstance(frame, PingFrame):
+            return frames.pong(datetime.now(UTC), frame.request_id)
+
+        if isinstance(frame, SmsReportFrame):
+            status = await self._service.apply_report(self.identity, frame)
+            if status in TASK_DONE_STATUSES or status in FINAL_STATUSES:
+                self.state.forget(frame.message_id)
+            return frames.report_ack(frame.message_id, status.value, frame.request_id)
+
+        if isinstance(frame, SmsIncomingFrame):
+            message_id = await self._service.store_incoming(self.identity, frame)
+            return frames.incoming_ack(message_id, frame.sms_id, frame.request_id)
+
+        identity = await self._service.register(self.identity, frame)
+        settings = self._service.settings
+        return frames.register_ack(
+            device_id=identity.device_id,
+            name=identity.name,
+            phone_number=identity.phone_number,
+            request_id=frame.request_id,
+            ping_interval_s=settings.WEBSOCKET_PING_INTERVAL,
+            heartbeat_timeout_s=settings.WEBSOCKET_HEARTBEAT_TIMEOUT,
+            max_frame_bytes=settings.WEBSOCKET_MAX_FRAME_BYTES,
+        )
+
+    async def _reject(self, error: FrameRejectedError) -> None:
+        close = self.state.record_error()
+        await self._send(
+            frames.error_reply(
+                error.code,
+                self.language,
+                request_id=error.request_id,
+                details=error.details,
+                **error.params,
+            )
+        )
+        if close:
+            self.log.info("closing after too many invalid frames")
+            await self.close(
+                protocol.CLOSE_TOO_MANY_ERRORS, frames.REASON_TOO_MANY_ERRORS
+            )
+
+    async def _send(self, frame: dict[str, Any]) -> bool:
+        if self.released:
+            return False
+        return await self._transport.send(frame)
+
+    async def _touch_if_due(self, now_s: float) -> None:
+        """Refresh the connection key and the heartbeat at most once per touch interval."""
+        if self.closing or not self.state.needs_touch(now_s, self._touch_interval_s):
+            return
+        # Set before the awaits, so frames arriving meanwhile do not touch again.
+        self.state.last_touch_at_s = now_s
+        try:
+            newest = await self._service.connection_keys.refresh(
+                self.device_id, self.connection_id
+            )
+            if not newest:
+                await self.close(protocol.CLOSE_REPLACED, frames.REASON_REPLACED)
+                return
+            heartbeat_at = await self._service.write_heartbeat(self.device_id)
+        except Exception:
+            self.log.warning("heartbeat write failed", exc_info=True)
+            return
+        if heartbeat_at is not None:
+            self.state.record_touch(now_s, heartbeat_at)
+
+    # Messages on the device's channel.
+
+    def on_channel_message(self, data: bytes) -> None:
+        if not self.is_open:
+            return
+        if data == CHANNEL_WAKE.encode():
+            self.wake()
+        elif data == CHANNEL_REVOKE.encode():
+            self._hub.spawn(self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED))
+        elif data.startswith(CHANNEL_CONNECTED_PREFIX.encode()):
+            other = data[len(CHANNEL_CONNECTED_PREFIX) :].decode(errors="replace")
+            if other != self.connection_id:
+                self._hub.spawn(self._close_if_replaced())
+
+    async def _close_if_replaced(self) -> None:
+        """Close this connection unless the device's connection key still names it.
+
+        Announcements of two connections that open at the same moment can arrive in either
+        order; the key, set by the connection that opened last, decides which one stays.
+        """
+        current = await self._service.connection_keys.current(self.device_id)
+        if current != self.connection_id:
+            await self.close(protocol.CLOSE_REPLACED, frames.REASON_REPLACED)
+
+    # Tasks.
+
+    def wake(self) -> None:
+        """Push new tasks of the device's stream; coalesce wakes that arrive meanwhile."""
+        if not self.is_open:
+            return
+        if self._push_task is not None and not self._push_task.done():
+            self._wake_pending = True
+            return
+        self._push_task = asyncio.create_task(self._push_until_idle())
+
+    async def _push_until_idle(self) -> None:
+        try:
+            while self.is_open:
+                self._wake_pending = False
+                await self._push_new_tasks()
+                if not self._wake_pending:
+                    return
+        except Exception:
+            # The tasks stay in the stream: the next wake or connection pushes them.
+            self.log.exception("pushing tasks failed")
+
+    async def _push_new_tasks(self) -> None:
+        while self.is_open:
+            entries = await self._service.read_tasks(
+                self.device_id, self.state.read_cursor, PUSH_BATCH_SIZE
+            )
+            self.state.advance_cursor(entries)
+            fresh = self.state.select_unpushed(entries)
+            if fresh:
+                await self._push_entries(fresh)
+            if len(entries) < PUSH_BATCH_SIZE:
+                return
+
+    async def _push_entries(self, entries: list[TaskEntry]) -> None:
+        pushable = await self._service.find_pushable(
+            self.device_id, {entry.message_id for entry in entries}
+        )
+        stale: list[bytes] = []
+        for entry in entries:
+            if entry.message_id not in pushable:
+                stale.append(entry.stream_id)
+                continue
+            if not self.state.mark_pushed(entry):
+                continue
+            if not await self._send(entry.task):
+                return
+            self.log.debug("task pushed", message_id=str(entry.message_id))
+        if stale:
+            # Final, or moved to another device: sending it now would send an SMS twice.
+            await self._service.drop_task_entries(self.device_id, stale)

@@ -1,0 +1,107 @@
+"""Per-connection state of one device on the hub: plain data and decisions, no I/O."""
+
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+# Consecutive rejected frames after which the hub closes the connection: a phone that keeps
+# sending frames the hub cannot apply has a bug, and each rejection costs a reply.
+MAX_CONSECUTIVE_ERRORS = 20
+
+
+class TaskEntry(NamedTuple):
+    """One entry of a device's task stream."""
+
+    stream_id: bytes
+    message_id: uuid.UUID
+    task: dict[str, Any]
+
+
+@dataclass(slots=True)
+class ConnectionState:
+    """What the hub remembers about one open connection of a device.
+
+    Times ending in `_at_s` are event-loop (monotonic) seconds; `heartbeat_at` is the
+    `smsdevice.last_heartbeat` value this connection wrote last, which later writes of this
+    connection compare against so that they never undo a newer connection's writes.
+    """
+
+    device_id: uuid.UUID
+    connection_id: str
+    opened_at_s: float
+    last_frame_at_s: float
+    last_touch_at_s: float
+    heartbeat_at: datetime | None = None
+    # Stream id of the newest task entry read so far; the next read starts after it.
+    read_cursor: bytes | None = None
+    # message_id → stream id of every task pushed on this connection and not yet finished,
+    # so that a wake never pushes the same task twice on one connection.
+    pushed: dict[uuid.UUID, bytes] = field(default_factory=dict)
+    consecutive_errors: int = 0
+
+    def record_frame(self, now_s: float) -> None:
+        self.last_frame_at_s = now_s
+
+    def record_success(self) -> None:
+        self.consecutive_errors = 0
+
+    def record_error(self) -> bool:
+        """Count a rejected frame; return True when the connection has to be closed."""
+        self.consecutive_errors += 1
+        return self.consecutive_errors >= MAX_CONSECUTIVE_ERRORS
+
+    def needs_touch(self, now_s: float, interval_s: float) -> bool:
+        """Tell whether the heartbeat is due to be written again."""
+        return now_s - self.last_touch_at_s >= interval_s
+
+    def record_touch(self, now_s: float, heartbeat_at: datetime) -> None:
+        self.last_touch_at_s = now_s
+        self.heartbeat_at = heartbeat_at
+
+    def advance_cursor(self, entries: list[TaskEntry]) -> None:
+        if entries:
+            self.read_cursor = entries[-1].stream_id
+
+    def select_unpushed(self, entries: Iterable[TaskEntry]) -> list[TaskEntry]:
+        """Return the entries whose message was not pushed yet, one entry per message."""
+        selected: list[TaskEntry] = []
+        seen: set[uuid.UUID] = set()
+        for entry in entries:
+            if entry.message_id in self.pushed or entry.message_id in seen:
+                continue
+            seen.add(entry.message_id)
+            selected.append(entry)
+        return selected
+
+    def mark_pushed(self, entry: TaskEntry) -> bool:
+        """Record a task as pushed; return False when it already was."""
+        if entry.message_id in self.pushed:
+            return False
+        self.pushed[entry.message_id] = entry.stream_id
+        return True
+
+    def forget(self, message_id: uuid.UUID) -> None:
+        """Drop a finished task, so a connection that lives for weeks stays small."""
+        self.pushed.pop(message_id, None)
+
+
+def heartbeat_touch_interval_s(ping_interval_s: float) -> float:
+    """Return how often a connection writes its heartbeat (Postgres and Redis).
+
+    Phones ping every WEBSOCKET_PING_INTERVAL seconds, so half of it writes at most about
+    once per ping while a phone that pings a little early is still recorded.
+    """
+    return ping_interval_s / 2
+
+
+def connection_key_ttl_s(heartbeat_timeout_s: int, ping_interval_s: int) -> int:
+    """Return the TTL of a device's connection key in Redis, in whole seconds.
+
+    A live connection refreshes the key at most every touch interval while the socket may
+    stay open until the heartbeat timeout after its last frame, so the key outlives the
+    socket's deadline by one touch interval and never expires under a live connection.
+    """
+    return heartbeat_timeout_s + math.ceil(heartbeat_touch_interval_s(ping_interval_s))

@@ -1,0 +1,89 @@
+"""Entry point of `mensajero-hub`: the device WebSocket endpoint on uvicorn."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from mensajero_common.logging import configure_logging
+from mensajero_common.settings import Settings, get_settings
+from mensajero_hub.core.hub import Hub
+from mensajero_hub.transport import websocket
+
+# uvicorn's WebSocket implementation: the Sans-I/O protocol of the `websockets` library,
+# driven by uvicorn's asyncio.Protocol. It runs no extra task per connection, unlike the
+# "websockets" implementation (the library's legacy server with keepalive and transfer
+# tasks per connection), which matters for a hub holding 10,000 idle phones.
+WEBSOCKET_IMPLEMENTATION = "websockets-sansio"
+# Seconds uvicorn waits at shutdown for sessions to finish recording their disconnects.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 25
+
+
+def websocket_options(settings: Settings) -> dict[str, Any]:
+    """Return uvicorn's WebSocket options for the hub (tests serve the app with them too).
+
+    - A message larger than WEBSOCKET_MAX_FRAME_BYTES closes the connection with 1009.
+    - No per-message compression: frames are small JSON, and each compressed connection
+      would keep zlib state (window and buffers) for as long as it stays open.
+    - No protocol-level pings from the server: phones send an application `ping` every
+      WEBSOCKET_PING_INTERVAL seconds and the hub closes connections silent for
+      WEBSOCKET_HEARTBEAT_TIMEOUT seconds, while server pings would wake every phone's
+      radio on a schedule the phone cannot control.
+    """
+    return {
+        "ws_max_size": settings.WEBSOCKET_MAX_FRAME_BYTES,
+        "ws_per_message_deflate": False,
+        "ws_ping_interval": None,
+        "ws_ping_timeout": None,
+    }
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub = Hub(settings)
+        await hub.start()
+        app.state.hub = hub
+        try:
+            yield
+        finally:
+            await hub.stop()
+
+    app = FastAPI(
+        title="Mensajero device-hub",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.include_router(websocket.router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings, "device-hub")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.HUB_HOST,
+        port=settings.HUB_PORT,
+        ws=WEBSOCKET_IMPLEMENTATION,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        **websocket_options(settings),
+    )
+
+
+if __name__ == "__main__":
+    main()

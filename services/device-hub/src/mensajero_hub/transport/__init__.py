@@ -1,0 +1,1 @@
+"""Transports that carry device sessions; each one only reads, writes and closes."""

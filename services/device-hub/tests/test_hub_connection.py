@@ -1,0 +1,384 @@
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from hub_helpers import (
+    create_device,
+    create_outgoing,
+    eventually,
+    load_device,
+    open_socket,
+    receive,
+    receive_type,
+    request,
+    send,
+    serve_hub,
+    wait_closed,
+)
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_common import protocol, queues
+from mensajero_common.keys import CHANNEL_REVOKE, RedisKeys
+from mensajero_common.models import DeviceStatus
+from mensajero_common.settings import Settings
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+async def device_events(redis: Redis, keys: RedisKeys) -> list[tuple[str, str]]:
+    entries = await redis.xrange(keys.device_events_stream)
+    return [
+        (fields[b"device_id"].decode(), fields[b"event"].decode())
+        for _, fields in entries
+    ]
+
+
+async def test_healthz_answers_ok(hub_url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{hub_url}/healthz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("missing", "missing"),
+        ("unknown", "unknown"),
+        ("expired", "expired"),
+        ("device_inactive", "device_inactive"),
+        ("user_inactive", "user_inactive"),
+    ],
+)
+async def test_connect_rejects_bad_key(
+    hub_url: str, session_factory: Sessions, case: str, reason: str
+) -> None:
+    api_key: str | None
+    if case == "missing":
+        api_key = None
+    elif case == "unknown":
+        api_key = "mdk_this-key-was-never-issued"
+    else:
+        device = await create_device(
+            session_factory,
+            is_active=case != "device_inactive",
+            user_is_active=case != "user_inactive",
+            api_key_expires_at=(
+                datetime.now(UTC) - timedelta(minutes=1) if case == "expired" else None
+            ),
+        )
+        api_key = device.api_key
+
+    async with open_socket(hub_url, api_key) as socket:
+        error = await receive(socket)
+        code, close_reason = await wait_closed(socket)
+
+    assert error["type"] == "error"
+    assert error["error"] == "invalid_api_key"
+    assert error["reason"] == reason
+    assert error["message"].startswith("La API key")
+    assert code == protocol.CLOSE_INVALID_API_KEY
+    assert close_reason.startswith("invalid api key")
+
+
+async def test_connect_marks_device_online(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        row = await load_device(session_factory, device.device_id)
+        connection_id = await redis.get(redis_keys.device_connection(device.device_id))
+        ttl_s = await redis.ttl(redis_keys.device_connection(device.device_id))
+
+    assert row.status == DeviceStatus.ONLINE
+    assert row.last_heartbeat is not None
+    assert connection_id is not None
+    assert ttl_s > 0
+    assert (str(device.device_id), "online") in await device_events(redis, redis_keys)
+
+
+async def test_disconnect_marks_device_offline(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+
+    async def offline() -> bool:
+        row = await load_device(session_factory, device.device_id)
+        return bool(row.status == DeviceStatus.OFFLINE)
+
+    await eventually(offline)
+    assert await redis.get(redis_keys.device_connection(device.device_id)) is None
+    assert (str(device.device_id), "offline") in await device_events(redis, redis_keys)
+
+
+async def test_register_stores_fields(hub_url: str, session_factory: Sessions) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        ack = await request(
+            socket,
+            {
+                "type": "register",
+                "device_name": "  Pixel 8 de Ana ",
+                "phone_number": "+34 600 12 34 56",
+                "app_version": "1.4.2",
+                "protocol_version": 1,
+            },
+        )
+
+    row = await load_device(session_factory, device.device_id)
+    assert ack["type"] == "ack"
+    assert ack["of"] == "register"
+    assert ack["device_id"] == str(device.device_id)
+    assert ack["name"] == "Pixel 8 de Ana"
+    assert ack["phone_number"] == "+34600123456"
+    assert ack["protocol_version"] == protocol.PROTOCOL_VERSION
+    assert ack["ping_interval_s"] == 60
+    assert ack["heartbeat_timeout_s"] == 300
+    assert row.name == "Pixel 8 de Ana"
+    assert row.phone_number == "+34600123456"
+    assert row.app_version == "1.4.2"
+    assert row.protocol_version == 1
+
+
+async def test_register_reads_national_number_in_user_region(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory, default_region="MX")
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        ack = await request(
+            socket, {"type": "register", "phone_number": "55 1234 5678"}
+        )
+
+    assert ack["phone_number"] == "+525512345678"
+
+
+async def test_register_rejects_unreadable_number(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        error = await request(
+            socket,
+            {"type": "register", "device_name": "Otro", "phone_number": "600123456"},
+        )
+        ack = await request(socket, {"type": "register", "device_name": "Otro"})
+
+    row = await load_device(session_factory, device.device_id)
+    assert error["type"] == "error"
+    assert error["error"] == "invalid_phone_number"
+    assert error["reason"] == "missing_country_code"
+    assert "600123456" in error["message"]
+    assert ack["of"] == "register"
+    assert ack["phone_number"] is None
+    assert row.name == "Otro"
+    assert row.phone_number is None
+
+
+async def test_register_keeps_stored_values_when_absent(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(
+            socket,
+            {"type": "register", "device_name": "A", "phone_number": "+34600123456"},
+        )
+        ack = await request(socket, {"type": "register"})
+
+    assert ack["name"] == "A"
+    assert ack["phone_number"] == "+34600123456"
+
+
+async def test_ping_answers_pong(hub_url: str, session_factory: Sessions) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await send(socket, {"type": "ping"})
+        pong = await receive(socket)
+        echoed = await request(socket, {"type": "ping"})
+
+    assert pong["type"] == "pong"
+    assert "request_id" not in pong
+    assert datetime.fromisoformat(pong["server_time"]) <= datetime.now(UTC)
+    assert echoed["type"] == "pong"
+
+
+async def test_ping_refreshes_heartbeat(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    # A ping interval of 1 s writes the heartbeat at most every 0.5 s.
+    settings = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
+    device = await create_device(session_factory)
+
+    async with serve_hub(settings) as url, open_socket(url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        first = (await load_device(session_factory, device.device_id)).last_heartbeat
+        await redis.expire(redis_keys.device_connection(device.device_id), 100)
+        await asyncio.sleep(0.6)
+        await request(socket, {"type": "ping"})
+
+        async def heartbeat_written() -> bool:
+            row = await load_device(session_factory, device.device_id)
+            return bool(row.last_heartbeat != first)
+
+        # The hub sends the pong before it writes the heartbeat.
+        await eventually(heartbeat_written)
+        ttl_s = await redis.ttl(redis_keys.device_connection(device.device_id))
+
+    assert first is not None
+    assert ttl_s > 100
+
+
+async def test_ping_within_interval_skips_heartbeat_write(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        first = (await load_device(session_factory, device.device_id)).last_heartbeat
+        await request(socket, {"type": "ping"})
+        second = (await load_device(session_factory, device.device_id)).last_heartbeat
+
+    assert first == second
+
+
+async def test_revoke_closes_with_4003(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        await queues.publish_device_control(
+            redis, redis_keys, device.device_id, CHANNEL_REVOKE
+        )
+        code, _ = await wait_closed(socket)
+
+    async def offline() -> bool:
+        row = await load_device(session_factory, device.device_id)
+        return bool(row.status == DeviceStatus.OFFLINE)
+
+    assert code == protocol.CLOSE_REVOKED
+    await eventually(offline)
+
+
+async def test_second_connection_replaces_first(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as first:
+        await request(first, {"type": "ping"})
+        async with open_socket(hub_url, device.api_key) as second:
+            code, reason = await wait_closed(first)
+            pong = await request(second, {"type": "ping"})
+            await asyncio.sleep(0.1)
+            row = await load_device(session_factory, device.device_id)
+            connection_id = await redis.get(
+                redis_keys.device_connection(device.device_id)
+            )
+
+    assert code == protocol.CLOSE_REPLACED
+    assert "replaced" in reason
+    assert pong["type"] == "pong"
+    assert row.status == DeviceStatus.ONLINE
+    assert connection_id is not None
+
+
+async def test_connection_on_other_hub_replaces_first(
+    settings: Settings, session_factory: Sessions, redis: Redis
+) -> None:
+    device = await create_device(session_factory)
+
+    async with (
+        serve_hub(settings) as hub_a,
+        serve_hub(settings) as hub_b,
+        open_socket(hub_a, device.api_key) as first,
+    ):
+        await request(first, {"type": "ping"})
+        async with open_socket(hub_b, device.api_key) as second:
+            code, _ = await wait_closed(first)
+            pong = await request(second, {"type": "ping"})
+            await asyncio.sleep(0.1)
+            row = await load_device(session_factory, device.device_id)
+
+    assert code == protocol.CLOSE_REPLACED
+    assert pong["type"] == "pong"
+    assert row.status == DeviceStatus.ONLINE
+
+
+async def test_silent_connection_times_out(
+    settings: Settings, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    settings = settings.model_copy(update={"WEBSOCKET_HEARTBEAT_TIMEOUT": 1})
+    device = await create_device(session_factory)
+
+    async with serve_hub(settings) as url, open_socket(url, device.api_key) as socket:
+        started = asyncio.get_running_loop().time()
+        code, reason = await wait_closed(socket, timeout_s=5)
+        silent_s = asyncio.get_running_loop().time() - started
+
+        async def offline() -> bool:
+            row = await load_device(session_factory, device.device_id)
+            return bool(row.status == DeviceStatus.OFFLINE)
+
+        await eventually(offline)
+
+    assert code == protocol.CLOSE_HEARTBEAT_TIMEOUT
+    assert "heartbeat" in reason
+    assert 0.9 <= silent_s < 2.5
+    assert (str(device.device_id), "offline") in await device_events(redis, redis_keys)
+
+
+async def test_pings_keep_connection_open(
+    settings: Settings, session_factory: Sessions
+) -> None:
+    settings = settings.model_copy(update={"WEBSOCKET_HEARTBEAT_TIMEOUT": 1})
+    device = await create_device(session_factory)
+
+    async with serve_hub(settings) as url, open_socket(url, device.api_key) as socket:
+        for _ in range(6):
+            await asyncio.sleep(0.4)
+            pong = await request(socket, {"type": "ping"})
+            assert pong["type"] == "pong"
+
+
+async def test_shutdown_closes_with_1012(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+    task = {"type": "task", "message_id": str(message.id)}
+
+    async with serve_hub(settings) as url:
+        socket = await open_socket(url, device.api_key)
+        await queues.push_device_task(
+            redis, redis_keys, device.device_id, message.id, task
+        )
+        await receive_type(socket, "task")
+
+    code, _ = await wait_closed(socket)
+    await socket.close()
+    assert code == protocol.CLOSE_SERVICE_RESTART
+    assert await redis.xlen(redis_keys.device_tasks_stream(device.device_id)) == 1

@@ -1,0 +1,136 @@
+import uuid
+from dataclasses import dataclass
+
+from mensajero_hub.core.heartbeat import DeadlineQueue, sweep_interval_s
+from mensajero_hub.core.state import (
+    MAX_CONSECUTIVE_ERRORS,
+    ConnectionState,
+    TaskEntry,
+    connection_key_ttl_s,
+)
+
+
+@dataclass(eq=False)
+class Connection:
+    name: str
+    last_frame_at_s: float
+    open: bool = True
+
+
+def deadline_queue(timeout_s: float) -> DeadlineQueue[Connection]:
+    return DeadlineQueue(
+        timeout_s,
+        last_activity_s=lambda connection: connection.last_frame_at_s,
+        is_open=lambda connection: connection.open,
+    )
+
+
+def new_state() -> ConnectionState:
+    return ConnectionState(
+        device_id=uuid.uuid4(),
+        connection_id="c1",
+        opened_at_s=0.0,
+        last_frame_at_s=0.0,
+        last_touch_at_s=0.0,
+    )
+
+
+def entry(stream_id: bytes, message_id: uuid.UUID) -> TaskEntry:
+    return TaskEntry(stream_id, message_id, {"type": "task"})
+
+
+def test_deadline_queue_expires_silent_only() -> None:
+    queue = deadline_queue(10)
+    silent = Connection("silent", 0.0)
+    chatty = Connection("chatty", 0.0)
+    queue.add(silent)
+    queue.add(chatty)
+    chatty.last_frame_at_s = 8.0
+
+    assert queue.pop_expired(9.9) == []
+    assert queue.pop_expired(10.0) == [silent]
+    assert queue.pop_expired(17.9) == []
+    assert queue.pop_expired(18.0) == [chatty]
+    assert len(queue) == 0
+
+
+def test_deadline_queue_drops_closed_items() -> None:
+    queue = deadline_queue(5)
+    closed = Connection("closed", 0.0, open=False)
+    queue.add(closed)
+
+    assert queue.pop_expired(100.0) == []
+    assert len(queue) == 0
+
+
+def test_deadline_queue_pops_each_item_once_per_timeout() -> None:
+    queue = deadline_queue(10)
+    connections = [Connection(str(i), 0.0) for i in range(1000)]
+    for connection in connections:
+        queue.add(connection)
+    for connection in connections:
+        connection.last_frame_at_s = 5.0
+
+    # Every entry is due at 10 s and moves to 15 s, so nothing expires yet.
+    assert queue.pop_expired(10.0) == []
+    assert len(queue) == 1000
+    assert len(queue.pop_expired(15.0)) == 1000
+
+
+def test_sweep_interval_bounds() -> None:
+    assert sweep_interval_s(300) == 5.0
+    assert sweep_interval_s(1) == 0.25
+    assert sweep_interval_s(0.1) == 0.05
+
+
+def test_select_unpushed_skips_pushed_and_repeats() -> None:
+    state = new_state()
+    first, second = uuid.uuid4(), uuid.uuid4()
+    state.mark_pushed(entry(b"1-0", first))
+
+    selected = state.select_unpushed(
+        [entry(b"1-0", first), entry(b"2-0", second), entry(b"3-0", second)]
+    )
+
+    assert selected == [entry(b"2-0", second)]
+
+
+def test_mark_pushed_refuses_twice() -> None:
+    state = new_state()
+    message_id = uuid.uuid4()
+
+    assert state.mark_pushed(entry(b"1-0", message_id))
+    assert not state.mark_pushed(entry(b"2-0", message_id))
+    state.forget(message_id)
+    assert state.mark_pushed(entry(b"3-0", message_id))
+
+
+def test_advance_cursor_keeps_last_id() -> None:
+    state = new_state()
+    state.advance_cursor([entry(b"1-0", uuid.uuid4()), entry(b"5-1", uuid.uuid4())])
+    state.advance_cursor([])
+
+    assert state.read_cursor == b"5-1"
+
+
+def test_error_counter_closes_at_limit() -> None:
+    state = new_state()
+    results = [state.record_error() for _ in range(MAX_CONSECUTIVE_ERRORS)]
+    state.record_success()
+
+    assert results[:-1] == [False] * (MAX_CONSECUTIVE_ERRORS - 1)
+    assert results[-1] is True
+    assert state.consecutive_errors == 0
+
+
+def test_needs_touch_after_interval() -> None:
+    state = new_state()
+
+    assert not state.needs_touch(29.9, 30.0)
+    assert state.needs_touch(30.0, 30.0)
+
+
+def test_connection_key_outlives_heartbeat_timeout() -> None:
+    assert connection_key_ttl_s(300, 60) == 330
+    assert connection_key_ttl_s(1, 1) == 2
+    assert connection_key_ttl_s(10, 15) == 18

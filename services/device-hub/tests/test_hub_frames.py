@@ -1,0 +1,135 @@
+import pytest
+from hub_helpers import (
+    create_device,
+    open_socket,
+    receive,
+    request,
+    send,
+    wait_closed,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_common import protocol
+from mensajero_hub.core.state import MAX_CONSECUTIVE_ERRORS
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("{not json", "invalid_frame"),
+        ('["a", "list"]', "invalid_frame"),
+        ('{"no_type": 1}', "invalid_frame"),
+        ('{"type": "selfie"}', "unknown_frame_type"),
+        ('{"type": "sms_report", "status": "sent"}', "invalid_frame"),
+        (
+            '{"type": "sms_report", "message_id": "nope", "status": "sent"}',
+            "invalid_frame",
+        ),
+        (
+            '{"type": "sms_report", "message_id": "0b9e4c1e-2f0a-4c49-9a43-1d7b2f3c4d5e", "status": "read"}',
+            "invalid_frame",
+        ),
+        ('{"type": "sms_incoming", "body": "Hola"}', "invalid_frame"),
+    ],
+)
+async def test_malformed_frame_gets_error_and_socket_works(
+    hub_url: str, session_factory: Sessions, raw: str, code: str
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await socket.send(raw)
+        error = await receive(socket)
+        pong = await request(socket, {"type": "ping"})
+
+    assert error["type"] == "error"
+    assert error["error"] == code
+    assert error["message"]
+    assert pong["type"] == "pong"
+
+
+async def test_error_echoes_request_id(hub_url: str, session_factory: Sessions) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        error = await request(socket, {"type": "sms_report", "status": "sent"})
+
+    assert error["type"] == "error"
+    assert error["error"] == "invalid_frame"
+    assert "message_id" in error["message"]
+
+
+async def test_binary_frame_gets_error(hub_url: str, session_factory: Sessions) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await socket.send(b'{"type": "ping"}')
+        error = await receive(socket)
+        pong = await request(socket, {"type": "ping"})
+
+    assert error["type"] == "error"
+    assert error["error"] == "invalid_frame"
+    assert "binary" in error["message"]
+    assert pong["type"] == "pong"
+
+
+async def test_error_message_follows_accept_language(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(
+        hub_url, device.api_key, additional_headers={"Accept-Language": "en-US"}
+    ) as socket:
+        await send(socket, {"type": "selfie"})
+        english = await receive(socket)
+    async with open_socket(hub_url, device.api_key) as socket:
+        await send(socket, {"type": "selfie"})
+        spanish = await receive(socket)
+
+    assert english["message"] == "Unknown frame type: selfie"
+    assert spanish["message"] == "Tipo de trama desconocido: selfie"
+
+
+async def test_too_many_errors_close_connection(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        for _ in range(MAX_CONSECUTIVE_ERRORS):
+            await socket.send("garbage")
+        code, reason = await wait_closed(socket)
+
+    assert code == protocol.CLOSE_TOO_MANY_ERRORS
+    assert "invalid frames" in reason
+
+
+async def test_valid_frame_resets_error_count(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        for _ in range(3):
+            for _ in range(MAX_CONSECUTIVE_ERRORS - 1):
+                await socket.send("garbage")
+            pong = await request(socket, {"type": "ping"})
+            assert pong["type"] == "pong"
+
+
+async def test_oversize_frame_closes_with_1009(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    body = "x" * (64 * 1024 + 1)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await send(
+            socket, {"type": "sms_incoming", "from": "+34611223344", "body": body}
+        )
+        code, _ = await wait_closed(socket)
+
+    assert code == protocol.CLOSE_MESSAGE_TOO_BIG
