@@ -83,8 +83,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Message {message_id} does not exist.",
     },
     "invalid_phone_number": {
-        "es": "El número {number} no es válido ({reason}). Usa el formato E.164, por ejemplo +5215512345678.",
-        "en": "The number {number} is invalid ({reason}). Use the E.164 format, for example +5215512345678.",
+        "es": "El número {number} no es válido ({reason}). Usa el formato E.164, por ejemplo +525512345678.",
+        "en": "The number {number} is invalid ({reason}). Use the E.164 format, for example +525512345678.",
     },
     "empty_body": {
         "es": "El texto del mensaje está vacío.",
