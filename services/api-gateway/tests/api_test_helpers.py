@@ -42,7 +42,7 @@ async def register_device(
 async def send_sms(
     client: AsyncClient,
     sender: ApiUser,
-    to: str = "+5215512345678",
+    to: str = "+525512345678",
     body: str = "Hola",
     headers: dict[str, str] | None = None,
     **fields: Any,

@@ -33,6 +33,8 @@ _HTTP_STATUS_CODES = {
     413: "payload_too_large",
 }
 _REQUEST_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+# Where RequestBodyLimitMiddleware leaves its limit for the 413 message.
+MAX_BODY_SCOPE_KEY = "mensajero.max_body_bytes"
 
 
 def request_language(request: Request) -> str:
@@ -97,7 +99,7 @@ async def handle_http_error(request: Request, error: Exception) -> EnvelopeJSONR
     code = _HTTP_STATUS_CODES.get(error.status_code, "http_error")
     params: dict[str, Any] = {"status": error.status_code}
     if code == "payload_too_large":
-        params["limit"] = request.scope.get("starlette.max_body_size", "?")
+        params["limit"] = request.scope.get(MAX_BODY_SCOPE_KEY, "?")
     body = {
         "success": False,
         "error": code,

@@ -12,6 +12,7 @@ from mensajero_api.auth.security import PasswordHasher
 from mensajero_api.devices.routes import router as devices_router
 from mensajero_api.errors import install_error_handling
 from mensajero_api.health.routes import router as health_router
+from mensajero_api.limits import RequestBodyLimitMiddleware
 from mensajero_api.messages.routes import router as messages_router
 from mensajero_api.quotas import repository as quotas_repository
 from mensajero_api.quotas.service import DefaultPlanMissingError
@@ -84,9 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
         redoc_url="/redoc",
         lifespan=lifespan,
-        max_body_size=MAX_REQUEST_BODY_BYTES,
     )
     app.state.settings = settings or get_settings()
+    app.add_middleware(
+        RequestBodyLimitMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES
+    )
     install_error_handling(app)
     for router in (
         health_router,

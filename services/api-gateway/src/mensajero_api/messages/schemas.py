@@ -15,8 +15,8 @@ DEFAULT_PAGE_SIZE = 50
 
 class SendRequest(BaseModel):
     to: StorableStr = Field(
-        description="Recipient: E.164 (+5215512345678), or national in the user's default region.",
-        examples=["+5215512345678"],
+        description="Recipient: E.164 (+525512345678), or national in the user's default region.",
+        examples=["+525512345678"],
     )
     body: StorableStr = Field(
         description="Text of the SMS, at most SMS_MAX_BODY_LENGTH characters (default 1600)."

@@ -1,0 +1,152 @@
+import httpx
+import pytest
+from api_test_helpers import ApiUser
+from fastapi import FastAPI
+from httpx import AsyncClient
+
+from mensajero_api.main import MAX_REQUEST_BODY_BYTES, create_app
+from mensajero_common.settings import Settings
+from mensajero_common.testing import scaled, serve_app
+
+
+async def test_healthz(client: AsyncClient) -> None:
+    response = await client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readyz(client: AsyncClient) -> None:
+    response = await client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "postgres": "ok", "redis": "ok"}
+
+
+async def test_docs_and_openapi(client: AsyncClient) -> None:
+    docs = await client.get("/docs")
+    redoc = await client.get("/redoc")
+    schema = await client.get("/openapi.json")
+
+    assert docs.status_code == 200
+    assert redoc.status_code == 200
+    paths = schema.json()["paths"]
+    for path in (
+        "/api/v1/users/signup",
+        "/api/v1/login/access-token",
+        "/api/v1/users/me",
+        "/api/v1/sms/devices",
+        "/api/v1/sms/devices/{device_id}",
+        "/api/v1/sms/devices/{device_id}/rotate-key",
+        "/api/v1/sms/send",
+        "/api/v1/sms/messages",
+        "/api/v1/sms/messages/{message_id}",
+        "/api/v1/sms/incoming",
+    ):
+        assert path in paths, path
+    security = schema.json()["components"]["securitySchemes"]
+    assert security["OAuth2PasswordBearer"]["flows"]["password"]["tokenUrl"] == (
+        "/api/v1/login/access-token"
+    )
+
+
+async def test_unknown_route_envelope(client: AsyncClient) -> None:
+    default = await client.get("/api/v1/nothing-here")
+    english = await client.get(
+        "/api/v1/nothing-here", headers={"Accept-Language": "en"}
+    )
+
+    assert default.status_code == 404
+    assert default.json() == {
+        "success": False,
+        "error": "not_found",
+        "message": "El recurso solicitado no existe.",
+    }
+    assert english.json()["message"] == "The requested resource does not exist."
+
+
+async def test_wrong_method_envelope(client: AsyncClient) -> None:
+    response = await client.delete("/api/v1/sms/send")
+
+    assert response.status_code == 405
+    assert response.json()["error"] == "method_not_allowed"
+    assert "POST" in response.headers["allow"]
+
+
+async def test_malformed_json_is_422(client: AsyncClient, user: ApiUser) -> None:
+    response = await client.post(
+        "/api/v1/sms/send",
+        content=b'{"to": "+34612345678", "body": ',
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 422
+    assert response.json()["error"] == "validation_error"
+    assert response.json()["details"][0]["type"] == "json_invalid"
+
+
+async def test_body_over_limit_is_413(client: AsyncClient, user: ApiUser) -> None:
+    response = await client.post(
+        "/api/v1/sms/send",
+        content=b'{"body": "' + b"x" * MAX_REQUEST_BODY_BYTES + b'"}',
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 413
+    assert response.json()["error"] == "payload_too_large"
+    assert str(MAX_REQUEST_BODY_BYTES) in response.json()["message"]
+
+
+async def test_unexpected_error_is_logged_500(
+    app: FastAPI, client: AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def explode() -> None:
+        raise RuntimeError("boom in a handler")
+
+    app.add_api_route("/explode", explode)
+
+    response = await client.get("/explode", headers={"Accept-Language": "en"})
+
+    assert response.status_code == 500
+    assert response.json() == {
+        "success": False,
+        "error": "internal_error",
+        "message": "Internal server error. Try again later.",
+    }
+    logged = capsys.readouterr()
+    assert "boom in a handler" in logged.out + logged.err
+
+
+async def test_missing_default_plan_stops_start(settings: Settings) -> None:
+    broken = settings.model_copy(update={"DEFAULT_PLAN": "platinum"})
+    app = create_app(broken)
+
+    with pytest.raises(RuntimeError, match="DEFAULT_PLAN is 'platinum'"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_serves_over_real_socket(
+    settings: Settings, session_factory: object
+) -> None:
+    async with (
+        serve_app(create_app(settings)) as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=scaled(10)) as client,
+    ):
+        health = await client.get("/healthz")
+        signup = await client.post(
+            "/api/v1/users/signup",
+            json={"email": "socket@example.com", "password": "over-tcp-123"},
+        )
+        login = await client.post(
+            "/api/v1/login/access-token",
+            data={"username": "socket@example.com", "password": "over-tcp-123"},
+        )
+        token = login.json()["access_token"]
+        me = await client.get(
+            "/api/v1/users/me", headers={"Authorization": f"Bearer {token}"}
+        )
+
+    assert health.json() == {"status": "ok"}
+    assert signup.status_code == 201
+    assert me.json()["data"]["email"] == "socket@example.com"

@@ -1,0 +1,290 @@
+import asyncio
+import uuid
+
+from api_test_helpers import ApiUser, MakeUser, count_rows, register_device
+from httpx import AsyncClient
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_common import apikeys
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import SMSDevice, UserQuota
+
+DEVICES_URL = "/api/v1/sms/devices"
+
+
+async def _device_row(
+    session_factory: async_sessionmaker[AsyncSession], device_id: str
+) -> SMSDevice | None:
+    async with session_factory() as session:
+        return await session.get(SMSDevice, uuid.UUID(device_id))
+
+
+async def _devices_registered(
+    session_factory: async_sessionmaker[AsyncSession], user: ApiUser
+) -> int:
+    async with session_factory() as session:
+        quota = await session.scalar(
+            select(UserQuota.devices_registered).where(UserQuota.user_id == user.id)
+        )
+    assert quota is not None
+    return quota
+
+
+async def test_register_device_returns_key_once(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    response = await client.post(
+        DEVICES_URL,
+        json={"name": " Pixel 7 ", "phone_number": "+52 55 1234 5678"},
+        headers=user.headers,
+    )
+
+    assert response.status_code == 201, response.text
+    body = response.json()
+    data = body["data"]
+    assert body["success"] is True
+    assert body["message"].startswith("Dispositivo registrado")
+    assert data["status"] == "registered"
+    assert data["name"] == "Pixel 7"
+    assert data["phone_number"] == "+525512345678"
+    assert data["device_id"] == data["id"]
+    assert data["api_key"].startswith("mdk_")
+    assert data["api_key_prefix"] == data["api_key"][:12]
+
+    row = await _device_row(session_factory, data["device_id"])
+    assert row is not None
+    assert row.api_key_hash == apikeys.hash_api_key(data["api_key"])
+    assert data["api_key"] not in (row.api_key_hash, row.api_key_prefix)
+    assert await _devices_registered(session_factory, user) == 1
+
+    listed = await client.get(DEVICES_URL, headers=user.headers)
+    fetched = await client.get(
+        f"{DEVICES_URL}/{data['device_id']}", headers=user.headers
+    )
+    assert [item["id"] for item in listed.json()["data"]["items"]] == [data["id"]]
+    assert "api_key" not in listed.json()["data"]["items"][0]
+    assert fetched.status_code == 200
+    assert "api_key" not in fetched.json()["data"]
+
+
+async def test_register_device_national_number(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    mexican = await make_user(default_region="MX")
+    no_region = await make_user()
+
+    accepted = await client.post(
+        DEVICES_URL,
+        json={"name": "A", "phone_number": "55 1234 5678"},
+        headers=mexican.headers,
+    )
+    rejected = await client.post(
+        DEVICES_URL,
+        json={"name": "B", "phone_number": "55 1234 5678"},
+        headers=no_region.headers,
+    )
+
+    assert accepted.status_code == 201
+    assert accepted.json()["data"]["phone_number"] == "+525512345678"
+    assert rejected.status_code == 400
+    assert rejected.json()["error"] == "invalid_phone_number"
+    assert rejected.json()["reason"] == "missing_country_code"
+
+
+async def test_register_device_invalid_input(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    for payload in ({}, {"name": "   "}, {"name": "x" * 256}, {"name": "a\u0000b"}):
+        response = await client.post(DEVICES_URL, json=payload, headers=user.headers)
+        assert response.status_code == 422, payload
+        assert response.json()["error"] == "validation_error"
+        assert response.json()["details"][0]["field"] == "name"
+
+
+async def test_update_device(
+    client: AsyncClient, user: ApiUser, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await register_device(client, user, phone_number="+34612345678")
+    url = f"{DEVICES_URL}/{device['device_id']}"
+
+    renamed = await client.put(url, json={"name": "Office"}, headers=user.headers)
+    cleared = await client.put(url, json={"phone_number": None}, headers=user.headers)
+    null_name = await client.put(url, json={"name": None}, headers=user.headers)
+
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["data"]["name"] == "Office"
+    assert renamed.json()["data"]["phone_number"] == "+34612345678"
+    assert cleared.json()["data"]["phone_number"] is None
+    assert cleared.json()["data"]["name"] == "Office"
+    assert null_name.status_code == 422
+
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(redis_keys.device_channel(device["device_id"]))
+    disabled = await client.put(url, json={"is_active": False}, headers=user.headers)
+    assert disabled.json()["data"]["is_active"] is False
+    assert await _next_control_message(pubsub) == b"revoke"
+    await pubsub.aclose()
+
+
+async def _next_control_message(pubsub: object) -> bytes | None:
+    for _ in range(50):
+        message = await pubsub.get_message(  # type: ignore[attr-defined]
+            ignore_subscribe_messages=True, timeout=0.1
+        )
+        if message is not None:
+            data: bytes = message["data"]
+            return data
+    return None
+
+
+async def test_rotate_key(
+    client: AsyncClient,
+    user: ApiUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    device = await register_device(client, user)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(redis_keys.device_channel(device["device_id"]))
+
+    response = await client.post(
+        f"{DEVICES_URL}/{device['device_id']}/rotate-key", headers=user.headers
+    )
+
+    assert response.status_code == 200, response.text
+    new_key = response.json()["data"]["api_key"]
+    assert new_key != device["api_key"]
+    assert response.json()["data"]["device_id"] == device["device_id"]
+    row = await _device_row(session_factory, device["device_id"])
+    assert row is not None
+    assert row.api_key_hash == apikeys.hash_api_key(new_key)
+    assert await _next_control_message(pubsub) == b"revoke"
+    await pubsub.aclose()
+
+
+async def test_delete_device_frees_slot(
+    client: AsyncClient,
+    make_user: MakeUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="free")
+    device = await register_device(client, owner)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(redis_keys.device_channel(device["device_id"]))
+
+    deleted = await client.delete(
+        f"{DEVICES_URL}/{device['device_id']}",
+        headers={**owner.headers, "Accept-Language": "en"},
+    )
+
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["data"] == {"device_id": device["device_id"], "deleted": True}
+    assert deleted.json()["message"] == "Device deleted; its API key no longer works."
+    assert await _next_control_message(pubsub) == b"revoke"
+    await pubsub.aclose()
+    assert await _device_row(session_factory, device["device_id"]) is None
+    assert await _devices_registered(session_factory, owner) == 0
+
+    again = await client.get(
+        f"{DEVICES_URL}/{device['device_id']}", headers=owner.headers
+    )
+    assert again.status_code == 404
+    await register_device(client, owner, name="Replacement")
+
+
+async def test_device_limit_on_free_plan(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user(plan="free")
+    await register_device(client, owner)
+
+    response = await client.post(
+        DEVICES_URL, json={"name": "Second"}, headers=owner.headers
+    )
+
+    assert response.status_code == 429
+    assert response.json() == {
+        "success": False,
+        "error": "quota_exceeded",
+        "message": "Límite de 1 dispositivos alcanzado",
+        "quota_type": "devices",
+        "limit": 1,
+        "used": 1,
+        "available": 0,
+        "reset_date": None,
+        "upgrade_url": "/api/v1/sms/plans",
+    }
+
+
+async def test_parallel_registrations_take_one_slot(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="free")
+
+    responses = await asyncio.gather(
+        *(
+            client.post(DEVICES_URL, json={"name": f"Phone {n}"}, headers=owner.headers)
+            for n in range(10)
+        )
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [201] + [429] * 9
+    assert await count_rows(session_factory, SMSDevice, user_id=owner.id) == 1
+    assert await _devices_registered(session_factory, owner) == 1
+
+
+async def test_other_users_device_is_not_found(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="pro")
+    stranger = await make_user(plan="pro")
+    device = await register_device(client, owner)
+    url = f"{DEVICES_URL}/{device['device_id']}"
+
+    responses = [
+        await client.get(url, headers=stranger.headers),
+        await client.put(url, json={"name": "Mine now"}, headers=stranger.headers),
+        await client.post(f"{url}/rotate-key", headers=stranger.headers),
+        await client.delete(url, headers=stranger.headers),
+    ]
+
+    for response in responses:
+        assert response.status_code == 404, response.request.method
+        assert response.json()["error"] == "device_not_found"
+        assert response.json()["device_id"] == device["device_id"]
+    row = await _device_row(session_factory, device["device_id"])
+    assert row is not None
+    assert row.name == "Pixel"
+    assert row.api_key_hash == apikeys.hash_api_key(device["api_key"])
+    listed = await client.get(DEVICES_URL, headers=stranger.headers)
+    assert listed.json()["data"]["items"] == []
+
+
+async def test_device_id_any_case(client: AsyncClient, user: ApiUser) -> None:
+    device = await register_device(client, user)
+
+    response = await client.get(
+        f"{DEVICES_URL}/{device['device_id'].upper()}", headers=user.headers
+    )
+
+    assert response.status_code == 200
+    assert response.json()["data"]["id"] == device["device_id"]
+
+
+async def test_devices_require_token(client: AsyncClient) -> None:
+    response = await client.get(DEVICES_URL)
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "not_authenticated"

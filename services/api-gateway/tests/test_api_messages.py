@@ -1,0 +1,691 @@
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from api_test_helpers import ApiUser, MakeUser, count_rows, register_device, send_sms
+from httpx import AsyncClient
+from redis.asyncio import Redis
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_api.quotas.service import next_quota_reset
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import (
+    MessageStatus,
+    MessageType,
+    SMSMessage,
+    UserQuota,
+)
+from mensajero_common.settings import Settings
+
+MESSAGES_URL = "/api/v1/sms/messages"
+INCOMING_URL = "/api/v1/sms/incoming"
+
+
+async def _sms_sent(
+    session_factory: async_sessionmaker[AsyncSession], user: ApiUser
+) -> int:
+    async with session_factory() as session:
+        used = await session.scalar(
+            select(UserQuota.sms_sent_this_month).where(UserQuota.user_id == user.id)
+        )
+    assert used is not None
+    return used
+
+
+async def _set_sms_sent(
+    session_factory: async_sessionmaker[AsyncSession], user: ApiUser, used: int
+) -> None:
+    async with session_factory() as session:
+        await session.execute(
+            update(UserQuota)
+            .where(UserQuota.user_id == user.id)
+            .values(sms_sent_this_month=used)
+        )
+        await session.commit()
+
+
+async def _stream_message_ids(redis: Redis, redis_keys: RedisKeys) -> list[str]:
+    entries = await redis.xrange(redis_keys.new_messages_stream)
+    return [fields[b"message_id"].decode() for _, fields in entries]
+
+
+async def _insert_message(
+    session_factory: async_sessionmaker[AsyncSession], user: ApiUser, **fields: Any
+) -> uuid.UUID:
+    values: dict[str, Any] = {
+        "user_id": user.id,
+        "type": MessageType.OUTGOING,
+        "status": MessageStatus.PENDING,
+        "to_number": "+525512345678",
+        "body": "seeded",
+        **fields,
+    }
+    message = SMSMessage(**values)
+    async with session_factory() as session:
+        session.add(message)
+        await session.commit()
+    return message.id
+
+
+async def test_send_happy_path(
+    client: AsyncClient,
+    user: ApiUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    response = await send_sms(client, user, to="+52 55 1234 5678", body="Hola mundo")
+
+    assert response.status_code == 201, response.text
+    body = response.json()
+    data = body["data"]
+    assert body["success"] is True
+    assert body["message"] == "Mensaje en cola para envío."
+    assert data["status"] == "pending"
+    assert data["segments"] == 1
+    assert data["encoding"] == "gsm7"
+    assert data["to"] == "+525512345678"
+
+    async with session_factory() as session:
+        row = await session.get(SMSMessage, uuid.UUID(data["message_id"]))
+    assert row is not None
+    assert row.status == MessageStatus.PENDING
+    assert row.type == MessageType.OUTGOING
+    assert row.to_number == "+525512345678"
+    assert row.body == "Hola mundo"
+    assert row.device_id is None
+    assert row.requested_device_id is None
+    assert await _stream_message_ids(redis, redis_keys) == [data["message_id"]]
+    assert await _sms_sent(session_factory, user) == 1
+
+
+async def test_send_counts_segments(client: AsyncClient, user: ApiUser) -> None:
+    long_gsm = await send_sms(client, user, body="a" * 161)
+    emoji = await send_sms(client, user, body="Hola 👋")
+
+    assert long_gsm.json()["data"]["segments"] == 2
+    assert long_gsm.json()["data"]["encoding"] == "gsm7"
+    assert emoji.json()["data"]["segments"] == 1
+    assert emoji.json()["data"]["encoding"] == "ucs2"
+
+
+async def test_send_with_own_device(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    device = await register_device(client, user)
+
+    response = await send_sms(client, user, device_id=device["device_id"].upper())
+
+    assert response.status_code == 201, response.text
+    async with session_factory() as session:
+        row = await session.get(
+            SMSMessage, uuid.UUID(response.json()["data"]["message_id"])
+        )
+    assert row is not None
+    assert str(row.device_id) == device["device_id"]
+    assert str(row.requested_device_id) == device["device_id"]
+
+
+async def test_send_malformed_numbers(
+    client: AsyncClient,
+    user: ApiUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    cases = {
+        "hello": "missing_country_code",
+        "+hello": "not_a_number",
+        "+1": "not_a_number",
+        "+999123456789": "invalid_country_code",
+        "+52123": "too_short",
+        "": "not_a_number",
+    }
+
+    for number, reason in cases.items():
+        response = await send_sms(client, user, to=number)
+        assert response.status_code == 400, number
+        body = response.json()
+        assert body["error"] == "invalid_phone_number", number
+        assert body["number"] == number
+        assert body["reason"] == reason, number
+        assert "E.164" in body["message"]
+
+    assert await count_rows(session_factory, SMSMessage) == 0
+    assert await _stream_message_ids(redis, redis_keys) == []
+    assert await _sms_sent(session_factory, user) == 0
+
+
+async def test_send_national_number_uses_region(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    mexican = await make_user(default_region="MX")
+    spanish = await make_user(default_region="ES")
+    no_region = await make_user()
+
+    from_mexico = await send_sms(client, mexican, to="55 1234 5678")
+    from_spain = await send_sms(client, spanish, to="612 34 56 78")
+    rejected = await send_sms(client, no_region, to="55 1234 5678")
+    wrong_region = await send_sms(client, spanish, to="55 1234 5678")
+
+    assert from_mexico.status_code == 201
+    assert from_mexico.json()["data"]["to"] == "+525512345678"
+    assert from_spain.json()["data"]["to"] == "+34612345678"
+    assert rejected.status_code == 400
+    assert rejected.json()["reason"] == "missing_country_code"
+    assert wrong_region.status_code == 400
+    assert wrong_region.json()["error"] == "invalid_phone_number"
+
+
+async def test_send_empty_body(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    for text in ("", "   ", "\n\t"):
+        response = await send_sms(client, user, body=text)
+        assert response.status_code == 400, repr(text)
+        assert response.json()["error"] == "empty_body"
+    assert await count_rows(session_factory, SMSMessage) == 0
+    assert await _sms_sent(session_factory, user) == 0
+
+
+async def test_send_oversize_body(
+    client: AsyncClient,
+    user: ApiUser,
+    settings: Settings,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    limit = settings.SMS_MAX_BODY_LENGTH
+
+    at_limit = await send_sms(client, user, body="b" * limit)
+    over = await send_sms(client, user, body="b" * (limit + 1))
+
+    assert at_limit.status_code == 201
+    assert over.status_code == 400
+    assert over.json()["error"] == "body_too_long"
+    assert over.json()["length"] == limit + 1
+    assert over.json()["limit"] == limit
+    assert await count_rows(session_factory, SMSMessage) == 1
+    assert await _sms_sent(session_factory, user) == 1
+
+
+async def test_send_body_with_nul(client: AsyncClient, user: ApiUser) -> None:
+    response = await send_sms(client, user, body="a\u0000b")
+
+    assert response.status_code == 422
+    assert response.json()["details"][0]["field"] == "body"
+
+
+async def test_send_from_other_users_device(
+    client: AsyncClient,
+    make_user: MakeUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="pro")
+    stranger = await make_user(plan="pro")
+    device = await register_device(client, owner)
+
+    response = await send_sms(client, stranger, device_id=device["device_id"])
+    unknown = await send_sms(client, stranger, device_id=str(uuid.uuid4()))
+
+    assert response.status_code == 404
+    assert response.json()["error"] == "device_not_found"
+    assert response.json()["device_id"] == device["device_id"]
+    assert unknown.status_code == 404
+    assert await count_rows(session_factory, SMSMessage) == 0
+    assert await _stream_message_ids(redis, redis_keys) == []
+    assert await _sms_sent(session_factory, stranger) == 0
+
+
+async def test_send_from_inactive_device(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    device = await register_device(client, user)
+    await client.put(
+        f"/api/v1/sms/devices/{device['device_id']}",
+        json={"is_active": False},
+        headers=user.headers,
+    )
+
+    response = await send_sms(client, user, device_id=device["device_id"])
+
+    assert response.status_code == 409
+    assert response.json()["error"] == "device_inactive"
+    assert await count_rows(session_factory, SMSMessage) == 0
+
+
+async def test_send_quota_exhausted(
+    client: AsyncClient,
+    make_user: MakeUser,
+    settings: Settings,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="free")
+    await _set_sms_sent(session_factory, owner, 50)
+
+    response = await send_sms(client, owner)
+
+    assert response.status_code == 429
+    expected_reset = next_quota_reset(datetime.now(UTC), settings.QUOTA_RESET_DAY)
+    assert response.json() == {
+        "success": False,
+        "error": "quota_exceeded",
+        "message": "Has alcanzado el límite de 50 SMS este mes",
+        "quota_type": "sms_monthly",
+        "limit": 50,
+        "used": 50,
+        "available": 0,
+        "reset_date": expected_reset.isoformat().replace("+00:00", "Z"),
+        "upgrade_url": "/api/v1/sms/plans",
+    }
+    assert int(response.headers["retry-after"]) > 0
+    assert await count_rows(session_factory, SMSMessage) == 0
+    assert await _sms_sent(session_factory, owner) == 50
+
+
+async def test_parallel_sends_with_one_left(
+    client: AsyncClient,
+    make_user: MakeUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="free")
+    await _set_sms_sent(session_factory, owner, 49)
+
+    responses = await asyncio.gather(
+        *(send_sms(client, owner, body=f"message {n}") for n in range(50))
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [201] + [429] * 49
+    assert await count_rows(session_factory, SMSMessage) == 1
+    assert await _sms_sent(session_factory, owner) == 50
+    assert len(await _stream_message_ids(redis, redis_keys)) == 1
+
+
+async def test_idempotent_repeat_returns_first(
+    client: AsyncClient,
+    user: ApiUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    key = {"Idempotency-Key": "order-1234"}
+
+    first = await send_sms(client, user, body="Tu código es 1234", headers=key)
+    repeat = await send_sms(client, user, body="Tu código es 1234", headers=key)
+
+    assert first.status_code == 201
+    assert repeat.status_code == 200
+    assert repeat.headers["idempotent-replayed"] == "true"
+    assert repeat.json()["data"] == first.json()["data"]
+    assert await count_rows(session_factory, SMSMessage) == 1
+    assert await _sms_sent(session_factory, user) == 1
+    assert len(await _stream_message_ids(redis, redis_keys)) == 1
+
+
+async def test_idempotency_key_with_other_request(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    key = {"Idempotency-Key": "order-5678"}
+    await send_sms(client, user, body="first", headers=key)
+
+    other_body = await send_sms(client, user, body="second", headers=key)
+    other_number = await send_sms(
+        client, user, to="+34612345678", body="first", headers=key
+    )
+
+    for response in (other_body, other_number):
+        assert response.status_code == 409
+        assert response.json()["error"] == "idempotency_key_reused"
+    assert await count_rows(session_factory, SMSMessage) == 1
+    assert await _sms_sent(session_factory, user) == 1
+
+
+async def test_idempotency_key_per_user(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    first_user = await make_user()
+    second_user = await make_user()
+    key = {"Idempotency-Key": "shared-key"}
+
+    first = await send_sms(client, first_user, headers=key)
+    second = await send_sms(client, second_user, headers=key)
+
+    assert first.status_code == 201
+    assert second.status_code == 201
+    assert first.json()["data"]["message_id"] != second.json()["data"]["message_id"]
+    assert await count_rows(session_factory, SMSMessage) == 2
+
+
+async def test_idempotent_concurrent_repeats(
+    client: AsyncClient,
+    make_user: MakeUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="free")
+    # One SMS left: a repeat must replay the first message, not hit the spent quota.
+    await _set_sms_sent(session_factory, owner, 49)
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+
+    responses = await asyncio.gather(
+        *(send_sms(client, owner, body="same", headers=key) for _ in range(10))
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [200] * 9 + [201]
+    assert len({response.json()["data"]["message_id"] for response in responses}) == 1
+    assert await count_rows(session_factory, SMSMessage) == 1
+    assert await _sms_sent(session_factory, owner) == 50
+    assert len(await _stream_message_ids(redis, redis_keys)) == 1
+
+
+async def test_idempotency_key_too_long(client: AsyncClient, user: ApiUser) -> None:
+    response = await send_sms(client, user, headers={"Idempotency-Key": "k" * 256})
+
+    assert response.status_code == 422
+    assert response.json()["details"][0]["location"] == "header"
+
+
+async def test_read_message(client: AsyncClient, user: ApiUser) -> None:
+    sent = await send_sms(client, user, body="Hola")
+    message_id = sent.json()["data"]["message_id"]
+
+    lower = await client.get(f"{MESSAGES_URL}/{message_id}", headers=user.headers)
+    upper = await client.get(
+        f"{MESSAGES_URL}/{message_id.upper()}", headers=user.headers
+    )
+
+    assert lower.status_code == 200
+    assert upper.json() == lower.json()
+    data = lower.json()["data"]
+    assert data["id"] == message_id
+    assert data["type"] == "outgoing"
+    assert data["status"] == "pending"
+    assert data["to"] == "+525512345678"
+    assert data["from"] is None
+    assert data["body"] == "Hola"
+    assert data["attempts"] == 0
+    assert data["error"] is None
+    for name in ("created_at", "assigned_at", "sent_at", "delivered_at", "failed_at"):
+        assert name in data
+
+
+async def test_other_users_message_is_not_found(
+    client: AsyncClient,
+    make_user: MakeUser,
+) -> None:
+    owner = await make_user()
+    stranger = await make_user()
+    sent = await send_sms(client, owner)
+    message_id = sent.json()["data"]["message_id"]
+
+    response = await client.get(
+        f"{MESSAGES_URL}/{message_id}", headers=stranger.headers
+    )
+    listed = await client.get(MESSAGES_URL, headers=stranger.headers)
+
+    assert response.status_code == 404
+    assert response.json()["error"] == "message_not_found"
+    assert response.json()["message_id"] == message_id
+    assert listed.json()["data"]["items"] == []
+
+
+async def _collect_ids(
+    client: AsyncClient, user: ApiUser, url: str, params: dict[str, Any]
+) -> list[str]:
+    response = await client.get(url, params=params, headers=user.headers)
+    assert response.status_code == 200, response.text
+    return [item["id"] for item in response.json()["data"]["items"]]
+
+
+async def _ids_in_key_order(
+    session_factory: async_sessionmaker[AsyncSession], *, descending: bool
+) -> list[str]:
+    async with session_factory() as session:
+        rows = (
+            await session.execute(select(SMSMessage.created_at, SMSMessage.id))
+        ).all()
+    ordered = sorted(rows, reverse=descending)
+    return [str(row.id) for row in ordered]
+
+
+async def test_pagination_with_inserts_between_pages(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    base = datetime.now(UTC) - timedelta(hours=1)
+    # Three rows share one timestamp, as the rows of one transaction do.
+    offsets = [0, 1, 1, 1, 2, 3, 4]
+    seeded = [
+        await _insert_message(
+            session_factory, user, created_at=base + timedelta(seconds=offset)
+        )
+        for offset in offsets
+    ]
+    seeded_ids = {str(message_id) for message_id in seeded}
+
+    for order in ("desc", "asc"):
+        seen: list[str] = []
+        inserted: list[str] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 3, "order": order}
+            if cursor:
+                params["cursor"] = cursor
+            response = await client.get(
+                MESSAGES_URL, params=params, headers=user.headers
+            )
+            page = response.json()["data"]
+            seen.extend(item["id"] for item in page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+            new_id = await _insert_message(session_factory, user, body="between pages")
+            inserted.append(str(new_id))
+
+        assert len(seen) == len(set(seen)), order
+        assert seeded_ids <= set(seen), order
+        expected = await _ids_in_key_order(session_factory, descending=order == "desc")
+        assert seen == [message_id for message_id in expected if message_id in seen]
+        if order == "asc":
+            # Rows committed after the walk began come after every seeded row.
+            assert set(inserted) <= set(seen)
+        else:
+            assert not set(inserted) & set(seen)
+
+
+async def test_pagination_order_and_end(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    base = datetime.now(UTC) - timedelta(days=1)
+    ids = [
+        str(
+            await _insert_message(
+                session_factory, user, created_at=base + timedelta(minutes=n)
+            )
+        )
+        for n in range(4)
+    ]
+
+    newest_first = await client.get(
+        MESSAGES_URL, params={"limit": 4}, headers=user.headers
+    )
+    oldest_first = await client.get(
+        MESSAGES_URL, params={"limit": 10, "order": "asc"}, headers=user.headers
+    )
+
+    assert [item["id"] for item in newest_first.json()["data"]["items"]] == ids[::-1]
+    assert newest_first.json()["data"]["next_cursor"] is None
+    assert [item["id"] for item in oldest_first.json()["data"]["items"]] == ids
+    assert oldest_first.json()["data"]["limit"] == 10
+
+
+async def test_pagination_invalid_cursor(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    for _ in range(3):
+        await _insert_message(session_factory, user)
+    first = await client.get(MESSAGES_URL, params={"limit": 1}, headers=user.headers)
+    desc_cursor = first.json()["data"]["next_cursor"]
+
+    for params in (
+        {"cursor": "garbage!"},
+        {"cursor": "eyJ0IjoxfQ"},
+        {"cursor": desc_cursor, "order": "asc"},
+    ):
+        response = await client.get(MESSAGES_URL, params=params, headers=user.headers)
+        assert response.status_code == 400, params
+        assert response.json()["error"] == "invalid_cursor"
+
+    for limit in (0, 101):
+        response = await client.get(
+            MESSAGES_URL, params={"limit": limit}, headers=user.headers
+        )
+        assert response.status_code == 422
+
+
+async def test_list_filters(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(default_region="MX", plan="pro")
+    device = await register_device(client, owner)
+    device_id = uuid.UUID(device["device_id"])
+    jan = datetime(2026, 1, 15, 12, tzinfo=UTC)
+    feb = datetime(2026, 2, 15, 12, tzinfo=UTC)
+    sent = await _insert_message(
+        session_factory,
+        owner,
+        status=MessageStatus.SENT,
+        created_at=jan,
+        device_id=device_id,
+        to_number="+525512345678",
+    )
+    failed = await _insert_message(
+        session_factory,
+        owner,
+        status=MessageStatus.FAILED,
+        created_at=feb,
+        to_number="+34612345678",
+    )
+    incoming = await _insert_message(
+        session_factory,
+        owner,
+        type=MessageType.INCOMING,
+        status=MessageStatus.RECEIVED,
+        created_at=feb,
+        to_number=None,
+        from_number="+525512345678",
+        device_id=device_id,
+    )
+
+    async def ids(params: Any) -> set[str]:
+        return set(await _collect_ids(client, owner, MESSAGES_URL, params))
+
+    assert await ids({"status": "sent"}) == {str(sent)}
+    assert await ids([("status", "sent"), ("status", "failed")]) == {
+        str(sent),
+        str(failed),
+    }
+    assert await ids({"type": "incoming"}) == {str(incoming)}
+    assert await ids({"device_id": str(device_id)}) == {str(sent), str(incoming)}
+    # A national number read in the user's region matches both directions.
+    assert await ids({"phone": "55 1234 5678"}) == {str(sent), str(incoming)}
+    assert await ids({"date_from": "2026-02-01"}) == {str(failed), str(incoming)}
+    assert await ids({"date_to": "2026-01-15"}) == {str(sent)}
+    assert await ids({"date_to": "2026-01-15T11:59:59Z"}) == set()
+    assert await ids(
+        {"date_from": "2026-01-15T12:00:00Z", "date_to": "2026-01-15T12:00:00Z"}
+    ) == {str(sent)}
+    assert await ids({"status": "delivered"}) == set()
+
+    inverted = await client.get(
+        MESSAGES_URL,
+        params={"date_from": "2026-03-01", "date_to": "2026-02-01"},
+        headers=owner.headers,
+    )
+    bad_phone = await client.get(
+        MESSAGES_URL, params={"phone": "abc"}, headers=owner.headers
+    )
+    bad_status = await client.get(
+        MESSAGES_URL, params={"status": "lost"}, headers=owner.headers
+    )
+    bad_date = await client.get(
+        MESSAGES_URL, params={"date_from": "yesterday"}, headers=owner.headers
+    )
+    assert inverted.status_code == 400
+    assert inverted.json()["error"] == "invalid_date_range"
+    assert bad_phone.status_code == 400
+    assert bad_phone.json()["error"] == "invalid_phone_number"
+    assert bad_status.status_code == 422
+    assert bad_date.status_code == 422
+
+
+async def test_incoming_listing(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    await _insert_message(session_factory, user)
+    incoming = await _insert_message(
+        session_factory,
+        user,
+        type=MessageType.INCOMING,
+        status=MessageStatus.RECEIVED,
+        to_number=None,
+        from_number="+34612345678",
+        body="Hola desde el teléfono",
+    )
+
+    listed = await client.get(INCOMING_URL, headers=user.headers)
+    forced = await client.get(
+        INCOMING_URL, params={"type": "outgoing"}, headers=user.headers
+    )
+
+    items = listed.json()["data"]["items"]
+    assert [item["id"] for item in items] == [str(incoming)]
+    assert items[0]["from"] == "+34612345678"
+    assert items[0]["status"] == "received"
+    assert [item["id"] for item in forced.json()["data"]["items"]] == [str(incoming)]
+
+
+async def test_errors_follow_accept_language(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    default = await send_sms(client, user, body=" ")
+    english = await send_sms(
+        client, user, body=" ", headers={"Accept-Language": "en-US,en;q=0.9"}
+    )
+    french = await send_sms(client, user, body=" ", headers={"Accept-Language": "fr"})
+    sent = await send_sms(client, user, headers={"Accept-Language": "en"})
+
+    assert default.json()["message"] == "El texto del mensaje está vacío."
+    assert default.headers["content-language"] == "es"
+    assert english.json()["message"] == "The message body is empty."
+    assert english.headers["content-language"] == "en"
+    assert english.json()["error"] == default.json()["error"] == "empty_body"
+    assert french.json()["message"] == default.json()["message"]
+    assert sent.json()["message"] == "Message queued for sending."

@@ -1,0 +1,91 @@
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from mensajero_api.auth.security import (
+    TokenDecodeError,
+    create_access_token,
+    decode_access_token,
+)
+from mensajero_api.messages.cursor import (
+    Cursor,
+    InvalidCursorError,
+    decode_cursor,
+    encode_cursor,
+)
+from mensajero_api.quotas.service import next_quota_reset
+from mensajero_common.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("now", "reset_day", "expected"),
+    [
+        (datetime(2024, 1, 15, 10, tzinfo=UTC), 1, datetime(2024, 2, 1, tzinfo=UTC)),
+        (
+            datetime(2024, 1, 1, 0, 0, 1, tzinfo=UTC),
+            1,
+            datetime(2024, 2, 1, tzinfo=UTC),
+        ),
+        (datetime(2024, 1, 9, 23, tzinfo=UTC), 10, datetime(2024, 1, 10, tzinfo=UTC)),
+        (datetime(2024, 12, 31, 23, tzinfo=UTC), 1, datetime(2025, 1, 1, tzinfo=UTC)),
+        (datetime(2024, 12, 28, 12, tzinfo=UTC), 28, datetime(2025, 1, 28, tzinfo=UTC)),
+        # 20:00 on Jan 31 in Mexico City is already Feb 1 in UTC.
+        (
+            datetime(2024, 1, 31, 20, tzinfo=timezone(timedelta(hours=-6))),
+            1,
+            datetime(2024, 3, 1, tzinfo=UTC),
+        ),
+    ],
+)
+def test_next_quota_reset(now: datetime, reset_day: int, expected: datetime) -> None:
+    assert next_quota_reset(now, reset_day) == expected
+
+
+def test_cursor_round_trip() -> None:
+    cursor = Cursor(
+        created_at=datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC),
+        message_id=uuid.uuid4(),
+        order="desc",
+    )
+
+    token = encode_cursor(cursor)
+
+    assert "=" not in token
+    assert decode_cursor(token, "desc") == cursor
+    with pytest.raises(InvalidCursorError):
+        decode_cursor(token, "asc")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "%%%",
+        "bm90IGpzb24",
+        "W10",
+        "eyJ0IjoiMjAyNC0wMS0wMSIsImkiOiJ4IiwibyI6ImRlc2MifQ",
+    ],
+)
+def test_cursor_rejects_garbage(token: str) -> None:
+    with pytest.raises(InvalidCursorError):
+        decode_cursor(token, "desc")
+
+
+def test_access_token_claims(settings: Settings) -> None:
+    user_id = uuid.uuid4()
+    token = create_access_token(user_id, 3, settings)
+
+    claims = decode_access_token(token.token, settings)
+
+    assert claims.user_id == user_id
+    assert claims.token_version == 3
+    assert token.expires_in_s == settings.ACCESS_TOKEN_EXPIRE_MINUTES * 60
+
+
+def test_access_token_other_secret(settings: Settings) -> None:
+    token = create_access_token(uuid.uuid4(), 0, settings).token
+    other = settings.model_copy(update={"SECRET_KEY": "x" * 48})
+
+    with pytest.raises(TokenDecodeError):
+        decode_access_token(token, other)
