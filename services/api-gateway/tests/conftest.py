@@ -1,8 +1,8 @@
 """Fixtures of the api-gateway tests: the app inside its lifespan, a client, and users.
 
-Users made by `make_user` get their password hash from one argon2 run per test session
-and their token from `create_access_token`, because hashing with the production
-parameters takes about 0.1 s; the sign-up and login tests go through the real endpoints.
+Hashing with the production argon2 parameters takes about 0.1 s. So users made by
+`make_user` share a hash computed once per test session and get their token from
+`create_access_token`. The sign-up and login tests go through the real endpoints.
 """
 
 import uuid

@@ -18,8 +18,8 @@ from mensajero_common.settings import Settings
 
 TOKEN_URL = "/api/v1/login/access-token"
 
-# auto_error=False so that a missing token raises our own localized 401 envelope; the
-# scheme still tells Swagger UI where its Authorize button gets a token.
+# auto_error=False lets a missing token raise our own localized 401 envelope. The scheme
+# still gives Swagger UI the URL where its Authorize button gets a token.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
 
 

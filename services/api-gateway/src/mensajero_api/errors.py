@@ -33,7 +33,7 @@ _HTTP_STATUS_CODES = {
     413: "payload_too_large",
 }
 _REQUEST_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
-# Where RequestBodyLimitMiddleware leaves its limit for the 413 message.
+# Scope key of the body size limit, set by RequestBodyLimitMiddleware for the 413 message.
 MAX_BODY_SCOPE_KEY = "mensajero.max_body_bytes"
 
 
@@ -46,7 +46,6 @@ def request_language(request: Request) -> str:
 
 
 def _error_response(
-    request: Request,
     status_code: int,
     body: dict[str, Any],
     language: str,
@@ -61,7 +60,7 @@ async def handle_app_error(request: Request, error: Exception) -> EnvelopeJSONRe
     assert isinstance(error, AppError)
     language = request_language(request)
     return _error_response(
-        request, error.status_code, error.to_body(language), language, error.headers
+        error.status_code, error.to_body(language), language, error.headers
     )
 
 
@@ -90,7 +89,7 @@ async def handle_validation_error(
         "message": translate("validation_error", language),
         "details": [_describe_validation_item(item) for item in error.errors()],
     }
-    return _error_response(request, 422, body, language)
+    return _error_response(422, body, language)
 
 
 async def handle_http_error(request: Request, error: Exception) -> EnvelopeJSONResponse:
@@ -105,7 +104,7 @@ async def handle_http_error(request: Request, error: Exception) -> EnvelopeJSONR
         "error": code,
         "message": translate(code, language, **params),
     }
-    return _error_response(request, error.status_code, body, language, error.headers)
+    return _error_response(error.status_code, body, language, error.headers)
 
 
 class UnhandledErrorMiddleware:
@@ -145,7 +144,7 @@ class UnhandledErrorMiddleware:
                 "error": "internal_error",
                 "message": translate("internal_error", language),
             }
-            response = _error_response(request, 500, body, language)
+            response = _error_response(500, body, language)
             await response(scope, receive, send)
 
 

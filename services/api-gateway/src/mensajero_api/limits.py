@@ -1,7 +1,7 @@
-"""A cap on the size of request bodies, answered with the 413 error envelope.
+"""A request body size limit that returns the 413 error envelope.
 
-FastAPI's own `max_body_size` answers a too-large declared Content-Length with a plain
-text body of its own, so the API enforces the cap here instead.
+FastAPI's own `max_body_size` returns a plain text body when the declared Content-Length
+is too large, so the API enforces the limit here instead.
 """
 
 from starlette.datastructures import Headers

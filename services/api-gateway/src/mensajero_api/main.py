@@ -64,10 +64,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         passwords=PasswordHasher(),
     )
     try:
-        await _check_default_plan(resources)
-        await ensure_first_superuser(
-            resources.session_factory, resources.passwords, settings
-        )
+        try:
+            await _check_default_plan(resources)
+            await ensure_first_superuser(
+                resources.session_factory, resources.passwords, settings
+            )
+        except Exception as error:
+            # The URLs are left out of the log because they may contain passwords.
+            logger.error("api-gateway failed to start", error=str(error))
+            raise
         app.state.resources = resources
         logger.info("api-gateway started", environment=settings.ENVIRONMENT.value)
         yield

@@ -1,4 +1,4 @@
-"""What the API opens at start and shares between requests."""
+"""Connections and helpers that the API opens at start and shares between requests."""
 
 from dataclasses import dataclass
 

@@ -23,7 +23,7 @@ async def login_access_token(
 ) -> Token:
     """Exchange an email (`username`) and password, sent as a form, for a bearer token.
 
-    The answer is the bare OAuth2 token body (`access_token`, `token_type`, `expires_in`),
+    The response is the bare OAuth2 token body (`access_token`, `token_type`, `expires_in`),
     not the `{"success", "data"}` envelope, so that OAuth2 clients and the Authorize button
     of /docs can read it. Errors use the usual error envelope.
     """

@@ -24,8 +24,8 @@ class PasswordHasher:
     """Hash and verify passwords in worker threads, a bounded number at a time.
 
     pwdlib's argon2id defaults (argon2-cffi's RFC 9106 low-memory profile: 64 MiB, 3 passes,
-    4 lanes) take about 0.1 s of CPU per call, so hashing runs off the event loop, and the
-    semaphore keeps a burst of logins from holding 64 MiB per request all at once.
+    4 lanes) take about 0.1 s of CPU per call, so hashing runs off the event loop. The
+    semaphore keeps a burst of logins from taking 64 MiB per request all at once.
     """
 
     def __init__(self, max_concurrent: int | None = None) -> None:
@@ -48,7 +48,7 @@ class PasswordHasher:
                 return False
 
     async def verify_dummy(self, password: str) -> None:
-        """Spend the time of one verification, so unknown emails answer as slowly as known ones."""
+        """Spend the time of one verification, so that an unknown email takes as long as a known one."""
         if self._dummy_hash is None:
             self._dummy_hash = await self.hash(secrets.token_urlsafe(16))
         await self.verify(password, self._dummy_hash)

@@ -155,7 +155,7 @@ async def delete_device(
     logger.info("device deleted", user_id=str(user.id), device_id=str(device_id))
     await _revoke_connection(redis, keys, device_id)
     try:
-        # Nobody reads the tasks of a deleted device any more.
+        # The device can never connect again, so its task stream would only take memory.
         await redis.delete(keys.device_tasks_stream(device_id))
     except RedisError:
         logger.exception(
@@ -166,8 +166,9 @@ async def delete_device(
 async def _revoke_connection(
     redis: Redis, keys: RedisKeys, device_id: uuid.UUID
 ) -> None:
-    # The change is committed either way; if Redis is down the hub misses this message,
-    # and a live socket with the old key lasts until it reconnects (and then fails).
+    # The change is committed either way. If Redis is down, the hub misses this message,
+    # so a live socket with the old key stays open until it disconnects, and connecting
+    # again with that key fails.
     try:
         await queues.publish_device_control(redis, keys, device_id, CHANNEL_REVOKE)
     except RedisError:

@@ -15,13 +15,13 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
-    """Answer while the process serves requests; checks no dependency."""
+    """Return 200 while the process serves requests, without checking any dependency."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
 async def readyz(resources: ResourcesDep, response: Response) -> dict[str, str]:
-    """Answer 200 when Postgres and Redis both respond, else 503 naming the failing one."""
+    """Return 200 when Postgres and Redis both respond, else 503 marking the one that failed."""
     checks = {"postgres": "ok", "redis": "ok"}
     try:
         async with resources.engine.connect() as connection:

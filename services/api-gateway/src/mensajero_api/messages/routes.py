@@ -75,7 +75,7 @@ async def send_sms(
 
     Errors: 400 `invalid_phone_number`, `empty_body`, `body_too_long`; 404
     `device_not_found`; 409 `device_inactive`, `idempotency_key_reused`; 429
-    `quota_exceeded` (monthly SMS). A repeat with the same `Idempotency-Key` answers 200
+    `quota_exceeded` (monthly SMS). A repeat with the same `Idempotency-Key` returns 200
     with the first message and its current status, and header `Idempotent-Replayed: true`.
     """
     outcome = await service.send_message(

@@ -173,7 +173,9 @@ async def send_message(
             session, user.id, idempotency_key
         )
         if existing is None:
-            raise RuntimeError("idempotency key conflicted but no message holds it")
+            raise RuntimeError(
+                "insert conflicted on the idempotency key, but no message has that key"
+            )
         return _replay(existing, request_hash)
 
     await quotas_service.charge_sms(session, user.id, 1, settings)
@@ -263,7 +265,7 @@ async def list_messages(
     filters = _build_filters(user, query, message_type)
     after = decode_cursor(query.cursor, query.order) if query.cursor else None
 
-    # One row more than asked tells whether a next page exists.
+    # Fetching one row more than requested shows whether a next page exists.
     rows = list(
         await repository.list_messages(
             session,

@@ -107,8 +107,8 @@ async def _load_usage(
     if usage is not None:
         return usage
 
-    # Users made by sign-up always have a quota row; one made by hand in the database
-    # may not, and gets the default plan rather than an endless 429.
+    # Sign-up always creates a quota row. A user inserted by hand in the database may
+    # lack one, so it gets the default plan instead of a 429 on every request.
     await create_default_quota(session, user_id, settings)
     usage = await repository.get_usage(session, user_id)
     assert usage is not None

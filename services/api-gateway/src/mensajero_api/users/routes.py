@@ -29,7 +29,7 @@ async def sign_up(
     settings: SettingsDep,
     language: LanguageDep,
 ) -> Envelope[UserPublic]:
-    """Create an account on the default plan (Free unless DEFAULT_PLAN says otherwise)."""
+    """Create an account on the plan named by DEFAULT_PLAN (Free by default)."""
     user = await service.sign_up(session, passwords, settings, data)
     return Envelope(
         data=UserPublic.model_validate(user),
