@@ -169,6 +169,47 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "El mensaje {message_id} no está asignado a este dispositivo.",
         "en": "Message {message_id} is not assigned to this device.",
     },
+    # Webhooks.
+    "webhook_not_found": {
+        "es": "No existe el webhook {webhook_id}.",
+        "en": "Webhook {webhook_id} does not exist.",
+    },
+    "invalid_webhook_url": {
+        "es": "La URL del webhook {url} no se puede usar ({reason}). Usa una URL https pública.",
+        "en": "The webhook URL {url} cannot be used ({reason}). Use a public https URL.",
+    },
+    "unknown_webhook_event": {
+        "es": "Eventos desconocidos: {events}. Eventos válidos: {allowed}.",
+        "en": "Unknown events: {events}. Valid events: {allowed}.",
+    },
+    "webhook_limit_reached": {
+        "es": "Ya tienes {limit} webhooks, el máximo. Elimina uno antes de crear otro.",
+        "en": "You already have {limit} webhooks, the maximum. Delete one before creating another.",
+    },
+    "webhook_created": {
+        "es": "Webhook creado.",
+        "en": "Webhook created.",
+    },
+    "webhook_created_with_secret": {
+        "es": "Webhook creado. Guarda el secret_key ahora: no se volverá a mostrar.",
+        "en": "Webhook created. Store the secret_key now: it is not shown again.",
+    },
+    "webhook_updated": {
+        "es": "Webhook actualizado.",
+        "en": "Webhook updated.",
+    },
+    "webhook_deleted": {
+        "es": "Webhook eliminado.",
+        "en": "Webhook deleted.",
+    },
+    "webhook_test_succeeded": {
+        "es": "El endpoint aceptó el evento de prueba.",
+        "en": "The endpoint accepted the test event.",
+    },
+    "webhook_test_failed": {
+        "es": "El endpoint no aceptó el evento de prueba; revisa status_code y error.",
+        "en": "The endpoint did not accept the test event; check status_code and error.",
+    },
 }
 
 

@@ -19,6 +19,7 @@ from mensajero_api.quotas.service import DefaultPlanMissingError
 from mensajero_api.resources import Resources
 from mensajero_api.users.routes import router as users_router
 from mensajero_api.users.service import ensure_first_superuser
+from mensajero_api.webhooks.routes import router as webhooks_router
 from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import RedisKeys
 from mensajero_common.logging import configure_logging
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         users_router,
         devices_router,
         messages_router,
+        webhooks_router,
     ):
         app.include_router(router)
     return app

@@ -1,0 +1,113 @@
+"""Request and response bodies of the webhook endpoints."""
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from mensajero_api.types import StorableStr
+from mensajero_common.webhooks import EVENT_SMS_RECEIVED, EVENTS
+
+WebhookURL = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048)
+]
+Secret = Annotated[StorableStr, StringConstraints(min_length=16, max_length=255)]
+# Event names are checked by the service, which can name the allowed ones in its error.
+EventName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+_EVENTS_DESCRIPTION = f"Events to receive, among: {', '.join(EVENTS)}."
+
+
+class WebhookCreate(BaseModel):
+    url: WebhookURL = Field(description="http(s) URL; https only in production.")
+    secret_key: Secret | None = Field(
+        default=None,
+        description="HMAC key of the signatures; one is generated when left out.",
+    )
+    events: list[EventName] = Field(
+        default=[EVENT_SMS_RECEIVED],
+        min_length=1,
+        max_length=len(EVENTS) * 2,
+        description=_EVENTS_DESCRIPTION,
+    )
+    is_active: bool = True
+
+
+class WebhookUpdate(BaseModel):
+    """Fields to change; a field left out keeps its value."""
+
+    url: WebhookURL = Field(default=None)  # type: ignore[assignment]
+    secret_key: Secret = Field(default=None)  # type: ignore[assignment]
+    events: list[EventName] = Field(  # type: ignore[assignment]
+        default=None,
+        min_length=1,
+        max_length=len(EVENTS) * 2,
+        description=_EVENTS_DESCRIPTION,
+    )
+    is_active: bool = Field(default=None)  # type: ignore[assignment]
+
+
+class WebhookPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class WebhookWithSecret(WebhookPublic):
+    """A webhook with the secret the server generated, returned once at creation."""
+
+    secret_key: str | None = Field(
+        description="Shown only now, and only when the server generated it."
+    )
+
+
+class WebhookList(BaseModel):
+    items: list[WebhookPublic]
+
+
+class WebhookDeleted(BaseModel):
+    webhook_id: uuid.UUID
+
+
+class WebhookTestResult(BaseModel):
+    success: bool = Field(description="True when the endpoint answered with a 2xx.")
+    status_code: int | None
+    duration_ms: int
+    error: str | None = Field(
+        description="timeout, connection_error: …, private_address, … when no 2xx came."
+    )
+    event_id: uuid.UUID
+
+
+class AttemptPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt_number: int
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    next_retry_at: datetime | None
+
+
+class DeliveryPublic(BaseModel):
+    id: uuid.UUID
+    event_id: uuid.UUID
+    event: str
+    message_id: uuid.UUID | None
+    status: str
+    attempts: list[AttemptPublic]
+    next_attempt_at: datetime | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")

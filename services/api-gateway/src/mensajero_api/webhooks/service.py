@@ -1,0 +1,327 @@
+"""Creating, changing, testing and deleting webhooks, and reading their delivery log.
+
+A webhook URL is checked when it is saved and again before every POST, because DNS can
+change in between. In production only https URLs that resolve to public addresses pass.
+"""
+
+import base64
+import binascii
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_api.webhooks import repository
+from mensajero_api.webhooks.schemas import (
+    AttemptPublic,
+    DeliveryList,
+    DeliveryPublic,
+    WebhookCreate,
+    WebhookUpdate,
+)
+from mensajero_common import jsonutil
+from mensajero_common.errors import ConflictError, NotFoundError, ValidationFailedError
+from mensajero_common.models import (
+    User,
+    WebhookAttempt,
+    WebhookConfig,
+    WebhookDelivery,
+    WebhookDeliveryStatus,
+    WebhookEvent,
+)
+from mensajero_common.settings import Settings
+from mensajero_common.webhook_outbox import build_event_body
+from mensajero_common.webhooks import (
+    EVENTS,
+    AttemptResult,
+    UnsafeWebhookURLError,
+    check_url_target,
+    generate_secret,
+    post_event,
+)
+
+logger = structlog.get_logger(__name__)
+
+# Webhooks a user may have at once; each event is POSTed to every one of them.
+MAX_WEBHOOKS_PER_USER = 20
+TEST_EVENT = "webhook_test"
+
+
+class WebhookNotFoundError(NotFoundError):
+    """The webhook does not exist or belongs to another user (404, so ids don't leak)."""
+
+    code = "webhook_not_found"
+
+    def __init__(self, webhook_id: uuid.UUID) -> None:
+        super().__init__(
+            webhook_id=str(webhook_id), details={"webhook_id": str(webhook_id)}
+        )
+
+
+class InvalidWebhookURLError(ValidationFailedError):
+    code = "invalid_webhook_url"
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(url=url, reason=reason, details={"url": url, "reason": reason})
+
+
+class UnknownWebhookEventError(ValidationFailedError):
+    code = "unknown_webhook_event"
+
+    def __init__(self, unknown: list[str]) -> None:
+        super().__init__(
+            events=", ".join(unknown),
+            allowed=", ".join(EVENTS),
+            details={"unknown_events": unknown, "allowed_events": list(EVENTS)},
+        )
+
+
+class WebhookLimitError(ConflictError):
+    code = "webhook_limit_reached"
+
+    def __init__(self) -> None:
+        super().__init__(
+            limit=MAX_WEBHOOKS_PER_USER, details={"limit": MAX_WEBHOOKS_PER_USER}
+        )
+
+
+class InvalidDeliveryCursorError(ValidationFailedError):
+    code = "invalid_cursor"
+
+
+def _check_events(events: list[str]) -> list[str]:
+    unknown = [event for event in events if event not in EVENTS]
+    if unknown:
+        raise UnknownWebhookEventError(unknown)
+    # Keep the order the user gave, without repeats.
+    return list(dict.fromkeys(events))
+
+
+async def _check_url(settings: Settings, url: str) -> None:
+    try:
+        await check_url_target(
+            url,
+            require_https=settings.is_production,
+            allow_private=settings.webhook_private_urls_allowed,
+        )
+    except UnsafeWebhookURLError as error:
+        raise InvalidWebhookURLError(url, error.reason) from None
+
+
+async def get_webhook(
+    session: AsyncSession, user: User, webhook_id: uuid.UUID
+) -> WebhookConfig:
+    webhook = await repository.get_webhook(session, user.id, webhook_id)
+    if webhook is None:
+        raise WebhookNotFoundError(webhook_id)
+    return webhook
+
+
+async def list_webhooks(session: AsyncSession, user: User) -> Sequence[WebhookConfig]:
+    return await repository.list_webhooks(session, user.id)
+
+
+async def create_webhook(
+    session: AsyncSession, settings: Settings, user: User, data: WebhookCreate
+) -> tuple[WebhookConfig, str | None]:
+    """Create a webhook; commit. Returns it and the secret when the server generated one."""
+    events = _check_events(data.events)
+    await _check_url(settings, data.url)
+    if await repository.count_webhooks(session, user.id) >= MAX_WEBHOOKS_PER_USER:
+        raise WebhookLimitError()
+
+    generated = generate_secret() if data.secret_key is None else None
+    webhook = WebhookConfig(
+        user_id=user.id,
+        url=data.url,
+        secret_key=data.secret_key or generated,
+        events=events,
+        is_active=data.is_active,
+    )
+    session.add(webhook)
+    await session.commit()
+    logger.info("webhook created", webhook_id=str(webhook.id), user_id=str(user.id))
+    return webhook, generated
+
+
+async def update_webhook(
+    session: AsyncSession,
+    settings: Settings,
+    user: User,
+    webhook_id: uuid.UUID,
+    data: WebhookUpdate,
+) -> WebhookConfig:
+    webhook = await get_webhook(session, user, webhook_id)
+    changes = data.model_dump(exclude_unset=True)
+    if changes.get("events") is not None:
+        changes["events"] = _check_events(changes["events"])
+    if changes.get("url") is not None:
+        await _check_url(settings, changes["url"])
+
+    for field, value in changes.items():
+        if value is not None:
+            setattr(webhook, field, value)
+    webhook.updated_at = datetime.now(UTC)
+    await session.commit()
+    logger.info(
+        "webhook updated",
+        webhook_id=str(webhook.id),
+        user_id=str(user.id),
+        fields=sorted(changes),
+    )
+    return webhook
+
+
+async def delete_webhook(
+    session: AsyncSession, user: User, webhook_id: uuid.UUID
+) -> None:
+    """Delete the webhook with its delivery log; its pending deliveries are dropped."""
+    if not await repository.delete_webhook(session, user.id, webhook_id):
+        raise WebhookNotFoundError(webhook_id)
+    await session.commit()
+    logger.info("webhook deleted", webhook_id=str(webhook_id), user_id=str(user.id))
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    event_id: uuid.UUID
+    result: AttemptResult
+
+
+async def send_test_event(
+    session: AsyncSession,
+    settings: Settings,
+    http: httpx.AsyncClient,
+    user: User,
+    webhook_id: uuid.UUID,
+) -> TestOutcome:
+    """POST a signed `webhook_test` event now, and log it like any other delivery."""
+    webhook = await get_webhook(session, user, webhook_id)
+    event_id = uuid.uuid4()
+    body = build_event_body(
+        event=TEST_EVENT,
+        event_id=event_id,
+        message_id=None,
+        from_number=None,
+        to_number=None,
+        body="Mensajero webhook test",
+        timestamp=datetime.now(UTC),
+        device_id=None,
+    )
+    result = await post_event(
+        http,
+        url=webhook.url,
+        secret=webhook.secret_key,
+        event_id=str(event_id),
+        body=body,
+        timeout_s=settings.WEBHOOK_TIMEOUT_S,
+        require_https=settings.is_production,
+        allow_private=settings.webhook_private_urls_allowed,
+    )
+
+    status = (
+        WebhookDeliveryStatus.SUCCEEDED
+        if result.succeeded
+        else WebhookDeliveryStatus.FAILED
+    )
+    started_at = datetime.fromtimestamp(result.started_at, UTC)
+    event = WebhookEvent(
+        id=event_id, user_id=user.id, event=TEST_EVENT, body=body.decode()
+    )
+    delivery = WebhookDelivery(
+        event_id=event_id,
+        webhook_id=webhook.id,
+        user_id=user.id,
+        status=status,
+        attempts=1,
+        last_status_code=result.status_code,
+        last_error=result.error,
+        completed_at=datetime.now(UTC),
+    )
+    session.add(event)
+    await session.flush()
+    session.add(delivery)
+    await session.flush()
+    session.add(
+        WebhookAttempt(
+            delivery_id=delivery.id,
+            attempt_number=1,
+            started_at=started_at,
+            duration_ms=result.duration_ms,
+            status_code=result.status_code,
+            error=result.error,
+        )
+    )
+    await session.commit()
+    logger.info(
+        "webhook test sent",
+        webhook_id=str(webhook.id),
+        status_code=result.status_code,
+        error=result.error,
+    )
+    return TestOutcome(event_id=event_id, result=result)
+
+
+def _encode_cursor(delivery: WebhookDelivery) -> str:
+    raw = jsonutil.dumps({"t": delivery.created_at.isoformat(), "i": str(delivery.id)})
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_cursor(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        payload = jsonutil.loads(
+            base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        )
+        created_at = datetime.fromisoformat(payload["t"])
+        delivery_id = uuid.UUID(payload["i"])
+    except (binascii.Error, ValueError, TypeError, KeyError, jsonutil.JSONDecodeError):
+        raise InvalidDeliveryCursorError() from None
+    if created_at.tzinfo is None:
+        raise InvalidDeliveryCursorError()
+    return created_at, delivery_id
+
+
+async def list_deliveries(
+    session: AsyncSession,
+    user: User,
+    webhook_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+) -> DeliveryList:
+    """Return the webhook's deliveries, newest first, each with all its attempts."""
+    await get_webhook(session, user, webhook_id)
+    before = _decode_cursor(cursor) if cursor else None
+    rows = await repository.list_deliveries(
+        session, webhook_id, limit=limit, before=before
+    )
+    attempts = await repository.attempts_of(
+        session, [delivery.id for delivery, _ in rows]
+    )
+
+    items = [
+        DeliveryPublic(
+            id=delivery.id,
+            event_id=event.id,
+            event=event.event,
+            message_id=event.message_id,
+            status=delivery.status,
+            attempts=[
+                AttemptPublic.model_validate(a) for a in attempts.get(delivery.id, [])
+            ],
+            next_attempt_at=(
+                delivery.next_attempt_at
+                if delivery.status == WebhookDeliveryStatus.PENDING
+                else None
+            ),
+            created_at=delivery.created_at,
+            completed_at=delivery.completed_at,
+        )
+        for delivery, event in rows
+    ]
+    next_cursor = _encode_cursor(rows[-1][0]) if len(rows) == limit else None
+    return DeliveryList(items=items, next_cursor=next_cursor)

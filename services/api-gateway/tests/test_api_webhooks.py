@@ -1,0 +1,271 @@
+import uuid
+
+from api_test_helpers import MakeUser, count_rows
+from httpx import ASGITransport, AsyncClient
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_api.main import create_app
+from mensajero_common.models import WebhookConfig, WebhookDelivery
+from mensajero_common.settings import Settings
+from mensajero_common.testing import WebhookReceiver, serve_app
+from mensajero_common.webhooks import verify
+
+SessionFactory = async_sessionmaker[AsyncSession]
+
+
+async def test_create_webhook_generates_secret_once(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook", "events": ["sms_received", "sms_sent"]},
+        headers=owner.headers,
+    )
+    listed = await client.get("/api/v1/sms/webhooks", headers=owner.headers)
+
+    assert created.status_code == 201, created.text
+    data = created.json()["data"]
+    assert data["secret_key"].startswith("whsec_")
+    assert data["events"] == ["sms_received", "sms_sent"]
+    assert data["secret_key"] not in listed.text
+    assert "secret_key" not in listed.json()["data"]["items"][0]
+
+
+async def test_create_webhook_keeps_user_secret_hidden(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook", "secret_key": "my-own-secret-1234"},
+        headers=owner.headers,
+    )
+
+    assert created.status_code == 201
+    assert created.json()["data"]["secret_key"] is None
+    assert created.json()["data"]["events"] == ["sms_received"]
+
+
+async def test_create_webhook_rejects_unknown_event(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+
+    response = await client.post(
+        "/api/v1/sms/webhooks",
+        json={
+            "url": "http://127.0.0.1:9/hook",
+            "events": ["sms_received", "sms_exploded"],
+        },
+        headers={**owner.headers, "Accept-Language": "en"},
+    )
+
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == "unknown_webhook_event"
+    assert body["unknown_events"] == ["sms_exploded"]
+    assert "sms_exploded" in body["message"]
+    assert await count_rows(session_factory, WebhookConfig) == 0
+
+
+async def test_create_webhook_rejects_bad_url(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    for url, reason in [
+        ("ftp://example.com/x", "unsupported_scheme"),
+        ("https://user:pw@example.com", "credentials_in_url"),
+    ]:
+        response = await client.post(
+            "/api/v1/sms/webhooks", json={"url": url}, headers=owner.headers
+        )
+        assert response.status_code == 400, url
+        assert response.json()["error"] == "invalid_webhook_url"
+        assert response.json()["reason"] == reason
+
+
+async def test_create_webhook_rejects_private_url_in_production(
+    settings: Settings, make_user: MakeUser
+) -> None:
+    production_like = settings.model_copy(update={"WEBHOOK_ALLOW_PRIVATE_URLS": False})
+    application = create_app(production_like)
+    owner = await make_user()
+
+    async with (
+        application.router.lifespan_context(application),
+        AsyncClient(
+            transport=ASGITransport(app=application), base_url="http://testserver"
+        ) as private_client,
+    ):
+        response = await private_client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": "http://169.254.169.254/latest"},
+            headers=owner.headers,
+        )
+
+    assert response.status_code == 400
+    assert response.json()["reason"] == "private_address"
+
+
+async def test_update_and_delete_webhook(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook"},
+        headers=owner.headers,
+    )
+    webhook_id = created.json()["data"]["id"]
+
+    updated = await client.put(
+        f"/api/v1/sms/webhooks/{webhook_id}",
+        json={"events": ["sms_delivered"], "is_active": False},
+        headers=owner.headers,
+    )
+    deleted = await client.delete(
+        f"/api/v1/sms/webhooks/{webhook_id}", headers=owner.headers
+    )
+    read_after = await client.get(
+        f"/api/v1/sms/webhooks/{webhook_id}", headers=owner.headers
+    )
+
+    assert updated.status_code == 200
+    assert updated.json()["data"]["events"] == ["sms_delivered"]
+    assert updated.json()["data"]["is_active"] is False
+    assert updated.json()["data"]["url"] == "http://127.0.0.1:9/hook"
+    assert deleted.status_code == 200
+    assert read_after.status_code == 404
+    assert read_after.json()["error"] == "webhook_not_found"
+
+
+async def test_other_users_webhook_is_not_found(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    intruder = await make_user()
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook"},
+        headers=owner.headers,
+    )
+    webhook_id = created.json()["data"]["id"]
+
+    responses = [
+        await client.get(
+            f"/api/v1/sms/webhooks/{webhook_id}", headers=intruder.headers
+        ),
+        await client.put(
+            f"/api/v1/sms/webhooks/{webhook_id}",
+            json={"is_active": False},
+            headers=intruder.headers,
+        ),
+        await client.post(
+            f"/api/v1/sms/webhooks/{webhook_id}/test", headers=intruder.headers
+        ),
+        await client.get(
+            f"/api/v1/sms/webhooks/{webhook_id}/deliveries", headers=intruder.headers
+        ),
+        await client.delete(
+            f"/api/v1/sms/webhooks/{webhook_id}", headers=intruder.headers
+        ),
+    ]
+
+    assert [response.status_code for response in responses] == [404] * 5
+    assert await count_rows(session_factory, WebhookConfig, is_active=True) == 1
+    assert await count_rows(session_factory, WebhookDelivery) == 0
+
+
+async def test_webhook_test_reports_answer_and_logs_it(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    receiver = WebhookReceiver([202])
+    async with serve_app(receiver) as base_url:
+        created = await client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": f"{base_url}/hook"},
+            headers=owner.headers,
+        )
+        webhook = created.json()["data"]
+        tested = await client.post(
+            f"/api/v1/sms/webhooks/{webhook['id']}/test", headers=owner.headers
+        )
+
+    log = await client.get(
+        f"/api/v1/sms/webhooks/{webhook['id']}/deliveries", headers=owner.headers
+    )
+
+    assert tested.status_code == 200
+    result = tested.json()["data"]
+    assert result["success"] is True
+    assert result["status_code"] == 202
+    headers, body, _ = receiver.requests[0]
+    assert verify(
+        webhook["secret_key"],
+        int(headers["x-webhook-timestamp"]),
+        body,
+        headers["x-webhook-signature"],
+    )
+    items = log.json()["data"]["items"]
+    assert len(items) == 1
+    assert items[0]["event"] == "webhook_test"
+    assert items[0]["status"] == "succeeded"
+    assert items[0]["attempts"][0]["status_code"] == 202
+
+
+async def test_webhook_test_reports_connection_error(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook"},
+        headers=owner.headers,
+    )
+
+    tested = await client.post(
+        f"/api/v1/sms/webhooks/{created.json()['data']['id']}/test",
+        headers=owner.headers,
+    )
+
+    assert tested.status_code == 200
+    assert tested.json()["data"]["success"] is False
+    assert tested.json()["data"]["status_code"] is None
+    assert tested.json()["data"]["error"].startswith("connection_error")
+
+
+async def test_deliveries_rejects_bad_cursor(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook"},
+        headers=owner.headers,
+    )
+
+    response = await client.get(
+        f"/api/v1/sms/webhooks/{created.json()['data']['id']}/deliveries",
+        params={"cursor": "not-a-cursor"},
+        headers=owner.headers,
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_cursor"
+
+
+async def test_webhook_unknown_id_is_not_found(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    response = await client.get(
+        f"/api/v1/sms/webhooks/{uuid.uuid4()}", headers=owner.headers
+    )
+
+    assert response.status_code == 404
