@@ -7,7 +7,8 @@ from arq import cron
 
 from mensajero_common.settings import Settings
 from mensajero_common.testing import scaled
-from mensajero_webhooks.main import HEARTBEAT_JOB, create_worker, heartbeat
+from mensajero_webhooks.delivery.tasks import SWEEP_JOB, sweep
+from mensajero_webhooks.main import create_worker
 
 
 def _environment(settings: Settings) -> dict[str, str]:
@@ -26,12 +27,12 @@ def _environment(settings: Settings) -> dict[str, str]:
     return {**os.environ, **variables, "LOG_JSON": "true", "LOG_LEVEL": "INFO"}
 
 
-async def test_worker_runs_heartbeat_cron(settings, redis):
+async def test_worker_runs_sweep_cron(settings, redis):
     every_second = cron(
-        heartbeat,
-        name=HEARTBEAT_JOB,
+        sweep,
+        name=SWEEP_JOB,
         second=None,
-        job_id=f"{settings.REDIS_KEY_PREFIX}:{HEARTBEAT_JOB}",
+        job_id=f"{settings.REDIS_KEY_PREFIX}:{SWEEP_JOB}",
     )
     worker = create_worker(
         settings, cron_jobs=[every_second], poll_delay=0.05, handle_signals=False
@@ -41,7 +42,7 @@ async def test_worker_runs_heartbeat_cron(settings, redis):
         async with asyncio.timeout(scaled(5)):
             while worker.jobs_complete == 0:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-        assert "session_factory" in worker.ctx
+        assert "delivery" in worker.ctx
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -49,6 +50,7 @@ async def test_worker_runs_heartbeat_cron(settings, redis):
 
     assert worker.jobs_failed == 0
     assert "engine" not in worker.ctx
+    assert "http" not in worker.ctx
 
 
 async def test_worker_process_stops_on_sigterm(settings, redis):

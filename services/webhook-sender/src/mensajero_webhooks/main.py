@@ -1,68 +1,99 @@
 """Entry point of `mensajero-webhooks`: the webhook-sender's arq worker.
 
-The worker reads jobs from `keys.arq_queue`. Its context (`ctx`) contains the settings,
-the keys, the engine and a session factory, which `on_startup` opens and `on_shutdown`
-closes. `ctx["redis"]` is arq's own client (an ArqRedis), which arq opens from REDIS_URL.
+The worker reads `webhook_delivery.send` jobs from `keys.arq_queue`, and its cron job
+`webhook_delivery.sweep` queues again any due delivery whose job Redis lost. `on_startup`
+opens the engine and the HTTP client and puts a DeliveryContext in `ctx["delivery"]`;
+`on_shutdown` closes them. `ctx["redis"]` is arq's own client, opened from REDIS_URL.
 """
 
 import asyncio
 from typing import Any
 
+import httpx
 import structlog
 from arq import cron
 from arq.connections import RedisSettings
+from arq.cron import CronJob
 from arq.worker import Worker
 
 from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import RedisKeys
 from mensajero_common.logging import configure_logging
 from mensajero_common.settings import Settings, get_settings
+from mensajero_webhooks.delivery.service import DeliveryContext
+from mensajero_webhooks.delivery.tasks import SWEEP_JOB, job_functions, sweep
 
 log = structlog.get_logger(__name__)
 
-HEARTBEAT_JOB = "worker.heartbeat"
+# Time a job may run beyond the HTTP timeout, for its database writes.
+JOB_TIMEOUT_MARGIN_S = 30
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     engine = create_engine(settings)
+    http = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=settings.WEBHOOK_CONCURRENCY),
+        headers={"User-Agent": "Mensajero-Webhooks/0.1"},
+    )
     ctx["engine"] = engine
+    ctx["http"] = http
     ctx["session_factory"] = create_session_factory(engine)
+    ctx["delivery"] = DeliveryContext(
+        settings=settings,
+        keys=ctx["keys"],
+        session_factory=ctx["session_factory"],
+        redis=ctx["redis"],
+        http=http,
+    )
     log.info("webhook-sender started", queue=ctx["keys"].arq_queue)
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
+    http = ctx.pop("http", None)
+    if http is not None:
+        await http.aclose()
     engine = ctx.pop("engine", None)
     if engine is not None:
         await engine.dispose()
     log.info("webhook-sender stopped")
 
 
-async def heartbeat(ctx: dict[str, Any]) -> None:
-    """Log that the worker runs its cron jobs, with the length of its queue."""
-    queued = await ctx["redis"].zcard(ctx["keys"].arq_queue)
-    log.debug("worker heartbeat", queued_jobs=queued)
+def sweep_schedule(settings: Settings, keys: RedisKeys) -> CronJob:
+    """Run the sweep every WEBHOOK_SWEEP_INTERVAL_S, rounded to whole seconds or minutes."""
+    interval_s = max(1, round(settings.WEBHOOK_SWEEP_INTERVAL_S))
+    if interval_s < 60:
+        seconds: set[int] | None = set(range(0, 60, interval_s))
+        minutes: set[int] | None = None
+    else:
+        seconds = {0}
+        minutes = set(range(0, 60, max(1, interval_s // 60)))
+    # arq stores a job under "arq:job:<id>" whatever the queue, so the id carries the key
+    # prefix to keep installs that share a Redis server apart.
+    return cron(
+        sweep,
+        name=SWEEP_JOB,
+        second=seconds,
+        minute=minutes,
+        job_id=f"{keys.prefix}:{SWEEP_JOB}",
+        run_at_startup=True,
+    )
 
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
     """Build the worker. `overrides` replace Worker arguments, so tests can shorten delays."""
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
     options: dict[str, Any] = {
+        "functions": job_functions(settings.WEBHOOK_TIMEOUT_S + JOB_TIMEOUT_MARGIN_S),
         "queue_name": keys.arq_queue,
         "redis_settings": RedisSettings.from_dsn(settings.REDIS_URL),
-        "cron_jobs": [
-            # arq stores a job under "arq:job:<id>" whatever the queue, so the id carries
-            # the key prefix to keep installs that share a Redis server apart.
-            cron(
-                heartbeat,
-                name=HEARTBEAT_JOB,
-                second=0,
-                job_id=f"{keys.prefix}:{HEARTBEAT_JOB}",
-            ),
-        ],
+        "cron_jobs": [sweep_schedule(settings, keys)],
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
         "ctx": {"settings": settings, "keys": keys},
+        "max_jobs": settings.WEBHOOK_CONCURRENCY,
+        # No results are kept, so that a job id is free again once its job has run and
+        # the sweep can queue a delivery whose attempt died with its worker.
         "keep_result": 0,
     }
     options.update(overrides)
