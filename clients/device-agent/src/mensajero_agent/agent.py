@@ -1,0 +1,485 @@
+"""A simulated phone: one device's WebSocket to the device-hub, with the real protocol.
+
+The agent connects with the device's API key, registers, sends each task's SMS through its
+SendingBackend and reports `sending`, then `sent` or `failed`, then `delivered`. It pings on
+a schedule, uploads incoming SMS until the hub acknowledges them, and reconnects with
+exponential backoff and full jitter when the connection drops.
+
+Reports and incoming SMS wait in an outbox until their `ack` arrives and are sent again
+after each reconnect, because the hub applies each of them once however often it gets
+them. A task offered again is never sent again: the agent reports the outcome it recorded.
+"""
+
+import asyncio
+import contextlib
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from mensajero_agent import __version__
+from mensajero_agent.backend import SendingBackend, SendOutcome, SimulatedBackend
+from mensajero_agent.events import EventHandler, make_event
+from mensajero_agent.ledger import MessageLedger
+
+PROTOCOL_VERSION = 1
+
+# Close codes of the device-hub that mean reconnecting cannot help.
+CLOSE_INVALID_API_KEY = 4001
+CLOSE_REPLACED = 4002
+CLOSE_REVOKED = 4003
+FATAL_CLOSE_CODES = {
+    CLOSE_INVALID_API_KEY: "the server rejected the API key",
+    CLOSE_REPLACED: "another connection with the same API key replaced this one",
+    CLOSE_REVOKED: "the device's API key was revoked or the device deleted",
+}
+
+# Errors after which a report or an incoming SMS is dropped from the outbox, because
+# sending the same frame again would get the same error.
+PERMANENT_ERRORS = frozenset(
+    {"invalid_frame", "unknown_frame_type", "report_not_allowed"}
+)
+
+
+class AgentStoppedError(Exception):
+    """The agent stopped for good: `code` is the close code that made reconnecting useless."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{FATAL_CLOSE_CODES.get(code, 'closed')} ({code}: {reason})")
+
+
+@dataclass
+class AgentConfig:
+    url: str
+    api_key: str
+    device_name: str | None = None
+    phone_number: str | None = None
+    app_version: str = f"mensajero-agent/{__version__}"
+    # Seconds between pings; None uses the interval the hub sends in its register ack.
+    ping_interval_s: float | None = None
+    # Seconds to wait for a pong, or for the register ack, before the connection counts
+    # as dead and the agent reconnects.
+    pong_timeout_s: float = 20.0
+    # Seconds after which an unacknowledged report or incoming SMS is sent again.
+    resend_after_s: float = 10.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    open_timeout_s: float = 10.0
+    language: str | None = None
+
+
+def url_with_key(url: str, api_key: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "api_key"]
+    query.append(("api_key", api_key))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def url_without_key(url: str) -> str:
+    """Return the URL to show in events and logs, never with the key."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "api_key"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def backoff_delay_s(
+    attempt: int, initial_s: float, max_s: float, rng: random.Random
+) -> float:
+    """Return the wait before reconnect `attempt` (0-based): full jitter up to a cap.
+
+    Spreading reconnects uniformly over the window keeps thousands of phones that lost
+    the same server from returning at the same instant.
+    """
+    window_s = min(max_s, initial_s * 2**attempt)
+    return rng.uniform(0, window_s)
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        backend: SendingBackend | None = None,
+        *,
+        on_event: EventHandler | None = None,
+        ledger: MessageLedger | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend or SimulatedBackend()
+        self.ledger = ledger or MessageLedger()
+        self._on_event = on_event
+        self._random = random.Random(seed)
+        self._socket: ClientConnection | None = None
+        self._stopping = asyncio.Event()
+        # request_id → frame of every report and incoming SMS not acknowledged yet.
+        self._outbox: dict[str, dict[str, Any]] = {}
+        self._sent_at_s: dict[str, float] = {}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._pong_waiter: asyncio.Future[None] | None = None
+        self._ping_interval_s = config.ping_interval_s or 60.0
+        self.device_id: str | None = None
+        self.registered = asyncio.Event()
+
+    # Public interface.
+
+    async def run(self) -> None:
+        """Connect and serve until `stop()`; raise AgentStoppedError on a fatal close."""
+        attempt = 0
+        try:
+            while not self._stopping.is_set():
+                code, reason, was_registered = await self._connect_once()
+                if self._stopping.is_set():
+                    break
+                if code in FATAL_CLOSE_CODES:
+                    self._emit(
+                        "disconnected", code=code, reason=reason, retry_in_s=None
+                    )
+                    raise AgentStoppedError(code, reason)
+
+                attempt = 0 if was_registered else attempt + 1
+                delay_s = backoff_delay_s(
+                    attempt,
+                    self.config.backoff_initial_s,
+                    self.config.backoff_max_s,
+                    self._random,
+                )
+                self._emit(
+                    "disconnected",
+                    code=code,
+                    reason=reason,
+                    retry_in_s=round(delay_s, 3),
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay_s):
+                        await self._stopping.wait()
+        finally:
+            for task in list(self._in_flight.values()):
+                task.cancel()
+            self._emit("stopped")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        socket = self._socket
+        if socket is not None:
+            await socket.close(1000, "agent stopping")
+
+    def inject_incoming(
+        self,
+        sender: str,
+        body: str,
+        *,
+        sms_id: str | None = None,
+        timestamp: datetime | None = None,
+    ) -> str:
+        """Queue an incoming SMS for upload; return its sms_id. Uploads repeat until acked."""
+        sms_id = sms_id or uuid.uuid4().hex
+        moment = timestamp or datetime.now(UTC)
+        frame = {
+            "type": "sms_incoming",
+            "from": sender,
+            "body": body,
+            "timestamp": moment.isoformat().replace("+00:00", "Z"),
+            "sms_id": sms_id,
+        }
+        self._emit("incoming", sms_id=sms_id, **{"from": sender})
+        self._queue(frame)
+        return sms_id
+
+    @property
+    def pending_count(self) -> int:
+        """Reports and incoming SMS that wait for an ack."""
+        return len(self._outbox)
+
+    # One connection.
+
+    async def _connect_once(self) -> tuple[int, str, bool]:
+        """Hold one connection until it ends; return its close code, reason and whether
+        the hub acknowledged the register on it."""
+        self.registered.clear()
+        headers = {}
+        if self.config.language:
+            headers["Accept-Language"] = self.config.language
+        try:
+            async with connect(
+                url_with_key(self.config.url, self.config.api_key),
+                compression=None,
+                ping_interval=None,
+                open_timeout=self.config.open_timeout_s,
+                additional_headers=headers,
+                user_agent_header=self.config.app_version,
+            ) as socket:
+                self._socket = socket
+                self._emit("connected", url=url_without_key(self.config.url))
+                return await self._serve(socket)
+        except ConnectionClosed as closed:
+            code, reason = self._close_details(closed)
+            return code, reason, self.registered.is_set()
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as error:
+            self._emit("error", error="connect_failed", message=str(error))
+            return 1006, str(error), False
+        finally:
+            self._socket = None
+
+    def _close_details(self, closed: ConnectionClosed) -> tuple[int, str]:
+        if closed.rcvd is None:
+            return 1006, "connection lost"
+        return closed.rcvd.code, closed.rcvd.reason
+
+    async def _serve(self, socket: ClientConnection) -> tuple[int, str, bool]:
+        background = [
+            asyncio.create_task(self._ping_forever(socket)),
+            asyncio.create_task(self._resend_forever(socket)),
+        ]
+        try:
+            await self._send(
+                socket,
+                {
+                    "type": "register",
+                    "request_id": uuid.uuid4().hex,
+                    "device_name": self.config.device_name,
+                    "phone_number": self.config.phone_number,
+                    "app_version": self.config.app_version,
+                    "protocol_version": PROTOCOL_VERSION,
+                },
+            )
+            async for raw in socket:
+                self._handle(raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+        code, reason = (1006, "connection lost")
+        if socket.close_code is not None:
+            code, reason = socket.close_code, socket.close_reason or ""
+        return code, reason, self.registered.is_set()
+
+    # Frames from the hub.
+
+    def _handle(self, raw: str | bytes) -> None:
+        try:
+            frame = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self._emit("error", error="invalid_server_frame", message="not JSON")
+            return
+        if not isinstance(frame, dict):
+            return
+
+        kind = frame.get("type")
+        if kind == "task":
+            self._on_task(frame)
+        elif kind == "ack":
+            self._on_ack(frame)
+        elif kind == "error":
+            self._on_error(frame)
+        elif (
+            kind == "pong"
+            and self._pong_waiter is not None
+            and not self._pong_waiter.done()
+        ):
+            self._pong_waiter.set_result(None)
+
+    def _on_ack(self, frame: dict[str, Any]) -> None:
+        of = frame.get("of")
+        if of == "register":
+            self.device_id = frame.get("device_id")
+            if self.config.ping_interval_s is None and frame.get("ping_interval_s"):
+                self._ping_interval_s = float(frame["ping_interval_s"])
+            self.registered.set()
+            self._emit(
+                "registered",
+                device_id=self.device_id,
+                name=frame.get("name"),
+                phone_number=frame.get("phone_number"),
+                ping_interval_s=self._ping_interval_s,
+            )
+            self._flush_outbox()
+            return
+
+        request_id = frame.get("request_id")
+        if isinstance(request_id, str):
+            self._outbox.pop(request_id, None)
+            self._sent_at_s.pop(request_id, None)
+        if of == "sms_report":
+            self._emit(
+                "report_ack",
+                message_id=frame.get("message_id"),
+                status=frame.get("status"),
+            )
+        elif of == "sms_incoming":
+            self._emit(
+                "incoming_ack",
+                sms_id=frame.get("sms_id"),
+                message_id=frame.get("message_id"),
+            )
+
+    def _on_error(self, frame: dict[str, Any]) -> None:
+        code = frame.get("error")
+        request_id = frame.get("request_id")
+        self._emit(
+            "error",
+            error=code,
+            message=frame.get("message"),
+            request_id=request_id,
+        )
+        if isinstance(request_id, str) and code in PERMANENT_ERRORS:
+            self._outbox.pop(request_id, None)
+            self._sent_at_s.pop(request_id, None)
+
+    # Tasks.
+
+    def _on_task(self, frame: dict[str, Any]) -> None:
+        message_id = str(frame.get("message_id"))
+        known = self.ledger.get(message_id)
+        self._emit(
+            "task",
+            message_id=message_id,
+            to=frame.get("to"),
+            segments=frame.get("segments"),
+            encoding=frame.get("encoding"),
+            repeated=known is not None,
+        )
+        if message_id in self._in_flight:
+            # Being sent right now; its reports follow when the send ends.
+            return
+        if known is None:
+            task = asyncio.create_task(self._send_sms(message_id, frame))
+            self._in_flight[message_id] = task
+            task.add_done_callback(lambda _: self._in_flight.pop(message_id, None))
+            return
+
+        if known.status == "sending":
+            # A send cut short by a restart: its outcome is unknown, and sending it again
+            # could deliver the SMS twice.
+            error = "send interrupted by an agent restart; not sent again"
+            self.ledger.record(message_id, "failed", error)
+            self._report(message_id, "failed", error, resent=True)
+            return
+        self._report(message_id, known.status, known.error, resent=True)
+
+    async def _send_sms(self, message_id: str, task: dict[str, Any]) -> None:
+        self.ledger.record(message_id, "sending")
+        self._report(message_id, "sending")
+
+        try:
+            outcome = await self.backend.send(task)
+        except Exception as error:
+            outcome = SendOutcome.failed(f"backend error: {error}")
+        self.ledger.record(message_id, outcome.status, outcome.error)
+        self._report(message_id, outcome.status, outcome.error)
+        if outcome.status != "sent":
+            return
+
+        try:
+            delivery = await self.backend.wait_for_delivery(task)
+        except Exception as error:
+            delivery = SendOutcome.failed(f"backend error: {error}")
+        if delivery is None:
+            return
+        self.ledger.record(message_id, delivery.status, delivery.error)
+        self._report(message_id, delivery.status, delivery.error)
+
+    def _report(
+        self,
+        message_id: str,
+        status: str,
+        error: str | None = None,
+        *,
+        resent: bool = False,
+    ) -> None:
+        frame: dict[str, Any] = {
+            "type": "sms_report",
+            "message_id": message_id,
+            "status": status,
+        }
+        if error is not None:
+            frame["error"] = error
+        self._emit(
+            "report", message_id=message_id, status=status, error=error, resent=resent
+        )
+        self._queue(frame)
+
+    # Outbox.
+
+    def _queue(self, frame: dict[str, Any]) -> None:
+        request_id = uuid.uuid4().hex
+        self._outbox[request_id] = {**frame, "request_id": request_id}
+        if self.registered.is_set():
+            self._send_outbox_item(request_id)
+
+    def _flush_outbox(self) -> None:
+        for request_id in list(self._outbox):
+            self._send_outbox_item(request_id)
+
+    def _send_outbox_item(self, request_id: str) -> None:
+        socket = self._socket
+        frame = self._outbox.get(request_id)
+        if socket is None or frame is None:
+            return
+        self._sent_at_s[request_id] = asyncio.get_running_loop().time()
+        # websockets queues the write; a frame lost with the connection stays in the
+        # outbox and goes again after the reconnect.
+        task = asyncio.create_task(self._send(socket, frame))
+        task.add_done_callback(self._check_sent)
+
+    def _check_sent(self, task: "asyncio.Task[None]") -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, ConnectionClosed):
+            self._emit("error", error="send_failed", message=repr(error))
+
+    async def _resend_forever(self, socket: ClientConnection) -> None:
+        while True:
+            await asyncio.sleep(self.config.resend_after_s / 2)
+            if not self.registered.is_set():
+                continue
+            now_s = asyncio.get_running_loop().time()
+            for request_id in list(self._outbox):
+                sent_at_s = self._sent_at_s.get(request_id)
+                if sent_at_s is None or now_s - sent_at_s >= self.config.resend_after_s:
+                    self._send_outbox_item(request_id)
+
+    # Heartbeat.
+
+    async def _ping_forever(self, socket: ClientConnection) -> None:
+        # The register ack may change the interval, so the schedule starts after it. A hub
+        # that never acknowledges the register is treated like one that misses a pong.
+        try:
+            async with asyncio.timeout(self.config.pong_timeout_s):
+                await self.registered.wait()
+        except TimeoutError:
+            self._emit("error", error="register_timeout", message="no register ack")
+            await socket.close(1001, "no register ack from server")
+            return
+
+        while True:
+            await asyncio.sleep(self._ping_interval_s)
+            self._pong_waiter = asyncio.get_running_loop().create_future()
+            await self._send(socket, {"type": "ping"})
+            try:
+                async with asyncio.timeout(self.config.pong_timeout_s):
+                    await self._pong_waiter
+            except TimeoutError:
+                self._emit(
+                    "error", error="pong_timeout", message="no pong, reconnecting"
+                )
+                await socket.close(1001, "no pong from server")
+                return
+
+    async def _send(self, socket: ClientConnection, frame: dict[str, Any]) -> None:
+        await socket.send(orjson.dumps(frame).decode())
+
+    def _emit(self, event_name: str, /, **fields: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(make_event(event_name, **fields))

@@ -1,0 +1,203 @@
+"""`mensajero-agent`: run a simulated phone against a device-hub.
+
+Prints one JSON line per event on stdout (connected, registered, task, report,
+report_ack, incoming, incoming_ack, error, disconnected, stopped) so that scripts and
+demos can follow it. Exit status: 0 after a stop (Ctrl-C, SIGTERM, --run-for-s), 2 on an
+invalid API key or bad options, 3 when the key was revoked or another connection with
+the same key replaced this one.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mensajero_agent import __version__
+from mensajero_agent.agent import (
+    CLOSE_INVALID_API_KEY,
+    Agent,
+    AgentConfig,
+    AgentStoppedError,
+)
+from mensajero_agent.backend import SimulatedBackend
+from mensajero_agent.ledger import MessageLedger
+
+DEFAULT_URL = "ws://127.0.0.1:8001/api/v1/android/ws"
+API_KEY_ENV = "MENSAJERO_DEVICE_API_KEY"
+
+EXIT_INVALID_KEY = 2
+EXIT_STOPPED_BY_SERVER = 3
+
+
+def parse_incoming(value: str) -> tuple[str, str]:
+    """Read "SENDER:TEXT" (split at the first colon) for --incoming."""
+    sender, separator, body = value.partition(":")
+    if not separator or not sender.strip():
+        raise argparse.ArgumentTypeError(
+            f"invalid --incoming value {value!r}: expected SENDER:TEXT, "
+            "for example '+34600000000:Hola'"
+        )
+    return sender.strip(), body
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mensajero-agent",
+        description="A simulated Android phone for Mensajero: connects to the device-hub, "
+        "registers, answers tasks with reports and uploads incoming SMS.",
+    )
+    parser.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help=f"device-hub WebSocket URL (default {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the device's API key (default: the {API_KEY_ENV} environment variable)",
+    )
+    parser.add_argument("--name", help="device name sent in register")
+    parser.add_argument(
+        "--phone", help="the phone's own number, E.164 (e.g. +34600000000)"
+    )
+    parser.add_argument(
+        "--send-delay-ms",
+        type=float,
+        default=200.0,
+        help="simulated time to send one SMS, in milliseconds (default 200)",
+    )
+    parser.add_argument(
+        "--failure-rate",
+        type=float,
+        default=0.0,
+        help="share of sends that fail, from 0 to 1 (default 0)",
+    )
+    parser.add_argument(
+        "--delivery-delay-ms",
+        type=float,
+        default=500.0,
+        help="time from sent to the delivery report, in milliseconds (default 500)",
+    )
+    parser.add_argument(
+        "--no-delivery-reports",
+        action="store_true",
+        help="never report delivered, like a carrier without delivery reports",
+    )
+    parser.add_argument(
+        "--ping-interval-s",
+        type=float,
+        help="seconds between pings (default: the interval the hub announces, 60)",
+    )
+    parser.add_argument(
+        "--incoming",
+        type=parse_incoming,
+        action="append",
+        default=[],
+        metavar="SENDER:TEXT",
+        help="upload an incoming SMS once connected; repeat for several",
+    )
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        help="file that records handled message ids across runs (default: memory only)",
+    )
+    parser.add_argument(
+        "--run-for-s",
+        type=float,
+        help="stop after this many seconds (default: run until stopped)",
+    )
+    parser.add_argument(
+        "--backoff-max-s",
+        type=float,
+        default=30.0,
+        help="longest wait between reconnect attempts, in seconds (default 30)",
+    )
+    parser.add_argument(
+        "--language", help="Accept-Language for server messages (es or en)"
+    )
+    parser.add_argument("--seed", type=int, help="random seed for failures and backoff")
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser
+
+
+def print_event(event: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(event).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def run(args: argparse.Namespace) -> int:
+    agent = Agent(
+        AgentConfig(
+            url=args.url,
+            api_key=args.api_key,
+            device_name=args.name,
+            phone_number=args.phone,
+            ping_interval_s=args.ping_interval_s,
+            backoff_max_s=args.backoff_max_s,
+            language=args.language,
+        ),
+        SimulatedBackend(
+            send_delay_ms=args.send_delay_ms,
+            failure_rate=args.failure_rate,
+            delivery_delay_ms=args.delivery_delay_ms,
+            delivery_reports=not args.no_delivery_reports,
+            seed=args.seed,
+        ),
+        on_event=print_event,
+        ledger=MessageLedger(args.state_file),
+        seed=args.seed,
+    )
+    for sender, body in args.incoming:
+        agent.inject_incoming(sender, body)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(agent.stop()))
+    stopper = None
+    if args.run_for_s is not None:
+        stopper = loop.call_later(
+            args.run_for_s, lambda: asyncio.ensure_future(agent.stop())
+        )
+
+    try:
+        await agent.run()
+    except AgentStoppedError as error:
+        sys.stderr.write(f"mensajero-agent: {error}\n")
+        if error.code == CLOSE_INVALID_API_KEY:
+            sys.stderr.write(
+                "Check --api-key, or create or rotate the device's key with the API.\n"
+            )
+            return EXIT_INVALID_KEY
+        return EXIT_STOPPED_BY_SERVER
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.api_key:
+        parser.error(f"missing API key: pass --api-key or set {API_KEY_ENV}")
+    if not 0.0 <= args.failure_rate <= 1.0:
+        parser.error(
+            f"invalid --failure-rate {args.failure_rate}: use a value from 0 to 1"
+        )
+    if args.send_delay_ms < 0 or args.delivery_delay_ms < 0:
+        parser.error(
+            "invalid delay: --send-delay-ms and --delivery-delay-ms must be 0 or more"
+        )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()

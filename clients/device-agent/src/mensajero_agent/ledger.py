@@ -1,0 +1,67 @@
+"""The record of every task the agent has handled, so no `message_id` is ever sent twice.
+
+The server offers a task again until it gets a final report, for instance after a
+reconnect. The agent then reports the outcome it recorded instead of sending again. With a
+file, the record survives restarts: each change is appended as one JSON line, and the last
+line of a message wins when the file is read back.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+# The oldest records are forgotten beyond this many messages, to bound memory; the server
+# stops offering a task once it has a final report, so only very old tasks are forgotten.
+DEFAULT_MAX_RECORDS = 100_000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    error: str | None = None
+
+
+class MessageLedger:
+    def __init__(
+        self, path: Path | None = None, max_records: int = DEFAULT_MAX_RECORDS
+    ) -> None:
+        self.path = path
+        self.max_records = max_records
+        self._records: OrderedDict[str, Outcome] = OrderedDict()
+        if path is not None and path.exists():
+            self._load(path)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, message_id: str) -> Outcome | None:
+        return self._records.get(message_id)
+
+    def record(self, message_id: str, status: str, error: str | None = None) -> None:
+        outcome = Outcome(status, error)
+        self._remember(message_id, outcome)
+        if self.path is not None:
+            line = {"message_id": message_id, "status": status, "error": error}
+            with self.path.open("ab") as file:
+                file.write(orjson.dumps(line) + b"\n")
+
+    def _remember(self, message_id: str, outcome: Outcome) -> None:
+        self._records[message_id] = outcome
+        self._records.move_to_end(message_id)
+        while len(self._records) > self.max_records:
+            self._records.popitem(last=False)
+
+    def _load(self, path: Path) -> None:
+        with path.open("rb") as file:
+            for line in file:
+                try:
+                    item = orjson.loads(line)
+                    self._remember(
+                        str(item["message_id"]),
+                        Outcome(str(item["status"]), item.get("error")),
+                    )
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    # A line cut short by a crash while it was written.
+                    continue

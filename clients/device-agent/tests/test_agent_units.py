@@ -1,0 +1,117 @@
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from mensajero_agent import EventRecorder, MessageLedger, SimulatedBackend
+from mensajero_agent.agent import backoff_delay_s, url_with_key, url_without_key
+from mensajero_agent.cli import build_parser
+
+
+def test_backoff_grows_then_caps() -> None:
+    rng = random.Random(3)
+    windows = [
+        max(backoff_delay_s(attempt, 0.5, 30.0, rng) for _ in range(200))
+        for attempt in range(10)
+    ]
+
+    assert windows[0] <= 0.5
+    assert windows[3] <= 4.0
+    assert windows[3] > 2.0
+    assert all(window <= 30.0 for window in windows)
+    assert windows[9] > 20.0
+
+
+def test_backoff_is_jittered() -> None:
+    rng = random.Random(3)
+    delays = {round(backoff_delay_s(4, 0.5, 30.0, rng), 6) for _ in range(20)}
+
+    assert len(delays) == 20
+
+
+def test_url_with_key_replaces_existing_key() -> None:
+    url = url_with_key("ws://hub:8001/api/v1/android/ws?api_key=old&x=1", "new key")
+
+    assert url == "ws://hub:8001/api/v1/android/ws?x=1&api_key=new+key"
+    assert url_without_key(url) == "ws://hub:8001/api/v1/android/ws?x=1"
+
+
+def test_ledger_keeps_last_outcome(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    ledger = MessageLedger(path)
+    ledger.record("m1", "sending")
+    ledger.record("m1", "failed", "no service")
+    ledger.record("m2", "sent")
+    with path.open("ab") as file:
+        file.write(b'{"message_id": "m3", "sta')
+
+    reloaded = MessageLedger(path)
+
+    assert reloaded.get("m1") is not None
+    assert reloaded.get("m1").status == "failed"  # type: ignore[union-attr]
+    assert reloaded.get("m1").error == "no service"  # type: ignore[union-attr]
+    assert reloaded.get("m2").status == "sent"  # type: ignore[union-attr]
+    assert reloaded.get("m3") is None
+    assert len(reloaded) == 2
+
+
+def test_ledger_forgets_oldest_beyond_limit() -> None:
+    ledger = MessageLedger(max_records=2)
+    for message_id in ("a", "b", "c"):
+        ledger.record(message_id, "sent")
+
+    assert ledger.get("a") is None
+    assert ledger.get("c") is not None
+    assert len(ledger) == 2
+
+
+def test_simulated_backend_rejects_bad_rate() -> None:
+    with pytest.raises(ValueError, match="failure_rate"):
+        SimulatedBackend(failure_rate=1.5)
+
+
+async def test_simulated_backend_fails_share_of_sends() -> None:
+    backend = SimulatedBackend(send_delay_ms=0, failure_rate=0.3, seed=11)
+    outcomes = [await backend.send({}) for _ in range(1000)]
+    failed = sum(outcome.status == "failed" for outcome in outcomes)
+
+    assert 230 <= failed <= 370
+    assert backend.sent_count == 1000 - failed
+
+
+async def test_simulated_backend_without_delivery_reports() -> None:
+    backend = SimulatedBackend(delivery_reports=False)
+
+    assert await backend.wait_for_delivery({}) is None
+
+
+async def test_recorder_waits_for_count() -> None:
+    recorder = EventRecorder()
+
+    async def emit_later() -> None:
+        for status in ("sending", "sent"):
+            await asyncio.sleep(0.01)
+            recorder({"event": "report", "status": status})
+
+    emitter = asyncio.create_task(emit_later())
+    second = await recorder.wait_for("report", count=2)
+    await emitter
+
+    assert second["status"] == "sent"
+
+
+async def test_recorder_timeout_lists_events() -> None:
+    recorder = EventRecorder()
+    recorder({"event": "connected"})
+
+    with pytest.raises(TimeoutError, match="connected"):
+        await recorder.wait_for("registered", timeout_s=0.05)
+
+
+def test_parser_reads_repeated_incoming() -> None:
+    args = build_parser().parse_args(
+        ["--api-key", "k", "--incoming", "+34600000000:Hola", "--incoming", "Banco:a:b"]
+    )
+
+    assert args.incoming == [("+34600000000", "Hola"), ("Banco", "a:b")]
