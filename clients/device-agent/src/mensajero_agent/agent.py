@@ -113,8 +113,9 @@ class Agent:
         seed: int | None = None,
     ) -> None:
         self.config = config
-        self.backend = backend or SimulatedBackend()
-        self.ledger = ledger or MessageLedger()
+        self.backend = backend if backend is not None else SimulatedBackend()
+        # An empty ledger is falsy (it has a length), so test for None explicitly.
+        self.ledger = ledger if ledger is not None else MessageLedger()
         self._on_event = on_event
         self._random = random.Random(seed)
         self._socket: ClientConnection | None = None
