@@ -16,7 +16,7 @@ test: install
 lint: install
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
-	$(UV) run mypy libs/common/src services/*/src clients/device-agent/src
+	$(UV) run mypy -p mensajero_common -p mensajero_api -p mensajero_hub -p mensajero_dispatcher -p mensajero_webhooks -p mensajero_agent
 
 fmt: install
 	$(UV) run ruff format .

@@ -100,7 +100,7 @@ def redis_keys(settings: Settings) -> RedisKeys:
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator["Redis[bytes]"]:
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client: Redis[bytes] = Redis.from_url(settings.REDIS_URL)
     yield client
     async for key in client.scan_iter(

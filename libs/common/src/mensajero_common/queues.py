@@ -19,7 +19,7 @@ SHARED_STREAM_MAXLEN = 1_000_000
 
 
 async def signal_new_messages(
-    redis: "Redis[bytes]", keys: RedisKeys, message_ids: Iterable[uuid.UUID]
+    redis: Redis, keys: RedisKeys, message_ids: Iterable[uuid.UUID]
 ) -> None:
     """Tell the dispatcher that these committed messages wait for assignment."""
     async with redis.pipeline(transaction=False) as pipe:
@@ -34,7 +34,7 @@ async def signal_new_messages(
 
 
 async def push_device_task(
-    redis: "Redis[bytes]",
+    redis: Redis,
     keys: RedisKeys,
     device_id: uuid.UUID,
     message_id: uuid.UUID,
@@ -50,7 +50,7 @@ async def push_device_task(
 
 
 async def read_device_tasks(
-    redis: "Redis[bytes]",
+    redis: Redis,
     keys: RedisKeys,
     device_id: uuid.UUID,
     after: bytes | str = "-",
@@ -78,7 +78,7 @@ async def read_device_tasks(
 
 
 async def remove_device_task(
-    redis: "Redis[bytes]", keys: RedisKeys, device_id: uuid.UUID, message_id: uuid.UUID
+    redis: Redis, keys: RedisKeys, device_id: uuid.UUID, message_id: uuid.UUID
 ) -> int:
     """Delete every entry of `message_id` from the device's stream; return how many."""
     stream = keys.device_tasks_stream(device_id)
@@ -96,13 +96,13 @@ async def remove_device_task(
 
 
 async def publish_device_control(
-    redis: "Redis[bytes]", keys: RedisKeys, device_id: uuid.UUID, message: str
+    redis: Redis, keys: RedisKeys, device_id: uuid.UUID, message: str
 ) -> None:
     await redis.publish(keys.device_channel(device_id), message)
 
 
 async def signal_device_event(
-    redis: "Redis[bytes]", keys: RedisKeys, device_id: uuid.UUID, event: str
+    redis: Redis, keys: RedisKeys, device_id: uuid.UUID, event: str
 ) -> None:
     """Tell the dispatcher that a device came online or went offline."""
     await redis.xadd(

@@ -40,7 +40,7 @@ class WebhookUpdate(BaseModel):
     url: WebhookURL = Field(default=None)  # type: ignore[assignment]
     secret_key: Secret = Field(default=None)  # type: ignore[assignment]
     events: list[EventName] = Field(  # type: ignore[assignment]
-        default=None,
+        default=None,  # type: ignore[arg-type]
         min_length=1,
         max_length=len(EVENTS) * 2,
         description=_EVENTS_DESCRIPTION,

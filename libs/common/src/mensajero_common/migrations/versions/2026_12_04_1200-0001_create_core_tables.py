@@ -64,7 +64,7 @@ def _seed_plans() -> None:
     op.bulk_insert(
         plans,
         [
-            {"id": uuid.uuid4(), **plan, "price": Decimal(plan["price"])}
+            {"id": uuid.uuid4(), **plan, "price": Decimal(str(plan["price"]))}
             for plan in PLANS
         ],
     )
