@@ -1,0 +1,54 @@
+"""The README's code must work as printed, in both languages."""
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mensajero_common.webhooks import signature_headers
+
+ROOT = Path(__file__).resolve().parent.parent
+SNIPPET = re.compile(
+    r"<!-- verify-webhook:start -->\s*```python\n(.*?)```\s*<!-- verify-webhook:end -->",
+    re.S,
+)
+
+
+def _verify_function(readme: str) -> Any:
+    match = SNIPPET.search((ROOT / readme).read_text())
+    assert match, f"{readme} lacks the verify-webhook snippet"
+    namespace: dict[str, Any] = {}
+    exec(compile(match.group(1), readme, "exec"), namespace)
+    return namespace["verify_webhook"]
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.es.md"])
+def test_readme_verifier_accepts_signed_request(readme: str) -> None:
+    verify_webhook = _verify_function(readme)
+    body = '{"body":"Hola <b> & ñ 😀"}'.encode()
+    headers = signature_headers("whsec_secret", "evt_1", int(time.time()), body)
+    lower = {name.lower(): value for name, value in headers.items()}
+
+    assert verify_webhook("whsec_secret", lower, body)
+    assert not verify_webhook("whsec_secret", lower, body + b" ")
+    assert not verify_webhook("other-secret", lower, body)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.es.md"])
+def test_readme_verifier_rejects_stale_timestamp(readme: str) -> None:
+    verify_webhook = _verify_function(readme)
+    body = b"{}"
+    headers = signature_headers("whsec_secret", "evt_1", int(time.time()) - 3600, body)
+    lower = {name.lower(): value for name, value in headers.items()}
+
+    assert not verify_webhook("whsec_secret", lower, body)
+
+
+def test_readmes_show_the_same_code() -> None:
+    english = SNIPPET.search((ROOT / "README.md").read_text())
+    spanish = SNIPPET.search((ROOT / "README.es.md").read_text())
+
+    assert english and spanish
+    assert english.group(1) == spanish.group(1)
