@@ -77,6 +77,10 @@ def settings(database_url: str) -> Settings:
         FIRST_SUPERUSER="admin@example.com",
         FIRST_SUPERUSER_PASSWORD="admin-password-for-tests",
         LOG_JSON=False,
+        # Workers started by a test serve no ops endpoints unless the test asks for them,
+        # so parallel runs never compete for a fixed port.
+        DISPATCHER_OPS_PORT=0,
+        WEBHOOKS_OPS_PORT=0,
     )
 
 

@@ -39,12 +39,16 @@ async def services(
     """Start the four services on the test database and Redis prefix, healthy."""
     # `session_factory` has emptied the tables, and `redis` deletes the keys afterwards.
     api_port, hub_port = free_port(), free_port()
+    dispatcher_ops_port, webhooks_ops_port = free_port(), free_port()
     env = service_environment(
         settings,
         API_HOST="127.0.0.1",
         API_PORT=api_port,
         HUB_HOST="127.0.0.1",
         HUB_PORT=hub_port,
+        OPS_HOST="127.0.0.1",
+        DISPATCHER_OPS_PORT=dispatcher_ops_port,
+        WEBHOOKS_OPS_PORT=webhooks_ops_port,
     )
     children = {
         name: await processes.start(name, [script], env) for name, script in SERVICES
@@ -54,6 +58,12 @@ async def services(
     async with httpx.AsyncClient(timeout=scaled(5)) as client:
         await wait_for_healthz(client, api_url, children["api"])
         await wait_for_healthz(client, hub_url, children["hub"])
+        await wait_for_healthz(
+            client, f"http://127.0.0.1:{dispatcher_ops_port}", children["dispatcher"]
+        )
+        await wait_for_healthz(
+            client, f"http://127.0.0.1:{webhooks_ops_port}", children["webhooks"]
+        )
     yield RunningServices(
         api_url=api_url,
         hub_ws_url=f"ws://127.0.0.1:{hub_port}/api/v1/android/ws",

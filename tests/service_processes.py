@@ -39,6 +39,8 @@ def service_environment(settings: Settings, **overrides: object) -> dict[str, st
         "SECRET_KEY",
         "FIRST_SUPERUSER",
         "FIRST_SUPERUSER_PASSWORD",
+        "DISPATCHER_OPS_PORT",
+        "WEBHOOKS_OPS_PORT",
     )
     variables = {name: str(getattr(settings, name)) for name in names}
     variables.update({"LOG_JSON": "true", "LOG_LEVEL": "INFO"})

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     HUB_HOST: str = "127.0.0.1"
     HUB_PORT: Annotated[int, Field(ge=0, le=65535)] = 8001
 
+    # Health, readiness and metrics endpoints of the workers (dispatcher, webhook-sender),
+    # which have no HTTP app of their own; 0 turns them off.
+    OPS_HOST: str = "127.0.0.1"
+    DISPATCHER_OPS_PORT: Annotated[int, Field(ge=0, le=65535)] = 9101
+    WEBHOOKS_OPS_PORT: Annotated[int, Field(ge=0, le=65535)] = 9102
+
     SECRET_KEY: str = DEFAULT_SECRET
     ACCESS_TOKEN_EXPIRE_MINUTES: Annotated[int, Field(gt=0)] = 60 * 24
     FIRST_SUPERUSER: str = "admin@example.com"

@@ -23,6 +23,7 @@ from mensajero_api.webhooks.routes import router as webhooks_router
 from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import RedisKeys
 from mensajero_common.logging import configure_logging
+from mensajero_common.ops import MetricsMiddleware
 from mensajero_common.redis import create_redis
 from mensajero_common.settings import Settings, get_settings
 
@@ -96,6 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestBodyLimitMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES
     )
+    # Added after the body limit, so it runs before it and refuses a flood unread.
+    app.add_middleware(ratelimit_middleware.RateLimitMiddleware)
+    app.add_middleware(MetricsMiddleware, service=SERVICE_NAME)
     install_error_handling(app)
     for router in (
         health_router,

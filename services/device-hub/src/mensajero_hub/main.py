@@ -6,8 +6,11 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
 
 from mensajero_common.logging import configure_logging
+from mensajero_common.metrics import CONNECTED_DEVICES
+from mensajero_common.ops import MetricsMiddleware, metrics_response, run_checks
 from mensajero_common.settings import Settings, get_settings
 from mensajero_hub.core.hub import Hub
 from mensajero_hub.transport import websocket
@@ -48,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = Hub(settings)
         await hub.start()
         app.state.hub = hub
+        CONNECTED_DEVICES.set_function(hub.session_count)
         try:
             yield
         finally:
@@ -61,10 +65,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.include_router(websocket.router)
+    app.add_middleware(MetricsMiddleware, service="device-hub")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready, results = await run_checks(app.state.hub.readiness_checks())
+        return JSONResponse(
+            {"status": "ok" if ready else "unavailable", "checks": results},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response()
 
     return app
 

@@ -1,17 +1,46 @@
-"""Entry point of `mensajero-dispatcher`: the stream consumer and the periodic jobs."""
+"""Entry point of `mensajero-dispatcher`: the stream consumer and the periodic jobs.
+
+/healthz, /readyz and /metrics are served on OPS_HOST:DISPATCHER_OPS_PORT.
+"""
 
 import asyncio
 import signal
 
 import structlog
+from redis.exceptions import ResponseError
 
 from mensajero_common.logging import configure_logging
+from mensajero_common.metrics import STREAM_LAG
+from mensajero_common.ops import (
+    create_ops_app,
+    postgres_session_check,
+    redis_check,
+    serve_ops,
+)
 from mensajero_common.settings import Settings, get_settings
 from mensajero_dispatcher.consumer import StreamConsumer
-from mensajero_dispatcher.context import open_context
+from mensajero_dispatcher.context import DispatcherContext, open_context
 from mensajero_dispatcher.scheduler import default_jobs, run_periodic_jobs
 
 log = structlog.get_logger(__name__)
+
+
+async def refresh_stream_lag(ctx: DispatcherContext) -> None:
+    """Set the lag gauge of each stream the dispatcher reads: unread plus unacknowledged."""
+    for stream in (ctx.keys.new_messages_stream, ctx.keys.device_events_stream):
+        try:
+            groups = await ctx.redis.xinfo_groups(stream)
+        except ResponseError:
+            # The stream does not exist until its first entry or the consumer's start.
+            STREAM_LAG.labels(stream).set(0)
+            continue
+        for group in groups:
+            if group.get("name") in (
+                ctx.keys.dispatcher_group,
+                ctx.keys.dispatcher_group.encode(),
+            ):
+                lag = group.get("lag") or 0
+                STREAM_LAG.labels(stream).set(int(lag) + int(group.get("pending") or 0))
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -28,11 +57,24 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             consumer=consumer.name,
             jobs=[job.name for job in jobs],
         )
+        ops_app = create_ops_app(
+            lambda: {
+                "postgres": postgres_session_check(ctx.session_factory),
+                "redis": redis_check(ctx.redis),
+            },
+            before_metrics=lambda: refresh_stream_lag(ctx),
+        )
+        ops_server = asyncio.create_task(
+            serve_ops(ops_app, settings.OPS_HOST, settings.DISPATCHER_OPS_PORT),
+            name="ops-server",
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(consumer.run(stop), name="stream-consumer")
                 group.create_task(run_periodic_jobs(ctx, jobs, stop), name="jobs")
         finally:
+            ops_server.cancel()
+            await asyncio.gather(ops_server, return_exceptions=True)
             log.info("dispatcher stopped", consumer=consumer.name)
 
 

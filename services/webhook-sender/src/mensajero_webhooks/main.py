@@ -4,6 +4,7 @@ The worker reads `webhook_delivery.send` jobs from `keys.arq_queue`, and its cro
 `webhook_delivery.sweep` queues again any due delivery whose job Redis lost. `on_startup`
 opens the engine and the HTTP client and puts a DeliveryContext in `ctx["delivery"]`;
 `on_shutdown` closes them. `ctx["redis"]` is arq's own client, opened from REDIS_URL.
+/healthz, /readyz and /metrics are served on OPS_HOST:WEBHOOKS_OPS_PORT.
 """
 
 import asyncio
@@ -19,6 +20,7 @@ from arq.worker import Worker
 from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import RedisKeys
 from mensajero_common.logging import configure_logging
+from mensajero_common.ops import create_ops_app, postgres_check, redis_check, serve_ops
 from mensajero_common.settings import Settings, get_settings
 from mensajero_webhooks.delivery.service import DeliveryContext
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, job_functions, sweep
@@ -46,10 +48,24 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         redis=ctx["redis"],
         http=http,
     )
-    log.info("webhook-sender started", queue=ctx["keys"].arq_queue)
+    ops_app = create_ops_app(
+        lambda: {"postgres": postgres_check(engine), "redis": redis_check(ctx["redis"])}
+    )
+    ctx["ops_server"] = asyncio.create_task(
+        serve_ops(ops_app, settings.OPS_HOST, settings.WEBHOOKS_OPS_PORT)
+    )
+    log.info(
+        "webhook-sender started",
+        queue=ctx["keys"].arq_queue,
+        ops_port=settings.WEBHOOKS_OPS_PORT,
+    )
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
+    ops_server = ctx.pop("ops_server", None)
+    if ops_server is not None:
+        ops_server.cancel()
+        await asyncio.gather(ops_server, return_exceptions=True)
     http = ctx.pop("http", None)
     if http is not None:
         await http.aclose()

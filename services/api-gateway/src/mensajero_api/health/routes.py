@@ -7,6 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from mensajero_api.deps import ResourcesDep
+from mensajero_common.ops import metrics_response
 
 logger = structlog.get_logger(__name__)
 
@@ -39,3 +40,9 @@ async def readyz(resources: ResourcesDep, response: Response) -> dict[str, str]:
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return {"status": "ok" if ready else "unavailable", **checks}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    """Prometheus metrics of this process."""
+    return metrics_response()

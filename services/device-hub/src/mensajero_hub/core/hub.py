@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mensajero_common import protocol
 from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import RedisKeys
+from mensajero_common.ops import ReadinessCheck, postgres_check, redis_check
 from mensajero_common.settings import Settings
 from mensajero_hub.core import frames
 from mensajero_hub.core.channels import DeviceChannelRouter
@@ -160,6 +161,15 @@ class Hub:
 
     def session_count(self) -> int:
         return sum(len(group) for group in self._sessions.values())
+
+    def readiness_checks(self) -> dict[str, ReadinessCheck]:
+        """Return the checks of /readyz: the hub's Postgres engine and Redis client."""
+        if self._engine is None or self._redis is None:
+            return {}
+        return {
+            "postgres": postgres_check(self._engine),
+            "redis": redis_check(self._redis),
+        }
 
     # Sessions.
 

@@ -15,6 +15,7 @@ import structlog
 
 from mensajero_common import protocol
 from mensajero_common.keys import CHANNEL_CONNECTED_PREFIX, CHANNEL_REVOKE, CHANNEL_WAKE
+from mensajero_common.metrics import TASK_PUSH_LATENCY
 from mensajero_common.protocol import (
     PingFrame,
     RegisterFrame,
@@ -45,6 +46,22 @@ PUSH_BATCH_SIZE = 100
 # How long closing a connection may wait for the transport, e.g. on a peer that stopped
 # reading; the session is released even if the close frame could not be written.
 CLOSE_TIMEOUT_S = 5.0
+
+
+def observe_push_latency(task: dict[str, Any]) -> None:
+    """Record the time from the message's creation to its task frame being sent."""
+    created = task.get("created_at")
+    if not isinstance(created, str):
+        return
+    try:
+        created_at = datetime.fromisoformat(created)
+    except ValueError:
+        return
+    if created_at.tzinfo is None:
+        return
+    TASK_PUSH_LATENCY.observe(
+        max(0.0, (datetime.now(UTC) - created_at).total_seconds())
+    )
 
 
 class Transport(Protocol):
@@ -334,6 +351,7 @@ class DeviceSession:
                 continue
             if not await self._send(entry.task):
                 return
+            observe_push_latency(entry.task)
             self.log.debug("task pushed", message_id=str(entry.message_id))
         if stale:
             # Final, or moved to another device: sending it now would send an SMS twice.

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common.db import session_scope
 from mensajero_common.keys import RedisKeys
+from mensajero_common.metrics import WEBHOOK_ATTEMPTS
 from mensajero_common.models import WebhookDeliveryStatus
 from mensajero_common.settings import Settings
 from mensajero_common.webhook_outbox import DELIVERY_JOB, delivery_job_id
@@ -78,6 +79,7 @@ async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> 
         async with session_scope(context.session_factory) as session:
             await repository.cancel(session, delivery_id, "webhook_disabled")
         log.info("delivery cancelled because the webhook is disabled")
+        WEBHOOK_ATTEMPTS.labels("cancelled").inc()
         return WebhookDeliveryStatus.CANCELLED
 
     result = await post_event(
@@ -91,6 +93,7 @@ async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> 
         allow_private=settings.webhook_private_urls_allowed,
     )
     status, next_retry_at = _outcome(settings, claimed.attempt_number, result)
+    WEBHOOK_ATTEMPTS.labels("retry" if next_retry_at is not None else str(status)).inc()
 
     async with session_scope(context.session_factory) as session:
         await repository.record_attempt(

@@ -5,6 +5,7 @@ from typing import Any
 
 from arq.worker import func
 
+from mensajero_common.metrics import JOB_DURATION
 from mensajero_common.webhook_outbox import DELIVERY_JOB
 from mensajero_webhooks.delivery.service import (
     DeliveryContext,
@@ -17,12 +18,14 @@ SWEEP_JOB = "webhook_delivery.sweep"
 
 async def send(ctx: dict[str, Any], delivery_id: str) -> str:
     context: DeliveryContext = ctx["delivery"]
-    return await attempt_delivery(context, uuid.UUID(delivery_id))
+    with JOB_DURATION.labels(DELIVERY_JOB).time():
+        return await attempt_delivery(context, uuid.UUID(delivery_id))
 
 
 async def sweep(ctx: dict[str, Any]) -> int:
     context: DeliveryContext = ctx["delivery"]
-    return await requeue_due_deliveries(context)
+    with JOB_DURATION.labels(SWEEP_JOB).time():
+        return await requeue_due_deliveries(context)
 
 
 def job_functions(timeout_s: float) -> list[Any]:
