@@ -97,8 +97,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestBodyLimitMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES
     )
-    # Added after the body limit, so it runs before it and refuses a flood unread.
-    app.add_middleware(ratelimit_middleware.RateLimitMiddleware)
     app.add_middleware(MetricsMiddleware, service=SERVICE_NAME)
     install_error_handling(app)
     for router in (
