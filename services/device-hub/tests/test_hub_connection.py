@@ -380,5 +380,30 @@ async def test_shutdown_closes_with_1012(
 
     code, _ = await wait_closed(socket)
     await socket.close()
+    row = await load_device(session_factory, device.device_id)
     assert code == protocol.CLOSE_SERVICE_RESTART
+    assert row.status == DeviceStatus.OFFLINE
     assert await redis.xlen(redis_keys.device_tasks_stream(device.device_id)) == 1
+
+
+async def test_many_disconnects_mark_all_offline(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    devices = [await create_device(session_factory) for _ in range(60)]
+    sockets = [await open_socket(hub_url, device.api_key) for device in devices]
+    for socket in sockets:
+        await request(socket, {"type": "ping"})
+
+    await asyncio.gather(*(socket.close() for socket in sockets))
+
+    async def all_offline() -> bool:
+        rows = [await load_device(session_factory, d.device_id) for d in devices]
+        return all(row.status == DeviceStatus.OFFLINE for row in rows)
+
+    await eventually(all_offline)
+    offline_events = {
+        device_id
+        for device_id, event in await device_events(redis, redis_keys)
+        if event == "offline"
+    }
+    assert offline_events == {str(device.device_id) for device in devices}

@@ -84,6 +84,7 @@ class Hub:
             self._redis,
             self.keys,
         )
+        self._service.presence.start()
         self._router = DeviceChannelRouter(
             self._redis, self.keys, self._on_channel_message, self._wake_all
         )
@@ -118,7 +119,9 @@ class Hub:
             for session in self.sessions():
                 await self.release(session, protocol.CLOSE_SERVICE_RESTART)
 
-        # 3. Stop the background work.
+        # 3. Stop the background work; the presence writer first writes what is queued.
+        if self._service is not None:
+            await self._service.presence.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for task in [self._sweeper, *self._background]:

@@ -5,7 +5,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import (
+    DateTime,
+    and_,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -101,36 +111,54 @@ async def update_registration(
     return None if row is None else (row[0], row[1])
 
 
-async def mark_online(db: AsyncSession, device_id: uuid.UUID) -> datetime | None:
-    """Mark the device online with a fresh heartbeat; return the heartbeat written."""
-    statement = (
-        update(SMSDevice)
-        .where(SMSDevice.id == device_id)
-        .values(status=DeviceStatus.ONLINE.value, last_heartbeat=func.now())
-        .returning(SMSDevice.last_heartbeat)
-    )
-    return (await db.execute(statement)).scalar_one_or_none()
+async def write_heartbeats(
+    db: AsyncSession, device_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, datetime]:
+    """Mark these devices online with a fresh heartbeat; return the heartbeat of each.
 
-
-async def mark_offline(
-    db: AsyncSession, device_id: uuid.UUID, heartbeat_at: datetime
-) -> bool:
-    """Mark the device offline unless another connection wrote its heartbeat since.
-
-    `heartbeat_at` is the last heartbeat the closing connection wrote: a newer connection
-    of the device (on any hub) writes a different one, and then the device stays online.
+    clock_timestamp() gives every row its own value even within one statement, so a
+    heartbeat identifies the write that made it (see mark_offline).
     """
     statement = (
         update(SMSDevice)
-        .where(
-            SMSDevice.id == device_id,
-            SMSDevice.last_heartbeat == heartbeat_at,
-            SMSDevice.status == DeviceStatus.ONLINE.value,
-        )
-        .values(status=DeviceStatus.OFFLINE.value)
-        .returning(SMSDevice.id)
+        .where(SMSDevice.id.in_(list(device_ids)))
+        .values(status=DeviceStatus.ONLINE.value, last_heartbeat=func.clock_timestamp())
+        .returning(SMSDevice.id, SMSDevice.last_heartbeat)
     )
-    return (await db.execute(statement)).scalar_one_or_none() is not None
+    rows = (await db.execute(statement)).all()
+    return {row[0]: row[1] for row in rows if row[1] is not None}
+
+
+_MARK_OFFLINE = text(
+    """
+    UPDATE smsdevice SET status = 'offline', updated_at = now()
+    FROM unnest(:device_ids, :heartbeats) AS closing(device_id, heartbeat_at)
+    WHERE smsdevice.id = closing.device_id
+      AND smsdevice.last_heartbeat = closing.heartbeat_at
+      AND smsdevice.status = 'online'
+    RETURNING smsdevice.id, closing.heartbeat_at
+    """
+).bindparams(
+    bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))),
+    bindparam("heartbeats", type_=ARRAY(DateTime(timezone=True))),
+)
+
+
+async def mark_offline(
+    db: AsyncSession, closing: Collection[tuple[uuid.UUID, datetime]]
+) -> set[tuple[uuid.UUID, datetime]]:
+    """Mark devices offline unless another connection wrote their heartbeat since.
+
+    Each pair is a device and the last heartbeat its closing connection wrote. A newer
+    connection of the device (on any hub) writes a different one, and then the device stays
+    online. Returns the pairs whose device went offline.
+    """
+    device_ids = [device_id for device_id, _ in closing]
+    heartbeats = [heartbeat_at for _, heartbeat_at in closing]
+    result = await db.execute(
+        _MARK_OFFLINE, {"device_ids": device_ids, "heartbeats": heartbeats}
+    )
+    return {(row[0], row[1]) for row in result.all()}
 
 
 async def advance_message_status(

@@ -26,7 +26,7 @@ from mensajero_common.settings import Settings
 from mensajero_common.status import FINAL_STATUSES
 from mensajero_hub.core import repository
 from mensajero_hub.core.frames import FrameRejectedError, InvalidApiKeyError
-from mensajero_hub.core.presence import ConnectionKeys
+from mensajero_hub.core.presence import ConnectionKeys, PresenceWriter
 from mensajero_hub.core.state import TaskEntry, connection_key_ttl_s
 
 log = structlog.get_logger(__name__)
@@ -78,6 +78,9 @@ class DeviceService:
                 settings.WEBSOCKET_HEARTBEAT_TIMEOUT, settings.WEBSOCKET_PING_INTERVAL
             ),
         )
+        self.presence = PresenceWriter(
+            session_factory, redis, keys, self.connection_keys
+        )
 
     # Authentication and presence.
 
@@ -122,8 +125,7 @@ class DeviceService:
 
     async def write_heartbeat(self, device_id: uuid.UUID) -> datetime | None:
         """Mark the device online with a fresh heartbeat; return the value written."""
-        async with session_scope(self._sessions) as db:
-            return await repository.mark_online(db, device_id)
+        return await self.presence.write_heartbeat(device_id)
 
     async def signal_presence(self, device_id: uuid.UUID, event: str) -> None:
         await queues.signal_device_event(self._redis, self._keys, device_id, event)
@@ -135,15 +137,7 @@ class DeviceService:
         heartbeat_at: datetime | None,
     ) -> bool:
         """Mark the device offline unless a newer connection took over; return if it did."""
-        released = await self.connection_keys.release(device_id, connection_id)
-        if not released or heartbeat_at is None:
-            return False
-
-        async with session_scope(self._sessions) as db:
-            changed = await repository.mark_offline(db, device_id, heartbeat_at)
-        if changed:
-            await self.signal_presence(device_id, "offline")
-        return changed
+        return await self.presence.mark_offline(device_id, connection_id, heartbeat_at)
 
     # Client frames.
 
