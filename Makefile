@@ -24,3 +24,22 @@ fmt: install
 
 migrate: install
 	$(UV) run mensajero-migrate
+
+# Deployment files. `check-deploy` runs their offline checks (deploy/check.sh: Compose
+# schema, hadolint, each image's package installed from the lock file, the Kubernetes
+# overlays rendered and validated) and the tests that tie them to the code. `up` and `down`
+# run deploy/compose.yaml, which serves the API and the device WebSocket on
+# MENSAJERO_HTTP_PORT (default 8080).
+COMPOSE ?= docker compose -f deploy/compose.yaml
+
+.PHONY: check-deploy up down
+
+check-deploy: install
+	UV="$(UV)" bash deploy/check.sh
+	$(UV) run pytest tests/test_deploy_static.py
+
+up:
+	$(COMPOSE) up --build --detach
+
+down:
+	$(COMPOSE) down
