@@ -77,6 +77,24 @@ def test_deadline_queue_pops_each_item_once_per_timeout() -> None:
     assert len(queue.pop_expired(15.0)) == 1000
 
 
+def test_deadline_queue_compacts_closed_items() -> None:
+    queue = deadline_queue(300)
+    connections = [Connection(str(i), 0.0) for i in range(200)]
+    for connection in connections:
+        queue.add(connection)
+
+    for connection in connections[:100]:
+        connection.open = False
+    queue.compact(open_count=100)
+    assert len(queue) == 200
+
+    for connection in connections[100:150]:
+        connection.open = False
+    queue.compact(open_count=50)
+    assert len(queue) == 50
+    assert queue.pop_expired(300.0) == connections[150:]
+
+
 def test_sweep_interval_bounds() -> None:
     assert sweep_interval_s(300) == 5.0
     assert sweep_interval_s(1) == 0.25

@@ -37,6 +37,18 @@ class DeadlineQueue(Generic[Item]):
         deadline_s = self._last_activity_s(item) + self.timeout_s
         heapq.heappush(self._heap, (deadline_s, next(self._counter), item))
 
+    def compact(self, open_count: int) -> None:
+        """Drop the entries of closed items once they are most of the heap.
+
+        A closed item otherwise stays until its deadline passes, which keeps the memory
+        of every connection closed in the last timeout; the rebuild is linear, and runs
+        only after as many closes as there are open items.
+        """
+        if len(self._heap) <= 2 * open_count + 64:
+            return
+        self._heap = [entry for entry in self._heap if self._is_open(entry[2])]
+        heapq.heapify(self._heap)
+
     def pop_expired(self, now_s: float) -> list[Item]:
         """Return the open items silent for the timeout; closed items leave the heap here."""
         expired: list[Item] = []

@@ -279,3 +279,4 @@ class Hub:
             for session in self._deadlines.pop_expired(self.now_s()):
                 session.log.info("closing silent connection")
                 self.spawn(session.close(protocol.CLOSE_HEARTBEAT_TIMEOUT, reason))
+            self._deadlines.compact(self.session_count())
