@@ -58,7 +58,7 @@ async def test_offline_mark_keeps_newer_connection_key(
     assert await redis.get(redis_keys.device_connection(device.device_id)) == b"newer"
 
 
-async def test_concurrent_writes_share_statements(
+async def test_concurrent_writes_all_apply(
     writer: PresenceWriter, session_factory: Sessions
 ) -> None:
     devices = [await create_device(session_factory) for _ in range(40)]

@@ -84,7 +84,7 @@ class ConnectionKeys:
     async def release_many(
         self, connections: list[tuple[uuid.UUID, str]]
     ) -> list[bool]:
-        """Release several keys in one round trip; return `release`'s answer for each."""
+        """Release several keys in one round trip; return `release`'s result for each."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for device_id, connection_id in connections:
                 await self._release(
