@@ -107,8 +107,10 @@ def redis_keys(settings: Settings) -> RedisKeys:
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client: Redis[bytes] = Redis.from_url(settings.REDIS_URL)
     yield client
+    # arq keeps jobs under its own "arq:job:", "arq:in-progress:" and "arq:retry:"
+    # prefixes, followed by a job id that starts with our prefix.
     async for key in client.scan_iter(
-        match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000
+        match=f"*{settings.REDIS_KEY_PREFIX}:*", count=1000
     ):
         await client.delete(key)
     await client.aclose()

@@ -37,6 +37,31 @@ def test_readme_verifier_accepts_signed_request(readme: str) -> None:
 
 
 @pytest.mark.parametrize("readme", ["README.md", "README.es.md"])
+@pytest.mark.parametrize(
+    ("timestamp", "signature"),
+    [
+        ("²", "sha256=00"),
+        ("9" * 5000, "sha256=00"),
+        ("", "sha256=00"),
+        ("-5", "sha256=00"),
+        (None, "sha256=é"),
+    ],
+)
+def test_readme_verifier_rejects_forged_headers(
+    readme: str, timestamp: str | None, signature: str
+) -> None:
+    verify_webhook = _verify_function(readme)
+    headers = {
+        "x-webhook-timestamp": timestamp
+        if timestamp is not None
+        else str(int(time.time())),
+        "x-webhook-signature": signature,
+    }
+
+    assert verify_webhook("whsec_secret", headers, b"{}") is False
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.es.md"])
 def test_readme_verifier_rejects_stale_timestamp(readme: str) -> None:
     verify_webhook = _verify_function(readme)
     body = b"{}"

@@ -269,3 +269,24 @@ async def test_webhook_unknown_id_is_not_found(
     )
 
     assert response.status_code == 404
+
+
+async def test_create_webhook_rejects_bad_secret(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+
+    for secret, reason in [
+        ("short", "length"),
+        ("x" * 300, "length"),
+        ("whsec_!!!not base64!!!xxxxxxxx", "whsec_not_base64"),
+    ]:
+        response = await client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": "http://127.0.0.1:9/hook", "secret_key": secret},
+            headers={**owner.headers, "Accept-Language": "en"},
+        )
+        assert response.status_code == 400, secret
+        assert response.json()["error"] == "invalid_webhook_secret"
+        assert response.json()["reason"] == reason
+    assert await count_rows(session_factory, WebhookConfig) == 0

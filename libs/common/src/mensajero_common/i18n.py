@@ -182,6 +182,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Eventos desconocidos: {events}. Eventos válidos: {allowed}.",
         "en": "Unknown events: {events}. Valid events: {allowed}.",
     },
+    "invalid_webhook_secret": {
+        "es": "El secret_key no es válido ({reason}): debe tener entre {min_length} y {max_length} caracteres y, si empieza por whsec_, seguir con base64. Omítelo para que se genere uno.",
+        "en": "The secret_key is invalid ({reason}): it must have {min_length} to {max_length} characters and, if it starts with whsec_, continue with base64. Leave it out to have one generated.",
+    },
     "webhook_limit_reached": {
         "es": "Ya tienes {limit} webhooks, el máximo. Elimina uno antes de crear otro.",
         "en": "You already have {limit} webhooks, the maximum. Delete one before creating another.",

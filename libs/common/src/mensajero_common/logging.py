@@ -41,6 +41,9 @@ def configure_logging(settings: Settings, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.LOG_LEVEL.upper())
+    # Library warnings (such as PyJWT's about short keys) become log records, so that they
+    # come out as JSON like every other line instead of raw text on stderr.
+    logging.captureWarnings(True)
     # uvicorn's access log would print query strings, and the device WebSocket carries
     # its API key in one.
     logging.getLogger("uvicorn.access").disabled = True

@@ -127,9 +127,15 @@ async def record_message_event(
     return [row[0] for row in result.all()]
 
 
-def delivery_job_id(delivery_id: uuid.UUID | str, attempt_number: int) -> str:
-    """Return the arq job id of one attempt, so a delivery never has two queued jobs per attempt."""
-    return f"webhook-delivery:{delivery_id}:{attempt_number}"
+def delivery_job_id(
+    keys: RedisKeys, delivery_id: uuid.UUID | str, attempt_number: int
+) -> str:
+    """Return the arq job id of one attempt, so a delivery never has two queued jobs per attempt.
+
+    arq keeps a job under "arq:job:<id>" whatever its queue, so the id starts with the key
+    prefix to keep installs (and test runs) that share a Redis server apart.
+    """
+    return f"{keys.prefix}:webhook-delivery:{delivery_id}:{attempt_number}"
 
 
 async def queue_deliveries(
@@ -144,6 +150,6 @@ async def queue_deliveries(
         await redis.enqueue_job(
             DELIVERY_JOB,
             str(delivery_id),
-            _job_id=delivery_job_id(delivery_id, attempt_number),
+            _job_id=delivery_job_id(keys, delivery_id, attempt_number),
             _queue_name=keys.arq_queue,
         )

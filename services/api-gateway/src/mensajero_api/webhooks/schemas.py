@@ -12,7 +12,8 @@ from mensajero_common.webhooks import EVENT_SMS_RECEIVED, EVENTS
 WebhookURL = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048)
 ]
-Secret = Annotated[StorableStr, StringConstraints(min_length=16, max_length=255)]
+# Length and form are checked by the service, which answers with a localized message.
+Secret = Annotated[StorableStr, Field(max_length=1024)]
 # Event names are checked by the service, which can name the allowed ones in its error.
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 

@@ -37,6 +37,7 @@ from mensajero_common.settings import Settings
 from mensajero_common.webhook_outbox import build_event_body
 from mensajero_common.webhooks import (
     EVENTS,
+    SECRET_PREFIX,
     AttemptResult,
     UnsafeWebhookURLError,
     check_url_target,
@@ -48,6 +49,9 @@ logger = structlog.get_logger(__name__)
 
 # Webhooks a user may have at once; each event is POSTed to every one of them.
 MAX_WEBHOOKS_PER_USER = 20
+MIN_SECRET_LENGTH = 16
+# The width of webhookconfig.secret_key.
+MAX_SECRET_LENGTH = 255
 TEST_EVENT = "webhook_test"
 
 
@@ -89,8 +93,39 @@ class WebhookLimitError(ConflictError):
         )
 
 
+class InvalidWebhookSecretError(ValidationFailedError):
+    code = "invalid_webhook_secret"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            reason=reason,
+            min_length=MIN_SECRET_LENGTH,
+            max_length=MAX_SECRET_LENGTH,
+            details={"reason": reason},
+        )
+
+
 class InvalidDeliveryCursorError(ValidationFailedError):
     code = "invalid_cursor"
+
+
+def _check_secret(secret: str) -> None:
+    """Reject a secret too short to resist guessing, or a malformed `whsec_` secret.
+
+    A `whsec_` secret must carry base64 after the prefix, because Standard Webhooks
+    verifiers decode it to get the HMAC key; another secret would sign requests that
+    those libraries can never verify.
+    """
+    if not MIN_SECRET_LENGTH <= len(secret) <= MAX_SECRET_LENGTH:
+        raise InvalidWebhookSecretError("length")
+    if not secret.startswith(SECRET_PREFIX):
+        return
+    try:
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidWebhookSecretError("whsec_not_base64") from None
+    if not key:
+        raise InvalidWebhookSecretError("whsec_not_base64")
 
 
 def _check_events(events: list[str]) -> list[str]:
@@ -130,6 +165,8 @@ async def create_webhook(
 ) -> tuple[WebhookConfig, str | None]:
     """Create a webhook; commit. Returns it and the secret when the server generated one."""
     events = _check_events(data.events)
+    if data.secret_key is not None:
+        _check_secret(data.secret_key)
     await _check_url(settings, data.url)
     if await repository.count_webhooks(session, user.id) >= MAX_WEBHOOKS_PER_USER:
         raise WebhookLimitError()
@@ -161,6 +198,8 @@ async def update_webhook(
         changes["events"] = _check_events(changes["events"])
     if changes.get("url") is not None:
         await _check_url(settings, changes["url"])
+    if changes.get("secret_key") is not None:
+        _check_secret(changes["secret_key"])
 
     for field, value in changes.items():
         if value is not None:

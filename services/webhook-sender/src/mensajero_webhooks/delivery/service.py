@@ -110,7 +110,9 @@ async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> 
         await context.redis.enqueue_job(
             DELIVERY_JOB,
             str(delivery_id),
-            _job_id=delivery_job_id(delivery_id, claimed.attempt_number + 1),
+            _job_id=delivery_job_id(
+                context.keys, delivery_id, claimed.attempt_number + 1
+            ),
             _queue_name=context.keys.arq_queue,
             _defer_until=next_retry_at,
         )
@@ -146,7 +148,9 @@ async def requeue_due_deliveries(context: DeliveryContext, limit: int = 500) -> 
         await context.redis.enqueue_job(
             DELIVERY_JOB,
             str(delivery_id),
-            _job_id=delivery_job_id(delivery_id, attempts.get(delivery_id, 0) + 1),
+            _job_id=delivery_job_id(
+                context.keys, delivery_id, attempts.get(delivery_id, 0) + 1
+            ),
             _queue_name=context.keys.arq_queue,
         )
     if due:
