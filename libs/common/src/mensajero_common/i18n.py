@@ -119,6 +119,52 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Límite de {limit} dispositivos alcanzado",
         "en": "Limit of {limit} devices reached",
     },
+    "superuser_required": {
+        "es": "Solo un superusuario puede cambiar el plan de un usuario.",
+        "en": "Only a superuser can change a user's plan.",
+    },
+    "user_not_found": {
+        "es": "No existe el usuario {user_id}.",
+        "en": "User {user_id} does not exist.",
+    },
+    "plan_not_found": {
+        "es": "No existe el plan {plan}. Planes disponibles: {available}.",
+        "en": "Plan {plan} does not exist. Available plans: {available}.",
+    },
+    "plan_changed": {
+        "es": "Plan cambiado a {plan}.",
+        "en": "Plan changed to {plan}.",
+    },
+    # Bulk sending.
+    "too_many_recipients": {
+        "es": "La solicitud tiene {count} destinatarios; el máximo es {limit}. Divídela en varias.",
+        "en": "The request has {count} recipients; the maximum is {limit}. Split it into several requests.",
+    },
+    "no_valid_recipients": {
+        "es": "Ningún destinatario es válido; revisa la lista 'rejected'.",
+        "en": "No recipient is valid; check the 'rejected' list.",
+    },
+    "duplicate_recipient": {
+        "es": "Repite el destinatario de la posición {first_index}; se envía una sola vez.",
+        "en": "Repeats the recipient at position {first_index}; it is sent only once.",
+    },
+    "bulk_task_not_found": {
+        "es": "No existe el envío masivo {task_id}.",
+        "en": "Bulk send {task_id} does not exist.",
+    },
+    "bulk_queued": {
+        "es": "{accepted} mensajes en cola para envío; {rejected} destinatarios rechazados.",
+        "en": "{accepted} messages queued for sending; {rejected} recipients rejected.",
+    },
+    "bulk_replayed": {
+        "es": "Esta Idempotency-Key ya se usó: se devuelve el envío masivo creado la primera vez.",
+        "en": "This Idempotency-Key was already used: returning the bulk send created the first time.",
+    },
+    # Rate limits.
+    "rate_limited": {
+        "es": "Demasiadas solicitudes: el límite es {limit}. Inténtalo de nuevo en {retry_after} s.",
+        "en": "Too many requests: the limit is {limit}. Try again in {retry_after} s.",
+    },
     # Confirmations of successful API requests (the `message` of a success envelope).
     "user_created": {
         "es": "Cuenta creada.",

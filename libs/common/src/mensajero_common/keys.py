@@ -39,6 +39,11 @@ class RedisKeys:
     def arq_queue(self) -> str:
         return f"{self.prefix}:arq:queue"
 
+    @property
+    def rate_limit_prefix(self) -> str:
+        """Prefix of the counters that the `limits` package keeps for the API's rate limits."""
+        return f"{self.prefix}:ratelimit"
+
     def periodic_job_lock(self, job_name: str) -> str:
         """Lock that lets one replica, not every one, run a periodic job in an interval."""
         return f"{self.prefix}:lock:job:{job_name}"

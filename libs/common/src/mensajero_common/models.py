@@ -142,8 +142,9 @@ class UserQuota(Base):
     devices_registered: Mapped[int] = mapped_column(
         Integer, nullable=False, server_default=text("0")
     )
+    # UTC date of the latest monthly reset; the index serves the dispatcher's reset job.
     last_reset_date: Mapped[date] = mapped_column(
-        Date, nullable=False, server_default=func.current_date()
+        Date, nullable=False, server_default=func.current_date(), index=True
     )
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -216,7 +217,9 @@ class SMSMessage(Base):
     )
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # Groups the messages of one bulk request.
-    bulk_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), index=True)
+    bulk_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("smsbulktask.id", ondelete="SET NULL"), index=True
+    )
     # The phone's own id for an incoming SMS, used to store an SMS uploaded twice only once.
     external_id: Mapped[str | None] = mapped_column(String(128))
     # Extra data that does not deserve a column (e.g. the phone's report details).
@@ -250,6 +253,43 @@ class SMSMessage(Base):
             postgresql_where=text("external_id IS NOT NULL"),
         ),
         Index("ix_smsmessage_created_at", "created_at"),
+    )
+
+
+class SMSBulkTask(Base):
+    """One bulk send: the messages it created carry its id in `smsmessage.bulk_id`."""
+
+    __tablename__ = "smsbulktask"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    # The device the sender asked for, if any; not a foreign key, so it outlives the device.
+    requested_device_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    # Recipients in the request, the rejected ones included.
+    total_recipients: Mapped[int] = mapped_column(Integer, nullable=False)
+    # Ids of the messages created, in the order of the request.
+    message_ids: Mapped[list[uuid.UUID]] = mapped_column(
+        ARRAY(UUID(as_uuid=True)), nullable=False
+    )
+    # One {"index", "number", "reason", …} object per recipient that was not sent.
+    rejected: Mapped[list[dict[str, object]]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'[]'::jsonb")
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # SHA-256 of the request, to tell a repeat from another request with the same key.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _created_at()
+
+    __table_args__ = (
+        Index(
+            "uq_smsbulktask_user_id_idempotency_key",
+            "user_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
     )
 
 
@@ -372,6 +412,7 @@ __all__ = [
     "DeviceStatus",
     "MessageStatus",
     "MessageType",
+    "SMSBulkTask",
     "SMSDevice",
     "SMSMessage",
     "User",

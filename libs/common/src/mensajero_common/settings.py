@@ -50,8 +50,39 @@ class Settings(BaseSettings):
     )
     WEBSOCKET_PING_INTERVAL: Annotated[int, Field(gt=0, description="seconds")] = 60
     WEBSOCKET_MAX_FRAME_BYTES: Annotated[int, Field(gt=0)] = 64 * 1024
+    # Day of the month whose midnight (UTC) starts a new monthly SMS quota; at most 28 so
+    # that every month has it.
     QUOTA_RESET_DAY: Annotated[int, Field(ge=1, le=28)] = 1
     DEFAULT_PLAN: str = "free"
+    # How often the dispatcher looks for quota rows not yet reset since the latest reset
+    # day. Between runs, a row is reset anyway when it is read or charged.
+    QUOTA_RESET_CHECK_INTERVAL_S: Annotated[float, Field(gt=0)] = 600.0
+
+    # Recipients (or personalised messages) accepted by one bulk send.
+    BULK_MAX_RECIPIENTS: Annotated[int, Field(ge=1, le=10_000)] = 1000
+
+    # Rate limits of the REST API, in the notation of the `limits` package: one or more
+    # "<count>/<period>" items separated by ";", e.g. "20/second;600/minute".
+    RATE_LIMIT_ENABLED: bool = True
+    # Requests of one authenticated user: room for a dashboard that polls and a script
+    # that sends one SMS per request, not for a runaway loop.
+    RATE_LIMIT_PER_USER: str = "100/second;3000/minute"
+    # Requests that carry a user API key (X-API-Key), per key.
+    RATE_LIMIT_PER_API_KEY: str = "100/second;3000/minute"
+    # Requests without valid credentials, per client IP address.
+    RATE_LIMIT_PER_IP: str = "10/second;120/minute"
+    # Login and sign-up attempts per client IP address, on top of the limits above.
+    RATE_LIMIT_LOGIN_PER_IP: str = "20/minute"
+
+    # Frames one device may send to the device-hub per second before it gets `error`
+    # frames, and how many such errors in a row make the hub close the connection.
+    DEVICE_FRAMES_PER_SECOND: Annotated[int, Field(ge=1)] = 20
+    DEVICE_FRAME_FLOOD_MAX_ERRORS: Annotated[int, Field(ge=1)] = 10
+    # SMS one device is handed per minute. Stock Android asks the user before an app sends
+    # more than its SmsUsageMonitor allows (30 SMS in 30 minutes in AOSP 4.0 and 4.1), and
+    # carriers block SIMs that send in bursts, so a gateway phone needs that check raised
+    # and a steady pace.
+    DEVICE_SMS_PER_MINUTE: Annotated[int, Field(ge=1)] = 10
 
     # Language of user-facing messages when the request's Accept-Language names none we have.
     DEFAULT_LANGUAGE: str = "es"

@@ -19,6 +19,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -511,12 +512,39 @@ class Stack:
                 SERVER_START_TIMEOUT_S,
             )
 
+        self._require_free_ports()
         await run_to_completion(
             "migrate", [sys.executable, "-m", "mensajero_common.migrate"]
         )
         for name, script in SERVICES:
             self.services.append(await start_child(name, [find_script(script)]))
         await self._wait_until_healthy()
+
+    def _require_free_ports(self) -> None:
+        """Stop before starting anything when a service's port is taken.
+
+        Otherwise the health check could reach whatever else listens there and report
+        the stack as running while the new service fails to bind.
+        """
+        settings = self.settings
+        wanted = [
+            ("API_PORT", settings.API_HOST, settings.API_PORT),
+            ("HUB_PORT", settings.HUB_HOST, settings.HUB_PORT),
+            ("DISPATCHER_OPS_PORT", settings.OPS_HOST, settings.DISPATCHER_OPS_PORT),
+            ("WEBHOOKS_OPS_PORT", settings.OPS_HOST, settings.WEBHOOKS_OPS_PORT),
+        ]
+        for name, host, port in wanted:
+            if port == 0:
+                continue
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    raise StackError(
+                        f"port {port} on {host} is already in use ({name}); stop what "
+                        f"listens there or set {name} to another port"
+                    ) from None
 
     def _require_local(self, server: str, host: str) -> None:
         if host not in LOCAL_HOSTS:
