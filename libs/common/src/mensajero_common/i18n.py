@@ -41,8 +41,8 @@ MESSAGES: dict[str, dict[str, str]] = {
     },
     # Authentication and users.
     "not_authenticated": {
-        "es": "Falta la autenticación: envía 'Authorization: Bearer <token>'.",
-        "en": "Authentication is missing: send 'Authorization: Bearer <token>'.",
+        "es": "Falta la autenticación: envía 'Authorization: Bearer <token>' o 'X-API-Key: <API key>'.",
+        "en": "Authentication is missing: send 'Authorization: Bearer <token>' or 'X-API-Key: <API key>'.",
     },
     "invalid_token": {
         "es": "El token no es válido o ha caducado. Inicia sesión de nuevo.",
@@ -55,6 +55,55 @@ MESSAGES: dict[str, dict[str, str]] = {
     "inactive_user": {
         "es": "La cuenta está desactivada.",
         "en": "The account is disabled.",
+    },
+    "too_many_login_attempts": {
+        "es": "Demasiados intentos fallidos de inicio de sesión. Inténtalo de nuevo en {retry_after} s.",
+        "en": "Too many failed login attempts. Try again in {retry_after} s.",
+    },
+    "weak_password": {
+        "es": "La contraseña no puede ser tu correo ni contener la parte de tu correo antes de la @.",
+        "en": "The password must not be your email or contain the part of your email before the @.",
+    },
+    "invalid_current_password": {
+        "es": "La contraseña actual no es correcta.",
+        "en": "The current password is incorrect.",
+    },
+    "password_changed": {
+        "es": "Contraseña cambiada. Los tokens anteriores ya no sirven: usa el token nuevo.",
+        "en": "Password changed. Earlier tokens no longer work: use the new token.",
+    },
+    # User API keys.
+    "invalid_user_api_key": {
+        "es": "La API key no es válida, ha caducado o fue revocada ({reason}).",
+        "en": "The API key is invalid, expired or revoked ({reason}).",
+    },
+    "device_key_not_allowed": {
+        "es": "Una API key de dispositivo solo sirve para el WebSocket de dispositivos. Usa un token de acceso o una API key de usuario.",
+        "en": "A device API key only works on the device WebSocket. Use an access token or a user API key.",
+    },
+    "credentials_mismatch": {
+        "es": "El token y la API key pertenecen a cuentas distintas; envía solo uno de los dos.",
+        "en": "The token and the API key belong to different accounts; send only one of them.",
+    },
+    "login_token_required": {
+        "es": "Esta operación requiere un token de acceso obtenido con correo y contraseña, no una API key.",
+        "en": "This operation requires an access token from an email and password login, not an API key.",
+    },
+    "api_key_not_found": {
+        "es": "No existe la API key {key_id}.",
+        "en": "API key {key_id} does not exist.",
+    },
+    "api_key_limit_reached": {
+        "es": "Límite de {limit} API keys activas alcanzado: revoca alguna antes de crear otra.",
+        "en": "Limit of {limit} active API keys reached: revoke one before creating another.",
+    },
+    "api_key_created": {
+        "es": "API key creada. Guárdala ahora: no se volverá a mostrar.",
+        "en": "API key created. Store it now: it will not be shown again.",
+    },
+    "api_key_revoked": {
+        "es": "API key revocada: deja de funcionar de inmediato.",
+        "en": "API key revoked: it stops working at once.",
     },
     "email_taken": {
         "es": "Ya existe una cuenta con el correo {email}.",

@@ -44,6 +44,11 @@ class RedisKeys:
         """Prefix of the counters that the `limits` package keeps for the API's rate limits."""
         return f"{self.prefix}:ratelimit"
 
+    @property
+    def login_throttle_prefix(self) -> str:
+        """Prefix of the counters of failed logins, per account and per client address."""
+        return f"{self.prefix}:loginthrottle"
+
     def periodic_job_lock(self, job_name: str) -> str:
         """Lock that lets one replica, not every one, run a periodic job in an interval."""
         return f"{self.prefix}:lock:job:{job_name}"

@@ -183,6 +183,28 @@ class SMSDevice(Base):
     updated_at: Mapped[datetime] = _updated_at()
 
 
+class UserApiKey(Base):
+    """A user's API key for server-to-server calls, sent as `X-API-Key` on the REST API."""
+
+    __tablename__ = "userapikey"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    # SHA-256 of the key, like device keys: the key is 256 random bits, so a fast hash is
+    # enough, and one indexed lookup finds it on every request.
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    # First characters of the key, shown in listings so a user can tell keys apart.
+    key_prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set once by a revocation; the row stays so the listing shows what was revoked when.
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+
+
 class SMSMessage(Base):
     __tablename__ = "smsmessage"
 
@@ -416,6 +438,7 @@ __all__ = [
     "SMSDevice",
     "SMSMessage",
     "User",
+    "UserApiKey",
     "UserPlan",
     "UserQuota",
     "WebhookAttempt",

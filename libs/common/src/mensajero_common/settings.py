@@ -1,12 +1,14 @@
 """Settings shared by every service, read from environment variables (and `.env`)."""
 
+import json
 import sys
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRET = "changethis"
 
@@ -88,6 +90,19 @@ class Settings(BaseSettings):
     DEFAULT_LANGUAGE: str = "es"
     SMS_MAX_BODY_LENGTH: Annotated[int, Field(gt=0, description="characters")] = 1600
     DEVICE_API_KEY_PREFIX: str = "mdk_"
+    # User API keys (the REST API's X-API-Key) start with this. Neither prefix may start
+    # with the other, so that the API can tell a device key apart and reject it.
+    USER_API_KEY_PREFIX: str = "mak_"
+    # Failed logins allowed before the API answers 429, in the notation of the `limits`
+    # package: per account (the email as typed, whether or not it exists) and per client
+    # address. A correct password clears the account's count.
+    LOGIN_FAILURES_PER_ACCOUNT: str = "5/minute;20/hour"
+    LOGIN_FAILURES_PER_IP: str = "30/minute;300/hour"
+    # Browser origins allowed to call the API (CORS), e.g. "https://panel.example.com", as
+    # a JSON list or separated by commas; empty allows none. "*" allows every origin and
+    # is rejected while BACKEND_CORS_ALLOW_CREDENTIALS is true.
+    BACKEND_CORS_ORIGINS: Annotated[list[str], NoDecode] = []
+    BACKEND_CORS_ALLOW_CREDENTIALS: bool = True
     # Bodies of SMS stay out of logs unless this is set, for debugging only.
     LOG_MESSAGE_BODIES: bool = False
     LOG_LEVEL: str = "INFO"
@@ -121,6 +136,43 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @field_validator("BACKEND_CORS_ORIGINS", mode="before")
+    @classmethod
+    def _parse_cors_origins(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    @field_validator("BACKEND_CORS_ORIGINS")
+    @classmethod
+    def _normalize_cors_origins(cls, origins: list[str]) -> list[str]:
+        return [_normalize_origin(origin) for origin in origins]
+
+    @model_validator(mode="after")
+    def _reject_wildcard_cors_with_credentials(self) -> "Settings":
+        # Browsers refuse `Access-Control-Allow-Origin: *` on a request with credentials,
+        # and echoing every origin instead would let any site act as the signed-in user.
+        if "*" in self.BACKEND_CORS_ORIGINS and self.BACKEND_CORS_ALLOW_CREDENTIALS:
+            raise ValueError(
+                'BACKEND_CORS_ORIGINS contains "*" while BACKEND_CORS_ALLOW_CREDENTIALS '
+                "is true; list the allowed origins, or set "
+                "BACKEND_CORS_ALLOW_CREDENTIALS=false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _reject_overlapping_key_prefixes(self) -> "Settings":
+        device, user = self.DEVICE_API_KEY_PREFIX, self.USER_API_KEY_PREFIX
+        if not device or not user or device.startswith(user) or user.startswith(device):
+            raise ValueError(
+                f"DEVICE_API_KEY_PREFIX {device!r} and USER_API_KEY_PREFIX {user!r} must "
+                "be non-empty and neither may start with the other"
+            )
+        return self
+
     @property
     def is_production(self) -> bool:
         return self.ENVIRONMENT == Environment.PRODUCTION
@@ -130,6 +182,27 @@ class Settings(BaseSettings):
         if self.WEBHOOK_ALLOW_PRIVATE_URLS is not None:
             return self.WEBHOOK_ALLOW_PRIVATE_URLS
         return not self.is_production
+
+
+def _normalize_origin(origin: str) -> str:
+    """Return `origin` as scheme://host[:port] in lower case, or raise ValueError."""
+    origin = origin.strip()
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username
+    ):
+        raise ValueError(
+            f"invalid CORS origin {origin!r}: expected scheme://host[:port], "
+            "e.g. https://panel.example.com"
+        )
+    return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import OAuth2PasswordBearer
+from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +21,11 @@ TOKEN_URL = "/api/v1/login/access-token"
 # auto_error=False lets a missing token raise our own localized 401 envelope. The scheme
 # still gives Swagger UI the URL where its Authorize button gets a token.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="A user API key from POST /api/v1/users/me/api-keys.",
+)
 
 
 def get_resources(request: Request) -> Resources:
@@ -60,12 +65,23 @@ PasswordsDep = Annotated[PasswordHasher, Depends(get_passwords)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 LanguageDep = Annotated[str, Depends(request_language)]
 TokenDep = Annotated[str | None, Depends(oauth2_scheme)]
+ApiKeyDep = Annotated[str | None, Depends(api_key_scheme)]
 
 
-async def get_current_user(
-    session: SessionDep, settings: SettingsDep, token: TokenDep
-) -> User:
-    return await auth_service.get_user_for_token(session, settings, token)
+async def get_current_principal(
+    session: SessionDep, settings: SettingsDep, token: TokenDep, api_key: ApiKeyDep
+) -> auth_service.Principal:
+    """Authenticate the request by its bearer token or X-API-Key, or raise a 401."""
+    return await auth_service.authenticate_request(
+        session, settings, token=token, api_key=api_key
+    )
+
+
+CurrentPrincipal = Annotated[auth_service.Principal, Depends(get_current_principal)]
+
+
+async def get_current_user(principal: CurrentPrincipal) -> User:
+    return principal.user
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]

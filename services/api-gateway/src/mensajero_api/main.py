@@ -7,8 +7,11 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from mensajero_api.apikeys.routes import router as apikeys_router
 from mensajero_api.auth.routes import router as auth_router
 from mensajero_api.auth.security import PasswordHasher
+from mensajero_api.auth.throttle import RULES_STATE_ATTRIBUTE, LoginThrottleRules
+from mensajero_api.cors import install_cors
 from mensajero_api.devices.routes import router as devices_router
 from mensajero_api.errors import install_error_handling
 from mensajero_api.health.routes import router as health_router
@@ -38,7 +41,9 @@ Self-hosted SMS gateway: Android phones connected to the device-hub send and rec
 the SMS that this API accepts and lists.
 
 Authenticate with `POST /api/v1/login/access-token` (or the Authorize button) and send
-`Authorization: Bearer <token>`. Responses are `{"success": true, "data": …, "message": …}`;
+`Authorization: Bearer <token>`; from a server, send a user API key
+(`POST /api/v1/users/me/api-keys`) as `X-API-Key: <key>` instead.
+Responses are `{"success": true, "data": …, "message": …}`;
 errors are `{"success": false, "error": "<code>", "message": "<text>", …details}`, with
 `message` in Spanish or English after `Accept-Language` (Spanish by default).
 """
@@ -99,10 +104,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(MetricsMiddleware, service=SERVICE_NAME)
     install_error_handling(app)
+    install_cors(app, app.state.settings)
+    setattr(
+        app.state,
+        RULES_STATE_ATTRIBUTE,
+        LoginThrottleRules.from_settings(app.state.settings),
+    )
     for router in (
         health_router,
         auth_router,
         users_router,
+        apikeys_router,
         devices_router,
         messages_router,
         webhooks_router,

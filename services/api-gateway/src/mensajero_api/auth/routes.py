@@ -2,31 +2,45 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
 from mensajero_api.auth import service
 from mensajero_api.auth.schemas import Token
 from mensajero_api.auth.security import create_access_token
+from mensajero_api.auth.throttle import LoginThrottleDep, client_address
 from mensajero_api.deps import PasswordsDep, SessionDep, SettingsDep
 from mensajero_api.envelope import error_responses
 
 router = APIRouter(prefix="/api/v1/login", tags=["login"])
 
 
-@router.post("/access-token", responses=error_responses(401, 403, 422))
+@router.post("/access-token", responses=error_responses(401, 403, 422, 429))
 async def login_access_token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    request: Request,
     session: SessionDep,
     passwords: PasswordsDep,
     settings: SettingsDep,
+    throttle: LoginThrottleDep,
 ) -> Token:
     """Exchange an email (`username`) and password, sent as a form, for a bearer token.
 
     The response is the bare OAuth2 token body (`access_token`, `token_type`, `expires_in`),
     not the `{"success", "data"}` envelope, so that OAuth2 clients and the Authorize button
-    of /docs can read it. Errors use the usual error envelope.
+    of /docs can read it. Errors use the usual error envelope. Repeated wrong passwords
+    for one email, or from one address, get 429 `too_many_login_attempts` with
+    Retry-After (LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_IP).
     """
-    user = await service.authenticate(session, passwords, form.username, form.password)
+    address = client_address(request)
+    await throttle.check(form.username, address)
+    try:
+        user = await service.authenticate(
+            session, passwords, form.username, form.password
+        )
+    except service.InvalidCredentialsError:
+        await throttle.record_failure(form.username, address)
+        raise
+    await throttle.clear_account(form.username)
     token = create_access_token(user.id, user.token_version, settings)
     return Token(access_token=token.token, expires_in=token.expires_in_s)

@@ -1,8 +1,17 @@
-"""Login with email and password, and the user behind a bearer token."""
+"""Login with email and password, and the user behind a request's credentials.
+
+A request authenticates with a bearer token (`Authorization: Bearer <JWT>`), a user API
+key (`X-API-Key`), or both when they name the same user. A device API key is rejected in
+either place, so a phone's key can never read the REST API.
+"""
+
+import uuid
+from dataclasses import dataclass
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_api.apikeys import service as apikeys_service
 from mensajero_api.auth.security import (
     PasswordHasher,
     TokenDecodeError,
@@ -42,6 +51,32 @@ class InactiveUserError(PermissionDeniedError):
     code = "inactive_user"
 
 
+class DeviceKeyNotAllowedError(AuthenticationError):
+    code = "device_key_not_allowed"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": "Bearer"})
+
+
+class CredentialsMismatchError(AuthenticationError):
+    code = "credentials_mismatch"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": "Bearer"})
+
+
+class LoginTokenRequiredError(PermissionDeniedError):
+    code = "login_token_required"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The sender of a request: its user, and the user API key that authenticated it, if any."""
+
+    user: User
+    api_key_id: uuid.UUID | None = None
+
+
 async def authenticate(
     session: AsyncSession, passwords: PasswordHasher, email: str, password: str
 ) -> User:
@@ -67,6 +102,8 @@ async def get_user_for_token(
     """Return the active user that `token` names, or raise a 401 (403 if disabled)."""
     if not token:
         raise NotAuthenticatedError()
+    if token.startswith(settings.DEVICE_API_KEY_PREFIX):
+        raise DeviceKeyNotAllowedError()
 
     try:
         claims = decode_access_token(token, settings)
@@ -81,3 +118,41 @@ async def get_user_for_token(
     if not user.is_active:
         raise InactiveUserError()
     return user
+
+
+async def get_user_for_api_key(
+    session: AsyncSession, settings: Settings, api_key: str
+) -> Principal:
+    """Return the active user of a user API key, or raise a 401 (403 if disabled)."""
+    if api_key.startswith(settings.DEVICE_API_KEY_PREFIX):
+        raise DeviceKeyNotAllowedError()
+
+    key, user = await apikeys_service.find_usable_key(session, settings, api_key)
+    if not user.is_active:
+        raise InactiveUserError()
+    return Principal(user=user, api_key_id=key.id)
+
+
+async def authenticate_request(
+    session: AsyncSession,
+    settings: Settings,
+    *,
+    token: str | None,
+    api_key: str | None,
+) -> Principal:
+    """Return who sent the request, checking every credential it carries, or raise."""
+    if not token and not api_key:
+        raise NotAuthenticatedError()
+
+    key_principal = None
+    if api_key:
+        key_principal = await get_user_for_api_key(session, settings, api_key)
+        if not token:
+            return key_principal
+
+    user = await get_user_for_token(session, settings, token)
+    if key_principal is None:
+        return Principal(user=user)
+    if key_principal.user.id != user.id:
+        raise CredentialsMismatchError()
+    return key_principal

@@ -2,6 +2,7 @@
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,6 +18,7 @@ async def insert_device(
     phone_number: str | None,
     api_key_hash: str,
     api_key_prefix: str,
+    api_key_expires_at: datetime | None = None,
 ) -> SMSDevice:
     device = SMSDevice(
         user_id=user_id,
@@ -24,6 +26,7 @@ async def insert_device(
         phone_number=phone_number,
         api_key_hash=api_key_hash,
         api_key_prefix=api_key_prefix,
+        api_key_expires_at=api_key_expires_at,
     )
     session.add(device)
     # The INSERT returns the server defaults (status, is_active, timestamps) as well.

@@ -16,6 +16,7 @@ from mensajero_api.devices import service
 from mensajero_api.devices.schemas import (
     DeviceCreate,
     DeviceDeleted,
+    DeviceKeyRotate,
     DeviceList,
     DevicePublic,
     DeviceUpdate,
@@ -117,10 +118,15 @@ async def rotate_device_key(
     keys: KeysDep,
     settings: SettingsDep,
     language: LanguageDep,
+    data: DeviceKeyRotate | None = None,
 ) -> Envelope[DeviceWithKey]:
-    """Replace the API key: the old one stops working at once, live connections included."""
+    """Replace the API key: the old one stops working at once, live connections included.
+
+    The body is optional; `api_key_expires_in_days` gives the new key an expiry.
+    """
+    expires_in_days = data.api_key_expires_in_days if data is not None else None
     device, api_key = await service.rotate_api_key(
-        session, redis, keys, settings, user, device_id
+        session, redis, keys, settings, user, device_id, expires_in_days
     )
     return Envelope(
         data=_with_key(device, api_key),

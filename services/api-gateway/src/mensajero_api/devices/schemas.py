@@ -14,10 +14,27 @@ _PHONE_DESCRIPTION = (
 )
 
 
+# Ten years: long enough for any phone, short enough that the date stays valid.
+MAX_KEY_EXPIRES_IN_DAYS = 3650
+_EXPIRY_DESCRIPTION = (
+    "Days until the API key stops working (the phone then gets close code 4001 and "
+    "needs a rotated key); null for a key that never expires."
+)
+
+
 class DeviceCreate(BaseModel):
     name: Name
     phone_number: StorableStr | None = Field(
         default=None, description=_PHONE_DESCRIPTION
+    )
+    api_key_expires_in_days: int | None = Field(
+        default=None, ge=1, le=MAX_KEY_EXPIRES_IN_DAYS, description=_EXPIRY_DESCRIPTION
+    )
+
+
+class DeviceKeyRotate(BaseModel):
+    api_key_expires_in_days: int | None = Field(
+        default=None, ge=1, le=MAX_KEY_EXPIRES_IN_DAYS, description=_EXPIRY_DESCRIPTION
     )
 
 

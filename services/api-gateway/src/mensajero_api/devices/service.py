@@ -7,6 +7,7 @@ commit, so the device-hub closes a live WebSocket that still uses the old key.
 
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from redis.asyncio import Redis
@@ -47,6 +48,12 @@ class DeviceInactiveError(ConflictError):
         )
 
 
+def _key_expiry(expires_in_days: int | None) -> datetime | None:
+    if expires_in_days is None:
+        return None
+    return datetime.now(UTC) + timedelta(days=expires_in_days)
+
+
 async def get_device(
     session: AsyncSession, user: User, device_id: uuid.UUID
 ) -> SMSDevice:
@@ -80,6 +87,7 @@ async def register_device(
         phone_number=phone_number,
         api_key_hash=apikeys.hash_api_key(api_key),
         api_key_prefix=apikeys.display_prefix(api_key),
+        api_key_expires_at=_key_expiry(data.api_key_expires_in_days),
     )
     await session.commit()
 
@@ -122,13 +130,17 @@ async def rotate_api_key(
     settings: Settings,
     user: User,
     device_id: uuid.UUID,
+    expires_in_days: int | None = None,
 ) -> tuple[SMSDevice, str]:
-    """Replace the device's API key; the old key stops working at the commit."""
+    """Replace the device's API key; the old key stops working at the commit.
+
+    The new key expires after `expires_in_days`, or never when it is None.
+    """
     device = await get_device(session, user, device_id)
     api_key = apikeys.generate_api_key(settings.DEVICE_API_KEY_PREFIX)
     device.api_key_hash = apikeys.hash_api_key(api_key)
     device.api_key_prefix = apikeys.display_prefix(api_key)
-    device.api_key_expires_at = None
+    device.api_key_expires_at = _key_expiry(expires_in_days)
     await session.commit()
     await session.refresh(device)
 

@@ -1,7 +1,9 @@
 """Sign-up and the current user's profile."""
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
+from mensajero_api.auth.security import create_access_token
+from mensajero_api.auth.throttle import LoginThrottleDep, client_address
 from mensajero_api.deps import (
     CurrentUser,
     LanguageDep,
@@ -11,7 +13,13 @@ from mensajero_api.deps import (
 )
 from mensajero_api.envelope import Envelope, error_responses
 from mensajero_api.users import service
-from mensajero_api.users.schemas import UserCreate, UserPublic, UserUpdate
+from mensajero_api.users.schemas import (
+    PasswordChange,
+    PasswordChanged,
+    UserCreate,
+    UserPublic,
+    UserUpdate,
+)
 from mensajero_common.i18n import translate
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
@@ -51,4 +59,33 @@ async def update_me(
     return Envelope(
         data=UserPublic.model_validate(user),
         message=translate("user_updated", language),
+    )
+
+
+@router.put("/me/password", responses=error_responses(400, 401, 403, 422, 429))
+async def change_password(
+    data: PasswordChange,
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    passwords: PasswordsDep,
+    settings: SettingsDep,
+    throttle: LoginThrottleDep,
+    language: LanguageDep,
+) -> Envelope[PasswordChanged]:
+    """Change the password: every token issued before stops working at once.
+
+    Returns a new bearer token to go on with. User API keys are not affected; revoke them
+    separately if the account may have been compromised. Errors: 400
+    `invalid_current_password` or `weak_password` (the new password is the email or
+    contains the part before the @); 429 `too_many_login_attempts` after repeated wrong
+    current passwords.
+    """
+    user = await service.change_password(
+        session, passwords, throttle, client_address(request), user, data
+    )
+    token = create_access_token(user.id, user.token_version, settings)
+    return Envelope(
+        data=PasswordChanged(access_token=token.token, expires_in=token.expires_in_s),
+        message=translate("password_changed", language),
     )

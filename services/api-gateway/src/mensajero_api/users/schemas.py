@@ -2,8 +2,9 @@
 
 import uuid
 from datetime import datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
 from mensajero_api.types import Name, Password
 
@@ -25,6 +26,20 @@ class UserUpdate(BaseModel):
 
     full_name: Name | None = None
     default_region: str | None = Field(default=None, description=_REGION_DESCRIPTION)
+
+
+class PasswordChange(BaseModel):
+    # No length rule on the current password: it only has to match the stored hash.
+    current_password: Annotated[str, StringConstraints(max_length=128)]
+    new_password: Password
+
+
+class PasswordChanged(BaseModel):
+    """A fresh bearer token: the change revoked every token issued before it."""
+
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int = Field(description="Seconds until the token expires.")
 
 
 class UserPublic(BaseModel):

@@ -1,12 +1,13 @@
-"""Sign-up, profile changes and the first superuser."""
+"""Sign-up, profile and password changes, and the first superuser."""
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.auth.security import PasswordHasher
+from mensajero_api.auth.throttle import LoginThrottle
 from mensajero_api.quotas import service as quotas_service
 from mensajero_api.users import repository
-from mensajero_api.users.schemas import UserCreate, UserUpdate
+from mensajero_api.users.schemas import PasswordChange, UserCreate, UserUpdate
 from mensajero_common.errors import ConflictError, ValidationFailedError
 from mensajero_common.models import User
 from mensajero_common.phone import is_valid_region
@@ -20,6 +21,37 @@ class EmailTakenError(ConflictError):
 
     def __init__(self, email: str) -> None:
         super().__init__(email=email, details={"email": email})
+
+
+class WeakPasswordError(ValidationFailedError):
+    code = "weak_password"
+
+    def __init__(self) -> None:
+        super().__init__(details={"field": "password"})
+
+
+class InvalidCurrentPasswordError(ValidationFailedError):
+    code = "invalid_current_password"
+
+    def __init__(self) -> None:
+        super().__init__(details={"field": "current_password"})
+
+
+# A local part shorter than this ("a@…", "jo@…") is too common a substring to forbid.
+MIN_FORBIDDEN_LOCAL_PART_LENGTH = 3
+
+
+def check_password_rules(password: str, email: str) -> None:
+    """Raise WeakPasswordError if the password is the email or contains its local part.
+
+    The length rule (8 to 128 characters) is the request schema's.
+    """
+    folded = password.casefold()
+    local_part = email.rpartition("@")[0].casefold()
+    if folded in (email.casefold(), local_part):
+        raise WeakPasswordError()
+    if len(local_part) >= MIN_FORBIDDEN_LOCAL_PART_LENGTH and local_part in folded:
+        raise WeakPasswordError()
 
 
 class InvalidRegionError(ValidationFailedError):
@@ -47,6 +79,7 @@ async def sign_up(
 ) -> User:
     """Create a user with a quota on DEFAULT_PLAN, and commit."""
     default_region = normalize_region(data.default_region)
+    check_password_rules(data.password, data.email)
     # Checked before hashing so a taken email costs no argon2 run; the insert below
     # still settles a race between two sign-ups with one email.
     if await repository.get_user_by_email(session, data.email) is not None:
@@ -78,6 +111,37 @@ async def update_profile(session: AsyncSession, user: User, data: UserUpdate) ->
     await session.commit()
     # updated_at is set by the database on UPDATE, so load it back.
     await session.refresh(user)
+    return user
+
+
+async def change_password(
+    session: AsyncSession,
+    passwords: PasswordHasher,
+    throttle: LoginThrottle,
+    client_address: str,
+    user: User,
+    data: PasswordChange,
+) -> User:
+    """Check the current password, store the new one and revoke every earlier token.
+
+    Wrong current passwords count as failed logins of the account, so a stolen token
+    cannot be used to guess the password faster than the login form allows.
+    """
+    await throttle.check(user.email, client_address)
+    if not await passwords.verify(data.current_password, user.hashed_password):
+        await throttle.record_failure(user.email, client_address)
+        logger.info("password change rejected: wrong password", user_id=str(user.id))
+        raise InvalidCurrentPasswordError()
+    check_password_rules(data.new_password, user.email)
+
+    user.hashed_password = await passwords.hash(data.new_password)
+    # Incremented in SQL, so two concurrent changes both bump the version.
+    user.token_version = User.token_version + 1
+    await session.commit()
+    await session.refresh(user)
+    await throttle.clear_account(user.email)
+
+    logger.info("password changed", user_id=str(user.id))
     return user
 
 

@@ -1,0 +1,68 @@
+"""Queries on the `userapikey` table; every one but the key lookup is scoped to the owner."""
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import UserApiKey
+
+
+async def insert_api_key(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    name: str,
+    key_hash: str,
+    key_prefix: str,
+    expires_at: datetime | None,
+) -> UserApiKey:
+    api_key = UserApiKey(
+        user_id=user_id,
+        name=name,
+        key_hash=key_hash,
+        key_prefix=key_prefix,
+        expires_at=expires_at,
+    )
+    session.add(api_key)
+    # The INSERT returns created_at, set by the database.
+    await session.flush()
+    return api_key
+
+
+async def list_api_keys(
+    session: AsyncSession, user_id: uuid.UUID
+) -> Sequence[UserApiKey]:
+    statement = (
+        select(UserApiKey)
+        .where(UserApiKey.user_id == user_id)
+        .order_by(UserApiKey.created_at, UserApiKey.id)
+    )
+    return (await session.scalars(statement)).all()
+
+
+async def count_usable_api_keys(
+    session: AsyncSession, user_id: uuid.UUID, now: datetime
+) -> int:
+    statement = select(func.count()).where(
+        UserApiKey.user_id == user_id,
+        UserApiKey.revoked_at.is_(None),
+        or_(UserApiKey.expires_at.is_(None), UserApiKey.expires_at > now),
+    )
+    return int((await session.execute(statement)).scalar_one())
+
+
+async def get_api_key(
+    session: AsyncSession, user_id: uuid.UUID, key_id: uuid.UUID
+) -> UserApiKey | None:
+    statement = select(UserApiKey).where(
+        UserApiKey.id == key_id, UserApiKey.user_id == user_id
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def find_by_hash(session: AsyncSession, key_hash: str) -> UserApiKey | None:
+    statement = select(UserApiKey).where(UserApiKey.key_hash == key_hash)
+    return (await session.scalars(statement)).one_or_none()
