@@ -92,6 +92,37 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# Integers of client frames go into Postgres `integer` columns (4 bytes, signed).
+MIN_FRAME_INTEGER = -(2**31)
+MAX_FRAME_INTEGER = 2**31 - 1
+
+
+def _find_unstorable_value(value: Any) -> str | None:
+    """Describe the first value Postgres could not store, or return None.
+
+    Postgres text cannot hold NUL (JSON can, as "\\u0000"), and a number past the
+    integer columns would fail in the database instead of getting an `error` frame.
+    """
+    if isinstance(value, str):
+        return "text must not contain the NUL character" if "\x00" in value else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float) and not (
+        MIN_FRAME_INTEGER <= value <= MAX_FRAME_INTEGER
+    ):
+        return f"numbers must be between {MIN_FRAME_INTEGER} and {MAX_FRAME_INTEGER}"
+    children: Any = ()
+    if isinstance(value, dict):
+        children = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        children = value
+    for child in children:
+        problem = _find_unstorable_value(child)
+        if problem is not None:
+            return problem
+    return None
+
+
 def parse_client_frame(
     raw: str | bytes,
 ) -> RegisterFrame | SmsReportFrame | SmsIncomingFrame | PingFrame:
@@ -115,6 +146,9 @@ def parse_client_frame(
         raise FrameError(
             "unknown_frame_type", request_id=request_id, frame_type=frame_type[:64]
         )
+    problem = _find_unstorable_value(data)
+    if problem is not None:
+        raise FrameError("invalid_frame", request_id=request_id, reason=problem)
 
     try:
         return _client_frame_adapter.validate_python(data)
