@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from mensajero_api.apikeys.routes import router as apikeys_router
 from mensajero_api.auth.routes import router as auth_router
 from mensajero_api.auth.security import PasswordHasher
+from mensajero_api.bulk.routes import router as bulk_router
 from mensajero_api.auth.throttle import RULES_STATE_ATTRIBUTE, LoginThrottleRules
 from mensajero_api.cors import install_cors
 from mensajero_api.devices.routes import router as devices_router
@@ -17,8 +18,13 @@ from mensajero_api.errors import install_error_handling
 from mensajero_api.health.routes import router as health_router
 from mensajero_api.limits import RequestBodyLimitMiddleware
 from mensajero_api.messages.routes import router as messages_router
+from mensajero_api.plans.routes import router as plans_router
 from mensajero_api.quotas import repository as quotas_repository
+from mensajero_api.quotas.routes import router as quotas_router
 from mensajero_api.quotas.service import DefaultPlanMissingError
+from mensajero_api.ratelimits import middleware as ratelimit_middleware
+from mensajero_api.ratelimits.limiter import RequestRateLimiter
+from mensajero_api.ratelimits.rules import RateLimitRules
 from mensajero_api.resources import Resources
 from mensajero_api.users.routes import router as users_router
 from mensajero_api.users.service import ensure_first_superuser
@@ -46,6 +52,10 @@ Authenticate with `POST /api/v1/login/access-token` (or the Authorize button) an
 Responses are `{"success": true, "data": …, "message": …}`;
 errors are `{"success": false, "error": "<code>", "message": "<text>", …details}`, with
 `message` in Spanish or English after `Accept-Language` (Spanish by default).
+
+Rate limits: requests are counted per user (per client IP without a valid token, and
+login and sign-up per IP too); past a limit the API answers 429 `rate_limited` with a
+`Retry-After` header in seconds. Plan limits answer 429 `quota_exceeded` instead.
 """
 
 
@@ -70,6 +80,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys=RedisKeys(settings.REDIS_KEY_PREFIX),
         passwords=PasswordHasher(),
     )
+    if settings.RATE_LIMIT_ENABLED:
+        setattr(
+            app.state,
+            ratelimit_middleware.STATE_ATTRIBUTE,
+            RequestRateLimiter(
+                app.state.rate_limit_rules, settings, redis, resources.keys
+            ),
+        )
     try:
         try:
             await _check_default_plan(resources)
@@ -99,9 +117,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings or get_settings()
+    # Parsed here so that a malformed RATE_LIMIT_* setting stops the start at once.
+    app.state.rate_limit_rules = RateLimitRules.from_settings(app.state.settings)
     app.add_middleware(
         RequestBodyLimitMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES
     )
+    # Added after the body limit, so it runs before it and refuses a flood unread.
+    app.add_middleware(ratelimit_middleware.RateLimitMiddleware)
     app.add_middleware(MetricsMiddleware, service=SERVICE_NAME)
     install_error_handling(app)
     install_cors(app, app.state.settings)
@@ -117,6 +139,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         apikeys_router,
         devices_router,
         messages_router,
+        bulk_router,
+        plans_router,
+        quotas_router,
         webhooks_router,
     ):
         app.include_router(router)

@@ -9,6 +9,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -100,12 +101,43 @@ def _request_hash(data: SendRequest) -> str:
     return hashlib.sha256(jsonutil.dumps(canonical)).hexdigest()
 
 
-def _check_body(body: str, settings: Settings) -> None:
+def check_body(body: str, settings: Settings) -> None:
+    """Raise EmptyBodyError or BodyTooLongError unless `body` can be sent."""
     if not body.strip():
         raise EmptyBodyError()
     # Characters (code points), the unit users count in; segments are counted separately.
     if len(body) > settings.SMS_MAX_BODY_LENGTH:
         raise BodyTooLongError(len(body), settings.SMS_MAX_BODY_LENGTH)
+
+
+async def check_sending_device(
+    session: AsyncSession, user: User, device_id: uuid.UUID | None
+) -> None:
+    """Raise unless `device_id` is None or an active device of the user."""
+    if device_id is None:
+        return
+    device = await devices_service.get_device(session, user, device_id)
+    if not device.is_active:
+        raise devices_service.DeviceInactiveError(device.id)
+
+
+def outgoing_values(
+    user: User, to_number: str, body: str, device_id: uuid.UUID | None
+) -> dict[str, Any]:
+    """Return the column values of a new outgoing message, `pending`, with a fresh id."""
+    segment_info = count_segments(body)
+    return {
+        "id": uuid.uuid4(),
+        "user_id": user.id,
+        "type": MessageType.OUTGOING,
+        "status": MessageStatus.PENDING,
+        "to_number": to_number,
+        "body": body,
+        "segments": segment_info.segments,
+        "encoding": segment_info.encoding,
+        "device_id": device_id,
+        "requested_device_id": device_id,
+    }
 
 
 def _replay(existing: SMSMessage, request_hash: str) -> SendOutcome:
@@ -140,29 +172,16 @@ async def send_message(
             return _replay(existing, request_hash)
 
     to_number = normalize_phone_number(data.to, user.default_region)
-    _check_body(data.body, settings)
-    if data.device_id is not None:
-        device = await devices_service.get_device(session, user, data.device_id)
-        if not device.is_active:
-            raise devices_service.DeviceInactiveError(device.id)
+    check_body(data.body, settings)
+    await check_sending_device(session, user, data.device_id)
 
-    segment_info = count_segments(data.body)
     # The insert comes before the quota charge: a concurrent request with the same key
     # waits on it and then replays this message, instead of being refused by a quota
     # that this message has just used up.
     message = await repository.insert_outgoing(
         session,
         {
-            "id": uuid.uuid4(),
-            "user_id": user.id,
-            "type": MessageType.OUTGOING,
-            "status": MessageStatus.PENDING,
-            "to_number": to_number,
-            "body": data.body,
-            "segments": segment_info.segments,
-            "encoding": segment_info.encoding,
-            "device_id": data.device_id,
-            "requested_device_id": data.device_id,
+            **outgoing_values(user, to_number, data.body, data.device_id),
             "idempotency_key": idempotency_key,
             "meta": {"request_hash": request_hash} if idempotency_key else {},
         },

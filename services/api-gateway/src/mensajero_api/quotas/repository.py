@@ -4,11 +4,17 @@ Every charge is one conditional UPDATE: Postgres locks the quota row, and a conc
 charge waits for it, then evaluates its WHERE clause again on the updated row. So N
 parallel requests against one remaining unit charge exactly one, without a SELECT … FOR
 UPDATE round trip, and the charge rolls back with the rest of the caller's transaction.
+
+A row whose `last_reset_date` is before `period_start` (the latest monthly reset
+boundary, see mensajero_common.quota_period) still counts an earlier month. The SMS
+charge resets such a row in the same UPDATE that charges it, and `reset_if_stale` resets
+it before a read.
 """
 
 import uuid
+from datetime import UTC, date, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,12 +41,47 @@ async def insert_quota(
     session: AsyncSession, user_id: uuid.UUID, plan_id: uuid.UUID
 ) -> None:
     """Create the user's quota row unless it exists already."""
+    # The UTC date, like the reset boundaries; the column default CURRENT_DATE follows
+    # the database session's time zone instead.
     statement = (
         insert(UserQuota)
-        .values(user_id=user_id, plan_id=plan_id)
+        .values(
+            user_id=user_id,
+            plan_id=plan_id,
+            last_reset_date=datetime.now(UTC).date(),
+        )
         .on_conflict_do_nothing(index_elements=[UserQuota.user_id])
     )
     await session.execute(statement)
+
+
+async def set_plan(
+    session: AsyncSession, user_id: uuid.UUID, plan_id: uuid.UUID, today: date
+) -> None:
+    """Put the user on another plan, keeping the counters; create the row if missing."""
+    statement = (
+        insert(UserQuota)
+        .values(user_id=user_id, plan_id=plan_id, last_reset_date=today)
+        .on_conflict_do_update(
+            index_elements=[UserQuota.user_id],
+            set_={"plan_id": plan_id, "updated_at": func.now()},
+        )
+    )
+    await session.execute(statement)
+
+
+async def reset_if_stale(
+    session: AsyncSession, user_id: uuid.UUID, period_start: date, today: date
+) -> bool:
+    """Reset the monthly SMS count if it predates `period_start`; tell whether it did."""
+    statement = (
+        update(UserQuota)
+        .where(UserQuota.user_id == user_id, UserQuota.last_reset_date < period_start)
+        .values(sms_sent_this_month=0, last_reset_date=today)
+        .returning(UserQuota.id)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(statement)).first() is not None
 
 
 async def get_usage(
@@ -85,15 +126,31 @@ async def release_device_slot(session: AsyncSession, user_id: uuid.UUID) -> None
     await session.execute(statement)
 
 
-async def charge_sms(session: AsyncSession, user_id: uuid.UUID, count: int) -> bool:
-    """Count `count` more SMS this month if the plan allows all of them; tell whether it did."""
+async def charge_sms(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    count: int,
+    *,
+    period_start: date,
+    today: date,
+) -> bool:
+    """Count `count` more SMS this month if the plan allows all of them; tell whether it did.
+
+    A row last reset before `period_start` is charged from 0, and gets `today` as its
+    reset date, in the same statement.
+    """
+    stale = UserQuota.last_reset_date < period_start
+    sent_this_period = case((stale, 0), else_=UserQuota.sms_sent_this_month)
     statement = (
         update(UserQuota)
         .where(
             UserQuota.user_id == user_id,
-            UserQuota.sms_sent_this_month + count <= _PLAN_MAX_SMS,
+            sent_this_period + count <= _PLAN_MAX_SMS,
         )
-        .values(sms_sent_this_month=UserQuota.sms_sent_this_month + count)
+        .values(
+            sms_sent_this_month=sent_this_period + count,
+            last_reset_date=case((stale, today), else_=UserQuota.last_reset_date),
+        )
         .returning(UserQuota.sms_sent_this_month)
         .execution_options(synchronize_session=False)
     )

@@ -1,15 +1,38 @@
-"""Charging plan limits, and the 429 `quota_exceeded` body when a limit is reached."""
+"""Charging plan limits, reading and changing a user's plan, and the 429
+`quota_exceeded` body when a limit is reached.
+
+Counting rules: each outgoing message counts once when it is created, whatever its
+number of segments. A registered device takes a slot until it is deleted. The monthly
+SMS count starts again at midnight UTC on QUOTA_RESET_DAY (see
+mensajero_common.quota_period).
+"""
 
 import math
 import uuid
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_api.plans import repository as plans_repository
 from mensajero_api.quotas import repository
-from mensajero_common.errors import QuotaExceededError
-from mensajero_common.models import UserPlan, UserQuota
+from mensajero_api.quotas.schemas import PlanChange
+from mensajero_api.users import repository as users_repository
+from mensajero_common.errors import (
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+)
+from mensajero_common.models import User, UserPlan, UserQuota
+from mensajero_common.quota_period import (
+    current_period_start,
+    next_quota_reset,
+    utc_today,
+)
 from mensajero_common.settings import Settings
+
+logger = structlog.get_logger(__name__)
 
 UPGRADE_URL = "/api/v1/sms/plans"
 
@@ -24,18 +47,54 @@ class DefaultPlanMissingError(RuntimeError):
         )
 
 
-def next_quota_reset(now: datetime, reset_day: int) -> datetime:
-    """Return the next midnight UTC on day `reset_day` of a month, strictly after `now`'s day.
+class SuperuserRequiredError(PermissionDeniedError):
+    code = "superuser_required"
 
-    On the reset day itself the counters were reset at midnight, so the next reset is a
-    month later. `reset_day` is at most 28 (a setting bound), so every month has that day.
-    """
-    now = now.astimezone(UTC)
-    if now.day < reset_day:
-        return datetime(now.year, now.month, reset_day, tzinfo=UTC)
-    if now.month == 12:
-        return datetime(now.year + 1, 1, reset_day, tzinfo=UTC)
-    return datetime(now.year, now.month + 1, reset_day, tzinfo=UTC)
+
+class UserNotFoundError(NotFoundError):
+    code = "user_not_found"
+
+    def __init__(self, user_id: uuid.UUID) -> None:
+        super().__init__(user_id=str(user_id), details={"user_id": str(user_id)})
+
+
+class PlanNotFoundError(NotFoundError):
+    """No active plan has this code."""
+
+    code = "plan_not_found"
+
+    def __init__(self, plan: str, available: list[str]) -> None:
+        super().__init__(
+            plan=plan,
+            available=", ".join(available),
+            details={"plan": plan, "available": available},
+        )
+
+
+@dataclass(frozen=True)
+class QuotaPeriod:
+    """The reset boundaries around one moment, for the quota queries."""
+
+    start: date
+    today: date
+    next_reset_at: datetime
+
+    @classmethod
+    def at(cls, now: datetime, settings: Settings) -> "QuotaPeriod":
+        return cls(
+            start=current_period_start(now, settings.QUOTA_RESET_DAY),
+            today=utc_today(now),
+            next_reset_at=next_quota_reset(now, settings.QUOTA_RESET_DAY),
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A user's quota row with its plan, reset for the current period."""
+
+    quota: UserQuota
+    plan: UserPlan
+    period: QuotaPeriod
 
 
 def _isoformat_utc(moment: datetime) -> str:
@@ -48,16 +107,19 @@ def sms_quota_exceeded(
     requested: int,
     settings: Settings,
     now: datetime | None = None,
+    *,
+    bulk: bool = False,
 ) -> QuotaExceededError:
     now = now or datetime.now(UTC)
     reset_at = next_quota_reset(now, settings.QUOTA_RESET_DAY)
     used = quota.sms_sent_this_month
     available = max(plan.max_sms_per_month - used, 0)
     retry_after_s = max(math.ceil((reset_at - now).total_seconds()), 1)
+    # A bulk send always states how many SMS still fit, even 0, because "you can only
+    # send N more" explains why its batch was too large. A single send states the limit.
+    single = requested == 1 and not bulk
     return QuotaExceededError(
-        message_key="quota_exceeded_sms"
-        if requested == 1
-        else "quota_exceeded_sms_bulk",
+        message_key="quota_exceeded_sms" if single else "quota_exceeded_sms_bulk",
         limit=plan.max_sms_per_month,
         available=available,
         details={
@@ -101,18 +163,20 @@ async def create_default_quota(
 
 
 async def _load_usage(
-    session: AsyncSession, user_id: uuid.UUID, settings: Settings
-) -> tuple[UserQuota, UserPlan]:
+    session: AsyncSession, user_id: uuid.UUID, settings: Settings, now: datetime
+) -> Usage:
+    """Return the user's quota and plan, resetting a count of an earlier month first."""
+    period = QuotaPeriod.at(now, settings)
+    await repository.reset_if_stale(session, user_id, period.start, period.today)
     usage = await repository.get_usage(session, user_id)
-    if usage is not None:
-        return usage
-
-    # Sign-up always creates a quota row. A user inserted by hand in the database may
-    # lack one, so it gets the default plan instead of a 429 on every request.
-    await create_default_quota(session, user_id, settings)
-    usage = await repository.get_usage(session, user_id)
-    assert usage is not None
-    return usage
+    if usage is None:
+        # Sign-up always creates a quota row. A user inserted by hand in the database may
+        # lack one, so it gets the default plan instead of a 429 on every request.
+        await create_default_quota(session, user_id, settings)
+        usage = await repository.get_usage(session, user_id)
+        assert usage is not None
+    quota, plan = usage
+    return Usage(quota=quota, plan=plan, period=period)
 
 
 async def take_device_slot(
@@ -122,7 +186,8 @@ async def take_device_slot(
     if await repository.take_device_slot(session, user_id):
         return
 
-    quota, plan = await _load_usage(session, user_id, settings)
+    usage = await _load_usage(session, user_id, settings, datetime.now(UTC))
+    quota, plan = usage.quota, usage.plan
     if (
         quota.devices_registered < plan.max_devices
         and await repository.take_device_slot(session, user_id)
@@ -132,15 +197,73 @@ async def take_device_slot(
 
 
 async def charge_sms(
-    session: AsyncSession, user_id: uuid.UUID, count: int, settings: Settings
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    count: int,
+    settings: Settings,
+    *,
+    bulk: bool = False,
 ) -> None:
-    """Count `count` more SMS in the caller's transaction, or raise QuotaExceededError."""
-    if await repository.charge_sms(session, user_id, count):
-        return
+    """Count `count` more SMS in the caller's transaction, or raise QuotaExceededError.
 
-    quota, plan = await _load_usage(session, user_id, settings)
-    if quota.sms_sent_this_month + count <= plan.max_sms_per_month and (
-        await repository.charge_sms(session, user_id, count)
+    Either all `count` are charged or none, so a bulk send that does not fit whole is
+    rejected whole.
+    """
+    now = datetime.now(UTC)
+    period = QuotaPeriod.at(now, settings)
+    if await repository.charge_sms(
+        session, user_id, count, period_start=period.start, today=period.today
     ):
         return
-    raise sms_quota_exceeded(quota, plan, count, settings)
+
+    usage = await _load_usage(session, user_id, settings, now)
+    quota, plan = usage.quota, usage.plan
+    if quota.sms_sent_this_month + count <= plan.max_sms_per_month and (
+        await repository.charge_sms(
+            session, user_id, count, period_start=period.start, today=period.today
+        )
+    ):
+        return
+    raise sms_quota_exceeded(quota, plan, count, settings, now, bulk=bulk)
+
+
+async def get_user_quota(
+    session: AsyncSession, user_id: uuid.UUID, settings: Settings
+) -> Usage:
+    """Return the user's usage in the current month, and commit a lazy reset if one ran."""
+    usage = await _load_usage(session, user_id, settings, datetime.now(UTC))
+    await session.commit()
+    return usage
+
+
+async def change_plan(
+    session: AsyncSession, actor: User, data: PlanChange, settings: Settings
+) -> Usage:
+    """Put a user (the actor when `data.user_id` is left out) on another plan; commit.
+
+    Only a superuser may do it. The counters stay as they are: after a downgrade below
+    the current usage, new sends and registrations are rejected until the usage fits.
+    """
+    if not actor.is_superuser:
+        raise SuperuserRequiredError()
+
+    user_id = data.user_id or actor.id
+    if await users_repository.get_user(session, user_id) is None:
+        raise UserNotFoundError(user_id)
+    plan = await repository.get_plan_by_code(session, data.plan)
+    if plan is None or not plan.is_active:
+        plans = await plans_repository.list_active_plans(session)
+        raise PlanNotFoundError(data.plan, [known.code for known in plans])
+
+    previous = await repository.get_usage(session, user_id)
+    await repository.set_plan(session, user_id, plan.id, utc_today(datetime.now(UTC)))
+    usage = await get_user_quota(session, user_id, settings)
+
+    logger.info(
+        "plan changed",
+        user_id=str(user_id),
+        changed_by=str(actor.id),
+        previous_plan=previous[1].code if previous else None,
+        plan=plan.code,
+    )
+    return usage

@@ -1,0 +1,72 @@
+"""Queries on bulk tasks and their messages, always scoped to the owning user."""
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import MessageStatus, SMSBulkTask, SMSMessage
+
+
+async def insert_task(
+    session: AsyncSession, values: dict[str, Any]
+) -> SMSBulkTask | None:
+    """Insert a bulk task; return None if its idempotency key is taken.
+
+    Like a single send, a concurrent insert with the same key waits for the first
+    transaction, so two requests with one key never both create a task.
+    """
+    statement = (
+        pg_insert(SMSBulkTask)
+        .values(**values)
+        .on_conflict_do_nothing(
+            index_elements=[SMSBulkTask.user_id, SMSBulkTask.idempotency_key],
+            index_where=SMSBulkTask.idempotency_key.is_not(None),
+        )
+        .returning(SMSBulkTask)
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def insert_messages(
+    session: AsyncSession, rows: Sequence[dict[str, Any]]
+) -> None:
+    """Insert many messages in one executemany.
+
+    SQLAlchemy turns it into multi-row INSERT … VALUES statements of up to 1000 rows each
+    ("insertmanyvalues"), all in the caller's transaction.
+    """
+    await session.execute(insert(SMSMessage), list(rows))
+
+
+async def get_task(
+    session: AsyncSession, user_id: uuid.UUID, task_id: uuid.UUID
+) -> SMSBulkTask | None:
+    statement = select(SMSBulkTask).where(
+        SMSBulkTask.id == task_id, SMSBulkTask.user_id == user_id
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def get_task_by_idempotency_key(
+    session: AsyncSession, user_id: uuid.UUID, idempotency_key: str
+) -> SMSBulkTask | None:
+    statement = select(SMSBulkTask).where(
+        SMSBulkTask.user_id == user_id, SMSBulkTask.idempotency_key == idempotency_key
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def count_by_status(
+    session: AsyncSession, user_id: uuid.UUID, task_id: uuid.UUID
+) -> dict[MessageStatus, int]:
+    statement = (
+        select(SMSMessage.status, func.count())
+        .where(SMSMessage.bulk_id == task_id, SMSMessage.user_id == user_id)
+        .group_by(SMSMessage.status)
+    )
+    rows = (await session.execute(statement)).all()
+    return {MessageStatus(status): count for status, count in rows}

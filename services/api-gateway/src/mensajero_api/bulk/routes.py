@@ -1,0 +1,116 @@
+"""Sending one SMS to many recipients, and following its progress."""
+
+import uuid
+
+from fastapi import APIRouter, Response, status
+
+from mensajero_api.bulk import service
+from mensajero_api.bulk.schemas import (
+    BulkProgress,
+    BulkRejection,
+    BulkSendRequest,
+    BulkSendResult,
+)
+from mensajero_api.deps import (
+    CurrentUser,
+    KeysDep,
+    LanguageDep,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+)
+from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.messages.routes import IdempotencyKey
+from mensajero_common.i18n import translate
+from mensajero_common.models import SMSBulkTask
+
+router = APIRouter(prefix="/api/v1/sms", tags=["messages"])
+
+
+def _rejections(task: SMSBulkTask, language: str) -> list[BulkRejection]:
+    return [
+        BulkRejection(**service.describe_rejection(item, language))
+        for item in task.rejected
+    ]
+
+
+@router.post(
+    "/send-bulk",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {
+            "description": "A repeat of an earlier request with the same Idempotency-Key."
+        },
+        **error_responses(400, 401, 404, 409, 422, 429),
+    },
+)
+async def send_bulk(
+    data: BulkSendRequest,
+    response: Response,
+    user: CurrentUser,
+    session: SessionDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    settings: SettingsDep,
+    language: LanguageDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Envelope[BulkSendResult]:
+    """Queue one SMS per recipient: 201 with the task and the new message ids.
+
+    Send `{"recipients": [...], "body": "..."}` for one text to all, or
+    `{"messages": [{"to": "...", "body": "..."}, ...]}` for a text each; `device_id` is
+    optional in both. Invalid and repeated recipients are listed in `rejected` (index,
+    number, reason, message) and not charged; the others are sent. Each message counts
+    once against the monthly quota, and all of them are charged or none.
+
+    Errors: 400 `too_many_recipients` (over BULK_MAX_RECIPIENTS), `no_valid_recipients`
+    (with `rejected`), `empty_body`, `body_too_long`; 404 `device_not_found`; 409
+    `device_inactive`, `idempotency_key_reused`; 429 `quota_exceeded` ("you can only send
+    N more SMS this month"; nothing is created). A repeat with the same
+    `Idempotency-Key` returns 200 with the first result and `Idempotent-Replayed: true`.
+    """
+    outcome = await service.send_bulk(
+        session, redis, keys, settings, user, data, idempotency_key
+    )
+    task = outcome.task
+    if outcome.created:
+        confirmation = translate(
+            "bulk_queued",
+            language,
+            accepted=len(task.message_ids),
+            rejected=len(task.rejected),
+        )
+    else:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+        confirmation = translate("bulk_replayed", language)
+
+    result = BulkSendResult(
+        task_id=task.id,
+        total_recipients=task.total_recipients,
+        accepted=len(task.message_ids),
+        status="processing",
+        message_ids=task.message_ids,
+        rejected=_rejections(task, language),
+    )
+    return Envelope(data=result, message=confirmation)
+
+
+@router.get("/bulk/{task_id}", responses=error_responses(401, 404, 422))
+async def read_bulk_progress(
+    task_id: uuid.UUID, user: CurrentUser, session: SessionDep, language: LanguageDep
+) -> Envelope[BulkProgress]:
+    """Count the messages of a bulk send by status; another user's task is a 404."""
+    progress = await service.get_progress(session, user, task_id)
+    task = progress.task
+    result = BulkProgress(
+        task_id=task.id,
+        status="processing" if progress.in_flight else "completed",
+        total_recipients=task.total_recipients,
+        accepted=len(task.message_ids),
+        counts=progress.counts,
+        rejected=_rejections(task, language),
+        device_id=task.requested_device_id,
+        created_at=task.created_at,
+    )
+    return Envelope(data=result)

@@ -1,0 +1,320 @@
+"""Bulk sending: many outgoing messages from one request, and their progress.
+
+One request is validated recipient by recipient: invalid and repeated recipients are
+rejected one by one and not charged, and the rest go out. The quota for all of them is
+charged in one conditional UPDATE (all or nothing), the messages are inserted in one
+executemany, and the transaction commits before the dispatcher is signalled, in one
+Redis pipeline.
+"""
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_api.bulk import repository
+from mensajero_api.bulk.schemas import BulkSendRequest
+from mensajero_api.messages import service as messages_service
+from mensajero_api.quotas import service as quotas_service
+from mensajero_common import jsonutil, queues
+from mensajero_common.errors import NotFoundError, ValidationFailedError
+from mensajero_common.i18n import translate
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import MessageStatus, SMSBulkTask, User
+from mensajero_common.phone import PhoneNumberError, normalize_e164
+from mensajero_common.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+# Marks the request kind in the stored request hash, as the single send does.
+_BULK_OPERATION = "sms.send_bulk"
+
+# Statuses whose messages still wait for a device or for its report.
+IN_FLIGHT_STATUSES = frozenset(
+    {MessageStatus.PENDING, MessageStatus.ASSIGNED, MessageStatus.SENDING}
+)
+OUTGOING_STATUSES = (
+    MessageStatus.PENDING,
+    MessageStatus.ASSIGNED,
+    MessageStatus.SENDING,
+    MessageStatus.SENT,
+    MessageStatus.DELIVERED,
+    MessageStatus.FAILED,
+    MessageStatus.EXPIRED,
+)
+
+REASON_DUPLICATE = "duplicate"
+
+
+class TooManyRecipientsError(ValidationFailedError):
+    code = "too_many_recipients"
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            count=count, limit=limit, details={"count": count, "limit": limit}
+        )
+
+
+class NoValidRecipientsError(ValidationFailedError):
+    """Every recipient was rejected; the body lists why, in the request's language."""
+
+    code = "no_valid_recipients"
+
+    def __init__(self, rejected: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.rejected = rejected
+
+    def to_body(self, language: str) -> dict[str, Any]:
+        return {
+            **super().to_body(language),
+            "rejected": [describe_rejection(item, language) for item in self.rejected],
+        }
+
+
+class BulkTaskNotFoundError(NotFoundError):
+    """The task does not exist or belongs to another user."""
+
+    code = "bulk_task_not_found"
+
+    def __init__(self, task_id: uuid.UUID) -> None:
+        super().__init__(task_id=str(task_id), details={"task_id": str(task_id)})
+
+
+@dataclass
+class BulkPlan:
+    """The outcome of validating every recipient, before anything is written."""
+
+    # (to_number in E.164, body) of each message to create, in request order.
+    accepted: list[tuple[str, str]] = field(default_factory=list)
+    # Stored in the task as JSON: index, number, reason and the fields of its message.
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    task: SMSBulkTask
+    # False when an earlier request with the same Idempotency-Key created the task.
+    created: bool
+
+
+@dataclass(frozen=True)
+class BulkProgressCounts:
+    task: SMSBulkTask
+    counts: dict[MessageStatus, int]
+
+    @property
+    def in_flight(self) -> bool:
+        return any(self.counts[status] for status in IN_FLIGHT_STATUSES)
+
+
+def describe_rejection(item: dict[str, Any], language: str) -> dict[str, Any]:
+    """Render a stored rejection for a response: its fields and a localized message."""
+    reason = item["reason"]
+    if reason == REASON_DUPLICATE:
+        message = translate(
+            "duplicate_recipient", language, first_index=item["duplicate_of"]
+        )
+    elif reason == messages_service.EmptyBodyError.code:
+        message = translate(reason, language)
+    elif reason == messages_service.BodyTooLongError.code:
+        message = translate(
+            reason, language, length=item["length"], limit=item["limit"]
+        )
+    else:
+        message = translate(
+            "invalid_phone_number", language, number=item["number"], reason=reason
+        )
+    return {
+        "index": item["index"],
+        "number": item["number"],
+        "reason": reason,
+        "message": message,
+        "duplicate_of": item.get("duplicate_of"),
+    }
+
+
+def _request_hash(data: BulkSendRequest) -> str:
+    canonical = {
+        "operation": _BULK_OPERATION,
+        "recipients": [recipient.strip() for recipient in data.recipients or []],
+        "body": data.body,
+        "messages": [[m.to.strip(), m.body] for m in data.messages or []],
+        "device_id": str(data.device_id) if data.device_id else None,
+    }
+    return hashlib.sha256(jsonutil.dumps(canonical)).hexdigest()
+
+
+def _body_rejection(body: str, settings: Settings) -> dict[str, Any] | None:
+    try:
+        messages_service.check_body(body, settings)
+    except messages_service.BodyTooLongError as error:
+        return {"reason": error.code, **error.details}
+    except messages_service.EmptyBodyError as error:
+        return {"reason": error.code}
+    return None
+
+
+def plan_bulk(
+    pairs: list[tuple[str, str]], default_region: str | None, settings: Settings
+) -> BulkPlan:
+    """Sort each (recipient, body) into accepted or rejected, without touching storage.
+
+    A repeat of an earlier accepted message (the same number, and in personalised form
+    the same body too) is rejected as `duplicate`, so no recipient gets the same SMS twice.
+    """
+    plan = BulkPlan()
+    first_index: dict[tuple[str, str], int] = {}
+    for index, (number, body) in enumerate(pairs):
+        try:
+            to_number = normalize_e164(number, default_region)
+        except PhoneNumberError as error:
+            plan.rejected.append(
+                {"index": index, "number": number, "reason": error.reason}
+            )
+            continue
+
+        body_rejection = _body_rejection(body, settings)
+        if body_rejection is not None:
+            plan.rejected.append({"index": index, "number": number, **body_rejection})
+            continue
+
+        key = (to_number, body)
+        if key in first_index:
+            plan.rejected.append(
+                {
+                    "index": index,
+                    "number": number,
+                    "reason": REASON_DUPLICATE,
+                    "duplicate_of": first_index[key],
+                }
+            )
+            continue
+        first_index[key] = index
+        plan.accepted.append((to_number, body))
+    return plan
+
+
+def _message_rows(
+    user: User, plan: BulkPlan, device_id: uuid.UUID | None, task_id: uuid.UUID
+) -> list[dict[str, Any]]:
+    # Segments are counted once per distinct body: a 1000-recipient send has one body.
+    templates: dict[str, dict[str, Any]] = {}
+    rows = []
+    for to_number, body in plan.accepted:
+        template = templates.get(body)
+        if template is None:
+            template = messages_service.outgoing_values(user, "", body, device_id)
+            template["bulk_id"] = task_id
+            templates[body] = template
+        rows.append({**template, "id": uuid.uuid4(), "to_number": to_number})
+    return rows
+
+
+def _replay(existing: SMSBulkTask, request_hash: str) -> BulkOutcome:
+    if existing.request_hash != request_hash:
+        raise messages_service.IdempotencyKeyReusedError()
+    return BulkOutcome(task=existing, created=False)
+
+
+async def send_bulk(
+    session: AsyncSession,
+    redis: Redis,
+    keys: RedisKeys,
+    settings: Settings,
+    user: User,
+    data: BulkSendRequest,
+    idempotency_key: str | None,
+) -> BulkOutcome:
+    """Validate, store and charge the messages of a bulk send, commit, then signal.
+
+    Raises TooManyRecipientsError, NoValidRecipientsError, the single send's errors for
+    the shared `body` and the device, and QuotaExceededError when the accepted messages
+    do not all fit in this month's quota (then nothing is created).
+    """
+    pairs = data.pairs()
+    if len(pairs) > settings.BULK_MAX_RECIPIENTS:
+        raise TooManyRecipientsError(len(pairs), settings.BULK_MAX_RECIPIENTS)
+
+    request_hash = _request_hash(data)
+    if idempotency_key is not None:
+        existing = await repository.get_task_by_idempotency_key(
+            session, user.id, idempotency_key
+        )
+        if existing is not None:
+            return _replay(existing, request_hash)
+
+    # A body shared by every recipient that cannot be sent is an error of the request.
+    if data.body is not None:
+        messages_service.check_body(data.body, settings)
+    await messages_service.check_sending_device(session, user, data.device_id)
+
+    plan = plan_bulk(pairs, user.default_region, settings)
+    if not plan.accepted:
+        raise NoValidRecipientsError(plan.rejected)
+
+    task_id = uuid.uuid4()
+    rows = _message_rows(user, plan, data.device_id, task_id)
+    # The task goes first, as in the single send: a concurrent repeat with the same key
+    # waits on this insert and then replays the task instead of meeting a spent quota.
+    task = await repository.insert_task(
+        session,
+        {
+            "id": task_id,
+            "user_id": user.id,
+            "requested_device_id": data.device_id,
+            "total_recipients": len(pairs),
+            "message_ids": [row["id"] for row in rows],
+            "rejected": plan.rejected,
+            "idempotency_key": idempotency_key,
+            "request_hash": request_hash if idempotency_key else None,
+        },
+    )
+    if task is None:
+        assert idempotency_key is not None
+        existing = await repository.get_task_by_idempotency_key(
+            session, user.id, idempotency_key
+        )
+        if existing is None:
+            raise RuntimeError(
+                "insert conflicted on the idempotency key, but no task has that key"
+            )
+        return _replay(existing, request_hash)
+
+    await quotas_service.charge_sms(session, user.id, len(rows), settings, bulk=True)
+    await repository.insert_messages(session, rows)
+    await session.commit()
+
+    logger.info(
+        "bulk send accepted",
+        user_id=str(user.id),
+        task_id=str(task.id),
+        device_id=str(data.device_id) if data.device_id else None,
+        accepted=len(rows),
+        rejected=len(plan.rejected),
+    )
+    await _signal_dispatcher(redis, keys, task)
+    return BulkOutcome(task=task, created=True)
+
+
+async def _signal_dispatcher(redis: Redis, keys: RedisKeys, task: SMSBulkTask) -> None:
+    try:
+        await queues.signal_new_messages(redis, keys, task.message_ids)
+    except RedisError:
+        # The messages are committed; the dispatcher's sweep of pending rows sends them.
+        logger.exception("signalling the dispatcher failed", task_id=str(task.id))
+
+
+async def get_progress(
+    session: AsyncSession, user: User, task_id: uuid.UUID
+) -> BulkProgressCounts:
+    task = await repository.get_task(session, user.id, task_id)
+    if task is None:
+        raise BulkTaskNotFoundError(task_id)
+    found = await repository.count_by_status(session, user.id, task_id)
+    counts = {status: found.get(status, 0) for status in OUTGOING_STATUSES}
+    return BulkProgressCounts(task=task, counts=counts)

@@ -1,0 +1,42 @@
+"""Request and response bodies of the quota endpoints."""
+
+import uuid
+from datetime import date, datetime
+
+from pydantic import BaseModel, Field
+
+
+class QuotaPublic(BaseModel):
+    user_id: uuid.UUID
+    plan: str = Field(description="Name of the plan.", examples=["Free"])
+    plan_code: str = Field(examples=["free"])
+    sms_sent_this_month: int = Field(
+        description="Outgoing messages created since the last reset; each counts once, "
+        "however many segments it takes."
+    )
+    max_sms_per_month: int
+    sms_available: int = Field(description="SMS that can still be sent this month.")
+    devices_registered: int
+    max_devices: int
+    devices_available: int
+    last_reset_date: date = Field(description="UTC date of the last monthly reset.")
+    reset_date: date = Field(
+        description="Date of the next monthly reset; it happens at midnight UTC.",
+        examples=["2024-02-01"],
+    )
+    reset_at: datetime = Field(
+        description="The next monthly reset as an instant, ISO 8601 in UTC.",
+        examples=["2024-02-01T00:00:00Z"],
+    )
+
+
+class PlanChange(BaseModel):
+    user_id: uuid.UUID | None = Field(
+        default=None, description="The user to change; left out, the caller."
+    )
+    plan: str = Field(
+        min_length=1,
+        max_length=50,
+        description="Code of the new plan, as listed by GET /api/v1/sms/plans.",
+        examples=["pro"],
+    )

@@ -1,0 +1,141 @@
+"""Counting requests against the rate limits, in Redis through the `limits` package.
+
+The counters use the moving-window strategy of `limits`: a list of request timestamps
+per client and item, trimmed to the item's count. Unlike fixed windows, it lets no burst
+through at the edge of two windows, and it gives the exact time at which the oldest
+request leaves the window, which is the Retry-After of a rejection.
+"""
+
+import math
+import time
+import uuid
+
+import structlog
+from limits import RateLimitItem
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.types import Scope
+
+from mensajero_api.ratelimits.identity import (
+    KIND_API_KEY,
+    KIND_USER,
+    ClientKey,
+    client_ip,
+    identify_client,
+)
+from mensajero_api.ratelimits.rules import RateLimitRule, RateLimitRules, describe_item
+from mensajero_common.errors import AppError
+from mensajero_common.keys import RedisKeys
+from mensajero_common.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+# Paths of the login and sign-up endpoints, limited per IP address by their own rule.
+LOGIN_PATHS = frozenset({"/api/v1/login/access-token", "/api/v1/users/signup"})
+# While Redis fails, one error log per this many seconds instead of one per request.
+REDIS_ERROR_LOG_INTERVAL_S = 60.0
+
+
+class RateLimitedError(AppError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, limit: str, retry_after_s: int) -> None:
+        super().__init__(
+            limit=limit,
+            retry_after=retry_after_s,
+            details={"limit": limit, "retry_after": retry_after_s},
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class RequestRateLimiter:
+    """Check each API request against the rules that apply to its client."""
+
+    def __init__(
+        self, rules: RateLimitRules, settings: Settings, redis: Redis, keys: RedisKeys
+    ) -> None:
+        self.rules = rules
+        self.settings = settings
+        # Shares the API's connection pool, so closing the API's client closes it too.
+        # limits 5.8 documents `connection_pool` but types its keyword options as scalars.
+        storage = RedisStorage(
+            "async+" + settings.REDIS_URL,
+            implementation="redispy",
+            key_prefix=keys.rate_limit_prefix,
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+        )
+        self._limiter = MovingWindowRateLimiter(storage)
+        self._last_error_log = -math.inf
+
+    def _checks(self, scope: Scope) -> list[tuple[RateLimitRule, str]]:
+        checks = []
+        if scope.get("method") == "POST" and scope.get("path") in LOGIN_PATHS:
+            checks.append((self.rules.login_per_ip, client_ip(scope)))
+        client = identify_client(scope, self.settings)
+        checks.append((self._rule_for(client), client.value))
+        return checks
+
+    def _rule_for(self, client: ClientKey) -> RateLimitRule:
+        if client.kind == KIND_USER:
+            return self.rules.per_user
+        if client.kind == KIND_API_KEY:
+            return self.rules.per_api_key
+        return self.rules.per_ip
+
+    async def check(self, scope: Scope) -> RateLimitedError | None:
+        """Count the request; return the error to respond with if a limit is reached.
+
+        A request rejected by one item is not counted by the items after it. While Redis
+        is unreachable every request passes, because the limits protect the API and
+        rejecting everything would take it down instead.
+        """
+        return await self._hit_all(self._checks(scope))
+
+    async def check_user(self, user_id: uuid.UUID) -> RateLimitedError | None:
+        """Count one request against the per-user limit of `user_id`.
+
+        The middleware counts a request with an API key per key only, because it cannot
+        tell the key's owner without a query. Authentication by API key calls this once
+        it knows the owner, so that all of a user's keys share RATE_LIMIT_PER_USER.
+        """
+        return await self._hit_all([(self.rules.per_user, str(user_id))])
+
+    async def _hit_all(
+        self, checks: list[tuple[RateLimitRule, str]]
+    ) -> RateLimitedError | None:
+        try:
+            for rule, identifier in checks:
+                for item in rule.items:
+                    if not await self._limiter.hit(item, rule.name, identifier):
+                        return await self._rejection(item, rule, identifier)
+        except (RedisError, OSError) as error:
+            self._log_redis_error(error)
+        return None
+
+    async def _rejection(
+        self, item: RateLimitItem, rule: RateLimitRule, identifier: str
+    ) -> RateLimitedError:
+        stats = await self._limiter.get_window_stats(item, rule.name, identifier)
+        retry_after_s = max(math.ceil(stats.reset_time - time.time()), 1)
+        logger.info(
+            "request rate limited",
+            rule=rule.name,
+            client=identifier,
+            limit=describe_item(item),
+            retry_after_s=retry_after_s,
+        )
+        return RateLimitedError(describe_item(item), retry_after_s)
+
+    def _log_redis_error(self, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log < REDIS_ERROR_LOG_INTERVAL_S:
+            return
+        self._last_error_log = now
+        logger.error(
+            "rate limits not enforced: Redis failed",
+            error=repr(error),
+            silent_for_s=REDIS_ERROR_LOG_INTERVAL_S,
+        )

@@ -1,0 +1,35 @@
+"""The ASGI middleware that applies the rate limits to every /api/ request."""
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mensajero_api.errors import handle_app_error
+from mensajero_api.ratelimits.limiter import RequestRateLimiter
+
+# The attribute of `app.state` that stores the app's RequestRateLimiter. The lifespan sets it
+# once Redis is open; without it (RATE_LIMIT_ENABLED=false) requests pass unchecked.
+STATE_ATTRIBUTE = "rate_limiter"
+API_PATH_PREFIX = "/api/"
+
+
+class RateLimitMiddleware:
+    """Respond with 429 `rate_limited` and Retry-After before the request body is read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PATH_PREFIX):
+            await self.app(scope, receive, send)
+            return
+
+        limiter: RequestRateLimiter | None = getattr(
+            scope["app"].state, STATE_ATTRIBUTE, None
+        )
+        rejection = await limiter.check(scope) if limiter is not None else None
+        if rejection is None:
+            await self.app(scope, receive, send)
+            return
+
+        response = await handle_app_error(Request(scope), rejection)
+        await response(scope, receive, send)

@@ -1,0 +1,291 @@
+import asyncio
+from typing import Any
+
+import pytest
+from api_test_helpers import MakeUser, count_rows, send_sms
+from fastapi import FastAPI
+from httpx import ASGITransport, AsyncClient, Response
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_api.main import create_app
+from mensajero_api.ratelimits.rules import InvalidRateLimitSettingError
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import SMSMessage
+from mensajero_common.settings import Settings
+from mensajero_common.testing import free_port, scaled
+
+QUOTA_URL = "/api/v1/sms/quota"
+PLANS_URL = "/api/v1/sms/plans"
+LOGIN_URL = "/api/v1/login/access-token"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "RATE_LIMIT_PER_USER": "3/minute",
+            "RATE_LIMIT_PER_API_KEY": "2/minute",
+            "RATE_LIMIT_PER_IP": "5/minute",
+            "RATE_LIMIT_LOGIN_PER_IP": "2/minute",
+        }
+    )
+
+
+def _assert_rate_limited(response: Response, limit: str) -> int:
+    assert response.status_code == 429, response.text
+    body = response.json()
+    assert body["success"] is False
+    assert body["error"] == "rate_limited"
+    assert body["limit"] == limit
+    retry_after: int = body["retry_after"]
+    assert response.headers["retry-after"] == str(retry_after)
+    return retry_after
+
+
+async def test_user_limit_edge(
+    client: AsyncClient,
+    make_user: MakeUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    owner = await make_user()
+
+    allowed = [await client.get(QUOTA_URL, headers=owner.headers) for _ in range(3)]
+    refused = await client.get(QUOTA_URL, headers=owner.headers)
+
+    assert [response.status_code for response in allowed] == [200] * 3
+    retry_after = _assert_rate_limited(refused, "3/minute")
+    assert 1 <= retry_after <= 60
+    assert refused.headers["content-language"] == "es"
+    assert refused.json()["message"] == (
+        f"Demasiadas solicitudes: el límite es 3/minute. "
+        f"Inténtalo de nuevo en {retry_after} s."
+    )
+    assert await redis.keys(f"{redis_keys.rate_limit_prefix}:*")
+
+
+async def test_rate_limited_message_in_english(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    for _ in range(3):
+        await client.get(QUOTA_URL, headers=owner.headers)
+
+    refused = await client.get(
+        QUOTA_URL, headers={**owner.headers, "Accept-Language": "en"}
+    )
+
+    retry_after = _assert_rate_limited(refused, "3/minute")
+    assert refused.json()["message"] == (
+        f"Too many requests: the limit is 3/minute. Try again in {retry_after} s."
+    )
+
+
+async def test_user_limit_spans_endpoints(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    await client.get(QUOTA_URL, headers=owner.headers)
+    await client.get(PLANS_URL, headers=owner.headers)
+    await client.get("/api/v1/users/me", headers=owner.headers)
+    refused = await client.get(PLANS_URL, headers=owner.headers)
+
+    _assert_rate_limited(refused, "3/minute")
+
+
+async def test_users_limited_separately(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    first = await make_user()
+    second = await make_user()
+    for _ in range(3):
+        await client.get(QUOTA_URL, headers=first.headers)
+
+    refused = await client.get(QUOTA_URL, headers=first.headers)
+    other = await client.get(QUOTA_URL, headers=second.headers)
+
+    _assert_rate_limited(refused, "3/minute")
+    assert other.status_code == 200
+
+
+async def test_limited_send_creates_nothing(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="pro")
+
+    responses = [await send_sms(client, owner, body=f"m{n}") for n in range(4)]
+
+    assert [response.status_code for response in responses[:3]] == [201] * 3
+    _assert_rate_limited(responses[3], "3/minute")
+    assert await count_rows(session_factory, SMSMessage) == 3
+
+
+async def test_parallel_burst_allows_exactly_limit(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    responses = await asyncio.gather(
+        *(client.get(QUOTA_URL, headers=owner.headers) for _ in range(12))
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [200] * 3 + [429] * 9
+
+
+async def test_anonymous_limit_per_ip(client: AsyncClient) -> None:
+    # Requests without a token, or with an invalid one, count for the client's address.
+    anonymous = [await client.get(PLANS_URL) for _ in range(3)]
+    bad_token = [
+        await client.get(PLANS_URL, headers={"Authorization": "Bearer nonsense"})
+        for _ in range(2)
+    ]
+    refused = await client.get(PLANS_URL)
+
+    assert [r.status_code for r in anonymous + bad_token] == [401] * 5
+    _assert_rate_limited(refused, "5/minute")
+
+
+async def test_api_key_limit_per_key(
+    client: AsyncClient, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    first_key = {"X-API-Key": "mak_first-key-for-rate-limits"}
+    second_key = {"X-API-Key": "mak_second-key-for-rate-limits"}
+
+    allowed = [await client.get(PLANS_URL, headers=first_key) for _ in range(2)]
+    refused = await client.get(PLANS_URL, headers=first_key)
+    other = await client.get(PLANS_URL, headers=second_key)
+
+    assert all(response.status_code != 429 for response in allowed)
+    _assert_rate_limited(refused, "2/minute")
+    assert other.status_code != 429
+    stored = [key.decode() for key in await redis.keys(f"{redis_keys.prefix}:*")]
+    assert not any("first-key" in key for key in stored)
+
+
+async def test_check_user_shares_user_limit(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    limiter = app.state.rate_limiter
+
+    assert await limiter.check_user(owner.id) is None
+    assert await limiter.check_user(owner.id) is None
+    allowed = await client.get(QUOTA_URL, headers=owner.headers)
+    refused = await client.get(QUOTA_URL, headers=owner.headers)
+    refused_again = await limiter.check_user(owner.id)
+
+    assert allowed.status_code == 200
+    _assert_rate_limited(refused, "3/minute")
+    assert refused_again is not None
+    assert refused_again.code == "rate_limited"
+
+
+async def test_login_limit_per_ip(client: AsyncClient, make_user: MakeUser) -> None:
+    owner = await make_user()
+    credentials = {"username": owner.email, "password": "wrong password"}
+
+    attempts = [await client.post(LOGIN_URL, data=credentials) for _ in range(2)]
+    refused = await client.post(
+        LOGIN_URL, data={"username": owner.email, "password": owner.password}
+    )
+    # The login limit counts only logins and sign-ups; reading data is limited per user.
+    other = await client.get(QUOTA_URL, headers=owner.headers)
+
+    assert [response.status_code for response in attempts] == [401, 401]
+    _assert_rate_limited(refused, "2/minute")
+    assert other.status_code == 200
+
+
+async def test_health_and_docs_not_limited(client: AsyncClient) -> None:
+    responses = [await client.get("/healthz") for _ in range(8)]
+    responses.append(await client.get("/openapi.json"))
+
+    assert {response.status_code for response in responses} == {200}
+
+
+async def _with_app(settings: Settings, requests: Any) -> list[Response]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = ASGITransport(app=app)
+        async with AsyncClient(transport=transport, base_url="http://test") as client:
+            result: list[Response] = await requests(client)
+            return result
+
+
+async def test_several_windows_each_apply(
+    settings: Settings, make_user: MakeUser, redis: Redis
+) -> None:
+    owner = await make_user()
+    windows = settings.model_copy(update={"RATE_LIMIT_PER_USER": "2/second;3/minute"})
+
+    async def requests(client: AsyncClient) -> list[Response]:
+        burst = [await client.get(QUOTA_URL, headers=owner.headers) for _ in range(3)]
+        # The moving window frees the per-second slots a second after they were taken.
+        await asyncio.sleep(1.05)
+        later = [await client.get(QUOTA_URL, headers=owner.headers) for _ in range(2)]
+        return burst + later
+
+    responses = await _with_app(windows, requests)
+
+    assert [r.status_code for r in responses[:2]] == [200, 200]
+    assert _assert_rate_limited(responses[2], "2/second") == 1
+    # The refused request was not counted by the per-minute window: one more fits.
+    assert responses[3].status_code == 200
+    _assert_rate_limited(responses[4], "3/minute")
+
+
+async def test_disabled_limits(
+    settings: Settings, make_user: MakeUser, redis: Redis
+) -> None:
+    owner = await make_user()
+    disabled = settings.model_copy(update={"RATE_LIMIT_ENABLED": False})
+
+    async def requests(client: AsyncClient) -> list[Response]:
+        return [await client.get(QUOTA_URL, headers=owner.headers) for _ in range(6)]
+
+    responses = await _with_app(disabled, requests)
+
+    assert {response.status_code for response in responses} == {200}
+
+
+async def test_redis_down_lets_requests_through(
+    settings: Settings, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    # Nothing listens on a port just taken from the OS and released.
+    unreachable = settings.model_copy(
+        update={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    )
+
+    async def requests(client: AsyncClient) -> list[Response]:
+        async with asyncio.timeout(scaled(10)):
+            return [
+                await client.get(QUOTA_URL, headers=owner.headers) for _ in range(5)
+            ]
+
+    responses = await _with_app(unreachable, requests)
+
+    assert {response.status_code for response in responses} == {200}
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("RATE_LIMIT_PER_USER", "lots"),
+        ("RATE_LIMIT_PER_IP", "10 per fortnight"),
+        ("RATE_LIMIT_PER_API_KEY", "-1/second"),
+        ("RATE_LIMIT_LOGIN_PER_IP", ""),
+    ],
+)
+def test_invalid_setting_stops_start(
+    settings: Settings, setting: str, value: str
+) -> None:
+    broken = settings.model_copy(update={setting: value})
+
+    with pytest.raises(InvalidRateLimitSettingError, match=setting):
+        create_app(broken)
