@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from mensajero_api.apikeys.routes import router as apikeys_router
 from mensajero_api.auth.routes import router as auth_router
 from mensajero_api.auth.security import PasswordHasher
-from mensajero_api.bulk.routes import router as bulk_router
 from mensajero_api.auth.throttle import RULES_STATE_ATTRIBUTE, LoginThrottleRules
+from mensajero_api.bulk.routes import router as bulk_router
 from mensajero_api.cors import install_cors
 from mensajero_api.devices.routes import router as devices_router
 from mensajero_api.errors import install_error_handling
