@@ -21,6 +21,7 @@ from mensajero_dispatcher.messages.service import (
     assign_pending_messages,
     repush_lost_tasks,
 )
+from mensajero_dispatcher.quotas.service import reset_monthly_quotas
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +58,11 @@ def default_jobs(ctx: DispatcherContext) -> list[PeriodicJob]:
                 settings.WEBSOCKET_HEARTBEAT_TIMEOUT / 2,
             ),
             cleanup_offline_devices,
+        ),
+        PeriodicJob(
+            "quota.reset_monthly",
+            settings.QUOTA_RESET_CHECK_INTERVAL_S,
+            reset_monthly_quotas,
         ),
     ]
 
