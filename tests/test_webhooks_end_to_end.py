@@ -1,0 +1,159 @@
+"""Webhook events through the real processes: a phone's report or incoming SMS, recorded by
+the device-hub, delivered signed by the webhook-sender to a real HTTP receiver."""
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from service_processes import Child, RunningServices
+
+from mensajero_common.testing import WebhookReceiver, scaled, serve_app
+from mensajero_common.webhooks import verify
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "correct-horse-battery-staple"
+INCOMING_TEXT = "Hola <b> & ñ 😀"
+
+
+async def _sign_up(client: httpx.AsyncClient) -> dict[str, str]:
+    email = f"hooks-{uuid.uuid4().hex[:12]}@example.com"
+    response = await client.post(
+        "/api/v1/users/signup", json={"email": email, "password": PASSWORD}
+    )
+    assert response.status_code == 201, response.text
+    response = await client.post(
+        "/api/v1/login/access-token", data={"username": email, "password": PASSWORD}
+    )
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+async def _create_webhook(
+    client: httpx.AsyncClient, headers: dict[str, str], url: str
+) -> dict[str, Any]:
+    response = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": url, "events": ["sms_received", "sms_sent", "sms_delivered"]},
+        headers=headers,
+    )
+    assert response.status_code == 201, response.text
+    data: dict[str, Any] = response.json()["data"]
+    return data
+
+
+async def _register_device(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    response = await client.post(
+        "/api/v1/sms/devices",
+        json={"name": "hooks phone", "phone_number": "+34600000009"},
+        headers=headers,
+    )
+    assert response.status_code == 201, response.text
+    api_key: str = response.json()["data"]["api_key"]
+    return api_key
+
+
+async def _start_agent(services: RunningServices, api_key: str, *extra: str) -> Child:
+    return await services.processes.start(
+        "agent",
+        [
+            "mensajero-agent",
+            "--url",
+            services.hub_ws_url,
+            "--api-key",
+            api_key,
+            "--send-delay-ms",
+            "50",
+            *extra,
+        ],
+        services.env,
+        read_stdout=True,
+    )
+
+
+def _events(
+    receiver: WebhookReceiver,
+) -> list[tuple[dict[str, str], bytes, dict[str, Any]]]:
+    return [(headers, body, json.loads(body)) for headers, body, _ in receiver.requests]
+
+
+async def test_incoming_and_outgoing_events_arrive_signed(
+    services: RunningServices,
+) -> None:
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(receiver) as receiver_url,
+        httpx.AsyncClient(base_url=services.api_url, timeout=scaled(10)) as client,
+    ):
+        headers = await _sign_up(client)
+        webhook = await _create_webhook(client, headers, f"{receiver_url}/hook")
+        api_key = await _register_device(client, headers)
+        await _start_agent(
+            services, api_key, "--incoming", f"+34611223344:{INCOMING_TEXT}"
+        )
+        await receiver.wait_for(1, timeout_s=20)
+
+        response = await client.post(
+            "/api/v1/sms/send",
+            json={"to": "+34600000001", "body": "Hola"},
+            headers=headers,
+        )
+        assert response.status_code == 201, response.text
+        message_id = response.json()["data"]["message_id"]
+        await receiver.wait_for(3, timeout_s=20)
+        # Time for a duplicate to show up, if the services sent one.
+        await asyncio.sleep(1.0)
+
+    events = _events(receiver)
+    for event_headers, body, _ in events:
+        assert verify(
+            webhook["secret_key"],
+            int(event_headers["x-webhook-timestamp"]),
+            body,
+            event_headers["x-webhook-signature"],
+        )
+    received = [
+        payload for _, _, payload in events if payload["event"] == "sms_received"
+    ]
+    assert len(received) == 1
+    assert received[0]["body"] == INCOMING_TEXT
+    assert received[0]["from"] == "+34611223344"
+    assert received[0]["to"] == "+34600000009"
+    outgoing = [
+        payload["event"]
+        for _, _, payload in events
+        if payload["message_id"] == message_id
+    ]
+    assert sorted(outgoing) == ["sms_delivered", "sms_sent"]
+
+
+async def test_stopped_webhook_sender_delivers_after_restart(
+    services: RunningServices,
+) -> None:
+    receiver = WebhookReceiver([200])
+    await services.processes.stop(services.children["webhooks"])
+    async with (
+        serve_app(receiver) as receiver_url,
+        httpx.AsyncClient(base_url=services.api_url, timeout=scaled(10)) as client,
+    ):
+        headers = await _sign_up(client)
+        await _create_webhook(client, headers, f"{receiver_url}/hook")
+        api_key = await _register_device(client, headers)
+        agent = await _start_agent(
+            services, api_key, "--incoming", "+34611223344:mientras dormías"
+        )
+        async with asyncio.timeout(scaled(20)):
+            while not any(b'"incoming_ack"' in line for _, line in agent.lines):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        assert receiver.requests == []
+
+        await services.processes.start(
+            "webhooks-restarted", ["mensajero-webhooks"], services.env
+        )
+        await receiver.wait_for(1, timeout_s=20)
+
+    assert json.loads(receiver.requests[0][1])["body"] == "mientras dormías"
