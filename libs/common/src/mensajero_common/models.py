@@ -248,7 +248,13 @@ class SMSMessage(Base):
     meta: Mapped[dict[str, object]] = mapped_column(
         JSONB, nullable=False, server_default=text("'{}'::jsonb")
     )
+    # A message not sent by then ends `expired`; its task carries it, so a phone skips it.
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # While a `pending` message waits for its next attempt: when it may be assigned again.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the quota charge of a message that ended without any SMS going out was given
+    # back; set at most once.
+    quota_refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
     assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -275,7 +281,83 @@ class SMSMessage(Base):
             postgresql_where=text("external_id IS NOT NULL"),
         ),
         Index("ix_smsmessage_created_at", "created_at"),
+        # The dispatcher's expiry check reads only messages that can still expire.
+        Index(
+            "ix_smsmessage_expires_at_open",
+            "expires_at",
+            postgresql_where=text(
+                "expires_at IS NOT NULL AND status IN ('pending', 'assigned')"
+            ),
+        ),
+        # The recovery sweep pages through messages that are not final, oldest change first.
+        Index(
+            "ix_smsmessage_updated_at_open",
+            "updated_at",
+            postgresql_where=text("status IN ('pending', 'assigned', 'sending')"),
+        ),
     )
+
+
+class AttemptStatus(StrEnum):
+    """How one attempt of a message went, recorded in `smsmessageattempt.status`."""
+
+    ASSIGNED = "assigned"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    # No phone acknowledged the task in time, so it went to another device.
+    MOVED = "moved"
+    # The phone acknowledged the task and never reported how it ended.
+    NO_REPORT = "no_report"
+    EXPIRED = "expired"
+
+
+class SMSMessageAttempt(Base):
+    """One attempt to send an outgoing message: the device it went to and how it ended.
+
+    `attempt_number` counts from 1 and equals `smsmessage.attempts` while the attempt runs.
+    """
+
+    __tablename__ = "smsmessageattempt"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("smsmessage.id", ondelete="CASCADE"), nullable=False
+    )
+    attempt_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    device_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("smsdevice.id", ondelete="SET NULL"), index=True
+    )
+    status: Mapped[AttemptStatus] = mapped_column(String(16), nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    # SMS parts the phone reported for this attempt, when it reported per part.
+    parts: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
+    # When the phone reported `sending`.
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("message_id", "attempt_number"),)
+
+
+class SMSMessagePart(Base):
+    """The latest report on one part of a multipart SMS, within one attempt."""
+
+    __tablename__ = "smsmessagepart"
+
+    message_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("smsmessage.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # 1-based, as the phone numbers the parts.
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    parts: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[MessageStatus] = mapped_column(String(16), nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = _updated_at()
 
 
 class SMSBulkTask(Base):
@@ -430,6 +512,7 @@ class WebhookAttempt(Base):
 
 
 __all__ = [
+    "AttemptStatus",
     "Base",
     "DeviceStatus",
     "MessageStatus",
@@ -437,6 +520,8 @@ __all__ = [
     "SMSBulkTask",
     "SMSDevice",
     "SMSMessage",
+    "SMSMessageAttempt",
+    "SMSMessagePart",
     "User",
     "UserApiKey",
     "UserPlan",

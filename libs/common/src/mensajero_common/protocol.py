@@ -2,15 +2,24 @@
 
 Field names are the specification's. Additions: `request_id` on client frames (echoed in
 the `ack` or `error` that answers it), `protocol_version` and `app_version` in `register`,
-`sms_id` (the phone's own id of an incoming SMS, used to store it once) and the segment
-details in `task`. docs/device-protocol.md describes every frame for phone app authors.
+`sms_id` (the phone's own id of an incoming SMS, used to store it once), the segment
+details, `attempt` and `expires_at` in `task`, and `attempt`, `part`, `parts` and
+`retryable` in `sms_report`. docs/device-protocol.md describes every frame for phone app
+authors.
 """
 
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from mensajero_common import jsonutil
 
@@ -28,6 +37,8 @@ CLOSE_SERVICE_RESTART = 1012
 
 MAX_ID_LENGTH = 128
 MAX_TEXT_LENGTH = 4096
+# Parts of one multipart SMS: the concatenation header numbers them in one byte.
+MAX_PARTS = 255
 
 
 class _ClientFrame(BaseModel):
@@ -47,8 +58,25 @@ class RegisterFrame(_ClientFrame):
 class SmsReportFrame(_ClientFrame):
     type: Literal["sms_report"]
     message_id: uuid.UUID
-    status: Literal["sending", "sent", "delivered", "failed"]
+    # `expired`: the phone skipped the task because its `expires_at` had passed.
+    status: Literal["sending", "sent", "delivered", "failed", "expired"]
     error: Annotated[str | None, Field(max_length=1024)] = None
+    # The task's `attempt`; absent, the report applies to the message's current attempt.
+    attempt: Annotated[int | None, Field(ge=1)] = None
+    # Set together when the phone reports one part of a multipart SMS (1-based).
+    part: Annotated[int | None, Field(ge=1, le=MAX_PARTS)] = None
+    parts: Annotated[int | None, Field(ge=1, le=MAX_PARTS)] = None
+    # False on a `failed` report whose SMS may have gone out anyway (a send cut short by
+    # a restart), so that the server ends the message instead of sending it again.
+    retryable: bool = True
+
+    @model_validator(mode="after")
+    def _check_part(self) -> "SmsReportFrame":
+        if (self.part is None) != (self.parts is None):
+            raise ValueError("'part' and 'parts' go together")
+        if self.part is not None and self.parts is not None and self.part > self.parts:
+            raise ValueError("'part' must not exceed 'parts'")
+        return self
 
 
 class SmsIncomingFrame(_ClientFrame):
@@ -166,8 +194,10 @@ def task_frame(
     segments: int,
     encoding: str,
     created_at: datetime,
+    attempt: int | None = None,
+    expires_at: datetime | None = None,
 ) -> dict[str, Any]:
-    return {
+    frame: dict[str, Any] = {
         "type": "task",
         "message_id": str(message_id),
         "to": to,
@@ -176,6 +206,11 @@ def task_frame(
         "encoding": encoding,
         "created_at": created_at,
     }
+    if attempt is not None:
+        frame["attempt"] = attempt
+    if expires_at is not None:
+        frame["expires_at"] = expires_at
+    return frame
 
 
 def ack_frame(

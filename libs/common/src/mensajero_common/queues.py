@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 from mensajero_common import jsonutil
 from mensajero_common.keys import CHANNEL_WAKE, RedisKeys
@@ -40,11 +41,18 @@ async def push_device_task(
     message_id: uuid.UUID,
     task: Mapping[str, Any],
 ) -> bytes:
-    """Append a task to the device's stream and wake the hub connection that holds it."""
-    stream_id: bytes = await redis.xadd(
-        keys.device_tasks_stream(device_id),
-        {"message_id": str(message_id), "task": jsonutil.dumps(dict(task))},
-    )
+    """Append a task to the device's stream and wake the hub connection that holds it.
+
+    The entry carries the task's `attempt`, when it has one, so that removing the entries
+    of a finished attempt never removes those of a newer attempt.
+    """
+    fields: dict[FieldT, EncodableT] = {
+        "message_id": str(message_id),
+        "task": jsonutil.dumps(dict(task)),
+    }
+    if task.get("attempt") is not None:
+        fields["attempt"] = str(task["attempt"])
+    stream_id: bytes = await redis.xadd(keys.device_tasks_stream(device_id), fields)
     await redis.publish(keys.device_channel(device_id), CHANNEL_WAKE)
     return stream_id
 
@@ -77,19 +85,45 @@ async def read_device_tasks(
     return tasks
 
 
+def _entry_attempt(fields: Mapping[bytes, bytes]) -> int | None:
+    raw = fields.get(b"attempt")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
 async def remove_device_task(
-    redis: Redis, keys: RedisKeys, device_id: uuid.UUID, message_id: uuid.UUID
+    redis: Redis,
+    keys: RedisKeys,
+    device_id: uuid.UUID,
+    message_id: uuid.UUID,
+    *,
+    up_to_attempt: int | None = None,
 ) -> int:
-    """Delete every entry of `message_id` from the device's stream; return how many."""
+    """Delete the entries of `message_id` from the device's stream; return how many.
+
+    With `up_to_attempt`, entries of a later attempt stay: a retry may have queued the
+    message again on the same device before the earlier attempt's entry was removed.
+    """
     stream = keys.device_tasks_stream(device_id)
     wanted = str(message_id).encode()
     # The stream contains only tasks the phone has not finished, so a scan stays short.
     entries = await redis.xrange(stream, min="-", max="+")
-    stale = [
-        stream_id
-        for stream_id, fields in entries
-        if fields.get(b"message_id") == wanted
-    ]
+    stale = []
+    for stream_id, fields in entries:
+        if fields.get(b"message_id") != wanted:
+            continue
+        attempt = _entry_attempt(fields)
+        if (
+            up_to_attempt is not None
+            and attempt is not None
+            and attempt > up_to_attempt
+        ):
+            continue
+        stale.append(stream_id)
     if not stale:
         return 0
     return int(await redis.xdel(stream, *stale))

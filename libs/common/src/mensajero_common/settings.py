@@ -123,6 +123,25 @@ class Settings(BaseSettings):
     # Pending-message sweep of the dispatcher, in seconds.
     DISPATCHER_SWEEP_INTERVAL: Annotated[float, Field(gt=0)] = 30.0
 
+    # Attempts to send one message, the first included. Only a `failed` report from which
+    # no SMS part went out starts another attempt; docs/reliability.md has every rule.
+    MESSAGE_MAX_ATTEMPTS: Annotated[int, Field(ge=1, le=20)] = 3
+    # Wait between a failed attempt and the next one, in seconds.
+    MESSAGE_RETRY_DELAY_S: Annotated[float, Field(ge=0)] = 30.0
+    # A task that no phone acknowledged (no `sending` report) for this many seconds moves
+    # to another online device of the user, unless the sender asked for that device.
+    TASK_ACK_TIMEOUT_S: Annotated[float, Field(gt=0)] = 60.0
+    # A task acknowledged (`sending`) and not finished (`sent` or `failed`) for this many
+    # seconds ends `failed` with the error `no_report`; it is never sent elsewhere, since
+    # the SMS may have gone out.
+    TASK_REPORT_TIMEOUT_S: Annotated[float, Field(gt=0)] = 900.0
+    # A message that is not final and has not changed for this many seconds is put back
+    # in flight from Postgres: its task pushed again, or its assignment retried.
+    RECOVERY_STALE_AFTER_S: Annotated[float, Field(gt=0)] = 120.0
+    # How often the dispatcher looks for due retries, passed deadlines and expired
+    # messages, in seconds.
+    MESSAGE_CHECK_INTERVAL_S: Annotated[float, Field(gt=0)] = 5.0
+
     @model_validator(mode="after")
     def _reject_default_secrets(self) -> "Settings":
         if self.ENVIRONMENT == Environment.DEVELOPMENT:

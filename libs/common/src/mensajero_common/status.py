@@ -31,8 +31,12 @@ REPORTABLE_STATUSES = frozenset(
         MessageStatus.SENT,
         MessageStatus.DELIVERED,
         MessageStatus.FAILED,
+        MessageStatus.EXPIRED,
     }
 )
+
+# Statuses of a message whose task a device holds: assigned to it, or acknowledged.
+IN_FLIGHT_STATUSES = frozenset({MessageStatus.ASSIGNED, MessageStatus.SENDING})
 
 # The column that records when a message entered each status.
 TIMESTAMP_COLUMNS: dict[MessageStatus, str] = {

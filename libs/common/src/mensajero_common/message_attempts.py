@@ -1,0 +1,424 @@
+"""Attempts of outgoing messages: starting one, ending one, retrying, expiring, refunding.
+
+Both the device-hub (a `failed` or `expired` report) and the dispatcher (a missed deadline,
+an expiry) end attempts, so the rules live here once. Every function runs in the caller's
+transaction and never commits; the caller queues the returned webhook deliveries after
+its commit.
+
+A retry is a new attempt of the same message. The message goes back to `pending` with
+`next_attempt_at` set, and only the failure of the last attempt writes `failed` and
+records the `sms_failed` event. Within an attempt the status only moves forward, and
+nothing leaves `delivered`, `failed` or `expired`.
+
+Quota policy: a send is charged once, when the API accepts it, and retries never charge
+again. A message that ends `failed` or `expired` gets its charge back when no SMS of it
+can have gone out: no attempt reached `sent`, and no failure left the outcome unknown.
+The refund applies only while the quota still counts the period of the charge.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import (
+    AttemptStatus,
+    MessageStatus,
+    MessageType,
+    SMSMessage,
+    SMSMessageAttempt,
+)
+from mensajero_common.settings import Settings
+from mensajero_common.status import predecessors
+from mensajero_common.webhook_outbox import record_message_event
+from mensajero_common.webhooks import EVENT_SMS_FAILED
+
+# Stored in `smsmessage.error` and sent in the `sms_failed` event.
+ERROR_NO_REPORT = "no_report"
+ERROR_EXPIRED = "expired"
+ERROR_NO_ACK = "no_ack"
+
+# Attempt statuses after which the attempt is over.
+ENDED_ATTEMPT_STATUSES = frozenset(
+    {
+        AttemptStatus.DELIVERED,
+        AttemptStatus.FAILED,
+        AttemptStatus.MOVED,
+        AttemptStatus.NO_REPORT,
+        AttemptStatus.EXPIRED,
+    }
+)
+_ATTEMPT_ORDER = (
+    AttemptStatus.ASSIGNED,
+    AttemptStatus.SENDING,
+    AttemptStatus.SENT,
+    AttemptStatus.DELIVERED,
+)
+
+
+@dataclass(frozen=True)
+class LockedMessage:
+    """An outgoing message row, locked FOR UPDATE by the caller's transaction."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    device_id: uuid.UUID | None
+    requested_device_id: uuid.UUID | None
+    status: MessageStatus
+    attempts: int
+    to_number: str | None
+    from_number: str | None
+    body: str
+    segments: int
+    sent_at: datetime | None
+    expires_at: datetime | None
+    created_at: datetime
+
+    @property
+    def current_attempt(self) -> int:
+        """Number of the attempt in progress; 1 for rows written before attempts existed."""
+        return max(self.attempts, 1)
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """The outcome of ending an attempt, for its message."""
+
+    # `pending` when another attempt follows, else `failed` or `expired`.
+    status: MessageStatus
+    next_attempt_at: datetime | None
+    # Webhook deliveries to queue after the commit.
+    delivery_ids: list[uuid.UUID]
+
+
+async def lock_message(
+    session: AsyncSession, message_id: uuid.UUID
+) -> LockedMessage | None:
+    """Lock an outgoing message for the rest of the transaction and return it."""
+    statement = (
+        select(
+            SMSMessage.id,
+            SMSMessage.user_id,
+            SMSMessage.device_id,
+            SMSMessage.requested_device_id,
+            SMSMessage.status,
+            SMSMessage.attempts,
+            SMSMessage.to_number,
+            SMSMessage.from_number,
+            SMSMessage.body,
+            SMSMessage.segments,
+            SMSMessage.sent_at,
+            SMSMessage.expires_at,
+            SMSMessage.created_at,
+        )
+        .where(
+            SMSMessage.id == message_id,
+            SMSMessage.type == MessageType.OUTGOING.value,
+        )
+        .with_for_update()
+    )
+    row = (await session.execute(statement)).one_or_none()
+    if row is None:
+        return None
+    values = row._asdict()
+    values["status"] = MessageStatus(values["status"])
+    return LockedMessage(**values)
+
+
+async def start_attempts(
+    session: AsyncSession,
+    attempts: list[tuple[uuid.UUID, int, uuid.UUID]],
+) -> None:
+    """Record the start of each (message id, attempt number, device id)."""
+    if not attempts:
+        return
+    statement = (
+        pg_insert(SMSMessageAttempt)
+        .values(
+            [
+                {
+                    "message_id": message_id,
+                    "attempt_number": attempt_number,
+                    "device_id": device_id,
+                    "status": AttemptStatus.ASSIGNED.value,
+                }
+                for message_id, attempt_number, device_id in attempts
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["message_id", "attempt_number"])
+    )
+    await session.execute(statement)
+
+
+def _attempt_may_move(current: AttemptStatus, new: AttemptStatus) -> bool:
+    if current in ENDED_ATTEMPT_STATUSES:
+        return False
+    if new not in _ATTEMPT_ORDER:
+        return True
+    return _ATTEMPT_ORDER.index(new) > _ATTEMPT_ORDER.index(current)
+
+
+async def record_attempt_status(
+    session: AsyncSession,
+    message: LockedMessage,
+    status: AttemptStatus,
+    *,
+    attempt_number: int | None = None,
+    error: str | None = None,
+    parts: int | None = None,
+) -> None:
+    """Move an attempt of `message` (the current one by default) forward to `status`.
+
+    An attempt row that is missing (a message assigned before attempts were recorded) is
+    written now. An attempt that has ended keeps its outcome.
+    """
+    number = attempt_number or message.current_attempt
+    existing = (
+        await session.execute(
+            select(SMSMessageAttempt.id, SMSMessageAttempt.status).where(
+                SMSMessageAttempt.message_id == message.id,
+                SMSMessageAttempt.attempt_number == number,
+            )
+        )
+    ).one_or_none()
+
+    values: dict[str, object] = {"status": status.value}
+    if error is not None:
+        values["error"] = error
+    if parts is not None:
+        values["parts"] = parts
+    if status is AttemptStatus.SENDING:
+        values["acknowledged_at"] = func.now()
+    if status in ENDED_ATTEMPT_STATUSES:
+        values["ended_at"] = func.now()
+
+    if existing is None:
+        await session.execute(
+            pg_insert(SMSMessageAttempt).values(
+                message_id=message.id,
+                attempt_number=number,
+                device_id=message.device_id,
+                **values,
+            )
+        )
+        return
+    if not _attempt_may_move(AttemptStatus(existing.status), status):
+        return
+    await session.execute(
+        update(SMSMessageAttempt)
+        .where(SMSMessageAttempt.id == existing.id)
+        .values(**values)
+    )
+
+
+async def count_failed_attempts(session: AsyncSession, message: LockedMessage) -> int:
+    """Count the failed attempts of a message.
+
+    Attempts that have no row (made before attempts were recorded) count as failed, so a
+    message from then is not tried more often than MESSAGE_MAX_ATTEMPTS.
+    """
+    statement = select(
+        func.count(),
+        func.count().filter(SMSMessageAttempt.status == AttemptStatus.FAILED.value),
+    ).where(SMSMessageAttempt.message_id == message.id)
+    recorded, failed = (await session.execute(statement)).one()
+    return int(failed) + max(0, message.current_attempt - int(recorded))
+
+
+async def fail_attempt(
+    session: AsyncSession,
+    settings: Settings,
+    message: LockedMessage,
+    error: str | None,
+    *,
+    retryable: bool,
+    attempt_status: AttemptStatus = AttemptStatus.FAILED,
+) -> AttemptEnd:
+    """End the current attempt of an in-flight message as failed, then either queue the
+    next attempt or end the message `failed`.
+
+    Another attempt follows only when the failure is `retryable`, no SMS of the message
+    went out (`sent_at` is unset), and fewer than MESSAGE_MAX_ATTEMPTS attempts failed.
+    """
+    await record_attempt_status(session, message, attempt_status, error=error)
+
+    nothing_went_out = message.sent_at is None
+    if retryable and nothing_went_out:
+        failures = await count_failed_attempts(session, message)
+        if failures < settings.MESSAGE_MAX_ATTEMPTS:
+            next_attempt_at = await _queue_retry(session, settings, message, error)
+            if next_attempt_at is not None:
+                return AttemptEnd(MessageStatus.PENDING, next_attempt_at, [])
+
+    delivery_ids = await end_failed(
+        session,
+        settings,
+        message,
+        error,
+        refund=retryable and nothing_went_out,
+    )
+    return AttemptEnd(MessageStatus.FAILED, None, delivery_ids)
+
+
+async def _queue_retry(
+    session: AsyncSession,
+    settings: Settings,
+    message: LockedMessage,
+    error: str | None,
+) -> datetime | None:
+    # `device_id` keeps the failed device until the next assignment, so the API still
+    # shows which phone tried last.
+    statement = (
+        update(SMSMessage)
+        .where(SMSMessage.id == message.id, SMSMessage.status == message.status.value)
+        .values(
+            status=MessageStatus.PENDING.value,
+            error=error,
+            next_attempt_at=func.now()
+            + timedelta(seconds=settings.MESSAGE_RETRY_DELAY_S),
+        )
+        .returning(SMSMessage.next_attempt_at)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def end_failed(
+    session: AsyncSession,
+    settings: Settings,
+    message: LockedMessage,
+    error: str | None,
+    *,
+    refund: bool,
+) -> list[uuid.UUID]:
+    """Move a message that is not final to `failed`, record `sms_failed`, and give its
+    quota charge back when `refund` is set. Returns the deliveries to queue."""
+    statement = (
+        update(SMSMessage)
+        .where(
+            SMSMessage.id == message.id,
+            SMSMessage.status.in_(
+                [status.value for status in predecessors(MessageStatus.FAILED)]
+            ),
+        )
+        .values(
+            status=MessageStatus.FAILED.value,
+            failed_at=func.now(),
+            error=error,
+            next_attempt_at=None,
+        )
+        .returning(SMSMessage.failed_at)
+    )
+    failed_at = (await session.execute(statement)).scalar_one_or_none()
+    if failed_at is None:
+        return []
+    if refund:
+        await refund_quota(session, message.id, message.user_id)
+    return await record_message_event(
+        session,
+        event=EVENT_SMS_FAILED,
+        user_id=message.user_id,
+        message_id=message.id,
+        from_number=message.from_number,
+        to_number=message.to_number,
+        body=message.body,
+        timestamp=failed_at,
+        device_id=message.device_id,
+        status=MessageStatus.FAILED.value,
+        error=error,
+        segments=message.segments,
+    )
+
+
+async def expire_message(
+    session: AsyncSession, settings: Settings, message: LockedMessage
+) -> AttemptEnd | None:
+    """Move a message that no phone has sent to `expired`, record `sms_failed` with the
+    status `expired`, and give its quota charge back.
+
+    Only `pending`, `assigned` and `sending` messages with no SMS sent can expire; for
+    any other, nothing changes and None is returned.
+    """
+    statement = (
+        update(SMSMessage)
+        .where(
+            SMSMessage.id == message.id,
+            SMSMessage.status.in_(
+                [
+                    MessageStatus.PENDING.value,
+                    MessageStatus.ASSIGNED.value,
+                    MessageStatus.SENDING.value,
+                ]
+            ),
+            SMSMessage.sent_at.is_(None),
+        )
+        .values(
+            status=MessageStatus.EXPIRED.value,
+            failed_at=func.now(),
+            error=ERROR_EXPIRED,
+            next_attempt_at=None,
+        )
+        .returning(SMSMessage.failed_at)
+    )
+    expired_at = (await session.execute(statement)).scalar_one_or_none()
+    if expired_at is None:
+        return None
+    if message.status is not MessageStatus.PENDING:
+        await record_attempt_status(
+            session, message, AttemptStatus.EXPIRED, error=ERROR_EXPIRED
+        )
+    await refund_quota(session, message.id, message.user_id)
+    # There is no event of its own for expiry: subscribers of `sms_failed` learn that
+    # the message will never be sent, from the `status` field.
+    delivery_ids = await record_message_event(
+        session,
+        event=EVENT_SMS_FAILED,
+        user_id=message.user_id,
+        message_id=message.id,
+        from_number=message.from_number,
+        to_number=message.to_number,
+        body=message.body,
+        timestamp=expired_at,
+        device_id=message.device_id,
+        status=MessageStatus.EXPIRED.value,
+        error=ERROR_EXPIRED,
+        segments=message.segments,
+    )
+    return AttemptEnd(MessageStatus.EXPIRED, None, delivery_ids)
+
+
+# Gives the charge back once per message, and only while the quota row still counts the
+# period of the charge: a message created before the row's latest reset was charged to a
+# count that the reset already cleared.
+_REFUND = text(
+    """
+    WITH refunded AS (
+        UPDATE smsmessage SET quota_refunded_at = now()
+        WHERE id = :message_id
+          AND quota_refunded_at IS NULL
+          AND EXISTS (
+              SELECT 1 FROM userquota
+              WHERE user_id = :user_id
+                AND smsmessage.created_at
+                    >= (userquota.last_reset_date::timestamp AT TIME ZONE 'UTC')
+          )
+        RETURNING id
+    )
+    UPDATE userquota
+    SET sms_sent_this_month = GREATEST(sms_sent_this_month - 1, 0), updated_at = now()
+    WHERE user_id = :user_id AND EXISTS (SELECT 1 FROM refunded)
+    RETURNING user_id
+    """
+)
+
+
+async def refund_quota(
+    session: AsyncSession, message_id: uuid.UUID, user_id: uuid.UUID
+) -> bool:
+    """Give back the quota charge of a message; return whether it was given back now."""
+    result = await session.execute(
+        _REFUND, {"message_id": message_id, "user_id": user_id}
+    )
+    return result.first() is not None
