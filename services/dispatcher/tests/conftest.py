@@ -19,7 +19,10 @@ from mensajero_common.models import (
     MessageType,
     SMSDevice,
     SMSMessage,
+    SMSMessageAttempt,
     User,
+    UserPlan,
+    UserQuota,
 )
 from mensajero_common.redis import create_redis
 from mensajero_common.settings import Settings
@@ -85,10 +88,16 @@ class Factory:
         device: SMSDevice | None = None,
         age_s: float = 0.0,
         body: str = "Hola",
+        attempts: int | None = None,
+        expires_at: datetime | None = None,
+        next_attempt_at: datetime | None = None,
     ) -> SMSMessage:
         created_at = datetime.now(UTC) - timedelta(seconds=age_s)
         requested_id = requested_device.id if requested_device else None
         assigned_device = device or requested_device
+        in_flight = status != MessageStatus.PENDING
+        if attempts is None:
+            attempts = 1 if in_flight else 0
         async with self.session_factory() as session:
             message = SMSMessage(
                 user_id=user.id,
@@ -101,11 +110,50 @@ class Factory:
                 requested_device_id=requested_id,
                 device_id=assigned_device.id if assigned_device else None,
                 created_at=created_at,
-                assigned_at=created_at if status != MessageStatus.PENDING else None,
+                updated_at=created_at,
+                assigned_at=created_at if in_flight else None,
+                sending_at=created_at if status == MessageStatus.SENDING else None,
+                attempts=attempts,
+                expires_at=expires_at,
+                next_attempt_at=next_attempt_at,
             )
             session.add(message)
             await session.commit()
             return message
+
+    async def quota(self, user: User, sms_sent_this_month: int = 1) -> None:
+        """Give the user a quota row on the free plan with this many SMS charged."""
+        async with self.session_factory() as session:
+            plan_id = await session.scalar(
+                select(UserPlan.id).where(UserPlan.code == "free")
+            )
+            session.add(
+                UserQuota(
+                    user_id=user.id,
+                    plan_id=plan_id,
+                    sms_sent_this_month=sms_sent_this_month,
+                )
+            )
+            await session.commit()
+
+    async def sms_sent_this_month(self, user: User) -> int:
+        async with self.session_factory() as session:
+            count = await session.scalar(
+                select(UserQuota.sms_sent_this_month).where(
+                    UserQuota.user_id == user.id
+                )
+            )
+            assert count is not None
+            return count
+
+    async def attempts(self, message: SMSMessage) -> list[SMSMessageAttempt]:
+        async with self.session_factory() as session:
+            rows = await session.scalars(
+                select(SMSMessageAttempt)
+                .where(SMSMessageAttempt.message_id == message.id)
+                .order_by(SMSMessageAttempt.attempt_number)
+            )
+            return list(rows)
 
     async def reload(self, message: SMSMessage) -> SMSMessage:
         async with self.session_factory() as session:

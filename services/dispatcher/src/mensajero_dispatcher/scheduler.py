@@ -13,21 +13,31 @@ from dataclasses import dataclass
 
 import structlog
 
+from mensajero_dispatcher.attempts.service import (
+    expire_messages,
+    fail_unreported_tasks,
+    move_unacknowledged_tasks,
+)
 from mensajero_dispatcher.context import DispatcherContext
 from mensajero_dispatcher.devices.service import cleanup_offline_devices
 from mensajero_dispatcher.errors import is_transient
 from mensajero_dispatcher.lifecycle import sleep_unless_stopped
 from mensajero_dispatcher.messages.service import (
+    assign_due_retries,
     assign_pending_messages,
     repush_lost_tasks,
 )
 from mensajero_dispatcher.quotas.service import reset_monthly_quotas
+from mensajero_dispatcher.recovery.service import recover_stale_messages
 
 log = structlog.get_logger(__name__)
 
 # Maximum interval of the offline cleanup. A heartbeat timeout under twice this value
 # makes the cleanup run every half timeout instead.
 OFFLINE_CLEANUP_MAX_INTERVAL_S = 60.0
+# Bounds of the recovery sweep's interval, which is half of RECOVERY_STALE_AFTER_S.
+RECOVERY_MIN_INTERVAL_S = 1.0
+RECOVERY_MAX_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,30 @@ def default_jobs(ctx: DispatcherContext) -> list[PeriodicJob]:
                 settings.WEBSOCKET_HEARTBEAT_TIMEOUT / 2,
             ),
             cleanup_offline_devices,
+        ),
+        PeriodicJob(
+            "message.retry_due", settings.MESSAGE_CHECK_INTERVAL_S, assign_due_retries
+        ),
+        PeriodicJob(
+            "message.move_unacknowledged",
+            settings.MESSAGE_CHECK_INTERVAL_S,
+            move_unacknowledged_tasks,
+        ),
+        PeriodicJob(
+            "message.fail_unreported",
+            settings.MESSAGE_CHECK_INTERVAL_S,
+            fail_unreported_tasks,
+        ),
+        PeriodicJob(
+            "message.expire", settings.MESSAGE_CHECK_INTERVAL_S, expire_messages
+        ),
+        PeriodicJob(
+            "message.recover_stale",
+            min(
+                RECOVERY_MAX_INTERVAL_S,
+                max(RECOVERY_MIN_INTERVAL_S, settings.RECOVERY_STALE_AFTER_S / 2),
+            ),
+            recover_stale_messages,
         ),
         PeriodicJob(
             "quota.reset_monthly",

@@ -7,6 +7,8 @@ import structlog
 
 from mensajero_common import queues
 from mensajero_common.db import session_scope
+from mensajero_common.models import SMSDevice
+from mensajero_dispatcher.attempts.service import move_unacknowledged_tasks
 from mensajero_dispatcher.context import DispatcherContext
 from mensajero_dispatcher.devices import repository
 from mensajero_dispatcher.messages.service import assign_pending_for_device
@@ -23,10 +25,23 @@ async def handle_device_event(
     """Apply one presence event that the device-hub signalled."""
     if event == EVENT_ONLINE:
         assigned = await assign_pending_for_device(ctx, device_id)
-        log.debug("device online handled", device_id=str(device_id), assigned=assigned)
+        # Tasks left unacknowledged on the user's other devices (offline ones, say) may
+        # move to this one now instead of at the next periodic check.
+        moved = 0
+        async with ctx.session_factory() as session:
+            device = await session.get(SMSDevice, device_id)
+        if device is not None:
+            moved = await move_unacknowledged_tasks(ctx, device.user_id)
+        log.debug(
+            "device online handled",
+            device_id=str(device_id),
+            assigned=assigned,
+            moved=moved,
+        )
         return
     if event == EVENT_OFFLINE:
-        # Tasks of an offline device wait in its stream until it returns.
+        # Tasks of an offline device wait in its stream until it returns, or until
+        # TASK_ACK_TIMEOUT_S passes and the periodic check moves them to another device.
         return
     log.warning("unknown device event ignored", device_id=str(device_id), event=event)
 

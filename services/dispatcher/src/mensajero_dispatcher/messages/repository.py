@@ -6,10 +6,12 @@ on the same messages at once: a row another replica holds is left to that replic
 
 import uuid
 from collections.abc import Collection, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Select,
     and_,
     bindparam,
@@ -22,12 +24,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.message_attempts import start_attempts
 from mensajero_common.models import (
+    AttemptStatus,
     DeviceStatus,
     MessageStatus,
     MessageType,
     SMSDevice,
     SMSMessage,
+    SMSMessageAttempt,
 )
 from mensajero_dispatcher.messages.schemas import (
     Assignment,
@@ -55,8 +60,12 @@ _MARK_ASSIGNED = (
         device_id=bindparam("b_device_id"),
         assigned_at=func.now(),
         attempts=_messages.c.attempts + 1,
+        next_attempt_at=None,
     )
 )
+
+# Attempts whose device the next attempt avoids when it can.
+_AVOIDED_ATTEMPT_STATUSES = (AttemptStatus.FAILED.value, AttemptStatus.MOVED.value)
 
 
 def _select_pending() -> Select[Any]:
@@ -69,10 +78,22 @@ def _select_pending() -> Select[Any]:
         SMSMessage.segments,
         SMSMessage.encoding,
         SMSMessage.created_at,
+        SMSMessage.attempts,
+        SMSMessage.expires_at,
     ).where(
         SMSMessage.status == MessageStatus.PENDING,
         SMSMessage.type == MessageType.OUTGOING,
+        # A retry waits for its delay; an expired message is left to the expiry check.
+        or_(
+            SMSMessage.next_attempt_at.is_(None),
+            SMSMessage.next_attempt_at <= func.now(),
+        ),
+        _not_expired(),
     )
+
+
+def _not_expired() -> ColumnElement[bool]:
+    return or_(SMSMessage.expires_at.is_(None), SMSMessage.expires_at > func.now())
 
 
 def _after(statement: Select[Any], cursor: Cursor | None) -> Select[Any]:
@@ -86,7 +107,29 @@ async def _lock(session: AsyncSession, statement: Select[Any]) -> list[PendingMe
         of=SMSMessage, skip_locked=True
     )
     rows = (await session.execute(locked)).all()
-    return [PendingMessage(**row._mapping) for row in rows]
+    messages = [PendingMessage(**row._mapping) for row in rows]
+    return await _with_avoided_devices(session, messages)
+
+
+async def _with_avoided_devices(
+    session: AsyncSession, messages: list[PendingMessage]
+) -> list[PendingMessage]:
+    retried = [message.id for message in messages if message.attempts > 0]
+    if not retried:
+        return messages
+    statement = select(SMSMessageAttempt.message_id, SMSMessageAttempt.device_id).where(
+        SMSMessageAttempt.message_id.in_(retried),
+        SMSMessageAttempt.status.in_(_AVOIDED_ATTEMPT_STATUSES),
+        SMSMessageAttempt.device_id.is_not(None),
+    )
+    avoided: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for message_id, device_id in (await session.execute(statement)).all():
+        if device_id is not None:
+            avoided.setdefault(message_id, set()).add(device_id)
+    return [
+        replace(message, avoid_device_ids=frozenset(avoided.get(message.id, ())))
+        for message in messages
+    ]
 
 
 async def lock_pending_by_ids(
@@ -149,6 +192,14 @@ async def lock_assignable_pending(
     return await _lock(session, _after(statement, after).limit(limit))
 
 
+async def lock_due_retries(
+    session: AsyncSession, *, after: Cursor | None, limit: int
+) -> list[PendingMessage]:
+    """Lock pending messages whose retry delay has passed, oldest first."""
+    statement = _select_pending().where(SMSMessage.next_attempt_at.is_not(None))
+    return await _lock(session, _after(statement, after).limit(limit))
+
+
 async def find_online_devices(
     session: AsyncSession, user_ids: Iterable[uuid.UUID]
 ) -> list[OnlineDevice]:
@@ -193,6 +244,13 @@ async def mark_assigned(
             for item in assignments
         ],
     )
+    await start_attempts(
+        session,
+        [
+            (item.message.id, item.message.task_attempt, item.device_id)
+            for item in assignments
+        ],
+    )
 
 
 async def mark_failed(
@@ -223,6 +281,7 @@ async def list_devices_with_tasks(
             SMSMessage.status.in_(IN_FLIGHT_STATUSES),
             SMSMessage.device_id.is_not(None),
             SMSMessage.assigned_at < func.now() - timedelta(seconds=assigned_before_s),
+            _not_expired(),
         )
         .group_by(SMSMessage.device_id)
         .order_by(SMSMessage.device_id)
@@ -261,10 +320,13 @@ async def load_in_flight_tasks(
             SMSMessage.segments,
             SMSMessage.encoding,
             SMSMessage.created_at,
+            SMSMessage.attempts,
+            SMSMessage.expires_at,
         )
         .where(
             SMSMessage.id.in_(message_ids),
             SMSMessage.status.in_(IN_FLIGHT_STATUSES),
+            _not_expired(),
         )
         .order_by(SMSMessage.assigned_at, SMSMessage.id)
     )

@@ -15,6 +15,17 @@ class PendingMessage:
     segments: int
     encoding: str
     created_at: datetime
+    # Attempts so far; the assignment starts attempt `attempts + 1`.
+    attempts: int = 0
+    expires_at: datetime | None = None
+    # Devices on which an earlier attempt failed or went unacknowledged: a retry goes
+    # elsewhere when the user has another device online.
+    avoid_device_ids: frozenset[uuid.UUID] = frozenset()
+
+    @property
+    def task_attempt(self) -> int:
+        """The attempt that assigning this message starts."""
+        return self.attempts + 1
 
     @property
     def cursor(self) -> tuple[datetime, uuid.UUID]:
@@ -69,3 +80,10 @@ class InFlightTask:
     segments: int
     encoding: str
     created_at: datetime
+    attempts: int = 1
+    expires_at: datetime | None = None
+
+    @property
+    def task_attempt(self) -> int:
+        """The attempt in progress, to which the task belongs."""
+        return max(self.attempts, 1)

@@ -14,7 +14,7 @@ from functools import partial
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_common import protocol, queues
+from mensajero_common import message_attempts, protocol, queues
 from mensajero_common.db import session_scope
 from mensajero_common.models import DeviceStatus, MessageStatus, SMSDevice
 from mensajero_common.webhook_outbox import queue_deliveries, record_message_event
@@ -90,7 +90,14 @@ def plan_assignments(
             if not candidates:
                 plan.waiting.append(message)
                 continue
-            device_id = min(candidates, key=lambda item: (loads[item], str(item)))
+            # A retry goes to a device that has not failed this message, if one is
+            # online; otherwise any online device may try again.
+            untried = [
+                item for item in candidates if item not in message.avoid_device_ids
+            ]
+            device_id = min(
+                untried or candidates, key=lambda item: (loads[item], str(item))
+            )
 
         loads[device_id] = loads.get(device_id, 0) + 1
         plan.assignments.append(Assignment(message, device_id))
@@ -122,6 +129,8 @@ async def _reject(session: AsyncSession, rejection: Rejection) -> list[uuid.UUID
     failed_at = await repository.mark_failed(session, message.id, rejection.error)
     if failed_at is None:
         return []
+    # No phone ever had it, so nothing went out.
+    await message_attempts.refund_quota(session, message.id, message.user_id)
     return await record_message_event(
         session,
         event=EVENT_SMS_FAILED,
@@ -146,6 +155,8 @@ def _task_frame(message: PendingMessage | InFlightTask) -> dict[str, object]:
         segments=message.segments,
         encoding=message.encoding,
         created_at=message.created_at,
+        attempt=message.task_attempt,
+        expires_at=message.expires_at,
     )
 
 
@@ -320,6 +331,23 @@ async def assign_pending_messages(
         cursor = outcome.last_cursor
 
 
+async def assign_due_retries(ctx: DispatcherContext) -> int:
+    """Assign every message whose retry delay has passed; return how many were assigned.
+
+    Runs more often than the pending sweep, so a retry waits about MESSAGE_RETRY_DELAY_S
+    and not a whole sweep interval.
+    """
+    assigned = 0
+    cursor: Cursor | None = None
+    while True:
+        lock = partial(repository.lock_due_retries, after=cursor, limit=BATCH_SIZE)
+        outcome = await _assign_batch_isolated(ctx, lock)
+        assigned += len(outcome.plan.assignments)
+        if len(outcome.locked) < BATCH_SIZE:
+            return assigned
+        cursor = outcome.last_cursor
+
+
 async def _find_lost_tasks(
     ctx: DispatcherContext, device_ids: Sequence[uuid.UUID], *, older_than_s: float
 ) -> list[uuid.UUID]:
@@ -342,6 +370,23 @@ async def _find_lost_tasks(
         queued.update(fields[b"message_id"].decode() for _, fields in entries)
 
     return [message_id for message_id, _ in in_flight if str(message_id) not in queued]
+
+
+async def push_tasks_again(
+    ctx: DispatcherContext, message_ids: Sequence[uuid.UUID]
+) -> int:
+    """Push the task of each of these messages that is still in flight to its device;
+    return how many were pushed."""
+    async with ctx.session_factory() as session:
+        tasks = await repository.load_in_flight_tasks(session, message_ids)
+    for task in tasks:
+        log.info(
+            "task pushed again",
+            message_id=str(task.id),
+            device_id=str(task.device_id),
+            attempt=task.task_attempt,
+        )
+    return await _push_tasks(ctx, [(task.device_id, task) for task in tasks])
 
 
 async def repush_lost_tasks(
@@ -367,15 +412,7 @@ async def repush_lost_tasks(
         if lost_ids:
             # Reloaded after the stream reads, so a message that finished meanwhile (and
             # left its stream) is not pushed back.
-            async with ctx.session_factory() as session:
-                tasks = await repository.load_in_flight_tasks(session, lost_ids)
-            for task in tasks:
-                log.info(
-                    "task pushed again",
-                    message_id=str(task.id),
-                    device_id=str(task.device_id),
-                )
-            pushed += await _push_tasks(ctx, [(task.device_id, task) for task in tasks])
+            pushed += await push_tasks_again(ctx, lost_ids)
 
         if len(device_ids) < BATCH_SIZE:
             return pushed

@@ -1,0 +1,188 @@
+"""Deadlines of attempts and expiry of messages, checked every MESSAGE_CHECK_INTERVAL_S.
+
+- A task that no phone acknowledged (no `sending` report) within TASK_ACK_TIMEOUT_S moves
+  to another online device of the user, as a new attempt, unless the sender asked for
+  its device. The phone never started it, so moving it sends nothing twice. The one way
+  a message goes out twice is a phone whose acknowledgement arrives after the move.
+- A task acknowledged but not finished within TASK_REPORT_TIMEOUT_S ends `failed` with
+  the error `no_report`. It is never sent elsewhere, since the SMS may have gone out.
+- A message not sent by its `expires_at` ends `expired` and is never pushed again.
+
+Each check commits a batch, then removes the tasks of the attempts it ended from their
+device streams and queues the webhook deliveries. A crash in between leaves stream
+entries that the hub drops as stale when it reads them.
+"""
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common import message_attempts, queues
+from mensajero_common.db import session_scope
+from mensajero_common.message_attempts import (
+    ERROR_NO_ACK,
+    ERROR_NO_REPORT,
+    AttemptEnd,
+)
+from mensajero_common.models import AttemptStatus, MessageStatus
+from mensajero_common.webhook_outbox import queue_deliveries
+from mensajero_dispatcher.attempts import repository
+from mensajero_dispatcher.attempts.repository import StalledTask
+from mensajero_dispatcher.context import DispatcherContext
+from mensajero_dispatcher.messages.service import assign_messages
+
+log = structlog.get_logger(__name__)
+
+BATCH_SIZE = 100
+
+LockStalled = Callable[[AsyncSession], Awaitable[list[StalledTask]]]
+EndTask = Callable[[AsyncSession, StalledTask], Awaitable[AttemptEnd | None]]
+
+
+async def _remove_tasks(ctx: DispatcherContext, tasks: Sequence[StalledTask]) -> None:
+    for task in tasks:
+        if task.device_id is None:
+            continue
+        await queues.remove_device_task(
+            ctx.redis,
+            ctx.keys,
+            task.device_id,
+            task.message_id,
+            up_to_attempt=task.attempt,
+        )
+
+
+async def _end_in_batches(
+    ctx: DispatcherContext, lock: LockStalled, end: EndTask
+) -> list[tuple[StalledTask, AttemptEnd]]:
+    """End stalled tasks batch by batch and return the ones ended.
+
+    Each batch is locked with `lock` and ended with `end` in one transaction. After the
+    commit, the tasks leave their streams and the webhooks are queued.
+    """
+    ended: list[tuple[StalledTask, AttemptEnd]] = []
+    while True:
+        batch: list[tuple[StalledTask, AttemptEnd]] = []
+        async with session_scope(ctx.session_factory) as session:
+            locked = await lock(session)
+            for task in locked:
+                outcome = await end(session, task)
+                if outcome is not None:
+                    batch.append((task, outcome))
+
+        await _remove_tasks(ctx, [task for task, _ in batch])
+        delivery_ids = [item for _, outcome in batch for item in outcome.delivery_ids]
+        if delivery_ids:
+            await queue_deliveries(ctx.redis, ctx.keys, delivery_ids)
+        ended += batch
+        # A full batch in which nothing changed would be locked again the same way.
+        if len(locked) < BATCH_SIZE or not batch:
+            return ended
+
+
+async def fail_unreported_tasks(ctx: DispatcherContext) -> int:
+    """End `failed` (`no_report`) every task acknowledged and unreported for
+    TASK_REPORT_TIMEOUT_S; return how many."""
+    settings = ctx.settings
+
+    async def lock(session: AsyncSession) -> list[StalledTask]:
+        return await repository.lock_unreported(
+            session, report_timeout_s=settings.TASK_REPORT_TIMEOUT_S, limit=BATCH_SIZE
+        )
+
+    async def end(session: AsyncSession, task: StalledTask) -> AttemptEnd | None:
+        message = await message_attempts.lock_message(session, task.message_id)
+        if message is None:
+            return None
+        return await message_attempts.fail_attempt(
+            session,
+            settings,
+            message,
+            ERROR_NO_REPORT,
+            retryable=False,
+            attempt_status=AttemptStatus.NO_REPORT,
+        )
+
+    ended = await _end_in_batches(ctx, lock, end)
+    for task, _ in ended:
+        log.info(
+            "message failed: no report from the device",
+            message_id=str(task.message_id),
+            device_id=str(task.device_id),
+            attempt=task.attempt,
+        )
+    return len(ended)
+
+
+async def expire_messages(ctx: DispatcherContext) -> int:
+    """End `expired` every pending or assigned message past its `expires_at`; return how
+    many."""
+    settings = ctx.settings
+
+    async def lock(session: AsyncSession) -> list[StalledTask]:
+        return await repository.lock_expired(session, limit=BATCH_SIZE)
+
+    async def end(session: AsyncSession, task: StalledTask) -> AttemptEnd | None:
+        message = await message_attempts.lock_message(session, task.message_id)
+        if message is None:
+            return None
+        return await message_attempts.expire_message(session, settings, message)
+
+    ended = await _end_in_batches(ctx, lock, end)
+    for task, _ in ended:
+        log.info(
+            "message expired",
+            message_id=str(task.message_id),
+            device_id=str(task.device_id),
+        )
+    return len(ended)
+
+
+async def move_unacknowledged_tasks(
+    ctx: DispatcherContext, user_id: uuid.UUID | None = None
+) -> int:
+    """Move every task unacknowledged for TASK_ACK_TIMEOUT_S to another online device of
+    its user (of `user_id` only, when given); return how many moved.
+
+    A message whose sender asked for its device never moves: it waits for that device.
+    """
+    settings = ctx.settings
+
+    async def lock(session: AsyncSession) -> list[StalledTask]:
+        return await repository.lock_unacknowledged(
+            session,
+            ack_timeout_s=settings.TASK_ACK_TIMEOUT_S,
+            user_id=user_id,
+            limit=BATCH_SIZE,
+        )
+
+    async def end(session: AsyncSession, task: StalledTask) -> AttemptEnd | None:
+        message = await message_attempts.lock_message(session, task.message_id)
+        if message is None:
+            return None
+        await message_attempts.record_attempt_status(
+            session, message, AttemptStatus.MOVED, error=ERROR_NO_ACK
+        )
+        if not await repository.release_to_pending(session, message.id):
+            return None
+        return AttemptEnd(MessageStatus.PENDING, None, [])
+
+    ended = await _end_in_batches(ctx, lock, end)
+    if not ended:
+        return 0
+
+    # The failed-or-moved devices are avoided by the assignment, so each message goes to
+    # another online device of its user.
+    plan = await assign_messages(ctx, [task.message_id for task, _ in ended])
+    targets = {item.message.id: item.device_id for item in plan.assignments}
+    for task, _ in ended:
+        log.info(
+            "unacknowledged task moved",
+            message_id=str(task.message_id),
+            from_device_id=str(task.device_id),
+            to_device_id=str(targets.get(task.message_id)),
+            attempt=task.attempt,
+        )
+    return len(ended)

@@ -1,0 +1,87 @@
+"""Queries of the recovery sweep: messages that are not final and have not changed."""
+
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common.models import MessageStatus, MessageType, SMSMessage
+
+OPEN_STATUSES = (
+    MessageStatus.PENDING.value,
+    MessageStatus.ASSIGNED.value,
+    MessageStatus.SENDING.value,
+)
+
+Cursor = tuple[datetime, uuid.UUID]
+
+
+@dataclass(frozen=True)
+class StaleMessage:
+    id: uuid.UUID
+    status: MessageStatus
+    device_id: uuid.UUID | None
+    updated_at: datetime
+
+    @property
+    def cursor(self) -> Cursor:
+        return (self.updated_at, self.id)
+
+
+async def list_stale(
+    session: AsyncSession, *, stale_after_s: float, after: Cursor | None, limit: int
+) -> list[StaleMessage]:
+    """Return up to `limit` open messages unchanged for `stale_after_s` seconds, oldest
+    change first.
+
+    Left out: a retry still inside its delay, and expired messages, which the expiry
+    check ends.
+    """
+    statement = (
+        select(
+            SMSMessage.id,
+            SMSMessage.status,
+            SMSMessage.device_id,
+            SMSMessage.updated_at,
+        )
+        .where(
+            SMSMessage.type == MessageType.OUTGOING.value,
+            SMSMessage.status.in_(OPEN_STATUSES),
+            SMSMessage.updated_at < func.now() - timedelta(seconds=stale_after_s),
+            or_(
+                SMSMessage.status != MessageStatus.PENDING.value,
+                SMSMessage.next_attempt_at.is_(None),
+                SMSMessage.next_attempt_at <= func.now(),
+            ),
+            or_(SMSMessage.expires_at.is_(None), SMSMessage.expires_at > func.now()),
+        )
+        .order_by(SMSMessage.updated_at, SMSMessage.id)
+        .limit(limit)
+    )
+    if after is not None:
+        statement = statement.where(
+            tuple_(SMSMessage.updated_at, SMSMessage.id) > after
+        )
+    rows = (await session.execute(statement)).all()
+    return [
+        StaleMessage(row.id, MessageStatus(row.status), row.device_id, row.updated_at)
+        for row in rows
+    ]
+
+
+async def touch(session: AsyncSession, messages: Collection[StaleMessage]) -> None:
+    """Mark these messages as handled now, unless they changed since they were read, so
+    that the next sweeps move on to others."""
+    if not messages:
+        return
+    unchanged = tuple_(SMSMessage.id, SMSMessage.updated_at).in_(
+        [(message.id, message.updated_at) for message in messages]
+    )
+    await session.execute(
+        update(SMSMessage)
+        .where(unchanged, SMSMessage.status.in_(OPEN_STATUSES))
+        .values(updated_at=func.now())
+    )

@@ -1,0 +1,395 @@
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, text, update
+
+from mensajero_common import jsonutil, message_attempts
+from mensajero_common.db import session_scope
+from mensajero_common.models import (
+    AttemptStatus,
+    DeviceStatus,
+    MessageStatus,
+    SMSMessage,
+    WebhookConfig,
+    WebhookEvent,
+)
+from mensajero_common.webhooks import EVENT_SMS_FAILED
+from mensajero_dispatcher.attempts.service import (
+    expire_messages,
+    fail_unreported_tasks,
+    move_unacknowledged_tasks,
+)
+from mensajero_dispatcher.devices.service import handle_device_event
+from mensajero_dispatcher.messages.service import (
+    assign_due_retries,
+    assign_messages,
+    assign_pending_messages,
+)
+from mensajero_dispatcher.scheduler import default_jobs
+
+
+async def _tasks(ctx, device_id):
+    entries = await ctx.redis.xrange(ctx.keys.device_tasks_stream(device_id))
+    return [jsonutil.loads(fields[b"task"]) for _, fields in entries]
+
+
+async def _fail_attempt(ctx, factory, message, *, retryable=True, error="NO_SERVICE"):
+    """Apply a `failed` report the way the hub does, in one transaction."""
+    async with session_scope(ctx.session_factory) as session:
+        locked = await message_attempts.lock_message(session, message.id)
+        assert locked is not None
+        return await message_attempts.fail_attempt(
+            session, ctx.settings, locked, error, retryable=retryable
+        )
+
+
+async def _make_due(ctx, message):
+    """End the retry delay of a message now."""
+    async with session_scope(ctx.session_factory) as session:
+        await session.execute(
+            update(SMSMessage)
+            .where(SMSMessage.id == message.id)
+            .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+
+
+async def _subscribe_to_failures(session_factory, user):
+    async with session_factory() as session:
+        session.add(
+            WebhookConfig(
+                user_id=user.id,
+                url="https://example.com/hook",
+                secret_key="secret",
+                events=[EVENT_SMS_FAILED],
+            )
+        )
+        await session.commit()
+
+
+async def _failure_events(session_factory, message):
+    async with session_factory() as session:
+        rows = await session.scalars(
+            select(WebhookEvent).where(WebhookEvent.message_id == message.id)
+        )
+        return [jsonutil.loads(row.body) for row in rows]
+
+
+async def test_failed_attempt_waits_then_retries_elsewhere(ctx, factory):
+    user = await factory.user()
+    first = await factory.device(user)
+    second = await factory.device(user)
+    message = await factory.message(user)
+    plan = await assign_messages(ctx, [message.id])
+    tried = plan.assignments[0].device_id
+    other = second.id if tried == first.id else first.id
+
+    end = await _fail_attempt(ctx, factory, message)
+    early = await assign_due_retries(ctx)
+    waiting = await factory.reload(message)
+    await _make_due(ctx, message)
+    retried = await assign_due_retries(ctx)
+
+    assert end.status == MessageStatus.PENDING
+    assert end.delivery_ids == []
+    assert early == 0
+    assert waiting.status == MessageStatus.PENDING
+    assert waiting.error == "NO_SERVICE"
+    assert waiting.next_attempt_at is not None
+    assert retried == 1
+    stored = await factory.reload(message)
+    assert stored.status == MessageStatus.ASSIGNED
+    assert stored.device_id == other
+    assert stored.attempts == 2
+    assert stored.next_attempt_at is None
+    attempts = await factory.attempts(message)
+    assert [(row.attempt_number, row.status) for row in attempts] == [
+        (1, AttemptStatus.FAILED),
+        (2, AttemptStatus.ASSIGNED),
+    ]
+    assert attempts[0].device_id == tried
+    assert attempts[0].error == "NO_SERVICE"
+    assert attempts[0].ended_at is not None
+    assert [task["attempt"] for task in await _tasks(ctx, other)] == [2]
+
+
+async def test_retry_reuses_only_device_online(ctx, factory):
+    user = await factory.user()
+    device = await factory.device(user)
+    message = await factory.message(user)
+    await assign_messages(ctx, [message.id])
+    await _fail_attempt(ctx, factory, message)
+
+    await _make_due(ctx, message)
+    await assign_due_retries(ctx)
+
+    stored = await factory.reload(message)
+    assert stored.device_id == device.id
+    assert stored.attempts == 2
+
+
+async def test_last_failed_attempt_ends_message(ctx, factory, session_factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=5)
+    await _subscribe_to_failures(session_factory, user)
+    device = await factory.device(user)
+    message = await factory.message(
+        user,
+        status=MessageStatus.ASSIGNED,
+        device=device,
+        attempts=ctx.settings.MESSAGE_MAX_ATTEMPTS,
+    )
+
+    end = await _fail_attempt(ctx, factory, message, error="RADIO_OFF")
+
+    stored = await factory.reload(message)
+    assert end.status == MessageStatus.FAILED
+    assert len(end.delivery_ids) == 1
+    assert stored.status == MessageStatus.FAILED
+    assert stored.error == "RADIO_OFF"
+    assert stored.failed_at is not None
+    assert stored.quota_refunded_at is not None
+    assert await factory.sms_sent_this_month(user) == 4
+    events = await _failure_events(session_factory, message)
+    assert [(event["event"], event["error"]) for event in events] == [
+        ("sms_failed", "RADIO_OFF")
+    ]
+
+
+async def test_unknown_outcome_is_never_retried(ctx, factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=2)
+    device = await factory.device(user)
+    message = await factory.message(user, status=MessageStatus.SENDING, device=device)
+
+    end = await _fail_attempt(ctx, factory, message, retryable=False)
+
+    stored = await factory.reload(message)
+    assert end.status == MessageStatus.FAILED
+    assert stored.quota_refunded_at is None
+    assert await factory.sms_sent_this_month(user) == 2
+
+
+async def test_refund_only_once(ctx, factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=3)
+    message = await factory.message(user)
+
+    async with session_scope(ctx.session_factory) as session:
+        first = await message_attempts.refund_quota(session, message.id, user.id)
+        second = await message_attempts.refund_quota(session, message.id, user.id)
+
+    assert first is True
+    assert second is False
+    assert await factory.sms_sent_this_month(user) == 2
+
+
+async def test_no_refund_after_quota_reset(ctx, factory, session_factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=0)
+    message = await factory.message(user, age_s=3 * 86400)
+    async with session_factory() as session:
+        await session.execute(
+            text(
+                "UPDATE userquota SET last_reset_date = current_date WHERE user_id = :u"
+            ),
+            {"u": user.id},
+        )
+        await session.commit()
+
+    async with session_scope(ctx.session_factory) as session:
+        refunded = await message_attempts.refund_quota(session, message.id, user.id)
+
+    assert refunded is False
+    assert (await factory.reload(message)).quota_refunded_at is None
+    assert await factory.sms_sent_this_month(user) == 0
+
+
+async def test_retries_never_charge_again(ctx, factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=1)
+    await factory.device(user)
+    message = await factory.message(user)
+
+    for _ in range(ctx.settings.MESSAGE_MAX_ATTEMPTS - 1):
+        await assign_messages(ctx, [message.id])
+        await _fail_attempt(ctx, factory, message)
+        await _make_due(ctx, message)
+        assert await factory.sms_sent_this_month(user) == 1
+    await assign_due_retries(ctx)
+    end = await _fail_attempt(ctx, factory, message)
+
+    assert end.status == MessageStatus.FAILED
+    assert (await factory.reload(message)).attempts == ctx.settings.MESSAGE_MAX_ATTEMPTS
+    # Charged once by the API, given back once when the last attempt failed.
+    assert await factory.sms_sent_this_month(user) == 0
+
+
+async def test_unacknowledged_task_moves(ctx, factory):
+    user = await factory.user()
+    silent = await factory.device(user, status=DeviceStatus.OFFLINE)
+    online = await factory.device(user)
+    message = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=silent, age_s=3600
+    )
+    await ctx.redis.xadd(
+        ctx.keys.device_tasks_stream(silent.id),
+        {"message_id": str(message.id), "task": b"{}", "attempt": "1"},
+    )
+
+    moved = await move_unacknowledged_tasks(ctx)
+
+    stored = await factory.reload(message)
+    assert moved == 1
+    assert stored.status == MessageStatus.ASSIGNED
+    assert stored.device_id == online.id
+    assert stored.attempts == 2
+    assert await _tasks(ctx, silent.id) == []
+    assert [task["attempt"] for task in await _tasks(ctx, online.id)] == [2]
+    attempts = await factory.attempts(message)
+    assert [(row.status, row.error) for row in attempts] == [
+        (AttemptStatus.MOVED, "no_ack"),
+        (AttemptStatus.ASSIGNED, None),
+    ]
+
+
+async def test_unacknowledged_task_stays_when_alone(ctx, factory):
+    user = await factory.user()
+    device = await factory.device(user)
+    lonely = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=device, age_s=3600
+    )
+    other_user = await factory.user()
+    asked = await factory.device(other_user, status=DeviceStatus.OFFLINE)
+    await factory.device(other_user)
+    requested = await factory.message(
+        other_user, status=MessageStatus.ASSIGNED, requested_device=asked, age_s=3600
+    )
+    acknowledged = await factory.message(
+        other_user, status=MessageStatus.SENDING, device=asked, age_s=3600
+    )
+    fresh = await factory.message(
+        other_user, status=MessageStatus.ASSIGNED, device=asked
+    )
+
+    moved = await move_unacknowledged_tasks(ctx)
+
+    assert moved == 0
+    for message, device_id in (
+        (lonely, device.id),
+        (requested, asked.id),
+        (acknowledged, asked.id),
+        (fresh, asked.id),
+    ):
+        assert (await factory.reload(message)).device_id == device_id
+
+
+async def test_device_online_pulls_stalled_tasks(ctx, factory):
+    user = await factory.user()
+    gone = await factory.device(user, status=DeviceStatus.OFFLINE)
+    message = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=gone, age_s=3600
+    )
+    returning = await factory.device(user)
+
+    await handle_device_event(ctx, returning.id, "online")
+
+    stored = await factory.reload(message)
+    assert stored.device_id == returning.id
+    assert stored.status == MessageStatus.ASSIGNED
+
+
+async def test_unreported_task_fails_no_report(ctx, factory, session_factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=1)
+    await _subscribe_to_failures(session_factory, user)
+    device = await factory.device(user)
+    stuck = await factory.message(
+        user, status=MessageStatus.SENDING, device=device, age_s=3600
+    )
+    recent = await factory.message(user, status=MessageStatus.SENDING, device=device)
+    await ctx.redis.xadd(
+        ctx.keys.device_tasks_stream(device.id),
+        {"message_id": str(stuck.id), "task": b"{}", "attempt": "1"},
+    )
+
+    failed = await fail_unreported_tasks(ctx)
+
+    stored = await factory.reload(stuck)
+    assert failed == 1
+    assert stored.status == MessageStatus.FAILED
+    assert stored.error == "no_report"
+    # The SMS may have gone out, so the charge stays.
+    assert stored.quota_refunded_at is None
+    assert await factory.sms_sent_this_month(user) == 1
+    assert (await factory.reload(recent)).status == MessageStatus.SENDING
+    assert await _tasks(ctx, device.id) == []
+    assert [row.status for row in await factory.attempts(stuck)] == [
+        AttemptStatus.NO_REPORT
+    ]
+    events = await _failure_events(session_factory, stuck)
+    assert [event["error"] for event in events] == ["no_report"]
+
+
+async def test_expired_messages_end_and_refund(ctx, factory, session_factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=3)
+    await _subscribe_to_failures(session_factory, user)
+    device = await factory.device(user)
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    pending = await factory.message(user, expires_at=past)
+    assigned = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=device, expires_at=past
+    )
+    sending = await factory.message(
+        user, status=MessageStatus.SENDING, device=device, expires_at=past
+    )
+    await ctx.redis.xadd(
+        ctx.keys.device_tasks_stream(device.id),
+        {"message_id": str(assigned.id), "task": b"{}", "attempt": "1"},
+    )
+
+    expired = await expire_messages(ctx)
+
+    assert expired == 2
+    for message in (pending, assigned):
+        stored = await factory.reload(message)
+        assert stored.status == MessageStatus.EXPIRED
+        assert stored.error == "expired"
+        assert stored.quota_refunded_at is not None
+        events = await _failure_events(session_factory, message)
+        assert [(event["event"], event["status"]) for event in events] == [
+            ("sms_failed", "expired")
+        ]
+    assert (await factory.reload(sending)).status == MessageStatus.SENDING
+    assert await factory.sms_sent_this_month(user) == 1
+    assert await _tasks(ctx, device.id) == []
+
+
+async def test_expired_message_never_assigned(ctx, factory):
+    user = await factory.user()
+    device = await factory.device(user)
+    expired = await factory.message(
+        user, age_s=60, expires_at=datetime.now(UTC) - timedelta(seconds=1)
+    )
+    later = datetime.now(UTC) + timedelta(hours=1)
+    valid = await factory.message(user, age_s=60, expires_at=later)
+
+    assigned = await assign_pending_messages(ctx)
+
+    assert assigned == 1
+    assert (await factory.reload(expired)).status == MessageStatus.PENDING
+    tasks = await _tasks(ctx, device.id)
+    assert [task["message_id"] for task in tasks] == [str(valid.id)]
+    assert tasks[0]["expires_at"].startswith(str(later.year))
+    assert tasks[0]["attempt"] == 1
+
+
+def test_jobs_include_reliability_checks(ctx):
+    names = {job.name for job in default_jobs(ctx)}
+
+    assert {
+        "message.retry_due",
+        "message.move_unacknowledged",
+        "message.fail_unreported",
+        "message.expire",
+        "message.recover_stale",
+    } <= names
