@@ -25,6 +25,16 @@ fmt: install
 migrate: install
 	$(UV) run mensajero-migrate
 
+# A longer fuzzing run than the one in `make test`: FUZZ_EXAMPLES requests per API
+# operation and generation mode, with a new random seed each run.
+FUZZ_EXAMPLES ?= 100
+
+.PHONY: fuzz
+
+fuzz: install
+	MENSAJERO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) MENSAJERO_FUZZ_SEED=random \
+		$(UV) run pytest tests/test_fuzz_openapi.py -s --timeout 3600 $(PYTEST_ARGS)
+
 # Deployment files. `check-deploy` runs their offline checks (deploy/check.sh: Compose
 # schema, hadolint, each image's package installed from the lock file, the Kubernetes
 # overlays rendered and validated) and the tests that tie them to the code. `up` and `down`
