@@ -96,6 +96,8 @@ async def create_outgoing(
     status: MessageStatus = MessageStatus.ASSIGNED,
     body: str = "Hola desde Mensajero",
     to_number: str = "+34600000001",
+    attempts: int = 1,
+    expires_at: datetime | None = None,
 ) -> SMSMessage:
     async with sessions() as db:
         message = SMSMessage(
@@ -107,6 +109,8 @@ async def create_outgoing(
             body=body,
             segments=1,
             encoding="gsm7",
+            attempts=attempts,
+            expires_at=expires_at,
         )
         db.add(message)
         await db.commit()

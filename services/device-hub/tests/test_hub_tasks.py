@@ -26,6 +26,7 @@ from mensajero_common.models import (
     WebhookConfig,
     WebhookEvent,
 )
+from mensajero_common.settings import Settings
 from mensajero_common.testing import scaled
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -263,12 +264,15 @@ async def test_duplicate_report_is_acked_unchanged(
 
 async def test_failed_report_stores_error(
     hub_url: str,
+    settings: Settings,
     session_factory: Sessions,
     redis: Redis,
     redis_keys: RedisKeys,
 ) -> None:
     device = await create_device(session_factory)
-    message = await create_outgoing(session_factory, device)
+    message = await create_outgoing(
+        session_factory, device, attempts=settings.MESSAGE_MAX_ATTEMPTS
+    )
     await push_task(redis, redis_keys, device, message)
 
     async with open_socket(hub_url, device.api_key) as socket:

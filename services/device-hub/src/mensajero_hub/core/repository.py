@@ -186,7 +186,15 @@ async def advance_message_status(
             SMSMessage.id == message_id,
             SMSMessage.device_id == device_id,
             SMSMessage.type == MessageType.OUTGOING.value,
-            SMSMessage.status.in_([state.value for state in predecessors(status)]),
+            # Never from `pending`: a report cannot start an attempt, and a late report
+            # of a failed attempt must not move its retry.
+            SMSMessage.status.in_(
+                [
+                    state.value
+                    for state in predecessors(status)
+                    if state is not MessageStatus.PENDING
+                ]
+            ),
         )
         .values(**values)
         .returning(
@@ -204,19 +212,6 @@ async def advance_message_status(
     if row is None:
         return None
     return MessageChange(MessageStatus(row[0]), *row[1:])
-
-
-async def find_outgoing_status(
-    db: AsyncSession, device_id: uuid.UUID, message_id: uuid.UUID
-) -> MessageStatus | None:
-    """Return the status of an outgoing message assigned to this device, else None."""
-    statement = select(SMSMessage.status).where(
-        SMSMessage.id == message_id,
-        SMSMessage.device_id == device_id,
-        SMSMessage.type == MessageType.OUTGOING.value,
-    )
-    status = (await db.execute(statement)).scalar_one_or_none()
-    return None if status is None else MessageStatus(status)
 
 
 async def insert_incoming(
@@ -270,12 +265,16 @@ async def find_incoming_id(
 
 async def find_pushable_message_ids(
     db: AsyncSession, device_id: uuid.UUID, message_ids: Collection[uuid.UUID]
-) -> set[uuid.UUID]:
-    """Return which of these messages are still assigned to this device and unsent."""
-    statement = select(SMSMessage.id).where(
+) -> dict[uuid.UUID, int]:
+    """Return which of these messages are still assigned to this device, unsent and not
+    expired, each with its current attempt."""
+    statement = select(SMSMessage.id, SMSMessage.attempts).where(
         SMSMessage.id.in_(list(message_ids)),
         SMSMessage.device_id == device_id,
         SMSMessage.type == MessageType.OUTGOING.value,
         SMSMessage.status.in_(PUSHABLE_STATUSES),
+        SMSMessage.expires_at.is_(None) | (SMSMessage.expires_at > func.now()),
     )
-    return set((await db.execute(statement)).scalars().all())
+    rows = (await db.execute(statement)).all()
+    # Rows assigned before attempts were counted have 0; their attempt is the first.
+    return {row.id: max(row.attempts, 1) for row in rows}

@@ -23,20 +23,12 @@ from mensajero_common.models import MessageStatus
 from mensajero_common.phone import PhoneNumberError, normalize_e164
 from mensajero_common.protocol import RegisterFrame, SmsIncomingFrame, SmsReportFrame
 from mensajero_common.settings import Settings
-from mensajero_common.status import FINAL_STATUSES
-from mensajero_hub.core import repository
+from mensajero_hub.core import reports, repository
 from mensajero_hub.core.frames import FrameRejectedError, InvalidApiKeyError
 from mensajero_hub.core.presence import ConnectionKeys, PresenceWriter
 from mensajero_hub.core.state import TaskEntry, connection_key_ttl_s
 
 log = structlog.get_logger(__name__)
-
-# A report of one of these statuses means the phone is done with the task, so its stream
-# entry goes; after `sending` the phone still holds the task and may have to be offered it
-# again after a reconnect.
-TASK_DONE_STATUSES = frozenset(
-    {MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.FAILED}
-)
 
 STATUS_EVENTS = {
     MessageStatus.SENT: webhooks.EVENT_SMS_SENT,
@@ -179,37 +171,29 @@ class DeviceService:
         """Apply a status report forward-only; return the message's status afterwards.
 
         Raises FrameRejectedError(report_not_allowed) when the message is not an outgoing
-        message assigned to this device. A repeated or late report changes nothing.
+        message assigned to this device. A repeated or late report changes nothing. The
+        rules, retries and part reports included, are in mensajero_hub.core.reports.
         """
-        status = MessageStatus(frame.status)
-        delivery_ids: list[uuid.UUID] = []
         async with session_scope(self._sessions) as db:
-            change = await repository.advance_message_status(
-                db, identity.device_id, frame.message_id, status, frame.error
+            outcome = await reports.apply_report(
+                db, self.settings, identity.device_id, frame
             )
-            if change is None:
-                current = await repository.find_outgoing_status(
-                    db, identity.device_id, frame.message_id
-                )
-                if current is None:
-                    raise FrameRejectedError(
-                        "report_not_allowed",
-                        request_id=frame.request_id,
-                        details={"message_id": str(frame.message_id)},
-                        message_id=str(frame.message_id),
-                    )
-            else:
-                current = change.status
-                delivery_ids = await self._record_status_event(
-                    db, identity, frame.message_id, change
+            delivery_ids = outcome.delivery_ids
+            if outcome.change is not None:
+                delivery_ids += await self._record_status_event(
+                    db, identity, frame.message_id, outcome.change
                 )
 
         await self._queue_webhooks(delivery_ids)
-        if status in TASK_DONE_STATUSES or current in FINAL_STATUSES:
+        if outcome.remove_up_to_attempt is not None:
             await queues.remove_device_task(
-                self._redis, self._keys, identity.device_id, frame.message_id
+                self._redis,
+                self._keys,
+                identity.device_id,
+                frame.message_id,
+                up_to_attempt=outcome.remove_up_to_attempt,
             )
-        return current
+        return outcome.status
 
     async def store_incoming(
         self, identity: DeviceIdentity, frame: SmsIncomingFrame
@@ -322,7 +306,7 @@ class DeviceService:
 
     async def find_pushable(
         self, device_id: uuid.UUID, message_ids: set[uuid.UUID]
-    ) -> set[uuid.UUID]:
+    ) -> dict[uuid.UUID, int]:
         async with self._sessions() as db:
             return await repository.find_pushable_message_ids(
                 db, device_id, message_ids

@@ -22,14 +22,10 @@ from mensajero_common.protocol import (
     SmsIncomingFrame,
     SmsReportFrame,
 )
-from mensajero_common.status import FINAL_STATUSES
+from mensajero_common.status import IN_FLIGHT_STATUSES
 from mensajero_hub.core import frames
 from mensajero_hub.core.frames import FrameRejectedError
-from mensajero_hub.core.service import (
-    TASK_DONE_STATUSES,
-    DeviceIdentity,
-    DeviceService,
-)
+from mensajero_hub.core.service import DeviceIdentity, DeviceService
 from mensajero_hub.core.state import (
     ConnectionState,
     TaskEntry,
@@ -218,7 +214,9 @@ class DeviceSession:
 
         if isinstance(frame, SmsReportFrame):
             status = await self._service.apply_report(self.identity, frame)
-            if status in TASK_DONE_STATUSES or status in FINAL_STATUSES:
+            # Once the phone no longer holds the task (finished, or waiting for a retry
+            # that comes as a new task), its record goes.
+            if status not in IN_FLIGHT_STATUSES:
                 self.state.forget(frame.message_id)
             return frames.report_ack(frame.message_id, status.value, frame.request_id)
 
@@ -344,7 +342,9 @@ class DeviceSession:
         )
         stale: list[bytes] = []
         for entry in entries:
-            if entry.message_id not in pushable:
+            current_attempt = pushable.get(entry.message_id)
+            # An entry of an earlier attempt is stale too: its attempt ended.
+            if current_attempt is None or entry.attempt not in (None, current_attempt):
                 stale.append(entry.stream_id)
                 continue
             if not self.state.mark_pushed(entry):
@@ -354,5 +354,6 @@ class DeviceSession:
             observe_push_latency(entry.task)
             self.log.debug("task pushed", message_id=str(entry.message_id))
         if stale:
-            # Final, or moved to another device: sending it now would send an SMS twice.
+            # Final, expired, moved to another device, or an ended attempt: sending it now
+            # would send an SMS twice or too late.
             await self._service.drop_task_entries(self.device_id, stale)

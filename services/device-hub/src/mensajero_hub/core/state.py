@@ -19,6 +19,12 @@ class TaskEntry(NamedTuple):
     message_id: uuid.UUID
     task: dict[str, Any]
 
+    @property
+    def attempt(self) -> int | None:
+        """The attempt of the message this task belongs to; None in tasks without one."""
+        attempt = self.task.get("attempt")
+        return attempt if isinstance(attempt, int) else None
+
 
 @dataclass(slots=True)
 class ConnectionState:
@@ -37,9 +43,10 @@ class ConnectionState:
     heartbeat_at: datetime | None = None
     # Stream id of the newest task entry read so far; the next read starts after it.
     read_cursor: bytes | None = None
-    # message_id → stream id of every task pushed on this connection and not yet finished,
-    # so that a wake never pushes the same task twice on one connection.
-    pushed: dict[uuid.UUID, bytes] = field(default_factory=dict)
+    # message_id → attempt of every task pushed on this connection and not yet finished,
+    # so that a wake never pushes the same attempt twice on one connection, while a retry
+    # (a new attempt of the same message) is pushed.
+    pushed: dict[uuid.UUID, int | None] = field(default_factory=dict)
     consecutive_errors: int = 0
 
     def record_frame(self, now_s: float) -> None:
@@ -66,22 +73,29 @@ class ConnectionState:
             self.read_cursor = entries[-1].stream_id
 
     def select_unpushed(self, entries: Iterable[TaskEntry]) -> list[TaskEntry]:
-        """Return the entries whose message was not pushed yet, one entry per message."""
+        """Return the entries whose attempt was not pushed yet, one entry per attempt."""
         selected: list[TaskEntry] = []
-        seen: set[uuid.UUID] = set()
+        seen: set[tuple[uuid.UUID, int | None]] = set()
         for entry in entries:
-            if entry.message_id in self.pushed or entry.message_id in seen:
+            key = (entry.message_id, entry.attempt)
+            if self._was_pushed(entry) or key in seen:
                 continue
-            seen.add(entry.message_id)
+            seen.add(key)
             selected.append(entry)
         return selected
 
     def mark_pushed(self, entry: TaskEntry) -> bool:
-        """Record a task as pushed; return False when it already was."""
-        if entry.message_id in self.pushed:
+        """Record a task as pushed; return False when its attempt already was."""
+        if self._was_pushed(entry):
             return False
-        self.pushed[entry.message_id] = entry.stream_id
+        self.pushed[entry.message_id] = entry.attempt
         return True
+
+    def _was_pushed(self, entry: TaskEntry) -> bool:
+        return (
+            entry.message_id in self.pushed
+            and self.pushed[entry.message_id] == entry.attempt
+        )
 
     def forget(self, message_id: uuid.UUID) -> None:
         """Drop a finished task, so a connection that lives for weeks stays small."""

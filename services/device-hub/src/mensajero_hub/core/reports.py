@@ -1,0 +1,224 @@
+"""Applying an `sms_report`: attempts, per-part reports, retries and final outcomes.
+
+The message row is locked for the whole report, so the reports of one message apply one
+at a time whatever connection or hub they arrive on. Then:
+
+- a report naming an earlier `attempt` changes nothing: that attempt has ended;
+- a message that is not in flight (`pending` for a retry, or final) does not change;
+- a part report is stored per part, forward-only, and the message takes the aggregate of
+  its parts: any part failed → failed, every part delivered → delivered, every part
+  sent or delivered → sent, else sending. The order the parts arrive in does not matter;
+- `failed` ends the attempt, and the message is retried or ends `failed`
+  (mensajero_common.message_attempts decides which);
+- `expired` (the phone skipped a task past its `expires_at`) ends the message `expired`;
+- `sending`, `sent` and `delivered` move the message forward.
+"""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mensajero_common import message_attempts
+from mensajero_common.message_attempts import ERROR_EXPIRED, LockedMessage
+from mensajero_common.models import AttemptStatus, MessageStatus, SMSMessagePart
+from mensajero_common.protocol import SmsReportFrame
+from mensajero_common.settings import Settings
+from mensajero_common.status import can_transition
+from mensajero_hub.core import repository
+from mensajero_hub.core.frames import FrameRejectedError
+
+log = structlog.get_logger(__name__)
+
+# Statuses in which a message takes reports: its current attempt is on a phone.
+REPORTABLE_MESSAGE_STATUSES = frozenset(
+    {MessageStatus.ASSIGNED, MessageStatus.SENDING, MessageStatus.SENT}
+)
+SENT_STATUSES = frozenset({MessageStatus.SENT, MessageStatus.DELIVERED})
+
+
+@dataclass(frozen=True)
+class PartReport:
+    part: int
+    parts: int
+    status: MessageStatus
+    error: str | None
+
+
+@dataclass
+class ReportOutcome:
+    # The message's status after the report, sent back in the `ack`.
+    status: MessageStatus
+    # A forward move to `sending`, `sent` or `delivered`, whose webhook event the caller
+    # records.
+    change: repository.MessageChange | None = None
+    # Webhook deliveries already recorded (of `sms_failed`), to queue after the commit.
+    delivery_ids: list[uuid.UUID] = field(default_factory=list)
+    # The task entries of the message up to this attempt leave the device's stream.
+    remove_up_to_attempt: int | None = None
+
+
+def aggregate_parts(parts: Sequence[PartReport]) -> tuple[MessageStatus, str | None]:
+    """Return the status and error of a message from the reports of its parts."""
+    total = max(report.parts for report in parts)
+    for report in sorted(parts, key=lambda item: item.part):
+        if report.status is MessageStatus.FAILED:
+            return MessageStatus.FAILED, f"part {report.part}/{total}: {report.error}"
+    if len(parts) >= total:
+        if all(report.status is MessageStatus.DELIVERED for report in parts):
+            return MessageStatus.DELIVERED, None
+        if all(report.status in SENT_STATUSES for report in parts):
+            return MessageStatus.SENT, None
+    return MessageStatus.SENDING, None
+
+
+async def _store_part(
+    db: AsyncSession, message: LockedMessage, frame: SmsReportFrame
+) -> list[PartReport]:
+    """Store one part's report forward-only; return every part report of the attempt."""
+    assert frame.part is not None and frame.parts is not None
+    attempt = message.current_attempt
+    status = MessageStatus(frame.status)
+    current = (
+        await db.execute(
+            select(SMSMessagePart.status).where(
+                SMSMessagePart.message_id == message.id,
+                SMSMessagePart.attempt_number == attempt,
+                SMSMessagePart.part == frame.part,
+            )
+        )
+    ).scalar_one_or_none()
+    if current is None or can_transition(MessageStatus(current), status):
+        values = {
+            "parts": frame.parts,
+            "status": status.value,
+            "error": frame.error,
+            "updated_at": func.now(),
+        }
+        await db.execute(
+            pg_insert(SMSMessagePart)
+            .values(
+                message_id=message.id, attempt_number=attempt, part=frame.part, **values
+            )
+            .on_conflict_do_update(
+                index_elements=["message_id", "attempt_number", "part"], set_=values
+            )
+        )
+
+    rows = (
+        await db.execute(
+            select(
+                SMSMessagePart.part,
+                SMSMessagePart.parts,
+                SMSMessagePart.status,
+                SMSMessagePart.error,
+            ).where(
+                SMSMessagePart.message_id == message.id,
+                SMSMessagePart.attempt_number == attempt,
+            )
+        )
+    ).all()
+    return [
+        PartReport(row.part, row.parts, MessageStatus(row.status), row.error)
+        for row in rows
+    ]
+
+
+async def apply_report(
+    db: AsyncSession,
+    settings: Settings,
+    device_id: uuid.UUID,
+    frame: SmsReportFrame,
+) -> ReportOutcome:
+    """Apply one report of this device in the caller's transaction.
+
+    Raises FrameRejectedError(report_not_allowed) when the message is not an outgoing
+    message assigned to this device.
+    """
+    message = await message_attempts.lock_message(db, frame.message_id)
+    if message is None or message.device_id != device_id:
+        raise FrameRejectedError(
+            "report_not_allowed",
+            request_id=frame.request_id,
+            details={"message_id": str(frame.message_id)},
+            message_id=str(frame.message_id),
+        )
+
+    attempt = message.current_attempt
+    if frame.attempt is not None and frame.attempt != attempt:
+        log.info(
+            "report on an ended attempt ignored",
+            message_id=str(message.id),
+            device_id=str(device_id),
+            reported_attempt=frame.attempt,
+            attempt=attempt,
+            status=frame.status,
+        )
+        return ReportOutcome(
+            message.status, remove_up_to_attempt=min(frame.attempt, attempt)
+        )
+    if message.status not in REPORTABLE_MESSAGE_STATUSES:
+        return ReportOutcome(message.status, remove_up_to_attempt=attempt)
+
+    status, error = MessageStatus(frame.status), frame.error
+    went_out = message.sent_at is not None
+    parts: int | None = None
+    if frame.part is not None and status is not MessageStatus.EXPIRED:
+        reports = await _store_part(db, message, frame)
+        status, error = aggregate_parts(reports)
+        parts = max(report.parts for report in reports)
+        went_out = went_out or any(report.status in SENT_STATUSES for report in reports)
+
+    if status is MessageStatus.EXPIRED and message.expires_at is not None:
+        expired = await message_attempts.expire_message(db, settings, message)
+        if expired is None:
+            return ReportOutcome(message.status)
+        return ReportOutcome(
+            MessageStatus.EXPIRED,
+            delivery_ids=expired.delivery_ids,
+            remove_up_to_attempt=attempt,
+        )
+    if status is MessageStatus.EXPIRED:
+        # A task without `expires_at` cannot expire: the phone skipped it anyway, so it
+        # failed without going out.
+        status, error = MessageStatus.FAILED, error or ERROR_EXPIRED
+
+    if status is MessageStatus.FAILED:
+        end = await message_attempts.fail_attempt(
+            db,
+            settings,
+            message,
+            error,
+            retryable=frame.retryable and not went_out,
+        )
+        log.info(
+            "attempt failed",
+            message_id=str(message.id),
+            device_id=str(device_id),
+            attempt=attempt,
+            retry=end.status is MessageStatus.PENDING,
+        )
+        return ReportOutcome(
+            end.status, delivery_ids=end.delivery_ids, remove_up_to_attempt=attempt
+        )
+
+    change = await repository.advance_message_status(
+        db, device_id, message.id, status, error
+    )
+    if change is None:
+        # A repeated or late report; the task leaves the stream once the SMS went out.
+        done = message.status in SENT_STATUSES or status in SENT_STATUSES
+        return ReportOutcome(
+            message.status, remove_up_to_attempt=attempt if done else None
+        )
+    await message_attempts.record_attempt_status(
+        db, message, AttemptStatus(change.status.value), parts=parts
+    )
+    done = change.status in SENT_STATUSES
+    return ReportOutcome(
+        change.status, change=change, remove_up_to_attempt=attempt if done else None
+    )

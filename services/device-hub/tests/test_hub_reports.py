@@ -1,0 +1,353 @@
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hub_helpers import (
+    DeviceRecord,
+    create_device,
+    create_outgoing,
+    load_message,
+    open_socket,
+    receive_type,
+    request,
+)
+from redis.asyncio import Redis
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_common import jsonutil, protocol, queues
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import (
+    AttemptStatus,
+    MessageStatus,
+    SMSMessage,
+    SMSMessageAttempt,
+    SMSMessagePart,
+    WebhookConfig,
+    WebhookEvent,
+)
+from mensajero_common.settings import Settings
+from mensajero_common.webhooks import EVENTS
+from mensajero_hub.core.reports import PartReport, aggregate_parts
+from mensajero_hub.core.state import ConnectionState, TaskEntry
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+async def push_task(
+    redis: Redis, keys: RedisKeys, device: DeviceRecord, message: SMSMessage
+) -> None:
+    frame = protocol.task_frame(
+        message.id,
+        message.to_number or "",
+        message.body,
+        segments=message.segments,
+        encoding=message.encoding,
+        created_at=message.created_at,
+        attempt=message.attempts,
+        expires_at=message.expires_at,
+    )
+    await queues.push_device_task(redis, keys, device.device_id, message.id, frame)
+
+
+async def report(socket: Any, message_id: uuid.UUID, **fields: Any) -> dict[str, Any]:
+    return await request(
+        socket, {"type": "sms_report", "message_id": str(message_id), **fields}
+    )
+
+
+async def subscribe_to_all(sessions: Sessions, device: DeviceRecord) -> None:
+    async with sessions() as db:
+        db.add(
+            WebhookConfig(
+                user_id=device.user_id,
+                url="https://example.com/hook",
+                secret_key="secret",
+                events=list(EVENTS),
+            )
+        )
+        await db.commit()
+
+
+async def event_names(sessions: Sessions, message_id: uuid.UUID) -> list[str]:
+    async with sessions() as db:
+        rows = await db.scalars(
+            select(WebhookEvent.event)
+            .where(WebhookEvent.message_id == message_id)
+            .order_by(WebhookEvent.created_at)
+        )
+        return list(rows)
+
+
+async def attempt_rows(
+    sessions: Sessions, message_id: uuid.UUID
+) -> list[SMSMessageAttempt]:
+    async with sessions() as db:
+        rows = await db.scalars(
+            select(SMSMessageAttempt)
+            .where(SMSMessageAttempt.message_id == message_id)
+            .order_by(SMSMessageAttempt.attempt_number)
+        )
+        return list(rows)
+
+
+async def queued_attempts(
+    redis: Redis, keys: RedisKeys, device: DeviceRecord
+) -> list[int]:
+    entries = await redis.xrange(keys.device_tasks_stream(device.device_id))
+    return [jsonutil.loads(fields[b"task"]).get("attempt") for _, fields in entries]
+
+
+def part(number: int, parts: int, status: str) -> PartReport:
+    return PartReport(
+        number, parts, MessageStatus(status), "E" if status == "failed" else None
+    )
+
+
+@pytest.mark.parametrize(
+    ("reports", "expected"),
+    [
+        ([part(2, 2, "delivered")], MessageStatus.SENDING),
+        ([part(2, 2, "delivered"), part(1, 2, "sent")], MessageStatus.SENT),
+        ([part(2, 2, "delivered"), part(1, 2, "delivered")], MessageStatus.DELIVERED),
+        ([part(1, 3, "sent"), part(3, 3, "failed")], MessageStatus.FAILED),
+        ([part(1, 2, "sending")], MessageStatus.SENDING),
+    ],
+)
+def test_aggregate_parts_cases(
+    reports: list[PartReport], expected: MessageStatus
+) -> None:
+    assert aggregate_parts(reports)[0] == expected
+
+
+def test_aggregate_parts_names_failed_part() -> None:
+    status, error = aggregate_parts([part(1, 3, "sent"), part(3, 3, "failed")])
+
+    assert status == MessageStatus.FAILED
+    assert error == "part 3/3: E"
+
+
+async def test_failed_report_queues_retry(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+    await push_task(redis, redis_keys, device, message)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await receive_type(socket, "task")
+        ack = await report(
+            socket, message.id, status="failed", error="NO_SERVICE", attempt=1
+        )
+        late = await report(socket, message.id, status="sending", attempt=1)
+        legacy = await report(socket, message.id, status="sent")
+
+    row = await load_message(session_factory, message.id)
+    assert ack["status"] == "pending"
+    assert late["status"] == "pending"
+    assert legacy["status"] == "pending"
+    assert row.status == MessageStatus.PENDING
+    assert row.error == "NO_SERVICE"
+    assert row.next_attempt_at is not None
+    assert row.sent_at is None
+    assert await event_names(session_factory, message.id) == []
+    assert await queued_attempts(redis, redis_keys, device) == []
+    attempts = await attempt_rows(session_factory, message.id)
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.FAILED, "NO_SERVICE")
+    ]
+
+
+async def test_report_on_ended_attempt_ignored(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device, attempts=2)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        stale = await report(socket, message.id, status="failed", attempt=1)
+        current = await report(socket, message.id, status="sent", attempt=2)
+
+    row = await load_message(session_factory, message.id)
+    assert stale["status"] == "assigned"
+    assert current["status"] == "sent"
+    assert row.status == MessageStatus.SENT
+
+
+async def test_retry_reaches_same_connection(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+    await push_task(redis, redis_keys, device, message)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        first = await receive_type(socket, "task")
+        await report(socket, message.id, status="failed", attempt=1)
+        # What the dispatcher does once the retry delay has passed.
+        async with session_factory() as db:
+            await db.execute(
+                update(SMSMessage)
+                .where(SMSMessage.id == message.id)
+                .values(status=MessageStatus.ASSIGNED.value, attempts=2)
+            )
+            await db.commit()
+        retried = await load_message(session_factory, message.id)
+        await push_task(redis, redis_keys, device, retried)
+        second = await receive_type(socket, "task")
+
+    assert first["attempt"] == 1
+    assert second["attempt"] == 2
+    assert second["message_id"] == str(message.id)
+
+
+async def test_parts_aggregate_in_any_order(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+    await push_task(redis, redis_keys, device, message)
+    steps = [
+        (3, "delivered", "sending"),
+        (1, "sent", "sending"),
+        (2, "sending", "sending"),
+        (2, "sent", "sent"),
+        (3, "sent", "sent"),
+        (1, "delivered", "sent"),
+        (2, "delivered", "delivered"),
+        (2, "sent", "delivered"),
+    ]
+
+    acks = []
+    async with open_socket(hub_url, device.api_key) as socket:
+        await receive_type(socket, "task")
+        for number, status, _ in steps:
+            ack = await report(
+                socket, message.id, status=status, part=number, parts=3, attempt=1
+            )
+            acks.append(ack["status"])
+
+    row = await load_message(session_factory, message.id)
+    assert acks == [expected for _, _, expected in steps]
+    assert row.status == MessageStatus.DELIVERED
+    assert await event_names(session_factory, message.id) == [
+        "sms_sent",
+        "sms_delivered",
+    ]
+    async with session_factory() as db:
+        parts = await db.scalars(
+            select(SMSMessagePart.status)
+            .where(SMSMessagePart.message_id == message.id)
+            .order_by(SMSMessagePart.part)
+        )
+        assert list(parts) == ["delivered"] * 3
+    attempts = await attempt_rows(session_factory, message.id)
+    assert attempts[0].parts == 3
+    assert attempts[0].status == AttemptStatus.DELIVERED
+
+
+async def test_failed_part_after_sent_part_is_final(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(socket, message.id, status="sent", part=1, parts=2)
+        ack = await report(
+            socket, message.id, status="failed", part=2, parts=2, error="NULL_PDU"
+        )
+
+    row = await load_message(session_factory, message.id)
+    # Part 1 went out, so a retry would send it twice: the message ends here.
+    assert ack["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.error == "part 2/2: NULL_PDU"
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+
+
+async def test_bad_part_fields_rejected(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        alone = await report(socket, message.id, status="sent", part=1)
+        beyond = await report(socket, message.id, status="sent", part=3, parts=2)
+
+    assert alone["error"] == "invalid_frame"
+    assert beyond["error"] == "invalid_frame"
+    assert (await load_message(session_factory, message.id)).status == "assigned"
+
+
+async def test_unretryable_failure_is_final(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(socket, message.id, status="sending")
+        ack = await report(
+            socket, message.id, status="failed", error="interrupted", retryable=False
+        )
+
+    assert ack["status"] == "failed"
+    assert (await load_message(session_factory, message.id)).status == "failed"
+
+
+async def test_expired_report_ends_message(
+    hub_url: str, settings: Settings, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    message = await create_outgoing(session_factory, device, expires_at=past)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        ack = await report(socket, message.id, status="expired", attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    assert ack["status"] == "expired"
+    assert row.status == MessageStatus.EXPIRED
+    assert row.error == "expired"
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+
+
+async def test_expired_task_never_pushed(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    expired = await create_outgoing(session_factory, device, expires_at=past)
+    valid = await create_outgoing(session_factory, device)
+    await push_task(redis, redis_keys, device, expired)
+    await push_task(redis, redis_keys, device, valid)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        task = await receive_type(socket, "task")
+        pong = await request(socket, {"type": "ping"})
+
+    assert task["message_id"] == str(valid.id)
+    assert pong["type"] == "pong"
+    await asyncio.sleep(0.1)
+    assert await queued_attempts(redis, redis_keys, device) == [1]
+
+
+def test_new_attempt_is_pushed_again() -> None:
+    message_id = uuid.uuid4()
+    state = ConnectionState(uuid.uuid4(), "c", 0.0, 0.0, 0.0)
+    first = TaskEntry(b"1-0", message_id, {"type": "task", "attempt": 1})
+    repeat = TaskEntry(b"2-0", message_id, {"type": "task", "attempt": 1})
+    retry = TaskEntry(b"3-0", message_id, {"type": "task", "attempt": 2})
+
+    assert state.mark_pushed(first)
+    assert state.select_unpushed([repeat, retry]) == [retry]
+    assert not state.mark_pushed(repeat)
+    assert state.mark_pushed(retry)
