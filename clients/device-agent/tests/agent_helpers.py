@@ -4,6 +4,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import uvicorn
@@ -91,8 +92,16 @@ async def queue_message(
     device_id: uuid.UUID,
     user_id: uuid.UUID,
     body: str = "Hola",
+    *,
+    attempts: int = 1,
+    expires_at: datetime | None = None,
+    segments: int = 1,
 ) -> uuid.UUID:
-    """Insert an assigned message and push its task, as the dispatcher does."""
+    """Insert an assigned message and push its task, as the dispatcher does.
+
+    `attempts` is the attempt the task starts; the last one (MESSAGE_MAX_ATTEMPTS) makes a
+    failure final.
+    """
     async with sessions() as db:
         message = SMSMessage(
             user_id=user_id,
@@ -101,8 +110,10 @@ async def queue_message(
             status=MessageStatus.ASSIGNED.value,
             to_number="+34600000001",
             body=body,
-            segments=1,
+            segments=segments,
             encoding="gsm7",
+            attempts=attempts,
+            expires_at=expires_at,
         )
         db.add(message)
         await db.commit()
@@ -121,6 +132,8 @@ async def push_again(
         segments=message.segments,
         encoding=message.encoding,
         created_at=message.created_at,
+        attempt=message.attempts,
+        expires_at=message.expires_at,
     )
     await queues.push_device_task(redis, keys, device_id, message.id, frame)
 

@@ -106,7 +106,11 @@ async def test_agent_sends_and_reports_delivered(
 
 
 async def test_agent_reports_simulated_failure(
-    hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+    hub: str,
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
 ) -> None:
     device_id, user_id, api_key = await create_device(session_factory)
 
@@ -117,7 +121,12 @@ async def test_agent_reports_simulated_failure(
     ):
         await events.wait_for("registered")
         message_id = await queue_message(
-            session_factory, redis, redis_keys, device_id, user_id
+            session_factory,
+            redis,
+            redis_keys,
+            device_id,
+            user_id,
+            attempts=settings.MESSAGE_MAX_ATTEMPTS,
         )
         await events.wait_for("report_ack", message_id=str(message_id), status="failed")
 

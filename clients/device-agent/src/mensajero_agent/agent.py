@@ -8,6 +8,8 @@ exponential backoff and full jitter when the connection drops.
 Reports and incoming SMS wait in an outbox until their `ack` arrives and are sent again
 after each reconnect, because the hub applies each of them once however often it gets
 them. A task offered again is never sent again: the agent reports the outcome it recorded.
+Only a new `attempt` of a message whose send failed with nothing sent is sent again (the
+server's retry), and a task past its `expires_at` is reported `expired` and not sent.
 """
 
 import asyncio
@@ -26,11 +28,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from mensajero_agent import __version__
 from mensajero_agent.backend import SendingBackend, SendOutcome, SimulatedBackend
 from mensajero_agent.events import EventHandler, make_event
-from mensajero_agent.ledger import MessageLedger
+from mensajero_agent.ledger import MessageLedger, Outcome
 
 PROTOCOL_VERSION = 1
 
 # Close codes of the device-hub that mean reconnecting cannot help.
+CLOSE_SERVICE_RESTART = 1012
+# After 1012 the server is restarting and the tasks wait, so the agent comes back within
+# this many seconds (a random share of it), whatever the backoff reached.
+RESTART_RECONNECT_MAX_S = 5.0
 CLOSE_INVALID_API_KEY = 4001
 CLOSE_REPLACED = 4002
 CLOSE_REVOKED = 4003
@@ -74,6 +80,8 @@ class AgentConfig:
     backoff_max_s: float = 30.0
     open_timeout_s: float = 10.0
     language: str | None = None
+    # Report each part of a multipart SMS (`part`, `parts`) instead of the whole message.
+    report_parts: bool = False
 
 
 def url_with_key(url: str, api_key: str) -> str:
@@ -152,6 +160,11 @@ class Agent:
                     self.config.backoff_max_s,
                     self._random,
                 )
+                if code == CLOSE_SERVICE_RESTART:
+                    attempt = 0
+                    delay_s = self._random.uniform(
+                        0, min(RESTART_RECONNECT_MAX_S, self.config.backoff_max_s)
+                    )
                 self._emit(
                     "disconnected",
                     code=code,
@@ -341,6 +354,8 @@ class Agent:
 
     def _on_task(self, frame: dict[str, Any]) -> None:
         message_id = str(frame.get("message_id"))
+        attempt = frame.get("attempt")
+        attempt = attempt if isinstance(attempt, int) else None
         known = self.ledger.get(message_id)
         self._emit(
             "task",
@@ -348,36 +363,69 @@ class Agent:
             to=frame.get("to"),
             segments=frame.get("segments"),
             encoding=frame.get("encoding"),
+            attempt=attempt,
             repeated=known is not None,
         )
         if message_id in self._in_flight:
             # Being sent right now; its reports follow when the send ends.
             return
-        if known is None:
-            task = asyncio.create_task(self._send_sms(message_id, frame))
-            self._in_flight[message_id] = task
-            task.add_done_callback(lambda _: self._in_flight.pop(message_id, None))
+
+        if known is not None and not _is_retry(known, attempt):
+            self._report_known(message_id, known, attempt)
+            return
+        if _has_expired(frame):
+            error = "expires_at passed before sending"
+            self.ledger.record(message_id, "expired", error, attempt=attempt)
+            self._report(message_id, "expired", error, attempt=attempt)
             return
 
+        task = asyncio.create_task(self._send_sms(message_id, frame, attempt))
+        self._in_flight[message_id] = task
+        task.add_done_callback(lambda _: self._in_flight.pop(message_id, None))
+
+    def _report_known(
+        self, message_id: str, known: Outcome, attempt: int | None
+    ) -> None:
+        """Report again what happened to a task handled before, without sending it."""
         if known.status == "sending":
             # A send cut short by a restart: its outcome is unknown, and sending it again
-            # could deliver the SMS twice.
+            # could deliver the SMS twice, so the server must not retry it either.
             error = "send interrupted by an agent restart; not sent again"
-            self.ledger.record(message_id, "failed", error)
-            self._report(message_id, "failed", error, resent=True)
+            self.ledger.record(
+                message_id, "failed", error, attempt=attempt, retryable=False
+            )
+            self._report(
+                message_id,
+                "failed",
+                error,
+                attempt=attempt,
+                retryable=False,
+                resent=True,
+            )
             return
-        self._report(message_id, known.status, known.error, resent=True)
+        # Under a newer attempt too: an SMS that went out under an earlier attempt is
+        # reported for the current one, not sent again.
+        self._report(
+            message_id,
+            known.status,
+            known.error,
+            attempt=attempt,
+            retryable=known.retryable,
+            resent=True,
+        )
 
-    async def _send_sms(self, message_id: str, task: dict[str, Any]) -> None:
-        self.ledger.record(message_id, "sending")
-        self._report(message_id, "sending")
+    async def _send_sms(
+        self, message_id: str, task: dict[str, Any], attempt: int | None
+    ) -> None:
+        self.ledger.record(message_id, "sending", attempt=attempt)
+        self._report(message_id, "sending", attempt=attempt)
 
         try:
             outcome = await self.backend.send(task)
         except Exception as error:
             outcome = SendOutcome.failed(f"backend error: {error}")
-        self.ledger.record(message_id, outcome.status, outcome.error)
-        self._report(message_id, outcome.status, outcome.error)
+        self.ledger.record(message_id, outcome.status, outcome.error, attempt=attempt)
+        self._report_outcome(message_id, task, outcome, attempt)
         if outcome.status != "sent":
             return
 
@@ -387,8 +435,30 @@ class Agent:
             delivery = SendOutcome.failed(f"backend error: {error}")
         if delivery is None:
             return
-        self.ledger.record(message_id, delivery.status, delivery.error)
-        self._report(message_id, delivery.status, delivery.error)
+        self.ledger.record(message_id, delivery.status, delivery.error, attempt=attempt)
+        self._report_outcome(message_id, task, delivery, attempt)
+
+    def _report_outcome(
+        self,
+        message_id: str,
+        task: dict[str, Any],
+        outcome: SendOutcome,
+        attempt: int | None,
+    ) -> None:
+        """Report an outcome for the whole message, or for each part when configured."""
+        parts = task.get("segments")
+        if not self.config.report_parts or not isinstance(parts, int) or parts < 2:
+            self._report(message_id, outcome.status, outcome.error, attempt=attempt)
+            return
+        for part in range(1, parts + 1):
+            self._report(
+                message_id,
+                outcome.status,
+                outcome.error,
+                attempt=attempt,
+                part=part,
+                parts=parts,
+            )
 
     def _report(
         self,
@@ -396,6 +466,10 @@ class Agent:
         status: str,
         error: str | None = None,
         *,
+        attempt: int | None = None,
+        retryable: bool = True,
+        part: int | None = None,
+        parts: int | None = None,
         resent: bool = False,
     ) -> None:
         frame: dict[str, Any] = {
@@ -405,8 +479,21 @@ class Agent:
         }
         if error is not None:
             frame["error"] = error
+        if attempt is not None:
+            frame["attempt"] = attempt
+        if not retryable:
+            frame["retryable"] = False
+        if part is not None:
+            frame["part"] = part
+            frame["parts"] = parts
         self._emit(
-            "report", message_id=message_id, status=status, error=error, resent=resent
+            "report",
+            message_id=message_id,
+            status=status,
+            error=error,
+            attempt=attempt,
+            part=part,
+            resent=resent,
         )
         self._queue(frame)
 
@@ -484,3 +571,23 @@ class Agent:
     def _emit(self, event_name: str, /, **fields: Any) -> None:
         if self._on_event is not None:
             self._on_event(make_event(event_name, **fields))
+
+
+def _is_retry(known: Outcome, attempt: int | None) -> bool:
+    """Tell whether a task is the server's retry of a send that failed with nothing sent."""
+    if known.status != "failed" or not known.retryable or attempt is None:
+        return False
+    return known.attempt is None or attempt > known.attempt
+
+
+def _has_expired(task: dict[str, Any]) -> bool:
+    raw = task.get("expires_at")
+    if not isinstance(raw, str):
+        return False
+    try:
+        expires_at = datetime.fromisoformat(raw)
+    except ValueError:
+        return False
+    if expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    return expires_at <= datetime.now(UTC)

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="never report delivered, like a carrier without delivery reports",
     )
     parser.add_argument(
+        "--report-parts",
+        action="store_true",
+        help="report each part of a multipart SMS (part, parts) instead of the whole",
+    )
+    parser.add_argument(
         "--ping-interval-s",
         type=float,
         help="seconds between pings (default: the interval the hub announces, 60)",
@@ -141,6 +146,7 @@ async def run(args: argparse.Namespace) -> int:
             ping_interval_s=args.ping_interval_s,
             backoff_max_s=args.backoff_max_s,
             language=args.language,
+            report_parts=args.report_parts,
         ),
         SimulatedBackend(
             send_delay_ms=args.send_delay_ms,

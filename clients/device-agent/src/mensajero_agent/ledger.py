@@ -1,9 +1,10 @@
-"""The record of every task the agent has handled, so no `message_id` is ever sent twice.
+"""The record of every task the agent has handled, so no message is sent twice.
 
 The server offers a task again until it gets a final report, for instance after a
-reconnect. The agent then reports the outcome it recorded instead of sending again. With a
-file, the record survives restarts: each change is appended as one JSON line, and the last
-line of a message wins when the file is read back.
+reconnect. The agent then reports the outcome it recorded instead of sending again. Only a
+new `attempt` of a message whose recorded send failed with nothing sent is sent again:
+that is the server's retry. With a file, the record survives restarts: each change is
+appended as one JSON line, and the last line of a message wins when the file is read back.
 """
 
 from collections import OrderedDict
@@ -21,6 +22,10 @@ DEFAULT_MAX_RECORDS = 100_000
 class Outcome:
     status: str
     error: str | None = None
+    # The task's attempt; None for tasks of servers that send no attempt.
+    attempt: int | None = None
+    # False when a `failed` send may have gone out anyway, so it must never be retried.
+    retryable: bool = True
 
 
 class MessageLedger:
@@ -39,11 +44,25 @@ class MessageLedger:
     def get(self, message_id: str) -> Outcome | None:
         return self._records.get(message_id)
 
-    def record(self, message_id: str, status: str, error: str | None = None) -> None:
-        outcome = Outcome(status, error)
+    def record(
+        self,
+        message_id: str,
+        status: str,
+        error: str | None = None,
+        *,
+        attempt: int | None = None,
+        retryable: bool = True,
+    ) -> None:
+        outcome = Outcome(status, error, attempt, retryable)
         self._remember(message_id, outcome)
         if self.path is not None:
-            line = {"message_id": message_id, "status": status, "error": error}
+            line = {
+                "message_id": message_id,
+                "status": status,
+                "error": error,
+                "attempt": attempt,
+                "retryable": retryable,
+            }
             with self.path.open("ab") as file:
                 file.write(orjson.dumps(line) + b"\n")
 
@@ -60,7 +79,12 @@ class MessageLedger:
                     item = orjson.loads(line)
                     self._remember(
                         str(item["message_id"]),
-                        Outcome(str(item["status"]), item.get("error")),
+                        Outcome(
+                            str(item["status"]),
+                            item.get("error"),
+                            item.get("attempt"),
+                            bool(item.get("retryable", True)),
+                        ),
                     )
                 except (orjson.JSONDecodeError, KeyError, TypeError):
                     # A line cut short by a crash while it was written.

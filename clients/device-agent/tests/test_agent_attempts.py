@@ -1,0 +1,192 @@
+"""The agent against a real hub: retries as new attempts, expiry, part reports."""
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from agent_helpers import (
+    WS_PATH,
+    Sessions,
+    create_device,
+    load_message,
+    push_again,
+    queue_message,
+    running_agent,
+    serve_hub_on,
+)
+from redis.asyncio import Redis
+from sqlalchemy import select, update
+from websockets.asyncio.server import ServerConnection, serve
+
+from mensajero_agent import MessageLedger, SendingBackend, SendOutcome, SimulatedBackend
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import MessageStatus, SMSMessage, SMSMessagePart
+from mensajero_common.settings import Settings
+from mensajero_common.testing import free_port, scaled
+
+
+class ScriptedBackend(SendingBackend):
+    """Returns the scripted send outcomes in turn, then `sent`; counts the sends."""
+
+    def __init__(self, outcomes: list[SendOutcome]) -> None:
+        self.outcomes = list(outcomes)
+        self.sent_count = 0
+
+    async def send(self, task: dict[str, Any]) -> SendOutcome:
+        self.sent_count += 1
+        return self.outcomes.pop(0) if self.outcomes else SendOutcome.sent()
+
+    async def wait_for_delivery(self, task: dict[str, Any]) -> SendOutcome | None:
+        return SendOutcome("delivered")
+
+
+@pytest.fixture
+async def hub(settings: Settings, session_factory: Sessions, redis: Redis) -> Any:
+    async with serve_hub_on(settings, free_port()) as url:
+        yield url
+
+
+async def start_next_attempt(
+    sessions: Sessions, redis: Redis, keys: RedisKeys, device_id: Any, message_id: Any
+) -> None:
+    """Assign the message's next attempt to the same device, as the dispatcher does."""
+    async with sessions() as db:
+        await db.execute(
+            update(SMSMessage)
+            .where(SMSMessage.id == message_id)
+            .values(
+                status=MessageStatus.ASSIGNED.value,
+                attempts=SMSMessage.attempts + 1,
+                sent_at=None,
+                delivered_at=None,
+            )
+        )
+        await db.commit()
+    await push_again(redis, keys, device_id, await load_message(sessions, message_id))
+
+
+async def test_agent_sends_retry_attempt_again(
+    hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device_id, user_id, api_key = await create_device(session_factory)
+    backend = ScriptedBackend([SendOutcome.failed("RESULT_ERROR_NO_SERVICE")])
+
+    async with running_agent(hub, api_key, backend) as (_, events, _):
+        await events.wait_for("registered")
+        message_id = await queue_message(
+            session_factory, redis, redis_keys, device_id, user_id
+        )
+        await events.wait_for(
+            "report_ack", message_id=str(message_id), status="pending"
+        )
+        await start_next_attempt(
+            session_factory, redis, redis_keys, device_id, message_id
+        )
+        await events.wait_for(
+            "report_ack", message_id=str(message_id), status="delivered"
+        )
+
+    row = await load_message(session_factory, message_id)
+    assert backend.sent_count == 2
+    assert row.status == MessageStatus.DELIVERED
+    assert row.attempts == 2
+    assert [event["attempt"] for event in events.matching("task")] == [1, 2]
+
+
+async def test_agent_reports_earlier_send_for_new_attempt(
+    hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device_id, user_id, api_key = await create_device(session_factory)
+    ledger = MessageLedger()
+    backend = ScriptedBackend([])
+    message_id = await queue_message(
+        session_factory, redis, redis_keys, device_id, user_id, attempts=2
+    )
+    # The phone sent attempt 1 and its reports were lost; the server moved the message
+    # and gave the same phone attempt 2.
+    ledger.record(str(message_id), "delivered", attempt=1)
+
+    async with running_agent(hub, api_key, backend, ledger=ledger) as (_, events, _):
+        await events.wait_for(
+            "report_ack", message_id=str(message_id), status="delivered"
+        )
+
+    assert backend.sent_count == 0
+    assert (await load_message(session_factory, message_id)).attempts == 2
+
+
+async def test_agent_skips_expired_task() -> None:
+    # The hub never pushes an expired task, so a server that does stands in for a task
+    # that expired between the push and the phone reading it.
+    reports: list[dict[str, Any]] = []
+    reported = asyncio.Event()
+    task = {
+        "type": "task",
+        "message_id": "6a919676-1fee-44b0-9d0e-a8123a67a16f",
+        "to": "+34600000001",
+        "body": "Hola",
+        "segments": 1,
+        "encoding": "gsm7",
+        "attempt": 1,
+        "expires_at": (datetime.now(UTC) - timedelta(seconds=1)).isoformat(),
+    }
+
+    async def late_hub(socket: ServerConnection) -> None:
+        async for raw in socket:
+            frame = orjson.loads(raw)
+            if frame["type"] == "register":
+                await socket.send(
+                    orjson.dumps(
+                        {
+                            "type": "ack",
+                            "of": "register",
+                            "request_id": frame["request_id"],
+                        }
+                    ).decode()
+                )
+                await socket.send(orjson.dumps(task).decode())
+            elif frame["type"] == "sms_report":
+                reports.append(frame)
+                reported.set()
+
+    backend = ScriptedBackend([])
+    async with serve(late_hub, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}{WS_PATH}"
+        async with running_agent(url, "mdk_any", backend) as (_, events, _):
+            await events.wait_for("report", status="expired")
+            async with asyncio.timeout(scaled(5)):
+                await reported.wait()
+
+    assert backend.sent_count == 0
+    assert reports[0]["status"] == "expired"
+    assert reports[0]["attempt"] == 1
+
+
+async def test_agent_reports_each_part(
+    hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device_id, user_id, api_key = await create_device(session_factory)
+    message_id = await queue_message(
+        session_factory, redis, redis_keys, device_id, user_id, segments=3
+    )
+    backend = SimulatedBackend(send_delay_ms=0, delivery_delay_ms=0)
+
+    async with running_agent(hub, api_key, backend, report_parts=True) as (
+        _,
+        events,
+        _,
+    ):
+        await events.wait_for(
+            "report_ack", message_id=str(message_id), status="delivered"
+        )
+
+    parts = [event["part"] for event in events.matching("report", status="sent")]
+    assert parts == [1, 2, 3]
+    async with session_factory() as db:
+        stored = await db.scalars(
+            select(SMSMessagePart.status).where(SMSMessagePart.message_id == message_id)
+        )
+        assert list(stored) == ["delivered"] * 3
