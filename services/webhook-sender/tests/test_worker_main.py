@@ -4,9 +4,14 @@ import shutil
 import signal
 
 from arq import cron
+from test_delivery import create_user_with_webhook, delivery_state, record_incoming
 
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import WebhookDeliveryStatus
+from mensajero_common.redis import create_redis
 from mensajero_common.settings import Settings
-from mensajero_common.testing import scaled
+from mensajero_common.testing import WebhookReceiver, scaled, serve_app
+from mensajero_common.webhook_outbox import queue_deliveries
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, sweep
 from mensajero_webhooks.main import create_worker
 
@@ -79,3 +84,34 @@ async def test_worker_process_stops_on_sigterm(settings, redis):
 
     assert process.returncode == 0
     assert b'"webhook-sender stopped"' in rest
+
+
+async def test_sigterm_lets_running_delivery_finish(settings, session_factory, redis):
+    receiver = WebhookReceiver(delay_s=1.0)
+    async with serve_app(receiver) as url:
+        user, _ = await create_user_with_webhook(session_factory, url, "secret")
+        _, delivery_ids = await record_incoming(session_factory, user)
+        process = await asyncio.create_subprocess_exec(
+            shutil.which("mensajero-webhooks") or "mensajero-webhooks",
+            env=_environment(settings),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            arq_redis = create_redis(settings)
+            await queue_deliveries(
+                arq_redis, RedisKeys(settings.REDIS_KEY_PREFIX), delivery_ids
+            )
+            await arq_redis.aclose()
+            await receiver.wait_for(1, timeout_s=15)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(process.communicate(), scaled(15))
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    delivery, attempts = await delivery_state(session_factory, delivery_ids[0])
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert delivery.status == WebhookDeliveryStatus.SUCCEEDED
+    assert [attempt.status_code for attempt in attempts] == [200]

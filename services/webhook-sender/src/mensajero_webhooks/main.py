@@ -8,6 +8,7 @@ opens the engine and the HTTP client and puts a DeliveryContext in `ctx["deliver
 """
 
 import asyncio
+import math
 from typing import Any
 
 import httpx
@@ -29,6 +30,10 @@ log = structlog.get_logger(__name__)
 
 # Time a job may run beyond the HTTP timeout, for its database writes.
 JOB_TIMEOUT_MARGIN_S = 30
+# Time after SIGTERM for the attempts in flight to finish, beyond the HTTP timeout, before
+# arq cancels them. A cancelled attempt keeps its lease, and the sweep queues it again
+# once the lease has run out.
+SHUTDOWN_GRACE_MARGIN_S = 5
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
@@ -108,6 +113,9 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         "on_shutdown": on_shutdown,
         "ctx": {"settings": settings, "keys": keys},
         "max_jobs": settings.WEBHOOK_CONCURRENCY,
+        # On SIGTERM, arq stops taking jobs and waits this long for the running ones.
+        "job_completion_wait": math.ceil(settings.WEBHOOK_TIMEOUT_S)
+        + SHUTDOWN_GRACE_MARGIN_S,
         # No results are kept, so that a job id is free again once its job has run and
         # the sweep can queue a delivery whose attempt died with its worker.
         "keep_result": 0,
