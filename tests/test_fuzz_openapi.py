@@ -168,6 +168,11 @@ def _fuzz_all(target: FuzzTarget) -> int:
             operation = result.ok()
             operations += 1
             for mode in MODES:
+                if mode == schemathesis.GenerationMode.NEGATIVE and not (
+                    operation.path_parameters or operation.query or operation.body
+                ):
+                    # Nothing of the request can break its schema.
+                    continue
                 _fuzz_operation(operation, mode, target, session)
     return operations
 
