@@ -1,4 +1,4 @@
-"""Login throttling, password rules, password changes, token lifetime and CORS."""
+"""Login throttling, passwords, token lifetime, CORS, mass assignment and exposure."""
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -9,8 +9,11 @@ from api_test_helpers import ApiUser
 from fastapi import FastAPI
 from httpx import ASGITransport, AsyncClient
 from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.main import create_app
+from mensajero_common.models import User
 from mensajero_common.settings import Settings
 
 LOGIN_PATH = "/api/v1/login/access-token"
@@ -322,3 +325,72 @@ def test_key_prefixes_must_differ() -> None:
 def test_malformed_throttle_setting_stops_start(settings: Settings) -> None:
     with pytest.raises(ValueError, match="LOGIN_FAILURES_PER_IP"):
         create_app(settings.model_copy(update={"LOGIN_FAILURES_PER_IP": "lots"}))
+
+
+async def test_signup_ignores_privileged_fields(
+    client: AsyncClient, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    response = await client.post(
+        "/api/v1/users/signup",
+        json={
+            "email": "mallory@example.com",
+            "password": "a long enough passphrase",
+            "is_superuser": True,
+            "is_active": False,
+            "token_version": 99,
+            "hashed_password": "x",
+        },
+    )
+
+    async with session_factory() as session:
+        row = (
+            await session.scalars(
+                select(User).where(User.email == "mallory@example.com")
+            )
+        ).one()
+    assert response.status_code == 201, response.text
+    assert row.is_superuser is False
+    assert row.is_active is True
+    assert row.token_version == 0
+    assert row.hashed_password.startswith("$argon2")
+
+
+async def test_profile_update_ignores_privileged_fields(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    response = await client.patch(
+        "/api/v1/users/me",
+        json={"is_superuser": True, "email": "other@example.com", "full_name": "Eve"},
+        headers=user.headers,
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["is_superuser"] is False
+    assert response.json()["data"]["email"] == user.email
+    assert response.json()["data"]["full_name"] == "Eve"
+
+
+async def test_responses_expose_no_secrets(client: AsyncClient, user: ApiUser) -> None:
+    await client.post(
+        "/api/v1/sms/devices", json={"name": "Pixel"}, headers=user.headers
+    )
+    await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook", "secret_key": "s" * 32},
+        headers=user.headers,
+    )
+    await client.post(
+        "/api/v1/users/me/api-keys", json={"name": "server"}, headers=user.headers
+    )
+
+    for path in (
+        "/api/v1/users/me",
+        "/api/v1/sms/devices",
+        "/api/v1/sms/webhooks",
+        "/api/v1/users/me/api-keys",
+    ):
+        response = await client.get(path, headers=user.headers)
+        assert response.status_code == 200, path
+        for name in ("hashed_password", "key_hash", "api_key_hash", "secret_key"):
+            assert name not in response.text, f"{path} shows {name}"
+        assert "s" * 32 not in response.text, path
