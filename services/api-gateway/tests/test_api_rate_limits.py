@@ -185,6 +185,30 @@ async def test_check_user_shares_user_limit(
     assert refused_again.code == "rate_limited"
 
 
+async def test_api_keys_share_user_limit(
+    settings: Settings, make_user: MakeUser, redis: Redis
+) -> None:
+    owner = await make_user()
+    limits = settings.model_copy(update={"RATE_LIMIT_PER_API_KEY": "10/minute"})
+
+    async def requests(client: AsyncClient) -> list[Response]:
+        created = await client.post(
+            "/api/v1/users/me/api-keys", json={"name": "server"}, headers=owner.headers
+        )
+        assert created.status_code == 201, created.text
+        key = {"X-API-Key": created.json()["data"]["api_key"]}
+        with_key = [await client.get(QUOTA_URL, headers=key) for _ in range(3)]
+        with_token = await client.get(QUOTA_URL, headers=owner.headers)
+        return [*with_key, with_token]
+
+    responses = await _with_app(limits, requests)
+
+    # The key creation took one of the user's 3 requests a minute.
+    assert [r.status_code for r in responses[:2]] == [200, 200]
+    _assert_rate_limited(responses[2], "3/minute")
+    _assert_rate_limited(responses[3], "3/minute")
+
+
 async def test_login_limit_per_ip(client: AsyncClient, make_user: MakeUser) -> None:
     owner = await make_user()
     credentials = {"username": owner.email, "password": "wrong password"}

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mensajero_api.auth import service as auth_service
 from mensajero_api.auth.security import PasswordHasher
 from mensajero_api.errors import request_language
+from mensajero_api.ratelimits.middleware import enforce_user_rate_limit
 from mensajero_api.resources import Resources
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import User
@@ -69,12 +70,23 @@ ApiKeyDep = Annotated[str | None, Depends(api_key_scheme)]
 
 
 async def get_current_principal(
-    session: SessionDep, settings: SettingsDep, token: TokenDep, api_key: ApiKeyDep
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    token: TokenDep,
+    api_key: ApiKeyDep,
 ) -> auth_service.Principal:
-    """Authenticate the request by its bearer token or X-API-Key, or raise a 401."""
-    return await auth_service.authenticate_request(
+    """Authenticate the request by its bearer token or X-API-Key, or raise a 401.
+
+    A request with an API key also counts against its owner's per-user rate limit,
+    which the middleware could count only per key.
+    """
+    principal = await auth_service.authenticate_request(
         session, settings, token=token, api_key=api_key
     )
+    if principal.api_key_id is not None:
+        await enforce_user_rate_limit(request, principal.user.id)
+    return principal
 
 
 CurrentPrincipal = Annotated[auth_service.Principal, Depends(get_current_principal)]

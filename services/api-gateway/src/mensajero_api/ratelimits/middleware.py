@@ -1,5 +1,7 @@
 """The ASGI middleware that applies the rate limits to every /api/ request."""
 
+import uuid
+
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -33,3 +35,15 @@ class RateLimitMiddleware:
 
         response = await handle_app_error(Request(scope), rejection)
         await response(scope, receive, send)
+
+
+async def enforce_user_rate_limit(request: Request, user_id: uuid.UUID) -> None:
+    """Count the request against `user_id`'s per-user limit, or raise RateLimitedError."""
+    limiter: RequestRateLimiter | None = getattr(
+        request.app.state, STATE_ATTRIBUTE, None
+    )
+    if limiter is None:
+        return
+    rejection = await limiter.check_user(user_id)
+    if rejection is not None:
+        raise rejection
