@@ -9,10 +9,11 @@ authors.
 """
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -39,6 +40,24 @@ MAX_ID_LENGTH = 128
 MAX_TEXT_LENGTH = 4096
 # Parts of one multipart SMS: the concatenation header numbers them in one byte.
 MAX_PARTS = 255
+
+
+# Received times outside this range are a phone's clock error, not a real SMS.
+EARLIEST_RECEIVED_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_CLOCK_AHEAD = timedelta(days=1)
+
+
+def _check_received_time(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        # A time without an offset is read as UTC, the zone the protocol uses.
+        value = value.replace(tzinfo=UTC)
+    if value < EARLIEST_RECEIVED_TIME:
+        raise ValueError("must not be before 2000-01-01")
+    if value > datetime.now(UTC) + MAX_CLOCK_AHEAD:
+        raise ValueError("must not be more than a day in the future")
+    return value
 
 
 class _ClientFrame(BaseModel):
@@ -83,7 +102,7 @@ class SmsIncomingFrame(_ClientFrame):
     type: Literal["sms_incoming"]
     from_: Annotated[str, Field(alias="from", min_length=1, max_length=64)]
     body: Annotated[str, Field(max_length=MAX_TEXT_LENGTH)]
-    timestamp: datetime | None = None
+    timestamp: Annotated[datetime | None, AfterValidator(_check_received_time)] = None
     sms_id: Annotated[str | None, Field(min_length=1, max_length=MAX_ID_LENGTH)] = None
 
 
