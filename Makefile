@@ -25,6 +25,12 @@ fmt: install
 migrate: install
 	$(UV) run mensajero-migrate
 
+# Benchmark of the real stack against raw baselines measured in the same run; not part of
+# CI. BENCH_MODE=quick (the default) or full; results in bench/results/, the recorded
+# table in docs/benchmarks.md.
+bench: install
+	BENCH_MODE=$${BENCH_MODE:-quick} $(UV) run python -m bench.run
+
 # A longer fuzzing run than the one in `make test`: FUZZ_EXAMPLES requests per API
 # operation and generation mode, with a new random seed each run.
 FUZZ_EXAMPLES ?= 100

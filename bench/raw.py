@@ -1,0 +1,198 @@
+"""Raw Redis and Postgres baselines, measured in the orchestrator before any service runs.
+
+They use the clients the services use (redis-py asyncio with hiredis, asyncpg) and the
+same payloads: a new-message stream entry, and a row with the columns the API inserts
+into a copy of `smsmessage` with the same indexes.
+"""
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from bench.stats import summarize_ms
+
+RAW_TABLE = "bench_raw_message"
+BODY = "Benchmark message: your code is 123456"
+_INSERT = (
+    f"INSERT INTO {RAW_TABLE} (id, user_id, type, status, to_number, body, segments, "
+    "encoding, meta) VALUES ($1, $2, 'outgoing', 'pending', $3, $4, 1, 'gsm7', '{}')"
+)
+_COLUMNS = (
+    "id",
+    "user_id",
+    "type",
+    "status",
+    "to_number",
+    "body",
+    "segments",
+    "encoding",
+)
+
+
+def message_row(user_id: uuid.UUID, number: int) -> tuple[Any, ...]:
+    return (
+        uuid.uuid4(),
+        user_id,
+        "outgoing",
+        "pending",
+        f"+3460{number % 10_000_000:07d}",
+        BODY,
+        1,
+        "gsm7",
+    )
+
+
+# Redis.
+
+
+async def redis_xadd_rate(
+    redis_url: str, stream: str, concurrency: int, duration_s: float
+) -> dict[str, Any]:
+    """XADD new-message entries from `concurrency` callers for `duration_s`."""
+    redis: Redis = Redis.from_url(redis_url, max_connections=concurrency)
+    count = 0
+    stop_at = time.monotonic() + duration_s
+
+    async def writer() -> None:
+        nonlocal count
+        while time.monotonic() < stop_at:
+            await redis.xadd(
+                stream,
+                {"message_id": str(uuid.uuid4())},
+                maxlen=1_000_000,
+                approximate=True,
+            )
+            count += 1
+
+    try:
+        await asyncio.gather(*(writer() for _ in range(concurrency)))
+    finally:
+        await redis.delete(stream)
+        await redis.aclose()
+    return {"rate_per_s": round(count / duration_s, 1), "count": count}
+
+
+async def redis_xadd_to_reader_latency(
+    redis_url: str, stream: str, samples: int
+) -> dict[str, Any]:
+    """Time from XADD to a reader blocked in XREAD receiving the entry, one at a time."""
+    writer: Redis = Redis.from_url(redis_url)
+    reader: Redis = Redis.from_url(redis_url)
+    latencies_ms: list[float] = []
+    try:
+        last_id = await writer.xadd(stream, {"message_id": "start"})
+        for _ in range(samples):
+            read = asyncio.create_task(
+                reader.xread({stream: last_id}, count=1, block=5000)
+            )
+            # Let the XREAD reach Redis and block before the entry is added.
+            await asyncio.sleep(0.002)
+            sent_at = time.perf_counter()
+            await writer.xadd(stream, {"message_id": str(uuid.uuid4())})
+            response = await read
+            latencies_ms.append((time.perf_counter() - sent_at) * 1000)
+            last_id = response[0][1][-1][0]
+    finally:
+        await writer.delete(stream)
+        await writer.aclose()
+        await reader.aclose()
+    return {"latency_ms": summarize_ms(latencies_ms)}
+
+
+# Postgres.
+
+
+async def create_raw_table(dsn: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
+        await connection.execute(
+            f"CREATE TABLE {RAW_TABLE} (LIKE smsmessage INCLUDING ALL)"
+        )
+    finally:
+        await connection.close()
+
+
+async def postgres_insert_commit_rate(
+    dsn: str, pool_size: int, duration_s: float
+) -> dict[str, Any]:
+    """Single-row INSERT + COMMIT from `pool_size` connections for `duration_s`."""
+    pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+    user_id = uuid.uuid4()
+    count = 0
+    stop_at = time.monotonic() + duration_s
+
+    async def worker() -> None:
+        nonlocal count
+        async with pool.acquire() as connection:
+            while time.monotonic() < stop_at:
+                row = message_row(user_id, count)
+                async with connection.transaction():
+                    await connection.execute(_INSERT, row[0], row[1], row[4], row[5])
+                count += 1
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(pool_size)))
+    finally:
+        await pool.close()
+    return {"rate_per_s": round(count / duration_s, 1), "count": count}
+
+
+async def postgres_commit_latency(dsn: str, samples: int) -> dict[str, Any]:
+    """Latency of one INSERT + COMMIT on an idle connection, one after another."""
+    connection = await asyncpg.connect(dsn)
+    user_id = uuid.uuid4()
+    latencies_ms: list[float] = []
+    try:
+        for number in range(samples):
+            row = message_row(user_id, number)
+            started = time.perf_counter()
+            async with connection.transaction():
+                await connection.execute(_INSERT, row[0], row[1], row[4], row[5])
+            latencies_ms.append((time.perf_counter() - started) * 1000)
+    finally:
+        await connection.close()
+    return {"latency_ms": summarize_ms(latencies_ms)}
+
+
+async def postgres_batch_insert(dsn: str, rows: int, repeats: int) -> dict[str, Any]:
+    """Milliseconds to insert `rows` rows in one transaction, by COPY and by executemany."""
+    connection = await asyncpg.connect(dsn)
+    user_id = uuid.uuid4()
+    copy_ms: list[float] = []
+    executemany_ms: list[float] = []
+    try:
+        for _ in range(repeats):
+            batch = [message_row(user_id, number) for number in range(rows)]
+            started = time.perf_counter()
+            async with connection.transaction():
+                await connection.copy_records_to_table(
+                    RAW_TABLE, records=batch, columns=_COLUMNS
+                )
+            copy_ms.append((time.perf_counter() - started) * 1000)
+
+            batch = [message_row(user_id, number) for number in range(rows)]
+            started = time.perf_counter()
+            async with connection.transaction():
+                await connection.executemany(
+                    _INSERT, [(row[0], row[1], row[4], row[5]) for row in batch]
+                )
+            executemany_ms.append((time.perf_counter() - started) * 1000)
+    finally:
+        await connection.close()
+    return {
+        "copy_ms": summarize_ms(copy_ms),
+        "executemany_ms": summarize_ms(executemany_ms),
+    }
+
+
+async def drop_raw_table(dsn: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
+    finally:
+        await connection.close()
