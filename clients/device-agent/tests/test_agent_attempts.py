@@ -190,3 +190,54 @@ async def test_agent_reports_each_part(
             select(SMSMessagePart.status).where(SMSMessagePart.message_id == message_id)
         )
         assert list(stored) == ["delivered"] * 3
+
+
+async def test_agent_sends_only_after_claim() -> None:
+    # The server answers the `sending` report with another attempt: the task moved to
+    # another phone meanwhile, so this one must not send it.
+    task = {
+        "type": "task",
+        "message_id": "df5c4300-be9d-4a72-a74d-5ec9bcc7c785",
+        "to": "+34600000001",
+        "body": "Hola",
+        "segments": 1,
+        "encoding": "gsm7",
+        "attempt": 1,
+    }
+    answered = asyncio.Event()
+
+    async def moving_hub(socket: ServerConnection) -> None:
+        async for raw in socket:
+            frame = orjson.loads(raw)
+            if frame["type"] == "register":
+                ack = {
+                    "type": "ack",
+                    "of": "register",
+                    "request_id": frame["request_id"],
+                }
+                await socket.send(orjson.dumps(ack).decode())
+                await socket.send(orjson.dumps(task).decode())
+            elif frame["type"] == "sms_report":
+                ack = {
+                    "type": "ack",
+                    "of": "sms_report",
+                    "request_id": frame["request_id"],
+                    "message_id": frame["message_id"],
+                    "status": "sending",
+                    "attempt": 2,
+                }
+                await socket.send(orjson.dumps(ack).decode())
+                answered.set()
+
+    backend = ScriptedBackend([])
+    async with serve(moving_hub, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}{WS_PATH}"
+        async with running_agent(url, "mdk_any", backend) as (_, events, _):
+            dropped = await events.wait_for("task_dropped")
+            async with asyncio.timeout(scaled(5)):
+                await answered.wait()
+
+    assert backend.sent_count == 0
+    assert dropped["status"] == "sending"
+    assert dropped["attempt"] == 1

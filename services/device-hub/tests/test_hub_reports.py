@@ -351,3 +351,39 @@ def test_new_attempt_is_pushed_again() -> None:
     assert state.select_unpushed([repeat, retry]) == [retry]
     assert not state.mark_pushed(repeat)
     assert state.mark_pushed(retry)
+
+
+async def test_moved_task_report_changes_nothing(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    first = await create_device(session_factory)
+    second = await create_device(session_factory, user_id=first.user_id)
+    message = await create_outgoing(session_factory, second, attempts=2)
+    async with session_factory() as db:
+        db.add_all(
+            [
+                SMSMessageAttempt(
+                    message_id=message.id,
+                    attempt_number=1,
+                    device_id=first.device_id,
+                    status=AttemptStatus.MOVED.value,
+                ),
+                SMSMessageAttempt(
+                    message_id=message.id,
+                    attempt_number=2,
+                    device_id=second.device_id,
+                    status=AttemptStatus.ASSIGNED.value,
+                ),
+            ]
+        )
+        await db.commit()
+
+    async with open_socket(hub_url, first.api_key) as socket:
+        ack = await report(socket, message.id, status="sending", attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    assert ack["type"] == "ack"
+    assert ack["status"] == "assigned"
+    assert ack["attempt"] == 2
+    assert row.status == MessageStatus.ASSIGNED
+    assert row.device_id == second.device_id

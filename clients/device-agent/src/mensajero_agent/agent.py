@@ -132,6 +132,8 @@ class Agent:
         self._outbox: dict[str, dict[str, Any]] = {}
         self._sent_at_s: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # request_id of a `sending` report → the answer its send waits for.
+        self._claims: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._pong_waiter: asyncio.Future[None] | None = None
         self._ping_interval_s = config.ping_interval_s or 60.0
         self.device_id: str | None = None
@@ -324,6 +326,7 @@ class Agent:
         if isinstance(request_id, str):
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)
+            self._answer_claim(request_id, frame)
         if of == "sms_report":
             self._emit(
                 "report_ack",
@@ -349,6 +352,7 @@ class Agent:
         if isinstance(request_id, str) and code in PERMANENT_ERRORS:
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)
+            self._answer_claim(request_id, frame)
 
     # Tasks.
 
@@ -417,8 +421,9 @@ class Agent:
     async def _send_sms(
         self, message_id: str, task: dict[str, Any], attempt: int | None
     ) -> None:
+        if not await self._claim(message_id, attempt):
+            return
         self.ledger.record(message_id, "sending", attempt=attempt)
-        self._report(message_id, "sending", attempt=attempt)
 
         try:
             outcome = await self.backend.send(task)
@@ -437,6 +442,46 @@ class Agent:
             return
         self.ledger.record(message_id, delivery.status, delivery.error, attempt=attempt)
         self._report_outcome(message_id, task, delivery, attempt)
+
+    async def _claim(self, message_id: str, attempt: int | None) -> bool:
+        """Report `sending` and wait for its answer; return whether to send the SMS.
+
+        The SMS goes out only when the server's `ack` names `sending` and this attempt.
+        A task that moved to another device meanwhile gets another answer, so it is
+        never sent by two phones. The wait lasts across reconnects, since the report
+        stays in the outbox until it is answered.
+        """
+        answer: asyncio.Future[dict[str, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        request_id = self._report(message_id, "sending", attempt=attempt)
+        self._claims[request_id] = answer
+        try:
+            reply = await answer
+        finally:
+            self._claims.pop(request_id, None)
+
+        status = reply.get("status") if reply.get("type") == "ack" else None
+        acked_attempt = reply.get("attempt")
+        same_attempt = attempt is None or acked_attempt in (None, attempt)
+        if status == "sending" and same_attempt:
+            return True
+        if status in ("sent", "delivered") and same_attempt:
+            # This phone sent it before and forgot: record what the server knows.
+            self.ledger.record(message_id, status, attempt=attempt)
+        self._emit(
+            "task_dropped",
+            message_id=message_id,
+            attempt=attempt,
+            status=status,
+            error=reply.get("error"),
+        )
+        return False
+
+    def _answer_claim(self, request_id: str, reply: dict[str, Any]) -> None:
+        claim = self._claims.get(request_id)
+        if claim is not None and not claim.done():
+            claim.set_result(reply)
 
     def _report_outcome(
         self,
@@ -471,7 +516,8 @@ class Agent:
         part: int | None = None,
         parts: int | None = None,
         resent: bool = False,
-    ) -> None:
+    ) -> str:
+        """Queue a report; return its request_id."""
         frame: dict[str, Any] = {
             "type": "sms_report",
             "message_id": message_id,
@@ -495,15 +541,16 @@ class Agent:
             part=part,
             resent=resent,
         )
-        self._queue(frame)
+        return self._queue(frame)
 
     # Outbox.
 
-    def _queue(self, frame: dict[str, Any]) -> None:
+    def _queue(self, frame: dict[str, Any]) -> str:
         request_id = uuid.uuid4().hex
         self._outbox[request_id] = {**frame, "request_id": request_id}
         if self.registered.is_set():
             self._send_outbox_item(request_id)
+        return request_id
 
     def _flush_outbox(self) -> None:
         for request_id in list(self._outbox):

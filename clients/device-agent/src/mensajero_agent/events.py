@@ -1,8 +1,9 @@
 """Events the agent reports as it works, and a recorder that tests wait on.
 
 Every event is a dict with `event` (its name), `at` (ISO 8601 UTC) and its own fields:
-connected, registered, task, report, report_ack, incoming, incoming_ack, error,
-disconnected, stopped. The command line prints each one as a JSON line.
+connected, registered, task, task_dropped (a task the server took back before it was
+sent), report, report_ack, incoming, incoming_ack, error, disconnected, stopped. The
+command line prints each one as a JSON line.
 """
 
 import asyncio

@@ -101,10 +101,15 @@ def register_ack(
 
 
 def report_ack(
-    message_id: uuid.UUID, status: str, request_id: str | None
+    message_id: uuid.UUID, status: str, attempt: int, request_id: str | None
 ) -> dict[str, Any]:
+    """Build the `ack` of an `sms_report`: the message's status and current attempt."""
     return protocol.ack_frame(
-        "sms_report", request_id=request_id, message_id=str(message_id), status=status
+        "sms_report",
+        request_id=request_id,
+        message_id=str(message_id),
+        status=status,
+        attempt=attempt,
     )
 
 

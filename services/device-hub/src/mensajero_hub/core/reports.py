@@ -3,7 +3,8 @@
 The message row is locked for the whole report, so the reports of one message apply one
 at a time whatever connection or hub they arrive on. Then:
 
-- a report naming an earlier `attempt` changes nothing: that attempt has ended;
+- a report naming an earlier `attempt` changes nothing: that attempt has ended. So does
+  a report from a device whose attempt moved to another device;
 - a message that is not in flight (`pending` for a retry, or final) does not change;
 - a part report is stored per part, forward-only, and the message takes the aggregate of
   its parts: any part failed → failed, every part delivered → delivered, every part
@@ -25,7 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_common import message_attempts
 from mensajero_common.message_attempts import ERROR_EXPIRED, LockedMessage
-from mensajero_common.models import AttemptStatus, MessageStatus, SMSMessagePart
+from mensajero_common.models import (
+    AttemptStatus,
+    MessageStatus,
+    SMSMessageAttempt,
+    SMSMessagePart,
+)
 from mensajero_common.protocol import SmsReportFrame
 from mensajero_common.settings import Settings
 from mensajero_common.status import can_transition
@@ -51,8 +57,11 @@ class PartReport:
 
 @dataclass
 class ReportOutcome:
-    # The message's status after the report, sent back in the `ack`.
+    # The message's status and current attempt after the report, sent back in the `ack`.
+    # A phone that reported `sending` sends the SMS only when the `ack` names `sending`
+    # and its own attempt.
     status: MessageStatus
+    attempt: int
     # A forward move to `sending`, `sent` or `delivered`, whose webhook event the caller
     # records.
     change: repository.MessageChange | None = None
@@ -60,6 +69,8 @@ class ReportOutcome:
     delivery_ids: list[uuid.UUID] = field(default_factory=list)
     # The task entries of the message up to this attempt leave the device's stream.
     remove_up_to_attempt: int | None = None
+    # The report came from a device whose attempt moved to another device.
+    moved_away: bool = False
 
 
 def aggregate_parts(parts: Sequence[PartReport]) -> tuple[MessageStatus, str | None]:
@@ -128,6 +139,44 @@ async def _store_part(
     ]
 
 
+async def _attempt_of_device(
+    db: AsyncSession, message: LockedMessage, device_id: uuid.UUID
+) -> int | None:
+    """Return the latest attempt of the message that went to this device, if any."""
+    statement = select(func.max(SMSMessageAttempt.attempt_number)).where(
+        SMSMessageAttempt.message_id == message.id,
+        SMSMessageAttempt.device_id == device_id,
+    )
+    return (await db.execute(statement)).scalar_one_or_none()
+
+
+def _moved_away(
+    message: LockedMessage,
+    device_id: uuid.UUID,
+    moved_from: int,
+    frame: SmsReportFrame,
+) -> ReportOutcome:
+    """Answer a report on an attempt that moved to another device, changing nothing.
+
+    A phone that follows the protocol has not sent the SMS: it sends only once the `ack`
+    of its `sending` report names its own attempt, which this one does not.
+    """
+    log.warning(
+        "report on a moved task ignored",
+        message_id=str(message.id),
+        device_id=str(device_id),
+        moved_from_attempt=moved_from,
+        attempt=message.current_attempt,
+        status=frame.status,
+    )
+    return ReportOutcome(
+        message.status,
+        message.current_attempt,
+        remove_up_to_attempt=moved_from,
+        moved_away=True,
+    )
+
+
 async def apply_report(
     db: AsyncSession,
     settings: Settings,
@@ -140,6 +189,10 @@ async def apply_report(
     message assigned to this device.
     """
     message = await message_attempts.lock_message(db, frame.message_id)
+    if message is not None and message.device_id != device_id:
+        moved_from = await _attempt_of_device(db, message, device_id)
+        if moved_from is not None:
+            return _moved_away(message, device_id, moved_from, frame)
     if message is None or message.device_id != device_id:
         raise FrameRejectedError(
             "report_not_allowed",
@@ -159,10 +212,10 @@ async def apply_report(
             status=frame.status,
         )
         return ReportOutcome(
-            message.status, remove_up_to_attempt=min(frame.attempt, attempt)
+            message.status, attempt, remove_up_to_attempt=min(frame.attempt, attempt)
         )
     if message.status not in REPORTABLE_MESSAGE_STATUSES:
-        return ReportOutcome(message.status, remove_up_to_attempt=attempt)
+        return ReportOutcome(message.status, attempt, remove_up_to_attempt=attempt)
 
     status, error = MessageStatus(frame.status), frame.error
     went_out = message.sent_at is not None
@@ -176,9 +229,10 @@ async def apply_report(
     if status is MessageStatus.EXPIRED and message.expires_at is not None:
         expired = await message_attempts.expire_message(db, settings, message)
         if expired is None:
-            return ReportOutcome(message.status)
+            return ReportOutcome(message.status, attempt)
         return ReportOutcome(
             MessageStatus.EXPIRED,
+            attempt,
             delivery_ids=expired.delivery_ids,
             remove_up_to_attempt=attempt,
         )
@@ -203,7 +257,10 @@ async def apply_report(
             retry=end.status is MessageStatus.PENDING,
         )
         return ReportOutcome(
-            end.status, delivery_ids=end.delivery_ids, remove_up_to_attempt=attempt
+            end.status,
+            attempt,
+            delivery_ids=end.delivery_ids,
+            remove_up_to_attempt=attempt,
         )
 
     change = await repository.advance_message_status(
@@ -213,12 +270,15 @@ async def apply_report(
         # A repeated or late report; the task leaves the stream once the SMS went out.
         done = message.status in SENT_STATUSES or status in SENT_STATUSES
         return ReportOutcome(
-            message.status, remove_up_to_attempt=attempt if done else None
+            message.status, attempt, remove_up_to_attempt=attempt if done else None
         )
     await message_attempts.record_attempt_status(
         db, message, AttemptStatus(change.status.value), parts=parts
     )
     done = change.status in SENT_STATUSES
     return ReportOutcome(
-        change.status, change=change, remove_up_to_attempt=attempt if done else None
+        change.status,
+        attempt,
+        change=change,
+        remove_up_to_attempt=attempt if done else None,
     )

@@ -167,7 +167,7 @@ class DeviceService:
 
     async def apply_report(
         self, identity: DeviceIdentity, frame: SmsReportFrame
-    ) -> MessageStatus:
+    ) -> reports.ReportOutcome:
         """Apply a status report forward-only; return the message's status afterwards.
 
         Raises FrameRejectedError(report_not_allowed) when the message is not an outgoing
@@ -193,7 +193,7 @@ class DeviceService:
                 frame.message_id,
                 up_to_attempt=outcome.remove_up_to_attempt,
             )
-        return outcome.status
+        return outcome
 
     async def store_incoming(
         self, identity: DeviceIdentity, frame: SmsIncomingFrame

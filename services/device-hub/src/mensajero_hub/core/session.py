@@ -213,12 +213,17 @@ class DeviceSession:
             return frames.pong(datetime.now(UTC), frame.request_id)
 
         if isinstance(frame, SmsReportFrame):
-            status = await self._service.apply_report(self.identity, frame)
-            # Once the phone no longer holds the task (finished, or waiting for a retry
-            # that comes as a new task), its record goes.
-            if status not in IN_FLIGHT_STATUSES:
+            outcome = await self._service.apply_report(self.identity, frame)
+            # Once the phone no longer holds the task (finished, moved, or waiting for a
+            # retry that comes as a new task), its record goes.
+            if outcome.status not in IN_FLIGHT_STATUSES or outcome.moved_away:
                 self.state.forget(frame.message_id)
-            return frames.report_ack(frame.message_id, status.value, frame.request_id)
+            return frames.report_ack(
+                frame.message_id,
+                outcome.status.value,
+                outcome.attempt,
+                frame.request_id,
+            )
 
         if isinstance(frame, SmsIncomingFrame):
             message_id = await self._service.store_incoming(self.identity, frame)

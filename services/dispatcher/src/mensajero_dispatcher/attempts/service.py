@@ -176,13 +176,15 @@ async def move_unacknowledged_tasks(
     # The failed-or-moved devices are avoided by the assignment, so each message goes to
     # another online device of its user.
     plan = await assign_messages(ctx, [task.message_id for task, _ in ended])
-    targets = {item.message.id: item.device_id for item in plan.assignments}
+    # A message missing here was assigned by another job in between, or waits for a
+    # device; either way its assignment is logged where it happens.
+    targets = {item.message.id: str(item.device_id) for item in plan.assignments}
     for task, _ in ended:
         log.info(
             "unacknowledged task moved",
             message_id=str(task.message_id),
             from_device_id=str(task.device_id),
-            to_device_id=str(targets.get(task.message_id)),
+            to_device_id=targets.get(task.message_id),
             attempt=task.attempt,
         )
     return len(ended)
