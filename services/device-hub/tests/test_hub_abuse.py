@@ -415,6 +415,30 @@ async def test_key_expired_since_issue_is_rejected(
     assert "expired" in reason
 
 
+async def test_key_expiring_while_connected_closes(
+    session_factory: Sessions, settings: Settings, redis: Redis
+) -> None:
+    # A 1 s ping interval makes the session check its key every half second.
+    fast = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
+    expires_at = datetime.now(UTC) + timedelta(seconds=1)
+    device = await create_device(session_factory, api_key_expires_at=expires_at)
+
+    async with serve_hub(fast) as url, open_socket(url, device.api_key) as socket:
+        first = await request(socket, {"type": "ping"})
+        async with asyncio.timeout(scaled(5)):
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await send(socket, {"type": "ping"})
+                    await receive(socket)
+                    await asyncio.sleep(0.2)
+
+    assert first["type"] == "pong"
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == protocol.CLOSE_INVALID_API_KEY
+    assert "expired" in closed.value.rcvd.reason
+    assert datetime.now(UTC) >= expires_at
+
+
 async def test_report_on_other_users_message_changes_nothing(
     hub_url: str, session_factory: Sessions
 ) -> None:

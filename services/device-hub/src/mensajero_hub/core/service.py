@@ -49,6 +49,8 @@ class DeviceIdentity:
     name: str
     phone_number: str | None
     default_region: str | None
+    # The session closes the connection once the key it authenticated with expires.
+    api_key_expires_at: datetime | None = None
 
 
 class DeviceService:
@@ -101,6 +103,7 @@ class DeviceService:
             name=found.name,
             phone_number=found.phone_number,
             default_region=found.default_region,
+            api_key_expires_at=found.api_key_expires_at,
         )
 
     async def announce_connection(

@@ -269,6 +269,13 @@ class DeviceSession:
             return
         # Set before the awaits, so frames arriving meanwhile do not touch again.
         self.state.last_touch_at_s = now_s
+        expires_at = self.identity.api_key_expires_at
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            self.log.info("closing connection: device API key expired")
+            await self.close(
+                protocol.CLOSE_INVALID_API_KEY, frames.REASON_INVALID_API_KEY["expired"]
+            )
+            return
         try:
             newest = await self._service.connection_keys.refresh(
                 self.device_id, self.connection_id
