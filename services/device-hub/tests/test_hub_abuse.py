@@ -39,13 +39,12 @@ from mensajero_common.testing import scaled
 
 Sessions = async_sessionmaker[AsyncSession]
 
-# Close codes a hostile connection may end with. Any other code (1006 without a close
-# frame, 1011 internal error) means the hub lost control of the connection.
+# Close codes a hostile connection may end with: the ones the protocol documents, and 1008
+# (policy violation). Any other code (1006 without a close frame, 1011 internal error)
+# means the hub lost control of the connection.
 DOCUMENTED_CLOSE_CODES = {
-    protocol.CLOSE_TOO_MANY_ERRORS,
-    protocol.CLOSE_MESSAGE_TOO_BIG,
-    1008,
-}
+    value for name, value in vars(protocol).items() if name.startswith("CLOSE_")
+} | {1008}
 # Frames a flooding phone sends as fast as the socket takes them.
 FLOOD_FRAMES = 2000
 
