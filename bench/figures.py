@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import httpx
 from redis.asyncio import Redis
 
@@ -27,6 +28,9 @@ LAG_POLL_S = 0.01
 DRAIN_TIMEOUT_S = 60.0
 QUIET_TIMEOUT_S = 30.0
 BULK_RECIPIENTS = 1000
+# The latency probe's recipients are +34602xxxxxx, so its messages can be found again.
+LATENCY_COUNTER_START = 2_000_000
+LATENCY_NUMBER_PREFIX = "+34602"
 
 
 class LagMonitor:
@@ -237,10 +241,13 @@ async def _measure_latency(
         warmup_s=mode.warmup_s,
         duration_s=mode.measure_s,
         concurrency=mode.http_concurrency,
-        counter_start=2_000_000,
+        counter_start=LATENCY_COUNTER_START,
     )
     result["cpu_s_by_process"] = run.cpu_used(before, run.cpu_snapshot())
     result["rate_per_s"] = rate
+    result["created_to_assigned_ms"] = await _assignment_delays(
+        run.data.dsn, LATENCY_NUMBER_PREFIX
+    )
     run.measurements["send_to_task_latency"] = result
     latency = result["to_task_ms"]
     missing = result["without_task"]
@@ -263,6 +270,29 @@ async def _measure_latency(
                 note=note if fraction == 0.5 else "",
             )
         )
+
+
+async def _assignment_delays(dsn: str, number_prefix: str) -> dict[str, float | None]:
+    """Return percentiles of the time from a message's insert to its assignment.
+
+    `created_at` is the API transaction's start and `assigned_at` the dispatcher's
+    transaction start, so this is the API-to-dispatcher part of the latency.
+    """
+    connection = await asyncpg.connect(dsn)
+    try:
+        row = await connection.fetchrow(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50, "
+            "percentile_cont(0.99) WITHIN GROUP (ORDER BY d) AS p99 FROM ("
+            "SELECT extract(epoch FROM assigned_at - created_at) * 1000 AS d "
+            "FROM smsmessage WHERE to_number LIKE $1 AND assigned_at IS NOT NULL) AS t",
+            number_prefix + "%",
+        )
+    finally:
+        await connection.close()
+    return {
+        "p50": None if row["p50"] is None else round(row["p50"], 1),
+        "p99": None if row["p99"] is None else round(row["p99"], 1),
+    }
 
 
 async def _measure_dispatcher_capacity(
