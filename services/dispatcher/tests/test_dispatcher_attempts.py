@@ -282,6 +282,25 @@ async def test_unacknowledged_task_stays_when_alone(ctx, factory):
         assert (await factory.reload(message)).device_id == device_id
 
 
+async def test_live_device_keeps_slow_tasks(ctx, factory):
+    user = await factory.user()
+    busy = await factory.device(user)
+    await factory.device(user)
+    ack_timeout_s = ctx.settings.TASK_ACK_TIMEOUT_S
+    slow = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=busy, age_s=2 * ack_timeout_s
+    )
+    stuck = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=busy, age_s=20 * ack_timeout_s
+    )
+
+    moved = await move_unacknowledged_tasks(ctx)
+
+    assert moved == 1
+    assert (await factory.reload(slow)).device_id == busy.id
+    assert (await factory.reload(stuck)).device_id != busy.id
+
+
 async def test_device_online_pulls_stalled_tasks(ctx, factory):
     user = await factory.user()
     gone = await factory.device(user, status=DeviceStatus.OFFLINE)

@@ -129,7 +129,8 @@ class Settings(BaseSettings):
     # Wait between a failed attempt and the next one, in seconds.
     MESSAGE_RETRY_DELAY_S: Annotated[float, Field(ge=0)] = 30.0
     # A task that no phone acknowledged (no `sending` report) for this many seconds moves
-    # to another online device of the user, unless the sender asked for that device.
+    # to another online device of the user when its device is offline or silent (after
+    # 10 times as long when it is alive), unless the sender asked for that device.
     TASK_ACK_TIMEOUT_S: Annotated[float, Field(gt=0)] = 60.0
     # A task acknowledged (`sending`) and not finished (`sent` or `failed`) for this many
     # seconds ends `failed` with the error `no_report`; it is never sent elsewhere, since

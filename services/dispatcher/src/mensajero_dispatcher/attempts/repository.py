@@ -37,11 +37,18 @@ async def lock_unacknowledged(
     session: AsyncSession,
     *,
     ack_timeout_s: float,
+    silent_after_s: float,
+    stuck_after_s: float,
     user_id: uuid.UUID | None,
     limit: int,
 ) -> list[StalledTask]:
-    """Lock `assigned` messages that no phone acknowledged within `ack_timeout_s` and that
-    may move: the sender asked for no device, and another device of the user is online.
+    """Lock `assigned` messages that no phone acknowledged and that may move.
+
+    A message may move when the sender asked for no device, another device of the user
+    is online, and either its device is gone (offline, disabled, deleted, or without a
+    heartbeat for `silent_after_s`) and `ack_timeout_s` has passed, or `stuck_after_s`
+    has passed whatever its device's state. A device that is alive but slow keeps its
+    tasks until then, because moving them would only add work to a busy system.
     """
     another_device_online = exists().where(
         SMSDevice.user_id == SMSMessage.user_id,
@@ -49,13 +56,21 @@ async def lock_unacknowledged(
         SMSDevice.status == DeviceStatus.ONLINE.value,
         SMSDevice.is_active.is_(True),
     )
+    device_alive = exists().where(
+        SMSDevice.id == SMSMessage.device_id,
+        SMSDevice.status == DeviceStatus.ONLINE.value,
+        SMSDevice.is_active.is_(True),
+        SMSDevice.last_heartbeat >= func.now() - timedelta(seconds=silent_after_s),
+    )
+    waited_s = func.now() - SMSMessage.assigned_at
     statement = (
         select(SMSMessage.id, SMSMessage.device_id, SMSMessage.attempts)
         .where(
             SMSMessage.type == MessageType.OUTGOING.value,
             SMSMessage.status == MessageStatus.ASSIGNED.value,
             SMSMessage.requested_device_id.is_(None),
-            SMSMessage.assigned_at < func.now() - timedelta(seconds=ack_timeout_s),
+            waited_s > timedelta(seconds=ack_timeout_s),
+            or_(~device_alive, waited_s > timedelta(seconds=stuck_after_s)),
             _not_expired(),
             another_device_online,
         )

@@ -1,9 +1,10 @@
 """Deadlines of attempts and expiry of messages, checked every MESSAGE_CHECK_INTERVAL_S.
 
-- A task that no phone acknowledged (no `sending` report) within TASK_ACK_TIMEOUT_S moves
-  to another online device of the user, as a new attempt, unless the sender asked for
-  its device. The phone never started it, so moving it sends nothing twice. The one way
-  a message goes out twice is a phone whose acknowledgement arrives after the move.
+- A task that no phone acknowledged (no `sending` report) within TASK_ACK_TIMEOUT_S, on
+  a device that is offline or silent, moves to another online device of the user as a
+  new attempt, unless the sender asked for its device. On a device that is alive it
+  moves only after STUCK_DEVICE_FACTOR times as long. A phone sends only once the hub
+  confirms its claim of the attempt, so a moved task goes out once.
 - A task acknowledged but not finished within TASK_REPORT_TIMEOUT_S ends `failed` with
   the error `no_report`. It is never sent elsewhere, since the SMS may have gone out.
 - A message not sent by its `expires_at` ends `expired` and is never pushed again.
@@ -36,6 +37,12 @@ from mensajero_dispatcher.messages.service import assign_messages
 log = structlog.get_logger(__name__)
 
 BATCH_SIZE = 100
+# A task unacknowledged on a device that is connected and alive moves only after this
+# many TASK_ACK_TIMEOUT_S: the phone takes no tasks although it pings.
+STUCK_DEVICE_FACTOR = 10
+# A device counts as silent once it wrote no heartbeat for this many ping intervals; a
+# live connection writes one at least every half interval.
+SILENT_PING_INTERVALS = 2
 
 LockStalled = Callable[[AsyncSession], Awaitable[list[StalledTask]]]
 EndTask = Callable[[AsyncSession, StalledTask], Awaitable[AttemptEnd | None]]
@@ -143,17 +150,25 @@ async def expire_messages(ctx: DispatcherContext) -> int:
 async def move_unacknowledged_tasks(
     ctx: DispatcherContext, user_id: uuid.UUID | None = None
 ) -> int:
-    """Move every task unacknowledged for TASK_ACK_TIMEOUT_S to another online device of
-    its user (of `user_id` only, when given); return how many moved.
+    """Move every task unacknowledged for TASK_ACK_TIMEOUT_S on a device that is gone
+    (offline or silent) to another online device of its user, and every task
+    unacknowledged for STUCK_DEVICE_FACTOR times as long whatever its device. Only tasks
+    of `user_id` move, when given. Returns how many moved.
 
     A message whose sender asked for its device never moves: it waits for that device.
     """
     settings = ctx.settings
+    silent_after_s = max(
+        settings.TASK_ACK_TIMEOUT_S,
+        SILENT_PING_INTERVALS * settings.WEBSOCKET_PING_INTERVAL,
+    )
 
     async def lock(session: AsyncSession) -> list[StalledTask]:
         return await repository.lock_unacknowledged(
             session,
             ack_timeout_s=settings.TASK_ACK_TIMEOUT_S,
+            silent_after_s=silent_after_s,
+            stuck_after_s=STUCK_DEVICE_FACTOR * settings.TASK_ACK_TIMEOUT_S,
             user_id=user_id,
             limit=BATCH_SIZE,
         )
