@@ -156,13 +156,14 @@ def _moved_away(
     moved_from: int,
     frame: SmsReportFrame,
 ) -> ReportOutcome:
-    """Answer a report on an attempt that moved to another device, changing nothing.
+    """Answer a report on an ended attempt of this device, changing nothing, when the
+    message is now on another device (moved, or retried there).
 
-    A phone that follows the protocol has not sent the SMS: it sends only once the `ack`
-    of its `sending` report names its own attempt, which this one does not.
+    A phone that follows the protocol has not sent the SMS of a moved attempt: it sends
+    only once the `ack` of its `sending` report names its own attempt.
     """
-    log.warning(
-        "report on a moved task ignored",
+    log.info(
+        "report on an attempt now on another device ignored",
         message_id=str(message.id),
         device_id=str(device_id),
         moved_from_attempt=moved_from,
