@@ -1,8 +1,8 @@
 """Idle-connection figures: connections held by one device-hub process, memory per
 connection against the bare WebSocket server, and the CPU that heartbeats cost.
 
-A second device-hub process, started for this alone, holds the idle phones, so its
-memory starts from an empty hub. Its WEBSOCKET_PING_INTERVAL is the mode's ping interval;
+A second device-hub process, started for this alone, keeps the idle phones, so its
+memory grows from an empty hub. Its WEBSOCKET_PING_INTERVAL is the mode's ping interval;
 the phones learn it from the register ack and ping on it, as real phones do.
 """
 
@@ -46,9 +46,9 @@ async def measure_idle_hub(run: "Run", stack: Stack) -> None:
             window_s=mode.heartbeat_window_s,
             clients=clients,
             name="idle-clients",
-            # Each connection writes its heartbeat on connect, and again on the first
-            # ping at least half an interval later; after one full interval every ping
-            # is a steady-state ping.
+            # A connection writes its heartbeat on connect and again on its first ping
+            # at least half an interval later. After one full interval, every ping is a
+            # steady-state ping.
             settle_s=interval_s,
         )
     finally:

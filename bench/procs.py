@@ -193,7 +193,11 @@ class Processes:
         interactive: bool = False,
         env: Mapping[str, str] | None = None,
     ) -> Proc:
-        argv = [sys.executable, "-m", f"bench.tools.{module}", json.dumps(options)]
+        # Options go through a file: 19,000 device keys exceed the kernel's limit on
+        # one command-line argument (MAX_ARG_STRLEN, 128 KiB).
+        options_path = self.log_dir / f"{name}.options.json"
+        options_path.write_text(json.dumps(options))
+        argv = [sys.executable, "-m", f"bench.tools.{module}", str(options_path)]
         return await self._start(name, argv, env, interactive, read_results=True)
 
     async def stop(self, proc: Proc) -> None:
@@ -209,7 +213,7 @@ class Processes:
 async def wait_healthy(
     url: str, proc: Proc, timeout_s: float = HEALTH_TIMEOUT_S
 ) -> None:
-    """Wait until `url` answers 200, or raise if the process exits or time runs out."""
+    """Wait until `url` returns 200; raise if the process exits or time runs out."""
     async with httpx.AsyncClient(timeout=2.0) as client:
         async with asyncio.timeout(timeout_s):
             while True:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from bench.console import say
 
-# How a figure is checked: its ratio to the baseline, or its value alone.
+# Comparison of a figure with its target: its ratio to the baseline, or its value alone.
 Check = Literal["ratio>=", "ratio<=", "value>=", "value<="]
 
 

@@ -45,8 +45,8 @@ RUN_TIMEOUT_S = {"quick": 300.0, "full": 2400.0}
 def raise_open_file_limit() -> dict[str, int]:
     """Raise the open-file limit for this process and the processes it starts.
 
-    The soft limit goes up to the hard limit; a process with CAP_SYS_RESOURCE (root in
-    a container, say) may raise the hard limit too, up to fs.nr_open.
+    The soft limit goes up to the hard limit. A process with CAP_SYS_RESOURCE may raise
+    the hard limit too (up to fs.nr_open), unless its sandbox forbids it.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = max(hard, WANTED_OPEN_FILES)

@@ -5,6 +5,7 @@ import json
 import resource
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -31,11 +32,19 @@ def emit(line: dict[str, Any], prefix: str = "") -> None:
     sys.stdout.flush()
 
 
+def read_options() -> dict[str, Any]:
+    """Return the JSON options in the file named by argv[1] (none without it)."""
+    if len(sys.argv) < 2:
+        return {}
+    options: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
+    return options
+
+
 def run_tool(
     main: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]],
 ) -> None:
-    """Run `main(options)` on uvloop with the JSON options of argv[1]; print its result."""
-    options = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    """Run `main(options)` on uvloop with the options of argv[1]; print its result."""
+    options = read_options()
     raise_open_file_limit()
     result = uvloop.run(main(options))
     result["cpu_s"] = round(cpu_seconds_self(), 3)
@@ -82,8 +91,9 @@ async def serve_commands(handlers: dict[str, CommandHandler]) -> None:
 def run_command_tool(
     start: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, CommandHandler]]],
 ) -> None:
-    """Run a helper that prints a ready line after `start(options)`, then serves commands."""
-    options = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    """Run a helper that builds its command handlers with `start(options)`, then serves
+    the commands until `stop`."""
+    options = read_options()
     raise_open_file_limit()
 
     async def main() -> None:

@@ -1,8 +1,8 @@
 """Webhook figures: deliveries per second, alone and with one endpoint timing out.
 
-Events are recorded with the outbox function the services use
-(webhook_outbox.record_message_event) and queued with queue_deliveries, as the hub does
-after its commit; the webhook-sender process then delivers them to bench.tools.sink.
+Events are recorded with the outbox function that the services use
+(webhook_outbox.record_message_event). They are queued with queue_deliveries, as the hub
+does after its commit, and the webhook-sender process delivers them to bench.tools.sink.
 """
 
 import asyncio

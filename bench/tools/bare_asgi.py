@@ -1,17 +1,16 @@
-"""The bare ASGI baseline: a small JSON POST answered with no framework, database or Redis.
+"""The bare ASGI baseline: replies to a small JSON POST with no framework, database or Redis.
 
 It runs under the same uvicorn arguments and logging setup as `mensajero-api` (see
 mensajero_api.main.main), so the difference to the API is the API's own work.
 """
 
-import json
-import sys
 import uuid
 from typing import Any
 
 import orjson
 import uvicorn
 
+from bench.toolmain import read_options
 from mensajero_common.logging import configure_logging
 from mensajero_common.settings import Settings
 
@@ -59,7 +58,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def main() -> None:
-    options = json.loads(sys.argv[1])
+    options = read_options()
     settings = Settings(_env_file=None, LOG_JSON=True, LOG_LEVEL="INFO")
     configure_logging(settings, "bare-asgi")
     uvicorn.run(app, host="127.0.0.1", port=options["port"], log_config=None)

@@ -1,18 +1,17 @@
 """The bare WebSocket baseline: uvicorn with the device-hub's WebSocket implementation and
-options, and an ASGI app that only accepts, answers and pushes.
+options, and an ASGI app that only accepts, replies and pushes.
 
 - A text frame "probe" gets `{"t": <CLOCK_MONOTONIC ns>}` stamped just before the send,
   so the client can measure one-way push latency (both ends read the same clock).
 - Any other text frame gets a small pong, as the hub answers a phone's ping.
 """
 
-import json
-import sys
 import time
 from typing import Any
 
 import uvicorn
 
+from bench.toolmain import read_options
 from mensajero_common.logging import configure_logging
 from mensajero_common.settings import Settings
 from mensajero_hub.main import (
@@ -53,7 +52,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def main() -> None:
-    options = json.loads(sys.argv[1])
+    options = read_options()
     settings = Settings(_env_file=None, LOG_JSON=True, LOG_LEVEL="INFO")
     configure_logging(settings, "bare-ws")
     uvicorn.run(

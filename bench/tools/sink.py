@@ -8,11 +8,12 @@
 
 import asyncio
 import json
-import sys
 import time
 from typing import Any
 
 import uvicorn
+
+from bench.toolmain import read_options
 
 SLOW_DELAY_S = 60.0
 TEXT = b"text/plain"
@@ -66,7 +67,7 @@ class Sink:
 
 
 def main() -> None:
-    options = json.loads(sys.argv[1])
+    options = read_options()
     uvicorn.run(
         Sink(),
         host="127.0.0.1",
