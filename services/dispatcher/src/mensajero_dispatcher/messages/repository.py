@@ -8,11 +8,12 @@ import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
     Select,
+    Table,
     and_,
     bindparam,
     exists,
@@ -43,11 +44,13 @@ from mensajero_dispatcher.messages.schemas import (
 )
 
 Cursor = tuple[datetime, uuid.UUID]
+# A SELECT of any columns.
+AnySelect = Select[*tuple[Any, ...]]
 
 # Statuses of a message whose task sits in its device's stream.
 IN_FLIGHT_STATUSES = (MessageStatus.ASSIGNED, MessageStatus.SENDING)
 
-_messages = SMSMessage.__table__
+_messages = cast(Table, SMSMessage.__table__)
 
 _MARK_ASSIGNED = (
     update(_messages)
@@ -68,7 +71,7 @@ _MARK_ASSIGNED = (
 _AVOIDED_ATTEMPT_STATUSES = (AttemptStatus.FAILED.value, AttemptStatus.MOVED.value)
 
 
-def _select_pending() -> Select[Any]:
+def _select_pending() -> AnySelect:
     return select(
         SMSMessage.id,
         SMSMessage.user_id,
@@ -96,13 +99,13 @@ def _not_expired() -> ColumnElement[bool]:
     return or_(SMSMessage.expires_at.is_(None), SMSMessage.expires_at > func.now())
 
 
-def _after(statement: Select[Any], cursor: Cursor | None) -> Select[Any]:
+def _after(statement: AnySelect, cursor: Cursor | None) -> AnySelect:
     if cursor is None:
         return statement
     return statement.where(tuple_(SMSMessage.created_at, SMSMessage.id) > cursor)
 
 
-async def _lock(session: AsyncSession, statement: Select[Any]) -> list[PendingMessage]:
+async def _lock(session: AsyncSession, statement: AnySelect) -> list[PendingMessage]:
     locked = statement.order_by(SMSMessage.created_at, SMSMessage.id).with_for_update(
         of=SMSMessage, skip_locked=True
     )
@@ -289,7 +292,8 @@ async def list_devices_with_tasks(
     )
     if after is not None:
         statement = statement.where(SMSMessage.device_id > after)
-    return list((await session.execute(statement)).scalars())
+    device_ids = (await session.execute(statement)).scalars()
+    return [device_id for device_id in device_ids if device_id is not None]
 
 
 async def list_in_flight_ids(
@@ -330,4 +334,5 @@ async def load_in_flight_tasks(
         )
         .order_by(SMSMessage.assigned_at, SMSMessage.id)
     )
-    return [InFlightTask(*row) for row in (await session.execute(statement)).all()]
+    rows = (await session.execute(statement)).all()
+    return [InFlightTask(**row._mapping) for row in rows]
