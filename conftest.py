@@ -77,6 +77,10 @@ def settings(database_url: str) -> Settings:
         FIRST_SUPERUSER="admin@example.com",
         FIRST_SUPERUSER_PASSWORD="admin-password-for-tests",
         LOG_JSON=False,
+        # Small pools, so that the services of parallel tests stay within Postgres's
+        # default 100 connections.
+        DATABASE_POOL_SIZE=2,
+        DATABASE_MAX_OVERFLOW=4,
         # Workers started by a test serve no ops endpoints unless the test asks for them,
         # so parallel runs never compete for a fixed port.
         DISPATCHER_OPS_PORT=0,
@@ -86,7 +90,7 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture(scope="session")
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(database_url, pool_size=10, max_overflow=20)
+    engine = create_async_engine(database_url, pool_size=5, max_overflow=10)
     yield engine
     await engine.dispose()
 

@@ -39,6 +39,8 @@ def service_environment(settings: Settings, **overrides: object) -> dict[str, st
         "SECRET_KEY",
         "FIRST_SUPERUSER",
         "FIRST_SUPERUSER_PASSWORD",
+        "DATABASE_POOL_SIZE",
+        "DATABASE_MAX_OVERFLOW",
         "DISPATCHER_OPS_PORT",
         "WEBHOOKS_OPS_PORT",
     )

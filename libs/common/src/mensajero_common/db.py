@@ -13,11 +13,12 @@ from sqlalchemy.ext.asyncio import (
 from mensajero_common.settings import Settings
 
 
-def create_engine(settings: Settings, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+    """Create the engine; `pool_size` defaults to DATABASE_POOL_SIZE."""
     return create_async_engine(
         settings.DATABASE_URL,
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        pool_size=pool_size or settings.DATABASE_POOL_SIZE,
+        max_overflow=settings.DATABASE_MAX_OVERFLOW,
         pool_pre_ping=True,
     )
 

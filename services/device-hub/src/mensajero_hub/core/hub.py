@@ -30,9 +30,9 @@ from mensajero_hub.core.session import DeviceSession, Transport
 
 log = structlog.get_logger(__name__)
 
-# Postgres connections of one hub (twice this under bursts): frames of thousands of phones
+# A hub keeps this many times DATABASE_POOL_SIZE connections: frames of thousands of phones
 # share them, and a reconnect storm waits in line instead of exhausting the server.
-DB_POOL_SIZE = 20
+DB_POOL_FACTOR = 2
 # Redis connections of one hub, the pub/sub one included; callers wait for a free one.
 REDIS_MAX_CONNECTIONS = 64
 REDIS_POOL_TIMEOUT_S = 20.0
@@ -76,7 +76,9 @@ class Hub:
 
     async def start(self) -> None:
         """Open Postgres and Redis, subscribe the shared channel reader, start the sweep."""
-        self._engine = create_engine(self.settings, pool_size=DB_POOL_SIZE)
+        self._engine = create_engine(
+            self.settings, pool_size=self.settings.DATABASE_POOL_SIZE * DB_POOL_FACTOR
+        )
         self._redis = create_hub_redis(self.settings)
         self._service = DeviceService(
             self.settings,
