@@ -140,7 +140,9 @@ async def check_url_target(
             )
         except OSError:
             raise UnsafeWebhookURLError(url, "unresolvable_host") from None
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        addresses = [
+            ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos
+        ]
 
     if not addresses or not all(_is_public(address) for address in addresses):
         raise UnsafeWebhookURLError(url, "private_address")
