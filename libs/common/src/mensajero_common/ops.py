@@ -6,6 +6,7 @@ OPS_PORT inside their own event loop.
 """
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -126,8 +127,9 @@ async def serve_ops(app: Starlette, host: str, port: int) -> None:
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="off")
     )
-    # The worker owns the process signals; this server must not take them over.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # The worker owns the process signals: uvicorn's serve() would take SIGTERM and SIGINT
+    # over with capture_signals() (uvicorn 0.55), so the server gets a no-op in its place.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
     try:
         await server.serve()
     except asyncio.CancelledError:
