@@ -23,6 +23,7 @@ REASON_INVALID_API_KEY = {
 REASON_REPLACED = "replaced by a newer connection of this device"
 REASON_REVOKED = "device api key revoked or device deleted"
 REASON_TOO_MANY_ERRORS = "too many consecutive invalid frames"
+REASON_RATE_LIMITED = "rate limited: too many frames per second"
 REASON_SERVICE_RESTART = "service restarting, reconnect"
 REASON_INTERNAL_ERROR = "internal error, reconnect later"
 

@@ -28,6 +28,7 @@ from mensajero_hub.core.frames import FrameRejectedError
 from mensajero_hub.core.service import DeviceIdentity, DeviceService
 from mensajero_hub.core.state import (
     ConnectionState,
+    FrameBucket,
     TaskEntry,
     heartbeat_touch_interval_s,
 )
@@ -95,6 +96,10 @@ class DeviceSession:
             last_touch_at_s=now_s,
         )
         settings = service.settings
+        self.state.frame_bucket = FrameBucket.full(
+            settings.DEVICE_FRAMES_PER_SECOND, now_s
+        )
+        self._flood_max_errors = settings.DEVICE_FRAME_FLOOD_MAX_ERRORS
         self._touch_interval_s = heartbeat_touch_interval_s(
             settings.WEBSOCKET_PING_INTERVAL
         )
@@ -162,12 +167,16 @@ class DeviceSession:
         now_s = self._hub.now_s()
         self.state.record_frame(now_s)
         try:
-            await self._handle_frame(raw)
+            if await self._admit(now_s):
+                await self._handle_frame(raw)
         finally:
             await self._touch_if_due(now_s)
 
     async def handle_binary(self, size_bytes: int) -> None:
-        self.state.record_frame(self._hub.now_s())
+        now_s = self._hub.now_s()
+        self.state.record_frame(now_s)
+        if not await self._admit(now_s):
+            return
         self.log.debug("binary frame rejected", size_bytes=size_bytes)
         await self._reject(
             FrameRejectedError(
@@ -175,6 +184,37 @@ class DeviceSession:
                 reason="binary frames are not supported; send JSON in text frames",
             )
         )
+
+    async def _admit(self, now_s: float) -> bool:
+        """Take the frame's token from the connection's bucket, or reject the frame.
+
+        A rejected frame is not parsed or applied, and gets a `rate_limited` error without
+        its request_id, since reading that would mean parsing it. A flood that goes on
+        for DEVICE_FRAME_FLOOD_MAX_ERRORS rejections in a row closes the connection.
+        """
+        bucket = self.state.frame_bucket
+        if bucket is None or bucket.admit(now_s):
+            return True
+
+        limit = f"{self._service.settings.DEVICE_FRAMES_PER_SECOND}/s"
+        retry_after_s = bucket.retry_after_s()
+        await self._send(
+            frames.error_reply(
+                "rate_limited",
+                self.language,
+                details={"limit": limit, "retry_after": retry_after_s},
+                limit=limit,
+                retry_after=retry_after_s,
+            )
+        )
+        if bucket.consecutive_rejections >= self._flood_max_errors:
+            self.log.info(
+                "closing after a frame flood", rejected=bucket.consecutive_rejections
+            )
+            await self.close(protocol.CLOSE_RATE_LIMITED, frames.REASON_RATE_LIMITED)
+        elif bucket.consecutive_rejections == 1:
+            self.log.info("frame rate limited", limit=limit)
+        return False
 
     async def _handle_frame(self, raw: str) -> None:
         try:

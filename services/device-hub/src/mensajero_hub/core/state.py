@@ -10,6 +10,13 @@ from typing import Any, NamedTuple
 # Consecutive rejected frames after which the hub closes the connection: a phone that keeps
 # sending frames the hub cannot apply has a bug, and each rejection costs a reply.
 MAX_CONSECUTIVE_ERRORS = 20
+# Seconds of DEVICE_FRAMES_PER_SECOND that a connection may send at once. A phone handed a
+# batch of tasks reports `sending`, `sent` and `delivered` for each, and one reconnecting
+# after a network gap flushes the reports it kept, so 20 tasks make 60 frames in a burst
+# plus `register` and a `ping`. Five seconds (100 frames at the default 20 per second)
+# holds that with room to spare, while a phone looping on a bug still hits the limit
+# within seconds.
+FRAME_BURST_S = 5
 
 
 class TaskEntry(NamedTuple):
@@ -24,6 +31,44 @@ class TaskEntry(NamedTuple):
         """The attempt of the message this task belongs to; None in tasks without one."""
         attempt = self.task.get("attempt")
         return attempt if isinstance(attempt, int) else None
+
+
+@dataclass(slots=True)
+class FrameBucket:
+    """Token bucket of the frames one connection may send: `rate_per_s` tokens flow in
+    each second up to `capacity`, and each frame takes one.
+
+    A phone holds one connection, so this limits the device without a Redis round trip
+    per frame.
+    """
+
+    rate_per_s: float
+    capacity: float
+    tokens: float
+    updated_at_s: float
+    # Frames rejected in a row; an admitted frame resets it.
+    consecutive_rejections: int = 0
+
+    @classmethod
+    def full(cls, frames_per_s: int, now_s: float) -> "FrameBucket":
+        capacity = float(frames_per_s * FRAME_BURST_S)
+        return cls(frames_per_s, capacity, tokens=capacity, updated_at_s=now_s)
+
+    def admit(self, now_s: float) -> bool:
+        """Take a token for one frame; return False, and count a rejection, if none is left."""
+        elapsed_s = max(0.0, now_s - self.updated_at_s)
+        self.tokens = min(self.capacity, self.tokens + elapsed_s * self.rate_per_s)
+        self.updated_at_s = now_s
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.consecutive_rejections = 0
+            return True
+        self.consecutive_rejections += 1
+        return False
+
+    def retry_after_s(self) -> int:
+        """Return the whole seconds until the next frame would be admitted, at least 1."""
+        return max(1, math.ceil((1 - self.tokens) / self.rate_per_s))
 
 
 @dataclass(slots=True)
@@ -48,6 +93,8 @@ class ConnectionState:
     # (a new attempt of the same message) is pushed.
     pushed: dict[uuid.UUID, int | None] = field(default_factory=dict)
     consecutive_errors: int = 0
+    # None means no frame rate limit, for states built outside a session.
+    frame_bucket: FrameBucket | None = None
 
     def record_frame(self, now_s: float) -> None:
         self.last_frame_at_s = now_s
