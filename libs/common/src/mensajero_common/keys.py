@@ -49,6 +49,11 @@ class RedisKeys:
         """Prefix of the counters of failed logins, per account and per client address."""
         return f"{self.prefix}:loginthrottle"
 
+    @property
+    def device_pace_prefix(self) -> str:
+        """Prefix of the counters of tasks handed to each device (DEVICE_SMS_PER_MINUTE)."""
+        return f"{self.prefix}:devicepace"
+
     def periodic_job_lock(self, job_name: str) -> str:
         """Lock that lets one replica, not every one, run a periodic job in an interval."""
         return f"{self.prefix}:lock:job:{job_name}"

@@ -65,7 +65,8 @@ class Rejection:
 class AssignmentPlan:
     assignments: list[Assignment] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
-    # Messages that wait: no device of the user is online, or the requested one is disabled.
+    # Messages that wait: no device of the user is online with pace left, or the requested
+    # one is disabled or out of pace (DEVICE_SMS_PER_MINUTE).
     waiting: list[PendingMessage] = field(default_factory=list)
 
 

@@ -32,6 +32,7 @@ from mensajero_dispatcher.messages.schemas import (
     Rejection,
     RequestedDevice,
 )
+from mensajero_dispatcher.pace import service as pace
 
 log = structlog.get_logger(__name__)
 
@@ -61,13 +62,21 @@ def plan_assignments(
     messages: Sequence[PendingMessage],
     online_devices: Iterable[OnlineDevice],
     requested_devices: dict[uuid.UUID, RequestedDevice],
+    pace_left: dict[uuid.UUID, int] | None = None,
 ) -> AssignmentPlan:
     """Choose a device for each message, oldest first, without touching the database.
 
     A requested device gets its message even when offline, since the task waits in its
     stream. Otherwise the online device of the user with the fewest in-flight messages
     wins, counting the messages this plan has already given it, so one batch spreads.
+    With `pace_left` (tasks each device may still be handed in this window; None means
+    no pace), a device at 0 takes no more: its requested messages wait, and the others
+    go to another online device of the user that has pace left, or wait.
     """
+
+    def has_pace(device_id: uuid.UUID) -> bool:
+        return pace_left is None or pace_left.get(device_id, 0) > 0
+
     loads: dict[uuid.UUID, int] = {}
     devices_by_user: dict[uuid.UUID, list[uuid.UUID]] = {}
     for device in online_devices:
@@ -81,12 +90,16 @@ def plan_assignments(
             if requested is None or requested.user_id != message.user_id:
                 plan.rejections.append(Rejection(message, REQUESTED_DEVICE_DELETED))
                 continue
-            if not requested.is_active:
+            if not requested.is_active or not has_pace(requested.id):
                 plan.waiting.append(message)
                 continue
             device_id = requested.id
         else:
-            candidates = devices_by_user.get(message.user_id)
+            candidates = [
+                item
+                for item in devices_by_user.get(message.user_id, [])
+                if has_pace(item)
+            ]
             if not candidates:
                 plan.waiting.append(message)
                 continue
@@ -100,12 +113,14 @@ def plan_assignments(
             )
 
         loads[device_id] = loads.get(device_id, 0) + 1
+        if pace_left is not None:
+            pace_left[device_id] = pace_left.get(device_id, 0) - 1
         plan.assignments.append(Assignment(message, device_id))
     return plan
 
 
 async def _plan(
-    session: AsyncSession, messages: Sequence[PendingMessage]
+    ctx: DispatcherContext, session: AsyncSession, messages: Sequence[PendingMessage]
 ) -> AssignmentPlan:
     requested_ids = {
         message.requested_device_id
@@ -120,7 +135,13 @@ async def _plan(
     online = await repository.find_online_devices(
         session, {message.user_id for message in messages}
     )
-    return plan_assignments(messages, online, requested)
+    candidates = {device.id for device in online} | {
+        device.id for device in requested.values() if device.is_active
+    }
+    left = await pace.pace_left(ctx, candidates)
+    plan = plan_assignments(messages, online, requested, left)
+    await pace.reserve(ctx, plan)
+    return plan
 
 
 async def _reject(session: AsyncSession, rejection: Rejection) -> list[uuid.UUID]:
@@ -195,7 +216,7 @@ async def _assign_batch(ctx: DispatcherContext, lock: LockBatch) -> BatchOutcome
         if not outcome.locked:
             return outcome
 
-        outcome.plan = await _plan(session, outcome.locked)
+        outcome.plan = await _plan(ctx, session, outcome.locked)
         await repository.mark_assigned(session, outcome.plan.assignments)
         for rejection in outcome.plan.rejections:
             delivery_ids += await _reject(session, rejection)
@@ -216,7 +237,7 @@ async def _assign_batch(ctx: DispatcherContext, lock: LockBatch) -> BatchOutcome
         )
     for message in outcome.plan.waiting:
         log.debug(
-            "message waits for a device",
+            "message waits for a device or for a device's pace",
             message_id=str(message.id),
             user_id=str(message.user_id),
         )

@@ -1,0 +1,101 @@
+"""Sending pace of each device: at most DEVICE_SMS_PER_MINUTE tasks in any 60 seconds.
+
+Carriers block SIMs that send in bursts, and Android asks the user before an app sends
+too many SMS, so the dispatcher hands each device tasks at a steady pace. The counters are
+moving windows of the `limits` package in Redis, shared by every dispatcher replica.
+
+The assignment reads the pace left of each candidate device before it plans, then
+reserves what the plan gives each device. When another replica took some of that pace
+meanwhile, the device keeps only the oldest messages that still fit and the others stay
+pending. A pending message is not signalled again: the pending sweep (every
+DISPATCHER_SWEEP_INTERVAL) or the device's next `online` event assigns it once a window
+has room, so paced messages cost one read per sweep and never a loop.
+
+NOTE: a paced message may wait up to one DISPATCHER_SWEEP_INTERVAL after its device's
+window has room again.
+"""
+
+import uuid
+import weakref
+from collections.abc import Collection
+
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
+
+from mensajero_dispatcher.context import DispatcherContext
+from mensajero_dispatcher.messages.schemas import AssignmentPlan
+
+# One limiter per Redis client, since a limiter's storage shares the client's pool.
+_limiters: "weakref.WeakKeyDictionary[Redis, MovingWindowRateLimiter]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pace_item(ctx: DispatcherContext) -> RateLimitItem:
+    return RateLimitItemPerMinute(ctx.settings.DEVICE_SMS_PER_MINUTE)
+
+
+def _limiter(ctx: DispatcherContext) -> MovingWindowRateLimiter:
+    limiter = _limiters.get(ctx.redis)
+    if limiter is None:
+        storage = RedisStorage(
+            "async+" + ctx.settings.REDIS_URL,
+            implementation="redispy",
+            key_prefix=ctx.keys.device_pace_prefix,
+            # The stubs of `limits` type options as scalars; redis-py takes the pool.
+            connection_pool=ctx.redis.connection_pool,  # type: ignore[arg-type]
+        )
+        limiter = MovingWindowRateLimiter(storage)
+        _limiters[ctx.redis] = limiter
+    return limiter
+
+
+async def pace_left(
+    ctx: DispatcherContext, device_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    """Return how many more tasks each device may be handed in the current window."""
+    limiter = _limiter(ctx)
+    item = pace_item(ctx)
+    left: dict[uuid.UUID, int] = {}
+    for device_id in device_ids:
+        stats = await limiter.get_window_stats(item, str(device_id))
+        left[device_id] = max(0, stats.remaining)
+    return left
+
+
+async def reserve(ctx: DispatcherContext, plan: AssignmentPlan) -> None:
+    """Take the pace of every assignment in `plan`, moving those that no longer fit to
+    `plan.waiting`.
+
+    A reservation whose assignment then fails to commit stays taken: the device is
+    paced a little below the limit for one window, never above it.
+    """
+    limiter = _limiter(ctx)
+    item = pace_item(ctx)
+    by_device: dict[uuid.UUID, int] = {}
+    for assignment in plan.assignments:
+        by_device[assignment.device_id] = by_device.get(assignment.device_id, 0) + 1
+
+    granted: dict[uuid.UUID, int] = {}
+    for device_id, requested in by_device.items():
+        if await limiter.hit(item, str(device_id), cost=requested):
+            granted[device_id] = requested
+            continue
+        # Another replica handed this device tasks since the plan read its pace.
+        stats = await limiter.get_window_stats(item, str(device_id))
+        fits = min(requested, max(0, stats.remaining))
+        if fits and await limiter.hit(item, str(device_id), cost=fits):
+            granted[device_id] = fits
+        else:
+            granted[device_id] = 0
+
+    reserved = []
+    for assignment in plan.assignments:
+        if granted[assignment.device_id] > 0:
+            granted[assignment.device_id] -= 1
+            reserved.append(assignment)
+        else:
+            plan.waiting.append(assignment.message)
+    plan.assignments = reserved
