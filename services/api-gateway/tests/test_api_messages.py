@@ -689,3 +689,69 @@ async def test_errors_follow_accept_language(
     assert english.json()["error"] == default.json()["error"] == "empty_body"
     assert french.json()["message"] == default.json()["message"]
     assert sent.json()["message"] == "Message queued for sending."
+
+
+async def test_send_with_ttl_sets_expiry(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    sender = await make_user()
+
+    response = await send_sms(client, sender, ttl=600)
+
+    assert response.status_code == 201, response.text
+    message_id = response.json()["data"]["message_id"]
+    read = await client.get(
+        f"/api/v1/sms/messages/{message_id}", headers=sender.headers
+    )
+    expires_at = datetime.fromisoformat(read.json()["data"]["expires_at"])
+    remaining_s = (expires_at - datetime.now(UTC)).total_seconds()
+    assert 590 < remaining_s <= 600
+
+
+async def test_send_rejects_bad_expiry(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    sender = await make_user()
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    future = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+
+    in_the_past = await send_sms(client, sender, expires_at=past)
+    both = await send_sms(client, sender, ttl=60, expires_at=future)
+    negative = await send_sms(client, sender, ttl=-5)
+
+    assert in_the_past.status_code == 400
+    assert in_the_past.json()["error"] == "invalid_expiry"
+    assert in_the_past.json()["reason"] == "in_the_past"
+    assert both.status_code == 400
+    assert both.json()["reason"] == "ttl_and_expires_at"
+    assert negative.status_code == 422
+    assert await count_rows(session_factory, SMSMessage) == 0
+
+
+async def test_send_bulk_with_expiry(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    sender = await make_user()
+    future = datetime.now(UTC) + timedelta(hours=1)
+
+    response = await client.post(
+        "/api/v1/sms/send-bulk",
+        json={
+            "recipients": ["+525512345678", "+34612345678"],
+            "body": "Hola",
+            "expires_at": future.isoformat(),
+        },
+        headers=sender.headers,
+    )
+
+    assert response.status_code == 201, response.text
+    async with session_factory() as session:
+        rows = (await session.scalars(select(SMSMessage.expires_at))).all()
+    assert len(rows) == 2
+    assert all(abs((row - future).total_seconds()) < 1 for row in rows)

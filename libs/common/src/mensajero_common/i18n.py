@@ -277,6 +277,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Eventos desconocidos: {events}. Eventos válidos: {allowed}.",
         "en": "Unknown events: {events}. Valid events: {allowed}.",
     },
+    "invalid_expiry": {
+        "es": "La caducidad no es válida ({reason}): envía ttl (segundos) o expires_at (una fecha futura), no ambos.",
+        "en": "The expiry is invalid ({reason}): send ttl (seconds) or expires_at (a future time), not both.",
+    },
     "invalid_webhook_secret": {
         "es": "El secret_key no es válido ({reason}): debe tener entre {min_length} y {max_length} caracteres y, si empieza por whsec_, seguir con base64. Omítelo para que se genere uno.",
         "en": "The secret_key is invalid ({reason}): it must have {min_length} to {max_length} characters and, if it starts with whsec_, continue with base64. Leave it out to have one generated.",

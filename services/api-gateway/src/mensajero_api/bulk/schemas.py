@@ -6,6 +6,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
+from mensajero_api.messages.schemas import ExpiryFields
 from mensajero_api.types import StorableStr
 from mensajero_common.models import MessageStatus
 
@@ -21,7 +22,7 @@ class BulkMessage(BaseModel):
     body: StorableStr
 
 
-class BulkSendRequest(BaseModel):
+class BulkSendRequest(ExpiryFields):
     """Either `recipients` with one `body` for all, or `messages` with a body each."""
 
     recipients: list[Recipient] | None = Field(

@@ -10,6 +10,7 @@ Redis pipeline.
 import hashlib
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -145,6 +146,7 @@ def _request_hash(data: BulkSendRequest) -> str:
         "body": data.body,
         "messages": [[m.to.strip(), m.body] for m in data.messages or []],
         "device_id": str(data.device_id) if data.device_id else None,
+        **messages_service.expiry_for_hash(data),
     }
     return hashlib.sha256(jsonutil.dumps(canonical)).hexdigest()
 
@@ -200,7 +202,11 @@ def plan_bulk(
 
 
 def _message_rows(
-    user: User, plan: BulkPlan, device_id: uuid.UUID | None, task_id: uuid.UUID
+    user: User,
+    plan: BulkPlan,
+    device_id: uuid.UUID | None,
+    task_id: uuid.UUID,
+    expires_at: datetime | None,
 ) -> list[dict[str, Any]]:
     # Segments are counted once per distinct body: a 1000-recipient send has one body.
     templates: dict[str, dict[str, Any]] = {}
@@ -208,7 +214,9 @@ def _message_rows(
     for to_number, body in plan.accepted:
         template = templates.get(body)
         if template is None:
-            template = messages_service.outgoing_values(user, "", body, device_id)
+            template = messages_service.outgoing_values(
+                user, "", body, device_id, expires_at
+            )
             template["bulk_id"] = task_id
             templates[body] = template
         rows.append({**template, "id": uuid.uuid4(), "to_number": to_number})
@@ -251,6 +259,7 @@ async def send_bulk(
     # A body shared by every recipient that cannot be sent is an error of the request.
     if data.body is not None:
         messages_service.check_body(data.body, settings)
+    expires_at = messages_service.resolve_expiry(data)
     await messages_service.check_sending_device(session, user, data.device_id)
 
     plan = plan_bulk(pairs, user.default_region, settings)
@@ -258,7 +267,7 @@ async def send_bulk(
         raise NoValidRecipientsError(plan.rejected)
 
     task_id = uuid.uuid4()
-    rows = _message_rows(user, plan, data.device_id, task_id)
+    rows = _message_rows(user, plan, data.device_id, task_id, expires_at)
     # The task goes first, as in the single send: a concurrent repeat with the same key
     # waits on this insert and then replays the task instead of meeting a spent quota.
     task = await repository.insert_task(

@@ -13,7 +13,27 @@ MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
 
 
-class SendRequest(BaseModel):
+# The longest `ttl` accepted, in seconds (30 days); a later expiry is no expiry in practice.
+MAX_TTL_S = 30 * 24 * 3600
+
+
+class ExpiryFields(BaseModel):
+    """Optional expiry of a send: a message not sent by then becomes `expired`."""
+
+    ttl: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TTL_S,
+        description="Seconds from now after which the message is not sent any more.",
+    )
+    expires_at: datetime | None = Field(
+        default=None,
+        description="Time after which the message is not sent any more (ISO 8601; "
+        "without an offset, UTC). Not together with `ttl`.",
+    )
+
+
+class SendRequest(ExpiryFields):
     to: StorableStr = Field(
         description="Recipient: E.164 (+525512345678), or national in the user's default region.",
         examples=["+525512345678"],
@@ -55,6 +75,7 @@ class MessagePublic(BaseModel):
     delivered_at: datetime | None
     failed_at: datetime | None
     received_at: datetime | None
+    expires_at: datetime | None
 
     @classmethod
     def from_model(cls, message: SMSMessage) -> "MessagePublic":
@@ -78,6 +99,7 @@ class MessagePublic(BaseModel):
             delivered_at=message.delivered_at,
             failed_at=message.failed_at,
             received_at=message.received_at,
+            expires_at=message.expires_at,
         )
 
 

@@ -20,7 +20,7 @@ from mensajero_api.devices import service as devices_service
 from mensajero_api.messages import repository
 from mensajero_api.messages.cursor import Cursor, decode_cursor, encode_cursor
 from mensajero_api.messages.repository import MessageFilters
-from mensajero_api.messages.schemas import MessageListQuery, SendRequest
+from mensajero_api.messages.schemas import ExpiryFields, MessageListQuery, SendRequest
 from mensajero_api.phones import normalize_phone_number
 from mensajero_api.quotas import service as quotas_service
 from mensajero_common import jsonutil, queues
@@ -91,12 +91,48 @@ class SendOutcome:
     created: bool
 
 
+class InvalidExpiryError(ValidationFailedError):
+    code = "invalid_expiry"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason=reason, details={"reason": reason})
+
+
+def resolve_expiry(data: ExpiryFields, now: datetime | None = None) -> datetime | None:
+    """Return when the message expires, from `ttl` or `expires_at`, or None.
+
+    Raises InvalidExpiryError when both are given or the time has already passed.
+    """
+    if data.ttl is not None and data.expires_at is not None:
+        raise InvalidExpiryError("ttl_and_expires_at")
+    now = now or datetime.now(UTC)
+    if data.ttl is not None:
+        return now + timedelta(seconds=data.ttl)
+    if data.expires_at is None:
+        return None
+    expires_at = data.expires_at
+    if expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    if expires_at <= now:
+        raise InvalidExpiryError("in_the_past")
+    return expires_at
+
+
+def expiry_for_hash(data: ExpiryFields) -> dict[str, Any]:
+    """Return the expiry as the request gave it, for the idempotency hash."""
+    return {
+        "ttl": data.ttl,
+        "expires_at": data.expires_at.isoformat() if data.expires_at else None,
+    }
+
+
 def _request_hash(data: SendRequest) -> str:
     canonical = {
         "operation": _SEND_OPERATION,
         "to": data.to.strip(),
         "body": data.body,
         "device_id": str(data.device_id) if data.device_id else None,
+        **expiry_for_hash(data),
     }
     return hashlib.sha256(jsonutil.dumps(canonical)).hexdigest()
 
@@ -122,7 +158,11 @@ async def check_sending_device(
 
 
 def outgoing_values(
-    user: User, to_number: str, body: str, device_id: uuid.UUID | None
+    user: User,
+    to_number: str,
+    body: str,
+    device_id: uuid.UUID | None,
+    expires_at: datetime | None = None,
 ) -> dict[str, Any]:
     """Return the column values of a new outgoing message, `pending`, with a fresh id."""
     segment_info = count_segments(body)
@@ -137,6 +177,7 @@ def outgoing_values(
         "encoding": segment_info.encoding,
         "device_id": device_id,
         "requested_device_id": device_id,
+        "expires_at": expires_at,
     }
 
 
@@ -173,6 +214,7 @@ async def send_message(
 
     to_number = normalize_phone_number(data.to, user.default_region)
     check_body(data.body, settings)
+    expires_at = resolve_expiry(data)
     await check_sending_device(session, user, data.device_id)
 
     # The insert comes before the quota charge: a concurrent request with the same key
@@ -181,7 +223,7 @@ async def send_message(
     message = await repository.insert_outgoing(
         session,
         {
-            **outgoing_values(user, to_number, data.body, data.device_id),
+            **outgoing_values(user, to_number, data.body, data.device_id, expires_at),
             "idempotency_key": idempotency_key,
             "meta": {"request_hash": request_hash} if idempotency_key else {},
         },
