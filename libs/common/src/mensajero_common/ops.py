@@ -1,8 +1,8 @@
 """Health, readiness and metrics endpoints shared by the services.
 
-The HTTP services mount `ops_routes` in their own app. The workers (dispatcher and
-webhook-sender) have no HTTP app, so they serve `create_ops_app` with uvicorn on
-OPS_PORT inside their own event loop.
+The HTTP services (API and device-hub) add `MetricsMiddleware` and serve these routes from
+their own app. The workers (dispatcher and webhook-sender) have no HTTP app, so they serve
+`create_ops_app` with uvicorn on their ops port inside their own event loop.
 """
 
 import asyncio
@@ -25,7 +25,7 @@ from mensajero_common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 
 logger = structlog.get_logger(__name__)
 
-# A dependency that does not answer within this time counts as down for /readyz.
+# A dependency that does not respond within this time counts as down for /readyz.
 READINESS_TIMEOUT_S = 2.0
 
 ReadinessCheck = Callable[[], Awaitable[None]]
@@ -98,7 +98,7 @@ def create_ops_app(
         if before_metrics is not None:
             try:
                 await asyncio.wait_for(before_metrics(), READINESS_TIMEOUT_S)
-            except Exception as error:  # a scrape still answers with the other metrics
+            except Exception as error:  # the scrape still returns the other metrics
                 logger.warning("metrics refresh failed", error=type(error).__name__)
         return metrics_response()
 

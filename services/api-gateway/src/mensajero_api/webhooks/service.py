@@ -113,8 +113,8 @@ def _check_secret(secret: str) -> None:
     """Reject a secret too short to resist guessing, or a malformed `whsec_` secret.
 
     A `whsec_` secret must carry base64 after the prefix, because Standard Webhooks
-    verifiers decode it to get the HMAC key; another secret would sign requests that
-    those libraries can never verify.
+    verifiers decode it to get the HMAC key. With anything else there, those libraries
+    could never verify the requests.
     """
     if not MIN_SECRET_LENGTH <= len(secret) <= MAX_SECRET_LENGTH:
         raise InvalidWebhookSecretError("length")

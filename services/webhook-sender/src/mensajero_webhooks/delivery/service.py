@@ -105,7 +105,7 @@ async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> 
             await repository.disable_webhook(session, claimed.webhook_id)
 
     if result.status_code == HTTP_GONE:
-        log.info("webhook disabled because its endpoint answered 410 Gone")
+        log.info("webhook disabled because its endpoint responded with 410 Gone")
     if next_retry_at is not None:
         await context.redis.enqueue_job(
             DELIVERY_JOB,
