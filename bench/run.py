@@ -39,7 +39,7 @@ MAX_CONNECTIONS_PER_CLIENT_PROCESS = 25_000
 # Open files wanted for 50,000 connections on one hub plus its Postgres and Redis ones.
 WANTED_OPEN_FILES = 200_000
 # Whole-run bounds, so that a stuck step cannot keep the run (and its load) going.
-RUN_TIMEOUT_S = {"quick": 300.0, "full": 2400.0}
+RUN_TIMEOUT_S = {"quick": 600.0, "full": 2400.0}
 
 
 def raise_open_file_limit() -> dict[str, int]:
