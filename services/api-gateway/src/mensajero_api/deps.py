@@ -1,4 +1,8 @@
-"""Dependency aliases for route signatures: `session: SessionDep`, `user: CurrentUser`, …"""
+"""Dependency aliases for route signatures: `session: SessionDep`, `user: CurrentUser`, …
+
+Every dependency is `async def`, even those that do no I/O: FastAPI runs a plain `def`
+dependency in its thread pool, a cost paid on every request for nothing here.
+"""
 
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -29,7 +33,7 @@ api_key_scheme = APIKeyHeader(
 )
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
@@ -37,19 +41,19 @@ def get_resources(request: Request) -> Resources:
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
-def get_settings(resources: ResourcesDep) -> Settings:
+async def get_settings(resources: ResourcesDep) -> Settings:
     return resources.settings
 
 
-def get_redis(resources: ResourcesDep) -> Redis:
+async def get_redis(resources: ResourcesDep) -> Redis:
     return resources.redis
 
 
-def get_keys(resources: ResourcesDep) -> RedisKeys:
+async def get_keys(resources: ResourcesDep) -> RedisKeys:
     return resources.keys
 
 
-def get_passwords(resources: ResourcesDep) -> PasswordHasher:
+async def get_passwords(resources: ResourcesDep) -> PasswordHasher:
     return resources.passwords
 
 
@@ -64,7 +68,11 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 KeysDep = Annotated[RedisKeys, Depends(get_keys)]
 PasswordsDep = Annotated[PasswordHasher, Depends(get_passwords)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
-LanguageDep = Annotated[str, Depends(request_language)]
+async def get_language(request: Request) -> str:
+    return request_language(request)
+
+
+LanguageDep = Annotated[str, Depends(get_language)]
 TokenDep = Annotated[str | None, Depends(oauth2_scheme)]
 ApiKeyDep = Annotated[str | None, Depends(api_key_scheme)]
 
