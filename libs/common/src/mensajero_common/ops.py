@@ -72,6 +72,15 @@ async def run_checks(checks: dict[str, ReadinessCheck]) -> tuple[bool, dict[str,
     return all(result == "ok" for result in results.values()), results
 
 
+async def readiness_response(checks: dict[str, ReadinessCheck]) -> JSONResponse:
+    """Run the checks and return the /readyz answer: 200 when all pass, else 503."""
+    ready, results = await run_checks(checks)
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": results},
+        status_code=200 if ready else 503,
+    )
+
+
 async def healthz(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -103,11 +112,7 @@ def create_ops_app(
         return metrics_response()
 
     async def readyz(_: Request) -> Response:
-        ready, results = await run_checks(checks())
-        return JSONResponse(
-            {"status": "ok" if ready else "unavailable", "checks": results},
-            status_code=200 if ready else 503,
-        )
+        return await readiness_response(checks())
 
     return Starlette(
         routes=[

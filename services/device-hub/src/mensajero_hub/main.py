@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from mensajero_common.logging import configure_logging
 from mensajero_common.metrics import CONNECTED_DEVICES
-from mensajero_common.ops import MetricsMiddleware, metrics_response, run_checks
+from mensajero_common.ops import MetricsMiddleware, metrics_response, readiness_response
 from mensajero_common.settings import Settings, get_settings
 from mensajero_hub.core.hub import Hub
 from mensajero_hub.transport import websocket
@@ -105,11 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready, results = await run_checks(app.state.hub.readiness_checks())
-        return JSONResponse(
-            {"status": "ok" if ready else "unavailable", "checks": results},
-            status_code=200 if ready else 503,
-        )
+        return await readiness_response(app.state.hub.readiness_checks())
 
     @app.get("/metrics")
     async def metrics() -> Response:
