@@ -107,9 +107,9 @@ async def test_webhook(
     settings: SettingsDep,
     language: LanguageDep,
 ) -> Envelope[WebhookTestResult]:
-    """POST a signed `webhook_test` event now and return what the endpoint answered.
+    """POST a signed `webhook_test` event now and return the endpoint's response.
 
-    The answer comes back with 200 whatever the endpoint did: `success`, `status_code`,
+    This endpoint returns 200 whatever the webhook endpoint did: `success`, `status_code`,
     `duration_ms`, and `error` when no response came. The test also appears in the log.
     """
     async with httpx.AsyncClient() as http:
@@ -140,7 +140,7 @@ async def list_deliveries(
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Envelope[DeliveryList]:
-    """The delivery log, newest first: each event with every attempt made for it."""
+    """List the delivery log, newest first: each event with every attempt made for it."""
     deliveries = await service.list_deliveries(
         session, user, webhook_id, limit=limit, cursor=cursor
     )

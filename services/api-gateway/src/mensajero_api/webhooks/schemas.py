@@ -12,7 +12,7 @@ from mensajero_common.webhooks import EVENT_SMS_RECEIVED, EVENTS
 WebhookURL = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048)
 ]
-# Length and form are checked by the service, which answers with a localized message.
+# The service checks length and form, so that the error message is localized.
 Secret = Annotated[StorableStr, Field(max_length=1024)]
 # Event names are checked by the service, which can name the allowed ones in its error.
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -77,7 +77,9 @@ class WebhookDeleted(BaseModel):
 
 
 class WebhookTestResult(BaseModel):
-    success: bool = Field(description="True when the endpoint answered with a 2xx.")
+    success: bool = Field(
+        description="True when the endpoint responded with a 2xx status."
+    )
     status_code: int | None
     duration_ms: int
     error: str | None = Field(
