@@ -68,6 +68,8 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 KeysDep = Annotated[RedisKeys, Depends(get_keys)]
 PasswordsDep = Annotated[PasswordHasher, Depends(get_passwords)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
 async def get_language(request: Request) -> str:
     return request_language(request)
 
