@@ -1,6 +1,7 @@
 """`python -m bench.run`: measure the raw baselines, then the real stack, and write the table.
 
-BENCH_MODE=quick (default, under 2 minutes) or full. Results go to bench/results/:
+BENCH_MODE=quick (default, under 2 minutes) or full; BENCH_ONLY=api,webhooks,idle_hub
+(any of them) measures only those figures and their baselines. Results go to bench/results/:
 latest.json (figure → value, unit, baseline, ratio, target, meets_target),
 latest-details.json (every raw measurement and the CPU of every process) and latest.md
 (the table for docs/benchmarks.md). Process logs are in bench/results/logs/.
@@ -261,6 +262,7 @@ async def run_benchmark(mode: Mode) -> Path:
         "open_files": limits,
         "command": " ".join(sys.argv),
         "settings": mode.__dict__,
+        "groups": sorted(selected_groups()),
         "baselines": run.baselines,
         "measurements": run.measurements,
         "errors": run.errors,
@@ -283,24 +285,57 @@ async def _step(run: Run, name: str, step: Awaitable[None]) -> None:
         say(f"bench: {name} failed: {error!r}")
 
 
+def selected_groups() -> set[str]:
+    """Return the figure groups that BENCH_ONLY names (comma-separated), or all of them."""
+    value = os.environ.get("BENCH_ONLY", "").strip()
+    if not value:
+        return set(FIGURE_GROUPS)
+    groups = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = groups - set(FIGURE_GROUPS)
+    if unknown:
+        raise SystemExit(
+            f"invalid BENCH_ONLY {value!r}; expected some of {', '.join(FIGURE_GROUPS)}"
+        )
+    return groups
+
+
+# Figure groups, each with the raw baselines its figures are compared with.
+FIGURE_GROUPS = {
+    "api": ("storage", "bare_asgi", "bare_websocket"),
+    "webhooks": ("webhook",),
+    "idle_hub": ("bare_websocket",),
+}
+
+
 async def _measure_everything(run: Run) -> None:
+    groups = selected_groups()
+    needed = {baseline for group in groups for baseline in FIGURE_GROUPS[group]}
     await prepare_database(run.data)
-    await baselines.measure_storage(run)
-    await baselines.measure_bare_asgi(run)
-    await baselines.measure_bare_websocket(run)
-    sink, sink_port = await webhook_figures.start_sink(run)
-    await baselines.measure_webhook_baseline(run, sink_port, sink)
+    if "storage" in needed:
+        await baselines.measure_storage(run)
+    if "bare_asgi" in needed:
+        await baselines.measure_bare_asgi(run)
+    if "bare_websocket" in needed:
+        await baselines.measure_bare_websocket(run)
+    if "webhook" in needed:
+        sink, sink_port = await webhook_figures.start_sink(run)
+        await baselines.measure_webhook_baseline(run, sink_port, sink)
 
     say("stack: starting the services")
     stack = await start_stack(run.processes, run.data)
-    await _step(run, "api", figures.measure_api(run, stack))
+    if "api" in groups:
+        await _step(run, "api", figures.measure_api(run, stack))
     # Neither the phones nor this hub are needed any more, and Postgres connections are
     # scarce (max_connections is shared with every other client of the server).
     await run.processes.stop(stack.hub)
-    await _step(
-        run, "webhooks", webhook_figures.measure_webhooks(run, stack, sink, sink_port)
-    )
-    await _step(run, "idle_hub", hub_figures.measure_idle_hub(run, stack))
+    if "webhooks" in groups:
+        await _step(
+            run,
+            "webhooks",
+            webhook_figures.measure_webhooks(run, stack, sink, sink_port),
+        )
+    if "idle_hub" in groups:
+        await _step(run, "idle_hub", hub_figures.measure_idle_hub(run, stack))
 
 
 async def _run_until_signalled(mode: Mode) -> None:
