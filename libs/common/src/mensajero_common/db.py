@@ -2,7 +2,9 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -14,13 +16,35 @@ from mensajero_common.settings import Settings
 
 
 def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    """Create the engine; `pool_size` defaults to DATABASE_POOL_SIZE."""
-    return create_async_engine(
+    """Create the engine; `pool_size` defaults to DATABASE_POOL_SIZE.
+
+    A pooled connection that Postgres or the network has closed is replaced when it is
+    checked out (see `_replace_closed_connection`). One that breaks while in use fails
+    that transaction, and SQLAlchemy then discards every idle connection of the pool.
+    """
+    engine = create_async_engine(
         settings.DATABASE_URL,
         pool_size=pool_size or settings.DATABASE_POOL_SIZE,
         max_overflow=settings.DATABASE_MAX_OVERFLOW,
-        pool_pre_ping=True,
+        # pool_pre_ping would cost three round trips (BEGIN, a ping, ROLLBACK) on every
+        # checkout; asyncpg already knows when the server closed the socket.
+        pool_pre_ping=False,
     )
+    event.listen(engine.sync_engine.pool, "checkout", _replace_closed_connection)
+    return engine
+
+
+def _replace_closed_connection(
+    dbapi_connection: Any, connection_record: Any, connection_proxy: Any
+) -> None:
+    """Reject a pooled connection whose socket asyncpg has seen close.
+
+    Raising DisconnectionError makes the pool discard it and check out (or open)
+    another, up to three times. A Postgres restart or a terminated backend closes the
+    socket, so this catches them without a round trip.
+    """
+    if dbapi_connection.driver_connection.is_closed():
+        raise exc.DisconnectionError("the pooled connection was closed")
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
