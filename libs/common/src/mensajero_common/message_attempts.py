@@ -17,10 +17,12 @@ The refund applies only while the quota still counts the period of the charge.
 """
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Row, Select, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -94,11 +96,8 @@ class AttemptEnd:
     delivery_ids: list[uuid.UUID]
 
 
-async def lock_message(
-    session: AsyncSession, message_id: uuid.UUID
-) -> LockedMessage | None:
-    """Lock an outgoing message for the rest of the transaction and return it."""
-    statement = (
+def _select_locked_messages() -> Select[*tuple[Any, ...]]:
+    return (
         select(
             SMSMessage.id,
             SMSMessage.user_id,
@@ -114,18 +113,43 @@ async def lock_message(
             SMSMessage.expires_at,
             SMSMessage.created_at,
         )
-        .where(
-            SMSMessage.id == message_id,
-            SMSMessage.type == MessageType.OUTGOING.value,
-        )
+        .where(SMSMessage.type == MessageType.OUTGOING.value)
         .with_for_update()
     )
-    row = (await session.execute(statement)).one_or_none()
-    if row is None:
-        return None
+
+
+def _locked_message(row: Row[Any]) -> LockedMessage:
     values = row._asdict()
     values["status"] = MessageStatus(values["status"])
     return LockedMessage(**values)
+
+
+async def lock_message(
+    session: AsyncSession, message_id: uuid.UUID
+) -> LockedMessage | None:
+    """Lock an outgoing message for the rest of the transaction and return it."""
+    statement = _select_locked_messages().where(SMSMessage.id == message_id)
+    row = (await session.execute(statement)).one_or_none()
+    return None if row is None else _locked_message(row)
+
+
+async def lock_messages(
+    session: AsyncSession, message_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, LockedMessage]:
+    """Lock outgoing messages for the rest of the transaction; return them by id.
+
+    The rows are locked in id order, so two transactions that lock overlapping sets this
+    way wait for each other instead of deadlocking.
+    """
+    if not message_ids:
+        return {}
+    statement = (
+        _select_locked_messages()
+        .where(SMSMessage.id.in_(list(message_ids)))
+        .order_by(SMSMessage.id)
+    )
+    rows = (await session.execute(statement)).all()
+    return {row.id: _locked_message(row) for row in rows}
 
 
 async def start_attempts(

@@ -95,24 +95,20 @@ def _entry_attempt(fields: Mapping[bytes, bytes]) -> int | None:
         return None
 
 
-async def remove_device_task(
-    redis: Redis,
-    keys: RedisKeys,
-    device_id: uuid.UUID,
+def select_task_entries(
+    entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]],
     message_id: uuid.UUID,
     *,
     up_to_attempt: int | None = None,
-) -> int:
-    """Delete the entries of `message_id` from the device's stream; return how many.
+) -> list[bytes]:
+    """Return the stream ids of the entries of `message_id` among a device's entries.
 
-    With `up_to_attempt`, entries of a later attempt stay: a retry may have queued the
-    message again on the same device before the earlier attempt's entry was removed.
+    With `up_to_attempt`, entries of a later attempt are left out: a retry may have
+    queued the message again on the same device before the earlier attempt's entry was
+    removed.
     """
-    stream = keys.device_tasks_stream(device_id)
     wanted = str(message_id).encode()
-    # The stream contains only tasks the phone has not finished, so a scan stays short.
-    entries = await redis.xrange(stream, min="-", max="+")
-    stale = []
+    selected = []
     for stream_id, fields in entries:
         if fields.get(b"message_id") != wanted:
             continue
@@ -123,7 +119,26 @@ async def remove_device_task(
             and attempt > up_to_attempt
         ):
             continue
-        stale.append(stream_id)
+        selected.append(stream_id)
+    return selected
+
+
+async def remove_device_task(
+    redis: Redis,
+    keys: RedisKeys,
+    device_id: uuid.UUID,
+    message_id: uuid.UUID,
+    *,
+    up_to_attempt: int | None = None,
+) -> int:
+    """Delete the entries of `message_id` from the device's stream; return how many.
+
+    With `up_to_attempt`, entries of a later attempt stay (see select_task_entries).
+    """
+    stream = keys.device_tasks_stream(device_id)
+    # The stream contains only tasks the phone has not finished, so a scan stays short.
+    entries = await redis.xrange(stream, min="-", max="+")
+    stale = select_task_entries(entries, message_id, up_to_attempt=up_to_attempt)
     if not stale:
         return 0
     return int(await redis.xdel(stream, *stale))

@@ -87,6 +87,7 @@ class Hub:
             self.keys,
         )
         self._service.presence.start()
+        self._service.reports.start()
         self._router = DeviceChannelRouter(
             self._redis, self.keys, self._on_channel_message, self._wake_all
         )
@@ -121,8 +122,9 @@ class Hub:
             for session in self.sessions():
                 await self.release(session, protocol.CLOSE_SERVICE_RESTART)
 
-        # 3. Stop the background work; the presence writer first writes what is queued.
+        # 3. Stop the background work; the writers first write what is queued.
         if self._service is not None:
+            await self._service.reports.stop()
             await self._service.presence.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()

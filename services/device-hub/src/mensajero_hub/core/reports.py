@@ -1,7 +1,7 @@
 """Applying an `sms_report`: attempts, per-part reports, retries and final outcomes.
 
-The message row is locked for the whole report, so the reports of one message apply one
-at a time whatever connection or hub they arrive on. Then:
+The caller locks the message row for the whole report, so the reports of one message
+apply one at a time whatever connection or hub they arrive on. Then:
 
 - a report naming an earlier `attempt` changes nothing: that attempt has ended. So does
   a report from a device whose attempt moved to another device;
@@ -183,13 +183,15 @@ async def apply_report(
     settings: Settings,
     device_id: uuid.UUID,
     frame: SmsReportFrame,
+    message: LockedMessage | None,
 ) -> ReportOutcome:
     """Apply one report of this device in the caller's transaction.
 
-    Raises FrameRejectedError(report_not_allowed) when the message is not an outgoing
-    message assigned to this device.
+    `message` is the report's message as the caller locked it in this transaction, or
+    None when no outgoing message has that id. Raises FrameRejectedError
+    (report_not_allowed) when the message is not an outgoing message assigned to this
+    device, and then has written nothing.
     """
-    message = await message_attempts.lock_message(db, frame.message_id)
     if message is not None and message.device_id != device_id:
         moved_from = await _attempt_of_device(db, message, device_id)
         if moved_from is not None:

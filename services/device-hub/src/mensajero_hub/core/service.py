@@ -26,15 +26,10 @@ from mensajero_common.settings import Settings
 from mensajero_hub.core import reports, repository
 from mensajero_hub.core.frames import FrameRejectedError, InvalidApiKeyError
 from mensajero_hub.core.presence import ConnectionKeys, PresenceWriter
+from mensajero_hub.core.report_writer import ReportWriter
 from mensajero_hub.core.state import TaskEntry, connection_key_ttl_s
 
 log = structlog.get_logger(__name__)
-
-STATUS_EVENTS = {
-    MessageStatus.SENT: webhooks.EVENT_SMS_SENT,
-    MessageStatus.DELIVERED: webhooks.EVENT_SMS_DELIVERED,
-    MessageStatus.FAILED: webhooks.EVENT_SMS_FAILED,
-}
 
 # Width of the smsmessage.from_number column.
 MAX_NUMBER_LENGTH = 32
@@ -75,6 +70,7 @@ class DeviceService:
         self.presence = PresenceWriter(
             session_factory, redis, keys, self.connection_keys
         )
+        self.reports = ReportWriter(settings, session_factory, redis, keys)
 
     # Authentication and presence.
 
@@ -177,26 +173,9 @@ class DeviceService:
         message assigned to this device. A repeated or late report changes nothing. The
         rules, retries and part reports included, are in mensajero_hub.core.reports.
         """
-        async with session_scope(self._sessions) as db:
-            outcome = await reports.apply_report(
-                db, self.settings, identity.device_id, frame
-            )
-            delivery_ids = outcome.delivery_ids
-            if outcome.change is not None:
-                delivery_ids += await self._record_status_event(
-                    db, identity, frame.message_id, outcome.change
-                )
-
-        await self._queue_webhooks(delivery_ids)
-        if outcome.remove_up_to_attempt is not None:
-            await queues.remove_device_task(
-                self._redis,
-                self._keys,
-                identity.device_id,
-                frame.message_id,
-                up_to_attempt=outcome.remove_up_to_attempt,
-            )
-        return outcome
+        return await self.reports.apply(
+            identity.device_id, identity.phone_number, frame
+        )
 
     async def store_incoming(
         self, identity: DeviceIdentity, frame: SmsIncomingFrame
@@ -262,31 +241,6 @@ class DeviceService:
                 reason=f"'from' must be 1 to {MAX_NUMBER_LENGTH} characters",
             )
         return sender
-
-    async def _record_status_event(
-        self,
-        db: AsyncSession,
-        identity: DeviceIdentity,
-        message_id: uuid.UUID,
-        change: repository.MessageChange,
-    ) -> list[uuid.UUID]:
-        event = STATUS_EVENTS.get(change.status)
-        if event is None:
-            return []
-        return await webhook_outbox.record_message_event(
-            db,
-            event=event,
-            user_id=change.user_id,
-            message_id=message_id,
-            from_number=change.from_number or identity.phone_number,
-            to_number=change.to_number,
-            body=change.body,
-            timestamp=change.changed_at,
-            device_id=identity.device_id,
-            status=change.status.value,
-            error=change.error,
-            segments=change.segments,
-        )
 
     async def _queue_webhooks(self, delivery_ids: list[uuid.UUID]) -> None:
         if not delivery_ids:

@@ -1,0 +1,296 @@
+"""Applying the phones' `sms_report`s in batches, several phones' reports per transaction.
+
+A phone reports `sending`, `sent` and `delivered` for every task, so under send load the
+reports are most of the hub's Postgres work. The ReportWriter applies every report queued
+so far in one transaction: one query locks the messages of the batch, each report applies
+with the rules of mensajero_hub.core.reports, and the transaction commits once. Each
+caller gets its outcome only after that commit, so an `ack` still names committed data.
+
+- The batch locks its messages in id order, so two hubs whose batches share messages
+  wait for each other instead of deadlocking.
+- A batch holds at most one report per message, because the rules read the message as it
+  was locked at the start of the batch. A second report of the same message waits for
+  the next batch, in arrival order.
+- A report rejected by the rules (report_not_allowed) has written nothing, so the others
+  of its batch go on. Any other failure aborts the whole transaction, and then each
+  report of the batch is applied again alone, in a transaction of its own, so that one
+  bad report fails only its own frame.
+"""
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+import structlog
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from mensajero_common import message_attempts, queues, webhook_outbox, webhooks
+from mensajero_common.db import session_scope
+from mensajero_common.keys import RedisKeys
+from mensajero_common.models import MessageStatus
+from mensajero_common.protocol import SmsReportFrame
+from mensajero_common.settings import Settings
+from mensajero_hub.core import reports, repository
+from mensajero_hub.core.frames import FrameRejectedError
+
+log = structlog.get_logger(__name__)
+
+# Reports per transaction; a bound on the locks one transaction holds and on its length.
+MAX_BATCH_SIZE = 200
+
+STATUS_EVENTS = {
+    MessageStatus.SENT: webhooks.EVENT_SMS_SENT,
+    MessageStatus.DELIVERED: webhooks.EVENT_SMS_DELIVERED,
+    MessageStatus.FAILED: webhooks.EVENT_SMS_FAILED,
+}
+
+
+# A report's outcome, or the error that failed it.
+Result = reports.ReportOutcome | Exception
+
+
+@dataclass
+class QueuedReport:
+    device_id: uuid.UUID
+    # The device's number, for the `from` of webhook events of messages that have none.
+    phone_number: str | None
+    frame: SmsReportFrame
+    future: "asyncio.Future[reports.ReportOutcome]"
+
+
+@dataclass
+class ReportWriter:
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    redis: ArqRedis
+    keys: RedisKeys
+    max_batch_size: int = MAX_BATCH_SIZE
+    _pending: list[QueuedReport] = field(default_factory=list)
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _worker: "asyncio.Task[None] | None" = None
+    _stopping: bool = False
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._write_forever(), name="report-writer")
+
+    async def stop(self) -> None:
+        """Apply what is still queued, then stop."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+
+    async def apply(
+        self,
+        device_id: uuid.UUID,
+        phone_number: str | None,
+        frame: SmsReportFrame,
+    ) -> reports.ReportOutcome:
+        """Queue a report of this device; return its outcome once its batch committed.
+
+        Raises what applying it alone would raise: FrameRejectedError when the rules
+        reject it, or the database or Redis error that failed it.
+        """
+        if self._worker is None or self._worker.done():
+            raise RuntimeError("the report writer is not running")
+        future: asyncio.Future[reports.ReportOutcome] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append(QueuedReport(device_id, phone_number, frame, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_forever(self) -> None:
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+
+            batch = self._take_batch()
+            try:
+                results = await self._write(batch)
+            except Exception as error:
+                # Not expected: _write turns each report's failure into its result. The
+                # writer goes on, so later reports do not wait forever.
+                log.exception("report batch failed", count=len(batch))
+                results = [error] * len(batch)
+            for item, result in zip(batch, results, strict=True):
+                _resolve(item, result)
+
+    def _take_batch(self) -> list[QueuedReport]:
+        """Take the oldest queued reports, at most one per message."""
+        batch: list[QueuedReport] = []
+        left: list[QueuedReport] = []
+        message_ids: set[uuid.UUID] = set()
+        for item in self._pending:
+            message_id = item.frame.message_id
+            if len(batch) >= self.max_batch_size or message_id in message_ids:
+                left.append(item)
+                continue
+            message_ids.add(message_id)
+            batch.append(item)
+        self._pending = left
+        return batch
+
+    async def _write(self, batch: list[QueuedReport]) -> list[Result]:
+        """Apply and commit the batch, then do its Redis work; return each report's
+        outcome or error, in batch order."""
+        try:
+            results = await self._commit(batch)
+        except Exception as error:
+            if len(batch) == 1:
+                return [error]
+            log.warning(
+                "report batch failed; applying its reports one by one",
+                count=len(batch),
+                error=repr(error),
+            )
+            results = [await self._commit_alone(item) for item in batch]
+
+        outcomes = [
+            (index, item, result)
+            for index, (item, result) in enumerate(zip(batch, results, strict=True))
+            if isinstance(result, reports.ReportOutcome)
+        ]
+        await self._queue_webhooks(
+            [
+                delivery
+                for _, _, outcome in outcomes
+                for delivery in outcome.delivery_ids
+            ]
+        )
+        removals = [
+            (index, item, outcome)
+            for index, item, outcome in outcomes
+            if outcome.remove_up_to_attempt is not None
+        ]
+        try:
+            await self._remove_tasks(removals)
+        except Exception as error:
+            # The reports are committed, but their phones get an error and report again.
+            # The repeated reports change nothing and remove the entries.
+            log.warning(
+                "removing finished tasks failed", count=len(removals), error=repr(error)
+            )
+            for index, _, _ in removals:
+                results[index] = error
+        return results
+
+    async def _commit_alone(self, item: QueuedReport) -> Result:
+        try:
+            (result,) = await self._commit([item])
+        except Exception as error:
+            return error
+        return result
+
+    async def _commit(self, batch: list[QueuedReport]) -> list[Result]:
+        """Apply the reports in one transaction and commit it.
+
+        Returns, in batch order, each report's outcome or the FrameRejectedError that
+        rejected it. Any other error rolls the whole batch back and propagates.
+        """
+        results: list[Result] = []
+        async with session_scope(self.sessions) as db:
+            messages = await message_attempts.lock_messages(
+                db, [item.frame.message_id for item in batch]
+            )
+            for item in batch:
+                try:
+                    outcome = await reports.apply_report(
+                        db,
+                        self.settings,
+                        item.device_id,
+                        item.frame,
+                        messages.get(item.frame.message_id),
+                    )
+                except FrameRejectedError as error:
+                    results.append(error)
+                    continue
+                if outcome.change is not None:
+                    outcome.delivery_ids += await _record_status_event(
+                        db, item, outcome.change
+                    )
+                results.append(outcome)
+        return results
+
+    async def _queue_webhooks(self, delivery_ids: list[uuid.UUID]) -> None:
+        if not delivery_ids:
+            return
+        try:
+            await webhook_outbox.queue_deliveries(self.redis, self.keys, delivery_ids)
+        except RedisError:
+            # The deliveries are committed; the webhook-sender's sweep sends them later.
+            log.exception("queueing webhook deliveries failed", count=len(delivery_ids))
+
+    async def _remove_tasks(
+        self, removals: list[tuple[int, QueuedReport, reports.ReportOutcome]]
+    ) -> None:
+        """Delete the stream entries of the attempts these reports ended, in two round
+        trips for the whole batch."""
+        if not removals:
+            return
+        wanted = [
+            (item.device_id, item.frame.message_id, outcome.remove_up_to_attempt)
+            for _, item, outcome in removals
+        ]
+        device_ids = list(dict.fromkeys(device_id for device_id, _, _ in wanted))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for device_id in device_ids:
+                pipe.xrange(self.keys.device_tasks_stream(device_id))
+            streams = await pipe.execute()
+
+        stale_by_device: dict[uuid.UUID, list[bytes]] = {}
+        entries_by_device = dict(zip(device_ids, streams, strict=True))
+        for device_id, message_id, up_to_attempt in wanted:
+            stale_by_device.setdefault(device_id, []).extend(
+                queues.select_task_entries(
+                    entries_by_device[device_id],
+                    message_id,
+                    up_to_attempt=up_to_attempt,
+                )
+            )
+        stale_by_device = {
+            device_id: stale for device_id, stale in stale_by_device.items() if stale
+        }
+        if not stale_by_device:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for device_id, stale in stale_by_device.items():
+                pipe.xdel(self.keys.device_tasks_stream(device_id), *stale)
+            await pipe.execute()
+
+
+def _resolve(item: QueuedReport, result: Result) -> None:
+    if item.future.done():
+        return
+    if isinstance(result, Exception):
+        item.future.set_exception(result)
+    else:
+        item.future.set_result(result)
+
+
+async def _record_status_event(
+    db: AsyncSession, item: QueuedReport, change: repository.MessageChange
+) -> list[uuid.UUID]:
+    event = STATUS_EVENTS.get(change.status)
+    if event is None:
+        return []
+    return await webhook_outbox.record_message_event(
+        db,
+        event=event,
+        user_id=change.user_id,
+        message_id=item.frame.message_id,
+        from_number=change.from_number or item.phone_number,
+        to_number=change.to_number,
+        body=change.body,
+        timestamp=change.changed_at,
+        device_id=item.device_id,
+        status=change.status.value,
+        error=change.error,
+        segments=change.segments,
+    )
