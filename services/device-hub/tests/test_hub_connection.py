@@ -243,6 +243,32 @@ async def test_ping_refreshes_heartbeat(
     assert ttl_s > 100
 
 
+async def test_ping_closes_connection_whose_key_was_taken(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    # A newer connection whose announcement never arrived: only the key names it.
+    settings = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
+    device = await create_device(session_factory)
+
+    async with serve_hub(settings) as url, open_socket(url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        first = (await load_device(session_factory, device.device_id)).last_heartbeat
+        await redis.set(redis_keys.device_connection(device.device_id), "elsewhere")
+        await asyncio.sleep(0.6)
+        await send(socket, {"type": "ping"})
+        code, _ = await wait_closed(socket)
+        row = await load_device(session_factory, device.device_id)
+        connection_id = await redis.get(redis_keys.device_connection(device.device_id))
+
+    assert code == protocol.CLOSE_REPLACED
+    assert row.last_heartbeat == first
+    assert row.status == DeviceStatus.ONLINE
+    assert connection_id == b"elsewhere"
+
+
 async def test_ping_within_interval_skips_heartbeat_write(
     hub_url: str, session_factory: Sessions
 ) -> None:

@@ -1,15 +1,20 @@
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 
 import pytest
 from hub_helpers import create_device, load_device
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import DeviceStatus
+from mensajero_common.testing import free_port
 from mensajero_hub.core.presence import ConnectionKeys, PresenceWriter
+
+KEY_TTL_S = 60
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -18,7 +23,7 @@ Sessions = async_sessionmaker[AsyncSession]
 async def writer(
     session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
 ) -> AsyncIterator[PresenceWriter]:
-    keys = ConnectionKeys(redis, redis_keys, ttl_s=60)
+    keys = ConnectionKeys(redis, redis_keys, ttl_s=KEY_TTL_S)
     presence = PresenceWriter(session_factory, redis, redis_keys, keys)
     presence.start()
     yield presence
@@ -84,3 +89,123 @@ async def test_heartbeat_of_missing_device_is_none(
     writer: PresenceWriter, session_factory: Sessions
 ) -> None:
     assert await writer.write_heartbeat(uuid.uuid4()) is None
+
+
+async def test_touch_refreshes_key_and_heartbeat(
+    writer: PresenceWriter,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    key = redis_keys.device_connection(device.device_id)
+    await redis.set(key, "current", ex=5)
+    first = await writer.write_heartbeat(device.device_id)
+
+    touch = await writer.touch(device.device_id, "current")
+
+    row = await load_device(session_factory, device.device_id)
+    assert touch.newest is True
+    assert touch.heartbeat_at is not None
+    assert first is not None
+    assert touch.heartbeat_at > first
+    assert row.last_heartbeat == touch.heartbeat_at
+    assert row.status == DeviceStatus.ONLINE
+    assert await redis.get(key) == b"current"
+    assert await redis.ttl(key) > 5
+
+
+async def test_touch_of_replaced_connection_writes_nothing(
+    writer: PresenceWriter,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    key = redis_keys.device_connection(device.device_id)
+    heartbeat = await writer.write_heartbeat(device.device_id)
+    await redis.set(key, "newer", ex=5)
+
+    touch = await writer.touch(device.device_id, "older")
+
+    row = await load_device(session_factory, device.device_id)
+    assert touch.newest is False
+    assert touch.heartbeat_at is None
+    assert row.last_heartbeat == heartbeat
+    assert await redis.get(key) == b"newer"
+    assert await redis.ttl(key) <= 5
+
+
+async def test_touch_recreates_expired_key(
+    writer: PresenceWriter,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    key = redis_keys.device_connection(device.device_id)
+
+    touch = await writer.touch(device.device_id, "current")
+
+    assert touch.newest is True
+    assert touch.heartbeat_at is not None
+    assert await redis.get(key) == b"current"
+    assert 0 < await redis.ttl(key) <= KEY_TTL_S
+
+
+async def test_concurrent_touches_get_own_results(
+    writer: PresenceWriter,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    devices = [await create_device(session_factory) for _ in range(20)]
+    replaced = {device.device_id for device in devices[::2]}
+    for device in devices:
+        owner = "newer" if device.device_id in replaced else "current"
+        await redis.set(redis_keys.device_connection(device.device_id), owner, ex=5)
+
+    touches = await asyncio.gather(
+        *(writer.touch(device.device_id, "current") for device in devices)
+    )
+
+    for device, touch in zip(devices, touches, strict=True):
+        key = redis_keys.device_connection(device.device_id)
+        row = await load_device(session_factory, device.device_id)
+        if device.device_id in replaced:
+            assert touch.newest is False
+            assert row.last_heartbeat is None
+            assert await redis.get(key) == b"newer"
+        else:
+            assert touch.newest is True
+            assert row.last_heartbeat == touch.heartbeat_at
+            assert await redis.ttl(key) > 5
+
+
+async def test_touch_fails_alone_when_redis_is_down(
+    session_factory: Sessions, redis_keys: RedisKeys
+) -> None:
+    unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    presence = PresenceWriter(
+        session_factory,
+        unreachable,
+        redis_keys,
+        ConnectionKeys(unreachable, redis_keys, ttl_s=KEY_TTL_S),
+    )
+    presence.start()
+    touched = await create_device(session_factory)
+    connecting = await create_device(session_factory)
+    try:
+        results = await asyncio.gather(
+            presence.touch(touched.device_id, "current"),
+            presence.write_heartbeat(connecting.device_id),
+            return_exceptions=True,
+        )
+    finally:
+        await presence.stop()
+        await unreachable.aclose()
+
+    touched_row = await load_device(session_factory, touched.device_id)
+    assert isinstance(results[0], RedisConnectionError)
+    assert isinstance(results[1], datetime)
+    assert touched_row.last_heartbeat is None

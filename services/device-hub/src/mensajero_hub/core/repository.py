@@ -20,7 +20,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_common.models import (
-    DeviceStatus,
     MessageStatus,
     MessageType,
     SMSDevice,
@@ -111,6 +110,18 @@ async def update_registration(
     return None if row is None else (row[0], row[1])
 
 
+# One statement text for any number of devices (an IN list would make a new prepared
+# statement per batch size); `updated_at` moves as the model's onupdate would move it.
+_WRITE_HEARTBEATS = text(
+    """
+    UPDATE smsdevice
+    SET status = 'online', last_heartbeat = clock_timestamp(), updated_at = now()
+    WHERE id = ANY(:device_ids)
+    RETURNING id, last_heartbeat
+    """
+).bindparams(bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))))
+
+
 async def write_heartbeats(
     db: AsyncSession, device_ids: Collection[uuid.UUID]
 ) -> dict[uuid.UUID, datetime]:
@@ -119,14 +130,8 @@ async def write_heartbeats(
     clock_timestamp() gives every row its own value even within one statement, so a
     heartbeat identifies the write that made it (see mark_offline).
     """
-    statement = (
-        update(SMSDevice)
-        .where(SMSDevice.id.in_(list(device_ids)))
-        .values(status=DeviceStatus.ONLINE.value, last_heartbeat=func.clock_timestamp())
-        .returning(SMSDevice.id, SMSDevice.last_heartbeat)
-    )
-    rows = (await db.execute(statement)).all()
-    return {row[0]: row[1] for row in rows if row[1] is not None}
+    result = await db.execute(_WRITE_HEARTBEATS, {"device_ids": list(device_ids)})
+    return {row[0]: row[1] for row in result.all() if row[1] is not None}
 
 
 _MARK_OFFLINE = text(

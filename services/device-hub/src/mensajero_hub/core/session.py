@@ -317,18 +317,16 @@ class DeviceSession:
             )
             return
         try:
-            newest = await self._service.connection_keys.refresh(
+            touch = await self._service.presence.touch(
                 self.device_id, self.connection_id
             )
-            if not newest:
-                await self.close(protocol.CLOSE_REPLACED, frames.REASON_REPLACED)
-                return
-            heartbeat_at = await self._service.write_heartbeat(self.device_id)
         except Exception:
             self.log.warning("heartbeat write failed", exc_info=True)
             return
-        if heartbeat_at is not None:
-            self.state.record_touch(now_s, heartbeat_at)
+        if not touch.newest:
+            await self.close(protocol.CLOSE_REPLACED, frames.REASON_REPLACED)
+        elif touch.heartbeat_at is not None:
+            self.state.record_touch(now_s, touch.heartbeat_at)
 
     # Messages on the device's channel.
 
