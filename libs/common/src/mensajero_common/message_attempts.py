@@ -185,6 +185,13 @@ def _attempt_may_move(current: AttemptStatus, new: AttemptStatus) -> bool:
     return _ATTEMPT_ORDER.index(new) > _ATTEMPT_ORDER.index(current)
 
 
+# For each new status, the statuses of an attempt that may move to it.
+_MAY_MOVE_FROM = {
+    new: [current.value for current in AttemptStatus if _attempt_may_move(current, new)]
+    for new in AttemptStatus
+}
+
+
 async def record_attempt_status(
     session: AsyncSession,
     message: LockedMessage,
@@ -200,15 +207,6 @@ async def record_attempt_status(
     written now. An attempt that has ended keeps its outcome.
     """
     number = attempt_number or message.current_attempt
-    existing = (
-        await session.execute(
-            select(SMSMessageAttempt.id, SMSMessageAttempt.status).where(
-                SMSMessageAttempt.message_id == message.id,
-                SMSMessageAttempt.attempt_number == number,
-            )
-        )
-    ).one_or_none()
-
     values: dict[str, object] = {"status": status.value}
     if error is not None:
         values["error"] = error
@@ -219,22 +217,30 @@ async def record_attempt_status(
     if status in ENDED_ATTEMPT_STATUSES:
         values["ended_at"] = func.now()
 
-    if existing is None:
-        await session.execute(
-            pg_insert(SMSMessageAttempt).values(
-                message_id=message.id,
-                attempt_number=number,
-                device_id=message.device_id,
-                **values,
-            )
-        )
+    # One round trip in the usual case: the row exists and may move.
+    of_attempt = (
+        SMSMessageAttempt.message_id == message.id,
+        SMSMessageAttempt.attempt_number == number,
+    )
+    moved = await session.execute(
+        update(SMSMessageAttempt)
+        .where(*of_attempt, SMSMessageAttempt.status.in_(_MAY_MOVE_FROM[status]))
+        .values(**values)
+        .returning(SMSMessageAttempt.id)
+        .execution_options(synchronize_session=False)
+    )
+    if moved.first() is not None:
         return
-    if not _attempt_may_move(AttemptStatus(existing.status), status):
+    existing = await session.execute(select(SMSMessageAttempt.id).where(*of_attempt))
+    if existing.first() is not None:
         return
     await session.execute(
-        update(SMSMessageAttempt)
-        .where(SMSMessageAttempt.id == existing.id)
-        .values(**values)
+        pg_insert(SMSMessageAttempt).values(
+            message_id=message.id,
+            attempt_number=number,
+            device_id=message.device_id,
+            **values,
+        )
     )
 
 

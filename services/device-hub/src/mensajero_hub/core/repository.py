@@ -1,12 +1,16 @@
 """SQL of the device-hub. Every function runs inside the caller's session and never commits."""
 
+import functools
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import (
     DateTime,
+    Table,
+    Update,
     and_,
     bindparam,
     func,
@@ -27,6 +31,8 @@ from mensajero_common.models import (
     User,
 )
 from mensajero_common.status import TIMESTAMP_COLUMNS, predecessors
+
+_messages = cast(Table, SMSMessage.__table__)
 
 # Statuses in which a task is still the phone's to send; any other status makes its stream
 # entry stale.
@@ -166,6 +172,50 @@ async def mark_offline(
     return {(row[0], row[1]) for row in result.all()}
 
 
+@functools.cache
+def _advance_statement(status: MessageStatus) -> Update:
+    """Build the UPDATE of `advance_message_status` for one target status, once.
+
+    A Core statement on the table with bound parameters: the ORM's bulk UPDATE would
+    build, compile and synchronize the session for every report.
+    """
+    timestamp_column = _messages.c[TIMESTAMP_COLUMNS[status]]
+    values: dict[str, object] = {
+        "status": status.value,
+        timestamp_column.name: func.now(),
+    }
+    if status is MessageStatus.FAILED:
+        values["error"] = bindparam("b_error")
+    return (
+        update(_messages)
+        .where(
+            _messages.c.id == bindparam("b_message_id"),
+            _messages.c.device_id == bindparam("b_device_id"),
+            _messages.c.type == MessageType.OUTGOING.value,
+            # Never from `pending`: a report cannot start an attempt, and a late report
+            # of a failed attempt must not move its retry.
+            _messages.c.status.in_(
+                [
+                    state.value
+                    for state in predecessors(status)
+                    if state is not MessageStatus.PENDING
+                ]
+            ),
+        )
+        .values(**values)
+        .returning(
+            _messages.c.status,
+            _messages.c.user_id,
+            _messages.c.from_number,
+            _messages.c.to_number,
+            _messages.c.body,
+            _messages.c.segments,
+            _messages.c.error,
+            timestamp_column,
+        )
+    )
+
+
 async def advance_message_status(
     db: AsyncSession,
     device_id: uuid.UUID,
@@ -178,42 +228,14 @@ async def advance_message_status(
     Returns the changed row, or None when the message is not this device's or the move
     would go backwards (a late or repeated report), in which case nothing changes.
     """
-    values: dict[str, object] = {
-        "status": status.value,
-        TIMESTAMP_COLUMNS[status]: func.now(),
+    parameters: dict[str, object] = {
+        "b_message_id": message_id,
+        "b_device_id": device_id,
     }
     if status is MessageStatus.FAILED:
-        values["error"] = error
-    timestamp_column = getattr(SMSMessage, TIMESTAMP_COLUMNS[status])
-    statement = (
-        update(SMSMessage)
-        .where(
-            SMSMessage.id == message_id,
-            SMSMessage.device_id == device_id,
-            SMSMessage.type == MessageType.OUTGOING.value,
-            # Never from `pending`: a report cannot start an attempt, and a late report
-            # of a failed attempt must not move its retry.
-            SMSMessage.status.in_(
-                [
-                    state.value
-                    for state in predecessors(status)
-                    if state is not MessageStatus.PENDING
-                ]
-            ),
-        )
-        .values(**values)
-        .returning(
-            SMSMessage.status,
-            SMSMessage.user_id,
-            SMSMessage.from_number,
-            SMSMessage.to_number,
-            SMSMessage.body,
-            SMSMessage.segments,
-            SMSMessage.error,
-            timestamp_column,
-        )
-    )
-    row = (await db.execute(statement)).one_or_none()
+        parameters["b_error"] = error
+    result = await db.execute(_advance_statement(status), parameters)
+    row = result.one_or_none()
     if row is None:
         return None
     return MessageChange(MessageStatus(row[0]), *row[1:])
