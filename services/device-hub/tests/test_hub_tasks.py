@@ -1,5 +1,8 @@
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub_helpers import (
@@ -14,7 +17,7 @@ from hub_helpers import (
     request,
 )
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import ClientConnection
 
@@ -42,6 +45,7 @@ async def push_task(
         segments=message.segments,
         encoding=message.encoding,
         created_at=message.created_at,
+        expires_at=message.expires_at,
     )
     await queues.push_device_task(redis, keys, device.device_id, message.id, frame)
 
@@ -185,6 +189,70 @@ async def test_stale_task_is_dropped_not_pushed(
         await push_task(redis, redis_keys, device, message)
 
     async with open_socket(hub_url, device.api_key) as socket:
+        task = await receive_type(socket, "task")
+        await request(socket, {"type": "ping"})
+
+    assert task["message_id"] == str(live.id)
+    assert await stream_message_ids(redis, redis_keys, device) == [str(live.id)]
+
+
+@contextlib.contextmanager
+def message_queries() -> Iterator[list[str]]:
+    """Record the SELECTs on smsmessage that any engine of this process runs."""
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        statement = str(args[2])
+        if (
+            statement.lstrip().upper().startswith("SELECT")
+            and "smsmessage" in statement
+        ):
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+async def test_live_task_pushed_without_query(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    first = await create_outgoing(session_factory, device)
+    second = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        # The first task ends the connection's backlog read, whichever read finds it.
+        await push_task(redis, redis_keys, device, first)
+        await receive_type(socket, "task")
+        with message_queries() as queries:
+            await push_task(redis, redis_keys, device, second)
+            task = await receive_type(socket, "task")
+
+    assert task["message_id"] == str(second.id)
+    assert queries == []
+
+
+async def test_live_expired_task_is_dropped_not_pushed(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    expired = await create_outgoing(session_factory, device, expires_at=past)
+    live = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        await push_task(redis, redis_keys, device, expired)
+        await push_task(redis, redis_keys, device, live)
         task = await receive_type(socket, "task")
         await request(socket, {"type": "ping"})
 

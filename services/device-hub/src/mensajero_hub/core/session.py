@@ -110,6 +110,8 @@ class DeviceSession:
         self.close_reason: str | None = None
         self._push_task: asyncio.Task[None] | None = None
         self._wake_pending = False
+        # Set once the tasks queued before this connection opened have been pushed.
+        self._backlog_pushed = False
         self.log = log.bind(
             device_id=str(identity.device_id),
             connection_id=self.state.connection_id,
@@ -384,17 +386,47 @@ class DeviceSession:
             if fresh:
                 await self._push_entries(fresh)
             if len(entries) < PUSH_BATCH_SIZE:
+                self._backlog_pushed = True
                 return
 
+    async def _find_pushable(
+        self, entries: list[TaskEntry]
+    ) -> dict[uuid.UUID, int | None]:
+        """Return the current attempt of each message whose task may be pushed.
+
+        The backlog (entries queued before this connection opened) is checked in
+        Postgres, because it may hold tasks that ended, moved or expired while the device
+        was away. An entry queued since then is trusted without a query, unless its
+        `expires_at` has passed. Its assignment committed just before the dispatcher
+        queued it, and a task that moves or ends meanwhile is not sent twice: the phone
+        sends only once the `ack` of its `sending` claim names its own attempt, and the
+        hub applies that claim under the message's row lock.
+        """
+        if not self._backlog_pushed:
+            checked = await self._service.find_pushable(
+                self.device_id, {entry.message_id for entry in entries}
+            )
+            return dict(checked)
+        now = datetime.now(UTC)
+        latest: dict[uuid.UUID, int | None] = {}
+        for entry in entries:
+            if entry.is_expired(now):
+                continue
+            # A later attempt of a message replaces an earlier one: that attempt ended.
+            known = latest.get(entry.message_id)
+            if entry.message_id not in latest or (entry.attempt or 0) > (known or 0):
+                latest[entry.message_id] = entry.attempt
+        return latest
+
     async def _push_entries(self, entries: list[TaskEntry]) -> None:
-        pushable = await self._service.find_pushable(
-            self.device_id, {entry.message_id for entry in entries}
-        )
+        pushable = await self._find_pushable(entries)
         stale: list[bytes] = []
         for entry in entries:
-            current_attempt = pushable.get(entry.message_id)
             # An entry of an earlier attempt is stale too: its attempt ended.
-            if current_attempt is None or entry.attempt not in (None, current_attempt):
+            if entry.message_id not in pushable or entry.attempt not in (
+                None,
+                pushable[entry.message_id],
+            ):
                 stale.append(entry.stream_id)
                 continue
             if not self.state.mark_pushed(entry):

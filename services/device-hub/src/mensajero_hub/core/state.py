@@ -4,7 +4,7 @@ import math
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 # Consecutive rejected frames after which the hub closes the connection: a phone that keeps
@@ -31,6 +31,19 @@ class TaskEntry(NamedTuple):
         """The attempt of the message this task belongs to; None in tasks without one."""
         attempt = self.task.get("attempt")
         return attempt if isinstance(attempt, int) else None
+
+    def is_expired(self, now: datetime) -> bool:
+        """Tell whether the task's `expires_at` has passed; a task without one never expires."""
+        raw = self.task.get("expires_at")
+        if not isinstance(raw, str):
+            return False
+        try:
+            expires_at = datetime.fromisoformat(raw)
+        except ValueError:
+            return False
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=UTC)
+        return expires_at <= now
 
 
 @dataclass(slots=True)
