@@ -26,11 +26,14 @@ class Settings(BaseSettings):
 
     ENVIRONMENT: Environment = Environment.DEVELOPMENT
     DATABASE_URL: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/mensajero"
-    # Connections each process keeps open to Postgres, and how many more it may open
-    # under bursts. Every replica of every service adds its own, so their sum must stay
-    # below the server's max_connections (100 by default).
-    DATABASE_POOL_SIZE: Annotated[int, Field(ge=1)] = 10
-    DATABASE_MAX_OVERFLOW: Annotated[int, Field(ge=0)] = 10
+    # Connections each process may keep open to Postgres (opened as needed, then kept),
+    # and how many more it may open under bursts. Every replica of every service adds its
+    # own, so their sum must stay below the server's max_connections (100 by default).
+    # Overflow connections are closed as soon as they are idle, so a steady load above
+    # the pool size opens and closes one per request: keep it 0 unless connections are
+    # scarce.
+    DATABASE_POOL_SIZE: Annotated[int, Field(ge=1)] = 20
+    DATABASE_MAX_OVERFLOW: Annotated[int, Field(ge=0)] = 0
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # Every Redis key the project writes starts with this, so that several installs or test
     # runs can share one Redis server.

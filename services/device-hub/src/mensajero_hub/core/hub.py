@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 
 # A hub keeps this many times DATABASE_POOL_SIZE connections: frames of thousands of phones
 # share them, and a reconnect storm waits in line instead of exhausting the server.
-DB_POOL_FACTOR = 2
+DB_POOL_FACTOR = 1.5
 # Redis connections of one hub, the pub/sub one included; callers wait for a free one.
 REDIS_MAX_CONNECTIONS = 64
 REDIS_POOL_TIMEOUT_S = 20.0
@@ -77,7 +77,8 @@ class Hub:
     async def start(self) -> None:
         """Open Postgres and Redis, subscribe the shared channel reader, start the sweep."""
         self._engine = create_engine(
-            self.settings, pool_size=self.settings.DATABASE_POOL_SIZE * DB_POOL_FACTOR
+            self.settings,
+            pool_size=int(self.settings.DATABASE_POOL_SIZE * DB_POOL_FACTOR),
         )
         self._redis = create_hub_redis(self.settings)
         self._service = DeviceService(
