@@ -396,6 +396,26 @@ async def test_idempotent_concurrent_repeats(
     assert len(await _stream_message_ids(redis, redis_keys)) == 1
 
 
+async def test_idempotent_concurrent_repeats_charge_once(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    # Plenty of quota left: each repeat's charge succeeds before its insert finds the
+    # key taken, and must be undone.
+    owner = await make_user(plan="free")
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+
+    responses = await asyncio.gather(
+        *(send_sms(client, owner, body="same", headers=key) for _ in range(10))
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [200] * 9 + [201]
+    assert await count_rows(session_factory, SMSMessage) == 1
+    assert await _sms_sent(session_factory, owner) == 1
+
+
 async def test_idempotency_key_too_long(client: AsyncClient, user: ApiUser) -> None:
     response = await send_sms(client, user, headers={"Idempotency-Key": "k" * 256})
 

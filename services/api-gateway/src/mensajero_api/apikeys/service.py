@@ -142,7 +142,7 @@ async def find_usable_key(
         raise InvalidApiKeyError("revoked")
     if api_key.expires_at is not None and api_key.expires_at <= now:
         raise InvalidApiKeyError("expired")
-    user = await users_repository.get_user(session, api_key.user_id)
+    user = await users_repository.get_request_user(session, api_key.user_id)
     if user is None:
         raise InvalidApiKeyError("unknown")
 

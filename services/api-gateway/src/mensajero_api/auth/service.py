@@ -111,7 +111,7 @@ async def get_user_for_token(
         logger.debug("bearer token rejected", reason=str(error))
         raise InvalidTokenError() from None
 
-    user = await users_repository.get_user(session, claims.user_id)
+    user = await users_repository.get_request_user(session, claims.user_id)
     # A deleted user, or a token issued before the user's token_version was bumped.
     if user is None or user.token_version != claims.token_version:
         raise InvalidTokenError()

@@ -3,7 +3,7 @@
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import or_, select, tuple_
@@ -11,6 +11,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.messages.cursor import Cursor
+from mensajero_common import jsonutil
+from mensajero_common.db import driver_connection
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
 
 
@@ -45,6 +47,72 @@ async def insert_outgoing(
         .returning(SMSMessage)
     )
     return (await session.scalars(statement)).one_or_none()
+
+
+# Charges one SMS to the user's quota and inserts the message, in one statement and
+# round trip: the UPDATE is the conditional charge of quotas.repository.charge_sms, and
+# the INSERT only happens for the row it returns. A quota row last reset before
+# $period_start is charged from 0 and gets $today as its reset date.
+_INSERT_CHARGED_SQL = """
+WITH charged AS (
+    UPDATE userquota
+    SET sms_sent_this_month = CASE
+            WHEN last_reset_date < $13 THEN 0 ELSE sms_sent_this_month
+        END + 1,
+        last_reset_date = CASE
+            WHEN last_reset_date < $13 THEN $14 ELSE last_reset_date
+        END,
+        updated_at = now()
+    WHERE user_id = $2
+      AND CASE WHEN last_reset_date < $13 THEN 0 ELSE sms_sent_this_month END + 1
+          <= (SELECT max_sms_per_month FROM userplan WHERE userplan.id = userquota.plan_id)
+    RETURNING user_id
+)
+INSERT INTO smsmessage (
+    id, user_id, type, status, to_number, body, segments, encoding, device_id,
+    requested_device_id, expires_at, idempotency_key, meta
+)
+SELECT $1, user_id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $15::text::jsonb
+FROM charged
+ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+
+async def insert_charged(
+    session: AsyncSession, values: dict[str, Any], period_start: date, today: date
+) -> bool:
+    """Insert an outgoing message and charge it to the quota; tell whether it did.
+
+    False means that the monthly quota has no room left (nothing changed), or that the
+    message's idempotency key is taken (the charge did happen, so the caller must roll
+    the transaction back). The statement runs on asyncpg directly: it is the one of every
+    single send, and through SQLAlchemy's ORM the same work took several times the CPU.
+    Without an idempotency key it needs no transaction around it: one statement is
+    atomic, and it commits at once if the session has not begun one.
+    """
+    connection = await driver_connection(
+        session, transaction=values["idempotency_key"] is not None
+    )
+    inserted = await connection.fetchval(
+        _INSERT_CHARGED_SQL,
+        values["id"],
+        values["user_id"],
+        str(values["type"]),
+        str(values["status"]),
+        values["to_number"],
+        values["body"],
+        values["segments"],
+        values["encoding"],
+        values["device_id"],
+        values["requested_device_id"],
+        values["expires_at"],
+        values["idempotency_key"],
+        period_start,
+        today,
+        jsonutil.dumps_str(values["meta"]),
+    )
+    return inserted is not None
 
 
 async def get_message(

@@ -217,34 +217,28 @@ async def send_message(
     expires_at = resolve_expiry(data)
     await check_sending_device(session, user, data.device_id)
 
-    # The insert comes before the quota charge: a concurrent request with the same key
-    # waits on it and then replays this message, instead of being refused by a quota
-    # that this message has just used up.
-    message = await repository.insert_outgoing(
-        session,
-        {
-            **outgoing_values(user, to_number, data.body, data.device_id, expires_at),
-            "idempotency_key": idempotency_key,
-            "meta": {"request_hash": request_hash} if idempotency_key else {},
-        },
-    )
-    if message is None:
-        assert idempotency_key is not None
-        existing = await repository.get_message_by_idempotency_key(
-            session, user.id, idempotency_key
-        )
-        if existing is None:
-            raise RuntimeError(
-                "insert conflicted on the idempotency key, but no message has that key"
-            )
-        return _replay(existing, request_hash)
-
-    await quotas_service.charge_sms(session, user.id, 1, settings)
+    values = {
+        **outgoing_values(user, to_number, data.body, data.device_id, expires_at),
+        "idempotency_key": idempotency_key,
+        "meta": {"request_hash": request_hash} if idempotency_key else {},
+    }
+    period = quotas_service.QuotaPeriod.at(datetime.now(UTC), settings)
+    if await repository.insert_charged(session, values, period.start, period.today):
+        message = SMSMessage(**values)
+    else:
+        # The quota is used up, or a concurrent request took the idempotency key (and
+        # this statement charged anyway). Undo it, and take the slower path below,
+        # which tells the two apart and builds the right answer. The rollback expires
+        # `user`, so only `values` is read from here on.
+        await session.rollback()
+        message = await _insert_then_charge(session, settings, values)
+        if isinstance(message, SendOutcome):
+            return message
     await session.commit()
 
     logger.info(
         "message accepted",
-        user_id=str(user.id),
+        user_id=str(values["user_id"]),
         message_id=str(message.id),
         device_id=str(data.device_id) if data.device_id else None,
         segments=message.segments,
@@ -252,6 +246,33 @@ async def send_message(
     )
     await _signal_dispatcher(redis, keys, message.id)
     return SendOutcome(message=message, created=True)
+
+
+async def _insert_then_charge(
+    session: AsyncSession, settings: Settings, values: dict[str, Any]
+) -> SMSMessage | SendOutcome:
+    """Insert the message, then charge it; return the replay if the key is taken.
+
+    Raises QuotaExceededError with the quota's figures when no SMS is left.
+    """
+    idempotency_key = values["idempotency_key"]
+    # The insert comes before the quota charge: a concurrent request with the same key
+    # waits on it and then replays this message, instead of being refused by a quota
+    # that this message has just used up.
+    message = await repository.insert_outgoing(session, values)
+    if message is None:
+        assert idempotency_key is not None
+        existing = await repository.get_message_by_idempotency_key(
+            session, values["user_id"], idempotency_key
+        )
+        if existing is None:
+            raise RuntimeError(
+                "insert conflicted on the idempotency key, but no message has that key"
+            )
+        return _replay(existing, values["meta"]["request_hash"])
+
+    await quotas_service.charge_sms(session, values["user_id"], 1, settings)
+    return message
 
 
 async def _signal_dispatcher(

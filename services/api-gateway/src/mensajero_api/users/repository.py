@@ -5,12 +5,37 @@ import uuid
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
+from mensajero_common.db import driver_connection
 from mensajero_common.models import User
+
+_USER_COLUMNS = [column.key for column in User.__table__.columns]
+_SELECT_USER_SQL = f'SELECT {", ".join(_USER_COLUMNS)} FROM "user" WHERE id = $1'
 
 
 async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:
     return await session.get(User, user_id)
+
+
+async def get_request_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:
+    """Load the user behind a request's credentials into `session`, like get_user.
+
+    Every authenticated request starts with this read, so it runs on asyncpg directly
+    and outside a transaction: through the ORM it cost more CPU than the rest of a send.
+    The user joins the session as if loaded there, so changes to it are saved on commit.
+    """
+    identity = session.identity_key(User, user_id)
+    if identity in session.identity_map:
+        return session.identity_map[identity]  # type: ignore[no-any-return]
+    connection = await driver_connection(session, transaction=False)
+    row = await connection.fetchrow(_SELECT_USER_SQL, user_id)
+    if row is None:
+        return None
+    user = User(**dict(row))
+    make_transient_to_detached(user)
+    session.add(user)
+    return user
 
 
 async def get_user_by_email(session: AsyncSession, email: str) -> User | None:
