@@ -3,6 +3,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from mensajero_api.auth import security
 from mensajero_api.auth.security import (
     TokenDecodeError,
     create_access_token,
@@ -81,6 +82,22 @@ def test_access_token_claims(settings: Settings) -> None:
     assert claims.user_id == user_id
     assert claims.token_version == 3
     assert token.expires_in_s == settings.ACCESS_TOKEN_EXPIRE_MINUTES * 60
+
+
+def test_access_token_expires_after_a_verified_use(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issued = create_access_token(uuid.uuid4(), 0, settings)
+    decode_access_token(issued.token, settings)
+    expiry = datetime.now(UTC) + timedelta(seconds=issued.expires_in_s)
+
+    # The same token again, once its `exp` has passed.
+    monkeypatch.setattr(
+        security.time, "time", lambda: expiry.timestamp() + 1, raising=True
+    )
+
+    with pytest.raises(TokenDecodeError, match="expired"):
+        decode_access_token(issued.token, settings)
 
 
 def test_access_token_other_secret(settings: Settings) -> None:
