@@ -4,10 +4,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.db import driver_connection
 from mensajero_common.models import MessageStatus, SMSBulkTask, SMSMessage
 
 
@@ -31,15 +32,37 @@ async def insert_task(
     return (await session.scalars(statement)).one_or_none()
 
 
+# The columns a bulk send fills; the others take their defaults.
+_MESSAGE_COLUMNS = (
+    "id",
+    "user_id",
+    "type",
+    "status",
+    "to_number",
+    "body",
+    "segments",
+    "encoding",
+    "device_id",
+    "requested_device_id",
+    "expires_at",
+    "bulk_id",
+)
+
+
 async def insert_messages(
     session: AsyncSession, rows: Sequence[dict[str, Any]]
 ) -> None:
-    """Insert many messages in one executemany.
+    """Insert many messages with one COPY, in the caller's transaction.
 
-    SQLAlchemy turns it into multi-row INSERT … VALUES statements of up to 1000 rows each
-    ("insertmanyvalues"), all in the caller's transaction.
+    COPY took about half the time of SQLAlchemy's multi-row INSERTs for 1000 rows, and
+    none of the Python work of building their parameters.
     """
-    await session.execute(insert(SMSMessage), list(rows))
+    connection = await driver_connection(session)
+    await connection.copy_records_to_table(
+        SMSMessage.__tablename__,
+        records=[tuple(row[column] for column in _MESSAGE_COLUMNS) for row in rows],
+        columns=_MESSAGE_COLUMNS,
+    )
 
 
 async def get_task(
