@@ -1,5 +1,6 @@
 """Phone number normalisation to E.164 with the phonenumbers library."""
 
+import functools
 from dataclasses import dataclass
 
 import phonenumbers
@@ -49,12 +50,22 @@ def normalize_e164(number: str, default_region: str | None = None) -> str:
     region = default_region.upper() if default_region else None
     if not raw.startswith("+") and region is None:
         raise PhoneNumberError(number, "missing_country_code")
-
     try:
-        parsed = phonenumbers.parse(raw, None if raw.startswith("+") else region)
+        return _parse_e164(raw, None if raw.startswith("+") else region)
+    except PhoneNumberError as error:
+        raise PhoneNumberError(number, error.reason) from None
+
+
+# phonenumbers takes 50 to 70 µs to parse and validate one number, half the time of a
+# 1000-recipient bulk send; the same recipients come back in every campaign and every
+# one-time code. Only valid numbers are kept (lru_cache does not keep exceptions).
+@functools.lru_cache(maxsize=16384)
+def _parse_e164(raw: str, region: str | None) -> str:
+    try:
+        parsed = phonenumbers.parse(raw, region)
     except NumberParseException as error:
         raise PhoneNumberError(
-            number, _PARSE_REASONS.get(error.error_type, "not_a_number")
+            raw, _PARSE_REASONS.get(error.error_type, "not_a_number")
         ) from None
 
     possibility = phonenumbers.is_possible_number_with_reason(parsed)
@@ -63,10 +74,10 @@ def normalize_e164(number: str, default_region: str | None = None) -> str:
         ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
     ):
         raise PhoneNumberError(
-            number, _POSSIBILITY_REASONS.get(possibility, "invalid_number")
+            raw, _POSSIBILITY_REASONS.get(possibility, "invalid_number")
         )
     if not phonenumbers.is_valid_number(parsed):
-        raise PhoneNumberError(number, "invalid_number")
+        raise PhoneNumberError(raw, "invalid_number")
 
     return phonenumbers.format_number(parsed, PhoneNumberFormat.E164)
 
