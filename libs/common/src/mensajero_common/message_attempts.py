@@ -16,13 +16,24 @@ can have gone out: no attempt reached `sent`, and no failure left the outcome un
 The refund applies only while the quota still counts the period of the charge.
 """
 
+import functools
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import cast
 
-from sqlalchemy import Row, Select, func, select, text, update
+from sqlalchemy import (
+    Table,
+    Update,
+    any_,
+    bindparam,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -96,41 +107,29 @@ class AttemptEnd:
     delivery_ids: list[uuid.UUID]
 
 
-def _select_locked_messages() -> Select[*tuple[Any, ...]]:
-    return (
-        select(
-            SMSMessage.id,
-            SMSMessage.user_id,
-            SMSMessage.device_id,
-            SMSMessage.requested_device_id,
-            SMSMessage.status,
-            SMSMessage.attempts,
-            SMSMessage.to_number,
-            SMSMessage.from_number,
-            SMSMessage.body,
-            SMSMessage.segments,
-            SMSMessage.sent_at,
-            SMSMessage.expires_at,
-            SMSMessage.created_at,
-        )
-        .where(SMSMessage.type == MessageType.OUTGOING.value)
-        .with_for_update()
+_messages = cast(Table, SMSMessage.__table__)
+_attempts = cast(Table, SMSMessageAttempt.__table__)
+
+# One statement text whatever the number of ids, because an IN list would make asyncpg
+# prepare a new statement for every batch size. Core columns, not ORM attributes, so
+# that executing it skips the ORM's per-statement work.
+_LOCK_MESSAGES = (
+    select(*(_messages.c[item.name] for item in fields(LockedMessage)))
+    .where(
+        _messages.c.id
+        == any_(bindparam("b_message_ids", type_=ARRAY(UUID(as_uuid=True)))),
+        _messages.c.type == MessageType.OUTGOING.value,
     )
-
-
-def _locked_message(row: Row[Any]) -> LockedMessage:
-    values = row._asdict()
-    values["status"] = MessageStatus(values["status"])
-    return LockedMessage(**values)
+    .order_by(_messages.c.id)
+    .with_for_update()
+)
 
 
 async def lock_message(
     session: AsyncSession, message_id: uuid.UUID
 ) -> LockedMessage | None:
     """Lock an outgoing message for the rest of the transaction and return it."""
-    statement = _select_locked_messages().where(SMSMessage.id == message_id)
-    row = (await session.execute(statement)).one_or_none()
-    return None if row is None else _locked_message(row)
+    return (await lock_messages(session, [message_id])).get(message_id)
 
 
 async def lock_messages(
@@ -143,13 +142,13 @@ async def lock_messages(
     """
     if not message_ids:
         return {}
-    statement = (
-        _select_locked_messages()
-        .where(SMSMessage.id.in_(list(message_ids)))
-        .order_by(SMSMessage.id)
-    )
-    rows = (await session.execute(statement)).all()
-    return {row.id: _locked_message(row) for row in rows}
+    result = await session.execute(_LOCK_MESSAGES, {"b_message_ids": list(message_ids)})
+    locked = {}
+    for row in result.all():
+        values = row._asdict()
+        values["status"] = MessageStatus(values["status"])
+        locked[row.id] = LockedMessage(**values)
+    return locked
 
 
 async def start_attempts(
@@ -207,33 +206,32 @@ async def record_attempt_status(
     written now. An attempt that has ended keeps its outcome.
     """
     number = attempt_number or message.current_attempt
-    values: dict[str, object] = {"status": status.value}
+    parameters: dict[str, object] = {
+        "b_message_id": message.id,
+        "b_attempt_number": number,
+    }
+    if error is not None:
+        parameters["b_error"] = error
+    if parts is not None:
+        parameters["b_parts"] = parts
+    # One round trip in the usual case: the row exists and may move.
+    statement = _move_attempt_statement(status, error is not None, parts is not None)
+    if (await session.execute(statement, parameters)).first() is not None:
+        return
+
+    existing = await session.execute(
+        select(_attempts.c.id).where(
+            _attempts.c.message_id == message.id,
+            _attempts.c.attempt_number == number,
+        )
+    )
+    if existing.first() is not None:
+        return
+    values = _attempt_values(status)
     if error is not None:
         values["error"] = error
     if parts is not None:
         values["parts"] = parts
-    if status is AttemptStatus.SENDING:
-        values["acknowledged_at"] = func.now()
-    if status in ENDED_ATTEMPT_STATUSES:
-        values["ended_at"] = func.now()
-
-    # One round trip in the usual case: the row exists and may move.
-    of_attempt = (
-        SMSMessageAttempt.message_id == message.id,
-        SMSMessageAttempt.attempt_number == number,
-    )
-    moved = await session.execute(
-        update(SMSMessageAttempt)
-        .where(*of_attempt, SMSMessageAttempt.status.in_(_MAY_MOVE_FROM[status]))
-        .values(**values)
-        .returning(SMSMessageAttempt.id)
-        .execution_options(synchronize_session=False)
-    )
-    if moved.first() is not None:
-        return
-    existing = await session.execute(select(SMSMessageAttempt.id).where(*of_attempt))
-    if existing.first() is not None:
-        return
     await session.execute(
         pg_insert(SMSMessageAttempt).values(
             message_id=message.id,
@@ -241,6 +239,39 @@ async def record_attempt_status(
             device_id=message.device_id,
             **values,
         )
+    )
+
+
+def _attempt_values(status: AttemptStatus) -> dict[str, object]:
+    """Return the columns that moving an attempt to `status` sets, besides error and
+    parts."""
+    values: dict[str, object] = {"status": status.value}
+    if status is AttemptStatus.SENDING:
+        values["acknowledged_at"] = func.now()
+    if status in ENDED_ATTEMPT_STATUSES:
+        values["ended_at"] = func.now()
+    return values
+
+
+@functools.cache
+def _move_attempt_statement(
+    status: AttemptStatus, with_error: bool, with_parts: bool
+) -> Update:
+    """Build, once per shape, the UPDATE that moves an attempt to `status` if it may."""
+    values = _attempt_values(status)
+    if with_error:
+        values["error"] = bindparam("b_error")
+    if with_parts:
+        values["parts"] = bindparam("b_parts")
+    return (
+        update(_attempts)
+        .where(
+            _attempts.c.message_id == bindparam("b_message_id"),
+            _attempts.c.attempt_number == bindparam("b_attempt_number"),
+            _attempts.c.status.in_(_MAY_MOVE_FROM[status]),
+        )
+        .values(**values)
+        .returning(_attempts.c.id)
     )
 
 
