@@ -135,3 +135,39 @@ async def test_concurrent_batches_share_pace(paced_ctx, factory, redis, redis_ke
     assert sum(len(plan.assignments) for plan in plans) == PER_MINUTE
     tasks = await queues.read_device_tasks(redis, redis_keys, device.id)
     assert len(tasks) == PER_MINUTE
+
+
+async def test_full_device_found_after_planning(paced_ctx, factory):
+    user = await factory.user()
+    full = await factory.device(user)
+    other = await factory.device(user)
+    # The full device has the lighter load, so the plan tries it first.
+    await factory.message(user, status=MessageStatus.ASSIGNED, device=other)
+    limiter = pace._limiter(paced_ctx)
+    await limiter.hit(pace.pace_item(paced_ctx), str(full.id), cost=PER_MINUTE)
+    message = await factory.message(user)
+
+    plan = await assign_messages(paced_ctx, [message.id])
+
+    assert [item.device_id for item in plan.assignments] == [other.id]
+    assert plan.waiting == []
+
+
+async def test_pace_not_read_while_devices_have_room(paced_ctx, factory, monkeypatch):
+    user = await factory.user()
+    for _ in range(5):
+        await factory.device(user)
+    message = await factory.message(user)
+    reads: list[set] = []
+    read_pace = pace.pace_left
+
+    async def recorded_read(ctx, device_ids):
+        reads.append(set(device_ids))
+        return await read_pace(ctx, device_ids)
+
+    monkeypatch.setattr(pace, "pace_left", recorded_read)
+
+    plan = await assign_messages(paced_ctx, [message.id])
+
+    assert len(plan.assignments) == 1
+    assert reads == []

@@ -8,7 +8,7 @@ message id.
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import structlog
@@ -135,12 +135,32 @@ async def _plan(
     online = await repository.find_online_devices(
         session, {message.user_id for message in messages}
     )
+    # Reading the pace of every candidate costs a Redis call per device, so the plan
+    # first assumes room everywhere, and the pace is read only when a device is full.
+    plan = plan_assignments(messages, online, requested)
+    denied = await pace.reserve(ctx, plan)
+    if not denied:
+        return plan
+
     candidates = {device.id for device in online} | {
         device.id for device in requested.values() if device.is_active
     }
     left = await pace.pace_left(ctx, candidates)
-    plan = plan_assignments(messages, online, requested, left)
-    await pace.reserve(ctx, plan)
+    planned: dict[uuid.UUID, int] = {}
+    for assignment in plan.assignments:
+        planned[assignment.device_id] = planned.get(assignment.device_id, 0) + 1
+    loaded = [
+        replace(device, in_flight=device.in_flight + planned.get(device.id, 0))
+        for device in online
+    ]
+    replan = plan_assignments(
+        [assignment.message for assignment in denied], loaded, requested, left
+    )
+    still_denied = await pace.reserve(ctx, replan)
+    plan.assignments += replan.assignments
+    plan.rejections += replan.rejections
+    plan.waiting += replan.waiting
+    plan.waiting += [assignment.message for assignment in still_denied]
     return plan
 
 

@@ -4,10 +4,11 @@ Carriers block SIMs that send in bursts, and Android asks the user before an app
 too many SMS, so the dispatcher hands each device tasks at a steady pace. The counters are
 moving windows of the `limits` package in Redis, shared by every dispatcher replica.
 
-The assignment reads the pace left of each candidate device before it plans, then
-reserves what the plan gives each device. When another replica took some of that pace
-meanwhile, the device keeps only the oldest messages that still fit and the others stay
-pending. A pending message is not signalled again: the pending sweep (every
+The assignment plans as if every device had pace left, then reserves what the plan
+gives each device, which costs one Redis call per chosen device. A device that has no
+room for all of its share keeps the oldest messages that still fit. Only then does the
+assignment read the pace left of every candidate device and plan the other messages
+again with it, and those that fit nowhere stay pending. A pending message is not signalled again: the pending sweep (every
 DISPATCHER_SWEEP_INTERVAL) or the device's next `online` event assigns it once a window
 has room, so paced messages cost one read per sweep and never a loop.
 
@@ -25,7 +26,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
 from mensajero_dispatcher.context import DispatcherContext
-from mensajero_dispatcher.messages.schemas import AssignmentPlan
+from mensajero_dispatcher.messages.schemas import Assignment, AssignmentPlan
 
 # One limiter per Redis client, since a limiter's storage shares the client's pool.
 _limiters: "weakref.WeakKeyDictionary[Redis, MovingWindowRateLimiter]" = (
@@ -65,12 +66,13 @@ async def pace_left(
     return left
 
 
-async def reserve(ctx: DispatcherContext, plan: AssignmentPlan) -> None:
-    """Take the pace of every assignment in `plan`, moving those that no longer fit to
-    `plan.waiting`.
+async def reserve(ctx: DispatcherContext, plan: AssignmentPlan) -> list[Assignment]:
+    """Take the pace of every assignment in `plan`; remove from `plan.assignments` those
+    that no longer fit and return them.
 
-    A reservation whose assignment then fails to commit stays taken: the device is
-    paced a little below the limit for one window, never above it.
+    One call per device of the plan, which is one round trip per device while it is
+    below its pace. A reservation whose assignment then fails to commit stays taken: the
+    device is paced a little below the limit for one window, never above it.
     """
     limiter = _limiter(ctx)
     item = pace_item(ctx)
@@ -83,7 +85,7 @@ async def reserve(ctx: DispatcherContext, plan: AssignmentPlan) -> None:
         if await limiter.hit(item, str(device_id), cost=requested):
             granted[device_id] = requested
             continue
-        # Another replica handed this device tasks since the plan read its pace.
+        # The device reached its pace, or another replica handed it tasks meanwhile.
         stats = await limiter.get_window_stats(item, str(device_id))
         fits = min(requested, max(0, stats.remaining))
         if fits and await limiter.hit(item, str(device_id), cost=fits):
@@ -91,11 +93,13 @@ async def reserve(ctx: DispatcherContext, plan: AssignmentPlan) -> None:
         else:
             granted[device_id] = 0
 
-    reserved = []
+    reserved: list[Assignment] = []
+    denied: list[Assignment] = []
     for assignment in plan.assignments:
         if granted[assignment.device_id] > 0:
             granted[assignment.device_id] -= 1
             reserved.append(assignment)
         else:
-            plan.waiting.append(assignment.message)
+            denied.append(assignment)
     plan.assignments = reserved
+    return denied
