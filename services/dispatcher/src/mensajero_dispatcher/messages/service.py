@@ -205,25 +205,33 @@ async def _push_tasks(
     ctx: DispatcherContext,
     tasks: Sequence[tuple[uuid.UUID, PendingMessage | InFlightTask]],
 ) -> int:
-    """Push (device id, message) tasks and return how many were pushed.
+    """Push (device id, message) tasks in one round trip; return how many were pushed.
 
-    The first Redis failure stops the pushes, because the rest would fail the same way.
-    The messages are committed as assigned already, so the repush sweep pushes them later.
+    On a Redis failure none counts as pushed, although some may have been. The messages
+    are committed as assigned already, so the repush sweep pushes the missing ones
+    later; a task that ends up pushed twice is safe, because devices and the hub
+    deduplicate tasks by message id.
     """
-    for pushed, (device_id, message) in enumerate(tasks):
-        try:
-            await queues.push_device_task(
-                ctx.redis, ctx.keys, device_id, message.id, _task_frame(message)
-            )
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            log.warning(
-                "task push failed; the repush sweep will retry",
-                error=repr(error),
-                unpushed=len(tasks) - pushed,
-            )
-            return pushed
+    if not tasks:
+        return 0
+    try:
+        await queues.push_device_tasks(
+            ctx.redis,
+            ctx.keys,
+            [
+                (device_id, message.id, _task_frame(message))
+                for device_id, message in tasks
+            ],
+        )
+    except Exception as error:
+        if not is_transient(error):
+            raise
+        log.warning(
+            "task push failed; the repush sweep will retry",
+            error=repr(error),
+            unpushed=len(tasks),
+        )
+        return 0
     return len(tasks)
 
 
