@@ -1,8 +1,8 @@
 """Engine and session factories for Postgres (asyncpg)."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import event, exc, text
@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import DeclarativeBase, make_transient_to_detached
 
 from mensajero_common.settings import Settings
 
@@ -86,3 +87,43 @@ async def driver_connection(
         # SQLAlchemy's asyncpg adapter sends BEGIN with the session's first statement.
         await session.execute(text("SELECT 1"))
     return driver
+
+
+Model = TypeVar("Model", bound=DeclarativeBase)
+
+
+def column_list(model: type[DeclarativeBase], alias: str = "") -> str:
+    """Return the SQL list of `model`'s columns, each prefixed with `alias.` if given.
+
+    With an alias, each column is also named `<alias>_<column>` in the result.
+    """
+    columns = [column.key for column in model.__table__.columns]
+    if not alias:
+        return ", ".join(columns)
+    return ", ".join(f"{alias}.{column} AS {alias}_{column}" for column in columns)
+
+
+def attach_loaded(
+    session: AsyncSession,
+    model: type[Model],
+    row: Mapping[str, Any],
+    alias: str = "",
+) -> Model:
+    """Return the instance of `model` that `row` holds, joined to `session` as if loaded.
+
+    For rows read by driver_connection: the instance is persistent, so changes to it
+    are saved on commit. An instance already in the session is returned as it is.
+    `alias` strips the `<alias>_` prefix of column_list(model, alias).
+    """
+    prefix = f"{alias}_" if alias else ""
+    values = {
+        column.key: row[prefix + column.key] for column in model.__table__.columns
+    }
+    identity = session.identity_key(model, values["id"])
+    existing = session.identity_map.get(identity)
+    if existing is not None:
+        return existing  # type: ignore[no-any-return]
+    instance = model(**values)
+    make_transient_to_detached(instance)
+    session.add(instance)
+    return instance

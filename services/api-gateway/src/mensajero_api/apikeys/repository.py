@@ -7,7 +7,14 @@ from datetime import datetime
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_common.models import UserApiKey
+from mensajero_common.db import attach_loaded, column_list, driver_connection
+from mensajero_common.models import User, UserApiKey
+
+_SELECT_KEY_WITH_OWNER_SQL = f"""
+SELECT {column_list(UserApiKey, "k")}, {column_list(User, "u")}
+FROM userapikey AS k JOIN "user" AS u ON u.id = k.user_id
+WHERE k.key_hash = $1
+"""
 
 
 async def insert_api_key(
@@ -63,6 +70,19 @@ async def get_api_key(
     return (await session.scalars(statement)).one_or_none()
 
 
-async def find_by_hash(session: AsyncSession, key_hash: str) -> UserApiKey | None:
-    statement = select(UserApiKey).where(UserApiKey.key_hash == key_hash)
-    return (await session.scalars(statement)).one_or_none()
+async def find_by_hash(
+    session: AsyncSession, key_hash: str
+) -> tuple[UserApiKey, User] | None:
+    """Return the key with this hash and its owner, joined to `session`, or None.
+
+    Every request with an X-API-Key starts with this read, so it runs on asyncpg
+    directly and outside a transaction, like users.repository.get_request_user.
+    """
+    connection = await driver_connection(session, transaction=False)
+    row = await connection.fetchrow(_SELECT_KEY_WITH_OWNER_SQL, key_hash)
+    if row is None:
+        return None
+    return (
+        attach_loaded(session, UserApiKey, row, "k"),
+        attach_loaded(session, User, row, "u"),
+    )

@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.apikeys import repository
 from mensajero_api.apikeys.schemas import ApiKeyCreate
-from mensajero_api.users import repository as users_repository
 from mensajero_common import apikeys
 from mensajero_common.errors import (
     AuthenticationError,
@@ -134,17 +133,15 @@ async def find_usable_key(
     ):
         raise InvalidApiKeyError("unknown")
 
-    api_key = await repository.find_by_hash(session, apikeys.hash_api_key(value))
-    if api_key is None:
+    found = await repository.find_by_hash(session, apikeys.hash_api_key(value))
+    if found is None:
         raise InvalidApiKeyError("unknown")
+    api_key, user = found
     now = datetime.now(UTC)
     if api_key.revoked_at is not None:
         raise InvalidApiKeyError("revoked")
     if api_key.expires_at is not None and api_key.expires_at <= now:
         raise InvalidApiKeyError("expired")
-    user = await users_repository.get_request_user(session, api_key.user_id)
-    if user is None:
-        raise InvalidApiKeyError("unknown")
 
     if api_key.last_used_at is None or (
         now - api_key.last_used_at >= LAST_USED_RESOLUTION

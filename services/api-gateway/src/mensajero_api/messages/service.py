@@ -231,9 +231,10 @@ async def send_message(
         # which tells the two apart and builds the right answer. The rollback expires
         # `user`, so only `values` is read from here on.
         await session.rollback()
-        message = await _insert_then_charge(session, settings, values)
-        if isinstance(message, SendOutcome):
-            return message
+        inserted = await _insert_then_charge(session, settings, values)
+        if isinstance(inserted, SendOutcome):
+            return inserted
+        message = inserted
     await session.commit()
 
     logger.info(

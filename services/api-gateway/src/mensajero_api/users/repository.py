@@ -5,13 +5,11 @@ import uuid
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import make_transient_to_detached
 
-from mensajero_common.db import driver_connection
+from mensajero_common.db import attach_loaded, column_list, driver_connection
 from mensajero_common.models import User
 
-_USER_COLUMNS = [column.key for column in User.__table__.columns]
-_SELECT_USER_SQL = f'SELECT {", ".join(_USER_COLUMNS)} FROM "user" WHERE id = $1'
+_SELECT_USER_SQL = f'SELECT {column_list(User)} FROM "user" WHERE id = $1'
 
 
 async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:
@@ -30,12 +28,7 @@ async def get_request_user(session: AsyncSession, user_id: uuid.UUID) -> User | 
         return session.identity_map[identity]  # type: ignore[no-any-return]
     connection = await driver_connection(session, transaction=False)
     row = await connection.fetchrow(_SELECT_USER_SQL, user_id)
-    if row is None:
-        return None
-    user = User(**dict(row))
-    make_transient_to_detached(user)
-    session.add(user)
-    return user
+    return None if row is None else attach_loaded(session, User, row)
 
 
 async def get_user_by_email(session: AsyncSession, email: str) -> User | None:
