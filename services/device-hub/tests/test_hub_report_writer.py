@@ -12,9 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from mensajero_common import protocol, queues
 from mensajero_common.keys import RedisKeys
+from mensajero_common.message_attempts import start_attempts
 from mensajero_common.models import (
     MessageStatus,
     SMSMessage,
+    SMSMessageAttempt,
     WebhookConfig,
     WebhookEvent,
 )
@@ -302,3 +304,39 @@ async def test_writer_applies_queued_reports_on_stop(
     outcome = await pending
     assert outcome.status is MessageStatus.SENDING
     assert (await load_message(session_factory, message.id)).status == "sending"
+
+
+async def test_batch_moves_attempt_rows_forward(
+    writer: ReportWriter, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    with_row = [await create_outgoing(session_factory, device) for _ in range(3)]
+    without_row = await create_outgoing(session_factory, device)
+    async with session_factory() as db:
+        await start_attempts(db, [(m.id, 1, device.device_id) for m in with_row])
+        await db.commit()
+    messages = [*with_row, without_row]
+
+    for status in ("sending", "sent", "delivered"):
+        await apply_all(
+            writer, [(device, report_frame(m.id, status)) for m in messages]
+        )
+    late = await apply_all(writer, [(device, report_frame(with_row[0].id, "sent"))])
+
+    async with session_factory() as db:
+        rows = (
+            await db.scalars(
+                select(SMSMessageAttempt).where(
+                    SMSMessageAttempt.message_id.in_([m.id for m in messages])
+                )
+            )
+        ).all()
+    assert len(rows) == len(messages)
+    for row in rows:
+        assert row.status == "delivered"
+        assert row.acknowledged_at is not None
+        assert row.ended_at is not None
+    (late_outcome,) = late
+    assert isinstance(late_outcome, ReportOutcome)
+    assert late_outcome.status is MessageStatus.DELIVERED
+    assert late_outcome.change is None

@@ -3,8 +3,10 @@
 A phone reports `sending`, `sent` and `delivered` for every task, so under send load the
 reports are most of the hub's Postgres work. The ReportWriter applies every report queued
 so far in one transaction: one query locks the messages of the batch, each report applies
-with the rules of mensajero_hub.core.reports, and the transaction commits once. Each
-caller gets its outcome only after that commit, so an `ack` still names committed data.
+with the rules of mensajero_hub.core.reports, and the transaction commits once. Plain
+forward moves (`sending`, `sent` or `delivered` of a whole message on its current
+attempt), which are most reports, share two statements for the whole batch. Each caller
+gets its outcome only after the commit, so an `ack` still names committed data.
 
 - The batch locks its messages in id order, so two hubs whose batches share messages
   wait for each other instead of deadlocking.
@@ -29,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from mensajero_common import message_attempts, queues, webhook_outbox, webhooks
 from mensajero_common.db import session_scope
 from mensajero_common.keys import RedisKeys
+from mensajero_common.message_attempts import LockedMessage
 from mensajero_common.models import MessageStatus
 from mensajero_common.protocol import SmsReportFrame
 from mensajero_common.settings import Settings
@@ -194,29 +197,45 @@ class ReportWriter:
         Returns, in batch order, each report's outcome or the FrameRejectedError that
         rejected it. Any other error rolls the whole batch back and propagates.
         """
-        results: list[Result] = []
+        results: dict[int, Result] = {}
         async with session_scope(self.sessions) as db:
             messages = await message_attempts.lock_messages(
                 db, [item.frame.message_id for item in batch]
             )
-            for item in batch:
+            # Plain forward moves, most reports, go in one statement for all of them.
+            moves: list[tuple[int, uuid.UUID, LockedMessage, MessageStatus]] = []
+            for index, item in enumerate(batch):
+                message = messages.get(item.frame.message_id)
+                status = reports.forward_status(item.device_id, item.frame, message)
+                if message is not None and status is not None:
+                    moves.append((index, item.device_id, message, status))
+                    continue
                 try:
-                    outcome = await reports.apply_report(
-                        db,
-                        self.settings,
-                        item.device_id,
-                        item.frame,
-                        messages.get(item.frame.message_id),
+                    results[index] = await reports.apply_report(
+                        db, self.settings, item.device_id, item.frame, message
                     )
                 except FrameRejectedError as error:
-                    results.append(error)
-                    continue
-                if outcome.change is not None:
-                    outcome.delivery_ids += await _record_status_event(
-                        db, item, outcome.change
+                    results[index] = error
+            moved = await reports.apply_forward_moves(
+                db,
+                [
+                    (device_id, message, status)
+                    for _, device_id, message, status in moves
+                ],
+            )
+            for (index, _, _, _), outcome in zip(moves, moved, strict=True):
+                results[index] = outcome
+
+            for index, item in enumerate(batch):
+                result = results[index]
+                if (
+                    isinstance(result, reports.ReportOutcome)
+                    and result.change is not None
+                ):
+                    result.delivery_ids += await _record_status_event(
+                        db, item, result.change
                     )
-                results.append(outcome)
-        return results
+        return [results[index] for index in range(len(batch))]
 
     async def _queue_webhooks(self, delivery_ids: list[uuid.UUID]) -> None:
         if not delivery_ids:

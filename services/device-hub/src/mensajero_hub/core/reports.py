@@ -178,6 +178,79 @@ def _moved_away(
     )
 
 
+def forward_status(
+    device_id: uuid.UUID, frame: SmsReportFrame, message: LockedMessage | None
+) -> MessageStatus | None:
+    """Return the status a report moves its message to, when only the forward rule
+    applies to it; None when apply_report has to apply it.
+
+    That is a report of this device on its message's current attempt, while the message
+    is in flight, of the whole message (no `part`), with `sending`, `sent` or
+    `delivered`: most reports, and the ones apply_forward_moves applies in bulk.
+    """
+    if message is None or message.device_id != device_id:
+        return None
+    if frame.attempt is not None and frame.attempt != message.current_attempt:
+        return None
+    if message.status not in REPORTABLE_MESSAGE_STATUSES or frame.part is not None:
+        return None
+    status = MessageStatus(frame.status)
+    return status if status in repository.FORWARD_STATUSES else None
+
+
+async def apply_forward_moves(
+    db: AsyncSession,
+    moves: Sequence[tuple[uuid.UUID, LockedMessage, MessageStatus]],
+) -> list[ReportOutcome]:
+    """Apply reports that forward_status accepted, each a (device id, locked message,
+    status), in two statements for all of them; return their outcomes in order.
+
+    Each outcome is the one apply_report would return. The messages must be distinct,
+    since each move starts from the status its message was locked with.
+    """
+    wanted = [
+        repository.ForwardMove(message.id, device_id, message.status, status)
+        for device_id, message, status in moves
+        if can_transition(message.status, status)
+    ]
+    changes = await repository.advance_messages(db, wanted)
+    await message_attempts.record_attempt_moves(
+        db,
+        [
+            (message, AttemptStatus(changes[message.id].status.value))
+            for _, message, _ in moves
+            if message.id in changes
+        ],
+    )
+
+    outcomes = []
+    for _, message, status in moves:
+        attempt = message.current_attempt
+        change = changes.get(message.id)
+        if change is None:
+            # A repeated or late report; the task leaves the stream once the SMS went out.
+            done = message.status in SENT_STATUSES or status in SENT_STATUSES
+            outcomes.append(
+                ReportOutcome(
+                    message.status,
+                    attempt,
+                    remove_up_to_attempt=attempt if done else None,
+                )
+            )
+            continue
+        outcomes.append(
+            ReportOutcome(
+                change.status,
+                attempt,
+                change=change,
+                remove_up_to_attempt=attempt
+                if change.status in SENT_STATUSES
+                else None,
+            )
+        )
+    return outcomes
+
+
 async def apply_report(
     db: AsyncSession,
     settings: Settings,

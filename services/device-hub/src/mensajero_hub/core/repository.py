@@ -10,6 +10,7 @@ from typing import cast
 from sqlalchemy import (
     DateTime,
     Table,
+    Text,
     Update,
     and_,
     bindparam,
@@ -239,6 +240,78 @@ async def advance_message_status(
     if row is None:
         return None
     return MessageChange(MessageStatus(row[0]), *row[1:])
+
+
+# Statuses that advance_messages moves a message to, each with its timestamp column.
+FORWARD_STATUSES = (MessageStatus.SENDING, MessageStatus.SENT, MessageStatus.DELIVERED)
+_FORWARD_TIMESTAMPS = ",\n".join(
+    f"{TIMESTAMP_COLUMNS[status]} = CASE WHEN moves.to_status = '{status.value}' "
+    f"THEN now() ELSE smsmessage.{TIMESTAMP_COLUMNS[status]} END"
+    for status in FORWARD_STATUSES
+)
+_ADVANCE_MESSAGES = text(
+    f"""
+    UPDATE smsmessage SET
+        status = moves.to_status,
+        {_FORWARD_TIMESTAMPS},
+        updated_at = now()
+    FROM unnest(:message_ids, :device_ids, :from_statuses, :to_statuses)
+        AS moves(message_id, device_id, from_status, to_status)
+    WHERE smsmessage.id = moves.message_id
+      AND smsmessage.device_id = moves.device_id
+      AND smsmessage.type = '{MessageType.OUTGOING.value}'
+      AND smsmessage.status = moves.from_status
+    RETURNING smsmessage.id, smsmessage.status, smsmessage.user_id,
+        smsmessage.from_number, smsmessage.to_number, smsmessage.body,
+        smsmessage.segments, smsmessage.error, now()
+    """
+).bindparams(
+    bindparam("message_ids", type_=ARRAY(UUID(as_uuid=True))),
+    bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))),
+    bindparam("from_statuses", type_=ARRAY(Text)),
+    bindparam("to_statuses", type_=ARRAY(Text)),
+)
+
+
+@dataclass(frozen=True)
+class ForwardMove:
+    """A move of an outgoing message of a device from the status it has, as locked by
+    the caller, to a later status of FORWARD_STATUSES."""
+
+    message_id: uuid.UUID
+    device_id: uuid.UUID
+    from_status: MessageStatus
+    to_status: MessageStatus
+
+
+async def advance_messages(
+    db: AsyncSession, moves: Collection[ForwardMove]
+) -> dict[uuid.UUID, MessageChange]:
+    """Apply these moves, like advance_message_status, in one statement.
+
+    A move applies only while the message is still this device's, outgoing and in its
+    `from_status`. Returns the change of each message that moved. `changed_at` is the
+    transaction's time, which is what the timestamp column gets.
+    """
+    if not moves:
+        return {}
+    for move in moves:
+        if move.to_status not in FORWARD_STATUSES:
+            raise ValueError(
+                f"advance_messages cannot move a message to {move.to_status}"
+            )
+    result = await db.execute(
+        _ADVANCE_MESSAGES,
+        {
+            "message_ids": [move.message_id for move in moves],
+            "device_ids": [move.device_id for move in moves],
+            "from_statuses": [move.from_status.value for move in moves],
+            "to_statuses": [move.to_status.value for move in moves],
+        },
+    )
+    return {
+        row[0]: MessageChange(MessageStatus(row[1]), *row[2:]) for row in result.all()
+    }
 
 
 async def insert_incoming(
