@@ -42,7 +42,7 @@ def fast_settings(settings: Settings) -> Settings:
 
 @asynccontextmanager
 async def delivery_worker(
-    settings: Settings, session_factory: SessionFactory
+    settings: Settings, session_factory: SessionFactory, max_jobs: int = 10
 ) -> AsyncIterator[DeliveryContext]:
     """Run a real arq worker with the webhook-sender's jobs until the block ends."""
     redis = create_redis(settings)
@@ -57,7 +57,7 @@ async def delivery_worker(
             poll_delay=0.05,
             handle_signals=False,
             keep_result=0,
-            max_jobs=10,
+            max_jobs=max_jobs,
         )
         task = asyncio.create_task(worker.async_run())
         try:
@@ -65,6 +65,15 @@ async def delivery_worker(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            # close() cancels the jobs still running and then re-raises their
+            # CancelledError, so let the ones that are finishing end first.
+            running = [job for job in worker.tasks.values() if not job.done()]
+            if running:
+                await asyncio.wait(running, timeout=scaled(5))
+            worker.tasks = {
+                job_id: job for job_id, job in worker.tasks.items() if not job.done()
+            }
+            await context.close(wait_s=0)
             await worker.close()
             await redis.aclose()
 

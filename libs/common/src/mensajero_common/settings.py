@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     # Delay before the second attempt; each later one doubles it, with random jitter.
     WEBHOOK_RETRY_BASE_DELAY_S: Annotated[float, Field(ge=0)] = 10.0
     WEBHOOK_CONCURRENCY: Annotated[int, Field(ge=1)] = 50
+    # Attempts in flight to one webhook in one webhook-sender process. A delivery beyond
+    # it waits in the process, not in one of the WEBHOOK_CONCURRENCY slots, so an endpoint
+    # that never responds cannot take every slot.
+    WEBHOOK_CONCURRENCY_PER_WEBHOOK: Annotated[int, Field(ge=1)] = 10
+    # Consecutive failed attempts (timeout, connection error, 429 or 5xx) after which a
+    # webhook is paused for WEBHOOK_BREAKER_OPEN_S seconds, after which one attempt probes
+    # it. 0 never pauses. Pausing delays attempts and never drops one.
+    WEBHOOK_BREAKER_FAILURES: Annotated[int, Field(ge=0)] = 5
+    WEBHOOK_BREAKER_OPEN_S: Annotated[float, Field(gt=0)] = 30.0
     # How often the webhook-sender looks in Postgres for deliveries whose job Redis lost.
     WEBHOOK_SWEEP_INTERVAL_S: Annotated[float, Field(gt=0)] = 30.0
     # Whether webhook URLs may point at loopback, private or link-local addresses. Unset, they

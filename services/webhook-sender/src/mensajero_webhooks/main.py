@@ -28,7 +28,8 @@ from mensajero_webhooks.delivery.tasks import SWEEP_JOB, job_functions, sweep
 
 log = structlog.get_logger(__name__)
 
-# Time a job may run beyond the HTTP timeout, for its database writes.
+# Time a delivery job may run beyond the HTTP timeouts of its two attempts (its own and
+# the last parked one it takes), for its database writes.
 JOB_TIMEOUT_MARGIN_S = 30
 # Time after SIGTERM for the attempts in flight to finish, beyond the HTTP timeout, before
 # arq cancels them. A cancelled attempt keeps its lease, and the sweep queues it again
@@ -71,6 +72,9 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     if ops_server is not None:
         ops_server.cancel()
         await asyncio.gather(ops_server, return_exceptions=True)
+    delivery: DeliveryContext | None = ctx.pop("delivery", None)
+    if delivery is not None:
+        await delivery.close(drain_wait_s(ctx["settings"]))
     http = ctx.pop("http", None)
     if http is not None:
         await http.aclose()
@@ -78,6 +82,11 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     if engine is not None:
         await engine.dispose()
     log.info("webhook-sender stopped")
+
+
+def drain_wait_s(settings: Settings) -> float:
+    """Return how long shutdown waits for the attempts that drain tasks have in flight."""
+    return settings.WEBHOOK_TIMEOUT_S + SHUTDOWN_GRACE_MARGIN_S
 
 
 def sweep_schedule(settings: Settings, keys: RedisKeys) -> CronJob:
@@ -105,7 +114,9 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     """Build the worker. `overrides` replace Worker arguments, so tests can shorten delays."""
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
     options: dict[str, Any] = {
-        "functions": job_functions(settings.WEBHOOK_TIMEOUT_S + JOB_TIMEOUT_MARGIN_S),
+        "functions": job_functions(
+            2 * settings.WEBHOOK_TIMEOUT_S + JOB_TIMEOUT_MARGIN_S
+        ),
         "queue_name": keys.arq_queue,
         "redis_settings": RedisSettings.from_dsn(settings.REDIS_URL),
         "cron_jobs": [sweep_schedule(settings, keys)],

@@ -1,8 +1,11 @@
 """One delivery attempt: claim it, POST it, record it, and schedule the retry."""
 
+import asyncio
+import math
 import random
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -18,12 +21,17 @@ from mensajero_common.settings import Settings
 from mensajero_common.webhook_outbox import DELIVERY_JOB, delivery_job_id
 from mensajero_common.webhooks import AttemptResult, post_event
 from mensajero_webhooks.delivery import repository
+from mensajero_webhooks.delivery.gates import BreakerChange, Health, WebhookGates
+from mensajero_webhooks.delivery.repository import ClaimedDelivery, ParkedDelivery
 
 logger = structlog.get_logger(__name__)
 
 # Extra time an attempt's lease lasts beyond the HTTP timeout, for the database writes.
 LEASE_MARGIN_S = 30.0
 HTTP_GONE = 410
+HTTP_TOO_MANY_REQUESTS = 429
+# Status that `attempt_delivery` returns for a delivery left waiting for its webhook's gate.
+PARKED = "parked"
 
 
 @dataclass
@@ -33,6 +41,47 @@ class DeliveryContext:
     session_factory: async_sessionmaker[AsyncSession]
     redis: ArqRedis
     http: httpx.AsyncClient
+    gates: WebhookGates = field(init=False)
+    # Tasks that run parked deliveries outside arq's jobs, and the timers that start them
+    # when a paused webhook may be probed again.
+    drain_tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    reopen_timers: dict[uuid.UUID, asyncio.TimerHandle] = field(
+        init=False, default_factory=dict
+    )
+    closing: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.gates = WebhookGates(
+            max_in_flight=self.settings.WEBHOOK_CONCURRENCY_PER_WEBHOOK,
+            breaker_failures=self.settings.WEBHOOK_BREAKER_FAILURES,
+            breaker_open_s=self.settings.WEBHOOK_BREAKER_OPEN_S,
+        )
+
+    @property
+    def lease_s(self) -> float:
+        return self.settings.WEBHOOK_TIMEOUT_S + LEASE_MARGIN_S
+
+    @property
+    def park_s(self) -> float:
+        """How long a parked delivery is left to this process before the sweep takes it."""
+        return self.lease_s + self.settings.WEBHOOK_BREAKER_OPEN_S
+
+    async def close(self, wait_s: float) -> None:
+        """Stop starting parked deliveries, and wait up to `wait_s` for those running.
+
+        Deliveries still parked stay pending in Postgres, and the sweep queues them again
+        once their parking has expired.
+        """
+        self.closing = True
+        for timer in self.reopen_timers.values():
+            timer.cancel()
+        self.reopen_timers.clear()
+        if not self.drain_tasks:
+            return
+        _, running = await asyncio.wait(self.drain_tasks, timeout=wait_s)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 def retry_delay_s(settings: Settings, attempt_number: int) -> float:
@@ -60,16 +109,172 @@ def _outcome(
     return WebhookDeliveryStatus.PENDING, next_retry_at
 
 
+def endpoint_health(result: AttemptResult) -> Health:
+    if result.status_code is not None:
+        if result.status_code == HTTP_TOO_MANY_REQUESTS or result.status_code >= 500:
+            return Health.FAILING
+        return Health.RESPONSIVE
+    if result.error == "timeout" or (result.error or "").startswith("connection_error"):
+        return Health.FAILING
+    return Health.UNKNOWN
+
+
 async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> str:
-    """Run the next attempt of a delivery if it is due; return what happened to it."""
-    settings = context.settings
-    async with session_scope(context.session_factory) as session:
-        claimed = await repository.claim(
-            session, delivery_id, settings.WEBHOOK_TIMEOUT_S + LEASE_MARGIN_S
-        )
-    if claimed is None:
+    """Run the next attempt of a delivery if it is due, or park it; return what happened.
+
+    Then, until WEBHOOK_TIMEOUT_S has passed, the job goes on with the deliveries parked
+    behind the same webhook, so that a freed slot is used without a trip through Redis.
+    """
+    deadline = time.monotonic() + context.settings.WEBHOOK_TIMEOUT_S
+    claim_result = await _claim(context, delivery_id, None)
+    if claim_result is None:
         return "not_due"
 
+    if isinstance(claim_result, ParkedDelivery):
+        status = PARKED
+    else:
+        status = await _attempt(context, claim_result)
+    await drain_parked(context, claim_result.webhook_id, deadline)
+    return status
+
+
+async def _claim(
+    context: DeliveryContext,
+    delivery_id: uuid.UUID,
+    parked_until: datetime | None,
+    *,
+    slot_held: bool = False,
+) -> ClaimedDelivery | ParkedDelivery | None:
+    """Claim a delivery and take its webhook's slot, or park it if the gate is closed.
+
+    With `slot_held`, the caller has already taken a slot of the delivery's webhook.
+    """
+    gates = context.gates
+    blocked = [] if slot_held else gates.blocked()
+    async with session_scope(context.session_factory) as session:
+        claim_result = await repository.claim(
+            session,
+            delivery_id,
+            lease_s=context.lease_s,
+            blocked=blocked,
+            park_s=context.park_s,
+            parked_until=parked_until,
+        )
+    # Other jobs may have taken the last slots while the claim was on its way.
+    if (
+        isinstance(claim_result, ClaimedDelivery)
+        and not slot_held
+        and not gates.acquire(claim_result.webhook_id)
+    ):
+        async with session_scope(context.session_factory) as session:
+            claim_result = await repository.unclaim(
+                session, claim_result, context.park_s
+            )
+    if isinstance(claim_result, ParkedDelivery):
+        gates.park(
+            claim_result.webhook_id, claim_result.delivery_id, claim_result.parked_until
+        )
+        logger.debug(
+            "delivery parked",
+            delivery_id=str(delivery_id),
+            webhook_id=str(claim_result.webhook_id),
+        )
+    return claim_result
+
+
+async def drain_parked(
+    context: DeliveryContext, webhook_id: uuid.UUID, deadline: float
+) -> None:
+    """Attempt the webhook's parked deliveries while its gate admits them and time is left.
+
+    Work left when the deadline passes goes to a drain task of this process.
+    """
+    gates = context.gates
+    while time.monotonic() < deadline and not context.closing:
+        parked = gates.take_parked(webhook_id)
+        if parked is None:
+            break
+        delivery_id, parked_until = parked
+        try:
+            claim_result = await _claim(
+                context, delivery_id, parked_until, slot_held=True
+            )
+        except BaseException:
+            gates.release(webhook_id, Health.UNKNOWN)
+            raise
+        if isinstance(claim_result, ClaimedDelivery):
+            await _attempt(context, claim_result)
+        else:
+            # The sweep handed the delivery to another job after its parking expired.
+            gates.release(webhook_id, Health.UNKNOWN)
+    start_drainers(context, webhook_id)
+
+
+def start_drainers(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
+    """Start drain tasks for parked deliveries that the gate admits and no job will take."""
+    gates = context.gates
+    while not context.closing and gates.wants_drainer(webhook_id):
+        gates.drainer_started(webhook_id)
+        task = asyncio.create_task(_drain_task(context, webhook_id))
+        context.drain_tasks.add(task)
+        task.add_done_callback(context.drain_tasks.discard)
+
+
+async def _drain_task(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
+    try:
+        await drain_parked(context, webhook_id, math.inf)
+    except Exception:
+        # The parked deliveries stay pending in Postgres, and the sweep queues them again.
+        logger.exception(
+            "draining parked deliveries failed", webhook_id=str(webhook_id)
+        )
+    finally:
+        context.gates.drainer_ended(webhook_id)
+
+
+def _schedule_probe(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
+    """Start the parked deliveries again when the paused webhook may be probed."""
+    timer = context.reopen_timers.pop(webhook_id, None)
+    if timer is not None:
+        timer.cancel()
+
+    def reopen() -> None:
+        context.reopen_timers.pop(webhook_id, None)
+        start_drainers(context, webhook_id)
+
+    context.reopen_timers[webhook_id] = asyncio.get_running_loop().call_later(
+        context.settings.WEBHOOK_BREAKER_OPEN_S, reopen
+    )
+
+
+async def _attempt(context: DeliveryContext, claimed: ClaimedDelivery) -> str:
+    """Run a claimed attempt, which has taken a slot of its webhook, and give the slot back."""
+    health = Health.UNKNOWN
+    try:
+        status, health = await _post_and_record(context, claimed)
+    finally:
+        change = context.gates.release(claimed.webhook_id, health)
+    if change is BreakerChange.OPENED:
+        logger.warning(
+            "webhook paused after consecutive failed attempts",
+            webhook_id=str(claimed.webhook_id),
+            pause_s=context.settings.WEBHOOK_BREAKER_OPEN_S,
+        )
+        _schedule_probe(context, claimed.webhook_id)
+    elif change is BreakerChange.CLOSED:
+        timer = context.reopen_timers.pop(claimed.webhook_id, None)
+        if timer is not None:
+            timer.cancel()
+        logger.info("webhook resumed", webhook_id=str(claimed.webhook_id))
+        start_drainers(context, claimed.webhook_id)
+    return status
+
+
+async def _post_and_record(
+    context: DeliveryContext, claimed: ClaimedDelivery
+) -> tuple[str, Health]:
+    settings = context.settings
+    delivery_id = claimed.delivery_id
     log = logger.bind(
         delivery_id=str(delivery_id),
         webhook_id=str(claimed.webhook_id),
@@ -80,7 +285,7 @@ async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> 
             await repository.cancel(session, delivery_id, "webhook_disabled")
         log.info("delivery cancelled because the webhook is disabled")
         WEBHOOK_ATTEMPTS.labels("cancelled").inc()
-        return WebhookDeliveryStatus.CANCELLED
+        return WebhookDeliveryStatus.CANCELLED, Health.UNKNOWN
 
     result = await post_event(
         context.http,
@@ -132,7 +337,7 @@ async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> 
             status_code=result.status_code,
             duration_ms=result.duration_ms,
         )
-    return status
+    return status, endpoint_health(result)
 
 
 async def requeue_due_deliveries(context: DeliveryContext, limit: int = 500) -> int:

@@ -29,6 +29,8 @@ async def sweep(ctx: dict[str, Any]) -> int:
 
 
 def job_functions(timeout_s: float) -> list[Any]:
+    """Return the jobs; `timeout_s` must cover two attempts, because a delivery job goes on
+    with the deliveries parked behind its webhook for up to WEBHOOK_TIMEOUT_S."""
     # arq retries a job that raised; an attempt records its own failure and schedules its
     # own retry, so arq must not run it again.
     return [
