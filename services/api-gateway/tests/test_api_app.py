@@ -1,12 +1,15 @@
+import dataclasses
+
 import httpx
 import pytest
 from api_test_helpers import ApiUser
 from fastapi import FastAPI
 from httpx import AsyncClient
+from redis.asyncio import Redis
 
 from mensajero_api.main import MAX_REQUEST_BODY_BYTES, create_app
 from mensajero_common.settings import Settings
-from mensajero_common.testing import scaled, serve_app
+from mensajero_common.testing import free_port, scaled, serve_app
 
 
 async def test_healthz(client: AsyncClient) -> None:
@@ -20,7 +23,29 @@ async def test_readyz(client: AsyncClient) -> None:
     response = await client.get("/readyz")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "postgres": "ok", "redis": "ok"}
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"postgres": "ok", "redis": "ok"},
+    }
+
+
+async def test_readyz_names_an_unreachable_dependency(
+    app: FastAPI, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Redis client aimed at a loopback port where nothing listens.
+    unreachable = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    resources = dataclasses.replace(app.state.resources, redis=unreachable)
+    monkeypatch.setattr(app.state, "resources", resources)
+    try:
+        response = await client.get("/readyz")
+    finally:
+        await unreachable.aclose()
+
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "unavailable",
+        "checks": {"postgres": "ok", "redis": "unavailable"},
+    }
 
 
 async def test_docs_and_openapi(client: AsyncClient) -> None:
