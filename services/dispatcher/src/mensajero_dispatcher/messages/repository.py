@@ -8,24 +8,24 @@ import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Select,
-    Table,
     and_,
     bindparam,
     exists,
     func,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_common.message_attempts import start_attempts
 from mensajero_common.models import (
     AttemptStatus,
     DeviceStatus,
@@ -50,21 +50,29 @@ AnySelect = Select[*tuple[Any, ...]]
 # Statuses of a message whose task sits in its device's stream.
 IN_FLIGHT_STATUSES = (MessageStatus.ASSIGNED, MessageStatus.SENDING)
 
-_messages = cast(Table, SMSMessage.__table__)
-
-_MARK_ASSIGNED = (
-    update(_messages)
-    .where(
-        _messages.c.id == bindparam("b_message_id"),
-        _messages.c.status == MessageStatus.PENDING.value,
+# Assigns every message and starts its attempt in one statement, whatever the batch size.
+_MARK_ASSIGNED = text(
+    f"""
+    WITH assigned AS (
+        UPDATE smsmessage SET
+            status = '{MessageStatus.ASSIGNED.value}',
+            device_id = moves.device_id,
+            assigned_at = now(),
+            attempts = smsmessage.attempts + 1,
+            next_attempt_at = NULL,
+            updated_at = now()
+        FROM unnest(:message_ids, :device_ids) AS moves(message_id, device_id)
+        WHERE smsmessage.id = moves.message_id
+          AND smsmessage.status = '{MessageStatus.PENDING.value}'
+        RETURNING smsmessage.id, smsmessage.attempts, moves.device_id
     )
-    .values(
-        status=MessageStatus.ASSIGNED.value,
-        device_id=bindparam("b_device_id"),
-        assigned_at=func.now(),
-        attempts=_messages.c.attempts + 1,
-        next_attempt_at=None,
-    )
+    INSERT INTO smsmessageattempt (message_id, attempt_number, device_id, status)
+    SELECT id, attempts, device_id, '{AttemptStatus.ASSIGNED.value}' FROM assigned
+    ON CONFLICT (message_id, attempt_number) DO NOTHING
+    """
+).bindparams(
+    bindparam("message_ids", type_=ARRAY(UUID(as_uuid=True))),
+    bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))),
 )
 
 # Attempts whose device the next attempt avoids when it can.
@@ -237,22 +245,16 @@ async def find_requested_devices(
 async def mark_assigned(
     session: AsyncSession, assignments: Collection[Assignment]
 ) -> None:
-    """Move each message to `assigned` on its device. The caller has locked the rows."""
+    """Move each message to `assigned` on its device and start its attempt, numbered
+    `attempts` + 1. The caller has locked the rows."""
     if not assignments:
         return
     await session.execute(
         _MARK_ASSIGNED,
-        [
-            {"b_message_id": item.message.id, "b_device_id": item.device_id}
-            for item in assignments
-        ],
-    )
-    await start_attempts(
-        session,
-        [
-            (item.message.id, item.message.task_attempt, item.device_id)
-            for item in assignments
-        ],
+        {
+            "message_ids": [item.message.id for item in assignments],
+            "device_ids": [item.device_id for item in assignments],
+        },
     )
 
 
