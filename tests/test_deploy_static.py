@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 import yaml
 from service_processes import SERVICES
-from starlette.routing import WebSocketRoute
 
 from mensajero_common.settings import Settings
-from mensajero_hub.transport.websocket import router as hub_websocket_router
+from mensajero_hub.transport.websocket import WS_PATH as HUB_WS_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -238,11 +237,7 @@ def test_k8s_probes_use_health_endpoints(deployment: str) -> None:
 
 
 def test_websocket_path_routes_to_hub() -> None:
-    (hub_path,) = [
-        route.path
-        for route in hub_websocket_router.routes
-        if isinstance(route, WebSocketRoute)
-    ]
+    hub_path = HUB_WS_PATH
     ingress = k8s_resource("Ingress", "device-hub")
     (rule,) = ingress["spec"]["rules"]
     (path,) = rule["http"]["paths"]

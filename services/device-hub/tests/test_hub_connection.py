@@ -18,6 +18,8 @@ from hub_helpers import (
 )
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from mensajero_common import protocol, queues
 from mensajero_common.keys import CHANNEL_REVOKE, RedisKeys
@@ -41,6 +43,19 @@ async def test_healthz_answers_ok(hub_url: str) -> None:
 
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+async def test_other_websocket_path_rejected(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    url = hub_url.replace("http://", "ws://") + "/api/v1/android/other"
+
+    with pytest.raises(InvalidStatus) as rejected:
+        async with connect(f"{url}?api_key={device.api_key}"):
+            pass
+
+    assert rejected.value.response.status_code == 403
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from mensajero_common.logging import configure_logging
 from mensajero_common.metrics import CONNECTED_DEVICES
@@ -75,7 +76,21 @@ def websocket_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+class HubApp:
+    """The hub's ASGI application: device WebSockets go straight to the transport, and
+    everything else (lifespan, /healthz, /readyz, /metrics) to the FastAPI app."""
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == websocket.WS_PATH:
+            await websocket.serve_device(self.api.state.hub, scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> HubApp:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -96,7 +111,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
-    app.include_router(websocket.router)
     app.add_middleware(MetricsMiddleware, service="device-hub")
 
     @app.get("/healthz")
@@ -111,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def metrics() -> Response:
         return metrics_response()
 
-    return app
+    return HubApp(app)
 
 
 def main() -> None:

@@ -1,15 +1,19 @@
 """`WS /api/v1/android/ws?api_key=…`: the WebSocket transport of device sessions.
 
 This layer only accepts, reads, sends and closes, and every decision is the session's.
-The API key travels in the query string, so nothing here logs the URL.
+`HubApp` calls it without going through the FastAPI app, whose HTTP middleware does
+nothing for WebSockets. An idle connection then keeps a few suspended coroutine frames
+instead of a chain through every middleware and router, and each message in or out
+skips those layers too. The API key travels in the query string, so nothing here logs
+the URL.
 """
 
 import contextlib
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
-from fastapi import APIRouter, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.types import Receive, Scope, Send
 
 from mensajero_common import jsonutil
 from mensajero_common.i18n import negotiate_language
@@ -18,61 +22,76 @@ from mensajero_hub.core.session import DeviceSession
 
 log = structlog.get_logger(__name__)
 
-router = APIRouter()
-
+WS_PATH = "/api/v1/android/ws"
 # Close code a WebSocket endpoint receives when the connection dropped without a close frame.
 CLOSE_ABNORMAL = 1006
 
 
 class WebSocketTransport:
-    def __init__(self, websocket: WebSocket) -> None:
-        self._websocket = websocket
+    """The sending side of one device connection, over uvicorn's ASGI `send`."""
+
+    __slots__ = ("_send", "open")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        # False once this side sent a close frame or the peer's disconnect was read.
+        self.open = True
 
     async def send(self, frame: dict[str, Any]) -> bool:
-        if self._websocket.application_state != WebSocketState.CONNECTED:
+        if not self.open:
             return False
         try:
-            await self._websocket.send_text(jsonutil.dumps_str(frame))
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            # RuntimeError: Starlette refuses sends after a close from another task.
+            await self._send(
+                {"type": "websocket.send", "text": jsonutil.dumps_str(frame)}
+            )
+        except (OSError, RuntimeError):
+            # uvicorn raises ClientDisconnected (an OSError) once the peer is gone, and
+            # RuntimeError after a close that another task sent.
             return False
         return True
 
     async def close(self, code: int, reason: str) -> None:
-        if self._websocket.application_state != WebSocketState.CONNECTED:
+        if not self.open:
             return
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-            await self._websocket.close(code, reason)
+        self.open = False
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._send(
+                {"type": "websocket.close", "code": code, "reason": reason}
+            )
 
 
-@router.websocket("/api/v1/android/ws")
-async def device_websocket(websocket: WebSocket) -> None:
-    hub: Hub = websocket.app.state.hub
+async def serve_device(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run one device connection from the handshake to the release of its session."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+
     language = negotiate_language(
-        websocket.headers.get("accept-language"), hub.settings.DEFAULT_LANGUAGE
+        _header(scope, b"accept-language"), hub.settings.DEFAULT_LANGUAGE
     )
     # Accept before authenticating, so a rejected phone reads the close code and reason;
     # a refused handshake would only show an HTTP 403.
-    await websocket.accept()
-    transport = WebSocketTransport(websocket)
-    session = await hub.open_session(
-        transport, websocket.query_params.get("api_key"), language
-    )
+    await send({"type": "websocket.accept"})
+    transport = WebSocketTransport(send)
+    session = await hub.open_session(transport, _api_key(scope), language)
     if session is None:
         return
 
     code = CLOSE_ABNORMAL
     try:
-        code = await _read_frames(websocket, session)
+        code = await _read_frames(receive, transport, session)
     finally:
         await hub.release(session, code)
 
 
-async def _read_frames(websocket: WebSocket, session: DeviceSession) -> int:
+async def _read_frames(
+    receive: Receive, transport: WebSocketTransport, session: DeviceSession
+) -> int:
     """Feed every frame to the session until the connection ends; return the close code."""
     while True:
-        message = await websocket.receive()
+        message = await receive()
         if message["type"] == "websocket.disconnect":
+            transport.open = False
             return int(message.get("code") or CLOSE_ABNORMAL)
 
         text = message.get("text")
@@ -80,3 +99,21 @@ async def _read_frames(websocket: WebSocket, session: DeviceSession) -> int:
             await session.handle_text(text)
         else:
             await session.handle_binary(len(message.get("bytes") or b""))
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """Return the first value of a request header. uvicorn gives names in lower case."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _api_key(scope: Scope) -> str | None:
+    """Return the `api_key` query parameter, the last one when it is repeated."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    api_key = None
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "api_key":
+            api_key = value
+    return api_key
