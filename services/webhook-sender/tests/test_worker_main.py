@@ -1,4 +1,5 @@
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from mensajero_common.settings import Settings
 from mensajero_common.testing import WebhookReceiver, scaled, serve_app
 from mensajero_common.webhook_outbox import queue_deliveries
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, sweep
-from mensajero_webhooks.main import create_worker
+from mensajero_webhooks.main import JobLinesAtDebug, create_worker
 
 
 def _environment(settings: Settings) -> dict[str, str]:
@@ -115,3 +116,30 @@ async def test_sigterm_lets_running_delivery_finish(settings, session_factory, r
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert delivery.status == WebhookDeliveryStatus.SUCCEEDED
     assert [attempt.status_code for attempt in attempts] == [200]
+    # arq's start and end lines of each job are DEBUG, below LOG_LEVEL=INFO.
+    assert "webhook_delivery.send(" not in stderr.decode()
+    assert " ● " not in stderr.decode()
+
+
+def _arq_record(message: str) -> logging.LogRecord:
+    return logging.LogRecord(
+        "arq.worker", logging.INFO, __file__, 1, message, (0.5, "job:send", ""), None
+    )
+
+
+def test_job_lines_logged_at_debug():
+    job_filter = JobLinesAtDebug()
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert not job_filter.filter(_arq_record("%6.2fs → %s(%s)%s"))
+        assert not job_filter.filter(_arq_record("%6.2fs ← %s ● %s"))
+        assert job_filter.filter(_arq_record("%6.2fs ↻ %s retrying job in %0.2fs"))
+
+        root.setLevel(logging.DEBUG)
+        record = _arq_record("%6.2fs ← %s ● %s")
+        assert job_filter.filter(record)
+        assert record.levelno == logging.DEBUG
+    finally:
+        root.setLevel(level)

@@ -1,6 +1,7 @@
 """One delivery attempt: claim it, POST it, record it, and schedule the retry."""
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -25,6 +26,14 @@ from mensajero_webhooks.delivery.gates import BreakerChange, Health, WebhookGate
 from mensajero_webhooks.delivery.repository import ClaimedDelivery, ParkedDelivery
 
 logger = structlog.get_logger(__name__)
+
+
+def _debug_enabled() -> bool:
+    # The structlog setup of mensajero_common.logging runs every processor before the
+    # stdlib level check, so per-delivery DEBUG lines are skipped here when that check
+    # would drop them anyway.
+    return logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
+
 
 # Extra time an attempt's lease lasts beyond the HTTP timeout, for the database writes.
 LEASE_MARGIN_S = 30.0
@@ -174,11 +183,12 @@ async def _claim(
         gates.park(
             claim_result.webhook_id, claim_result.delivery_id, claim_result.parked_until
         )
-        logger.debug(
-            "delivery parked",
-            delivery_id=str(delivery_id),
-            webhook_id=str(claim_result.webhook_id),
-        )
+        if _debug_enabled():
+            logger.debug(
+                "delivery parked",
+                delivery_id=str(delivery_id),
+                webhook_id=str(claim_result.webhook_id),
+            )
     return claim_result
 
 
@@ -275,12 +285,8 @@ async def _post_and_record(
 ) -> tuple[str, Health]:
     settings = context.settings
     delivery_id = claimed.delivery_id
-    log = logger.bind(
-        delivery_id=str(delivery_id),
-        webhook_id=str(claimed.webhook_id),
-        attempt=claimed.attempt_number,
-    )
     if not claimed.webhook_active:
+        log = _delivery_logger(claimed)
         async with session_scope(context.session_factory) as session:
             await repository.cancel(session, delivery_id, "webhook_disabled")
         log.info("delivery cancelled because the webhook is disabled")
@@ -309,6 +315,17 @@ async def _post_and_record(
         if result.status_code == HTTP_GONE:
             await repository.disable_webhook(session, claimed.webhook_id)
 
+    if status == WebhookDeliveryStatus.SUCCEEDED:
+        # Most deliveries end here, so they skip building a bound logger.
+        if _debug_enabled():
+            _delivery_logger(claimed).debug(
+                "delivery succeeded",
+                status_code=result.status_code,
+                duration_ms=result.duration_ms,
+            )
+        return status, endpoint_health(result)
+
+    log = _delivery_logger(claimed)
     if result.status_code == HTTP_GONE:
         log.info("webhook disabled because its endpoint responded with 410 Gone")
     if next_retry_at is not None:
@@ -327,17 +344,20 @@ async def _post_and_record(
             error=result.error,
             next_retry_at=next_retry_at.isoformat(),
         )
-    elif status == WebhookDeliveryStatus.FAILED:
+    else:
         log.warning(
             "delivery failed", status_code=result.status_code, error=result.error
         )
-    else:
-        log.debug(
-            "delivery succeeded",
-            status_code=result.status_code,
-            duration_ms=result.duration_ms,
-        )
     return status, endpoint_health(result)
+
+
+def _delivery_logger(claimed: ClaimedDelivery) -> structlog.stdlib.BoundLogger:
+    bound: structlog.stdlib.BoundLogger = logger.bind(
+        delivery_id=str(claimed.delivery_id),
+        webhook_id=str(claimed.webhook_id),
+        attempt=claimed.attempt_number,
+    )
+    return bound
 
 
 async def requeue_due_deliveries(context: DeliveryContext, limit: int = 500) -> int:
