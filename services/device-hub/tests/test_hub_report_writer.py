@@ -340,3 +340,42 @@ async def test_batch_moves_attempt_rows_forward(
     assert isinstance(late_outcome, ReportOutcome)
     assert late_outcome.status is MessageStatus.DELIVERED
     assert late_outcome.change is None
+
+
+async def test_events_recorded_only_where_subscribed(
+    writer: ReportWriter, session_factory: Sessions, engine: AsyncEngine
+) -> None:
+    subscribed = await create_device(session_factory)
+    async with session_factory() as db:
+        db.add(
+            WebhookConfig(
+                user_id=subscribed.user_id,
+                url="https://example.com/hook",
+                secret_key="secret",
+                events=["sms_delivered"],
+            )
+        )
+        await db.commit()
+    unsubscribed = await create_device(session_factory)
+    messages = [
+        (device, await create_outgoing(session_factory, device))
+        for device in (subscribed, unsubscribed)
+    ]
+    event_statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        if "INSERT INTO webhookevent" in str(args[2]):
+            event_statements.append(str(args[2]))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        for status in ("sending", "sent", "delivered"):
+            await apply_all(
+                writer, [(device, report_frame(m.id, status)) for device, m in messages]
+            )
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+    events = await events_by_message(session_factory)
+    assert events == {messages[0][1].id: ["sms_delivered"]}
+    assert len(event_statements) == 1

@@ -226,15 +226,7 @@ class ReportWriter:
             for (index, _, _, _), outcome in zip(moves, moved, strict=True):
                 results[index] = outcome
 
-            for index, item in enumerate(batch):
-                result = results[index]
-                if (
-                    isinstance(result, reports.ReportOutcome)
-                    and result.change is not None
-                ):
-                    result.delivery_ids += await _record_status_event(
-                        db, item, result.change
-                    )
+            await _record_status_events(db, batch, results)
         return [results[index] for index in range(len(batch))]
 
     async def _queue_webhooks(self, delivery_ids: list[uuid.UUID]) -> None:
@@ -293,23 +285,44 @@ def _resolve(item: QueuedReport, result: Result) -> None:
         item.future.set_result(result)
 
 
-async def _record_status_event(
-    db: AsyncSession, item: QueuedReport, change: repository.MessageChange
-) -> list[uuid.UUID]:
-    event = STATUS_EVENTS.get(change.status)
-    if event is None:
-        return []
-    return await webhook_outbox.record_message_event(
-        db,
-        event=event,
-        user_id=change.user_id,
-        message_id=item.frame.message_id,
-        from_number=change.from_number or item.phone_number,
-        to_number=change.to_number,
-        body=change.body,
-        timestamp=change.changed_at,
-        device_id=item.device_id,
-        status=change.status.value,
-        error=change.error,
-        segments=change.segments,
+async def _record_status_events(
+    db: AsyncSession, batch: list[QueuedReport], results: dict[int, Result]
+) -> None:
+    """Record the webhook event of each status change in the batch, adding its
+    deliveries to the report's outcome.
+
+    One query first finds which users want which events, so that a change nobody
+    subscribed to costs no statement of its own.
+    """
+    changed: list[tuple[QueuedReport, reports.ReportOutcome, repository.MessageChange]]
+    changed = []
+    for index, item in enumerate(batch):
+        outcome = results[index]
+        if not isinstance(outcome, reports.ReportOutcome) or outcome.change is None:
+            continue
+        if outcome.change.status in STATUS_EVENTS:
+            changed.append((item, outcome, outcome.change))
+    if not changed:
+        return
+
+    wanted = await repository.find_webhook_subscriptions(
+        db, {change.user_id for _, _, change in changed}
     )
+    for item, outcome, change in changed:
+        event = STATUS_EVENTS[change.status]
+        if (change.user_id, event) not in wanted:
+            continue
+        outcome.delivery_ids += await webhook_outbox.record_message_event(
+            db,
+            event=event,
+            user_id=change.user_id,
+            message_id=item.frame.message_id,
+            from_number=change.from_number or item.phone_number,
+            to_number=change.to_number,
+            body=change.body,
+            timestamp=change.changed_at,
+            device_id=item.device_id,
+            status=change.status.value,
+            error=change.error,
+            segments=change.segments,
+        )

@@ -314,6 +314,24 @@ async def advance_messages(
     }
 
 
+_WEBHOOK_SUBSCRIPTIONS = text(
+    """
+    SELECT DISTINCT user_id, unnest(events) FROM webhookconfig
+    WHERE user_id = ANY(:user_ids) AND is_active
+    """
+).bindparams(bindparam("user_ids", type_=ARRAY(UUID(as_uuid=True))))
+
+
+async def find_webhook_subscriptions(
+    db: AsyncSession, user_ids: Collection[uuid.UUID]
+) -> set[tuple[uuid.UUID, str]]:
+    """Return the (user id, event) pairs that an active webhook of these users wants."""
+    if not user_ids:
+        return set()
+    result = await db.execute(_WEBHOOK_SUBSCRIPTIONS, {"user_ids": list(user_ids)})
+    return {(row[0], row[1]) for row in result.all()}
+
+
 async def insert_incoming(
     db: AsyncSession,
     *,
