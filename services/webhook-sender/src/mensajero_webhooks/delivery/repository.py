@@ -2,11 +2,13 @@
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.db import driver_connection
+from mensajero_common.models import WebhookDeliveryStatus
 from mensajero_common.webhooks import AttemptResult
 
 
@@ -36,29 +38,28 @@ class ParkedDelivery:
     parked_until: datetime
 
 
-# A delivery can be claimed when it is due, or with its parking token. Both UPDATEs repeat
-# the conditions on `d` because Postgres re-checks only those after waiting for a row lock
-# that a concurrent claim holds, and never the ones of `target`.
-_CLAIM = text(
-    """
+# A delivery can be claimed when it is due, or with its parking token ($5). Both UPDATEs
+# repeat the conditions on `d` because Postgres re-checks only those after waiting for a
+# row lock that a concurrent claim holds, and never the ones of `target`.
+_CLAIM = """
     WITH target AS (
         SELECT d.id, d.webhook_id FROM webhookdelivery AS d
-        WHERE d.id = :delivery_id
+        WHERE d.id = $1
           AND d.status = 'pending'
           AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()
-               OR d.next_attempt_at = :parked_until)
+               OR d.next_attempt_at = $5)
     ),
     claimed AS (
         UPDATE webhookdelivery AS d
         SET attempts = d.attempts + 1,
-            next_attempt_at = now() + make_interval(secs => :lease_s),
+            next_attempt_at = now() + make_interval(secs => $2),
             updated_at = now()
         FROM target, webhookconfig AS w, webhookevent AS e
         WHERE d.id = target.id
-          AND NOT target.webhook_id = ANY(CAST(:blocked AS uuid[]))
+          AND NOT target.webhook_id = ANY($3::uuid[])
           AND d.status = 'pending'
           AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()
-               OR d.next_attempt_at = :parked_until)
+               OR d.next_attempt_at = $5)
           AND w.id = d.webhook_id
           AND e.id = d.event_id
         RETURNING d.id, d.webhook_id, d.user_id, d.attempts, w.url, w.secret_key,
@@ -66,25 +67,22 @@ _CLAIM = text(
     ),
     parked AS (
         UPDATE webhookdelivery AS d
-        SET next_attempt_at = now() + make_interval(secs => :park_s),
+        SET next_attempt_at = now() + make_interval(secs => $4),
             updated_at = now()
         FROM target
         WHERE d.id = target.id
-          AND target.webhook_id = ANY(CAST(:blocked AS uuid[]))
+          AND target.webhook_id = ANY($3::uuid[])
           AND d.status = 'pending'
           AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()
-               OR d.next_attempt_at = :parked_until)
+               OR d.next_attempt_at = $5)
         RETURNING d.webhook_id, d.next_attempt_at
     )
-    SELECT claimed.id, claimed.webhook_id, claimed.user_id, claimed.attempts, claimed.url,
-           claimed.secret_key, claimed.is_active, claimed.event_id, claimed.event,
-           claimed.body, claimed.message_id,
+    SELECT claimed.*,
            parked.webhook_id AS parked_webhook_id, parked.next_attempt_at AS parked_until
     FROM (SELECT 1) AS one
     LEFT JOIN claimed ON true
     LEFT JOIN parked ON true
-    """
-)
+"""
 
 
 async def claim(
@@ -105,22 +103,30 @@ async def claim(
     twice. A worker that dies mid-attempt, or with deliveries parked, leaves the lease or
     the parking to expire, and the sweep queues the delivery again.
     """
-    row = (
-        await session.execute(
-            _CLAIM,
-            {
-                "delivery_id": delivery_id,
-                "lease_s": lease_s,
-                "blocked": blocked,
-                "park_s": park_s,
-                "parked_until": parked_until,
-            },
+    # One statement, atomic by itself, so it runs without BEGIN and COMMIT.
+    driver = await driver_connection(session, transaction=False)
+    row = await driver.fetchrow(
+        _CLAIM, delivery_id, float(lease_s), blocked, float(park_s), parked_until
+    )
+    assert row is not None
+    if row["id"] is not None:
+        return ClaimedDelivery(
+            delivery_id=row["id"],
+            webhook_id=row["webhook_id"],
+            user_id=row["user_id"],
+            attempt_number=row["attempts"],
+            url=row["url"],
+            secret=row["secret_key"],
+            webhook_active=row["is_active"],
+            event_id=row["event_id"],
+            event=row["event"],
+            body=row["body"],
+            message_id=row["message_id"],
         )
-    ).one()
-    if row.id is not None:
-        return ClaimedDelivery(*row[:11])
-    if row.parked_webhook_id is not None:
-        return ParkedDelivery(delivery_id, row.parked_webhook_id, row.parked_until)
+    if row["parked_webhook_id"] is not None:
+        return ParkedDelivery(
+            delivery_id, row["parked_webhook_id"], row["parked_until"]
+        )
     return None
 
 
@@ -128,28 +134,47 @@ async def unclaim(
     session: AsyncSession, claimed: ClaimedDelivery, park_s: float
 ) -> ParkedDelivery | None:
     """Undo a claim whose attempt did not start, and park the delivery instead."""
-    row = (
-        await session.execute(
-            text(
-                """
-                UPDATE webhookdelivery
-                SET attempts = attempts - 1,
-                    next_attempt_at = now() + make_interval(secs => :park_s),
-                    updated_at = now()
-                WHERE id = :delivery_id AND status = 'pending' AND attempts = :attempts
-                RETURNING next_attempt_at
-                """
-            ),
-            {
-                "delivery_id": claimed.delivery_id,
-                "attempts": claimed.attempt_number,
-                "park_s": park_s,
-            },
-        )
-    ).first()
-    if row is None:
+    driver = await driver_connection(session, transaction=False)
+    parked_until = await driver.fetchval(
+        """
+        UPDATE webhookdelivery
+        SET attempts = attempts - 1,
+            next_attempt_at = now() + make_interval(secs => $3),
+            updated_at = now()
+        WHERE id = $1 AND status = 'pending' AND attempts = $2
+        RETURNING next_attempt_at
+        """,
+        claimed.delivery_id,
+        claimed.attempt_number,
+        float(park_s),
+    )
+    if parked_until is None:
         return None
-    return ParkedDelivery(claimed.delivery_id, claimed.webhook_id, row[0])
+    return ParkedDelivery(claimed.delivery_id, claimed.webhook_id, parked_until)
+
+
+# The attempt, the delivery's new state and, once it succeeded, the message's
+# `webhook_sent` flag ($9 is NULL otherwise), in one statement.
+_RECORD_ATTEMPT = """
+    WITH attempt AS (
+        INSERT INTO webhookattempt
+            (delivery_id, attempt_number, started_at, duration_ms, status_code, error,
+             next_retry_at)
+        VALUES ($1, $2, $3, $4, $5::integer, $6::text, $7::timestamptz)
+    ),
+    delivery AS (
+        UPDATE webhookdelivery
+        SET status = $8::varchar,
+            next_attempt_at = $7::timestamptz,
+            last_status_code = $5::integer,
+            last_error = $6::text,
+            completed_at = CASE WHEN $8::varchar = 'pending' THEN NULL ELSE now() END,
+            updated_at = now()
+        WHERE id = $1
+    )
+    UPDATE smsmessage SET webhook_sent = true
+    WHERE id = $9::uuid AND NOT webhook_sent
+"""
 
 
 async def record_attempt(
@@ -159,57 +184,32 @@ async def record_attempt(
     *,
     status: str,
     next_retry_at: datetime | None,
+    disable_webhook: bool = False,
 ) -> None:
-    """Store one attempt and the delivery's new state."""
-    started_at = datetime.fromtimestamp(result.started_at).astimezone()
-    await session.execute(
-        text(
-            """
-            INSERT INTO webhookattempt
-                (delivery_id, attempt_number, started_at, duration_ms, status_code, error, next_retry_at)
-            VALUES (:delivery_id, :attempt_number, :started_at, :duration_ms, :status_code, :error, :next_retry_at)
-            """
-        ),
-        {
-            "delivery_id": claimed.delivery_id,
-            "attempt_number": claimed.attempt_number,
-            "started_at": started_at,
-            "duration_ms": result.duration_ms,
-            "status_code": result.status_code,
-            "error": result.error,
-            "next_retry_at": next_retry_at,
-        },
-    )
-    await session.execute(
-        text(
-            """
-            UPDATE webhookdelivery
-            SET status = :status,
-                next_attempt_at = :next_retry_at,
-                last_status_code = :status_code,
-                last_error = :error,
-                completed_at = CASE WHEN CAST(:status AS varchar) = 'pending' THEN NULL ELSE now() END,
-                updated_at = now()
-            WHERE id = :delivery_id
-            """
-        ),
-        {
-            "delivery_id": claimed.delivery_id,
-            "status": status,
-            "next_retry_at": next_retry_at,
-            "status_code": result.status_code,
-            "error": result.error,
-        },
-    )
+    """Store one attempt and the delivery's new state, and mark a notified message.
 
-
-async def mark_message_notified(session: AsyncSession, message_id: uuid.UUID) -> None:
-    await session.execute(
-        text(
-            "UPDATE smsmessage SET webhook_sent = true WHERE id = :message_id AND NOT webhook_sent"
-        ),
-        {"message_id": message_id},
+    With `disable_webhook`, the webhook is also deactivated and its other pending
+    deliveries cancelled, in the same transaction.
+    """
+    started_at = datetime.fromtimestamp(result.started_at, UTC)
+    notified_message_id = (
+        claimed.message_id if status == WebhookDeliveryStatus.SUCCEEDED else None
     )
+    driver = await driver_connection(session, transaction=disable_webhook)
+    await driver.execute(
+        _RECORD_ATTEMPT,
+        claimed.delivery_id,
+        claimed.attempt_number,
+        started_at,
+        result.duration_ms,
+        result.status_code,
+        result.error,
+        next_retry_at,
+        str(status),
+        notified_message_id,
+    )
+    if disable_webhook:
+        await _disable_webhook(session, claimed.webhook_id)
 
 
 async def cancel(session: AsyncSession, delivery_id: uuid.UUID, reason: str) -> None:
@@ -226,7 +226,7 @@ async def cancel(session: AsyncSession, delivery_id: uuid.UUID, reason: str) -> 
     )
 
 
-async def disable_webhook(session: AsyncSession, webhook_id: uuid.UUID) -> None:
+async def _disable_webhook(session: AsyncSession, webhook_id: uuid.UUID) -> None:
     """Deactivate a webhook and cancel its other pending deliveries."""
     await session.execute(
         text(

@@ -308,12 +308,13 @@ async def _post_and_record(
 
     async with session_scope(context.session_factory) as session:
         await repository.record_attempt(
-            session, claimed, result, status=status, next_retry_at=next_retry_at
+            session,
+            claimed,
+            result,
+            status=status,
+            next_retry_at=next_retry_at,
+            disable_webhook=result.status_code == HTTP_GONE,
         )
-        if status == WebhookDeliveryStatus.SUCCEEDED and claimed.message_id is not None:
-            await repository.mark_message_notified(session, claimed.message_id)
-        if result.status_code == HTTP_GONE:
-            await repository.disable_webhook(session, claimed.webhook_id)
 
     if status == WebhookDeliveryStatus.SUCCEEDED:
         # Most deliveries end here, so they skip building a bound logger.
