@@ -1,7 +1,6 @@
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 import pytest
 from hub_helpers import create_device, load_device
@@ -11,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import DeviceStatus
-from mensajero_common.testing import free_port
+from mensajero_common.testing import free_port, scaled
 from mensajero_hub.core.presence import ConnectionKeys, PresenceWriter
 
 KEY_TTL_S = 60
@@ -31,11 +30,17 @@ async def writer(
 
 
 async def test_offline_mark_of_old_connection_is_ignored(
-    writer: PresenceWriter, session_factory: Sessions
+    writer: PresenceWriter,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
 ) -> None:
     device = await create_device(session_factory)
-    old_heartbeat = await writer.write_heartbeat(device.device_id)
-    new_heartbeat = await writer.write_heartbeat(device.device_id)
+    old_heartbeat = await writer.open_connection(device.device_id, "old")
+    new_heartbeat = await writer.open_connection(device.device_id, "new")
+    # With the key gone (expired, or lost with Redis), only the heartbeat shows that a
+    # newer connection took over.
+    await redis.delete(redis_keys.device_connection(device.device_id))
 
     went_offline = await writer.mark_offline(device.device_id, "old", old_heartbeat)
 
@@ -52,7 +57,7 @@ async def test_offline_mark_keeps_newer_connection_key(
     redis_keys: RedisKeys,
 ) -> None:
     device = await create_device(session_factory)
-    heartbeat = await writer.write_heartbeat(device.device_id)
+    heartbeat = await writer.open_connection(device.device_id, "older")
     await redis.set(redis_keys.device_connection(device.device_id), "newer")
 
     went_offline = await writer.mark_offline(device.device_id, "older", heartbeat)
@@ -69,7 +74,7 @@ async def test_concurrent_writes_all_apply(
     devices = [await create_device(session_factory) for _ in range(40)]
 
     heartbeats = await asyncio.gather(
-        *(writer.write_heartbeat(device.device_id) for device in devices)
+        *(writer.open_connection(device.device_id, "c") for device in devices)
     )
     results = await asyncio.gather(
         *(
@@ -85,10 +90,70 @@ async def test_concurrent_writes_all_apply(
     assert {row.status for row in rows} == {DeviceStatus.OFFLINE}
 
 
-async def test_heartbeat_of_missing_device_is_none(
-    writer: PresenceWriter, session_factory: Sessions
+async def test_open_of_missing_device_is_none(
+    writer: PresenceWriter, redis: Redis, redis_keys: RedisKeys
 ) -> None:
-    assert await writer.write_heartbeat(uuid.uuid4()) is None
+    heartbeat = await writer.open_connection(uuid.uuid4(), "c")
+
+    assert heartbeat is None
+    assert await redis.xrange(redis_keys.device_events_stream) == []
+
+
+async def test_open_claims_key_and_signals_online(
+    writer: PresenceWriter,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    key = redis_keys.device_connection(device.device_id)
+    await redis.set(key, "older")
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(redis_keys.device_channel(device.device_id))
+
+    heartbeat = await writer.open_connection(device.device_id, "newer")
+
+    announced = None
+    async with asyncio.timeout(scaled(5)):
+        while announced is None:
+            announced = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=1.0
+            )
+    await pubsub.aclose()
+    row = await load_device(session_factory, device.device_id)
+    events = await redis.xrange(redis_keys.device_events_stream)
+    assert heartbeat is not None
+    assert row.last_heartbeat == heartbeat
+    assert row.status == DeviceStatus.ONLINE
+    assert await redis.get(key) == b"newer"
+    assert 0 < await redis.ttl(key) <= KEY_TTL_S
+    assert announced["data"] == b"connected:newer"
+    assert [fields for _, fields in events] == [
+        {b"device_id": str(device.device_id).encode(), b"event": b"online"}
+    ]
+
+
+async def test_open_replaces_live_connection_in_batch(
+    writer: PresenceWriter,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    await writer.open_connection(device.device_id, "older")
+
+    touch, heartbeat = await asyncio.gather(
+        writer.touch(device.device_id, "older"),
+        writer.open_connection(device.device_id, "newer"),
+    )
+
+    row = await load_device(session_factory, device.device_id)
+    key = redis_keys.device_connection(device.device_id)
+    assert touch.newest is False
+    assert touch.heartbeat_at is None
+    assert heartbeat is not None
+    assert row.last_heartbeat == heartbeat
+    assert await redis.get(key) == b"newer"
 
 
 async def test_touch_refreshes_key_and_heartbeat(
@@ -99,8 +164,8 @@ async def test_touch_refreshes_key_and_heartbeat(
 ) -> None:
     device = await create_device(session_factory)
     key = redis_keys.device_connection(device.device_id)
-    await redis.set(key, "current", ex=5)
-    first = await writer.write_heartbeat(device.device_id)
+    first = await writer.open_connection(device.device_id, "current")
+    await redis.expire(key, 5)
 
     touch = await writer.touch(device.device_id, "current")
 
@@ -123,7 +188,7 @@ async def test_touch_of_replaced_connection_writes_nothing(
 ) -> None:
     device = await create_device(session_factory)
     key = redis_keys.device_connection(device.device_id)
-    heartbeat = await writer.write_heartbeat(device.device_id)
+    heartbeat = await writer.open_connection(device.device_id, "older")
     await redis.set(key, "newer", ex=5)
 
     touch = await writer.touch(device.device_id, "older")
@@ -182,7 +247,7 @@ async def test_concurrent_touches_get_own_results(
             assert await redis.ttl(key) > 5
 
 
-async def test_touch_fails_alone_when_redis_is_down(
+async def test_writes_fail_when_redis_is_down(
     session_factory: Sessions, redis_keys: RedisKeys
 ) -> None:
     unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
@@ -198,7 +263,7 @@ async def test_touch_fails_alone_when_redis_is_down(
     try:
         results = await asyncio.gather(
             presence.touch(touched.device_id, "current"),
-            presence.write_heartbeat(connecting.device_id),
+            presence.open_connection(connecting.device_id, "new"),
             return_exceptions=True,
         )
     finally:
@@ -206,6 +271,8 @@ async def test_touch_fails_alone_when_redis_is_down(
         await unreachable.aclose()
 
     touched_row = await load_device(session_factory, touched.device_id)
+    connecting_row = await load_device(session_factory, connecting.device_id)
     assert isinstance(results[0], RedisConnectionError)
-    assert isinstance(results[1], datetime)
+    assert isinstance(results[1], RedisConnectionError)
     assert touched_row.last_heartbeat is None
+    assert connecting_row.last_heartbeat is None

@@ -5,13 +5,14 @@ names the connection that wins, on whichever hub it is. Refreshing and releasing
 compare its value inside a Lua script, so an older connection never extends or deletes
 the key of a newer one. A missing key (expired, or lost with Redis) counts as free.
 
-Heartbeats, key refreshes and offline marks go through one PresenceWriter per hub, which
-writes everything queued so far with one script call in Redis and one statement in
-Postgres. So 10,000 phones that ping, reconnect or drop at once cost a few dozen round
-trips instead of 10,000.
+New connections, heartbeats and offline marks go through one PresenceWriter per hub,
+which writes everything queued so far together: one Redis round trip per step, one
+statement for all heartbeats and one for all offline marks. So 10,000 phones that ping,
+reconnect or drop at once cost a few dozen round trips instead of 10,000.
 """
 
 import asyncio
+import enum
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common import queues
 from mensajero_common.db import session_scope
-from mensajero_common.keys import RedisKeys
+from mensajero_common.keys import CHANNEL_CONNECTED_PREFIX, RedisKeys
 from mensajero_hub.core import repository
 
 log = structlog.get_logger(__name__)
@@ -31,8 +32,8 @@ log = structlog.get_logger(__name__)
 # Devices per statement; a bound on the size of one transaction and one Redis pipeline.
 MAX_BATCH_SIZE = 500
 # How long the writer waits for more writes before it writes a batch smaller than
-# MAX_BATCH_SIZE. Every batch costs a Redis call and a Postgres transaction whatever its
-# size, so 833 pings per second (50,000 phones on a 60 s interval) cost at most 20
+# MAX_BATCH_SIZE. Every batch costs Redis round trips and a Postgres transaction whatever
+# its size, so 833 pings per second (50,000 phones on a 60 s interval) cost at most 20
 # batches per second instead of one per ping. A new connection's first heartbeat, and
 # with it the first push of its tasks, waits this long too.
 BATCH_LINGER_S = 0.05
@@ -72,11 +73,24 @@ class ConnectionKeys:
         self._refresh_many = redis.register_script(_REFRESH_MANY_SCRIPT)
         self._release = redis.register_script(_RELEASE_SCRIPT)
 
-    async def claim(self, device_id: uuid.UUID, connection_id: str) -> None:
-        """Make this connection the device's newest, whatever connection held the key."""
-        await self._redis.set(
-            self._keys.device_connection(device_id), connection_id, ex=self.ttl_s
-        )
+    async def claim_many(self, connections: list[tuple[uuid.UUID, str]]) -> None:
+        """Make each connection its device's newest, whatever connection held the key,
+        and tell the device's older connections, on any hub, to close, in one round trip.
+
+        A device listed twice ends with the key of its last connection in the list.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for device_id, connection_id in connections:
+                pipe.set(
+                    self._keys.device_connection(device_id),
+                    connection_id,
+                    ex=self.ttl_s,
+                )
+                pipe.publish(
+                    self._keys.device_channel(device_id),
+                    f"{CHANNEL_CONNECTED_PREFIX}{connection_id}",
+                )
+            await pipe.execute()
 
     async def refresh_many(
         self, connections: list[tuple[uuid.UUID, str]]
@@ -133,19 +147,26 @@ class Touch:
     heartbeat_at: datetime | None
 
 
-@dataclass
+class _Kind(enum.Enum):
+    # A new connection: claim the key, announce it, write the heartbeat, signal online.
+    OPEN = "open"
+    # A live connection's heartbeat: refresh the key, then write the heartbeat.
+    TOUCH = "touch"
+    # A closed connection: release the key and mark the device offline.
+    OFFLINE = "offline"
+
+
+@dataclass(slots=True)
 class _Write:
+    kind: _Kind
     device_id: uuid.UUID
+    connection_id: str
     future: "asyncio.Future[object]"
-    # The writing connection: set for a touch and for an offline mark.
-    connection_id: str | None = None
-    # A touch refreshes the connection key before its heartbeat is written; `newest`
-    # is the refresh's result.
-    touch: bool = False
-    newest: bool = False
-    # Set for an offline mark: the last heartbeat the closing connection wrote.
+    # For OFFLINE: the last heartbeat the closing connection wrote.
     heartbeat_at: datetime | None = None
-    offline: bool = False
+    # Whether the key still names this connection: set by the claim of an OPEN and
+    # by the refresh of a TOUCH.
+    newest: bool = False
 
 
 @dataclass
@@ -171,12 +192,17 @@ class PresenceWriter:
         if self._worker is not None:
             await self._worker
 
-    async def write_heartbeat(self, device_id: uuid.UUID) -> datetime | None:
-        """Mark the device online with a fresh heartbeat; return the heartbeat written.
+    async def open_connection(
+        self, device_id: uuid.UUID, connection_id: str
+    ) -> datetime | None:
+        """Make the connection the device's newest, tell its older connections to close,
+        mark the device online and tell the dispatcher; return the heartbeat written.
 
-        Returns None when the device no longer exists.
+        Returns None when the device no longer exists. Raises the Redis or Postgres
+        error when a write failed.
         """
-        result = await self._submit(_Write(device_id, self._new_future()))
+        write = _Write(_Kind.OPEN, device_id, connection_id, self._new_future())
+        result = await self._submit(write)
         return result if isinstance(result, datetime) else None
 
     async def touch(self, device_id: uuid.UUID, connection_id: str) -> Touch:
@@ -184,9 +210,7 @@ class PresenceWriter:
 
         Raises the Redis or Postgres error when a write failed.
         """
-        write = _Write(
-            device_id, self._new_future(), connection_id=connection_id, touch=True
-        )
+        write = _Write(_Kind.TOUCH, device_id, connection_id, self._new_future())
         result = await self._submit(write)
         if not isinstance(result, Touch):
             raise TypeError(f"expected a Touch, got {result!r}")
@@ -201,11 +225,7 @@ class PresenceWriter:
         """Release the connection key and mark the device offline, unless a newer
         connection took over; return whether the device went offline."""
         write = _Write(
-            device_id,
-            self._new_future(),
-            connection_id=connection_id,
-            heartbeat_at=heartbeat_at,
-            offline=True,
+            _Kind.OFFLINE, device_id, connection_id, self._new_future(), heartbeat_at
         )
         return bool(await self._submit(write))
 
@@ -233,8 +253,8 @@ class PresenceWriter:
 
             batch = self._pending[:MAX_BATCH_SIZE]
             del self._pending[:MAX_BATCH_SIZE]
-            heartbeats = [write for write in batch if not write.offline]
-            offline = [write for write in batch if write.offline]
+            heartbeats = [write for write in batch if write.kind is not _Kind.OFFLINE]
+            offline = [write for write in batch if write.kind is _Kind.OFFLINE]
             # Heartbeats first: an offline mark of an older connection then compares
             # against the heartbeat a newer connection of the same device just wrote.
             await self._run(self._write_heartbeats, heartbeats)
@@ -264,47 +284,87 @@ class PresenceWriter:
                 write.future.set_result(result)
 
     async def _write_heartbeats(self, writes: list[_Write]) -> list[object]:
-        """Refresh the keys of the touches, then write the heartbeats still wanted.
+        """Claim the keys of new connections and refresh those of live ones, write the
+        heartbeats of the connections that are the newest, then signal the new ones.
 
-        A touch whose key names a newer connection writes no heartbeat. When Redis fails,
-        only the touches fail, and the heartbeats of new connections are still written.
+        Claims go first, so a live connection of the same device in this batch finds the
+        new connection's key and closes. When Redis fails, only the writes of the failed
+        step fail.
         """
-        touches = [write for write in writes if write.touch]
-        refresh_error: Exception | None = None
-        try:
-            refreshed = await self.connection_keys.refresh_many(
-                [(write.device_id, write.connection_id or "") for write in touches]
-            )
-        except Exception as error:
-            log.exception("connection key refresh failed", count=len(touches))
-            refresh_error = error
-        else:
-            for write, is_newest in zip(touches, refreshed, strict=True):
-                write.newest = is_newest
+        opens = [write for write in writes if write.kind is _Kind.OPEN]
+        touches = [write for write in writes if write.kind is _Kind.TOUCH]
+        claim_error = await self._claim(opens)
+        refresh_error = await self._refresh(touches)
 
-        device_ids = {
-            write.device_id for write in writes if write.newest or not write.touch
-        }
         written: dict[uuid.UUID, datetime] = {}
+        device_ids = {write.device_id for write in writes if write.newest}
         if device_ids:
             async with session_scope(self.sessions) as db:
                 written = await repository.write_heartbeats(db, device_ids)
 
+        signal_error = await self._signal_online(
+            {write.device_id for write in opens if write.device_id in written}
+        )
+
         results: list[object] = []
         for write in writes:
-            if not write.touch:
-                results.append(written.get(write.device_id))
-            elif refresh_error is not None:
-                results.append(refresh_error)
-            elif write.newest:
-                results.append(Touch(True, written.get(write.device_id)))
+            heartbeat_at = written.get(write.device_id) if write.newest else None
+            if write.kind is _Kind.TOUCH:
+                results.append(refresh_error or Touch(write.newest, heartbeat_at))
+            elif claim_error is not None:
+                results.append(claim_error)
+            elif heartbeat_at is not None and signal_error is not None:
+                results.append(signal_error)
             else:
-                results.append(Touch(False, None))
+                results.append(heartbeat_at)
         return results
+
+    async def _claim(self, opens: list[_Write]) -> Exception | None:
+        """Claim the keys of new connections; return the error if Redis failed."""
+        if not opens:
+            return None
+        try:
+            await self.connection_keys.claim_many(
+                [(write.device_id, write.connection_id) for write in opens]
+            )
+        except Exception as error:
+            log.exception("connection key claim failed", count=len(opens))
+            return error
+        for write in opens:
+            write.newest = True
+        return None
+
+    async def _refresh(self, touches: list[_Write]) -> Exception | None:
+        """Refresh the keys of live connections; return the error if Redis failed."""
+        if not touches:
+            return None
+        try:
+            refreshed = await self.connection_keys.refresh_many(
+                [(write.device_id, write.connection_id) for write in touches]
+            )
+        except Exception as error:
+            log.exception("connection key refresh failed", count=len(touches))
+            return error
+        for write, is_newest in zip(touches, refreshed, strict=True):
+            write.newest = is_newest
+        return None
+
+    async def _signal_online(self, device_ids: set[uuid.UUID]) -> Exception | None:
+        """Tell the dispatcher that these devices came online; return the error if any."""
+        if not device_ids:
+            return None
+        try:
+            await queues.signal_device_events(
+                self.redis, self.keys, device_ids, "online"
+            )
+        except Exception as error:
+            log.exception("online signal failed", count=len(device_ids))
+            return error
+        return None
 
     async def _mark_offline(self, writes: list[_Write]) -> list[object]:
         released = await self.connection_keys.release_many(
-            [(write.device_id, write.connection_id or "") for write in writes]
+            [(write.device_id, write.connection_id) for write in writes]
         )
         closing: list[tuple[uuid.UUID, datetime]] = []
         for write, is_released in zip(writes, released, strict=True):

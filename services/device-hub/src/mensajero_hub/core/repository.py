@@ -9,6 +9,8 @@ from typing import cast
 
 from sqlalchemy import (
     DateTime,
+    Integer,
+    String,
     Table,
     Text,
     Update,
@@ -66,24 +68,51 @@ class MessageChange:
     changed_at: datetime
 
 
+# Core statements on the tables, built once: the ORM would build, compile and (for the
+# UPDATE) synchronize the session on every connection and register frame.
+_devices = cast(Table, SMSDevice.__table__)
+_users = cast(Table, User.__table__)
+
+_FIND_DEVICE_BY_KEY_HASH = (
+    select(
+        _devices.c.id,
+        _devices.c.user_id,
+        _devices.c.name,
+        _devices.c.phone_number,
+        _devices.c.is_active,
+        _users.c.is_active,
+        _devices.c.api_key_expires_at,
+        _users.c.default_region,
+    )
+    .join_from(_devices, _users, _users.c.id == _devices.c.user_id)
+    .where(_devices.c.api_key_hash == bindparam("b_api_key_hash"))
+)
+
+# Absent values keep the stored ones; `updated_at` moves by the column's onupdate.
+_UPDATE_REGISTRATION = (
+    update(_devices)
+    .where(_devices.c.id == bindparam("b_device_id"))
+    .values(
+        name=func.coalesce(bindparam("b_name", type_=String), _devices.c.name),
+        phone_number=func.coalesce(
+            bindparam("b_phone_number", type_=String), _devices.c.phone_number
+        ),
+        app_version=func.coalesce(
+            bindparam("b_app_version", type_=String), _devices.c.app_version
+        ),
+        protocol_version=bindparam("b_protocol_version", type_=Integer),
+    )
+    .returning(_devices.c.name, _devices.c.phone_number)
+)
+
+
 async def find_device_by_key_hash(
     db: AsyncSession, api_key_hash: str
 ) -> DeviceCredentials | None:
-    statement = (
-        select(
-            SMSDevice.id,
-            SMSDevice.user_id,
-            SMSDevice.name,
-            SMSDevice.phone_number,
-            SMSDevice.is_active,
-            User.is_active,
-            SMSDevice.api_key_expires_at,
-            User.default_region,
-        )
-        .join(User, User.id == SMSDevice.user_id)
-        .where(SMSDevice.api_key_hash == api_key_hash)
+    result = await db.execute(
+        _FIND_DEVICE_BY_KEY_HASH, {"b_api_key_hash": api_key_hash}
     )
-    row = (await db.execute(statement)).one_or_none()
+    row = result.one_or_none()
     if row is None:
         return None
     return DeviceCredentials(*row)
@@ -102,23 +131,22 @@ async def update_registration(
 
     Returns the device's name and number as stored, or None when the device is gone.
     """
-    statement = (
-        update(SMSDevice)
-        .where(SMSDevice.id == device_id)
-        .values(
-            name=func.coalesce(name, SMSDevice.name),
-            phone_number=func.coalesce(phone_number, SMSDevice.phone_number),
-            app_version=func.coalesce(app_version, SMSDevice.app_version),
-            protocol_version=protocol_version,
-        )
-        .returning(SMSDevice.name, SMSDevice.phone_number)
+    result = await db.execute(
+        _UPDATE_REGISTRATION,
+        {
+            "b_device_id": device_id,
+            "b_name": name,
+            "b_phone_number": phone_number,
+            "b_app_version": app_version,
+            "b_protocol_version": protocol_version,
+        },
     )
-    row = (await db.execute(statement)).one_or_none()
+    row = result.one_or_none()
     return None if row is None else (row[0], row[1])
 
 
-# One statement text for any number of devices (an IN list would make a new prepared
-# statement per batch size); `updated_at` moves as the model's onupdate would move it.
+# One statement text for any number of devices, because an IN list would make a new
+# prepared statement per batch size. `updated_at` moves as the model's onupdate would.
 _WRITE_HEARTBEATS = text(
     """
     UPDATE smsdevice

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from mensajero_common import queues, webhook_outbox, webhooks
 from mensajero_common.apikeys import hash_api_key
 from mensajero_common.db import session_scope
-from mensajero_common.keys import CHANNEL_CONNECTED_PREFIX, RedisKeys
+from mensajero_common.keys import RedisKeys
 from mensajero_common.models import MessageStatus
 from mensajero_common.phone import PhoneNumberError, normalize_e164
 from mensajero_common.protocol import RegisterFrame, SmsIncomingFrame, SmsReportFrame
@@ -101,25 +101,6 @@ class DeviceService:
             default_region=found.default_region,
             api_key_expires_at=found.api_key_expires_at,
         )
-
-    async def announce_connection(
-        self, device_id: uuid.UUID, connection_id: str
-    ) -> None:
-        """Make this connection the device's newest and tell older ones, on any hub, to close."""
-        await self.connection_keys.claim(device_id, connection_id)
-        await queues.publish_device_control(
-            self._redis,
-            self._keys,
-            device_id,
-            f"{CHANNEL_CONNECTED_PREFIX}{connection_id}",
-        )
-
-    async def write_heartbeat(self, device_id: uuid.UUID) -> datetime | None:
-        """Mark the device online with a fresh heartbeat; return the value written."""
-        return await self.presence.write_heartbeat(device_id)
-
-    async def signal_presence(self, device_id: uuid.UUID, event: str) -> None:
-        await queues.signal_device_event(self._redis, self._keys, device_id, event)
 
     async def go_offline(
         self,

@@ -133,8 +133,9 @@ class DeviceSession:
 
     async def start(self) -> None:
         """Take over the device, mark it online and push every task it has not reported on."""
-        await self._service.announce_connection(self.device_id, self.connection_id)
-        heartbeat_at = await self._service.write_heartbeat(self.device_id)
+        heartbeat_at = await self._service.presence.open_connection(
+            self.device_id, self.connection_id
+        )
         if heartbeat_at is None:
             # The device was deleted between authentication and now.
             await self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED)
@@ -142,7 +143,6 @@ class DeviceSession:
         self.state.record_touch(self._hub.now_s(), heartbeat_at)
 
         self.wake()
-        await self._service.signal_presence(self.device_id, "online")
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection once; release it at once if the transport does not close."""
