@@ -17,6 +17,9 @@ gets its outcome only after the commit, so an `ack` still names committed data.
   of its batch go on. Any other failure aborts the whole transaction, and then each
   report of the batch is applied again alone, in a transaction of its own, so that one
   bad report fails only its own frame.
+- A batch waits for every row lock it takes, so a message that another transaction holds
+  (a dispatcher moving or ending its task) delays the acks of the whole batch, not only
+  of its own report. Those transactions are short.
 """
 
 import asyncio
