@@ -7,6 +7,7 @@ through DeviceService; it never touches sockets itself.
 """
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from mensajero_hub.core.hub import Hub
 
 log = structlog.get_logger(__name__)
+# The stdlib logger behind `log`. Its level is checked first, so that the DEBUG lines of
+# every frame cost no bind and no run of the processors when DEBUG is off.
+_stdlib_log = logging.getLogger(__name__)
 
 # Tasks read from the device's stream per round trip.
 PUSH_BATCH_SIZE = 100
@@ -112,8 +116,13 @@ class DeviceSession:
         self._wake_pending = False
         # Set once the tasks queued before this connection opened have been pushed.
         self._backlog_pushed = False
-        self.log = log.bind(
-            device_id=str(identity.device_id),
+
+    @property
+    def log(self) -> Any:
+        """The logger with this connection's ids, bound on use, so that each of thousands
+        of idle connections does not keep one."""
+        return log.bind(
+            device_id=str(self.identity.device_id),
             connection_id=self.state.connection_id,
         )
 
@@ -179,7 +188,7 @@ class DeviceSession:
         self.state.record_frame(now_s)
         if not await self._admit(now_s):
             return
-        self.log.debug("binary frame rejected", size_bytes=size_bytes)
+        self._debug("binary frame rejected", size_bytes=size_bytes)
         await self._reject(
             FrameRejectedError(
                 "invalid_frame",
@@ -222,7 +231,7 @@ class DeviceSession:
         try:
             frame = protocol.parse_client_frame(raw)
         except protocol.FrameError as error:
-            self.log.debug("invalid frame", error=error.code)
+            self._debug("invalid frame", error=error.code)
             await self._reject(
                 FrameRejectedError(
                     error.code, request_id=error.request_id, **error.params
@@ -230,7 +239,7 @@ class DeviceSession:
             )
             return
 
-        self.log.debug("frame received", frame_type=frame.type)
+        self._debug("frame received", frame_type=frame.type)
         try:
             reply = await self._apply(frame)
         except FrameRejectedError as error:
@@ -300,6 +309,10 @@ class DeviceSession:
                 protocol.CLOSE_TOO_MANY_ERRORS, frames.REASON_TOO_MANY_ERRORS
             )
 
+    def _debug(self, event: str, **fields: Any) -> None:
+        if _stdlib_log.isEnabledFor(logging.DEBUG):
+            self.log.debug(event, **fields)
+
     async def _send(self, frame: dict[str, Any]) -> bool:
         if self.released:
             return False
@@ -364,6 +377,12 @@ class DeviceSession:
             self._wake_pending = True
             return
         self._push_task = asyncio.create_task(self._push_until_idle())
+        self._push_task.add_done_callback(self._forget_push_task)
+
+    def _forget_push_task(self, task: "asyncio.Task[None]") -> None:
+        # A finished task would otherwise stay with its coroutine until the next wake.
+        if self._push_task is task:
+            self._push_task = None
 
     async def _push_until_idle(self) -> None:
         try:
@@ -434,7 +453,7 @@ class DeviceSession:
             if not await self._send(entry.task):
                 return
             observe_push_latency(entry.task)
-            self.log.debug("task pushed", message_id=str(entry.message_id))
+            self._debug("task pushed", message_id=str(entry.message_id))
         if stale:
             # Final, expired, moved to another device, or an ended attempt: sending it now
             # would send an SMS twice or too late.

@@ -18,7 +18,6 @@ from starlette.types import Receive, Scope, Send
 from mensajero_common import jsonutil
 from mensajero_common.i18n import negotiate_language
 from mensajero_hub.core.hub import Hub
-from mensajero_hub.core.session import DeviceSession
 
 log = structlog.get_logger(__name__)
 
@@ -77,28 +76,24 @@ async def serve_device(hub: Hub, scope: Scope, receive: Receive, send: Send) -> 
     if session is None:
         return
 
+    # The read loop is written out here, not in a function of its own, because every
+    # idle connection keeps one suspended coroutine frame per level.
     code = CLOSE_ABNORMAL
     try:
-        code = await _read_frames(receive, transport, session)
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                transport.open = False
+                code = int(message.get("code") or CLOSE_ABNORMAL)
+                return
+
+            text = message.get("text")
+            if text is not None:
+                await session.handle_text(text)
+            else:
+                await session.handle_binary(len(message.get("bytes") or b""))
     finally:
         await hub.release(session, code)
-
-
-async def _read_frames(
-    receive: Receive, transport: WebSocketTransport, session: DeviceSession
-) -> int:
-    """Feed every frame to the session until the connection ends; return the close code."""
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            transport.open = False
-            return int(message.get("code") or CLOSE_ABNORMAL)
-
-        text = message.get("text")
-        if text is not None:
-            await session.handle_text(text)
-        else:
-            await session.handle_binary(len(message.get("bytes") or b""))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
