@@ -9,7 +9,7 @@ from mensajero_api.auth.security import (
     create_access_token,
     decode_access_token,
 )
-from mensajero_api.messages.cursor import (
+from mensajero_api.pagination import (
     Cursor,
     InvalidCursorError,
     decode_cursor,
@@ -46,7 +46,7 @@ def test_next_quota_reset(now: datetime, reset_day: int, expected: datetime) -> 
 def test_cursor_round_trip() -> None:
     cursor = Cursor(
         created_at=datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC),
-        message_id=uuid.uuid4(),
+        row_id=uuid.uuid4(),
         order="desc",
     )
 

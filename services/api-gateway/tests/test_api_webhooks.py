@@ -1,4 +1,5 @@
 import uuid
+from typing import Any
 
 from api_test_helpers import MakeUser, count_rows
 from httpx import ASGITransport, AsyncClient
@@ -237,6 +238,47 @@ async def test_webhook_test_reports_connection_error(
     assert tested.json()["data"]["success"] is False
     assert tested.json()["data"]["status_code"] is None
     assert tested.json()["data"]["error"].startswith("connection_error")
+
+
+async def test_deliveries_walk_by_cursor(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    receiver = WebhookReceiver([200] * 5)
+    async with serve_app(receiver) as base_url:
+        created = await client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": f"{base_url}/hook"},
+            headers=owner.headers,
+        )
+        webhook_id = created.json()["data"]["id"]
+        for _ in range(5):
+            await client.post(
+                f"/api/v1/sms/webhooks/{webhook_id}/test", headers=owner.headers
+            )
+
+    pages: list[list[dict[str, Any]]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        response = await client.get(
+            f"/api/v1/sms/webhooks/{webhook_id}/deliveries",
+            params=params,
+            headers=owner.headers,
+        )
+        assert response.status_code == 200, response.text
+        pages.append(response.json()["data"]["items"])
+        cursor = response.json()["data"]["next_cursor"]
+        if cursor is None:
+            break
+
+    items = [item for page in pages for item in page]
+    assert [len(page) for page in pages][:3] == [2, 2, 1]
+    assert len({item["id"] for item in items}) == 5
+    created_at = [item["created_at"] for item in items]
+    assert created_at == sorted(created_at, reverse=True)
 
 
 async def test_deliveries_rejects_bad_cursor(

@@ -10,7 +10,7 @@ from sqlalchemy import or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.messages.cursor import Cursor
+from mensajero_api.pagination import Cursor
 from mensajero_common import jsonutil
 from mensajero_common.db import driver_connection
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
@@ -165,7 +165,7 @@ async def list_messages(
     # A row comparison, so Postgres walks the (user_id, created_at, id) index.
     position = tuple_(SMSMessage.created_at, SMSMessage.id)
     if after is not None:
-        boundary = tuple_(after.created_at, after.message_id)
+        boundary = tuple_(after.created_at, after.row_id)
         statement = statement.where(
             position < boundary if descending else position > boundary
         )

@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.devices import service as devices_service
 from mensajero_api.messages import repository
-from mensajero_api.messages.cursor import Cursor, decode_cursor, encode_cursor
 from mensajero_api.messages.repository import MessageFilters
 from mensajero_api.messages.schemas import ExpiryFields, MessageListQuery, SendRequest
+from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
 from mensajero_api.phones import normalize_phone_number
 from mensajero_api.quotas import service as quotas_service
 from mensajero_common import jsonutil, queues
@@ -365,6 +365,6 @@ async def list_messages(
     page = rows[: query.limit]
     last = page[-1]
     next_cursor = encode_cursor(
-        Cursor(created_at=last.created_at, message_id=last.id, order=query.order)
+        Cursor(created_at=last.created_at, row_id=last.id, order=query.order)
     )
     return page, next_cursor

@@ -2,11 +2,11 @@
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
 
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_api.pagination import Cursor
 from mensajero_common.models import (
     WebhookAttempt,
     WebhookConfig,
@@ -56,7 +56,7 @@ async def list_deliveries(
     webhook_id: uuid.UUID,
     *,
     limit: int,
-    before: tuple[datetime, uuid.UUID] | None,
+    before: Cursor | None,
 ) -> list[tuple[WebhookDelivery, WebhookEvent]]:
     """Return a page of the webhook's deliveries, newest first, with their events."""
     statement = (
@@ -68,7 +68,8 @@ async def list_deliveries(
     )
     if before is not None:
         statement = statement.where(
-            tuple_(WebhookDelivery.created_at, WebhookDelivery.id) < before
+            tuple_(WebhookDelivery.created_at, WebhookDelivery.id)
+            < tuple_(before.created_at, before.row_id)
         )
     return [(row[0], row[1]) for row in (await session.execute(statement)).all()]
 

@@ -15,6 +15,7 @@ import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
 from mensajero_api.webhooks import repository
 from mensajero_api.webhooks.schemas import (
     AttemptPublic,
@@ -23,7 +24,6 @@ from mensajero_api.webhooks.schemas import (
     WebhookCreate,
     WebhookUpdate,
 )
-from mensajero_common import jsonutil
 from mensajero_common.errors import ConflictError, NotFoundError, ValidationFailedError
 from mensajero_common.models import (
     User,
@@ -103,10 +103,6 @@ class InvalidWebhookSecretError(ValidationFailedError):
             max_length=MAX_SECRET_LENGTH,
             details={"reason": reason},
         )
-
-
-class InvalidDeliveryCursorError(ValidationFailedError):
-    code = "invalid_cursor"
 
 
 def _check_secret(secret: str) -> None:
@@ -305,25 +301,6 @@ async def send_test_event(
     return TestOutcome(event_id=event_id, result=result)
 
 
-def _encode_cursor(delivery: WebhookDelivery) -> str:
-    raw = jsonutil.dumps({"t": delivery.created_at.isoformat(), "i": str(delivery.id)})
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _decode_cursor(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        payload = jsonutil.loads(
-            base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        )
-        created_at = datetime.fromisoformat(payload["t"])
-        delivery_id = uuid.UUID(payload["i"])
-    except (binascii.Error, ValueError, TypeError, KeyError, jsonutil.JSONDecodeError):
-        raise InvalidDeliveryCursorError() from None
-    if created_at.tzinfo is None:
-        raise InvalidDeliveryCursorError()
-    return created_at, delivery_id
-
-
 async def list_deliveries(
     session: AsyncSession,
     user: User,
@@ -334,7 +311,7 @@ async def list_deliveries(
 ) -> DeliveryList:
     """Return the webhook's deliveries, newest first, each with all its attempts."""
     await get_webhook(session, user, webhook_id)
-    before = _decode_cursor(cursor) if cursor else None
+    before = decode_cursor(cursor, "desc") if cursor else None
     rows = await repository.list_deliveries(
         session, webhook_id, limit=limit, before=before
     )
@@ -362,5 +339,10 @@ async def list_deliveries(
         )
         for delivery, event in rows
     ]
-    next_cursor = _encode_cursor(rows[-1][0]) if len(rows) == limit else None
+    next_cursor = None
+    if len(rows) == limit:
+        last = rows[-1][0]
+        next_cursor = encode_cursor(
+            Cursor(created_at=last.created_at, row_id=last.id, order="desc")
+        )
     return DeliveryList(items=items, next_cursor=next_cursor)

@@ -1,4 +1,5 @@
-"""Opaque keyset cursors over (created_at, id) for the message listings.
+"""Opaque keyset cursors over (created_at, id), for the listings of messages and of
+webhook deliveries.
 
 A cursor is the position of the last row of a page, not an offset, so rows inserted
 between two page requests shift nothing: the next page starts strictly after that row.
@@ -26,7 +27,7 @@ class InvalidCursorError(ValidationFailedError):
 @dataclass(frozen=True)
 class Cursor:
     created_at: datetime
-    message_id: uuid.UUID
+    row_id: uuid.UUID
     # The order the cursor was made for; reusing it with the other order is an error.
     order: str
 
@@ -34,7 +35,7 @@ class Cursor:
 def encode_cursor(cursor: Cursor) -> str:
     payload = {
         "t": cursor.created_at.isoformat(),
-        "i": str(cursor.message_id),
+        "i": str(cursor.row_id),
         "o": cursor.order,
     }
     return base64.urlsafe_b64encode(jsonutil.dumps(payload)).rstrip(b"=").decode()
@@ -47,7 +48,7 @@ def decode_cursor(token: str, order: str) -> Cursor:
         payload = jsonutil.loads(raw)
         cursor = Cursor(
             created_at=datetime.fromisoformat(payload["t"]),
-            message_id=uuid.UUID(payload["i"]),
+            row_id=uuid.UUID(payload["i"]),
             order=payload["o"],
         )
     except (binascii.Error, ValueError, TypeError, KeyError, jsonutil.JSONDecodeError):
