@@ -2,12 +2,14 @@ import base64
 import hashlib
 import hmac
 import json
+from typing import Any
 
 import httpx
 import pytest
 
-from mensajero_common.testing import WebhookReceiver, serve_app
+from mensajero_common.testing import WebhookReceiver, free_port, serve_app
 from mensajero_common.webhooks import (
+    USER_AGENT,
     UnsafeWebhookURLError,
     check_url_target,
     generate_secret,
@@ -81,11 +83,18 @@ async def test_check_url_target_allows_loopback_when_allowed() -> None:
     )
 
 
-async def test_post_event_sends_signed_exact_bytes() -> None:
+SenderClass = type[httpx.AsyncClient] | type[httpx.AsyncHTTPTransport]
+SENDERS = pytest.mark.parametrize(
+    "sender_class", [httpx.AsyncClient, httpx.AsyncHTTPTransport]
+)
+
+
+@SENDERS
+async def test_post_event_sends_signed_exact_bytes(sender_class: SenderClass) -> None:
     receiver = WebhookReceiver([204])
-    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+    async with serve_app(receiver) as base_url, sender_class() as sender:
         result = await post_event(
-            client,
+            sender,
             url=f"{base_url}/hook",
             secret="secret",
             event_id="evt_1",
@@ -109,11 +118,12 @@ async def test_post_event_sends_signed_exact_bytes() -> None:
     )
 
 
-async def test_post_event_reports_timeout() -> None:
+@SENDERS
+async def test_post_event_reports_timeout(sender_class: SenderClass) -> None:
     receiver = WebhookReceiver([200], delay_s=2)
-    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+    async with serve_app(receiver) as base_url, sender_class() as sender:
         result = await post_event(
-            client,
+            sender,
             url=f"{base_url}/hook",
             secret="secret",
             event_id="evt_1",
@@ -127,11 +137,12 @@ async def test_post_event_reports_timeout() -> None:
     assert result.error == "timeout"
 
 
-async def test_post_event_does_not_follow_redirects() -> None:
+@SENDERS
+async def test_post_event_does_not_follow_redirects(sender_class: SenderClass) -> None:
     receiver = WebhookReceiver([302])
-    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+    async with serve_app(receiver) as base_url, sender_class() as sender:
         result = await post_event(
-            client,
+            sender,
             url=f"{base_url}/hook",
             secret="secret",
             event_id="evt_1",
@@ -144,3 +155,66 @@ async def test_post_event_does_not_follow_redirects() -> None:
     assert result.status_code == 302
     assert not result.succeeded
     assert len(receiver.requests) == 1
+
+
+async def test_post_event_transport_sends_no_cookies() -> None:
+    receiver = CookieReceiver()
+    async with serve_app(receiver) as base_url, httpx.AsyncHTTPTransport() as sender:
+        for event_id in ("evt_1", "evt_2"):
+            result = await post_event(
+                sender,
+                url=f"{base_url}/hook",
+                secret="secret",
+                event_id=event_id,
+                body=BODY,
+                timeout_s=5,
+                require_https=False,
+                allow_private=True,
+            )
+            assert result.status_code == 200
+
+    assert len(receiver.requests) == 2
+    assert "cookie" not in receiver.requests[1]
+    assert receiver.requests[1]["user-agent"] == USER_AGENT
+
+
+async def test_post_event_transport_reports_refused_connection() -> None:
+    async with httpx.AsyncHTTPTransport() as sender:
+        result = await post_event(
+            sender,
+            url=f"http://127.0.0.1:{free_port()}/hook",
+            secret="secret",
+            event_id="evt_1",
+            body=BODY,
+            timeout_s=5,
+            require_https=False,
+            allow_private=True,
+        )
+
+    assert result.status_code is None
+    assert result.error == "connection_error: ConnectError"
+
+
+class CookieReceiver:
+    """An endpoint that sets a cookie on every response and records request headers."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        while (await receive()).get("more_body"):
+            pass
+        self.requests.append(
+            {name.decode().lower(): value.decode() for name, value in scope["headers"]}
+        )
+        headers = [(b"set-cookie", b"session=tenant-a; Path=/")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})

@@ -47,7 +47,7 @@ async def delivery_worker(
     """Run a real arq worker with the webhook-sender's jobs until the block ends."""
     redis = create_redis(settings)
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncHTTPTransport() as http:
         context = DeliveryContext(settings, keys, session_factory, redis, http)
         worker = Worker(
             job_functions(settings.WEBHOOK_TIMEOUT_S + 5),

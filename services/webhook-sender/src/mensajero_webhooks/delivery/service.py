@@ -49,7 +49,7 @@ class DeliveryContext:
     keys: RedisKeys
     session_factory: async_sessionmaker[AsyncSession]
     redis: ArqRedis
-    http: httpx.AsyncClient
+    http: httpx.AsyncBaseTransport
     gates: WebhookGates = field(init=False)
     # Tasks that run parked deliveries outside arq's jobs, and the timers that start them
     # when a paused webhook may be probed again.
