@@ -13,6 +13,9 @@ A delivery that its gate does not admit is parked here, in arrival order, with t
 `next_attempt_at` that Postgres stored for it when it was parked (its parking token).
 The gates count per process: with several worker processes, each has its own caps and
 breakers.
+
+NOTE: the cap is per webhook, not per host. Many webhooks whose URLs share one hanging
+host can still fill every slot until each of their breakers has opened.
 """
 
 import enum
