@@ -72,7 +72,7 @@ class DeliveryContext:
 
     @property
     def park_s(self) -> float:
-        """How long a parked delivery is left to this process before the sweep takes it."""
+        """Time a parked delivery stays with this process before the sweep may take it."""
         return self.lease_s + self.settings.WEBHOOK_BREAKER_OPEN_S
 
     async def close(self, wait_s: float) -> None:
