@@ -29,9 +29,8 @@ logger = structlog.get_logger(__name__)
 
 
 def _debug_enabled() -> bool:
-    # The structlog setup of mensajero_common.logging runs every processor before the
-    # stdlib level check, so per-delivery DEBUG lines are skipped here when that check
-    # would drop them anyway.
+    # Per-delivery lines are DEBUG. Checking the level first skips binding a logger and
+    # formatting its fields for a line that LOG_LEVEL would drop.
     return logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
 
 
@@ -317,7 +316,6 @@ async def _post_and_record(
         )
 
     if status == WebhookDeliveryStatus.SUCCEEDED:
-        # Most deliveries end here, so they skip building a bound logger.
         if _debug_enabled():
             _delivery_logger(claimed).debug(
                 "delivery succeeded",
