@@ -53,4 +53,7 @@ def configure_logging(settings: Settings, service: str) -> None:
     # uvicorn's access log would print query strings, and the device WebSocket carries
     # its API key in one.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs each request's full URL at INFO, and a webhook URL may carry its
+    # receiver's token in the query string.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     structlog.contextvars.bind_contextvars(service=service)
