@@ -7,7 +7,12 @@ from typing import Any
 import httpx
 import pytest
 
-from mensajero_common.testing import WebhookReceiver, free_port, serve_app
+from mensajero_common.testing import (
+    WebhookReceiver,
+    answer_lifespan,
+    free_port,
+    serve_app,
+)
 from mensajero_common.webhooks import (
     USER_AGENT,
     UnsafeWebhookURLError,
@@ -203,13 +208,8 @@ class CookieReceiver:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         while (await receive()).get("more_body"):
             pass
         self.requests.append(

@@ -16,7 +16,7 @@ from test_delivery import (
 from mensajero_common.db import session_scope
 from mensajero_common.models import WebhookDelivery
 from mensajero_common.settings import Settings
-from mensajero_common.testing import WebhookReceiver, serve_app
+from mensajero_common.testing import WebhookReceiver, answer_lifespan, serve_app
 from mensajero_common.webhook_outbox import queue_deliveries
 from mensajero_common.webhooks import generate_secret
 from mensajero_webhooks.delivery import repository
@@ -139,13 +139,8 @@ class HangingReceiver:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         while (await receive()).get("more_body"):
             pass
         self.count += 1

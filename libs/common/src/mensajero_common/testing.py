@@ -46,6 +46,17 @@ async def serve_app(app: Any, **config: Any) -> AsyncIterator[str]:
         sock.close()
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """Serve an ASGI lifespan scope for an app that has nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 class WebhookReceiver:
     """A real HTTP endpoint for webhook tests: records each request, answers as scripted.
 
@@ -63,13 +74,8 @@ class WebhookReceiver:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()
