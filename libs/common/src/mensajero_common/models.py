@@ -295,6 +295,13 @@ class SMSMessage(Base):
             "updated_at",
             postgresql_where=text("status IN ('pending', 'assigned', 'sending')"),
         ),
+        # The dispatcher counts each candidate device's in-flight messages on every
+        # assignment batch. Without this, a count reads the device's whole history.
+        Index(
+            "ix_smsmessage_device_id_in_flight",
+            "device_id",
+            postgresql_where=text("status IN ('assigned', 'sending')"),
+        ),
     )
 
 
