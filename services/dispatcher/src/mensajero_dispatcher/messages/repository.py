@@ -5,13 +5,14 @@ on the same messages at once: a row another replica holds is left to that replic
 """
 
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Select,
     and_,
     bindparam,
@@ -49,6 +50,7 @@ AnySelect = Select[*tuple[Any, ...]]
 
 # Statuses of a message whose task sits in its device's stream.
 IN_FLIGHT_STATUSES = (MessageStatus.ASSIGNED, MessageStatus.SENDING)
+_IN_FLIGHT_SQL = ", ".join(f"'{status.value}'" for status in IN_FLIGHT_STATUSES)
 
 # Assigns every message and starts its attempt in one statement, whatever the batch size.
 _MARK_ASSIGNED = text(
@@ -73,6 +75,41 @@ _MARK_ASSIGNED = text(
 ).bindparams(
     bindparam("message_ids", type_=ARRAY(UUID(as_uuid=True))),
     bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))),
+)
+
+# The online, active devices of some users, ranked within each user by in-flight
+# messages and then by id, and cut at each user's limit (NULL for no limit). Postgres
+# orders uuids byte by byte, which is the order of their text form, the tie-break of
+# `plan_assignments`. The LATERAL count reads only the device's in-flight rows, through
+# ix_smsmessage_device_id_in_flight.
+_RANK_ONLINE_DEVICES = text(
+    f"""
+    SELECT id, user_id, in_flight FROM (
+        SELECT
+            smsdevice.id,
+            smsdevice.user_id,
+            loads.in_flight,
+            limits.device_limit,
+            row_number() OVER (
+                PARTITION BY smsdevice.user_id
+                ORDER BY loads.in_flight, smsdevice.id
+            ) AS position
+        FROM unnest(:user_ids, :device_limits) AS limits(user_id, device_limit)
+        JOIN smsdevice ON smsdevice.user_id = limits.user_id
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS in_flight FROM smsmessage
+            WHERE smsmessage.device_id = smsdevice.id
+              AND smsmessage.status IN ({_IN_FLIGHT_SQL})
+        ) AS loads
+        WHERE smsdevice.status = '{DeviceStatus.ONLINE.value}'
+          AND smsdevice.is_active
+    ) AS ranked
+    WHERE device_limit IS NULL OR position <= device_limit
+    ORDER BY user_id, position
+    """
+).bindparams(
+    bindparam("user_ids", type_=ARRAY(UUID(as_uuid=True))),
+    bindparam("device_limits", type_=ARRAY(Integer)),
 )
 
 # Attempts whose device the next attempt avoids when it can.
@@ -211,25 +248,33 @@ async def lock_due_retries(
     return await _lock(session, _after(statement, after).limit(limit))
 
 
+async def find_least_loaded_devices(
+    session: AsyncSession, device_limits: Mapping[uuid.UUID, int | None]
+) -> list[OnlineDevice]:
+    """Return the online, active devices of each user in `device_limits`, each with its
+    in-flight count, fewest in flight first and then by id.
+
+    A user's limit caps how many of its devices come back, and None returns them all.
+    Postgres still counts every online device of the user, with one index probe each,
+    but only the devices within the limit reach Python.
+    """
+    if not device_limits:
+        return []
+    rows = await session.execute(
+        _RANK_ONLINE_DEVICES,
+        {
+            "user_ids": list(device_limits),
+            "device_limits": list(device_limits.values()),
+        },
+    )
+    return [OnlineDevice(*row) for row in rows.all()]
+
+
 async def find_online_devices(
     session: AsyncSession, user_ids: Iterable[uuid.UUID]
 ) -> list[OnlineDevice]:
     """Return the online, active devices of these users, each with its in-flight count."""
-    in_flight = (
-        select(func.count())
-        .where(
-            SMSMessage.device_id == SMSDevice.id,
-            SMSMessage.status.in_(IN_FLIGHT_STATUSES),
-        )
-        .scalar_subquery()
-    )
-    statement = select(SMSDevice.id, SMSDevice.user_id, in_flight).where(
-        SMSDevice.user_id.in_(list(user_ids)),
-        SMSDevice.status == DeviceStatus.ONLINE,
-        SMSDevice.is_active.is_(True),
-    )
-    rows = (await session.execute(statement)).all()
-    return [OnlineDevice(*row) for row in rows]
+    return await find_least_loaded_devices(session, dict.fromkeys(user_ids))
 
 
 async def find_requested_devices(

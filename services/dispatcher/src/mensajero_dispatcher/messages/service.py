@@ -119,6 +119,33 @@ def plan_assignments(
     return plan
 
 
+def count_devices_needed(messages: Iterable[PendingMessage]) -> dict[uuid.UUID, int]:
+    """Return, per user with messages that name no device, how many of its least-loaded
+    online devices `plan_assignments` may choose from without changing its choices.
+
+    For a user with n such messages, k counts the devices that the user's messages name
+    or avoid. Before each choice at most n - 1 devices have taken a message from the
+    plan, so among the n + k least-loaded devices one is still at its starting load and
+    not avoided. It precedes, by load and then id, every device outside the n + k, so
+    none of those is ever chosen. When the n + k include every online device of the
+    user, the choice is among all of them anyway. This holds only without a pace limit,
+    which can rule out any number of devices.
+    """
+    unnamed: dict[uuid.UUID, int] = {}
+    named_or_avoided: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for message in messages:
+        devices = named_or_avoided.setdefault(message.user_id, set())
+        if message.requested_device_id is not None:
+            devices.add(message.requested_device_id)
+            continue
+        unnamed[message.user_id] = unnamed.get(message.user_id, 0) + 1
+        devices.update(message.avoid_device_ids)
+    return {
+        user_id: count + len(named_or_avoided[user_id])
+        for user_id, count in unnamed.items()
+    }
+
+
 async def _plan(
     ctx: DispatcherContext, session: AsyncSession, messages: Sequence[PendingMessage]
 ) -> AssignmentPlan:
@@ -132,16 +159,23 @@ async def _plan(
         if requested_ids
         else {}
     )
-    online = await repository.find_online_devices(
-        session, {message.user_id for message in messages}
+    # A user may have hundreds of devices online, so only those that can be chosen are
+    # loaded for the first plan.
+    least_loaded = await repository.find_least_loaded_devices(
+        session, count_devices_needed(messages)
     )
     # Reading the pace of every candidate costs a Redis call per device, so the plan
     # first assumes room everywhere, and the pace is read only when a device is full.
-    plan = plan_assignments(messages, online, requested)
+    plan = plan_assignments(messages, least_loaded, requested)
     denied = await pace.reserve(ctx, plan)
     if not denied:
         return plan
 
+    # The pace may rule out any of the devices loaded so far, so the second plan weighs
+    # every online device of the users.
+    online = await repository.find_online_devices(
+        session, {message.user_id for message in messages}
+    )
     candidates = {device.id for device in online} | {
         device.id for device in requested.values() if device.is_active
     }
