@@ -2,6 +2,7 @@ import uuid
 from dataclasses import dataclass
 
 from mensajero_hub.core.heartbeat import DeadlineQueue, sweep_interval_s
+from mensajero_hub.core.session import DeviceSession
 from mensajero_hub.core.state import (
     MAX_CONSECUTIVE_ERRORS,
     ConnectionState,
@@ -152,3 +153,19 @@ def test_connection_key_outlives_heartbeat_timeout() -> None:
     assert connection_key_ttl_s(300, 60) == 330
     assert connection_key_ttl_s(1, 1) == 2
     assert connection_key_ttl_s(10, 15) == 18
+
+
+def test_idle_state_keeps_no_pushed_dict() -> None:
+    state = new_state()
+    message_id = uuid.uuid4()
+
+    assert state.pushed is None
+    assert state.mark_pushed(entry(b"1-0", message_id))
+    assert state.pushed == {message_id: None}
+    state.forget(message_id)
+    assert state.pushed is None
+
+
+def test_session_has_no_instance_dict() -> None:
+    # A class without __slots__ gets a `__dict__` descriptor, and each instance a dict.
+    assert "__dict__" not in vars(DeviceSession)

@@ -61,7 +61,10 @@ class Hub:
         self._service: DeviceService | None = None
         self._router: DeviceChannelRouter | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._sessions: dict[uuid.UUID, list[DeviceSession]] = {}
+        # Each device maps to its session, or to a list while it has more than one. A
+        # device has one connection except while a newer one replaces it, so a list per
+        # idle device would cost memory for nothing.
+        self._sessions: dict[uuid.UUID, DeviceSession | list[DeviceSession]] = {}
         self._deadlines: DeadlineQueue[DeviceSession] = DeadlineQueue(
             settings.WEBSOCKET_HEARTBEAT_TIMEOUT,
             last_activity_s=lambda session: session.state.last_frame_at_s,
@@ -165,10 +168,19 @@ class Hub:
         task.add_done_callback(self._background.discard)
 
     def sessions(self) -> list[DeviceSession]:
-        return [session for group in self._sessions.values() for session in group]
+        found: list[DeviceSession] = []
+        for entry in self._sessions.values():
+            if isinstance(entry, list):
+                found.extend(entry)
+            else:
+                found.append(entry)
+        return found
 
     def session_count(self) -> int:
-        return sum(len(group) for group in self._sessions.values())
+        return sum(
+            len(entry) if isinstance(entry, list) else 1
+            for entry in self._sessions.values()
+        )
 
     def readiness_checks(self) -> dict[str, ReadinessCheck]:
         """Return the checks of /readyz: the hub's Postgres engine and Redis client."""
@@ -210,7 +222,7 @@ class Hub:
         session = DeviceSession(
             self, self.service, identity, transport, language, self.now_s()
         )
-        self._sessions.setdefault(session.device_id, []).append(session)
+        self._add_session(session)
         self._all_released.clear()
         self._deadlines.add(session)
         try:
@@ -232,11 +244,7 @@ class Hub:
         session.released = True
         session.stop_background_work()
 
-        group = self._sessions.get(session.device_id, [])
-        if session in group:
-            group.remove(session)
-        if not group:
-            self._sessions.pop(session.device_id, None)
+        self._remove_session(session)
 
         try:
             if session.subscribed and self._router is not None:
@@ -259,6 +267,24 @@ class Hub:
             duration_s=round(self.now_s() - session.state.opened_at_s, 3),
         )
 
+    def _add_session(self, session: DeviceSession) -> None:
+        entry = self._sessions.get(session.device_id)
+        if entry is None:
+            self._sessions[session.device_id] = session
+        elif isinstance(entry, list):
+            entry.append(session)
+        else:
+            self._sessions[session.device_id] = [entry, session]
+
+    def _remove_session(self, session: DeviceSession) -> None:
+        entry = self._sessions.get(session.device_id)
+        if entry is session:
+            del self._sessions[session.device_id]
+        elif isinstance(entry, list) and session in entry:
+            entry.remove(session)
+            if len(entry) == 1:
+                self._sessions[session.device_id] = entry[0]
+
     async def _subscribe(self, session: DeviceSession) -> None:
         if self._router is None:
             raise RuntimeError("the hub is not started")
@@ -266,7 +292,13 @@ class Hub:
         session.subscribed = True
 
     def _on_channel_message(self, device_id: uuid.UUID, data: bytes) -> None:
-        for session in list(self._sessions.get(device_id, ())):
+        entry = self._sessions.get(device_id)
+        if entry is None:
+            return
+        if not isinstance(entry, list):
+            entry.on_channel_message(data)
+            return
+        for session in list(entry):
             session.on_channel_message(data)
 
     def _wake_all(self) -> None:

@@ -27,7 +27,11 @@ from mensajero_hub.core import reports, repository
 from mensajero_hub.core.frames import FrameRejectedError, InvalidApiKeyError
 from mensajero_hub.core.presence import ConnectionKeys, PresenceWriter
 from mensajero_hub.core.report_writer import ReportWriter
-from mensajero_hub.core.state import TaskEntry, connection_key_ttl_s
+from mensajero_hub.core.state import (
+    TaskEntry,
+    connection_key_ttl_s,
+    heartbeat_touch_interval_s,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +61,10 @@ class DeviceService:
         keys: RedisKeys,
     ) -> None:
         self.settings = settings
+        # Shared by every session of the hub, so that no session keeps its own copy.
+        self.touch_interval_s = heartbeat_touch_interval_s(
+            settings.WEBSOCKET_PING_INTERVAL
+        )
         self._sessions = session_factory
         self._redis = redis
         self._keys = keys

@@ -31,7 +31,6 @@ from mensajero_hub.core.state import (
     ConnectionState,
     FrameBucket,
     TaskEntry,
-    heartbeat_touch_interval_s,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +77,25 @@ class Transport(Protocol):
 
 
 class DeviceSession:
+    # Slots instead of an instance dict, because one hub keeps tens of thousands of idle
+    # sessions. Settings that every session shares are read from the service.
+    __slots__ = (
+        "_backlog_pushed",
+        "_hub",
+        "_push_task",
+        "_service",
+        "_transport",
+        "_wake_pending",
+        "close_code",
+        "close_reason",
+        "closing",
+        "identity",
+        "language",
+        "released",
+        "state",
+        "subscribed",
+    )
+
     def __init__(
         self,
         hub: "Hub",
@@ -99,13 +117,8 @@ class DeviceSession:
             last_frame_at_s=now_s,
             last_touch_at_s=now_s,
         )
-        settings = service.settings
         self.state.frame_bucket = FrameBucket.full(
-            settings.DEVICE_FRAMES_PER_SECOND, now_s
-        )
-        self._flood_max_errors = settings.DEVICE_FRAME_FLOOD_MAX_ERRORS
-        self._touch_interval_s = heartbeat_touch_interval_s(
-            settings.WEBSOCKET_PING_INTERVAL
+            service.settings.DEVICE_FRAMES_PER_SECOND, now_s
         )
         self.subscribed = False
         self.closing = False
@@ -170,7 +183,7 @@ class DeviceSession:
     def stop_background_work(self) -> None:
         if self._push_task is not None and not self._push_task.done():
             self._push_task.cancel()
-        self.state.pushed.clear()
+        self.state.forget_all()
 
     # Frames from the phone.
 
@@ -218,7 +231,8 @@ class DeviceSession:
                 retry_after=retry_after_s,
             )
         )
-        if bucket.consecutive_rejections >= self._flood_max_errors:
+        flood_max_errors = self._service.settings.DEVICE_FRAME_FLOOD_MAX_ERRORS
+        if bucket.consecutive_rejections >= flood_max_errors:
             self.log.info(
                 "closing after a frame flood", rejected=bucket.consecutive_rejections
             )
@@ -320,7 +334,9 @@ class DeviceSession:
 
     async def _touch_if_due(self, now_s: float) -> None:
         """Refresh the connection key and the heartbeat at most once per touch interval."""
-        if self.closing or not self.state.needs_touch(now_s, self._touch_interval_s):
+        if self.closing or not self.state.needs_touch(
+            now_s, self._service.touch_interval_s
+        ):
             return
         # Set before the awaits, so frames arriving meanwhile do not touch again.
         self.state.last_touch_at_s = now_s

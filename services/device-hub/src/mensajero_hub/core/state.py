@@ -3,7 +3,7 @@
 import math
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -55,8 +55,7 @@ class FrameBucket:
     per frame.
     """
 
-    rate_per_s: float
-    capacity: float
+    rate_per_s: int
     tokens: float
     updated_at_s: float
     # Frames rejected in a row; an admitted frame resets it.
@@ -64,8 +63,15 @@ class FrameBucket:
 
     @classmethod
     def full(cls, frames_per_s: int, now_s: float) -> "FrameBucket":
-        capacity = float(frames_per_s * FRAME_BURST_S)
-        return cls(frames_per_s, capacity, tokens=capacity, updated_at_s=now_s)
+        return cls(
+            frames_per_s, tokens=frames_per_s * FRAME_BURST_S, updated_at_s=now_s
+        )
+
+    @property
+    def capacity(self) -> int:
+        # Derived rather than stored, so that each connection's bucket keeps one number
+        # less.
+        return self.rate_per_s * FRAME_BURST_S
 
     def admit(self, now_s: float) -> bool:
         """Take a token for one frame; return False, and count a rejection, if none is left."""
@@ -103,8 +109,9 @@ class ConnectionState:
     read_cursor: bytes | None = None
     # message_id → attempt of every task pushed on this connection and not yet finished,
     # so that a wake never pushes the same attempt twice on one connection, while a retry
-    # (a new attempt of the same message) is pushed.
-    pushed: dict[uuid.UUID, int | None] = field(default_factory=dict)
+    # (a new attempt of the same message) is pushed. None while there is none, so that
+    # an idle connection keeps no empty dict.
+    pushed: dict[uuid.UUID, int | None] | None = None
     consecutive_errors: int = 0
     # None means no frame rate limit, for states built outside a session.
     frame_bucket: FrameBucket | None = None
@@ -148,18 +155,29 @@ class ConnectionState:
         """Record a task as pushed; return False when its attempt already was."""
         if self._was_pushed(entry):
             return False
+        if self.pushed is None:
+            self.pushed = {}
         self.pushed[entry.message_id] = entry.attempt
         return True
 
     def _was_pushed(self, entry: TaskEntry) -> bool:
+        pushed = self.pushed
         return (
-            entry.message_id in self.pushed
-            and self.pushed[entry.message_id] == entry.attempt
+            pushed is not None
+            and entry.message_id in pushed
+            and pushed[entry.message_id] == entry.attempt
         )
 
     def forget(self, message_id: uuid.UUID) -> None:
         """Drop a finished task, so a connection that lives for weeks stays small."""
+        if self.pushed is None:
+            return
         self.pushed.pop(message_id, None)
+        if not self.pushed:
+            self.pushed = None
+
+    def forget_all(self) -> None:
+        self.pushed = None
 
 
 def heartbeat_touch_interval_s(ping_interval_s: float) -> float:
