@@ -77,35 +77,29 @@ _MARK_ASSIGNED = text(
     bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))),
 )
 
-# The online, active devices of some users, ranked within each user by in-flight
-# messages and then by id, and cut at each user's limit (NULL for no limit). Postgres
+# For each user, its online, active devices with the fewest in-flight messages, ties
+# broken by the lower id, up to the user's limit (LIMIT NULL returns them all). Postgres
 # orders uuids byte by byte, which is the order of their text form, the tie-break of
-# `plan_assignments`. The LATERAL count reads only the device's in-flight rows, through
+# `plan_assignments`. The count reads only the device's in-flight rows, through
 # ix_smsmessage_device_id_in_flight.
-_RANK_ONLINE_DEVICES = text(
+_LEAST_LOADED_DEVICES = text(
     f"""
-    SELECT id, user_id, in_flight FROM (
-        SELECT
-            smsdevice.id,
-            smsdevice.user_id,
-            loads.in_flight,
-            limits.device_limit,
-            row_number() OVER (
-                PARTITION BY smsdevice.user_id
-                ORDER BY loads.in_flight, smsdevice.id
-            ) AS position
-        FROM unnest(:user_ids, :device_limits) AS limits(user_id, device_limit)
-        JOIN smsdevice ON smsdevice.user_id = limits.user_id
+    SELECT ranked.id, ranked.user_id, ranked.in_flight
+    FROM unnest(:user_ids, :device_limits) AS limits(user_id, device_limit)
+    CROSS JOIN LATERAL (
+        SELECT smsdevice.id, smsdevice.user_id, loads.in_flight
+        FROM smsdevice
         CROSS JOIN LATERAL (
             SELECT count(*) AS in_flight FROM smsmessage
             WHERE smsmessage.device_id = smsdevice.id
               AND smsmessage.status IN ({_IN_FLIGHT_SQL})
         ) AS loads
-        WHERE smsdevice.status = '{DeviceStatus.ONLINE.value}'
+        WHERE smsdevice.user_id = limits.user_id
+          AND smsdevice.status = '{DeviceStatus.ONLINE.value}'
           AND smsdevice.is_active
+        ORDER BY loads.in_flight, smsdevice.id
+        LIMIT limits.device_limit
     ) AS ranked
-    WHERE device_limit IS NULL OR position <= device_limit
-    ORDER BY user_id, position
     """
 ).bindparams(
     bindparam("user_ids", type_=ARRAY(UUID(as_uuid=True))),
@@ -251,17 +245,18 @@ async def lock_due_retries(
 async def find_least_loaded_devices(
     session: AsyncSession, device_limits: Mapping[uuid.UUID, int | None]
 ) -> list[OnlineDevice]:
-    """Return the online, active devices of each user in `device_limits`, each with its
-    in-flight count, fewest in flight first and then by id.
+    """Return the online, active devices of each user in `device_limits` with the fewest
+    in-flight messages, ties broken by the lower id, each with its in-flight count.
 
     A user's limit caps how many of its devices come back, and None returns them all.
+    The rows come in no particular order.
     Postgres still counts every online device of the user, with one index probe each,
     but only the devices within the limit reach Python.
     """
     if not device_limits:
         return []
     rows = await session.execute(
-        _RANK_ONLINE_DEVICES,
+        _LEAST_LOADED_DEVICES,
         {
             "user_ids": list(device_limits),
             "device_limits": list(device_limits.values()),
