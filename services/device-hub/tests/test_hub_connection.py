@@ -1,8 +1,10 @@
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
+from arq.connections import ArqRedis
 from hub_helpers import (
     create_device,
     create_outgoing,
@@ -17,14 +19,17 @@ from hub_helpers import (
     wait_closed,
 )
 from redis.asyncio import Redis
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from mensajero_common import protocol, queues
+from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import CHANNEL_REVOKE, RedisKeys
 from mensajero_common.models import DeviceStatus
 from mensajero_common.settings import Settings
+from mensajero_hub.core.service import DeviceService
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -448,3 +453,35 @@ async def test_many_disconnects_mark_all_offline(
         if event == "offline"
     }
     assert offline_events == {str(device.device_id) for device in devices}
+
+
+async def test_authentication_sends_only_select(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    engine = create_engine(settings, pool_size=1)
+    statements: list[str] = []
+
+    def log_statements(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(
+            lambda query: statements.append(query.query.strip().split()[0])
+        )
+
+    event.listen(engine.sync_engine, "connect", log_statements)
+    service = DeviceService(
+        settings,
+        create_session_factory(engine),
+        ArqRedis(connection_pool=redis.connection_pool),
+        redis_keys,
+    )
+    try:
+        identity = await service.authenticate(device.api_key)
+    finally:
+        await engine.dispose()
+
+    assert identity.device_id == device.device_id
+    assert identity.user_id == device.user_id
+    assert statements == ["SELECT"]

@@ -26,12 +26,12 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.db import driver_connection
 from mensajero_common.models import (
     MessageStatus,
     MessageType,
     SMSDevice,
     SMSMessage,
-    User,
 )
 from mensajero_common.status import TIMESTAMP_COLUMNS, predecessors
 
@@ -68,25 +68,18 @@ class MessageChange:
     changed_at: datetime
 
 
-# Core statements on the tables, built once: the ORM would build, compile and (for the
-# UPDATE) synchronize the session on every connection and register frame.
+# A Core statement on the table, built once: the ORM would build, compile and
+# synchronize the session on every register frame.
 _devices = cast(Table, SMSDevice.__table__)
-_users = cast(Table, User.__table__)
 
-_FIND_DEVICE_BY_KEY_HASH = (
-    select(
-        _devices.c.id,
-        _devices.c.user_id,
-        _devices.c.name,
-        _devices.c.phone_number,
-        _devices.c.is_active,
-        _users.c.is_active,
-        _devices.c.api_key_expires_at,
-        _users.c.default_region,
-    )
-    .join_from(_devices, _users, _users.c.id == _devices.c.user_id)
-    .where(_devices.c.api_key_hash == bindparam("b_api_key_hash"))
-)
+# Sent on asyncpg directly, outside a transaction: every connection starts with it, and
+# through the session it would cost BEGIN and ROLLBACK round trips around the SELECT.
+_FIND_DEVICE_BY_KEY_HASH_SQL = """
+SELECT d.id, d.user_id, d.name, d.phone_number, d.is_active, u.is_active,
+    d.api_key_expires_at, u.default_region
+FROM smsdevice AS d JOIN "user" AS u ON u.id = d.user_id
+WHERE d.api_key_hash = $1
+"""
 
 # Absent values keep the stored ones; `updated_at` moves by the column's onupdate.
 _UPDATE_REGISTRATION = (
@@ -109,10 +102,12 @@ _UPDATE_REGISTRATION = (
 async def find_device_by_key_hash(
     db: AsyncSession, api_key_hash: str
 ) -> DeviceCredentials | None:
-    result = await db.execute(
-        _FIND_DEVICE_BY_KEY_HASH, {"b_api_key_hash": api_key_hash}
-    )
-    row = result.one_or_none()
+    """Return the device with this key hash and what authentication checks of its owner.
+
+    The SELECT commits on its own, so `db` must have no transaction yet.
+    """
+    connection = await driver_connection(db, transaction=False)
+    row = await connection.fetchrow(_FIND_DEVICE_BY_KEY_HASH_SQL, api_key_hash)
     if row is None:
         return None
     return DeviceCredentials(*row)
