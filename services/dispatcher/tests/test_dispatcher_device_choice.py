@@ -106,8 +106,8 @@ async def test_assign_picks_least_loaded_of_many(ctx, factory):
     plan = await assign_messages(ctx, [message.id for message in messages])
 
     chosen = [item.device_id for item in plan.assignments]
-    # The idle device first; then it and the device with one message tie at 1, and the
-    # lower id wins the tie.
+    # The idle device comes first. Then it and the device with one message tie at 1,
+    # and the lower id wins the tie.
     tied = sorted([devices[11].id, devices[23].id], key=str)
     assert chosen == [devices[23].id, *tied]
     stored = await factory.reload(messages[0])
