@@ -5,9 +5,12 @@ from mensajero_hub.core.heartbeat import DeadlineQueue, sweep_interval_s
 from mensajero_hub.core.session import DeviceSession
 from mensajero_hub.core.state import (
     MAX_CONSECUTIVE_ERRORS,
+    CarriedTask,
     ConnectionState,
     TaskEntry,
     connection_key_ttl_s,
+    parse_carried_task,
+    stream_id_order,
 )
 
 
@@ -169,3 +172,86 @@ def test_idle_state_keeps_no_pushed_dict() -> None:
 def test_session_has_no_instance_dict() -> None:
     # A class without __slots__ gets a `__dict__` descriptor, and each instance a dict.
     assert "__dict__" not in vars(DeviceSession)
+
+
+def carried(previous_id: bytes | None, stream_id: bytes) -> CarriedTask:
+    return CarriedTask(previous_id, entry(stream_id, uuid.uuid4()))
+
+
+def test_take_carried_follows_cursor() -> None:
+    state = new_state()
+    state.read_cursor = b"5-0"
+    first, second = carried(b"5-0", b"6-0"), carried(b"6-0", b"7-0")
+
+    assert state.take_carried([first, second]) == [first.entry, second.entry]
+    assert state.read_cursor == b"7-0"
+
+
+def test_take_carried_after_deleted_entries() -> None:
+    # The entry before the task is older than the cursor, so no entry can be missing.
+    state = new_state()
+    state.read_cursor = b"5-0"
+    task = carried(b"3-0", b"6-0")
+
+    assert state.take_carried([task]) == [task.entry]
+    assert state.read_cursor == b"6-0"
+
+
+def test_take_carried_skips_read_entries() -> None:
+    state = new_state()
+    state.read_cursor = b"7-0"
+
+    assert state.take_carried([carried(b"5-0", b"6-0"), carried(b"6-0", b"7-0")]) == []
+    assert state.read_cursor == b"7-0"
+
+
+def test_take_carried_gap_needs_read() -> None:
+    state = new_state()
+    state.read_cursor = b"5-0"
+
+    assert (
+        state.take_carried([carried(b"5-0", b"6-0"), carried(b"6-5", b"7-0")]) is None
+    )
+    assert state.read_cursor == b"5-0"
+
+
+def test_take_carried_without_cursor() -> None:
+    state = new_state()
+    task = carried(None, b"6-0")
+
+    assert state.take_carried([carried(b"5-0", b"6-0")]) is None
+    assert state.take_carried([task]) == [task.entry]
+    assert state.read_cursor == b"6-0"
+
+
+def test_stream_id_order_compares_numbers() -> None:
+    assert stream_id_order(b"10-0") > stream_id_order(b"9-0")
+    assert stream_id_order(b"9-10") > stream_id_order(b"9-2")
+
+
+def test_parse_carried_task_reads_fields() -> None:
+    message_id = uuid.uuid4()
+    data = b"task 5-0 6-1 " + str(message_id).encode() + b' {"type":"task","attempt":2}'
+
+    parsed = parse_carried_task(data)
+
+    assert parsed is not None
+    assert parsed.previous_id == b"5-0"
+    assert parsed.entry.stream_id == b"6-1"
+    assert parsed.entry.message_id == message_id
+    assert parsed.entry.attempt == 2
+    first_in_stream = parse_carried_task(data.replace(b"task 5-0", b"task -"))
+    assert first_in_stream is not None
+    assert first_in_stream.previous_id is None
+
+
+def test_parse_carried_task_rejects_malformed() -> None:
+    message_id = str(uuid.uuid4()).encode()
+    for data in [
+        b"task 5-0 6-0",
+        b"task 5-0 6-0 not-a-uuid {}",
+        b"task x-0 6-0 " + message_id + b" {}",
+        b"task 5-0 6-0 " + message_id + b" {broken",
+        b"task 5-0 6-0 " + message_id + b" [1]",
+    ]:
+        assert parse_carried_task(data) is None, data

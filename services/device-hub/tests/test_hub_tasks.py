@@ -21,8 +21,8 @@ from sqlalchemy import Engine, event, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import ClientConnection
 
-from mensajero_common import protocol, queues
-from mensajero_common.keys import RedisKeys
+from mensajero_common import jsonutil, protocol, queues
+from mensajero_common.keys import CHANNEL_TASK_PREFIX, RedisKeys
 from mensajero_common.models import (
     MessageStatus,
     SMSMessage,
@@ -35,10 +35,8 @@ from mensajero_common.testing import scaled
 Sessions = async_sessionmaker[AsyncSession]
 
 
-async def push_task(
-    redis: Redis, keys: RedisKeys, device: DeviceRecord, message: SMSMessage
-) -> None:
-    frame = protocol.task_frame(
+def task_frame_of(message: SMSMessage) -> dict[str, Any]:
+    return protocol.task_frame(
         message.id,
         message.to_number or "",
         message.body,
@@ -47,7 +45,14 @@ async def push_task(
         created_at=message.created_at,
         expires_at=message.expires_at,
     )
-    await queues.push_device_task(redis, keys, device.device_id, message.id, frame)
+
+
+async def push_task(
+    redis: Redis, keys: RedisKeys, device: DeviceRecord, message: SMSMessage
+) -> None:
+    await queues.push_device_task(
+        redis, keys, device.device_id, message.id, task_frame_of(message)
+    )
 
 
 async def report(
@@ -419,3 +424,69 @@ async def test_report_records_webhook_event(
             )
         ).scalars()
         assert list(events) == ["sms_sent", "sms_delivered"]
+
+
+async def test_carried_task_pushed_without_read(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    first = await create_outgoing(session_factory, device)
+    second = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await push_task(redis, redis_keys, device, first)
+        await receive_type(socket, "task")
+        (last_id,) = await redis.xrange(
+            redis_keys.device_tasks_stream(device.device_id)
+        )
+        # Published by hand with no stream entry behind it, so only a hub that takes
+        # the task from the message can push it.
+        await redis.publish(
+            redis_keys.device_channel(device.device_id),
+            b" ".join(
+                [
+                    CHANNEL_TASK_PREFIX.rstrip().encode(),
+                    last_id[0],
+                    b"9999999999999-0",
+                    str(second.id).encode(),
+                    jsonutil.dumps(task_frame_of(second)),
+                ]
+            ),
+        )
+        task = await receive_type(socket, "task")
+
+    assert task["message_id"] == str(second.id)
+
+
+async def test_task_after_unread_entry_reads_stream(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    first, unannounced, last = [
+        await create_outgoing(session_factory, device) for _ in range(3)
+    ]
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await push_task(redis, redis_keys, device, first)
+        await receive_type(socket, "task")
+        # An entry whose message never reached the hub, as when pub/sub drops it.
+        await redis.xadd(
+            redis_keys.device_tasks_stream(device.device_id),
+            {
+                "message_id": str(unannounced.id),
+                "task": jsonutil.dumps(task_frame_of(unannounced)),
+            },
+        )
+        await push_task(redis, redis_keys, device, last)
+        tasks = [await receive_type(socket, "task") for _ in range(2)]
+
+    assert [task["message_id"] for task in tasks] == [
+        str(unannounced.id),
+        str(last.id),
+    ]

@@ -76,3 +76,7 @@ CHANNEL_WAKE = "wake"
 CHANNEL_REVOKE = "revoke"
 # "connected:<connection id>": a newer connection of the device opened somewhere.
 CHANNEL_CONNECTED_PREFIX = "connected:"
+# "task <previous id> <stream id> <message id> <task JSON>": a task appended to the
+# device's stream, carried so that the hub need not read the stream. <previous id> is
+# the id of the entry that was last in the stream before it, or "-" when it was empty.
+CHANNEL_TASK_PREFIX = "task "

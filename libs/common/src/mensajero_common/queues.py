@@ -9,10 +9,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 
 from mensajero_common import jsonutil
-from mensajero_common.keys import CHANNEL_WAKE, RedisKeys
+from mensajero_common.keys import RedisKeys
 
 # Approximate cap on the shared streams: older entries are trimmed, and the Postgres sweep
 # re-signals any message whose entry was trimmed before it was read.
@@ -52,6 +52,42 @@ async def signal_new_messages(
         )
 
 
+# KEYS[2i - 1] = stream of task i, KEYS[2i] = its device's channel; ARGV[3i - 2],
+# ARGV[3i - 1], ARGV[3i] = its message id, task JSON and attempt ("" for none). Appends
+# each task and publishes it with the id of the entry before it (see
+# CHANNEL_TASK_PREFIX), in one script so that no entry can come in between. Returns the
+# stream ids.
+_PUSH_DEVICE_TASKS_SCRIPT = """
+local ids = {}
+for i = 1, #KEYS / 2 do
+    local stream, channel = KEYS[2 * i - 1], KEYS[2 * i]
+    local message_id, task, attempt = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    local previous = '-'
+    if #last > 0 then
+        previous = last[1][1]
+    end
+    local id
+    if attempt == '' then
+        id = redis.call('XADD', stream, '*', 'message_id', message_id, 'task', task)
+    else
+        id = redis.call(
+            'XADD', stream, '*', 'message_id', message_id, 'task', task,
+            'attempt', attempt
+        )
+    end
+    redis.call(
+        'PUBLISH', channel,
+        'task ' .. previous .. ' ' .. id .. ' ' .. message_id .. ' ' .. task
+    )
+    ids[i] = id
+end
+return ids
+"""
+# Tasks per script call, so that Redis is not held for long by one call.
+_PUSH_BATCH = 500
+
+
 async def push_device_task(
     redis: Redis,
     keys: RedisKeys,
@@ -59,14 +95,14 @@ async def push_device_task(
     message_id: uuid.UUID,
     task: Mapping[str, Any],
 ) -> bytes:
-    """Append a task to the device's stream and wake the hub connection that holds it.
+    """Append a task to the device's stream and publish it to the hub that has the
+    device's connection; return its stream id.
 
     The entry carries the task's `attempt`, when it has one, so that removing the entries
-    of a finished attempt never removes those of a newer attempt.
+    of a finished attempt never removes those of a newer attempt. The stream stays the
+    source of truth: a hub that misses the message, or cannot use it, reads the stream.
     """
-    fields = _task_fields(message_id, task)
-    stream_id: bytes = await redis.xadd(keys.device_tasks_stream(device_id), fields)
-    await redis.publish(keys.device_channel(device_id), CHANNEL_WAKE)
+    (stream_id,) = await push_device_tasks(redis, keys, [(device_id, message_id, task)])
     return stream_id
 
 
@@ -74,31 +110,24 @@ async def push_device_tasks(
     redis: Redis,
     keys: RedisKeys,
     tasks: Iterable[tuple[uuid.UUID, uuid.UUID, Mapping[str, Any]]],
-) -> None:
+) -> list[bytes]:
     """Append (device id, message id, task) tasks like push_device_task, in one round
-    trip, and wake each device once after its tasks."""
-    device_ids: dict[uuid.UUID, None] = {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for device_id, message_id, task in tasks:
-            pipe.xadd(
-                keys.device_tasks_stream(device_id), _task_fields(message_id, task)
-            )
-            device_ids[device_id] = None
-        for device_id in device_ids:
-            pipe.publish(keys.device_channel(device_id), CHANNEL_WAKE)
-        await pipe.execute()
-
-
-def _task_fields(
-    message_id: uuid.UUID, task: Mapping[str, Any]
-) -> dict[FieldT, EncodableT]:
-    fields: dict[FieldT, EncodableT] = {
-        "message_id": str(message_id),
-        "task": jsonutil.dumps(dict(task)),
-    }
-    if task.get("attempt") is not None:
-        fields["attempt"] = str(task["attempt"])
-    return fields
+    trip per 500 tasks; return their stream ids in order."""
+    script = redis.register_script(_PUSH_DEVICE_TASKS_SCRIPT)
+    pending = list(tasks)
+    stream_ids: list[bytes] = []
+    for start in range(0, len(pending), _PUSH_BATCH):
+        script_keys: list[str] = []
+        script_args: list[EncodableT] = []
+        for device_id, message_id, task in pending[start : start + _PUSH_BATCH]:
+            script_keys.append(keys.device_tasks_stream(device_id))
+            script_keys.append(keys.device_channel(device_id))
+            attempt = task.get("attempt")
+            script_args.append(str(message_id))
+            script_args.append(jsonutil.dumps(dict(task)))
+            script_args.append("" if attempt is None else str(attempt))
+        stream_ids.extend(await script(keys=script_keys, args=script_args))
+    return stream_ids
 
 
 async def read_device_tasks(

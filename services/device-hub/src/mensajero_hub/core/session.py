@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from mensajero_common import protocol
-from mensajero_common.keys import CHANNEL_CONNECTED_PREFIX, CHANNEL_REVOKE, CHANNEL_WAKE
+from mensajero_common.keys import (
+    CHANNEL_CONNECTED_PREFIX,
+    CHANNEL_REVOKE,
+    CHANNEL_TASK_PREFIX,
+    CHANNEL_WAKE,
+)
 from mensajero_common.metrics import TASK_PUSH_LATENCY
 from mensajero_common.protocol import (
     PingFrame,
@@ -28,9 +33,11 @@ from mensajero_hub.core import frames
 from mensajero_hub.core.frames import FrameRejectedError
 from mensajero_hub.core.service import DeviceIdentity, DeviceService
 from mensajero_hub.core.state import (
+    CarriedTask,
     ConnectionState,
     FrameBucket,
     TaskEntry,
+    parse_carried_task,
 )
 
 if TYPE_CHECKING:
@@ -81,11 +88,12 @@ class DeviceSession:
     # sessions. Settings that every session shares are read from the service.
     __slots__ = (
         "_backlog_pushed",
+        "_carried",
         "_hub",
         "_push_task",
+        "_read_pending",
         "_service",
         "_transport",
-        "_wake_pending",
         "close_code",
         "close_reason",
         "closing",
@@ -126,7 +134,10 @@ class DeviceSession:
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self._push_task: asyncio.Task[None] | None = None
-        self._wake_pending = False
+        # Set when the stream has to be read from the cursor on the next round.
+        self._read_pending = False
+        # Tasks from the device's channel not pushed yet; None while there are none.
+        self._carried: list[CarriedTask] | None = None
         # Set once the tasks queued before this connection opened have been pushed.
         self._backlog_pushed = False
 
@@ -183,6 +194,7 @@ class DeviceSession:
     def stop_background_work(self) -> None:
         if self._push_task is not None and not self._push_task.done():
             self._push_task.cancel()
+        self._carried = None
         self.state.forget_all()
 
     # Frames from the phone.
@@ -364,7 +376,9 @@ class DeviceSession:
     def on_channel_message(self, data: bytes) -> None:
         if not self.is_open:
             return
-        if data == CHANNEL_WAKE.encode():
+        if data.startswith(CHANNEL_TASK_PREFIX.encode()):
+            self._receive_task(data)
+        elif data == CHANNEL_WAKE.encode():
             self.wake()
         elif data == CHANNEL_REVOKE.encode():
             self._hub.spawn(self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED))
@@ -389,8 +403,24 @@ class DeviceSession:
         """Push new tasks of the device's stream; coalesce wakes that arrive meanwhile."""
         if not self.is_open:
             return
+        self._read_pending = True
+        self._start_pushing()
+
+    def _receive_task(self, data: bytes) -> None:
+        """Push a task that arrived on the device's channel, without reading the stream
+        when no entry can be missing before it."""
+        carried = parse_carried_task(data)
+        if carried is None:
+            self.log.warning("malformed task message, reading the stream")
+            self.wake()
+            return
+        if self._carried is None:
+            self._carried = []
+        self._carried.append(carried)
+        self._start_pushing()
+
+    def _start_pushing(self) -> None:
         if self._push_task is not None and not self._push_task.done():
-            self._wake_pending = True
             return
         self._push_task = asyncio.create_task(self._push_until_idle())
         self._push_task.add_done_callback(self._forget_push_task)
@@ -403,9 +433,16 @@ class DeviceSession:
     async def _push_until_idle(self) -> None:
         try:
             while self.is_open:
-                self._wake_pending = False
-                await self._push_new_tasks()
-                if not self._wake_pending:
+                if self._read_pending:
+                    self._read_pending = False
+                    # Each task carried so far was in the stream before its message was
+                    # published, so this read covers it.
+                    self._carried = None
+                    await self._push_new_tasks()
+                elif self._carried:
+                    carried, self._carried = self._carried, None
+                    await self._push_carried(carried)
+                else:
                     return
         except Exception:
             # The tasks stay in the stream: the next wake or connection pushes them.
@@ -423,6 +460,20 @@ class DeviceSession:
             if len(entries) < PUSH_BATCH_SIZE:
                 self._backlog_pushed = True
                 return
+
+    async def _push_carried(self, carried: list[CarriedTask]) -> None:
+        nothing_read = self.state.read_cursor is None
+        entries = self.state.take_carried(carried)
+        if entries is None:
+            # An entry this connection has not read may come before them.
+            self._read_pending = True
+            return
+        if nothing_read and entries:
+            # The stream was empty before the first of them, so it held no backlog.
+            self._backlog_pushed = True
+        fresh = self.state.select_unpushed(entries)
+        if fresh:
+            await self._push_entries(fresh)
 
     async def _find_pushable(
         self, entries: list[TaskEntry]

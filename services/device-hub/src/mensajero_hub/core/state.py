@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from mensajero_common import jsonutil
+from mensajero_common.keys import CHANNEL_TASK_PREFIX
+
 # Consecutive rejected frames after which the hub closes the connection: a phone that keeps
 # sending frames the hub cannot apply has a bug, and each rejection costs a reply.
 MAX_CONSECUTIVE_ERRORS = 20
@@ -44,6 +47,40 @@ class TaskEntry(NamedTuple):
         if expires_at.tzinfo is None:
             expires_at = expires_at.replace(tzinfo=UTC)
         return expires_at <= now
+
+
+class CarriedTask(NamedTuple):
+    """A task that arrived on the device's channel, with the stream entry before it."""
+
+    # Id of the entry that was last in the stream before this one; None when the
+    # stream was empty.
+    previous_id: bytes | None
+    entry: TaskEntry
+
+
+def stream_id_order(stream_id: bytes) -> tuple[int, int]:
+    """Return a Redis stream id ("<milliseconds>-<sequence>") as a sortable pair."""
+    milliseconds, _, sequence = stream_id.partition(b"-")
+    return int(milliseconds), int(sequence)
+
+
+def parse_carried_task(data: bytes) -> CarriedTask | None:
+    """Parse a task message of a device channel (see CHANNEL_TASK_PREFIX); return None
+    when it is malformed, so that the caller reads the stream instead."""
+    try:
+        previous_id, stream_id, message_id, task_json = data[
+            len(CHANNEL_TASK_PREFIX) :
+        ].split(b" ", 3)
+        stream_id_order(stream_id)
+        if previous_id != b"-":
+            stream_id_order(previous_id)
+        task = jsonutil.loads(task_json)
+        entry = TaskEntry(stream_id, uuid.UUID(message_id.decode()), task)
+    except ValueError:
+        return None
+    if not isinstance(task, dict):
+        return None
+    return CarriedTask(None if previous_id == b"-" else previous_id, entry)
 
 
 @dataclass(slots=True)
@@ -138,6 +175,31 @@ class ConnectionState:
     def advance_cursor(self, entries: list[TaskEntry]) -> None:
         if entries:
             self.read_cursor = entries[-1].stream_id
+
+    def take_carried(self, carried: Iterable[CarriedTask]) -> list[TaskEntry] | None:
+        """Return the carried entries that come after the read cursor, in stream order,
+        and move the cursor past them.
+
+        Returns None, leaving the cursor, when the stream may hold an entry that this
+        connection has not read before one of them: the entry before it is newer than the
+        cursor. The caller then reads the stream from the cursor instead.
+        """
+        cursor = self.read_cursor
+        taken: list[TaskEntry] = []
+        for task in carried:
+            entry_order = stream_id_order(task.entry.stream_id)
+            if cursor is not None and entry_order <= stream_id_order(cursor):
+                # Read from the stream already.
+                continue
+            if task.previous_id is not None and (
+                cursor is None
+                or stream_id_order(task.previous_id) > stream_id_order(cursor)
+            ):
+                return None
+            taken.append(task.entry)
+            cursor = task.entry.stream_id
+        self.read_cursor = cursor
+        return taken
 
     def select_unpushed(self, entries: Iterable[TaskEntry]) -> list[TaskEntry]:
         """Return the entries whose attempt was not pushed yet, one entry per attempt."""
