@@ -1,5 +1,7 @@
 """The engine's pool replaces connections that Postgres closed while they sat idle."""
 
+import asyncio
+
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -8,9 +10,12 @@ from mensajero_common.db import create_engine
 from mensajero_common.settings import Settings
 
 
-async def _backend_pid(engine: AsyncEngine) -> int:
+async def _backend(engine: AsyncEngine) -> tuple[int, asyncpg.Connection]:
+    """Return the backend pid of a pooled connection, and its asyncpg connection."""
     async with engine.connect() as connection:
-        return int((await connection.execute(text("SELECT pg_backend_pid()"))).scalar())
+        pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        raw = await connection.get_raw_connection()
+        return pid, raw.driver_connection
 
 
 async def test_a_terminated_idle_connection_is_replaced_at_checkout(
@@ -19,18 +24,16 @@ async def test_a_terminated_idle_connection_is_replaced_at_checkout(
     engine = create_engine(settings.model_copy(update={"DATABASE_POOL_SIZE": 1}))
     admin = await asyncpg.connect(settings.DATABASE_URL.replace("+asyncpg", ""))
     try:
-        first = await _backend_pid(engine)
+        first, pooled = await _backend(engine)
+        closed = asyncio.Event()
+        pooled.add_termination_listener(lambda _: closed.set())
         # As a Postgres restart or an administrator would: the pooled connection's
         # backend goes away while the connection is idle in the pool.
-        terminated = await admin.fetchval("SELECT pg_terminate_backend($1)", first)
-        assert terminated is True
-        for _ in range(50):
-            if not await admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", first
-            ):
-                break
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", first) is True
+        # asyncpg sees the socket close once the server's goodbye reaches the client.
+        await asyncio.wait_for(closed.wait(), timeout=10)
 
-        second = await _backend_pid(engine)
+        second, _ = await _backend(engine)
 
         assert second != first
     finally:
