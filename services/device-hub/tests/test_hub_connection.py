@@ -1,4 +1,6 @@
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -455,13 +457,12 @@ async def test_many_disconnects_mark_all_offline(
     assert offline_events == {str(device.device_id) for device in devices}
 
 
-async def test_authentication_sends_only_select(
-    settings: Settings,
-    session_factory: Sessions,
-    redis: Redis,
-    redis_keys: RedisKeys,
-) -> None:
-    device = await create_device(session_factory)
+@contextlib.asynccontextmanager
+async def logged_service(
+    settings: Settings, redis: Redis, redis_keys: RedisKeys
+) -> AsyncIterator[tuple[DeviceService, list[str]]]:
+    """Yield a DeviceService on its own engine, and the first word of each statement
+    that asyncpg sends for it."""
     engine = create_engine(settings, pool_size=1)
     statements: list[str] = []
 
@@ -478,10 +479,46 @@ async def test_authentication_sends_only_select(
         redis_keys,
     )
     try:
-        identity = await service.authenticate(device.api_key)
+        yield service, statements
     finally:
         await engine.dispose()
+
+
+async def test_authentication_sends_only_select(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+
+    async with logged_service(settings, redis, redis_keys) as (service, statements):
+        identity = await service.authenticate(device.api_key)
 
     assert identity.device_id == device.device_id
     assert identity.user_id == device.user_id
     assert statements == ["SELECT"]
+
+
+async def test_register_sends_only_update(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    frame = protocol.RegisterFrame(
+        type="register", device_name="Pixel", app_version="2.0", protocol_version=1
+    )
+
+    async with logged_service(settings, redis, redis_keys) as (service, statements):
+        identity = await service.authenticate(device.api_key)
+        statements.clear()
+        stored = await service.register(identity, frame)
+
+    assert stored.name == "Pixel"
+    assert statements == ["UPDATE"]
+    stored_device = await load_device(session_factory, device.device_id)
+    assert stored_device.name == "Pixel"
+    assert stored_device.app_version == "2.0"
+    assert stored_device.protocol_version == 1

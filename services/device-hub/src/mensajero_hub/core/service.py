@@ -140,7 +140,7 @@ class DeviceService:
                     reason=error.reason,
                 ) from None
 
-        async with session_scope(self._sessions) as db:
+        async with self._sessions() as db:
             stored = await repository.update_registration(
                 db,
                 identity.device_id,
