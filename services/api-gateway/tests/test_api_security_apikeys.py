@@ -171,6 +171,29 @@ async def test_key_cannot_create_keys(client: AsyncClient, user: ApiUser) -> Non
     assert len(listing.json()["data"]["items"]) == 1
 
 
+async def test_key_cannot_change_the_password(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    value = (await create_api_key(client, user))["api_key"]
+
+    response = await client.put(
+        "/api/v1/users/me/password",
+        json={"current_password": user.password, "new_password": "otra-clave-larga-1"},
+        headers=key_headers(value),
+    )
+    still_valid = await client.get("/api/v1/users/me", headers=user.headers)
+
+    assert response.status_code == 403
+    assert response.json()["error"] == "login_token_required"
+    assert still_valid.status_code == 200
+    async with session_factory() as session:
+        stored = await session.get(User, user.id)
+        assert stored is not None
+        assert stored.token_version == 0
+
+
 async def test_active_key_limit(client: AsyncClient, user: ApiUser) -> None:
     created = [
         await create_api_key(client, user, name=f"k{index}")

@@ -107,3 +107,17 @@ async def get_current_user(principal: CurrentPrincipal) -> User:
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+async def get_login_user(principal: CurrentPrincipal) -> User:
+    """Return the user of a request authenticated by a login token, or raise a 403.
+
+    For the operations that would let a leaked API key outlive its revocation or lock
+    its owner out: creating API keys and changing the password.
+    """
+    if principal.api_key_id is not None:
+        raise auth_service.LoginTokenRequiredError()
+    return principal.user
+
+
+LoginUser = Annotated[User, Depends(get_login_user)]

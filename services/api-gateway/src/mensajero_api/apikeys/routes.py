@@ -11,11 +11,10 @@ from mensajero_api.apikeys.schemas import (
     ApiKeyPublic,
     ApiKeyWithSecret,
 )
-from mensajero_api.auth.service import LoginTokenRequiredError
 from mensajero_api.deps import (
-    CurrentPrincipal,
     CurrentUser,
     LanguageDep,
+    LoginUser,
     SessionDep,
     SettingsDep,
 )
@@ -32,7 +31,7 @@ router = APIRouter(prefix="/api/v1/users/me/api-keys", tags=["api keys"])
 )
 async def create_api_key(
     data: ApiKeyCreate,
-    principal: CurrentPrincipal,
+    user: LoginUser,
     session: SessionDep,
     settings: SettingsDep,
     language: LanguageDep,
@@ -43,11 +42,7 @@ async def create_api_key(
     `login_token_required`), so a leaked key cannot outlive its own revocation. A user has
     at most 50 active keys (409 `api_key_limit_reached`).
     """
-    if principal.api_key_id is not None:
-        raise LoginTokenRequiredError()
-    api_key, value = await service.create_api_key(
-        session, settings, principal.user, data
-    )
+    api_key, value = await service.create_api_key(session, settings, user, data)
     public = ApiKeyPublic.from_model(api_key)
     return Envelope(
         data=ApiKeyWithSecret(**public.model_dump(), api_key=value),

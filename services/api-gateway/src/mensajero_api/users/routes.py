@@ -7,6 +7,7 @@ from mensajero_api.auth.throttle import LoginThrottleDep, client_address
 from mensajero_api.deps import (
     CurrentUser,
     LanguageDep,
+    LoginUser,
     PasswordsDep,
     SessionDep,
     SettingsDep,
@@ -66,7 +67,7 @@ async def update_me(
 async def change_password(
     data: PasswordChange,
     request: Request,
-    user: CurrentUser,
+    user: LoginUser,
     session: SessionDep,
     passwords: PasswordsDep,
     settings: SettingsDep,
@@ -75,8 +76,10 @@ async def change_password(
 ) -> Envelope[PasswordChanged]:
     """Change the password: every token issued before stops working at once.
 
-    Returns a new bearer token to go on with. User API keys are not affected; revoke them
-    separately if the account may have been compromised. Errors: 400
+    Returns a new bearer token to go on with. Needs a bearer token: an API key gets 403
+    `login_token_required`, so a leaked key can neither guess the password nor cut off
+    its owner's sessions. User API keys are not affected; revoke them separately if the
+    account may have been compromised. Errors: 400
     `invalid_current_password` or `weak_password` (the new password is the email or
     contains the part before the @); 429 `too_many_login_attempts` after repeated wrong
     current passwords.
