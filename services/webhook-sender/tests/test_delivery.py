@@ -29,6 +29,7 @@ from mensajero_common.webhook_outbox import queue_deliveries, record_message_eve
 from mensajero_common.webhooks import EVENT_SMS_RECEIVED, generate_secret, verify
 from mensajero_webhooks.delivery.service import DeliveryContext, requeue_due_deliveries
 from mensajero_webhooks.delivery.tasks import job_functions
+from mensajero_webhooks.main import SWEEP_TIMEOUT_S
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
@@ -50,7 +51,7 @@ async def delivery_worker(
     async with httpx.AsyncHTTPTransport() as http:
         context = DeliveryContext(settings, keys, session_factory, redis, http)
         worker = Worker(
-            job_functions(settings.WEBHOOK_TIMEOUT_S + 5),
+            job_functions(settings.WEBHOOK_TIMEOUT_S + 5, SWEEP_TIMEOUT_S),
             redis_pool=redis,
             queue_name=keys.arq_queue,
             ctx={"delivery": context},

@@ -14,7 +14,11 @@ from mensajero_common.settings import Settings
 from mensajero_common.testing import WebhookReceiver, scaled, serve_app
 from mensajero_common.webhook_outbox import queue_deliveries
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, sweep
-from mensajero_webhooks.main import JobLinesAtDebug, create_worker
+from mensajero_webhooks.main import (
+    JOB_TIMEOUT_MARGIN_S,
+    JobLinesAtDebug,
+    create_worker,
+)
 
 
 def _environment(settings: Settings) -> dict[str, str]:
@@ -31,6 +35,17 @@ def _environment(settings: Settings) -> dict[str, str]:
         )
     }
     return {**os.environ, **variables, "LOG_JSON": "true", "LOG_LEVEL": "INFO"}
+
+
+async def test_dead_workers_job_ids_free_soon(settings: Settings) -> None:
+    worker = create_worker(settings, handle_signals=False)
+    try:
+        # After a crash, arq keeps the ids of the dead worker's jobs taken this long,
+        # the sweep's fixed id included: the next sweep cannot run before.
+        longest_job_s = 2 * settings.WEBHOOK_TIMEOUT_S + JOB_TIMEOUT_MARGIN_S
+        assert worker.in_progress_timeout_s <= longest_job_s + 10
+    finally:
+        await worker.close()
 
 
 async def test_worker_runs_sweep_cron(settings, redis):

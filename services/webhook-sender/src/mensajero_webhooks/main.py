@@ -32,6 +32,10 @@ log = structlog.get_logger(__name__)
 # Time a delivery job may run beyond the HTTP timeouts of its two attempts (its own and
 # the last parked one it takes), for its database writes.
 JOB_TIMEOUT_MARGIN_S = 30
+# Longest run of one sweep, which only queues jobs. arq keeps a job's id taken for its
+# worker's longest job timeout after a crash (300 s for a job without one), and the
+# sweep's id is fixed: a sweep that died with its worker blocks the next for that long.
+SWEEP_TIMEOUT_S = 30
 # Time after SIGTERM for the attempts in flight to finish, beyond the HTTP timeout, before
 # arq cancels them. A cancelled attempt keeps its lease, and the sweep queues it again
 # once the lease has run out.
@@ -109,6 +113,7 @@ def sweep_schedule(settings: Settings, keys: RedisKeys) -> CronJob:
         minute=minutes,
         job_id=f"{keys.prefix}:{SWEEP_JOB}",
         run_at_startup=True,
+        timeout=SWEEP_TIMEOUT_S,
     )
 
 
@@ -117,7 +122,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
     options: dict[str, Any] = {
         "functions": job_functions(
-            2 * settings.WEBHOOK_TIMEOUT_S + JOB_TIMEOUT_MARGIN_S
+            2 * settings.WEBHOOK_TIMEOUT_S + JOB_TIMEOUT_MARGIN_S, SWEEP_TIMEOUT_S
         ),
         "queue_name": keys.arq_queue,
         "redis_settings": RedisSettings.from_dsn(settings.REDIS_URL),

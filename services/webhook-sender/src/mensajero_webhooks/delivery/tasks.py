@@ -28,12 +28,12 @@ async def sweep(ctx: dict[str, Any]) -> int:
         return await requeue_due_deliveries(context)
 
 
-def job_functions(timeout_s: float) -> list[Any]:
+def job_functions(timeout_s: float, sweep_timeout_s: float) -> list[Any]:
     """Return the jobs; `timeout_s` must cover two attempts, because a delivery job goes on
     with the deliveries parked behind its webhook for up to WEBHOOK_TIMEOUT_S."""
     # arq retries a job that raised; an attempt records its own failure and schedules its
     # own retry, so arq must not run it again.
     return [
         func(send, name=DELIVERY_JOB, max_tries=1, timeout=timeout_s),
-        func(sweep, name=SWEEP_JOB, max_tries=1),
+        func(sweep, name=SWEEP_JOB, max_tries=1, timeout=sweep_timeout_s),
     ]
