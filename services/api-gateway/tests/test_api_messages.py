@@ -739,15 +739,28 @@ async def test_send_rejects_bad_expiry(
     past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     future = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
 
+    too_far = (datetime.now(UTC) + timedelta(days=31)).isoformat()
+
     in_the_past = await send_sms(client, sender, expires_at=past)
     both = await send_sms(client, sender, ttl=60, expires_at=future)
     negative = await send_sms(client, sender, ttl=-5)
+    beyond_30_days = await send_sms(
+        client, sender, expires_at=too_far, headers={"Accept-Language": "en"}
+    )
 
     assert in_the_past.status_code == 400
     assert in_the_past.json()["error"] == "invalid_expiry"
     assert in_the_past.json()["reason"] == "in_the_past"
+    assert in_the_past.json()["message"] == (
+        "La fecha de expires_at ya ha pasado; envía una fecha futura."
+    )
     assert both.status_code == 400
     assert both.json()["reason"] == "ttl_and_expires_at"
+    assert beyond_30_days.status_code == 400
+    assert beyond_30_days.json()["reason"] == "too_far"
+    assert beyond_30_days.json()["message"] == (
+        "expires_at is more than 30 days ahead, the longest allowed, as for ttl."
+    )
     assert negative.status_code == 422
     assert await count_rows(session_factory, SMSMessage) == 0
 

@@ -277,9 +277,17 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Eventos desconocidos: {events}. Eventos válidos: {allowed}.",
         "en": "Unknown events: {events}. Valid events: {allowed}.",
     },
-    "invalid_expiry": {
-        "es": "La caducidad no es válida ({reason}): envía ttl (segundos) o expires_at (una fecha futura), no ambos.",
-        "en": "The expiry is invalid ({reason}): send ttl (seconds) or expires_at (a future time), not both.",
+    "invalid_expiry_ttl_and_expires_at": {
+        "es": "Envía ttl (segundos) o expires_at (una fecha futura), no ambos.",
+        "en": "Send ttl (seconds) or expires_at (a future time), not both.",
+    },
+    "invalid_expiry_in_the_past": {
+        "es": "La fecha de expires_at ya ha pasado; envía una fecha futura.",
+        "en": "expires_at has already passed; send a future time.",
+    },
+    "invalid_expiry_too_far": {
+        "es": "expires_at está a más de {max_days} días; es el plazo más largo, como el de ttl.",
+        "en": "expires_at is more than {max_days} days ahead, the longest allowed, as for ttl.",
     },
     "invalid_webhook_secret": {
         "es": "El secret_key no es válido ({reason}): debe tener entre {min_length} y {max_length} caracteres y, si empieza por whsec_, seguir con base64. Omítelo para que se genere uno.",

@@ -29,7 +29,7 @@ class ExpiryFields(BaseModel):
     expires_at: datetime | None = Field(
         default=None,
         description="Time after which the message is not sent any more (ISO 8601; "
-        "without an offset, UTC). Not together with `ttl`.",
+        "without an offset, UTC), at most 30 days ahead. Not together with `ttl`.",
     )
 
 

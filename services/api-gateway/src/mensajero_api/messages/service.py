@@ -19,7 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mensajero_api.devices import service as devices_service
 from mensajero_api.messages import repository
 from mensajero_api.messages.repository import MessageFilters
-from mensajero_api.messages.schemas import ExpiryFields, MessageListQuery, SendRequest
+from mensajero_api.messages.schemas import (
+    MAX_TTL_S,
+    ExpiryFields,
+    MessageListQuery,
+    SendRequest,
+)
 from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
 from mensajero_api.phones import normalize_phone_number
 from mensajero_api.quotas import service as quotas_service
@@ -92,10 +97,16 @@ class SendOutcome:
 
 
 class InvalidExpiryError(ValidationFailedError):
+    """`reason`: ttl_and_expires_at, in_the_past or too_far; each has its own message."""
+
     code = "invalid_expiry"
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason=reason, details={"reason": reason})
+    def __init__(self, reason: str, **params: Any) -> None:
+        super().__init__(
+            message_key=f"invalid_expiry_{reason}",
+            details={"reason": reason, **params},
+            **params,
+        )
 
 
 def resolve_expiry(data: ExpiryFields, now: datetime | None = None) -> datetime | None:
@@ -115,6 +126,8 @@ def resolve_expiry(data: ExpiryFields, now: datetime | None = None) -> datetime 
         expires_at = expires_at.replace(tzinfo=UTC)
     if expires_at <= now:
         raise InvalidExpiryError("in_the_past")
+    if expires_at - now > timedelta(seconds=MAX_TTL_S):
+        raise InvalidExpiryError("too_far", max_days=MAX_TTL_S // 86400)
     return expires_at
 
 
