@@ -97,7 +97,8 @@ async def test_bulk_send_creates_messages(
     assert response.status_code == 201, response.text
     body = response.json()
     assert (
-        body["message"] == "3 mensajes en cola para envío; 0 destinatarios rechazados."
+        body["message"]
+        == "Mensajes en cola para envío: 3; destinatarios rechazados: 0."
     )
     data = body["data"]
     assert set(data) == {
@@ -308,7 +309,7 @@ async def test_bulk_over_quota_creates_nothing(
     assert body["quota_type"] == "sms_monthly"
     assert (body["limit"], body["used"], body["available"]) == (50, 47, 3)
     assert body["upgrade_url"] == "/api/v1/sms/plans"
-    assert body["reset_date"].endswith("T00:00:00Z")
+    assert body["reset_at"] == body["reset_date"] + "T00:00:00Z"
     assert int(response.headers["retry-after"]) > 0
     assert await count_rows(session_factory, SMSMessage) == 0
     assert await count_rows(session_factory, SMSBulkTask) == 0

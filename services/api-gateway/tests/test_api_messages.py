@@ -284,7 +284,8 @@ async def test_send_quota_exhausted(
         "limit": 50,
         "used": 50,
         "available": 0,
-        "reset_date": expected_reset.isoformat().replace("+00:00", "Z"),
+        "reset_date": expected_reset.date().isoformat(),
+        "reset_at": expected_reset.isoformat().replace("+00:00", "Z"),
         "upgrade_url": "/api/v1/sms/plans",
     }
     assert int(response.headers["retry-after"]) > 0

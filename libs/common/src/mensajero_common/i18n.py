@@ -202,8 +202,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Bulk send {task_id} does not exist.",
     },
     "bulk_queued": {
-        "es": "{accepted} mensajes en cola para envío; {rejected} destinatarios rechazados.",
-        "en": "{accepted} messages queued for sending; {rejected} recipients rejected.",
+        "es": "Mensajes en cola para envío: {accepted}; destinatarios rechazados: {rejected}.",
+        "en": "Messages queued for sending: {accepted}; recipients rejected: {rejected}.",
     },
     "bulk_replayed": {
         "es": "Esta Idempotency-Key ya se usó: se devuelve el envío masivo creado la primera vez.",

@@ -127,7 +127,10 @@ def sms_quota_exceeded(
             "limit": plan.max_sms_per_month,
             "used": used,
             "available": available,
-            "reset_date": _isoformat_utc(reset_at),
+            # The day of the reset, as GET /api/v1/sms/quota gives it; reset_at is
+            # the exact moment.
+            "reset_date": reset_at.date().isoformat(),
+            "reset_at": _isoformat_utc(reset_at),
             "upgrade_url": UPGRADE_URL,
         },
         headers={"Retry-After": str(retry_after_s)},
