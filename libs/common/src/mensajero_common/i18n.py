@@ -270,8 +270,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Webhook {webhook_id} does not exist.",
     },
     "invalid_webhook_url": {
-        "es": "La URL del webhook {url} no se puede usar ({reason}). Usa una URL https pública.",
-        "en": "The webhook URL {url} cannot be used ({reason}). Use a public https URL.",
+        "es": "La URL del webhook {url} no se puede usar ({reason}). Debe ser http o https, con un host y sin credenciales; en producción, https hacia una dirección pública.",
+        "en": "The webhook URL {url} cannot be used ({reason}). It must be http or https, with a host and no credentials; in production, https to a public address.",
     },
     "unknown_webhook_event": {
         "es": "Eventos desconocidos: {events}. Eventos válidos: {allowed}.",
