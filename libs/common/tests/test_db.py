@@ -18,7 +18,7 @@ async def _backend(engine: AsyncEngine) -> tuple[int, asyncpg.Connection]:
         return pid, raw.driver_connection
 
 
-async def test_a_terminated_idle_connection_is_replaced_at_checkout(
+async def test_pool_replaces_terminated_connection(
     settings: Settings,
 ) -> None:
     engine = create_engine(settings.model_copy(update={"DATABASE_POOL_SIZE": 1}))
@@ -30,7 +30,7 @@ async def test_a_terminated_idle_connection_is_replaced_at_checkout(
         # As a Postgres restart or an administrator would: the pooled connection's
         # backend goes away while the connection is idle in the pool.
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", first) is True
-        # asyncpg sees the socket close once the server's goodbye reaches the client.
+        # asyncpg marks the connection closed once the server's goodbye reaches it.
         await asyncio.wait_for(closed.wait(), timeout=10)
 
         second, _ = await _backend(engine)

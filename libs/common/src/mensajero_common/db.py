@@ -29,7 +29,7 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         pool_size=pool_size or settings.DATABASE_POOL_SIZE,
         max_overflow=settings.DATABASE_MAX_OVERFLOW,
         # pool_pre_ping would cost three round trips (BEGIN, a ping, ROLLBACK) on every
-        # checkout; asyncpg already knows when the server closed the socket.
+        # checkout; asyncpg already marks a connection closed when the server closes its socket.
         pool_pre_ping=False,
     )
     event.listen(engine.sync_engine.pool, "checkout", _replace_closed_connection)
