@@ -56,10 +56,10 @@ def normalize_e164(number: str, default_region: str | None = None) -> str:
         raise PhoneNumberError(number, error.reason) from None
 
 
-# phonenumbers takes about 20 µs to parse and validate one number on an idle core, so
-# validation is a third of a 1000-recipient bulk send. The same recipients come back in
-# every campaign and every one-time code, so valid numbers are kept; invalid ones are
-# parsed again, because lru_cache does not keep exceptions.
+# phonenumbers takes about 20 µs to parse and validate one number on an idle core, a
+# third of a 1000-recipient bulk send. The same recipients come back in every campaign
+# and every one-time code, so valid numbers are cached. Invalid ones are parsed again,
+# because lru_cache does not cache exceptions.
 @functools.lru_cache(maxsize=16384)
 def _parse_e164(raw: str, region: str | None) -> str:
     try:

@@ -32,9 +32,10 @@ log = structlog.get_logger(__name__)
 # Time a delivery job may run beyond the HTTP timeouts of its two attempts (its own and
 # the last parked one it takes), for its database writes.
 JOB_TIMEOUT_MARGIN_S = 30
-# Longest run of one sweep, which only queues jobs. arq keeps a job's id taken for its
-# worker's longest job timeout after a crash (300 s for a job without one), and the
-# sweep's id is fixed: a sweep that died with its worker blocks the next for that long.
+# Maximum run time of one sweep, which only queues jobs. After a crash, arq keeps each
+# job id of the dead worker in use for the worker's maximum job timeout plus 10 s (300 s
+# for a job without a timeout). The sweep's job id is fixed, so a sweep that died with
+# its worker blocks the next sweep for that long.
 SWEEP_TIMEOUT_S = 30
 # Time after SIGTERM for the attempts in flight to finish, beyond the HTTP timeout, before
 # arq cancels them. A cancelled attempt keeps its lease, and the sweep queues it again

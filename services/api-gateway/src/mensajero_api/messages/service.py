@@ -239,10 +239,10 @@ async def send_message(
     if await repository.insert_charged(session, values, period.start, period.today):
         message = SMSMessage(**values)
     else:
-        # The quota is used up, or a concurrent request took the idempotency key (and
-        # this statement charged anyway). Undo it, and take the slower path below,
-        # which tells the two apart and builds the right answer. The rollback expires
-        # `user`, so only `values` is read from here on.
+        # The quota is used up, or a concurrent request took the idempotency key after
+        # this statement charged the quota. Roll back, then take the slower path below,
+        # which distinguishes the two cases and builds the response. The rollback
+        # expires `user`, so only `values` is read from here on.
         await session.rollback()
         inserted = await _insert_then_charge(session, settings, values)
         if isinstance(inserted, SendOutcome):

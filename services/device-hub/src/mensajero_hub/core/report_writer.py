@@ -294,8 +294,8 @@ async def _record_status_events(
     """Record the webhook event of each status change in the batch, adding its
     deliveries to the report's outcome.
 
-    One query first finds which users want which events, so that a change nobody
-    subscribed to costs no statement of its own.
+    One query first finds which users subscribe to which events, so that a change
+    without a subscribed webhook costs no statement of its own.
     """
     changed: list[tuple[QueuedReport, reports.ReportOutcome, repository.MessageChange]]
     changed = []

@@ -483,10 +483,10 @@ class DeviceSession:
         The backlog (entries queued before this connection opened) is checked in
         Postgres, because it may hold tasks that ended, moved or expired while the device
         was away. An entry queued since then is trusted without a query, unless its
-        `expires_at` has passed. Its assignment committed just before the dispatcher
-        queued it, and a task that moves or ends meanwhile is not sent twice: the phone
-        sends only once the `ack` of its `sending` claim names its own attempt, and the
-        hub applies that claim under the message's row lock.
+        `expires_at` has passed, because its assignment committed just before the
+        dispatcher queued it. A task that moves or ends meanwhile is still not sent
+        twice. The phone sends only after the `ack` of its `sending` claim names its own
+        attempt, and the hub applies that claim under the message's row lock.
         """
         if not self._backlog_pushed:
             checked = await self._service.find_pushable(

@@ -243,8 +243,8 @@ async def _push_tasks(
 
     On a Redis failure none counts as pushed, although some may have been. The messages
     are committed as assigned already, so the repush sweep pushes the missing ones
-    later; a task that ends up pushed twice is safe, because devices and the hub
-    deduplicate tasks by message id.
+    later. A task pushed twice is safe, because devices and the hub deduplicate tasks
+    by message id.
     """
     if not tasks:
         return 0
