@@ -1,5 +1,10 @@
-import pytest
+import random
 
+import phonenumbers
+import pytest
+from phonenumbers import PhoneNumberFormat, PhoneNumberType
+
+from mensajero_common import phone
 from mensajero_common.phone import PhoneNumberError, normalize_e164
 
 
@@ -36,3 +41,53 @@ def test_normalize_e164_rejects(number: str, region: str | None, reason: str) ->
 
     assert caught.value.reason == reason
     assert caught.value.number == number
+
+
+def _example_numbers() -> list[str]:
+    """Return phonenumbers' example number of every region and type, in E.164."""
+    numbers = []
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for number_type in vars(PhoneNumberType).values():
+            if not isinstance(number_type, int):
+                continue
+            example = phonenumbers.example_number_for_type(region, number_type)
+            if example is not None:
+                numbers.append(
+                    phonenumbers.format_number(example, PhoneNumberFormat.E164)
+                )
+    return numbers
+
+
+def _random_numbers(count: int) -> list[str]:
+    generator = random.Random(20261205)
+    numbers = []
+    for _ in range(count):
+        digits = "".join(
+            generator.choice("0123456789") for _ in range(generator.randint(2, 20))
+        )
+        numbers.append("+" + digits)
+    # National parts that start like a national prefix ("1" in +1, "0" in +44, "8" in
+    # +7) and leading zeros, which phonenumbers reads in its own way.
+    numbers += ["+11" + "2" * 9, "+440" + "7" * 9, "+78" + "9" * 9, "+390612345678"]
+    return numbers
+
+
+def test_plain_e164_matches_parse() -> None:
+    # Whenever the shortcut returns a number, phonenumbers.parse returns the same one.
+    answered = 0
+    for raw in _example_numbers() + _random_numbers(20000):
+        read = phone._read_plain_e164(raw)
+        if read is None:
+            continue
+        answered += 1
+        assert read == phonenumbers.parse(raw, None), raw
+    # It is a shortcut only if it reads most of these numbers itself.
+    assert answered > 10000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["+11222222222", "+440777777777", "+390612345678", "+999123", "+1 415 555 2671"],
+)
+def test_plain_e164_skips_other_forms(raw: str) -> None:
+    assert phone._read_plain_e164(raw) is None
