@@ -16,6 +16,7 @@ from mensajero_api.pagination import (
     encode_cursor,
 )
 from mensajero_api.quotas.service import next_quota_reset
+from mensajero_api.types import is_storable
 from mensajero_common.settings import Settings
 
 
@@ -106,3 +107,18 @@ def test_access_token_other_secret(settings: Settings) -> None:
 
     with pytest.raises(TokenDecodeError):
         decode_access_token(token, other)
+
+
+@pytest.mark.parametrize(
+    ("value", "storable"),
+    [
+        ("Hola, ¿qué tal? 😀", True),
+        ("", True),
+        ("a\x00b", False),
+        ("lone \ud800 high", False),
+        ("lone \udfff low", False),
+        ("\ud83d", False),
+    ],
+)
+def test_is_storable(value: str, storable: bool) -> None:
+    assert is_storable(value) is storable

@@ -1,12 +1,15 @@
 """String types for request fields that end up in Postgres columns."""
 
+import re
 from typing import Annotated
 
 from pydantic import AfterValidator, StringConstraints
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def _has_surrogate(value: str) -> bool:
-    return any("\ud800" <= char <= "\udfff" for char in value)
+    return _SURROGATE.search(value) is not None
 
 
 def is_storable(value: str) -> bool:

@@ -2,7 +2,7 @@
 
 import uuid
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, BackgroundTasks, Response, status
 
 from mensajero_api.bulk import service
 from mensajero_api.bulk.schemas import (
@@ -47,6 +47,7 @@ def _rejections(task: SMSBulkTask, language: str) -> list[BulkRejection]:
 async def send_bulk(
     data: BulkSendRequest,
     response: Response,
+    background: BackgroundTasks,
     user: CurrentUser,
     session: SessionDep,
     redis: RedisDep,
@@ -69,11 +70,12 @@ async def send_bulk(
     N more SMS this month"; nothing is created). A repeat with the same
     `Idempotency-Key` returns 200 with the first result and `Idempotent-Replayed: true`.
     """
-    outcome = await service.send_bulk(
-        session, redis, keys, settings, user, data, idempotency_key
-    )
+    outcome = await service.send_bulk(session, settings, user, data, idempotency_key)
     task = outcome.task
     if outcome.created:
+        # After the response: the messages are committed, so the sender need not wait
+        # for Redis, and if the signal is lost the dispatcher's sweep finds them.
+        background.add_task(service.signal_dispatcher, redis, keys, task)
         confirmation = translate(
             "bulk_queued",
             language,

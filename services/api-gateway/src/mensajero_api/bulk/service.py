@@ -2,9 +2,9 @@
 
 One request is validated recipient by recipient: invalid and repeated recipients are
 rejected one by one and not charged, and the rest go out. The quota for all of them is
-charged in one conditional UPDATE (all or nothing), the messages are inserted in one
-executemany, and the transaction commits before the dispatcher is signalled, in one
-Redis pipeline.
+charged in one conditional UPDATE (all or nothing), the messages are inserted with one
+COPY, and the transaction commits before the dispatcher is signalled, by one Redis
+script call after the response has gone out.
 """
 
 import hashlib
@@ -201,26 +201,36 @@ def plan_bulk(
     return plan
 
 
-def _message_rows(
+# Positions of a message's own values in a COPY record. The others come from its body.
+_ID_POSITION = repository.MESSAGE_COLUMNS.index("id")
+_NUMBER_POSITION = repository.MESSAGE_COLUMNS.index("to_number")
+
+
+def _message_records(
     user: User,
     plan: BulkPlan,
     device_id: uuid.UUID | None,
     task_id: uuid.UUID,
     expires_at: datetime | None,
-) -> list[dict[str, Any]]:
+) -> list[tuple[Any, ...]]:
+    """Return one COPY record per accepted message, in request order."""
     # Segments are counted once per distinct body: a 1000-recipient send has one body.
-    templates: dict[str, dict[str, Any]] = {}
-    rows = []
+    templates: dict[str, list[Any]] = {}
+    records = []
     for to_number, body in plan.accepted:
         template = templates.get(body)
         if template is None:
-            template = messages_service.outgoing_values(
+            values = messages_service.outgoing_values(
                 user, "", body, device_id, expires_at
             )
-            template["bulk_id"] = task_id
+            values["bulk_id"] = task_id
+            template = [values[column] for column in repository.MESSAGE_COLUMNS]
             templates[body] = template
-        rows.append({**template, "id": uuid.uuid4(), "to_number": to_number})
-    return rows
+        record = template.copy()
+        record[_ID_POSITION] = uuid.uuid4()
+        record[_NUMBER_POSITION] = to_number
+        records.append(tuple(record))
+    return records
 
 
 def _replay(existing: SMSBulkTask, request_hash: str) -> BulkOutcome:
@@ -231,14 +241,14 @@ def _replay(existing: SMSBulkTask, request_hash: str) -> BulkOutcome:
 
 async def send_bulk(
     session: AsyncSession,
-    redis: Redis,
-    keys: RedisKeys,
     settings: Settings,
     user: User,
     data: BulkSendRequest,
     idempotency_key: str | None,
 ) -> BulkOutcome:
-    """Validate, store and charge the messages of a bulk send, commit, then signal.
+    """Validate, store and charge the messages of a bulk send, and commit.
+
+    The caller then passes a created task to signal_dispatcher.
 
     Raises TooManyRecipientsError, NoValidRecipientsError, the single send's errors for
     the shared `body` and the device, and QuotaExceededError when the accepted messages
@@ -267,23 +277,33 @@ async def send_bulk(
         raise NoValidRecipientsError(plan.rejected)
 
     task_id = uuid.uuid4()
-    rows = _message_rows(user, plan, data.device_id, task_id, expires_at)
+    records = _message_records(user, plan, data.device_id, task_id, expires_at)
+    task = SMSBulkTask(
+        id=task_id,
+        user_id=user.id,
+        requested_device_id=data.device_id,
+        total_recipients=len(pairs),
+        message_ids=[record[_ID_POSITION] for record in records],
+        rejected=plan.rejected,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash if idempotency_key else None,
+    )
     # The task goes first, as in the single send: a concurrent repeat with the same key
     # waits on this insert and then replays the task instead of meeting a spent quota.
-    task = await repository.insert_task(
+    created = await repository.insert_task(
         session,
         {
-            "id": task_id,
-            "user_id": user.id,
-            "requested_device_id": data.device_id,
-            "total_recipients": len(pairs),
-            "message_ids": [row["id"] for row in rows],
-            "rejected": plan.rejected,
-            "idempotency_key": idempotency_key,
-            "request_hash": request_hash if idempotency_key else None,
+            "id": task.id,
+            "user_id": task.user_id,
+            "requested_device_id": task.requested_device_id,
+            "total_recipients": task.total_recipients,
+            "message_ids": task.message_ids,
+            "rejected": task.rejected,
+            "idempotency_key": task.idempotency_key,
+            "request_hash": task.request_hash,
         },
     )
-    if task is None:
+    if not created:
         assert idempotency_key is not None
         existing = await repository.get_task_by_idempotency_key(
             session, user.id, idempotency_key
@@ -294,8 +314,8 @@ async def send_bulk(
             )
         return _replay(existing, request_hash)
 
-    await quotas_service.charge_sms(session, user.id, len(rows), settings, bulk=True)
-    await repository.insert_messages(session, rows)
+    await quotas_service.charge_sms(session, user.id, len(records), settings, bulk=True)
+    await repository.insert_messages(session, records)
     await session.commit()
 
     logger.info(
@@ -303,18 +323,21 @@ async def send_bulk(
         user_id=str(user.id),
         task_id=str(task.id),
         device_id=str(data.device_id) if data.device_id else None,
-        accepted=len(rows),
+        accepted=len(records),
         rejected=len(plan.rejected),
     )
-    await _signal_dispatcher(redis, keys, task)
     return BulkOutcome(task=task, created=True)
 
 
-async def _signal_dispatcher(redis: Redis, keys: RedisKeys, task: SMSBulkTask) -> None:
+async def signal_dispatcher(redis: Redis, keys: RedisKeys, task: SMSBulkTask) -> None:
+    """Tell the dispatcher about the committed messages of a new bulk task.
+
+    A failure is logged and not raised, because the dispatcher's sweep of pending
+    messages sends them later anyway.
+    """
     try:
         await queues.signal_new_messages(redis, keys, task.message_ids)
     except RedisError:
-        # The messages are committed; the dispatcher's sweep of pending rows sends them.
         logger.exception("signalling the dispatcher failed", task_id=str(task.id))
 
 
