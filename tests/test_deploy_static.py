@@ -249,3 +249,38 @@ def test_websocket_path_routes_to_hub() -> None:
     assert re.search(
         rf"location = {re.escape(hub_path)} \{{\s*proxy_pass \$device_hub;", nginx
     )
+
+
+def _ingress_routes(paths: list[dict[str, Any]], url_path: str) -> bool:
+    """Tell whether one of an Ingress rule's paths matches `url_path`, as Kubernetes does."""
+    for path in paths:
+        if path["pathType"] == "Exact" and url_path == path["path"]:
+            return True
+        prefix = path["path"].rstrip("/")
+        if path["pathType"] == "Prefix" and (
+            url_path == prefix or url_path.startswith(prefix + "/")
+        ):
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("url_path", "published"),
+    [
+        ("/api/v1/sms/send", True),
+        ("/api/v1/login/access-token", True),
+        ("/docs", True),
+        ("/docs/oauth2-redirect", True),
+        ("/redoc", True),
+        ("/openapi.json", True),
+        ("/metrics", False),
+        ("/healthz", False),
+        ("/readyz", False),
+        ("/apikeys", False),
+    ],
+)
+def test_api_ingress_publishes_only_api(url_path: str, published: bool) -> None:
+    ingress = k8s_resource("Ingress", "api-gateway")
+    (rule,) = ingress["spec"]["rules"]
+
+    assert _ingress_routes(rule["http"]["paths"], url_path) is published
