@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import httpx
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from bench.baselines import SEND_BODY_TEMPLATE, latency_sum_ms
 from bench.console import say
@@ -96,6 +97,27 @@ async def _wait_stream_empty(redis: Redis, stream: str) -> None:
         # Redis has no notification for this; polling it is the way.
         while await redis.xlen(stream):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def _last_entry_id(redis: Redis, stream: str) -> bytes | None:
+    try:
+        info = await redis.xinfo_stream(stream)
+    except ResponseError:
+        return None  # no stream yet
+    last_id: bytes = info["last-generated-id"]
+    return last_id
+
+
+async def _wait_signal_handled(redis: Redis, stream: str, before: bytes | None) -> None:
+    """Wait until entries newer than `before` have arrived and been handled.
+
+    The API signals the dispatcher of a bulk send after its response, so right after the
+    response the stream may still be empty.
+    """
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        while await _last_entry_id(redis, stream) == before:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await _wait_stream_empty(redis, stream)
 
 
 async def _wait_quiet(redis: Redis, stream: str, phones: Proc) -> None:
@@ -369,6 +391,7 @@ async def _measure_bulk(
                 "recipients": _recipients(BULK_RECIPIENTS, index * BULK_RECIPIENTS),
                 "body": "Benchmark bulk message",
             }
+            before = await _last_entry_id(redis, stream)
             started = time.perf_counter()
             response = await client.post(BULK_PATH, json=payload, headers=user.headers)
             elapsed_ms = (time.perf_counter() - started) * 1000
@@ -381,7 +404,7 @@ async def _measure_bulk(
                 break
             timings_ms.append(elapsed_ms)
             # The next request starts once the dispatcher has read this one's messages.
-            await _wait_stream_empty(redis, stream)
+            await _wait_signal_handled(redis, stream, before)
 
     baseline = run.baselines["postgres_1000_rows"]["copy_ms"]["p50"]
     run.measurements["bulk"] = {"timings_ms": timings_ms, "failure": failure}
