@@ -5,7 +5,6 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import pytest
 from arq.worker import Worker
 from sqlalchemy import select
@@ -27,6 +26,7 @@ from mensajero_common.settings import Settings
 from mensajero_common.testing import WebhookReceiver, scaled, serve_app
 from mensajero_common.webhook_outbox import queue_deliveries, record_message_event
 from mensajero_common.webhooks import EVENT_SMS_RECEIVED, generate_secret, verify
+from mensajero_webhooks.delivery.http_client import create_http_session
 from mensajero_webhooks.delivery.service import DeliveryContext, requeue_due_deliveries
 from mensajero_webhooks.delivery.tasks import job_functions
 from mensajero_webhooks.main import SWEEP_TIMEOUT_S
@@ -48,7 +48,7 @@ async def delivery_worker(
     """Run a real arq worker with the webhook-sender's jobs until the block ends."""
     redis = create_redis(settings)
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
-    async with httpx.AsyncHTTPTransport() as http:
+    async with create_http_session(settings) as http:
         context = DeliveryContext(settings, keys, session_factory, redis, http)
         worker = Worker(
             job_functions(settings.WEBHOOK_TIMEOUT_S + 5, SWEEP_TIMEOUT_S),

@@ -162,12 +162,8 @@ class AttemptResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-# User-Agent of the POSTs that go through a transport instead of a client.
-USER_AGENT = "Mensajero-Webhooks/0.1"
-
-
 async def post_event(
-    sender: httpx.AsyncClient | httpx.AsyncBaseTransport,
+    client: httpx.AsyncClient,
     *,
     url: str,
     secret: str,
@@ -180,10 +176,8 @@ async def post_event(
     """POST one signed event to `url` and return what happened; never raises for the network.
 
     Redirects are not followed, so a public URL cannot bounce the request to a private one.
-    `sender` is a client, or a transport (connection pool) that sends the request
-    directly. The transport skips the client's work per request, and its cookie jar, so
-    a cookie set by one webhook's endpoint is never sent to another user's webhook on the
-    same host.
+    The webhook-sender posts through its own aiohttp client
+    (`mensajero_webhooks.delivery.http_client`) with the same checks and headers.
     """
     started_at = time.time()
     started = time.perf_counter()
@@ -200,52 +194,17 @@ async def post_event(
 
     headers = signature_headers(secret, event_id, int(started_at), body)
     try:
-        if isinstance(sender, httpx.AsyncClient):
-            status_code = await _post_with_client(sender, url, body, headers, timeout_s)
-        else:
-            status_code = await _post_with_transport(
-                sender, url, body, headers, timeout_s
-            )
+        response = await client.post(
+            url,
+            content=body,
+            headers=headers,
+            timeout=timeout_s,
+            follow_redirects=False,
+        )
     except httpx.TimeoutException:
         return AttemptResult(started_at, elapsed_ms(), error="timeout")
     except httpx.HTTPError as error:
         return AttemptResult(
             started_at, elapsed_ms(), error=f"connection_error: {type(error).__name__}"
         )
-    return AttemptResult(started_at, elapsed_ms(), status_code=status_code)
-
-
-async def _post_with_client(
-    client: httpx.AsyncClient,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-) -> int:
-    response = await client.post(
-        url, content=body, headers=headers, timeout=timeout_s, follow_redirects=False
-    )
-    return response.status_code
-
-
-async def _post_with_transport(
-    transport: httpx.AsyncBaseTransport,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-) -> int:
-    request = httpx.Request(
-        "POST",
-        url,
-        content=body,
-        headers={**headers, "User-Agent": USER_AGENT},
-        extensions={"timeout": httpx.Timeout(timeout_s).as_dict()},
-    )
-    response = await transport.handle_async_request(request)
-    try:
-        # Read to the end, so that the connection can carry the next request.
-        await response.aread()
-    finally:
-        await response.aclose()
-    return response.status_code
+    return AttemptResult(started_at, elapsed_ms(), status_code=response.status_code)

@@ -12,7 +12,6 @@ import logging
 import math
 from typing import Any
 
-import httpx
 import structlog
 from arq import cron
 from arq.connections import RedisSettings
@@ -24,6 +23,7 @@ from mensajero_common.keys import RedisKeys
 from mensajero_common.logging import configure_logging
 from mensajero_common.ops import create_ops_app, postgres_check, redis_check, serve_ops
 from mensajero_common.settings import Settings, get_settings
+from mensajero_webhooks.delivery.http_client import create_http_session
 from mensajero_webhooks.delivery.service import DeliveryContext
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, job_functions, sweep
 
@@ -46,11 +46,7 @@ SHUTDOWN_GRACE_MARGIN_S = 5
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     engine = create_engine(settings)
-    # A bare connection pool: the deliveries need no client features (cookies,
-    # redirects, default headers), and skipping them saves CPU on every POST.
-    http = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=settings.WEBHOOK_CONCURRENCY)
-    )
+    http = create_http_session(settings)
     ctx["engine"] = engine
     ctx["http"] = http
     ctx["session_factory"] = create_session_factory(engine)
@@ -84,7 +80,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await delivery.close(drain_wait_s(ctx["settings"]))
     http = ctx.pop("http", None)
     if http is not None:
-        await http.aclose()
+        await http.close()
     engine = ctx.pop("engine", None)
     if engine is not None:
         await engine.dispose()

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import httpx
+import aiohttp
 import structlog
 from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -20,9 +20,10 @@ from mensajero_common.metrics import WEBHOOK_ATTEMPTS
 from mensajero_common.models import WebhookDeliveryStatus
 from mensajero_common.settings import Settings
 from mensajero_common.webhook_outbox import DELIVERY_JOB, delivery_job_id
-from mensajero_common.webhooks import AttemptResult, post_event
+from mensajero_common.webhooks import AttemptResult
 from mensajero_webhooks.delivery import repository
 from mensajero_webhooks.delivery.gates import BreakerChange, Health, WebhookGates
+from mensajero_webhooks.delivery.http_client import post_event
 from mensajero_webhooks.delivery.repository import ClaimedDelivery, ParkedDelivery
 
 logger = structlog.get_logger(__name__)
@@ -48,7 +49,7 @@ class DeliveryContext:
     keys: RedisKeys
     session_factory: async_sessionmaker[AsyncSession]
     redis: ArqRedis
-    http: httpx.AsyncBaseTransport
+    http: aiohttp.ClientSession
     gates: WebhookGates = field(init=False)
     # Tasks that run parked deliveries outside arq's jobs, and the timers that start them
     # when a paused webhook may be probed again.
