@@ -48,6 +48,19 @@ async def test_dead_workers_job_ids_free_soon(settings: Settings) -> None:
         await worker.close()
 
 
+async def test_worker_polls_queue_often(settings: Settings) -> None:
+    worker = create_worker(settings, handle_signals=False)
+    try:
+        # A job queued to an idle worker waits for the next read of the queue.
+        assert worker.poll_delay_s <= 0.1
+        # arq starts at most queue_read_limit jobs per read. This cap only binds when
+        # endpoints respond in under 10 ms on every connection.
+        jobs_per_second = worker.queue_read_limit / worker.poll_delay_s
+        assert jobs_per_second >= 100 * settings.WEBHOOK_CONCURRENCY
+    finally:
+        await worker.close()
+
+
 async def test_worker_runs_sweep_cron(settings, redis):
     every_second = cron(
         sweep,

@@ -41,6 +41,11 @@ SWEEP_TIMEOUT_S = 30
 # arq cancels them. A cancelled attempt keeps its lease, and the sweep queues it again
 # once the lease has run out.
 SHUTDOWN_GRACE_MARGIN_S = 5
+# Time between two reads of the job queue, which is also the longest wait of a job queued
+# to an idle worker. arq 0.28 starts at most max(5 × max_jobs, 100) jobs per read, so its
+# default of 0.5 s capped the sender at 500 deliveries per second with WEBHOOK_CONCURRENCY
+# 50. An idle worker sends one ZRANGEBYSCORE per read.
+POLL_DELAY_S = 0.05
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
@@ -128,6 +133,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         "on_shutdown": on_shutdown,
         "ctx": {"settings": settings, "keys": keys},
         "max_jobs": settings.WEBHOOK_CONCURRENCY,
+        "poll_delay": POLL_DELAY_S,
         # On SIGTERM, arq stops taking jobs and waits this long for the running ones.
         "job_completion_wait": math.ceil(settings.WEBHOOK_TIMEOUT_S)
         + SHUTDOWN_GRACE_MARGIN_S,
