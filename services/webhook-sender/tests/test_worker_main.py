@@ -1,4 +1,5 @@
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -111,6 +112,8 @@ async def test_worker_process_stops_on_sigterm(settings, redis):
             process.kill()
             await process.wait()
 
+    started = json.loads(output.splitlines()[-1])
+    assert started["event_loop"] == "uvloop"
     assert process.returncode == 0
     assert b'"webhook-sender stopped"' in rest
 
