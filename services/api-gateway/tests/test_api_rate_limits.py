@@ -9,11 +9,11 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.main import create_app
-from mensajero_api.ratelimits.rules import InvalidRateLimitSettingError
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import SMSMessage
 from mensajero_common.settings import Settings
 from mensajero_common.testing import free_port, scaled
+from mensajero_common.throttle import InvalidLimitSettingError
 
 QUOTA_URL = "/api/v1/sms/quota"
 PLANS_URL = "/api/v1/sms/plans"
@@ -307,6 +307,7 @@ async def test_redis_down_lets_requests_through(
         ("RATE_LIMIT_PER_IP", "10 per fortnight"),
         ("RATE_LIMIT_PER_API_KEY", "-1/second"),
         ("RATE_LIMIT_LOGIN_PER_IP", ""),
+        ("RATE_LIMIT_PER_IP", "0/minute"),
     ],
 )
 def test_invalid_setting_stops_start(
@@ -314,5 +315,5 @@ def test_invalid_setting_stops_start(
 ) -> None:
     broken = settings.model_copy(update={setting: value})
 
-    with pytest.raises(InvalidRateLimitSettingError, match=setting):
+    with pytest.raises(InvalidLimitSettingError, match=setting):
         create_app(broken)

@@ -8,9 +8,10 @@ from fastapi.security import OAuth2PasswordRequestForm
 from mensajero_api.auth import service
 from mensajero_api.auth.schemas import Token
 from mensajero_api.auth.security import create_access_token
-from mensajero_api.auth.throttle import LoginThrottleDep, client_address
+from mensajero_api.auth.throttle import LoginThrottleDep
 from mensajero_api.deps import PasswordsDep, SessionDep, SettingsDep
 from mensajero_api.envelope import error_responses
+from mensajero_common.throttle import client_address
 
 router = APIRouter(prefix="/api/v1/login", tags=["login"])
 
@@ -32,7 +33,7 @@ async def login_access_token(
     for one email, or from one address, get 429 `too_many_login_attempts` with
     Retry-After (LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_IP).
     """
-    address = client_address(request)
+    address = client_address(request.scope)
     await throttle.check(form.username, address)
     try:
         user = await service.authenticate(

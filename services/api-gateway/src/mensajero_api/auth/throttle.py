@@ -5,26 +5,21 @@ current password. Past LOGIN_FAILURES_PER_ACCOUNT or LOGIN_FAILURES_PER_IP the A
 429 `too_many_login_attempts` before it checks the password at all, so a guessing run costs
 no argon2 work once throttled. The account is the email as typed, hashed, so an unknown
 email is throttled like a known one and the answer tells nothing about which exist.
+mensajero_common.throttle does the counting, and fails open while Redis fails.
 """
 
 import hashlib
-import math
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
 import structlog
 from fastapi import Depends, Request
-from limits import RateLimitItem, parse_many
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
-from redis.exceptions import RedisError
 
 from mensajero_api.deps import ResourcesDep
 from mensajero_api.resources import Resources
 from mensajero_common.errors import AppError
 from mensajero_common.settings import Settings
+from mensajero_common.throttle import FailureLimit, FailureThrottle, parse_limit_setting
 
 logger = structlog.get_logger(__name__)
 
@@ -51,25 +46,25 @@ class TooManyLoginAttemptsError(AppError):
 
 @dataclass(frozen=True)
 class LoginThrottleRules:
-    per_account: list[RateLimitItem]
-    per_ip: list[RateLimitItem]
+    per_account: FailureLimit
+    per_ip: FailureLimit
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LoginThrottleRules":
-        """Parse the LOGIN_FAILURES_* settings, or raise ValueError naming the bad one."""
-        items = {}
-        for name in ("LOGIN_FAILURES_PER_ACCOUNT", "LOGIN_FAILURES_PER_IP"):
-            value = getattr(settings, name)
-            try:
-                items[name] = parse_many(value)
-            except ValueError:
-                raise ValueError(
-                    f"invalid setting {name}: {value!r}; expected items such as "
-                    '"5/minute;20/hour"'
-                ) from None
+        """Parse the LOGIN_FAILURES_* settings, or raise InvalidLimitSettingError."""
         return cls(
-            per_account=items["LOGIN_FAILURES_PER_ACCOUNT"],
-            per_ip=items["LOGIN_FAILURES_PER_IP"],
+            per_account=FailureLimit(
+                SCOPE_ACCOUNT,
+                parse_limit_setting(
+                    "LOGIN_FAILURES_PER_ACCOUNT", settings.LOGIN_FAILURES_PER_ACCOUNT
+                ),
+            ),
+            per_ip=FailureLimit(
+                SCOPE_IP,
+                parse_limit_setting(
+                    "LOGIN_FAILURES_PER_IP", settings.LOGIN_FAILURES_PER_IP
+                ),
+            ),
         )
 
 
@@ -78,69 +73,43 @@ def _account_id(email: str) -> str:
     return hashlib.sha256(email.strip().casefold().encode()).hexdigest()[:32]
 
 
-def client_address(request: Request) -> str:
-    """Return the client's address as uvicorn reports it (see FORWARDED_ALLOW_IPS)."""
-    return request.client.host if request.client else "unknown"
-
-
 class LoginThrottle:
     def __init__(self, rules: LoginThrottleRules, resources: Resources) -> None:
-        self._rules = rules
         self.resources = resources
-        # Shares the API's connection pool, so closing the API's client closes it too.
-        storage = RedisStorage(
-            "async+" + resources.settings.REDIS_URL,
-            implementation="redispy",
-            key_prefix=resources.keys.login_throttle_prefix,
-            # The stubs of `limits` type options as scalars; redis-py takes the pool.
-            connection_pool=resources.redis.connection_pool,  # type: ignore[arg-type]
+        self._throttle = FailureThrottle(
+            [rules.per_account, rules.per_ip],
+            resources.redis,
+            resources.settings.REDIS_URL,
+            resources.keys.login_throttle_prefix,
+            name="login",
         )
-        self._limiter = MovingWindowRateLimiter(storage)
-
-    def _counters(self, email: str, ip: str) -> list[tuple[RateLimitItem, str, str]]:
-        account = _account_id(email)
-        return [
-            *((item, SCOPE_ACCOUNT, account) for item in self._rules.per_account),
-            *((item, SCOPE_IP, ip) for item in self._rules.per_ip),
-        ]
 
     async def check(self, email: str, ip: str) -> None:
         """Raise TooManyLoginAttemptsError if the account or the address is throttled.
 
-        While Redis fails, attempts pass: logins keep working, unthrottled, and each
-        failure is logged.
+        While Redis fails, attempts pass: logins keep working, unthrottled.
         """
-        try:
-            for item, scope, identifier in self._counters(email, ip):
-                if await self._limiter.test(item, scope, identifier):
-                    continue
-                stats = await self._limiter.get_window_stats(item, scope, identifier)
-                retry_after_s = max(math.ceil(stats.reset_time - time.time()), 1)
-                logger.info(
-                    "login throttled",
-                    scope=scope,
-                    limit=str(item),
-                    retry_after_s=retry_after_s,
-                )
-                raise TooManyLoginAttemptsError(retry_after_s)
-        except (RedisError, StorageError, OSError) as error:
-            logger.error("login throttle not enforced: Redis failed", error=repr(error))
+        throttled = await self._throttle.check(
+            {SCOPE_ACCOUNT: _account_id(email), SCOPE_IP: ip}
+        )
+        if throttled is None:
+            return
+        logger.info(
+            "login throttled",
+            scope=throttled.scope,
+            limit=throttled.limit,
+            retry_after_s=throttled.retry_after_s,
+        )
+        raise TooManyLoginAttemptsError(throttled.retry_after_s)
 
     async def record_failure(self, email: str, ip: str) -> None:
-        try:
-            for item, scope, identifier in self._counters(email, ip):
-                await self._limiter.hit(item, scope, identifier)
-        except (RedisError, StorageError, OSError) as error:
-            logger.error("failed login not counted: Redis failed", error=repr(error))
+        await self._throttle.record_failure(
+            {SCOPE_ACCOUNT: _account_id(email), SCOPE_IP: ip}
+        )
 
     async def clear_account(self, email: str) -> None:
         """Forget the account's failures after a correct password; the address keeps its."""
-        account = _account_id(email)
-        try:
-            for item in self._rules.per_account:
-                await self._limiter.clear(item, SCOPE_ACCOUNT, account)
-        except (RedisError, StorageError, OSError) as error:
-            logger.error("clearing failed logins failed", error=repr(error))
+        await self._throttle.clear(SCOPE_ACCOUNT, _account_id(email))
 
 
 def get_login_throttle(request: Request, resources: ResourcesDep) -> LoginThrottle:

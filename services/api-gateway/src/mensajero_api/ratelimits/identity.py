@@ -8,6 +8,7 @@ from starlette.types import Scope
 
 from mensajero_api.auth.security import TokenDecodeError, decode_access_token
 from mensajero_common.settings import Settings
+from mensajero_common.throttle import client_address
 
 KIND_USER = "user"
 KIND_API_KEY = "api_key"
@@ -21,16 +22,6 @@ class ClientKey:
     # own here, and its own branch in identify_client.
     kind: str
     value: str
-
-
-def client_ip(scope: Scope) -> str:
-    """Return the client's address as uvicorn reports it.
-
-    Behind a proxy, uvicorn takes it from X-Forwarded-For only when the proxy's address
-    is in FORWARDED_ALLOW_IPS; otherwise every request seems to come from the proxy.
-    """
-    client = scope.get("client")
-    return client[0] if client else "unknown"
 
 
 def _bearer_token(scope: Scope) -> str | None:
@@ -64,4 +55,4 @@ def identify_client(scope: Scope, settings: Settings) -> ClientKey:
             pass
         else:
             return ClientKey(KIND_USER, str(claims.user_id))
-    return ClientKey(KIND_IP, client_ip(scope))
+    return ClientKey(KIND_IP, client_address(scope))

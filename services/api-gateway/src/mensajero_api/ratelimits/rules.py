@@ -6,19 +6,10 @@ separated by ";" (e.g. "20/second;600/minute"), and a request must fit every ite
 
 from dataclasses import dataclass
 
-from limits import RateLimitItem, parse_many
+from limits import RateLimitItem
 
 from mensajero_common.settings import Settings
-
-
-class InvalidRateLimitSettingError(ValueError):
-    """A RATE_LIMIT_* setting is not in the `limits` notation: a deployment error."""
-
-    def __init__(self, setting: str, value: str) -> None:
-        super().__init__(
-            f"{setting} is {value!r}, which is not a rate limit; write one or more "
-            "'<count>/<period>' items separated by ';', e.g. '20/second;600/minute'"
-        )
+from mensajero_common.throttle import parse_limit_setting
 
 
 @dataclass(frozen=True)
@@ -26,24 +17,6 @@ class RateLimitRule:
     # Namespace of the rule's counters in Redis.
     name: str
     items: tuple[RateLimitItem, ...]
-
-
-def describe_item(item: RateLimitItem) -> str:
-    """Write `item` back in the settings' notation, e.g. "20/second" or "100/2 hours"."""
-    period = item.GRANULARITY.name
-    if item.multiples == 1:
-        return f"{item.amount}/{period}"
-    return f"{item.amount}/{item.multiples} {period}s"
-
-
-def _parse(setting: str, value: str) -> tuple[RateLimitItem, ...]:
-    try:
-        items = parse_many(value)
-    except ValueError:
-        raise InvalidRateLimitSettingError(setting, value) from None
-    if not items:
-        raise InvalidRateLimitSettingError(setting, value)
-    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -59,20 +32,28 @@ class RateLimitRules:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "RateLimitRules":
-        """Parse the settings, or raise InvalidRateLimitSettingError naming the bad one."""
+        """Parse the settings, or raise InvalidLimitSettingError naming the bad one."""
         return cls(
             per_user=RateLimitRule(
-                "user", _parse("RATE_LIMIT_PER_USER", settings.RATE_LIMIT_PER_USER)
+                "user",
+                parse_limit_setting(
+                    "RATE_LIMIT_PER_USER", settings.RATE_LIMIT_PER_USER
+                ),
             ),
             per_api_key=RateLimitRule(
                 "api_key",
-                _parse("RATE_LIMIT_PER_API_KEY", settings.RATE_LIMIT_PER_API_KEY),
+                parse_limit_setting(
+                    "RATE_LIMIT_PER_API_KEY", settings.RATE_LIMIT_PER_API_KEY
+                ),
             ),
             per_ip=RateLimitRule(
-                "ip", _parse("RATE_LIMIT_PER_IP", settings.RATE_LIMIT_PER_IP)
+                "ip",
+                parse_limit_setting("RATE_LIMIT_PER_IP", settings.RATE_LIMIT_PER_IP),
             ),
             login_per_ip=RateLimitRule(
                 "login",
-                _parse("RATE_LIMIT_LOGIN_PER_IP", settings.RATE_LIMIT_LOGIN_PER_IP),
+                parse_limit_setting(
+                    "RATE_LIMIT_LOGIN_PER_IP", settings.RATE_LIMIT_LOGIN_PER_IP
+                ),
             ),
         )

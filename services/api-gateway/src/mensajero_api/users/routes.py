@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Request, status
 
 from mensajero_api.auth.security import create_access_token
-from mensajero_api.auth.throttle import LoginThrottleDep, client_address
+from mensajero_api.auth.throttle import LoginThrottleDep
 from mensajero_api.deps import (
     CurrentUser,
     LanguageDep,
@@ -22,6 +22,7 @@ from mensajero_api.users.schemas import (
     UserUpdate,
 )
 from mensajero_common.i18n import translate
+from mensajero_common.throttle import client_address
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
 
@@ -85,7 +86,7 @@ async def change_password(
     current passwords.
     """
     user = await service.change_password(
-        session, passwords, throttle, client_address(request), user, data
+        session, passwords, throttle, client_address(request.scope), user, data
     )
     token = create_access_token(user.id, user.token_version, settings)
     return Envelope(
