@@ -40,3 +40,30 @@ def test_settings_webhook_private_urls_follow_environment() -> None:
 
     assert production.webhook_private_urls_allowed is False
     assert Settings(_env_file=None).webhook_private_urls_allowed is True
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ("", ""),
+        ("*", "*"),
+        (" 10.0.0.0/8 , 172.16.0.0/12,::1", "10.0.0.0/8,172.16.0.0/12,::1"),
+        ("192.0.2.7", "192.0.2.7"),
+    ],
+)
+def test_forwarded_allow_ips_accepts_addresses(value: str, stored: str) -> None:
+    settings = Settings(_env_file=None, FORWARDED_ALLOW_IPS=value)
+
+    assert settings.FORWARDED_ALLOW_IPS == stored
+
+
+@pytest.mark.parametrize(
+    "value", ["10.0.0.1/8", "proxy.local", "*,10.0.0.0/8", "10.0.0.0/8,", "10.0.0.0/33"]
+)
+def test_forwarded_allow_ips_rejects_invalid(value: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, FORWARDED_ALLOW_IPS=value)
+
+    assert "invalid setting FORWARDED_ALLOW_IPS" in describe_validation_error(
+        caught.value
+    )

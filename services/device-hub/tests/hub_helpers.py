@@ -31,8 +31,12 @@ WS_PATH = "/api/v1/android/ws"
 
 @asynccontextmanager
 async def serve_hub(settings: Settings) -> AsyncIterator[str]:
-    """Serve a device-hub with the WebSocket options of production; yield its base URL."""
-    async with serve_app(create_app(settings), **websocket_options(settings)) as url:
+    """Serve a device-hub with the uvicorn options of production and yield its base URL."""
+    async with serve_app(
+        create_app(settings),
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
+        **websocket_options(settings),
+    ) as url:
         yield url
 
 

@@ -1,5 +1,6 @@
 """Settings shared by every service, read from environment variables (and `.env`)."""
 
+import ipaddress
 import json
 import sys
 from enum import StrEnum
@@ -43,6 +44,13 @@ class Settings(BaseSettings):
     API_PORT: Annotated[int, Field(ge=0, le=65535)] = 8000
     HUB_HOST: str = "127.0.0.1"
     HUB_PORT: Annotated[int, Field(ge=0, le=65535)] = 8001
+    # Peers whose X-Forwarded-For and X-Forwarded-Proto headers the API and the device-hub
+    # trust: IP addresses and networks separated by commas, "*" for every peer, or empty
+    # for none. uvicorn takes the client's address from the rightmost X-Forwarded-For
+    # entry that is not trusted, or with "*" from the leftmost one. Behind a proxy that is
+    # not listed, every client seems to come from the proxy and shares its per-address
+    # limits.
+    FORWARDED_ALLOW_IPS: str = "127.0.0.1,::1"
 
     # Health, readiness and metrics endpoints of the workers (dispatcher, webhook-sender),
     # which have no HTTP app of their own; 0 turns them off.
@@ -173,6 +181,20 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @field_validator("FORWARDED_ALLOW_IPS")
+    @classmethod
+    def _check_forwarded_allow_ips(cls, value: str) -> str:
+        # uvicorn silently treats an entry that is not an address or network as a name
+        # that no peer matches, so a typo would make every client share the proxy's address.
+        entries = [entry.strip() for entry in value.split(",")]
+        if entries == [""]:
+            return ""
+        if entries == ["*"]:
+            return "*"
+        for entry in entries:
+            _check_forwarded_entry(entry)
+        return ",".join(entries)
+
     @field_validator("BACKEND_CORS_ORIGINS", mode="before")
     @classmethod
     def _parse_cors_origins(cls, value: Any) -> Any:
@@ -219,6 +241,21 @@ class Settings(BaseSettings):
         if self.WEBHOOK_ALLOW_PRIVATE_URLS is not None:
             return self.WEBHOOK_ALLOW_PRIVATE_URLS
         return not self.is_production
+
+
+def _check_forwarded_entry(entry: str) -> None:
+    """Raise ValueError unless `entry` is an IP address or network as uvicorn parses them."""
+    try:
+        if "/" in entry:
+            ipaddress.ip_network(entry)
+        else:
+            ipaddress.ip_address(entry)
+    except ValueError:
+        raise ValueError(
+            f"{entry!r} is not an IP address or network (such as 10.0.0.0/8 with no "
+            'host bits set); list addresses and networks separated by commas, or "*" '
+            "alone to trust every peer"
+        ) from None
 
 
 def _normalize_origin(origin: str) -> str:

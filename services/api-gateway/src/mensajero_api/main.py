@@ -157,6 +157,7 @@ def main() -> None:
         create_app(settings),
         host=settings.API_HOST,
         port=settings.API_PORT,
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
         log_config=None,
     )
 

@@ -136,6 +136,7 @@ def main() -> None:
         create_app(settings),
         host=settings.HUB_HOST,
         port=settings.HUB_PORT,
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
         ws=WEBSOCKET_IMPLEMENTATION,
         log_config=None,
         access_log=False,
