@@ -5,6 +5,7 @@ rules. These tests cover what no schema can check, such as whether an image runs
 console script that the tests run, or whether every variable the manifests set is a setting.
 """
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -284,3 +285,35 @@ def test_api_ingress_publishes_only_api(url_path: str, published: bool) -> None:
     (rule,) = ingress["spec"]["rules"]
 
     assert _ingress_routes(rule["http"]["paths"], url_path) is published
+
+
+def compose_default(value: str) -> str:
+    """Return the default of a Compose value written as "${NAME:-default}"."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    assert match, f"{value!r} is not ${{NAME:-default}}"
+    return match.group(1)
+
+
+def test_nginx_replaces_forwarded_for() -> None:
+    nginx = (DEPLOY / "nginx" / "mensajero.conf").read_text()
+
+    values = re.findall(r"proxy_set_header X-Forwarded-For (\S+);", nginx)
+
+    # One per location that proxies: the device WebSocket and the API.
+    assert values == ["$remote_addr", "$remote_addr"]
+
+
+def test_proxy_trust_excludes_public_peers() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose_value = compose_default(compose["x-settings"]["FORWARDED_ALLOW_IPS"])
+    k8s_value = env_file(K8S_BASE / "config.env")["FORWARDED_ALLOW_IPS"]
+
+    for value in (compose_value, k8s_value):
+        trusted = Settings.model_validate({"FORWARDED_ALLOW_IPS": value})
+        networks = [
+            ipaddress.ip_network(entry)
+            for entry in trusted.FORWARDED_ALLOW_IPS.split(",")
+        ]
+        assert networks, value
+        for network in networks:
+            assert network.is_private, f"{network} in {value} is not private"
