@@ -162,8 +162,9 @@ async def test_bulk_mixed_valid_and_invalid(
             "index": 1,
             "number": "12345",
             "reason": "missing_country_code",
-            "message": "The number 12345 is invalid (missing_country_code). "
-            "Use the E.164 format, for example +525512345678.",
+            "message": "The number 12345 is invalid: it has no international "
+            "prefix (+ and the country code), and your account has no default "
+            "region. Use the E.164 format, for example +525512345678.",
             "duplicate_of": None,
         },
         {
@@ -177,15 +178,15 @@ async def test_bulk_mixed_valid_and_invalid(
             "index": 4,
             "number": "+99912345678",
             "reason": "invalid_country_code",
-            "message": "The number +99912345678 is invalid (invalid_country_code). "
-            "Use the E.164 format, for example +525512345678.",
+            "message": "The number +99912345678 is invalid: the country code "
+            "does not exist. Use the E.164 format, for example +525512345678.",
             "duplicate_of": None,
         },
         {
             "index": 5,
             "number": "+5255123",
             "reason": "too_short",
-            "message": "The number +5255123 is invalid (too_short). "
+            "message": "The number +5255123 is invalid: it has too few digits. "
             "Use the E.164 format, for example +525512345678.",
             "duplicate_of": None,
         },

@@ -3,6 +3,9 @@
 Every message has a key (usually the machine error code) and `str.format` fields. The
 language comes from the request's Accept-Language header; a request that names neither
 Spanish nor English gets DEFAULT_LANGUAGE.
+
+For the messages that REASONS lists, `{reason}` becomes a localized phrase in place of
+the reason's machine code. The code itself stays in the `reason` field of the error body.
 """
 
 from typing import Any
@@ -74,8 +77,8 @@ MESSAGES: dict[str, dict[str, str]] = {
     },
     # User API keys.
     "invalid_user_api_key": {
-        "es": "La API key no es válida, ha caducado o fue revocada ({reason}).",
-        "en": "The API key is invalid, expired or revoked ({reason}).",
+        "es": "La API key no se puede usar: {reason}.",
+        "en": "The API key cannot be used: {reason}.",
     },
     "device_key_not_allowed": {
         "es": "Una API key de dispositivo solo sirve para el WebSocket de dispositivos. Usa un token de acceso o una API key de usuario.",
@@ -132,8 +135,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Message {message_id} does not exist.",
     },
     "invalid_phone_number": {
-        "es": "El número {number} no es válido ({reason}). Usa el formato E.164, por ejemplo +525512345678.",
-        "en": "The number {number} is invalid ({reason}). Use the E.164 format, for example +525512345678.",
+        "es": "El número {number} no es válido: {reason}. Usa el formato E.164, por ejemplo +525512345678.",
+        "en": "The number {number} is invalid: {reason}. Use the E.164 format, for example +525512345678.",
     },
     "empty_body": {
         "es": "El texto del mensaje está vacío.",
@@ -252,6 +255,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "La API key del dispositivo no es válida, ha caducado o fue revocada.",
         "en": "The device API key is invalid, expired or revoked.",
     },
+    # NOTE: {reason} here is English text from mensajero_common.protocol, not a code, so
+    # the Spanish message still ends in English.
     "invalid_frame": {
         "es": "Trama no válida: {reason}",
         "en": "Invalid frame: {reason}",
@@ -270,8 +275,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Webhook {webhook_id} does not exist.",
     },
     "invalid_webhook_url": {
-        "es": "La URL del webhook {url} no se puede usar ({reason}). Debe ser http o https, con un host y sin credenciales; en producción, https hacia una dirección pública.",
-        "en": "The webhook URL {url} cannot be used ({reason}). It must be http or https, with a host and no credentials; in production, https to a public address.",
+        "es": "La URL del webhook {url} no se puede usar: {reason}. Debe ser http o https, con un host y sin credenciales; en producción, https hacia una dirección pública.",
+        "en": "The webhook URL {url} cannot be used: {reason}. It must be http or https, with a host and no credentials; in production, https to a public address.",
     },
     "unknown_webhook_event": {
         "es": "Eventos desconocidos: {events}. Eventos válidos: {allowed}.",
@@ -290,8 +295,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "expires_at is more than {max_days} days ahead, the longest allowed, as for ttl.",
     },
     "invalid_webhook_secret": {
-        "es": "El secret_key no es válido ({reason}): debe tener entre {min_length} y {max_length} caracteres y, si empieza por whsec_, seguir con base64. Omítelo para que se genere uno.",
-        "en": "The secret_key is invalid ({reason}): it must have {min_length} to {max_length} characters and, if it starts with whsec_, continue with base64. Leave it out to have one generated.",
+        "es": "El secret_key no es válido: {reason}. Debe tener entre {min_length} y {max_length} caracteres y, si empieza por whsec_, seguir con base64. Omítelo para que se genere uno.",
+        "en": "The secret_key is invalid: {reason}. It must have {min_length} to {max_length} characters and, if it starts with whsec_, continue with base64. Leave it out to have one generated.",
     },
     "webhook_limit_reached": {
         "es": "Ya tienes {limit} webhooks, el máximo. Elimina uno antes de crear otro.",
@@ -320,6 +325,86 @@ MESSAGES: dict[str, dict[str, str]] = {
     "webhook_test_failed": {
         "es": "El endpoint no aceptó el evento de prueba; revisa status_code y error.",
         "en": "The endpoint did not accept the test event; check status_code and error.",
+    },
+}
+
+# Phrases for the `{reason}` field of a message: message key, then reason code, then
+# language. Each phrase continues the message's sentence after a colon.
+REASONS: dict[str, dict[str, dict[str, str]]] = {
+    "invalid_phone_number": {
+        "not_a_number": {
+            "es": "no es un número de teléfono",
+            "en": "it is not a phone number",
+        },
+        "missing_country_code": {
+            "es": "no lleva prefijo internacional (+ y el código de país) y tu cuenta no tiene región por defecto",
+            "en": "it has no international prefix (+ and the country code), and your account has no default region",
+        },
+        "invalid_country_code": {
+            "es": "el código de país no existe",
+            "en": "the country code does not exist",
+        },
+        "too_short": {
+            "es": "tiene muy pocos dígitos",
+            "en": "it has too few digits",
+        },
+        "too_long": {
+            "es": "tiene demasiados dígitos",
+            "en": "it has too many digits",
+        },
+        "invalid_length": {
+            "es": "ningún número de ese país tiene esa cantidad de dígitos",
+            "en": "no number of that country has that many digits",
+        },
+        "invalid_number": {
+            "es": "no es un número válido en ese país",
+            "en": "it is not a valid number in that country",
+        },
+    },
+    "invalid_user_api_key": {
+        "unknown": {"es": "no existe", "en": "it does not exist"},
+        "revoked": {"es": "fue revocada", "en": "it was revoked"},
+        "expired": {"es": "ha caducado", "en": "it has expired"},
+    },
+    "invalid_webhook_url": {
+        "invalid_url": {
+            "es": "no es una URL válida",
+            "en": "it is not a valid URL",
+        },
+        "unsupported_scheme": {
+            "es": "su esquema no es http ni https",
+            "en": "its scheme is neither http nor https",
+        },
+        "https_required": {
+            "es": "en producción solo se admite https",
+            "en": "production accepts only https",
+        },
+        "missing_host": {
+            "es": "no tiene host",
+            "en": "it has no host",
+        },
+        "credentials_in_url": {
+            "es": "lleva usuario o contraseña",
+            "en": "it contains a user name or password",
+        },
+        "unresolvable_host": {
+            "es": "su host no se resuelve en DNS",
+            "en": "its host does not resolve in DNS",
+        },
+        "private_address": {
+            "es": "su host apunta a una dirección privada, de loopback o reservada",
+            "en": "its host resolves to a private, loopback or reserved address",
+        },
+    },
+    "invalid_webhook_secret": {
+        "length": {
+            "es": "su longitud está fuera del rango admitido",
+            "en": "its length is outside the allowed range",
+        },
+        "whsec_not_base64": {
+            "es": "lo que sigue a whsec_ no es base64 válido",
+            "en": "the part after whsec_ is not valid base64",
+        },
     },
 }
 
@@ -352,11 +437,29 @@ def negotiate_language(accept_language: str | None, default: str = "es") -> str:
     return best[1] if best else default
 
 
+def reason_phrase(key: str, reason: str, language: str) -> str:
+    """Return the phrase of `reason` for message `key` in `language`.
+
+    A reason that REASONS does not list is returned as it is, so a new code shows up in
+    the message instead of vanishing from it.
+    """
+    phrases = REASONS.get(key, {}).get(reason)
+    if phrases is None:
+        return reason
+    return phrases.get(language) or phrases["en"]
+
+
 def translate(key: str, language: str, **params: Any) -> str:
-    """Return the message `key` in `language`, formatted with `params`."""
+    """Return the message `key` in `language`, formatted with `params`.
+
+    A string `reason` param of a message that REASONS lists is replaced by its phrase.
+    """
     templates = MESSAGES.get(key)
     if templates is None:
         return key
+    reason = params.get("reason")
+    if key in REASONS and isinstance(reason, str):
+        params["reason"] = reason_phrase(key, reason, language)
     template = templates.get(language) or templates["en"]
     try:
         return template.format(**params)
