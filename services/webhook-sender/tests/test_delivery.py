@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from arq.worker import Worker
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -30,6 +29,7 @@ from mensajero_webhooks.delivery.http_client import create_http_session
 from mensajero_webhooks.delivery.service import DeliveryContext, requeue_due_deliveries
 from mensajero_webhooks.delivery.tasks import job_functions
 from mensajero_webhooks.main import SWEEP_TIMEOUT_S
+from mensajero_webhooks.worker import DeliveryWorker
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
@@ -50,7 +50,7 @@ async def delivery_worker(
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
     async with create_http_session(settings) as http:
         context = DeliveryContext(settings, keys, session_factory, redis, http)
-        worker = Worker(
+        worker = DeliveryWorker(
             job_functions(settings.WEBHOOK_TIMEOUT_S + 5, SWEEP_TIMEOUT_S),
             redis_pool=redis,
             queue_name=keys.arq_queue,

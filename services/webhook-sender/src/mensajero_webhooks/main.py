@@ -17,7 +17,6 @@ import uvloop
 from arq import cron
 from arq.connections import RedisSettings
 from arq.cron import CronJob
-from arq.worker import Worker
 
 from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import RedisKeys
@@ -27,6 +26,7 @@ from mensajero_common.settings import Settings, get_settings
 from mensajero_webhooks.delivery.http_client import create_http_session
 from mensajero_webhooks.delivery.service import DeliveryContext
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, job_functions, sweep
+from mensajero_webhooks.worker import DeliveryWorker
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +121,7 @@ def sweep_schedule(settings: Settings, keys: RedisKeys) -> CronJob:
     )
 
 
-def create_worker(settings: Settings, **overrides: Any) -> Worker:
+def create_worker(settings: Settings, **overrides: Any) -> DeliveryWorker:
     """Build the worker. `overrides` replace Worker arguments, so tests can shorten delays."""
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
     options: dict[str, Any] = {
@@ -144,7 +144,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         "keep_result": 0,
     }
     options.update(overrides)
-    return Worker(**options)
+    return DeliveryWorker(**options)
 
 
 class JobLinesAtDebug(logging.Filter):
