@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -12,26 +11,12 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common.settings import Settings
-from mensajero_common.testing import free_port, scaled
+from mensajero_common.testing import free_port, run_service, scaled
 
 LOGIN_PATH = "/api/v1/login/access-token"
 # A loopback address of its own for the trusted proxy, so that the test's other
 # connections, from 127.0.0.1, come from an untrusted peer.
 PROXY_ADDRESS = "127.0.0.2"
-
-
-async def wait_healthy(base_url: str, process: asyncio.subprocess.Process) -> None:
-    async with httpx.AsyncClient() as client, asyncio.timeout(scaled(15)):
-        while True:
-            if process.returncode is not None:
-                raise AssertionError("mensajero-api exited before it answered /healthz")
-            try:
-                response = await client.get(f"{base_url}/healthz")
-            except httpx.TransportError:
-                await asyncio.sleep(0.1)
-                continue
-            if response.status_code == 200:
-                return
 
 
 @pytest.fixture
@@ -55,22 +40,8 @@ async def api_url(
         "LOGIN_FAILURES_PER_IP": "2/minute",
         "RATE_LIMIT_ENABLED": "false",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mensajero_api.main",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_healthy(base_url, process)
-        yield base_url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(scaled(30)):
-            await process.wait()
+    async with run_service("mensajero_api.main", port, env) as api:
+        yield api.base_url
 
 
 async def failed_login(

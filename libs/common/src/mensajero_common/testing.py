@@ -2,9 +2,12 @@
 
 import asyncio
 import os
+import signal
 import socket
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -44,6 +47,63 @@ async def serve_app(app: Any, **config: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await asyncio.wait_for(task, scaled(10))
         sock.close()
+
+
+@dataclass
+class ServiceProcess:
+    base_url: str
+    process: asyncio.subprocess.Process
+    # What the process wrote to stderr, set once it has stopped.
+    stderr: str = ""
+
+
+async def wait_healthy(base_url: str, process: asyncio.subprocess.Process) -> None:
+    """Wait until `base_url`/healthz responds 200, or fail if the process exits first."""
+    import httpx
+
+    async with httpx.AsyncClient() as client, asyncio.timeout(scaled(15)):
+        while True:
+            if process.returncode is not None:
+                raise AssertionError(
+                    f"the process exited with {process.returncode} before /healthz "
+                    "responded 200"
+                )
+            try:
+                response = await client.get(f"{base_url}/healthz")
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)
+                continue
+            if response.status_code == 200:
+                return
+
+
+@asynccontextmanager
+async def run_service(
+    module: str, port: int, env: Mapping[str, str]
+) -> AsyncIterator[ServiceProcess]:
+    """Run `python -m module` with the environment `env` until the block ends.
+
+    The block starts once the service's /healthz on `port` responds 200. At the end the process
+    gets SIGTERM, and its stderr is stored in the yielded ServiceProcess.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        env=dict(env),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    service = ServiceProcess(f"http://127.0.0.1:{port}", process)
+    try:
+        await wait_healthy(service.base_url, process)
+        yield service
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(scaled(30)):
+            _, stderr = await process.communicate()
+        service.stderr = stderr.decode()
 
 
 async def answer_lifespan(receive: Any, send: Any) -> None:
