@@ -2,6 +2,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 from api_test_helpers import ApiUser, MakeUser, count_rows, register_device
 from httpx import AsyncClient, Response
@@ -9,6 +10,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from mensajero_api.bulk.repository import MessageColumns, MessageWriter
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import (
     MessageStatus,
@@ -348,6 +350,99 @@ async def test_bulk_rejected_recipients_not_charged(
     assert response.status_code == 201, response.text
     assert response.json()["data"]["accepted"] == 2
     assert await _sms_sent(session_factory, owner) == 50
+
+
+async def test_bulk_chunks_keep_request_order(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user(plan="pro")
+    await _set_sms_sent(session_factory, owner, 100)
+    # More than two insert chunks, with a duplicate of an earlier chunk's recipient
+    # and an invalid number in a later chunk.
+    recipients = _numbers(600)
+    recipients[300] = recipients[10]
+    recipients[550] = "12"
+
+    response = await _send_bulk(
+        client, owner, {"recipients": recipients, "body": "Hola"}
+    )
+
+    assert response.status_code == 201, response.text
+    data = response.json()["data"]
+    assert data["accepted"] == 598
+    assert [(item["index"], item["reason"]) for item in data["rejected"]] == [
+        (300, "duplicate"),
+        (550, "missing_country_code"),
+    ]
+    assert data["rejected"][0]["duplicate_of"] == 10
+    message_ids = [uuid.UUID(value) for value in data["message_ids"]]
+    stored = await _messages(session_factory, owner)
+    assert set(stored) == set(message_ids)
+    sent_to = [
+        number for index, number in enumerate(recipients) if index not in (300, 550)
+    ]
+    assert [stored[i].to_number for i in message_ids] == sent_to
+    async with session_factory() as session:
+        task = await session.get(SMSBulkTask, uuid.UUID(data["task_id"]))
+    assert task is not None
+    assert task.message_ids == message_ids
+    assert [item["index"] for item in task.rejected] == [300, 550]
+    # Charged for all 600 at first, then the two rejected ones are given back.
+    assert await _sms_sent(session_factory, owner) == 100 + 598
+
+
+def _message_columns(owner: ApiUser, *ids: uuid.UUID) -> MessageColumns:
+    shared = {
+        "user_id": owner.id,
+        "type": "outgoing",
+        "status": "pending",
+        "device_id": None,
+        "requested_device_id": None,
+        "expires_at": None,
+        "bulk_id": None,
+        "body": "Hola",
+        "segments": 1,
+        "encoding": "gsm7",
+    }
+    return MessageColumns(
+        shared=shared, ids=list(ids), to_numbers=["+525512340000"] * len(ids)
+    )
+
+
+async def test_message_writer_raises_insert_error(
+    make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    message_id = uuid.uuid4()
+
+    async with session_factory() as session:
+        writer = await MessageWriter.open(session)
+        await writer.write(_message_columns(owner, message_id, message_id))
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await writer.flush()
+        await session.rollback()
+
+    assert await count_rows(session_factory, SMSMessage, user_id=owner.id) == 0
+
+
+async def test_message_writer_settles_before_rollback(
+    make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    message_id = uuid.uuid4()
+
+    async with session_factory() as session:
+        writer = await MessageWriter.open(session)
+        await writer.write(_message_columns(owner, message_id, message_id))
+        await writer.settle()
+        # The connection is free again: the rollback and the next insert run.
+        await session.rollback()
+        writer = await MessageWriter.open(session)
+        await writer.write(_message_columns(owner, uuid.uuid4()))
+        await writer.flush()
+        await session.commit()
+
+    assert await count_rows(session_factory, SMSMessage, user_id=owner.id) == 1
 
 
 async def test_bulk_max_recipients_edge(

@@ -1,10 +1,13 @@
 """Queries on bulk tasks and their messages, always scoped to the owning user."""
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+import asyncpg
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,37 +34,146 @@ async def insert_task(session: AsyncSession, values: dict[str, Any]) -> bool:
     return (await session.scalars(statement)).one_or_none() is not None
 
 
-# The columns a bulk send fills, in the order of insert_messages' records; the others
-# take their defaults.
-MESSAGE_COLUMNS = (
-    "id",
-    "user_id",
-    "type",
-    "status",
-    "to_number",
-    "body",
-    "segments",
-    "encoding",
-    "device_id",
-    "requested_device_id",
-    "expires_at",
-    "bulk_id",
-)
-
-
-async def insert_messages(
-    session: AsyncSession, records: Sequence[tuple[Any, ...]]
+async def complete_task(
+    session: AsyncSession,
+    task_id: uuid.UUID,
+    message_ids: list[uuid.UUID],
+    rejected: list[dict[str, Any]],
 ) -> None:
-    """Insert many messages with one COPY, in the caller's transaction.
-
-    Each record contains the values of MESSAGE_COLUMNS in that order. COPY took about half
-    the time of SQLAlchemy's multi-row INSERTs for 1000 rows, and none of the Python
-    work of building their parameters.
-    """
-    connection = await driver_connection(session)
-    await connection.copy_records_to_table(
-        SMSMessage.__tablename__, records=records, columns=MESSAGE_COLUMNS
+    """Store the ids of a task's messages and its rejections, known once all are read."""
+    statement = (
+        update(SMSBulkTask)
+        .where(SMSBulkTask.id == task_id)
+        .values(message_ids=message_ids, rejected=rejected)
+        .execution_options(synchronize_session=False)
     )
+    await session.execute(statement)
+
+
+@dataclass
+class MessageColumns:
+    """Column values of some of a bulk send's messages, one list item per message.
+
+    Each message has its own id and number. The other columns of a shared-body send are
+    the same for all of its messages, and `shared` contains them, by column name.
+    """
+
+    shared: dict[str, Any]
+    ids: list[uuid.UUID] = field(default_factory=list)
+    to_numbers: list[str] = field(default_factory=list)
+    # Empty when the body is in `shared`.
+    bodies: list[str] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    encodings: list[str] = field(default_factory=list)
+
+
+# The columns of a message that are the same for every message of a bulk send, with
+# their types.
+_SHARED_TYPES = {
+    "user_id": "uuid",
+    "type": "text",
+    "status": "text",
+    "device_id": "uuid",
+    "requested_device_id": "uuid",
+    "expires_at": "timestamptz",
+    "bulk_id": "uuid",
+}
+# The columns of the body, shared or not.
+_BODY_TYPES = {"body": "text", "segments": "int4", "encoding": "text"}
+
+
+def _insert_statement(shared_body: bool) -> str:
+    """Build the INSERT of messages whose own values come as one array per column.
+
+    Where only the id and the number differ, the arrays cost Postgres the same as a COPY
+    of the rows (15.5 ms for 1000, measured on the benchmark machine). Each constant
+    column given as an array adds to that, so the shared values come once each.
+    """
+    own = {"id": "uuid", "to_number": "text"}
+    shared = dict(_SHARED_TYPES)
+    if shared_body:
+        shared.update(_BODY_TYPES)
+    else:
+        own.update(_BODY_TYPES)
+    arrays = ", ".join(
+        f"${number}::{column_type}[]"
+        for number, column_type in enumerate(own.values(), 1)
+    )
+    scalars = ", ".join(
+        f"${number}::{column_type}"
+        for number, column_type in enumerate(shared.values(), len(own) + 1)
+    )
+    return (
+        f"INSERT INTO {SMSMessage.__tablename__} "
+        f"({', '.join(own)}, {', '.join(shared)}) "
+        f"SELECT message.*, {scalars} "
+        f"FROM unnest({arrays}) AS message({', '.join(own)})"
+    )
+
+
+_INSERT_SHARED_BODY = _insert_statement(shared_body=True)
+_INSERT_OWN_BODIES = _insert_statement(shared_body=False)
+SHARED_COLUMNS = tuple(_SHARED_TYPES)
+BODY_COLUMNS = tuple(_BODY_TYPES)
+_SHARED_BODY_COLUMNS = (*SHARED_COLUMNS, *BODY_COLUMNS)
+
+
+class MessageWriter:
+    """Inserter of many messages in the session's transaction, one chunk at a time.
+
+    `write` sends a chunk's INSERT and returns without waiting for Postgres, so the
+    caller can validate the next chunk while Postgres inserts this one. At most one
+    INSERT is in flight: the next `write`, `flush` or `settle` waits for it.
+    """
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+        self._in_flight: asyncio.Task[str] | None = None
+
+    @classmethod
+    async def open(cls, session: AsyncSession) -> "MessageWriter":
+        return cls(await driver_connection(session))
+
+    async def write(self, columns: MessageColumns) -> None:
+        """Send the INSERT of the messages in `columns`."""
+        await self.flush()
+        if columns.bodies:
+            statement = _INSERT_OWN_BODIES
+            arguments = [
+                columns.ids,
+                columns.to_numbers,
+                columns.bodies,
+                columns.segments,
+                columns.encodings,
+                *(columns.shared[name] for name in SHARED_COLUMNS),
+            ]
+        else:
+            statement = _INSERT_SHARED_BODY
+            arguments = [
+                columns.ids,
+                columns.to_numbers,
+                *(columns.shared[name] for name in _SHARED_BODY_COLUMNS),
+            ]
+        self._in_flight = asyncio.create_task(
+            self._connection.execute(statement, *arguments)
+        )
+        # One turn of the event loop lets the task write the statement to the socket
+        # (asyncpg needs no round trip before it once the statement is prepared).
+        await asyncio.sleep(0)
+
+    async def flush(self) -> None:
+        """Wait for the INSERT in flight, and raise its error if it failed."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            await in_flight
+
+    async def settle(self) -> None:
+        """Wait for the INSERT in flight and ignore its outcome, before a rollback.
+
+        The connection cannot take the rollback while a statement is still running.
+        """
+        with contextlib.suppress(Exception):
+            await self.flush()
 
 
 async def get_task(

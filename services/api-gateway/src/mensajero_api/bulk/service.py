@@ -2,13 +2,14 @@
 
 One request is validated recipient by recipient: invalid and repeated recipients are
 rejected one by one and not charged, and the rest go out. The quota for all of them is
-charged in one conditional UPDATE (all or nothing), the messages are inserted with one
-COPY, and the transaction commits before the dispatcher is signalled, by one Redis
-script call after the response has gone out.
+charged in conditional UPDATEs (all or nothing), the messages are inserted a chunk at a
+time while the next chunk is validated, and the transaction commits before the
+dispatcher is signalled, by one Redis script call after the response has gone out.
 """
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,10 @@ OUTGOING_STATUSES = (
 )
 
 REASON_DUPLICATE = "duplicate"
+
+# Recipients validated, and their messages inserted, per chunk: Postgres inserts one
+# chunk while the next is validated.
+INSERT_CHUNK = 250
 
 
 class TooManyRecipientsError(ValidationFailedError):
@@ -161,76 +166,104 @@ def _body_rejection(body: str, settings: Settings) -> dict[str, Any] | None:
     return None
 
 
-def plan_bulk(
-    pairs: list[tuple[str, str]], default_region: str | None, settings: Settings
-) -> BulkPlan:
-    """Sort each (recipient, body) into accepted or rejected, without touching storage.
+class BulkPlanner:
+    """Sorter of a request's (recipient, body) pairs into accepted and rejected.
 
-    A repeat of an earlier accepted message (the same number, and in personalised form
-    the same body too) is rejected as `duplicate`, so no recipient gets the same SMS twice.
+    It reads the pairs a slice at a time, in request order, without touching storage. A
+    repeat of an earlier accepted message (the same number, and in personalised form the
+    same body too) is rejected as `duplicate`, so no recipient gets the same SMS twice.
     """
-    plan = BulkPlan()
-    first_index: dict[tuple[str, str], int] = {}
-    for index, (number, body) in enumerate(pairs):
-        try:
-            to_number = normalize_e164(number, default_region)
-        except PhoneNumberError as error:
-            plan.rejected.append(
-                {"index": index, "number": number, "reason": error.reason}
-            )
-            continue
 
-        body_rejection = _body_rejection(body, settings)
+    def __init__(self, default_region: str | None, settings: Settings) -> None:
+        self.plan = BulkPlan()
+        self._default_region = default_region
+        self._settings = settings
+        self._first_index: dict[tuple[str, str], int] = {}
+        self._read = 0
+
+    def read(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Sort the next `pairs`; return the accepted ones as (E.164 number, body)."""
+        accepted = []
+        for index, (number, body) in enumerate(pairs, self._read):
+            message = self._accept(index, number, body)
+            if message is not None:
+                accepted.append(message)
+        self._read += len(pairs)
+        self.plan.accepted.extend(accepted)
+        return accepted
+
+    def _accept(self, index: int, number: str, body: str) -> tuple[str, str] | None:
+        rejected = self.plan.rejected
+        try:
+            to_number = normalize_e164(number, self._default_region)
+        except PhoneNumberError as error:
+            rejected.append({"index": index, "number": number, "reason": error.reason})
+            return None
+
+        body_rejection = _body_rejection(body, self._settings)
         if body_rejection is not None:
-            plan.rejected.append({"index": index, "number": number, **body_rejection})
-            continue
+            rejected.append({"index": index, "number": number, **body_rejection})
+            return None
 
         key = (to_number, body)
-        if key in first_index:
-            plan.rejected.append(
+        if key in self._first_index:
+            rejected.append(
                 {
                     "index": index,
                     "number": number,
                     "reason": REASON_DUPLICATE,
-                    "duplicate_of": first_index[key],
+                    "duplicate_of": self._first_index[key],
                 }
             )
-            continue
-        first_index[key] = index
-        plan.accepted.append((to_number, body))
-    return plan
+            return None
+        self._first_index[key] = index
+        return key
 
 
-# Positions of a message's own values in a COPY record. The others come from its body.
-_ID_POSITION = repository.MESSAGE_COLUMNS.index("id")
-_NUMBER_POSITION = repository.MESSAGE_COLUMNS.index("to_number")
+class _ColumnBuilder:
+    """Builder of the INSERT columns of a bulk send's accepted messages."""
 
+    def __init__(
+        self,
+        user: User,
+        device_id: uuid.UUID | None,
+        task_id: uuid.UUID,
+        expires_at: datetime | None,
+        shared_body: str | None,
+    ) -> None:
+        self._user = user
+        self._device_id = device_id
+        self._expires_at = expires_at
+        self._shared_body = shared_body
+        values = {**self._values(shared_body or ""), "bulk_id": task_id}
+        names = list(repository.SHARED_COLUMNS)
+        if shared_body is not None:
+            names += repository.BODY_COLUMNS
+        self._shared = {name: values[name] for name in names}
+        # Segments are counted once per distinct body.
+        self._bodies: dict[str, dict[str, Any]] = {}
+        self.message_ids: list[uuid.UUID] = []
 
-def _message_records(
-    user: User,
-    plan: BulkPlan,
-    device_id: uuid.UUID | None,
-    task_id: uuid.UUID,
-    expires_at: datetime | None,
-) -> list[tuple[Any, ...]]:
-    """Return one COPY record per accepted message, in request order."""
-    # Segments are counted once per distinct body: a 1000-recipient send has one body.
-    templates: dict[str, list[Any]] = {}
-    records = []
-    for to_number, body in plan.accepted:
-        template = templates.get(body)
-        if template is None:
-            values = messages_service.outgoing_values(
-                user, "", body, device_id, expires_at
-            )
-            values["bulk_id"] = task_id
-            template = [values[column] for column in repository.MESSAGE_COLUMNS]
-            templates[body] = template
-        record = template.copy()
-        record[_ID_POSITION] = uuid.uuid4()
-        record[_NUMBER_POSITION] = to_number
-        records.append(tuple(record))
-    return records
+    def build(self, accepted: list[tuple[str, str]]) -> repository.MessageColumns:
+        """Return the columns of (E.164 number, body) messages, each with a new id."""
+        columns = repository.MessageColumns(shared=self._shared)
+        for to_number, body in accepted:
+            columns.ids.append(uuid.uuid4())
+            columns.to_numbers.append(to_number)
+            if self._shared_body is None:
+                values = self._bodies.get(body)
+                if values is None:
+                    values = self._bodies[body] = self._values(body)
+                columns.bodies.append(body)
+                columns.segments.append(values["segments"])
+                columns.encodings.append(values["encoding"])
+        self.message_ids.extend(columns.ids)
+        return columns
+
+    def _values(self, body: str) -> dict[str, Any]:
+        return messages_service.outgoing_values(
+            self._user, "", body, self._device_id, self._expires_at
+        )
 
 
 def _replay(existing: SMSBulkTask, request_hash: str) -> BulkOutcome:
@@ -272,38 +305,20 @@ async def send_bulk(
     expires_at = messages_service.resolve_expiry(data)
     await messages_service.check_sending_device(session, user, data.device_id)
 
-    plan = plan_bulk(pairs, user.default_region, settings)
-    if not plan.accepted:
-        raise NoValidRecipientsError(plan.rejected)
-
-    task_id = uuid.uuid4()
-    records = _message_records(user, plan, data.device_id, task_id, expires_at)
+    # The task goes first, as in the single send: a concurrent repeat with the same key
+    # waits on this insert and then replays the task instead of meeting a spent quota.
+    # Its message ids and rejections are stored once every recipient has been read.
     task = SMSBulkTask(
-        id=task_id,
+        id=uuid.uuid4(),
         user_id=user.id,
         requested_device_id=data.device_id,
         total_recipients=len(pairs),
-        message_ids=[record[_ID_POSITION] for record in records],
-        rejected=plan.rejected,
+        message_ids=[],
+        rejected=[],
         idempotency_key=idempotency_key,
         request_hash=request_hash if idempotency_key else None,
     )
-    # The task goes first, as in the single send: a concurrent repeat with the same key
-    # waits on this insert and then replays the task instead of meeting a spent quota.
-    created = await repository.insert_task(
-        session,
-        {
-            "id": task.id,
-            "user_id": task.user_id,
-            "requested_device_id": task.requested_device_id,
-            "total_recipients": task.total_recipients,
-            "message_ids": task.message_ids,
-            "rejected": task.rejected,
-            "idempotency_key": task.idempotency_key,
-            "request_hash": task.request_hash,
-        },
-    )
-    if not created:
+    if not await repository.insert_task(session, _task_values(task)):
         assert idempotency_key is not None
         existing = await repository.get_task_by_idempotency_key(
             session, user.id, idempotency_key
@@ -314,8 +329,11 @@ async def send_bulk(
             )
         return _replay(existing, request_hash)
 
-    await quotas_service.charge_sms(session, user.id, len(records), settings, bulk=True)
-    await repository.insert_messages(session, records)
+    builder = _ColumnBuilder(user, data.device_id, task.id, expires_at, data.body)
+    plan = await _charge_and_insert(session, settings, user, pairs, builder)
+    task.message_ids = builder.message_ids
+    task.rejected = plan.rejected
+    await repository.complete_task(session, task.id, task.message_ids, task.rejected)
     await session.commit()
 
     logger.info(
@@ -323,10 +341,69 @@ async def send_bulk(
         user_id=str(user.id),
         task_id=str(task.id),
         device_id=str(data.device_id) if data.device_id else None,
-        accepted=len(records),
+        accepted=len(plan.accepted),
         rejected=len(plan.rejected),
     )
     return BulkOutcome(task=task, created=True)
+
+
+async def _charge_and_insert(
+    session: AsyncSession,
+    settings: Settings,
+    user: User,
+    pairs: list[tuple[str, str]],
+    builder: _ColumnBuilder,
+) -> BulkPlan:
+    """Read every recipient, then charge and insert the accepted ones; return the plan.
+
+    With room for every recipient, the quota is charged for all of them first, and each
+    chunk of messages is inserted while the next is validated. The charge of the
+    rejected ones is given back at the end. Otherwise every recipient is read first and
+    the accepted ones are charged exactly, so that a refusal gives how many fit.
+    """
+    charged_all = await quotas_service.try_charge_sms(
+        session, user.id, len(pairs), settings
+    )
+    planner = BulkPlanner(user.default_region, settings)
+    writer = await repository.MessageWriter.open(session)
+    try:
+        for start in range(0, len(pairs), INSERT_CHUNK):
+            accepted = planner.read(pairs[start : start + INSERT_CHUNK])
+            if charged_all and accepted:
+                await writer.write(builder.build(accepted))
+        await writer.flush()
+    except BaseException:
+        await writer.settle()
+        raise
+
+    plan = planner.plan
+    if not plan.accepted:
+        raise NoValidRecipientsError(plan.rejected)
+    if charged_all:
+        if len(plan.accepted) < len(pairs):
+            await quotas_service.release_sms(
+                session, user.id, len(pairs) - len(plan.accepted)
+            )
+    else:
+        await quotas_service.charge_sms(
+            session, user.id, len(plan.accepted), settings, bulk=True
+        )
+        await writer.write(builder.build(plan.accepted))
+        await writer.flush()
+    return plan
+
+
+def _task_values(task: SMSBulkTask) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "user_id": task.user_id,
+        "requested_device_id": task.requested_device_id,
+        "total_recipients": task.total_recipients,
+        "message_ids": task.message_ids,
+        "rejected": task.rejected,
+        "idempotency_key": task.idempotency_key,
+        "request_hash": task.request_hash,
+    }
 
 
 async def signal_dispatcher(redis: Redis, keys: RedisKeys, task: SMSBulkTask) -> None:

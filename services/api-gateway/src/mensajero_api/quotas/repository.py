@@ -155,3 +155,20 @@ async def charge_sms(
         .execution_options(synchronize_session=False)
     )
     return (await session.execute(statement)).first() is not None
+
+
+async def release_sms(session: AsyncSession, user_id: uuid.UUID, count: int) -> None:
+    """Take back `count` SMS charged earlier in the caller's transaction.
+
+    Not through charge_sms with a negative count: should a monthly reset boundary pass
+    between the two statements, that would reset the row and leave it below zero.
+    """
+    statement = (
+        update(UserQuota)
+        .where(UserQuota.user_id == user_id)
+        .values(
+            sms_sent_this_month=func.greatest(UserQuota.sms_sent_this_month - count, 0)
+        )
+        .execution_options(synchronize_session=False)
+    )
+    await session.execute(statement)

@@ -230,6 +230,24 @@ async def charge_sms(
     raise sms_quota_exceeded(quota, plan, count, settings, now, bulk=bulk)
 
 
+async def try_charge_sms(
+    session: AsyncSession, user_id: uuid.UUID, count: int, settings: Settings
+) -> bool:
+    """Count `count` more SMS in the caller's transaction if all fit; tell whether it did.
+
+    Unlike charge_sms, it raises nothing and builds no error.
+    """
+    period = QuotaPeriod.at(datetime.now(UTC), settings)
+    return await repository.charge_sms(
+        session, user_id, count, period_start=period.start, today=period.today
+    )
+
+
+async def release_sms(session: AsyncSession, user_id: uuid.UUID, count: int) -> None:
+    """Take back `count` SMS charged earlier in the caller's transaction."""
+    await repository.release_sms(session, user_id, count)
+
+
 async def get_user_quota(
     session: AsyncSession, user_id: uuid.UUID, settings: Settings
 ) -> Usage:
