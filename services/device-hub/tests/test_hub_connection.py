@@ -31,9 +31,12 @@ from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import CHANNEL_REVOKE, RedisKeys
 from mensajero_common.models import DeviceStatus
 from mensajero_common.settings import Settings
+from mensajero_hub.core.auth_throttle import auth_limit_from_settings
+from mensajero_hub.core.frames import AuthThrottledError, InvalidApiKeyError
 from mensajero_hub.core.service import DeviceService
 
 Sessions = async_sessionmaker[AsyncSession]
+CLIENT_ADDRESS = "203.0.113.10"
 
 
 async def device_events(redis: Redis, keys: RedisKeys) -> list[tuple[str, str]]:
@@ -477,6 +480,7 @@ async def logged_service(
         create_session_factory(engine),
         ArqRedis(connection_pool=redis.connection_pool),
         redis_keys,
+        auth_limit_from_settings(settings),
     )
     try:
         yield service, statements
@@ -493,11 +497,34 @@ async def test_authentication_sends_only_select(
     device = await create_device(session_factory)
 
     async with logged_service(settings, redis, redis_keys) as (service, statements):
-        identity = await service.authenticate(device.api_key)
+        identity = await service.authenticate(device.api_key, CLIENT_ADDRESS)
 
     assert identity.device_id == device.device_id
     assert identity.user_id == device.user_id
     assert statements == ["SELECT"]
+
+
+async def test_throttled_authentication_sends_no_query(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    one_failure = settings.model_copy(
+        update={"DEVICE_AUTH_FAILURES_PER_IP": "1/minute"}
+    )
+
+    async with logged_service(one_failure, redis, redis_keys) as (service, statements):
+        with pytest.raises(InvalidApiKeyError):
+            await service.authenticate("mdk_this-key-was-never-issued", CLIENT_ADDRESS)
+        statements.clear()
+        with pytest.raises(AuthThrottledError) as throttled:
+            await service.authenticate(device.api_key, CLIENT_ADDRESS)
+
+    assert statements == []
+    assert throttled.value.limit == "1/minute"
+    assert 1 <= throttled.value.retry_after_s <= 60
 
 
 async def test_register_sends_only_update(
@@ -512,7 +539,7 @@ async def test_register_sends_only_update(
     )
 
     async with logged_service(settings, redis, redis_keys) as (service, statements):
-        identity = await service.authenticate(device.api_key)
+        identity = await service.authenticate(device.api_key, CLIENT_ADDRESS)
         statements.clear()
         stored = await service.register(identity, frame)
 

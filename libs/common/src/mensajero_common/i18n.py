@@ -255,6 +255,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "La API key del dispositivo no es válida, ha caducado o fue revocada.",
         "en": "The device API key is invalid, expired or revoked.",
     },
+    "too_many_auth_failures": {
+        "es": "Demasiadas autenticaciones fallidas desde esta dirección. Inténtalo de nuevo en {retry_after} s.",
+        "en": "Too many failed authentications from this address. Try again in {retry_after} s.",
+    },
     # NOTE: {reason} here is English text from mensajero_common.protocol, not a code, so
     # the Spanish message still ends in English.
     "invalid_frame": {

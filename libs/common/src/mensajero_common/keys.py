@@ -50,6 +50,11 @@ class RedisKeys:
         return f"{self.prefix}:loginthrottle"
 
     @property
+    def device_auth_throttle_prefix(self) -> str:
+        """Prefix of the counters of failed device authentications per client address."""
+        return f"{self.prefix}:deviceauththrottle"
+
+    @property
     def device_pace_prefix(self) -> str:
         """Prefix of the counters of tasks handed to each device (DEVICE_SMS_PER_MINUTE)."""
         return f"{self.prefix}:devicepace"

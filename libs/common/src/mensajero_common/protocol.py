@@ -35,6 +35,9 @@ CLOSE_HEARTBEAT_TIMEOUT = 4008
 CLOSE_TOO_MANY_ERRORS = 4009
 # DEVICE_FRAME_FLOOD_MAX_ERRORS frames in a row were rejected as over the frame rate.
 CLOSE_RATE_LIMITED = 4029
+# The client's address is past DEVICE_AUTH_FAILURES_PER_IP. The `error` frame before the
+# close gives the seconds to wait in `retry_after`.
+CLOSE_AUTH_THROTTLED = 4030
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_SERVICE_RESTART = 1012
 

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     # carriers block SIMs that send in bursts, so a gateway phone needs that check raised
     # and a steady pace.
     DEVICE_SMS_PER_MINUTE: Annotated[int, Field(ge=1)] = 10
+    # Failed device authentications (missing, unknown, expired or disabled keys) allowed
+    # per client address before the device-hub rejects that address's connections with
+    # close code 4030, valid keys included, until the oldest failure leaves the window.
+    # In the notation of the `limits` package, and counted in Redis across every replica.
+    DEVICE_AUTH_FAILURES_PER_IP: str = "20/minute;200/hour"
 
     # Language of user-facing messages when the request's Accept-Language names none we have.
     DEFAULT_LANGUAGE: str = "es"

@@ -15,6 +15,7 @@ from mensajero_common.logging import configure_logging
 from mensajero_common.metrics import CONNECTED_DEVICES
 from mensajero_common.ops import MetricsMiddleware, metrics_response, readiness_response
 from mensajero_common.settings import Settings, get_settings
+from mensajero_hub.core.auth_throttle import auth_limit_from_settings
 from mensajero_hub.core.hub import Hub
 from mensajero_hub.transport import websocket
 
@@ -92,10 +93,12 @@ class HubApp:
 
 def create_app(settings: Settings | None = None) -> HubApp:
     settings = settings or get_settings()
+    # Parsed here, so that a malformed DEVICE_AUTH_FAILURES_PER_IP stops the start at once.
+    auth_limit = auth_limit_from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        hub = Hub(settings)
+        hub = Hub(settings, auth_limit)
         await hub.start()
         app.state.hub = hub
         CONNECTED_DEVICES.set_function(hub.session_count)

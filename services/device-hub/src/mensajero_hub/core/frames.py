@@ -32,6 +32,12 @@ def heartbeat_timeout_reason(timeout_s: int) -> str:
     return f"heartbeat timeout: no frame for {timeout_s} s"
 
 
+def auth_throttled_reason(retry_after_s: int) -> str:
+    return (
+        f"too many failed authentications from this address, retry in {retry_after_s} s"
+    )
+
+
 class InvalidApiKeyError(Exception):
     """The key of a new connection is missing, unknown, expired or of a disabled device."""
 
@@ -42,6 +48,23 @@ class InvalidApiKeyError(Exception):
     @property
     def close_reason(self) -> str:
         return REASON_INVALID_API_KEY[self.reason]
+
+
+class AuthThrottledError(Exception):
+    """A connection rejected without a key check, because its address is past the limit.
+
+    The limit is DEVICE_AUTH_FAILURES_PER_IP, and `retry_after_s` is when it lets the
+    address in again.
+    """
+
+    def __init__(self, limit: str, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"throttled by {limit}, retry after {retry_after_s} s")
+
+    @property
+    def close_reason(self) -> str:
+        return auth_throttled_reason(self.retry_after_s)
 
 
 class FrameRejectedError(Exception):

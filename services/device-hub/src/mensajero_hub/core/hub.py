@@ -21,9 +21,10 @@ from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.keys import RedisKeys
 from mensajero_common.ops import ReadinessCheck, postgres_check, redis_check
 from mensajero_common.settings import Settings
+from mensajero_common.throttle import FailureLimit
 from mensajero_hub.core import frames
 from mensajero_hub.core.channels import DeviceChannelRouter
-from mensajero_hub.core.frames import InvalidApiKeyError
+from mensajero_hub.core.frames import AuthThrottledError, InvalidApiKeyError
 from mensajero_hub.core.heartbeat import DeadlineQueue, sweep_interval_s
 from mensajero_hub.core.service import DeviceService
 from mensajero_hub.core.session import DeviceSession, Transport
@@ -53,8 +54,9 @@ def create_hub_redis(settings: Settings) -> ArqRedis:
 
 
 class Hub:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, auth_limit: FailureLimit) -> None:
         self.settings = settings
+        self.auth_limit = auth_limit
         self.keys = RedisKeys(settings.REDIS_KEY_PREFIX)
         self._engine: AsyncEngine | None = None
         self._redis: ArqRedis | None = None
@@ -89,6 +91,7 @@ class Hub:
             create_session_factory(self._engine),
             self._redis,
             self.keys,
+            self.auth_limit,
         )
         self._service.presence.start()
         self._service.reports.start()
@@ -194,9 +197,16 @@ class Hub:
     # Sessions.
 
     async def open_session(
-        self, transport: Transport, api_key: str | None, language: str
+        self,
+        transport: Transport,
+        api_key: str | None,
+        language: str,
+        client_address: str,
     ) -> DeviceSession | None:
-        """Authenticate a new connection and start its session, or close it and return None."""
+        """Authenticate a new connection and start its session, or close it and return None.
+
+        `client_address` is the IP address that failed authentications count against.
+        """
         if self.closing:
             await transport.close(
                 protocol.CLOSE_SERVICE_RESTART, frames.REASON_SERVICE_RESTART
@@ -204,9 +214,30 @@ class Hub:
             return None
 
         try:
-            identity = await self.service.authenticate(api_key)
+            identity = await self.service.authenticate(api_key, client_address)
+        except AuthThrottledError as error:
+            # DEBUG only: the throttle logged once at INFO when the address reached it.
+            log.debug(
+                "connection throttled",
+                client_address=client_address,
+                retry_after_s=error.retry_after_s,
+            )
+            await transport.send(
+                frames.error_reply(
+                    "too_many_auth_failures",
+                    language,
+                    details={"limit": error.limit, "retry_after": error.retry_after_s},
+                    retry_after=error.retry_after_s,
+                )
+            )
+            await transport.close(protocol.CLOSE_AUTH_THROTTLED, error.close_reason)
+            return None
         except InvalidApiKeyError as error:
-            log.info("connection rejected", reason=error.reason)
+            log.info(
+                "connection rejected",
+                reason=error.reason,
+                client_address=client_address,
+            )
             await transport.send(
                 frames.error_reply(
                     "invalid_api_key", language, details={"reason": error.reason}

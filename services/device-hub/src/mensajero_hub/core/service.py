@@ -23,8 +23,14 @@ from mensajero_common.models import MessageStatus
 from mensajero_common.phone import PhoneNumberError, normalize_e164
 from mensajero_common.protocol import RegisterFrame, SmsIncomingFrame, SmsReportFrame
 from mensajero_common.settings import Settings
+from mensajero_common.throttle import FailureLimit
 from mensajero_hub.core import reports, repository
-from mensajero_hub.core.frames import FrameRejectedError, InvalidApiKeyError
+from mensajero_hub.core.auth_throttle import DeviceAuthThrottle
+from mensajero_hub.core.frames import (
+    AuthThrottledError,
+    FrameRejectedError,
+    InvalidApiKeyError,
+)
 from mensajero_hub.core.presence import ConnectionKeys, PresenceWriter
 from mensajero_hub.core.report_writer import ReportWriter
 from mensajero_hub.core.state import (
@@ -59,6 +65,7 @@ class DeviceService:
         session_factory: async_sessionmaker[AsyncSession],
         redis: ArqRedis,
         keys: RedisKeys,
+        auth_limit: FailureLimit,
     ) -> None:
         self.settings = settings
         # Shared by every session of the hub, so that no session keeps its own copy.
@@ -79,11 +86,29 @@ class DeviceService:
             session_factory, redis, keys, self.connection_keys
         )
         self.reports = ReportWriter(settings, session_factory, redis, keys)
+        self.auth_throttle = DeviceAuthThrottle(auth_limit, redis, settings, keys)
 
     # Authentication and presence.
 
-    async def authenticate(self, api_key: str | None) -> DeviceIdentity:
-        """Find the active device of an API key, or raise InvalidApiKeyError."""
+    async def authenticate(
+        self, api_key: str | None, client_address: str
+    ) -> DeviceIdentity:
+        """Find the active device of an API key, or raise InvalidApiKeyError.
+
+        While the client's address is past DEVICE_AUTH_FAILURES_PER_IP, raise
+        AuthThrottledError without a query. Each InvalidApiKeyError counts against it.
+        """
+        throttled = await self.auth_throttle.check(client_address)
+        if throttled is not None:
+            raise AuthThrottledError(throttled.limit, throttled.retry_after_s)
+
+        try:
+            return await self._find_device(api_key)
+        except InvalidApiKeyError:
+            await self.auth_throttle.record_failure(client_address)
+            raise
+
+    async def _find_device(self, api_key: str | None) -> DeviceIdentity:
         if not api_key:
             raise InvalidApiKeyError("missing")
 

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from mensajero_common import jsonutil
 from mensajero_common.i18n import negotiate_language
+from mensajero_common.throttle import client_address
 from mensajero_hub.core.hub import Hub
 
 log = structlog.get_logger(__name__)
@@ -72,7 +73,9 @@ async def serve_device(hub: Hub, scope: Scope, receive: Receive, send: Send) -> 
     # a refused handshake would only show an HTTP 403.
     await send({"type": "websocket.accept"})
     transport = WebSocketTransport(send)
-    session = await hub.open_session(transport, _api_key(scope), language)
+    session = await hub.open_session(
+        transport, _api_key(scope), language, client_address(scope)
+    )
     if session is None:
         return
 
