@@ -3,6 +3,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,41 @@ async def test_invalid_key_stops_agent(hub: str, session_factory: Sessions) -> N
     assert "API key" in str(stopped.value)
     assert events.matching("error", error="invalid_api_key")
     assert len(events.matching("connected")) == 1
+
+
+async def test_throttled_agent_waits_retry_after(
+    settings: Settings, session_factory: Sessions, redis: Redis
+) -> None:
+    throttled = settings.model_copy(
+        update={"DEVICE_AUTH_FAILURES_PER_IP": "2/3 seconds"}
+    )
+    _, _, api_key = await create_device(session_factory)
+
+    async with serve_hub_on(throttled, free_port()) as url:
+        # Two agents with a bad key, from the same address, use up the limit.
+        for _ in range(2):
+            async with running_agent(url, "mdk_not-a-key", fast_backend()) as (
+                _,
+                _,
+                failing,
+            ):
+                with pytest.raises(AgentStoppedError):
+                    await asyncio.wait_for(failing, scaled(5))
+        async with running_agent(url, api_key, fast_backend()) as (_, events, _):
+            registered = await events.wait_for("registered", timeout_s=scaled(10))
+
+    closes = events.matching("disconnected", code=4030)
+    waited_s = (
+        datetime.fromisoformat(registered["at"])
+        - datetime.fromisoformat(closes[0]["at"])
+    ).total_seconds()
+    assert len(closes) == 1
+    assert 1 <= closes[0]["retry_in_s"] <= 3.5
+    assert len(events.matching("error", error="too_many_auth_failures")) == 1
+    assert len(events.matching("connected")) == 2
+    # The event times are wall-clock times, the wait a monotonic one: allow for a
+    # small difference.
+    assert waited_s >= closes[0]["retry_in_s"] - 0.05
 
 
 async def test_second_agent_replaces_first(hub: str, session_factory: Sessions) -> None:

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from mensajero_agent import EventRecorder, MessageLedger, SimulatedBackend
-from mensajero_agent.agent import backoff_delay_s, url_with_key, url_without_key
+from mensajero_agent.agent import (
+    THROTTLED_JITTER_MAX_S,
+    backoff_delay_s,
+    throttled_delay_s,
+    url_with_key,
+    url_without_key,
+)
 from mensajero_agent.cli import build_parser
 
 
@@ -28,6 +34,26 @@ def test_backoff_is_jittered() -> None:
     delays = {round(backoff_delay_s(4, 0.5, 30.0, rng), 6) for _ in range(20)}
 
     assert len(delays) == 20
+
+
+def test_throttled_delay_follows_retry_after() -> None:
+    rng = random.Random(3)
+    delays = [throttled_delay_s(7, 30.0, rng) for _ in range(200)]
+
+    assert min(delays) >= 7
+    assert max(delays) <= 7 + THROTTLED_JITTER_MAX_S
+    assert max(delays) > 7 + THROTTLED_JITTER_MAX_S / 2
+
+
+def test_throttled_delay_without_retry_after() -> None:
+    assert throttled_delay_s(None, 30.0, random.Random(3)) == 30.0
+
+
+def test_throttled_jitter_capped_by_backoff() -> None:
+    rng = random.Random(3)
+    delays = [throttled_delay_s(2, 0.5, rng) for _ in range(50)]
+
+    assert all(2 <= delay <= 2.5 for delay in delays)
 
 
 def test_url_with_key_replaces_existing_key() -> None:

@@ -3,7 +3,8 @@
 The agent connects with the device's API key, registers, sends each task's SMS through its
 SendingBackend and reports `sending`, then `sent` or `failed`, then `delivered`. It pings on
 a schedule, uploads incoming SMS until the hub acknowledges them, and reconnects with
-exponential backoff and full jitter when the connection drops.
+exponential backoff and full jitter when the connection drops. After close code 4030 (too
+many failed authentications from its address) it waits the hub's `retry_after` instead.
 
 Reports and incoming SMS wait in an outbox until their `ack` arrives and are sent again
 after each reconnect, because the hub applies each of them once however often it gets
@@ -40,6 +41,12 @@ RESTART_RECONNECT_MAX_S = 5.0
 CLOSE_INVALID_API_KEY = 4001
 CLOSE_REPLACED = 4002
 CLOSE_REVOKED = 4003
+# The hub rejected the connection unchecked because too many authentications from this
+# address failed. The `too_many_auth_failures` error frame before the close gives
+# `retry_after`, which the agent waits plus a random share of THROTTLED_JITTER_MAX_S, so
+# that phones behind one address do not all return at the same instant.
+CLOSE_AUTH_THROTTLED = 4030
+THROTTLED_JITTER_MAX_S = 5.0
 FATAL_CLOSE_CODES = {
     CLOSE_INVALID_API_KEY: "the server rejected the API key",
     CLOSE_REPLACED: "another connection with the same API key replaced this one",
@@ -98,6 +105,19 @@ def url_without_key(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def throttled_delay_s(
+    retry_after_s: float | None, backoff_max_s: float, rng: random.Random
+) -> float:
+    """Return the wait after close 4030: the hub's retry_after plus a random spread.
+
+    The spread is at most THROTTLED_JITTER_MAX_S, or backoff_max_s when that is smaller.
+    Without a retry_after (the error frame did not arrive), the wait is backoff_max_s.
+    """
+    if retry_after_s is None:
+        return backoff_max_s
+    return retry_after_s + rng.uniform(0, min(THROTTLED_JITTER_MAX_S, backoff_max_s))
+
+
 def backoff_delay_s(
     attempt: int, initial_s: float, max_s: float, rng: random.Random
 ) -> float:
@@ -136,6 +156,9 @@ class Agent:
         self._claims: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._pong_waiter: asyncio.Future[None] | None = None
         self._ping_interval_s = config.ping_interval_s or 60.0
+        # Seconds to wait before reconnecting, from the hub's `too_many_auth_failures`
+        # error on the current connection, or None when it sent none.
+        self._retry_after_s: float | None = None
         self.device_id: str | None = None
         self.registered = asyncio.Event()
 
@@ -166,6 +189,10 @@ class Agent:
                     attempt = 0
                     delay_s = self._random.uniform(
                         0, min(RESTART_RECONNECT_MAX_S, self.config.backoff_max_s)
+                    )
+                elif code == CLOSE_AUTH_THROTTLED:
+                    delay_s = throttled_delay_s(
+                        self._retry_after_s, self.config.backoff_max_s, self._random
                     )
                 self._emit(
                     "disconnected",
@@ -220,6 +247,7 @@ class Agent:
         """Hold one connection until it ends; return its close code, reason and whether
         the hub acknowledged the register on it."""
         self.registered.clear()
+        self._retry_after_s = None
         headers = {}
         if self.config.language:
             headers["Accept-Language"] = self.config.language
@@ -349,6 +377,9 @@ class Agent:
             message=frame.get("message"),
             request_id=request_id,
         )
+        retry_after = frame.get("retry_after")
+        if code == "too_many_auth_failures" and isinstance(retry_after, int | float):
+            self._retry_after_s = max(float(retry_after), 0.0)
         if isinstance(request_id, str) and code in PERMANENT_ERRORS:
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)
