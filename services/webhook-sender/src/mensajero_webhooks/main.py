@@ -43,10 +43,13 @@ SWEEP_TIMEOUT_S = 30
 # once the lease has run out.
 SHUTDOWN_GRACE_MARGIN_S = 5
 # Time between two reads of the job queue, which is also the longest wait of a job queued
-# to an idle worker. arq 0.28 starts at most max(5 × max_jobs, 100) jobs per read, so its
-# default of 0.5 s capped the sender at 500 deliveries per second with WEBHOOK_CONCURRENCY
-# 50. An idle worker sends one ZRANGEBYSCORE per read.
-POLL_DELAY_S = 0.05
+# to an idle worker. An idle worker sends one ZRANGEBYSCORE per read: 0.4 % of a core at
+# 0.1 s and 1.3 % at 0.05 s, on the machine of docs/benchmarks.md.
+POLL_DELAY_S = 0.1
+# arq's queue_read_limit (the maximum of jobs started per read) per job slot. arq 0.28's
+# default, 5 per slot every 0.5 s, capped the sender at 500 deliveries per second with
+# WEBHOOK_CONCURRENCY 50. 10 per slot every 0.1 s allows 5,000.
+QUEUE_READ_LIMIT_PER_SLOT = 10
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
@@ -136,6 +139,7 @@ def create_worker(settings: Settings, **overrides: Any) -> DeliveryWorker:
         "ctx": {"settings": settings, "keys": keys},
         "max_jobs": settings.WEBHOOK_CONCURRENCY,
         "poll_delay": POLL_DELAY_S,
+        "queue_read_limit": QUEUE_READ_LIMIT_PER_SLOT * settings.WEBHOOK_CONCURRENCY,
         # On SIGTERM, arq stops taking jobs and waits this long for the running ones.
         "job_completion_wait": math.ceil(settings.WEBHOOK_TIMEOUT_S)
         + SHUTDOWN_GRACE_MARGIN_S,
