@@ -3,6 +3,9 @@
 Hashing with the production argon2 parameters takes about 0.1 s. So users made by
 `make_user` share a hash computed once per test session and get their token from
 `create_access_token`. The sign-up and login tests go through the real endpoints.
+
+The `client` fixture fails any request whose 422 body has an item of a validation error
+type without a Spanish and an English message, so every test checks the catalog.
 """
 
 import uuid
@@ -11,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 from api_test_helpers import TEST_PASSWORD, ApiUser, MakeUser
 from fastapi import FastAPI
-from httpx import ASGITransport, AsyncClient
+from httpx import ASGITransport, AsyncClient, Response
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.auth.security import PasswordHasher, create_access_token
@@ -19,6 +22,7 @@ from mensajero_api.main import create_app
 from mensajero_api.quotas import repository as quotas_repository
 from mensajero_api.users import repository as users_repository
 from mensajero_common.settings import Settings
+from mensajero_common.validation_messages import VALIDATION_MESSAGES
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +41,30 @@ async def app(
         yield application
 
 
+async def check_validation_messages(response: Response) -> None:
+    """Raise AssertionError for a 422 item whose type has no message in both languages."""
+    if response.status_code != 422:
+        return
+    await response.aread()
+    body = response.json()
+    if body.get("error") != "validation_error":
+        return
+    for item in body["details"]:
+        templates = VALIDATION_MESSAGES.get(item["type"], {})
+        assert set(templates) == {"es", "en"}, (
+            f"validation error type {item['type']!r} of field {item['field']!r} has "
+            "no Spanish and English message in mensajero_common.validation_messages"
+        )
+
+
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[AsyncClient]:
     transport = ASGITransport(app=app)
-    async with AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with AsyncClient(
+        transport=transport,
+        base_url="http://testserver",
+        event_hooks={"response": [check_validation_messages]},
+    ) as client:
         yield client
 
 

@@ -33,10 +33,31 @@ class ErrorBody(BaseModel):
 
 
 class ValidationErrorItem(BaseModel):
-    field: str = Field(description="Dotted path of the invalid field.")
+    field: str = Field(
+        description="Dotted path of the invalid field; `body` for the body as a whole."
+    )
     location: str | None = Field(description="body, query, path or header.")
-    message: str
-    type: str = Field(description="Pydantic's error type, e.g. missing.")
+    message: str = Field(description="What is wrong, in the request's language.")
+    type: str = Field(
+        description="Machine code: pydantic's error type (e.g. missing, "
+        "string_too_short) or one of the API's own (e.g. email_invalid)."
+    )
+    reason: str | None = Field(
+        default=None,
+        description="Machine code of the problem, for types that have several "
+        "(email_invalid: missing_at_sign, missing_local_part, missing_domain, "
+        "domain_without_dot, invalid).",
+    )
+    position: int | None = Field(
+        default=None,
+        description="json_invalid only: character index of the syntax error, from 0.",
+    )
+    line: int | None = Field(
+        default=None, description="json_invalid only: line of the error, from 1."
+    )
+    column: int | None = Field(
+        default=None, description="json_invalid only: column of the error, from 1."
+    )
 
 
 class ValidationErrorBody(ErrorBody):

@@ -1,7 +1,8 @@
 """Rendering of every error as the envelope, in the request's language.
 
 - `AppError` (mensajero_common.errors) and its subclasses: their status, code and details.
-- `RequestValidationError`: 422 `validation_error` with one `details` item per field.
+- `RequestValidationError`: 422 `validation_error` with one `details` item per field, its
+  `message` translated by mensajero_common.validation_messages.
 - Starlette's `HTTPException` (unknown route, wrong method, body too large): 404
   `not_found`, 405 `method_not_allowed`, 413 `payload_too_large`, else `bad_request` or
   `http_error`.
@@ -23,6 +24,10 @@ from mensajero_api.envelope import EnvelopeJSONResponse
 from mensajero_common.errors import AppError
 from mensajero_common.i18n import negotiate_language, translate
 from mensajero_common.settings import Settings
+from mensajero_common.validation_messages import (
+    VALIDATION_REASONS,
+    translate_validation_error,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -64,17 +69,53 @@ async def handle_app_error(request: Request, error: Exception) -> EnvelopeJSONRe
     )
 
 
-def _describe_validation_item(item: Any) -> dict[str, Any]:
+def _locate_json_error(document: Any, position: int) -> dict[str, int]:
+    """Return the character index (from 0), line and column (from 1) of `position`."""
+    if not isinstance(document, str):
+        return {"position": position}
+    line = document.count("\n", 0, position) + 1
+    column = position - document.rfind("\n", 0, position)
+    return {"position": position, "line": line, "column": column}
+
+
+def describe_validation_item(item: Any, language: str, document: Any) -> dict[str, Any]:
+    """Build one `details` item of a 422 body from a pydantic error dict.
+
+    The message is in `language`, or pydantic's own for a type that has no translation.
+    `document` is the body text that FastAPI failed to parse as JSON, if any, from which
+    a json_invalid item gets its line and column.
+    """
+    error_type = item.get("type", "")
     location_path = [str(part) for part in item.get("loc", ())]
     location = None
     if location_path and location_path[0] in _REQUEST_LOCATIONS:
         location = location_path.pop(0)
+    context = dict(item.get("ctx") or {})
+    extra: dict[str, Any] = {}
+
+    message_type = error_type
+    if error_type == "json_invalid":
+        # FastAPI puts the character position of the syntax error in `loc`, after
+        # "body", where a field name would be.
+        position = item["loc"][-1] if len(item.get("loc", ())) == 2 else None
+        location_path = []
+        if isinstance(position, int):
+            extra = _locate_json_error(document, position)
+            context.update(extra)
+    elif error_type == "missing" and location == "body" and not location_path:
+        message_type = "missing_body"
+    reason = context.get("reason")
+    if error_type in VALIDATION_REASONS and isinstance(reason, str):
+        extra["reason"] = reason
+
+    message = translate_validation_error(message_type, language, context)
     # The input value is left out on purpose: it may be a password.
     return {
         "field": ".".join(location_path) or location or "",
         "location": location,
-        "message": item.get("msg", ""),
-        "type": item.get("type", ""),
+        "message": message if message is not None else item.get("msg", ""),
+        "type": error_type,
+        **extra,
     }
 
 
@@ -83,11 +124,14 @@ async def handle_validation_error(
 ) -> EnvelopeJSONResponse:
     assert isinstance(error, RequestValidationError)
     language = request_language(request)
+    details = [
+        describe_validation_item(item, language, error.body) for item in error.errors()
+    ]
     body = {
         "success": False,
         "error": "validation_error",
         "message": translate("validation_error", language),
-        "details": [_describe_validation_item(item) for item in error.errors()],
+        "details": details,
     }
     return _error_response(422, body, language)
 

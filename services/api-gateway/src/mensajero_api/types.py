@@ -1,9 +1,21 @@
-"""String types for request fields that end up in Postgres columns."""
+"""String types for request fields that end up in Postgres columns.
+
+Their validators raise PydanticCustomError with a type of their own, which
+mensajero_common.validation_messages translates.
+"""
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import (
+    AfterValidator,
+    EmailStr,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -21,10 +33,45 @@ def _reject_unstorable_characters(value: str) -> str:
     # Postgres text cannot hold NUL, and a lone UTF-16 surrogate (valid in a JSON string
     # escape) cannot be encoded as UTF-8; either would fail in the database as a 500.
     if "\x00" in value:
-        raise ValueError("must not contain the NUL character")
+        raise PydanticCustomError(
+            "string_contains_nul", "must not contain the NUL character"
+        )
     if _has_surrogate(value):
-        raise ValueError("must not contain unpaired UTF-16 surrogates")
+        raise PydanticCustomError(
+            "string_unpaired_surrogate", "must not contain unpaired UTF-16 surrogates"
+        )
     return value
+
+
+def _email_problem(value: str) -> str:
+    """Return the reason code of what is wrong with an address that EmailStr rejected."""
+    local_part, at_sign, domain = value.strip().rpartition("@")
+    if not at_sign:
+        return "missing_at_sign"
+    if not local_part:
+        return "missing_local_part"
+    if not domain:
+        return "missing_domain"
+    if "." not in domain:
+        return "domain_without_dot"
+    return "invalid"
+
+
+def _classify_email_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # EmailStr reports every rejected address as `value_error` with email-validator's
+    # English reason, so the address is checked again here for a reason code.
+    try:
+        return handler(value)
+    except ValidationError as error:
+        if not isinstance(value, str) or any(
+            item["type"] != "value_error" for item in error.errors()
+        ):
+            raise
+        raise PydanticCustomError(
+            "email_invalid",
+            "value is not a valid email address: {reason}",
+            {"reason": _email_problem(value)},
+        ) from None
 
 
 _storable = AfterValidator(_reject_unstorable_characters)
@@ -41,3 +88,6 @@ Name = Annotated[
 
 Password = Annotated[str, StringConstraints(min_length=8, max_length=128), _storable]
 """A password of 8 to 128 characters."""
+
+Email = Annotated[EmailStr, WrapValidator(_classify_email_error)]
+"""An email address, checked and normalized by email-validator as EmailStr does."""

@@ -5,6 +5,7 @@ from datetime import datetime
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 from mensajero_api.messages.schemas import ExpiryFields
 from mensajero_api.types import StorableStr
@@ -51,14 +52,20 @@ class BulkSendRequest(ExpiryFields):
     def _one_form(self) -> Self:
         if self.messages is not None:
             if self.recipients is not None or self.body is not None:
-                raise ValueError(
-                    "send either 'messages', or 'recipients' with 'body', not both"
+                raise PydanticCustomError(
+                    "bulk_forms_combined",
+                    "send either 'messages', or 'recipients' with 'body', not both",
                 )
             return self
         if self.recipients is None:
-            raise ValueError("'recipients' with 'body', or 'messages', is required")
+            raise PydanticCustomError(
+                "bulk_form_missing",
+                "'recipients' with 'body', or 'messages', is required",
+            )
         if self.body is None:
-            raise ValueError("'body' is required with 'recipients'")
+            raise PydanticCustomError(
+                "bulk_body_missing", "'body' is required with 'recipients'"
+            )
         return self
 
     def pairs(self) -> list[tuple[str, str]]:

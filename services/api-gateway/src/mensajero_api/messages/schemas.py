@@ -4,7 +4,14 @@ import uuid
 from datetime import date, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from mensajero_api.types import StorableStr
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
@@ -141,13 +148,23 @@ class MessageListQuery(BaseModel):
         description="Created at or before this instant; a bare date includes that whole day (UTC).",
     )
 
-    @field_validator("date_from", "date_to", mode="before")
+    @field_validator("date_from", "date_to", mode="wrap")
     @classmethod
-    def _read_bare_date(cls, value: Any) -> Any:
+    def _read_date_or_datetime(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler
+    ) -> Any:
         # Kept a date, not midnight, so that date_to=2024-01-31 can include all of that day.
         if isinstance(value, str) and len(value) == len("YYYY-MM-DD"):
             try:
                 return date.fromisoformat(value)
             except ValueError:
-                return value
-        return value
+                pass
+        # The union would report one error per member, each under a loc of its own, so
+        # a single error replaces them.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "date_or_datetime_parsing",
+                "Input should be a date (YYYY-MM-DD) or an ISO 8601 datetime",
+            ) from None

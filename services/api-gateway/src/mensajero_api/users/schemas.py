@@ -4,9 +4,9 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mensajero_api.types import Name, Password
+from mensajero_api.types import Email, Name, Password
 
 _REGION_DESCRIPTION = (
     "ISO 3166 region (e.g. MX) in which phone numbers without a leading + are read; "
@@ -15,7 +15,7 @@ _REGION_DESCRIPTION = (
 
 
 class UserCreate(BaseModel):
-    email: EmailStr
+    email: Email
     password: Password
     full_name: Name | None = None
     default_region: str | None = Field(default=None, description=_REGION_DESCRIPTION)

@@ -1,0 +1,470 @@
+"""422 `validation_error` bodies: one localized message and a machine type per item."""
+
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from api_test_helpers import ApiUser
+from httpx import AsyncClient
+
+from mensajero_api.errors import describe_validation_item
+from mensajero_common.settings import Settings
+from mensajero_common.validation_messages import (
+    VALIDATION_MESSAGES,
+    VALIDATION_REASONS,
+    translate_validation_error,
+)
+
+SEND_URL = "/api/v1/sms/send"
+BULK_URL = "/api/v1/sms/send-bulk"
+DEVICES_URL = "/api/v1/sms/devices"
+WEBHOOKS_URL = "/api/v1/sms/webhooks"
+API_KEYS_URL = "/api/v1/users/me/api-keys"
+MESSAGES_URL = "/api/v1/sms/messages"
+SIGNUP_URL = "/api/v1/users/signup"
+LOGIN_URL = "/api/v1/login/access-token"
+TO = "+525512345678"
+STATUSES_ES = (
+    "'pending', 'assigned', 'sending', 'sent', 'delivered', 'failed', 'expired' o "
+    "'received'"
+)
+STATUSES_EN = STATUSES_ES.replace(" o ", " or ")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One invalid request and the single details item it must produce."""
+
+    method: str
+    url: str
+    request: dict[str, Any]
+    field: str
+    location: str
+    type: str
+    spanish: str
+    english: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Sent without the test user's token, as sign-up and login are.
+    anonymous: bool = False
+
+
+CASES = {
+    # Presence and shape of the body.
+    "missing": Case(
+        "POST", SEND_URL, {"json": {"body": "Hola"}}, "to", "body", "missing",
+        "Este campo es obligatorio.", "This field is required.",
+    ),
+    "missing_body": Case(
+        "POST", SEND_URL, {"headers": {"Content-Type": "application/json"}},
+        "body", "body", "missing",
+        "Falta el cuerpo de la solicitud: envía un objeto JSON.",
+        "The request body is missing: send a JSON object.",
+    ),
+    "body_not_object": Case(
+        "POST", SEND_URL, {"json": ["Hola"]}, "body", "body", "model_attributes_type",
+        "Debe ser un objeto JSON.", "Must be a JSON object.",
+    ),
+    "item_not_object": Case(
+        "POST", BULK_URL, {"json": {"messages": ["Hola"]}}, "messages.0", "body",
+        "model_attributes_type", "Debe ser un objeto JSON.", "Must be a JSON object.",
+    ),
+    "not_a_list": Case(
+        "POST", BULK_URL, {"json": {"recipients": TO, "body": "Hola"}},
+        "recipients", "body", "list_type", "Debe ser una lista.", "Must be a list.",
+    ),
+    # Strings.
+    "string_type": Case(
+        "POST", SEND_URL, {"json": {"to": 5255, "body": "Hola"}}, "to", "body",
+        "string_type", "Debe ser una cadena de texto.", "Must be a string.",
+    ),
+    "string_too_short": Case(
+        "POST", SIGNUP_URL,
+        {"json": {"email": "ana@example.com", "password": "short"}},
+        "password", "body", "string_too_short",
+        "Debe tener al menos 8 caracteres.", "Must have at least 8 characters.",
+        anonymous=True,
+    ),
+    "string_empty": Case(
+        "POST", DEVICES_URL, {"json": {"name": "   "}}, "name", "body",
+        "string_too_short", "No puede estar vacío.", "Must not be empty.",
+    ),
+    "string_too_long": Case(
+        "POST", DEVICES_URL, {"json": {"name": "x" * 256}}, "name", "body",
+        "string_too_long", "Puede tener como máximo 255 caracteres.",
+        "Must have at most 255 characters.",
+    ),
+    # Lists.
+    "list_empty": Case(
+        "POST", WEBHOOKS_URL, {"json": {"url": "http://127.0.0.1:9/h", "events": []}},
+        "events", "body", "too_short",
+        "No puede estar vacía: debe tener al menos un elemento.",
+        "Must not be empty: it needs at least one item.",
+    ),
+    "list_too_long": Case(
+        "POST", WEBHOOKS_URL,
+        {"json": {"url": "http://127.0.0.1:9/h", "events": ["sms_sent"] * 9}},
+        "events", "body", "too_long",
+        "Puede tener como máximo 8 elementos; tiene 9.",
+        "Must have at most 8 items; it has 9.",
+    ),
+    # Booleans and numbers.
+    "bool_parsing": Case(
+        "POST", WEBHOOKS_URL,
+        {"json": {"url": "http://127.0.0.1:9/h", "is_active": "maybe"}},
+        "is_active", "body", "bool_parsing",
+        "Debe ser un booleano: true o false.", "Must be a boolean: true or false.",
+    ),
+    "int_parsing": Case(
+        "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": "soon"}},
+        "expires_in_days", "body", "int_parsing",
+        "Debe ser un número entero.", "Must be an integer.",
+    ),
+    "int_from_float": Case(
+        "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": 1.5}},
+        "expires_in_days", "body", "int_from_float",
+        "Debe ser un número entero, sin parte decimal.",
+        "Must be an integer, without a fractional part.",
+    ),
+    "int_type": Case(
+        "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": [1]}},
+        "expires_in_days", "body", "int_type",
+        "Debe ser un número entero.", "Must be an integer.",
+    ),
+    "greater_than": Case(
+        "POST", SEND_URL, {"json": {"to": TO, "body": "Hola", "ttl": 0}}, "ttl",
+        "body", "greater_than", "Debe ser mayor que 0.", "Must be greater than 0.",
+    ),
+    "greater_than_equal": Case(
+        "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": 0}},
+        "expires_in_days", "body", "greater_than_equal",
+        "Debe ser mayor o igual que 1.", "Must be greater than or equal to 1.",
+    ),
+    "less_than_equal": Case(
+        "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": 4000}},
+        "expires_in_days", "body", "less_than_equal",
+        "Debe ser menor o igual que 3650.", "Must be less than or equal to 3650.",
+    ),
+    # Identifiers, dates and times.
+    "uuid_body": Case(
+        "POST", SEND_URL, {"json": {"to": TO, "body": "Hola", "device_id": "abc"}},
+        "device_id", "body", "uuid_parsing",
+        "Debe ser un UUID, por ejemplo 123e4567-e89b-12d3-a456-426614174000.",
+        "Must be a UUID, for example 123e4567-e89b-12d3-a456-426614174000.",
+    ),
+    "uuid_path": Case(
+        "GET", f"{DEVICES_URL}/abc", {}, "device_id", "path", "uuid_parsing",
+        "Debe ser un UUID, por ejemplo 123e4567-e89b-12d3-a456-426614174000.",
+        "Must be a UUID, for example 123e4567-e89b-12d3-a456-426614174000.",
+    ),
+    "datetime": Case(
+        "POST", SEND_URL,
+        {"json": {"to": TO, "body": "Hola", "expires_at": "tomorrow"}},
+        "expires_at", "body", "datetime_from_date_parsing",
+        "Debe ser una fecha y hora ISO 8601, por ejemplo 2024-01-31T12:00:00Z.",
+        "Must be an ISO 8601 date and time, for example 2024-01-31T12:00:00Z.",
+    ),
+    "date_or_datetime": Case(
+        "GET", MESSAGES_URL, {"params": {"date_from": "2024-13-01"}}, "date_from",
+        "query", "date_or_datetime_parsing",
+        "Debe ser una fecha (2024-01-31) o una fecha y hora ISO 8601 "
+        "(2024-01-31T12:00:00Z).",
+        "Must be a date (2024-01-31) or an ISO 8601 date and time "
+        "(2024-01-31T12:00:00Z).",
+    ),
+    # Query and header parameters.
+    "query_int": Case(
+        "GET", MESSAGES_URL, {"params": {"limit": "ten"}}, "limit", "query",
+        "int_parsing", "Debe ser un número entero.", "Must be an integer.",
+    ),
+    "query_maximum": Case(
+        "GET", f"{WEBHOOKS_URL}/00000000-0000-0000-0000-000000000000/deliveries",
+        {"params": {"limit": 101}}, "limit", "query", "less_than_equal",
+        "Debe ser menor o igual que 100.", "Must be less than or equal to 100.",
+    ),
+    "literal": Case(
+        "GET", MESSAGES_URL, {"params": {"order": "up"}}, "order", "query",
+        "literal_error", "Debe ser uno de estos valores: 'desc' o 'asc'.",
+        "Must be one of these values: 'desc' or 'asc'.",
+    ),
+    "enum": Case(
+        "GET", MESSAGES_URL, {"params": {"status": "lost"}}, "status.0", "query",
+        "enum", f"Debe ser uno de estos valores: {STATUSES_ES}.",
+        f"Must be one of these values: {STATUSES_EN}.",
+    ),
+    "header": Case(
+        "POST", SEND_URL,
+        {"json": {"to": TO, "body": "Hola"}, "headers": {"Idempotency-Key": "k" * 256}},
+        "Idempotency-Key", "header", "string_too_long",
+        "Puede tener como máximo 255 caracteres.", "Must have at most 255 characters.",
+    ),
+    # The login form.
+    "form_missing": Case(
+        "POST", LOGIN_URL, {"data": {"password": "secret"}}, "username", "body",
+        "missing", "Este campo es obligatorio.", "This field is required.",
+        anonymous=True,
+    ),
+    "form_pattern": Case(
+        "POST", LOGIN_URL,
+        {"data": {"username": "ana@example.com", "password": "x", "grant_type": "pin"}},
+        "grant_type", "body", "string_pattern_mismatch",
+        "No tiene el formato esperado (la expresión regular ^password$).",
+        "Does not have the expected form (the regular expression ^password$).",
+        anonymous=True,
+    ),
+    # Types of our own validators.
+    "nul_character": Case(
+        "POST", SEND_URL, {"json": {"to": TO, "body": "a\x00b"}}, "body", "body",
+        "string_contains_nul",
+        "No puede contener el carácter NUL (\\u0000).",
+        "Must not contain the NUL character (\\u0000).",
+    ),
+    "unpaired_surrogate": Case(
+        "POST", SEND_URL,
+        {
+            "content": b'{"to": "+525512345678", "body": "a\\ud800b"}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        "body", "body", "string_unpaired_surrogate",
+        "No puede contener sustitutos UTF-16 sin pareja (un escape \\ud800 a "
+        "\\udfff suelto).",
+        "Must not contain unpaired UTF-16 surrogates (a lone \\ud800 to \\udfff "
+        "escape).",
+    ),
+    "bulk_forms_combined": Case(
+        "POST", BULK_URL,
+        {"json": {"recipients": [TO], "body": "Hola", "messages": [{"to": TO, "body": "Hola"}]}},
+        "body", "body", "bulk_forms_combined",
+        "Envía 'messages', o bien 'recipients' con 'body', pero no ambas formas.",
+        "Send either 'messages', or 'recipients' with 'body', not both.",
+    ),
+    "bulk_form_missing": Case(
+        "POST", BULK_URL, {"json": {"body": "Hola"}}, "body", "body",
+        "bulk_form_missing",
+        "Falta 'recipients' con 'body', o bien 'messages'.",
+        "'recipients' with 'body', or 'messages', is required.",
+    ),
+    "bulk_body_missing": Case(
+        "POST", BULK_URL, {"json": {"recipients": [TO]}}, "body", "body",
+        "bulk_body_missing",
+        "Falta 'body': es obligatorio con 'recipients'.",
+        "'body' is required with 'recipients'.",
+    ),
+}  # fmt: skip
+
+# address -> (reason, Spanish phrase, English phrase)
+EMAIL_CASES = {
+    "ana.example.com": ("missing_at_sign", "le falta la @", "it has no @"),
+    "@example.com": (
+        "missing_local_part",
+        "no hay nada antes de la @",
+        "nothing comes before the @",
+    ),
+    "ana@": (
+        "missing_domain",
+        "no hay dominio después de la @",
+        "no domain comes after the @",
+    ),
+    "ana@example": (
+        "domain_without_dot",
+        "el dominio después de la @ necesita un punto, como en example.com",
+        "the domain after the @ needs a dot, as in example.com",
+    ),
+    "ana@exa mple.com": (
+        "invalid",
+        "no tiene la forma de una dirección de correo",
+        "it does not have the form of an email address",
+    ),
+}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # Each test makes many requests in a row.
+    return settings.model_copy(update={"RATE_LIMIT_ENABLED": False})
+
+
+async def request_details(
+    client: AsyncClient,
+    method: str,
+    url: str,
+    language: str,
+    headers: dict[str, str] | None = None,
+    **request: Any,
+) -> list[dict[str, Any]]:
+    """Send a request that must fail validation; return its `details`."""
+    response = await client.request(
+        method, url, headers={**(headers or {}), "Accept-Language": language}, **request
+    )
+    assert response.status_code == 422, response.text
+    assert response.headers["Content-Language"] == language
+    body = response.json()
+    assert body["error"] == "validation_error"
+    details: list[dict[str, Any]] = body["details"]
+    return details
+
+
+@pytest.mark.parametrize("name", CASES)
+async def test_validation_detail_localized(
+    client: AsyncClient, user: ApiUser, name: str
+) -> None:
+    case = CASES[name]
+    request = dict(case.request)
+    headers = dict(request.pop("headers", {}))
+    if not case.anonymous:
+        headers.update(user.headers)
+
+    for language, expected in (("es", case.spanish), ("en", case.english)):
+        details = await request_details(
+            client, case.method, case.url, language, headers, **request
+        )
+
+        assert len(details) == 1, details
+        assert details[0] == {
+            "field": case.field,
+            "location": case.location,
+            "message": expected,
+            "type": case.type,
+            **case.extra,
+        }
+
+
+async def test_validation_default_language_spanish(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    response = await client.post(SEND_URL, json={"body": "Hola"}, headers=user.headers)
+    french = await client.post(
+        SEND_URL,
+        json={"body": "Hola"},
+        headers={**user.headers, "Accept-Language": "fr"},
+    )
+
+    assert response.json()["details"][0]["message"] == "Este campo es obligatorio."
+    assert french.json()["details"][0]["message"] == "Este campo es obligatorio."
+
+
+async def test_malformed_json_names_body(client: AsyncClient, user: ApiUser) -> None:
+    content = b'{"to": "+525512345678",\n "body": Hola}'
+    headers = {**user.headers, "Content-Type": "application/json"}
+
+    spanish = await request_details(
+        client, "POST", SEND_URL, "es", headers, content=content
+    )
+    english = await request_details(
+        client, "POST", SEND_URL, "en", headers, content=content
+    )
+
+    assert spanish == [
+        {
+            "field": "body",
+            "location": "body",
+            "message": "El cuerpo no es JSON válido: hay un error de sintaxis en la "
+            "línea 2, columna 10.",
+            "type": "json_invalid",
+            "position": 33,
+            "line": 2,
+            "column": 10,
+        }
+    ]
+    assert english[0]["message"] == (
+        "The body is not valid JSON: there is a syntax error at line 2, column 10."
+    )
+    assert content.decode()[english[0]["position"] :].startswith("Hola")
+
+
+async def test_email_reasons_localized(client: AsyncClient) -> None:
+    for address, (reason, spanish, english) in EMAIL_CASES.items():
+        payload = {"email": address, "password": "long enough password"}
+        by_language = {
+            language: await request_details(
+                client, "POST", SIGNUP_URL, language, json=payload
+            )
+            for language in ("es", "en")
+        }
+
+        for language, phrase, example in (
+            ("es", spanish, "Escribe una dirección como nombre@example.com."),
+            ("en", english, "Write an address such as name@example.com."),
+        ):
+            prefix = (
+                "No es un correo válido"
+                if language == "es"
+                else ("Not a valid email address")
+            )
+            assert by_language[language] == [
+                {
+                    "field": "email",
+                    "location": "body",
+                    "message": f"{prefix}: {phrase}. {example}",
+                    "type": "email_invalid",
+                    "reason": reason,
+                }
+            ], address
+
+
+async def test_several_fields_each_localized(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    payload = {"to": 5, "ttl": -1, "device_id": "nope"}
+
+    details = await request_details(
+        client, "POST", SEND_URL, "es", user.headers, json=payload
+    )
+
+    assert [(item["field"], item["message"]) for item in details] == [
+        ("ttl", "Debe ser mayor que 0."),
+        ("to", "Debe ser una cadena de texto."),
+        ("body", "Este campo es obligatorio."),
+        (
+            "device_id",
+            "Debe ser un UUID, por ejemplo 123e4567-e89b-12d3-a456-426614174000.",
+        ),
+    ]
+
+
+def test_unknown_type_keeps_pydantic_message() -> None:
+    item = {
+        "type": "some_future_type",
+        "loc": ("body", "to"),
+        "msg": "Input should be something else",
+        "input": "x",
+    }
+
+    detail = describe_validation_item(item, "es", None)
+
+    assert translate_validation_error("some_future_type", "es") is None
+    assert detail == {
+        "field": "to",
+        "location": "body",
+        "message": "Input should be something else",
+        "type": "some_future_type",
+    }
+
+
+def test_missing_context_keeps_pydantic_message() -> None:
+    item = {
+        "type": "string_too_short",
+        "loc": ("body", "name"),
+        "msg": "String should have at least 3 characters",
+        "input": "x",
+    }
+
+    detail = describe_validation_item(item, "es", None)
+
+    assert detail["message"] == "String should have at least 3 characters"
+
+
+def test_catalog_has_both_languages() -> None:
+    formatter = string.Formatter()
+    for error_type, templates in VALIDATION_MESSAGES.items():
+        assert set(templates) == {"es", "en"}, error_type
+        fields = {
+            language: {name for _, name, _, _ in formatter.parse(text) if name}
+            for language, text in templates.items()
+        }
+        assert fields["es"] == fields["en"], error_type
+        assert templates["es"] != templates["en"], error_type
+    for error_type, reasons in VALIDATION_REASONS.items():
+        assert error_type in VALIDATION_MESSAGES
+        for reason, phrases in reasons.items():
+            assert set(phrases) == {"es", "en"}, (error_type, reason)
