@@ -11,7 +11,12 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common.settings import Settings
-from mensajero_common.testing import free_port, run_service, scaled
+from mensajero_common.testing import (
+    free_port,
+    run_service,
+    scaled,
+    service_environment,
+)
 
 LOGIN_PATH = "/api/v1/login/access-token"
 # A loopback address of its own for the trusted proxy, so that the test's other
@@ -27,19 +32,13 @@ async def api_url(
 ) -> AsyncIterator[str]:
     """Run `mensajero-api` trusting X-Forwarded-For from PROXY_ADDRESS only."""
     port = free_port()
-    env = {
-        **os.environ,
-        "ENVIRONMENT": "test",
-        "DATABASE_URL": settings.DATABASE_URL,
-        "REDIS_URL": settings.REDIS_URL,
-        "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
-        "SECRET_KEY": settings.SECRET_KEY,
-        "FIRST_SUPERUSER_PASSWORD": settings.FIRST_SUPERUSER_PASSWORD,
-        "API_PORT": str(port),
-        "FORWARDED_ALLOW_IPS": PROXY_ADDRESS,
-        "LOGIN_FAILURES_PER_IP": "2/minute",
-        "RATE_LIMIT_ENABLED": "false",
-    }
+    env = service_environment(
+        settings,
+        API_PORT=str(port),
+        FORWARDED_ALLOW_IPS=PROXY_ADDRESS,
+        LOGIN_FAILURES_PER_IP="2/minute",
+        RATE_LIMIT_ENABLED="false",
+    )
     async with run_service("mensajero_api.main", port, env) as api:
         yield api.base_url
 

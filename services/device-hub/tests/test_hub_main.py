@@ -1,5 +1,4 @@
 import contextlib
-import os
 from collections.abc import AsyncIterator
 
 from hub_helpers import create_device, open_socket, receive, request, wait_closed
@@ -8,7 +7,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common import protocol
 from mensajero_common.settings import Settings
-from mensajero_common.testing import ServiceProcess, free_port, run_service
+from mensajero_common.testing import (
+    ServiceProcess,
+    free_port,
+    run_service,
+    service_environment,
+)
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -22,17 +26,7 @@ async def hub_process(
     `variables` adds settings to its environment.
     """
     port = free_port()
-    env = {
-        **os.environ,
-        "ENVIRONMENT": "test",
-        "DATABASE_URL": settings.DATABASE_URL,
-        "REDIS_URL": settings.REDIS_URL,
-        "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
-        "SECRET_KEY": settings.SECRET_KEY,
-        "FIRST_SUPERUSER_PASSWORD": settings.FIRST_SUPERUSER_PASSWORD,
-        "HUB_PORT": str(port),
-        **variables,
-    }
+    env = service_environment(settings, HUB_PORT=str(port), **variables)
     async with run_service("mensajero_hub.main", port, env) as hub:
         yield hub
 

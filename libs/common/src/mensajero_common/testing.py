@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from mensajero_common.settings import Settings
+
 
 def scaled(seconds: float) -> float:
     """Scale a test timeout by MENSAJERO_TEST_TIMEOUT_SCALE (default 1), for slow machines."""
@@ -47,6 +49,23 @@ async def serve_app(app: Any, **config: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await asyncio.wait_for(task, scaled(10))
         sock.close()
+
+
+def service_environment(settings: Settings, **variables: str) -> dict[str, str]:
+    """Return this process's environment with the test's database, Redis and secrets.
+
+    `variables` adds or overrides settings, such as the service's port.
+    """
+    return {
+        **os.environ,
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": settings.DATABASE_URL,
+        "REDIS_URL": settings.REDIS_URL,
+        "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "FIRST_SUPERUSER_PASSWORD": settings.FIRST_SUPERUSER_PASSWORD,
+        **variables,
+    }
 
 
 @dataclass
