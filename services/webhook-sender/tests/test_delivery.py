@@ -49,7 +49,8 @@ async def delivery_worker(
     redis = create_redis(settings)
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
     async with create_http_session(settings) as http:
-        context = DeliveryContext(settings, keys, session_factory, redis, http)
+        engine = session_factory.kw["bind"]
+        context = DeliveryContext(settings, keys, engine, session_factory, redis, http)
         worker = DeliveryWorker(
             job_functions(settings.WEBHOOK_TIMEOUT_S + 5, SWEEP_TIMEOUT_S),
             redis_pool=redis,
@@ -270,6 +271,31 @@ async def test_delivery_gone_disables_webhook(
     async with session_factory() as session:
         refreshed = await session.get_one(WebhookConfig, webhook.id)
         assert refreshed.is_active is False
+
+
+async def test_delivery_gone_cancels_pending_deliveries(
+    fast_settings: Settings, session_factory: SessionFactory
+) -> None:
+    receiver = WebhookReceiver([410])
+    async with (
+        serve_app(receiver) as base_url,
+        delivery_worker(fast_settings, session_factory) as context,
+    ):
+        user, _ = await create_user_with_webhook(
+            session_factory, f"{base_url}/hook", generate_secret()
+        )
+        _, gone_ids = await record_incoming(session_factory, user)
+        # Pending in Postgres, but never queued, so only the 410 can end it.
+        _, waiting_ids = await record_incoming(session_factory, user, body="second")
+        await queue_deliveries(context.redis, context.keys, gone_ids)
+        await wait_until(lambda: _status_is(session_factory, gone_ids[0], "failed"), 5)
+
+    waiting, attempts = await delivery_state(session_factory, waiting_ids[0])
+    assert len(receiver.requests) == 1
+    assert waiting.status == "cancelled"
+    assert waiting.last_error == "webhook_disabled"
+    assert waiting.completed_at is not None
+    assert attempts == []
 
 
 async def test_delivery_waits_for_stopped_sender(

@@ -13,7 +13,6 @@ from test_delivery import (
     wait_until,
 )
 
-from mensajero_common.db import session_scope
 from mensajero_common.models import WebhookDelivery
 from mensajero_common.settings import Settings
 from mensajero_common.testing import WebhookReceiver, answer_lifespan, serve_app
@@ -303,9 +302,9 @@ async def test_sweep_recovers_parked_delivery(
         [delivery_id] = await record_many(session_factory, f"{base_url}/hook", 1)
         delivery, _ = await delivery_state(session_factory, delivery_id)
         # Parked by a process that then died, so only Postgres still has it.
-        async with session_scope(session_factory) as session:
+        async with repository.pooled_connection(context.engine) as connection:
             parked = await repository.claim(
-                session,
+                connection,
                 delivery_id,
                 lease_s=30,
                 blocked=[delivery.webhook_id],

@@ -62,6 +62,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     ctx["delivery"] = DeliveryContext(
         settings=settings,
         keys=ctx["keys"],
+        engine=engine,
         session_factory=ctx["session_factory"],
         redis=ctx["redis"],
         http=http,

@@ -1,15 +1,32 @@
 """SQL of the delivery worker."""
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import asyncpg
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from mensajero_common.db import driver_connection
 from mensajero_common.models import WebhookDeliveryStatus
 from mensajero_common.webhooks import AttemptResult
+
+
+@asynccontextmanager
+async def pooled_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """Check out a connection from the engine's pool and yield its asyncpg connection.
+
+    Each statement sent on it commits on its own, unless the caller opens a transaction
+    with `connection.transaction()`. The claim and the record of every attempt use it,
+    because an ORM session around them cost the sender about a sixth of its CPU per
+    delivery.
+    """
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection
+        yield driver
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,7 @@ _CLAIM = """
 
 
 async def claim(
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     delivery_id: uuid.UUID,
     *,
     lease_s: float,
@@ -104,8 +121,7 @@ async def claim(
     the parking to expire, and the sweep queues the delivery again.
     """
     # One statement, atomic by itself, so it runs without BEGIN and COMMIT.
-    driver = await driver_connection(session, transaction=False)
-    row = await driver.fetchrow(
+    row = await connection.fetchrow(
         _CLAIM, delivery_id, float(lease_s), blocked, float(park_s), parked_until
     )
     assert row is not None
@@ -131,11 +147,10 @@ async def claim(
 
 
 async def unclaim(
-    session: AsyncSession, claimed: ClaimedDelivery, park_s: float
+    connection: asyncpg.Connection, claimed: ClaimedDelivery, park_s: float
 ) -> ParkedDelivery | None:
     """Undo a claim whose attempt did not start, and park the delivery instead."""
-    driver = await driver_connection(session, transaction=False)
-    parked_until = await driver.fetchval(
+    parked_until = await connection.fetchval(
         """
         UPDATE webhookdelivery
         SET attempts = attempts - 1,
@@ -178,7 +193,7 @@ _RECORD_ATTEMPT = """
 
 
 async def record_attempt(
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     claimed: ClaimedDelivery,
     result: AttemptResult,
     *,
@@ -195,9 +210,7 @@ async def record_attempt(
     notified_message_id = (
         claimed.message_id if status == WebhookDeliveryStatus.SUCCEEDED else None
     )
-    driver = await driver_connection(session, transaction=disable_webhook)
-    await driver.execute(
-        _RECORD_ATTEMPT,
+    arguments = (
         claimed.delivery_id,
         claimed.attempt_number,
         started_at,
@@ -208,8 +221,13 @@ async def record_attempt(
         str(status),
         notified_message_id,
     )
-    if disable_webhook:
-        await _disable_webhook(session, claimed.webhook_id)
+    if not disable_webhook:
+        await connection.execute(_RECORD_ATTEMPT, *arguments)
+        return
+
+    async with connection.transaction():
+        await connection.execute(_RECORD_ATTEMPT, *arguments)
+        await _disable_webhook(connection, claimed.webhook_id)
 
 
 async def cancel(session: AsyncSession, delivery_id: uuid.UUID, reason: str) -> None:
@@ -226,24 +244,22 @@ async def cancel(session: AsyncSession, delivery_id: uuid.UUID, reason: str) -> 
     )
 
 
-async def _disable_webhook(session: AsyncSession, webhook_id: uuid.UUID) -> None:
+async def _disable_webhook(
+    connection: asyncpg.Connection, webhook_id: uuid.UUID
+) -> None:
     """Deactivate a webhook and cancel its other pending deliveries."""
-    await session.execute(
-        text(
-            "UPDATE webhookconfig SET is_active = false, updated_at = now() WHERE id = :webhook_id"
-        ),
-        {"webhook_id": webhook_id},
+    await connection.execute(
+        "UPDATE webhookconfig SET is_active = false, updated_at = now() WHERE id = $1",
+        webhook_id,
     )
-    await session.execute(
-        text(
-            """
-            UPDATE webhookdelivery
-            SET status = 'cancelled', last_error = 'webhook_disabled', next_attempt_at = NULL,
-                completed_at = now(), updated_at = now()
-            WHERE webhook_id = :webhook_id AND status = 'pending'
-            """
-        ),
-        {"webhook_id": webhook_id},
+    await connection.execute(
+        """
+        UPDATE webhookdelivery
+        SET status = 'cancelled', last_error = 'webhook_disabled', next_attempt_at = NULL,
+            completed_at = now(), updated_at = now()
+        WHERE webhook_id = $1 AND status = 'pending'
+        """,
+        webhook_id,
     )
 
 

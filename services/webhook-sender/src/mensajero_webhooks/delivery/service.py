@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import structlog
 from arq.connections import ArqRedis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from mensajero_common.db import session_scope
 from mensajero_common.keys import RedisKeys
@@ -47,6 +47,9 @@ PARKED = "parked"
 class DeliveryContext:
     settings: Settings
     keys: RedisKeys
+    # Each attempt's claim and record run on the engine's asyncpg connections directly,
+    # and the rarer writes and the sweep in sessions.
+    engine: AsyncEngine
     session_factory: async_sessionmaker[AsyncSession]
     redis: ArqRedis
     http: aiohttp.ClientSession
@@ -160,9 +163,9 @@ async def _claim(
     """
     gates = context.gates
     blocked = [] if slot_held else gates.blocked()
-    async with session_scope(context.session_factory) as session:
+    async with repository.pooled_connection(context.engine) as connection:
         claim_result = await repository.claim(
-            session,
+            connection,
             delivery_id,
             lease_s=context.lease_s,
             blocked=blocked,
@@ -175,9 +178,9 @@ async def _claim(
         and not slot_held
         and not gates.acquire(claim_result.webhook_id)
     ):
-        async with session_scope(context.session_factory) as session:
+        async with repository.pooled_connection(context.engine) as connection:
             claim_result = await repository.unclaim(
-                session, claim_result, context.park_s
+                connection, claim_result, context.park_s
             )
     if isinstance(claim_result, ParkedDelivery):
         gates.park(
@@ -306,9 +309,9 @@ async def _post_and_record(
     status, next_retry_at = _outcome(settings, claimed.attempt_number, result)
     WEBHOOK_ATTEMPTS.labels("retry" if next_retry_at is not None else str(status)).inc()
 
-    async with session_scope(context.session_factory) as session:
+    async with repository.pooled_connection(context.engine) as connection:
         await repository.record_attempt(
-            session,
+            connection,
             claimed,
             result,
             status=status,
