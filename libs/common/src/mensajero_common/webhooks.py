@@ -162,6 +162,36 @@ class AttemptResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+class AttemptClock:
+    """The start of one delivery attempt, which its result is timed from."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self._started = time.perf_counter()
+
+    def result(
+        self, *, status_code: int | None = None, error: str | None = None
+    ) -> AttemptResult:
+        """Return the attempt's outcome, with the time since its start."""
+        duration_ms = int((time.perf_counter() - self._started) * 1000)
+        return AttemptResult(
+            self.started_at, duration_ms, status_code=status_code, error=error
+        )
+
+
+async def check_attempt_url(
+    clock: AttemptClock, url: str, *, require_https: bool, allow_private: bool
+) -> AttemptResult | None:
+    """Check `url` with check_url_target; return the failed attempt if it is rejected."""
+    try:
+        await check_url_target(
+            url, require_https=require_https, allow_private=allow_private
+        )
+    except UnsafeWebhookURLError as error:
+        return clock.result(error=error.reason)
+    return None
+
+
 async def post_event(
     client: httpx.AsyncClient,
     *,
@@ -179,20 +209,14 @@ async def post_event(
     The webhook-sender posts through its own aiohttp client
     (`mensajero_webhooks.delivery.http_client`) with the same checks and headers.
     """
-    started_at = time.time()
-    started = time.perf_counter()
+    clock = AttemptClock()
+    rejected = await check_attempt_url(
+        clock, url, require_https=require_https, allow_private=allow_private
+    )
+    if rejected is not None:
+        return rejected
 
-    def elapsed_ms() -> int:
-        return int((time.perf_counter() - started) * 1000)
-
-    try:
-        await check_url_target(
-            url, require_https=require_https, allow_private=allow_private
-        )
-    except UnsafeWebhookURLError as error:
-        return AttemptResult(started_at, elapsed_ms(), error=error.reason)
-
-    headers = signature_headers(secret, event_id, int(started_at), body)
+    headers = signature_headers(secret, event_id, int(clock.started_at), body)
     try:
         response = await client.post(
             url,
@@ -202,9 +226,7 @@ async def post_event(
             follow_redirects=False,
         )
     except httpx.TimeoutException:
-        return AttemptResult(started_at, elapsed_ms(), error="timeout")
+        return clock.result(error="timeout")
     except httpx.HTTPError as error:
-        return AttemptResult(
-            started_at, elapsed_ms(), error=f"connection_error: {type(error).__name__}"
-        )
-    return AttemptResult(started_at, elapsed_ms(), status_code=response.status_code)
+        return clock.result(error=f"connection_error: {type(error).__name__}")
+    return clock.result(status_code=response.status_code)

@@ -8,16 +8,14 @@ guaranteed: redirects are not followed, cookies are never stored, the certificat
 authorities are httpx's, and no request is logged.
 """
 
-import time
-
 import aiohttp
 import httpx
 
 from mensajero_common.settings import Settings
 from mensajero_common.webhooks import (
+    AttemptClock,
     AttemptResult,
-    UnsafeWebhookURLError,
-    check_url_target,
+    check_attempt_url,
     signature_headers,
 )
 
@@ -72,20 +70,14 @@ async def post_event(
     URL cannot bounce the request to a private one. `timeout_s` bounds the request from
     connecting to the end of the response body, but not the URL check's DNS lookup.
     """
-    started_at = time.time()
-    started = time.perf_counter()
+    clock = AttemptClock()
+    rejected = await check_attempt_url(
+        clock, url, require_https=require_https, allow_private=allow_private
+    )
+    if rejected is not None:
+        return rejected
 
-    def elapsed_ms() -> int:
-        return int((time.perf_counter() - started) * 1000)
-
-    try:
-        await check_url_target(
-            url, require_https=require_https, allow_private=allow_private
-        )
-    except UnsafeWebhookURLError as error:
-        return AttemptResult(started_at, elapsed_ms(), error=error.reason)
-
-    headers = signature_headers(secret, event_id, int(started_at), body)
+    headers = signature_headers(secret, event_id, int(clock.started_at), body)
     try:
         async with session.post(
             url,
@@ -98,12 +90,10 @@ async def post_event(
             status_code = response.status
     except TimeoutError:
         # aiohttp's ServerTimeoutError is a TimeoutError too.
-        return AttemptResult(started_at, elapsed_ms(), error="timeout")
+        return clock.result(error="timeout")
     except aiohttp.ClientError as error:
-        return AttemptResult(
-            started_at, elapsed_ms(), error=f"connection_error: {type(error).__name__}"
-        )
-    return AttemptResult(started_at, elapsed_ms(), status_code=status_code)
+        return clock.result(error=f"connection_error: {type(error).__name__}")
+    return clock.result(status_code=status_code)
 
 
 async def _discard_body(response: aiohttp.ClientResponse) -> None:
