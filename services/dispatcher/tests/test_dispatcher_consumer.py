@@ -2,7 +2,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from mensajero_common import queues
 from mensajero_common.models import DeviceStatus, MessageStatus, SMSDevice
@@ -122,6 +122,48 @@ async def test_consumer_assigns_duplicate_entry_once(ctx, factory, wait_until):
     assert stored.attempts == 1
     tasks = await queues.read_device_tasks(ctx.redis, ctx.keys, device.id)
     assert [message_id for _, message_id, _ in tasks] == [message.id]
+
+
+async def _waits_on_row_lock(session_factory) -> bool:
+    async with session_factory() as session:
+        waiting = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting)
+
+
+async def test_blocked_batch_does_not_hold_next(
+    ctx, factory, session_factory, wait_until
+):
+    blocked_user, other_user = await factory.user(), await factory.user()
+    blocked_device = await factory.device(blocked_user)
+    other_device = await factory.device(other_user)
+    blocked = await factory.message(blocked_user)
+    later = await factory.message(other_user)
+
+    async with session_factory() as blocker, running(make_consumer(ctx)):
+        # While this transaction holds the device row, assigning a message to the
+        # device waits, because its foreign key check needs a share lock on that row.
+        await blocker.execute(
+            text("SELECT id FROM smsdevice WHERE id = :id FOR UPDATE"),
+            {"id": blocked_device.id},
+        )
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [blocked.id])
+        await wait_until(lambda: _waits_on_row_lock(session_factory))
+
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [later.id])
+        await wait_until(status_is(factory, later, MessageStatus.ASSIGNED))
+        assert (await factory.reload(blocked)).status == MessageStatus.PENDING
+
+        await blocker.rollback()
+        await wait_until(status_is(factory, blocked, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+
+    assert (await factory.reload(blocked)).device_id == blocked_device.id
+    assert (await factory.reload(later)).device_id == other_device.id
 
 
 async def _deliver_without_ack(ctx: DispatcherContext, consumer_name: str) -> None:

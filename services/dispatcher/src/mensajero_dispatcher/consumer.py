@@ -5,6 +5,11 @@ each process under its own consumer name. An entry is acknowledged and deleted o
 it is handled, so the entries of a dispatcher that dies stay pending in the group, and
 another dispatcher claims them once they have been idle for `claim_idle_ms`.
 
+Each batch read is handled in a task of its own while the next read goes on, so a new
+message does not wait for the round trips of the batch before it. New-message batches
+run side by side, up to `max_batches_in_flight` at once. Presence events keep their
+order: each batch of them starts when the one before it has finished.
+
 Postgres stays the source of truth: an entry whose message is no longer pending is
 skipped, and a message whose entry was lost is found by the pending sweep.
 """
@@ -28,6 +33,11 @@ from mensajero_dispatcher.messages.service import assign_messages
 log = structlog.get_logger(__name__)
 
 READ_COUNT = 100
+# Batches handled at once. With a second batch in flight, a new message does not wait
+# for the round trips of the batch before it. More would split a steady stream of
+# messages into more and smaller batches, and a batch costs the same statements
+# whatever its size.
+MAX_BATCHES_IN_FLIGHT = 2
 # Bounds how long a stop request waits for the blocking read to return.
 READ_BLOCK_MS = 1000
 # An entry delivered to a consumer and not acknowledged for this long belongs to a
@@ -65,11 +75,13 @@ class StreamConsumer:
         *,
         claim_idle_ms: int = CLAIM_IDLE_MS,
         read_block_ms: int = READ_BLOCK_MS,
+        max_batches_in_flight: int = MAX_BATCHES_IN_FLIGHT,
     ) -> None:
         self.ctx = ctx
         self.name = name or default_consumer_name()
         self.claim_idle_ms = claim_idle_ms
         self.read_block_ms = read_block_ms
+        self.max_batches_in_flight = max_batches_in_flight
         self._group = ctx.keys.dispatcher_group
         self._streams = (ctx.keys.new_messages_stream, ctx.keys.device_events_stream)
         self._groups_ready = False
@@ -77,38 +89,57 @@ class StreamConsumer:
         # those of a previous run, or of a batch interrupted by a Redis or Postgres failure.
         self._own_pending_unread = True
         self._next_claim_at = 0.0
+        # Batches being handled, and the last batch of presence events among them.
+        self._batches: set[asyncio.Task[None]] = set()
+        self._last_event_batch: asyncio.Task[None] | None = None
+        # The first error of a batch task, raised by the next step of the run loop.
+        self._batch_error: BaseException | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop` is set, finishing the batch in hand first.
+        """Consume until `stop` is set, finishing the batches in hand first.
 
         While Postgres or Redis is unavailable, the consumer retries with a growing
         delay. Any other error ends the run.
         """
         failures = 0
-        while not stop.is_set():
-            try:
-                await self._step()
-            except Exception as error:
-                if not is_transient(error):
-                    raise
-                failures += 1
-                delay_s = min(RETRY_MAX_DELAY_S, 0.5 * 2 ** (failures - 1))
+        try:
+            while not stop.is_set():
+                try:
+                    await self._step()
+                except Exception as error:
+                    if not is_transient(error):
+                        raise
+                    failures += 1
+                    delay_s = min(RETRY_MAX_DELAY_S, 0.5 * 2 ** (failures - 1))
+                    log.warning(
+                        "stream consumer failed; retrying",
+                        error=repr(error),
+                        retry_in_s=delay_s,
+                    )
+                    self._own_pending_unread = True
+                    await sleep_unless_stopped(stop, delay_s)
+                else:
+                    failures = 0
+        finally:
+            await self._finish_batches()
+            if self._batch_error is not None:
                 log.warning(
-                    "stream consumer failed; retrying",
-                    error=repr(error),
-                    retry_in_s=delay_s,
+                    "a batch failed while stopping; its entries stay pending",
+                    error=repr(self._batch_error),
                 )
-                self._own_pending_unread = True
-                await sleep_unless_stopped(stop, delay_s)
-            else:
-                failures = 0
 
     async def _step(self) -> None:
+        if self._batch_error is not None:
+            error, self._batch_error = self._batch_error, None
+            raise error
         if not self._groups_ready:
             await self._create_groups()
         loop = asyncio.get_running_loop()
         try:
             if self._own_pending_unread:
+                # Entries of batches still in flight are pending too, so reading them
+                # now would handle them twice.
+                await self._finish_batches()
                 await self._read_own_pending()
                 self._own_pending_unread = False
             if loop.time() >= self._next_claim_at:
@@ -139,6 +170,9 @@ class StreamConsumer:
         self._groups_ready = True
 
     async def _read_new(self) -> None:
+        # Entries not read yet wait in Redis, so the next read takes them as one batch.
+        while len(self._batches) >= self.max_batches_in_flight:
+            await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
         response = await self.ctx.redis.xreadgroup(
             self._group,
             self.name,
@@ -147,7 +181,49 @@ class StreamConsumer:
             block=self.read_block_ms,
         )
         for stream, entries in response or []:
-            await self._handle(stream.decode(), entries)
+            self._start_batch(stream.decode(), entries)
+
+    def _start_batch(self, stream: str, entries: Sequence[Entry]) -> None:
+        if stream == self.ctx.keys.new_messages_stream:
+            batch = asyncio.create_task(self._handle(stream, entries))
+        else:
+            batch = asyncio.create_task(
+                self._handle_after(self._last_event_batch, stream, entries)
+            )
+            self._last_event_batch = batch
+        self._batches.add(batch)
+        batch.add_done_callback(self._batch_done)
+
+    async def _handle_after(
+        self,
+        previous: asyncio.Task[None] | None,
+        stream: str,
+        entries: Sequence[Entry],
+    ) -> None:
+        """Handle a batch once `previous` has finished, unless `previous` failed.
+
+        After a failure this batch stays pending too, and both are read again in
+        stream order.
+        """
+        if previous is not None:
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                return
+        await self._handle(stream, entries)
+
+    def _batch_done(self, batch: "asyncio.Task[None]") -> None:
+        self._batches.discard(batch)
+        if batch is self._last_event_batch:
+            self._last_event_batch = None
+        if batch.cancelled():
+            return
+        error = batch.exception()
+        if error is not None and self._batch_error is None:
+            self._batch_error = error
+
+    async def _finish_batches(self) -> None:
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
 
     async def _read_own_pending(self) -> None:
         next_ids: dict[str, bytes | str] = dict.fromkeys(self._streams, "0")
