@@ -137,6 +137,29 @@ async def test_concurrent_batches_share_pace(paced_ctx, factory, redis, redis_ke
     assert len(tasks) == PER_MINUTE
 
 
+async def test_batch_reserves_pace_of_many_devices(
+    paced_ctx, factory, redis, redis_keys
+):
+    user = await factory.user()
+    device_count = pace.RESERVE_CONCURRENCY + 3
+    devices = [await factory.device(user) for _ in range(device_count)]
+    messages = [
+        await factory.message(user, age_s=600 - i)
+        for i in range(device_count * (PER_MINUTE + 1))
+    ]
+
+    plan = await assign_messages(paced_ctx, [message.id for message in messages])
+
+    assert len(plan.assignments) == device_count * PER_MINUTE
+    assert len(plan.waiting) == device_count
+    for device in devices:
+        tasks = await queues.read_device_tasks(redis, redis_keys, device.id)
+        assert len(tasks) == PER_MINUTE, device.id
+    assert await pace.pace_left(paced_ctx, [device.id for device in devices]) == {
+        device.id: 0 for device in devices
+    }
+
+
 async def test_full_device_found_after_planning(paced_ctx, factory):
     user = await factory.user()
     full = await factory.device(user)

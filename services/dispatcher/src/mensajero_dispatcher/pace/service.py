@@ -16,6 +16,7 @@ NOTE: a paced message may wait up to one DISPATCHER_SWEEP_INTERVAL after its dev
 window has room again.
 """
 
+import asyncio
 import uuid
 import weakref
 from collections.abc import Collection
@@ -27,6 +28,10 @@ from redis.asyncio import Redis
 
 from mensajero_dispatcher.context import DispatcherContext
 from mensajero_dispatcher.messages.schemas import Assignment, AssignmentPlan
+
+# Max devices whose pace one `reserve` call reserves at once, each over its own Redis
+# connection.
+RESERVE_CONCURRENCY = 8
 
 # One limiter per Redis client, since a limiter's storage shares the client's pool.
 _limiters: "weakref.WeakKeyDictionary[Redis, MovingWindowRateLimiter]" = (
@@ -71,27 +76,24 @@ async def reserve(ctx: DispatcherContext, plan: AssignmentPlan) -> list[Assignme
     that no longer fit and return them.
 
     One call per device of the plan, which is one round trip per device while it is
-    below its pace. A reservation whose assignment then fails to commit stays taken: the
-    device is paced a little below the limit for one window, never above it.
+    below its pace. The calls of up to RESERVE_CONCURRENCY devices are in flight at once.
+    A reservation whose assignment then fails to commit stays taken: the device is paced
+    a little below the limit for one window, never above it.
     """
-    limiter = _limiter(ctx)
-    item = pace_item(ctx)
     by_device: dict[uuid.UUID, int] = {}
     for assignment in plan.assignments:
         by_device[assignment.device_id] = by_device.get(assignment.device_id, 0) + 1
 
-    granted: dict[uuid.UUID, int] = {}
-    for device_id, requested in by_device.items():
-        if await limiter.hit(item, str(device_id), cost=requested):
-            granted[device_id] = requested
-            continue
-        # The device reached its pace, or another replica handed it tasks meanwhile.
-        stats = await limiter.get_window_stats(item, str(device_id))
-        fits = min(requested, max(0, stats.remaining))
-        if fits and await limiter.hit(item, str(device_id), cost=fits):
-            granted[device_id] = fits
-        else:
-            granted[device_id] = 0
+    slots = asyncio.Semaphore(RESERVE_CONCURRENCY)
+
+    async def reserve_one(device_id: uuid.UUID, requested: int) -> int:
+        async with slots:
+            return await _reserve_device(ctx, device_id, requested)
+
+    counts = await asyncio.gather(
+        *(reserve_one(device_id, n) for device_id, n in by_device.items())
+    )
+    granted = dict(zip(by_device, counts, strict=True))
 
     reserved: list[Assignment] = []
     denied: list[Assignment] = []
@@ -103,3 +105,19 @@ async def reserve(ctx: DispatcherContext, plan: AssignmentPlan) -> list[Assignme
             denied.append(assignment)
     plan.assignments = reserved
     return denied
+
+
+async def _reserve_device(
+    ctx: DispatcherContext, device_id: uuid.UUID, requested: int
+) -> int:
+    """Reserve up to `requested` tasks of the device's pace and return how many it got."""
+    limiter = _limiter(ctx)
+    item = pace_item(ctx)
+    if await limiter.hit(item, str(device_id), cost=requested):
+        return requested
+    # The device reached its pace, or another replica handed it tasks meanwhile.
+    stats = await limiter.get_window_stats(item, str(device_id))
+    fits = min(requested, max(0, stats.remaining))
+    if fits and await limiter.hit(item, str(device_id), cost=fits):
+        return fits
+    return 0
