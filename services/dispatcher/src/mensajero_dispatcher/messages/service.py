@@ -283,33 +283,41 @@ async def _assign_batch(ctx: DispatcherContext, lock: LockBatch) -> BatchOutcome
         for rejection in outcome.plan.rejections:
             delivery_ids += await _reject(session, rejection)
 
-    for rejection in outcome.plan.rejections:
+    await _push_committed_plan(ctx, outcome.plan, delivery_ids)
+    return outcome
+
+
+async def _push_committed_plan(
+    ctx: DispatcherContext, plan: AssignmentPlan, delivery_ids: list[uuid.UUID]
+) -> None:
+    """Push the tasks of a committed plan, log its outcome and queue its webhooks."""
+    # Pushed before the batch's log lines are written, so the phones do not wait for them.
+    await _push_tasks(
+        ctx, [(item.device_id, item.message) for item in plan.assignments]
+    )
+    for rejection in plan.rejections:
         log.info(
             "message failed",
             message_id=str(rejection.message.id),
             user_id=str(rejection.message.user_id),
             error=rejection.error,
         )
-    for assignment in outcome.plan.assignments:
+    for assignment in plan.assignments:
         log.info(
             "message assigned",
             message_id=str(assignment.message.id),
             device_id=str(assignment.device_id),
             user_id=str(assignment.message.user_id),
         )
-    for message in outcome.plan.waiting:
+    for message in plan.waiting:
         log.debug(
             "message waits for a device or for a device's pace",
             message_id=str(message.id),
             user_id=str(message.user_id),
         )
 
-    await _push_tasks(
-        ctx, [(item.device_id, item.message) for item in outcome.plan.assignments]
-    )
     if delivery_ids:
         await queue_deliveries(ctx.redis, ctx.keys, delivery_ids)
-    return outcome
 
 
 async def _assign_batch_isolated(
