@@ -1,8 +1,9 @@
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from mensajero_common import jsonutil, queues
 from mensajero_common.keys import RedisKeys
@@ -14,7 +15,9 @@ from mensajero_common.models import (
     WebhookDelivery,
 )
 from mensajero_common.webhooks import EVENT_SMS_FAILED
+from mensajero_dispatcher.messages import repository
 from mensajero_dispatcher.messages.schemas import (
+    Assignment,
     OnlineDevice,
     PendingMessage,
     RequestedDevice,
@@ -182,6 +185,66 @@ async def test_assign_batch_locks_rows_once(ctx, factory, session_factory):
         ).all()
     assert {row.device_id for row in rows} == {device.id}
     assert {row.attempts for row in rows} == {1}
+
+
+async def test_mark_assigned_skips_changed_messages(ctx, factory, session_factory):
+    user = await factory.user()
+    device, other = await factory.device(user), await factory.device(user)
+    assigned_elsewhere, retried, unchanged = [
+        await factory.message(user) for _ in range(3)
+    ]
+    async with session_factory() as session:
+        read = await repository.find_pending_by_ids(
+            session, [assigned_elsewhere.id, retried.id, unchanged.id]
+        )
+    # Since the read, another dispatcher assigned `assigned_elsewhere`, and `retried` went to a
+    # device and came back to pending for its next attempt.
+    async with session_factory() as session:
+        await session.execute(
+            update(SMSMessage)
+            .where(SMSMessage.id == assigned_elsewhere.id)
+            .values(status=MessageStatus.ASSIGNED, device_id=other.id, attempts=1)
+        )
+        await session.execute(
+            update(SMSMessage).where(SMSMessage.id == retried.id).values(attempts=1)
+        )
+        await session.commit()
+
+    async with session_factory() as session:
+        assigned = await repository.mark_assigned(
+            session, [Assignment(message, device.id) for message in read]
+        )
+        await session.commit()
+
+    assert assigned == {unchanged.id}
+    assert (await factory.reload(assigned_elsewhere)).device_id == other.id
+    stored_retry = await factory.reload(retried)
+    assert stored_retry.status == MessageStatus.PENDING
+    assert stored_retry.attempts == 1
+    assert await factory.attempts(assigned_elsewhere) == []
+    assert await factory.attempts(retried) == []
+    assert [attempt.device_id for attempt in await factory.attempts(unchanged)] == [
+        device.id
+    ]
+
+
+async def test_concurrent_assignments_assign_once(ctx, factory, redis, redis_keys):
+    user = await factory.user()
+    devices = [await factory.device(user) for _ in range(3)]
+    messages = [await factory.message(user, age_s=60 - i) for i in range(6)]
+    ids = [message.id for message in messages]
+
+    plans = await asyncio.gather(*(assign_messages(ctx, ids) for _ in range(3)))
+
+    assert sum(len(plan.assignments) for plan in plans) == len(messages)
+    queued: list[uuid.UUID] = []
+    for device in devices:
+        queued += await _queued_message_ids(redis, redis_keys, device.id)
+    assert sorted(queued) == sorted(ids)
+    for message in messages:
+        assert [
+            attempt.attempt_number for attempt in await factory.attempts(message)
+        ] == [1]
 
 
 def test_plan_gives_requested_device_to_its_owner_only():

@@ -52,7 +52,10 @@ AnySelect = Select[*tuple[Any, ...]]
 IN_FLIGHT_STATUSES = (MessageStatus.ASSIGNED, MessageStatus.SENDING)
 _IN_FLIGHT_SQL = ", ".join(f"'{status.value}'" for status in IN_FLIGHT_STATUSES)
 
-# Assigns every message and starts its attempt in one statement, whatever the batch size.
+# Assigns every message and starts its attempt in one statement, whatever the batch size,
+# and returns the ids it assigned. A message is assigned only while it is still as it was
+# read: pending, due, not expired, and with the attempts it had. So the statement is safe
+# without a row lock held since the read.
 _MARK_ASSIGNED = text(
     f"""
     WITH assigned AS (
@@ -63,18 +66,25 @@ _MARK_ASSIGNED = text(
             attempts = smsmessage.attempts + 1,
             next_attempt_at = NULL,
             updated_at = now()
-        FROM unnest(:message_ids, :device_ids) AS moves(message_id, device_id)
+        FROM unnest(:message_ids, :device_ids, :attempts)
+            AS moves(message_id, device_id, attempts)
         WHERE smsmessage.id = moves.message_id
           AND smsmessage.status = '{MessageStatus.PENDING.value}'
+          AND smsmessage.attempts = moves.attempts
+          AND (smsmessage.next_attempt_at IS NULL OR smsmessage.next_attempt_at <= now())
+          AND (smsmessage.expires_at IS NULL OR smsmessage.expires_at > now())
         RETURNING smsmessage.id, smsmessage.attempts, moves.device_id
+    ), started AS (
+        INSERT INTO smsmessageattempt (message_id, attempt_number, device_id, status)
+        SELECT id, attempts, device_id, '{AttemptStatus.ASSIGNED.value}' FROM assigned
+        ON CONFLICT (message_id, attempt_number) DO NOTHING
     )
-    INSERT INTO smsmessageattempt (message_id, attempt_number, device_id, status)
-    SELECT id, attempts, device_id, '{AttemptStatus.ASSIGNED.value}' FROM assigned
-    ON CONFLICT (message_id, attempt_number) DO NOTHING
+    SELECT id FROM assigned
     """
 ).bindparams(
     bindparam("message_ids", type_=ARRAY(UUID(as_uuid=True))),
     bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))),
+    bindparam("attempts", type_=ARRAY(Integer)),
 )
 
 # For each user, its online, active devices with the fewest in-flight messages, ties
@@ -161,14 +171,19 @@ async def _fetch_pending(
     return await _with_avoided_devices(session, messages)
 
 
-# Built once, because the stream consumer locks a batch this way every time, and building
-# the statement and its cache key anew took about half of the CPU of the lock (py-spy,
+# Built once, because the stream consumer reads a batch this way every time, and building
+# the statement and its cache key anew took about half of the CPU of the read (py-spy,
 # batches of one message). The ids stay an IN list with one parameter each. With one
 # array parameter (`id = ANY($1)`), the generic plan of the prepared statement scanned
 # the status and type indexes instead of the primary key on a table whose statistics
 # were stale.
-_LOCK_PENDING_BY_IDS = _for_update(
-    _select_pending().where(SMSMessage.id.in_(bindparam("message_ids", expanding=True)))
+_FIND_PENDING_BY_IDS = (
+    _select_pending()
+    .where(SMSMessage.id.in_(bindparam("message_ids", expanding=True)))
+    .order_by(SMSMessage.created_at, SMSMessage.id)
+)
+_LOCK_PENDING_BY_IDS = _FIND_PENDING_BY_IDS.with_for_update(
+    of=SMSMessage, skip_locked=True
 )
 
 
@@ -199,6 +214,16 @@ async def lock_pending_by_ids(
     """Lock those of `message_ids` that are still pending, oldest first."""
     return await _fetch_pending(
         session, _LOCK_PENDING_BY_IDS, {"message_ids": list(message_ids)}
+    )
+
+
+async def find_pending_by_ids(
+    session: AsyncSession, message_ids: Collection[uuid.UUID]
+) -> list[PendingMessage]:
+    """Return those of `message_ids` that are pending and due, oldest first, without
+    locking them."""
+    return await _fetch_pending(
+        session, _FIND_PENDING_BY_IDS, {"message_ids": list(message_ids)}
     )
 
 
@@ -311,18 +336,24 @@ async def find_requested_devices(
 
 async def mark_assigned(
     session: AsyncSession, assignments: Collection[Assignment]
-) -> None:
+) -> set[uuid.UUID]:
     """Move each message to `assigned` on its device and start its attempt, numbered
-    `attempts` + 1. The caller has locked the rows."""
+    `attempts` + 1; return the ids of the messages assigned.
+
+    A message that is no longer pending, or whose attempts changed since it was read,
+    is left as it is and missing from the result.
+    """
     if not assignments:
-        return
-    await session.execute(
+        return set()
+    rows = await session.execute(
         _MARK_ASSIGNED,
         {
             "message_ids": [item.message.id for item in assignments],
             "device_ids": [item.device_id for item in assignments],
+            "attempts": [item.message.attempts for item in assignments],
         },
     )
+    return set(rows.scalars())
 
 
 async def mark_failed(
