@@ -249,6 +249,8 @@ async def send_message(
             return inserted
         message = inserted
     await session.commit()
+    # Signalled before the log line is written, so the dispatcher does not wait for it.
+    await _signal_dispatcher(redis, keys, message.id)
 
     logger.info(
         "message accepted",
@@ -258,7 +260,6 @@ async def send_message(
         segments=message.segments,
         **({"body": message.body} if settings.LOG_MESSAGE_BODIES else {}),
     )
-    await _signal_dispatcher(redis, keys, message.id)
     return SendOutcome(message=message, created=True)
 
 
