@@ -1,8 +1,9 @@
 import random
+from collections import Counter
 
 import phonenumbers
 import pytest
-from phonenumbers import PhoneNumberFormat, PhoneNumberType
+from phonenumbers import PhoneNumber, PhoneNumberFormat, PhoneNumberType
 
 from mensajero_common import phone
 from mensajero_common.phone import PhoneNumberError, normalize_e164
@@ -80,7 +81,10 @@ def test_plain_e164_matches_parse() -> None:
         if read is None:
             continue
         answered += 1
-        assert read == phonenumbers.parse(raw, None), raw
+        country_code, national = read
+        assert PhoneNumber(
+            country_code=country_code, national_number=int(national)
+        ) == phonenumbers.parse(raw, None), raw
     # It is a shortcut only if it reads most of these numbers itself.
     assert answered > 10000
 
@@ -91,3 +95,63 @@ def test_plain_e164_matches_parse() -> None:
 )
 def test_plain_e164_skips_other_forms(raw: str) -> None:
     assert phone._read_plain_e164(raw) is None
+
+
+def _near_example_numbers() -> list[str]:
+    """Return phonenumbers' example numbers with their last digits changed, one digit
+    added or one removed: numbers near the patterns, valid or not."""
+    generator = random.Random(20261206)
+    numbers = []
+    for example in _example_numbers():
+        for _ in range(4):
+            prefix_length = generator.randint(max(3, len(example) - 4), len(example))
+            numbers.append(
+                example[:prefix_length]
+                + "".join(
+                    generator.choice("0123456789")
+                    for _ in range(len(example) - prefix_length)
+                )
+            )
+        numbers.append(example + generator.choice("0123456789"))
+        numbers.append(example[:-1])
+    return numbers
+
+
+def _result_through_parse(raw: str) -> str:
+    """Return what normalize_e164 returned before its shortcut: the E.164 form, or
+    the reason of the rejection."""
+    try:
+        parsed = phonenumbers.parse(raw, None)
+    except phonenumbers.NumberParseException as error:
+        return phone._PARSE_REASONS.get(error.error_type, "not_a_number")
+    possibility = phonenumbers.is_possible_number_with_reason(parsed)
+    if possibility not in phone._ACCEPTED_POSSIBILITIES:
+        return phone._POSSIBILITY_REASONS.get(possibility, "invalid_number")
+    if not phonenumbers.is_valid_number(parsed):
+        return "invalid_number"
+    return phonenumbers.format_number(parsed, PhoneNumberFormat.E164)
+
+
+def test_plain_validation_matches_parse() -> None:
+    # Numbers read by the shortcut get phonenumbers' own result: the same E.164 form,
+    # or the same reason.
+    numbers = _example_numbers() + _near_example_numbers() + _random_numbers(20000)
+    outcomes: Counter[str] = Counter()
+    for raw in numbers:
+        if phone._read_plain_e164(raw) is None:
+            continue
+        try:
+            result = phone.normalize_e164(raw)
+        except phone.PhoneNumberError as error:
+            result = error.reason
+        assert result == _result_through_parse(raw), raw
+        outcomes["valid" if result.startswith("+") else result] += 1
+    # Every outcome is compared many times.
+    assert set(outcomes) == {
+        "valid",
+        "invalid_number",
+        "too_short",
+        "too_long",
+        "invalid_length",
+    }
+    assert min(outcomes.values()) > 100, outcomes
