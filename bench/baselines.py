@@ -72,17 +72,17 @@ async def measure_storage(run: "Run") -> None:
     )
 
     say("baseline: Postgres")
-    await raw.create_raw_table(data.dsn)
+    owner = await raw.create_raw_table(data.dsn)
     run.baselines["postgres_insert_commit"] = await raw.postgres_insert_commit_rate(
-        data.dsn, API_DB_CONNECTIONS, mode.measure_s
+        data.dsn, owner, API_DB_CONNECTIONS, mode.measure_s
     )
     run.baselines["postgres_commit_latency"] = await raw.postgres_commit_latency(
-        data.dsn, mode.latency_samples
+        data.dsn, owner, mode.latency_samples
     )
     run.baselines["postgres_1000_rows"] = await raw.postgres_batch_insert(
-        data.dsn, 1000, max(3, mode.bulk_requests)
+        data.dsn, owner, 1000, max(3, mode.bulk_requests)
     )
-    await raw.drop_raw_table(data.dsn)
+    await raw.drop_raw_table(data.dsn, owner)
 
 
 async def measure_bare_asgi(run: "Run") -> None:

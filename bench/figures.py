@@ -406,18 +406,29 @@ async def _measure_bulk(
             # The next request starts once the dispatcher has read this one's messages.
             await _wait_signal_handled(redis, stream, before)
 
-    baseline = run.baselines["postgres_1000_rows"]["copy_ms"]["p50"]
+    copies = run.baselines["postgres_1000_rows"]
+    baseline = copies["copy_ms"]["p50"]
+    median = percentile(timings_ms, 0.5)
     run.measurements["bulk"] = {"timings_ms": timings_ms, "failure": failure}
+    # The raw table has the foreign keys of `smsmessage`, as the API's inserts do.
+    # Without them the COPY is faster, and that ratio is given too.
+    without_keys = copies["copy_without_foreign_keys_ms"]["p50"]
+    note = failure
+    if not failure and median is not None and without_keys:
+        note = (
+            f"{median / without_keys:.2f} × the COPY into a table without foreign "
+            f"keys ({without_keys:.1f} ms)"
+        )
     run.report.add(
         Figure(
             "bulk_1000_accept_time",
             "1000-recipient bulk request accepted (median)",
-            percentile(timings_ms, 0.5),
+            median,
             "ms",
             "ratio<=",
             3.0,
             baseline=baseline,
             baseline_title="raw COPY of 1000 rows",
-            note=failure,
+            note=note,
         )
     )
