@@ -12,6 +12,7 @@ from mensajero_common.throttle import (
     FailureThrottle,
     InvalidLimitSettingError,
     client_address,
+    counted_address,
     describe_item,
     parse_limit_setting,
 )
@@ -129,3 +130,17 @@ async def test_unreachable_redis_fails_open(settings: Settings) -> None:
     assert len(errors) == 1
     assert errors[0]["event"] == "failure not counted: Redis failed"
     assert errors[0]["throttle"] == "test"
+
+
+@pytest.mark.parametrize(
+    ("address", "counted"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_counted_address_groups_ipv6(address: str, counted: str) -> None:
+    assert counted_address(address) == counted

@@ -150,6 +150,38 @@ async def test_anonymous_limit_per_ip(client: AsyncClient) -> None:
     _assert_rate_limited(refused, "5/minute")
 
 
+async def test_ipv6_limit_per_network(app: FastAPI) -> None:
+    # One host picks new addresses inside its /64, so the /64 is what counts.
+    async def plans_from(address: str) -> Response:
+        transport = ASGITransport(app=app, client=(address, 40000))
+        async with AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get(PLANS_URL)
+
+    same_network = [await plans_from(f"2001:db8:1:2::{host}") for host in range(1, 6)]
+    rejected = await plans_from("2001:db8:1:2:ffff::9")
+    other_network = await plans_from("2001:db8:1:3::1")
+
+    assert [r.status_code for r in same_network] == [401] * 5
+    _assert_rate_limited(rejected, "5/minute")
+    assert other_network.status_code == 401
+
+
+async def test_login_limit_per_ipv6_network(app: FastAPI, make_user: MakeUser) -> None:
+    owner = await make_user()
+    credentials = {"username": owner.email, "password": "wrong password"}
+
+    async def login_from(address: str) -> Response:
+        transport = ASGITransport(app=app, client=(address, 40000))
+        async with AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post(LOGIN_URL, data=credentials)
+
+    attempts = [await login_from(f"2001:db8:9:9::{host}") for host in (1, 2)]
+    rejected = await login_from("2001:db8:9:9::3")
+
+    assert [response.status_code for response in attempts] == [401, 401]
+    _assert_rate_limited(rejected, "2/minute")
+
+
 async def test_api_key_limit_per_key(
     client: AsyncClient, redis: Redis, redis_keys: RedisKeys
 ) -> None:

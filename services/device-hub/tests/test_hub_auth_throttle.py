@@ -28,7 +28,6 @@ from structlog.testing import capture_logs
 from mensajero_common import protocol
 from mensajero_common.settings import Settings
 from mensajero_common.testing import free_port, scaled
-from mensajero_hub.core.auth_throttle import counted_address
 from mensajero_hub.main import create_app
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -75,20 +74,6 @@ async def connects(url: str, api_key: str, **options: Any) -> bool:
     async with open_socket(url, api_key, **socket_options(**options)) as socket:
         reply = await request(socket, {"type": "ping"})
     return bool(reply["type"] == "pong")
-
-
-@pytest.mark.parametrize(
-    ("address", "counted"),
-    [
-        ("203.0.113.7", "203.0.113.7"),
-        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
-        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
-        ("::ffff:203.0.113.7", "203.0.113.7"),
-        ("unknown", "unknown"),
-    ],
-)
-def test_counted_address_groups_ipv6(address: str, counted: str) -> None:
-    assert counted_address(address) == counted
 
 
 def test_malformed_limit_stops_start(settings: Settings) -> None:

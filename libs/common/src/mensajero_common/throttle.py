@@ -13,6 +13,7 @@ rejected every attempt would lock every user and phone out. One error line is lo
 REDIS_ERROR_LOG_INTERVAL_S while that lasts.
 """
 
+import ipaddress
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,11 @@ logger = structlog.get_logger(__name__)
 REDIS_ERROR_LOG_INTERVAL_S = 60.0
 
 _REDIS_ERRORS = (RedisError, StorageError, OSError)
+
+# Length of the IPv6 prefix counted as one client. A /64 is one IPv6 subnet, in which a
+# host picks addresses of its own (SLAAC, temporary privacy addresses), so counting single
+# addresses would let one host move past the limit.
+IPV6_CLIENT_PREFIX_LENGTH = 64
 
 
 class InvalidLimitSettingError(ValueError):
@@ -78,6 +84,24 @@ def client_address(scope: Scope) -> str:
     """
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
+
+
+def counted_address(address: str) -> str:
+    """Return what a limit per client address counts for `address`.
+
+    That is the address itself for IPv4, and its /64 network for IPv6. An IPv4-mapped
+    IPv6 address (from a dual-stack socket) counts as its IPv4 address.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    network = ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX_LENGTH), strict=False)
+    return str(network)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,12 @@ from mensajero_api.deps import ResourcesDep
 from mensajero_api.resources import Resources
 from mensajero_common.errors import AppError
 from mensajero_common.settings import Settings
-from mensajero_common.throttle import FailureLimit, FailureThrottle, parse_limit_setting
+from mensajero_common.throttle import (
+    FailureLimit,
+    FailureThrottle,
+    counted_address,
+    parse_limit_setting,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -90,7 +95,7 @@ class LoginThrottle:
         While Redis fails, attempts pass: logins keep working, unthrottled.
         """
         throttled = await self._throttle.check(
-            {SCOPE_ACCOUNT: _account_id(email), SCOPE_IP: ip}
+            {SCOPE_ACCOUNT: _account_id(email), SCOPE_IP: counted_address(ip)}
         )
         if throttled is None:
             return
@@ -104,7 +109,7 @@ class LoginThrottle:
 
     async def record_failure(self, email: str, ip: str) -> None:
         await self._throttle.record_failure(
-            {SCOPE_ACCOUNT: _account_id(email), SCOPE_IP: ip}
+            {SCOPE_ACCOUNT: _account_id(email), SCOPE_IP: counted_address(ip)}
         )
 
     async def clear_account(self, email: str) -> None:

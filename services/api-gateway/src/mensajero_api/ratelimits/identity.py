@@ -8,7 +8,7 @@ from starlette.types import Scope
 
 from mensajero_api.auth.security import TokenDecodeError, decode_access_token
 from mensajero_common.settings import Settings
-from mensajero_common.throttle import client_address
+from mensajero_common.throttle import client_address, counted_address
 
 KIND_USER = "user"
 KIND_API_KEY = "api_key"
@@ -34,7 +34,7 @@ def _bearer_token(scope: Scope) -> str | None:
 
 def identify_client(scope: Scope, settings: Settings) -> ClientKey:
     """Return the API key of the request, else the user of a valid bearer token, else
-    the client's IP address.
+    the client's IP address (its /64 network for IPv6).
 
     Nothing here queries the database, so a flood costs no query. An API key counts by
     its SHA-256, so the key itself reaches neither Redis nor the logs, and an unknown key
@@ -55,4 +55,4 @@ def identify_client(scope: Scope, settings: Settings) -> ClientKey:
             pass
         else:
             return ClientKey(KIND_USER, str(claims.user_id))
-    return ClientKey(KIND_IP, client_address(scope))
+    return ClientKey(KIND_IP, counted_address(client_address(scope)))

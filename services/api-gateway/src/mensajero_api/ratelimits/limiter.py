@@ -28,7 +28,7 @@ from mensajero_api.ratelimits.rules import RateLimitRule, RateLimitRules
 from mensajero_common.errors import AppError
 from mensajero_common.keys import RedisKeys
 from mensajero_common.settings import Settings
-from mensajero_common.throttle import client_address, describe_item
+from mensajero_common.throttle import client_address, counted_address, describe_item
 
 logger = structlog.get_logger(__name__)
 
@@ -73,7 +73,8 @@ class RequestRateLimiter:
     def _checks(self, scope: Scope) -> list[tuple[RateLimitRule, str]]:
         checks = []
         if scope.get("method") == "POST" and scope.get("path") in LOGIN_PATHS:
-            checks.append((self.rules.login_per_ip, client_address(scope)))
+            address = counted_address(client_address(scope))
+            checks.append((self.rules.login_per_ip, address))
         client = identify_client(scope, self.settings)
         checks.append((self._rule_for(client), client.value))
         return checks

@@ -11,8 +11,6 @@ failing throttles the others there too. A limit well above what a working phone 
 (it authenticates once per connection and stops after close code 4001) keeps that rare.
 """
 
-import ipaddress
-
 import structlog
 from redis.asyncio import Redis
 
@@ -22,16 +20,13 @@ from mensajero_common.throttle import (
     FailureLimit,
     FailureThrottle,
     Throttled,
+    counted_address,
     parse_limit_setting,
 )
 
 log = structlog.get_logger(__name__)
 
 SCOPE_IP = "ip"
-# Length of the IPv6 prefix counted as one client. A /64 is one IPv6 subnet, in which a
-# host picks addresses of its own (SLAAC, temporary privacy addresses), so counting single
-# addresses would let one host move past the limit.
-IPV6_CLIENT_PREFIX_LENGTH = 64
 
 
 def auth_limit_from_settings(settings: Settings) -> FailureLimit:
@@ -42,24 +37,6 @@ def auth_limit_from_settings(settings: Settings) -> FailureLimit:
             "DEVICE_AUTH_FAILURES_PER_IP", settings.DEVICE_AUTH_FAILURES_PER_IP
         ),
     )
-
-
-def counted_address(address: str) -> str:
-    """Return what the throttle counts for a client address.
-
-    That is the address itself for IPv4, and its /64 network for IPv6. An IPv4-mapped
-    IPv6 address (from a dual-stack socket) counts as its IPv4 address.
-    """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv4Address):
-        return str(ip)
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    network = ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX_LENGTH), strict=False)
-    return str(network)
 
 
 class DeviceAuthThrottle:
