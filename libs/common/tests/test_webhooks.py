@@ -2,13 +2,20 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 
-import httpx
+import httpcore
 import pytest
 
 from mensajero_common.testing import (
+    RebindingDNS,
     WebhookReceiver,
+    free_port,
     serve_app,
+)
+from mensajero_common.webhook_transport import (
+    CheckedNetworkBackend,
+    create_webhook_client,
 )
 from mensajero_common.webhooks import (
     UnsafeWebhookURLError,
@@ -86,7 +93,10 @@ async def test_check_url_target_allows_loopback_when_allowed() -> None:
 
 async def test_post_event_sends_signed_exact_bytes() -> None:
     receiver = WebhookReceiver([204])
-    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+    async with (
+        serve_app(receiver) as base_url,
+        create_webhook_client(allow_private=True) as client,
+    ):
         result = await post_event(
             client,
             url=f"{base_url}/hook",
@@ -114,7 +124,10 @@ async def test_post_event_sends_signed_exact_bytes() -> None:
 
 async def test_post_event_reports_timeout() -> None:
     receiver = WebhookReceiver([200], delay_s=2)
-    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+    async with (
+        serve_app(receiver) as base_url,
+        create_webhook_client(allow_private=True) as client,
+    ):
         result = await post_event(
             client,
             url=f"{base_url}/hook",
@@ -132,7 +145,10 @@ async def test_post_event_reports_timeout() -> None:
 
 async def test_post_event_does_not_follow_redirects() -> None:
     receiver = WebhookReceiver([302])
-    async with serve_app(receiver) as base_url, httpx.AsyncClient() as client:
+    async with (
+        serve_app(receiver) as base_url,
+        create_webhook_client(allow_private=True) as client,
+    ):
         result = await post_event(
             client,
             url=f"{base_url}/hook",
@@ -147,3 +163,120 @@ async def test_post_event_does_not_follow_redirects() -> None:
     assert result.status_code == 302
     assert not result.succeeded
     assert len(receiver.requests) == 1
+
+
+# A global address for the first DNS answer. Nothing connects to it: the URL check
+# consumes that answer, and the connection's lookup gets 127.0.0.1.
+PUBLIC_ADDRESS = "93.184.215.14"
+
+
+async def test_post_event_rejects_host_rebound_to_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    victim = WebhookReceiver([200])
+    async with serve_app(victim) as base_url:
+        port = base_url.rsplit(":", 1)[1]
+        dns = RebindingDNS("hooks.rebind.test", [PUBLIC_ADDRESS, "127.0.0.1"])
+        monkeypatch.setattr(socket, "getaddrinfo", dns)
+        async with create_webhook_client(allow_private=False) as client:
+            result = await post_event(
+                client,
+                url=f"http://hooks.rebind.test:{port}/hook",
+                secret="secret",
+                event_id="evt_1",
+                body=BODY,
+                timeout_s=5,
+                require_https=False,
+                allow_private=False,
+            )
+        monkeypatch.undo()
+
+    assert dns.lookups == 2
+    assert result.status_code is None
+    assert result.error == "private_address"
+    assert victim.requests == []
+
+
+async def test_post_event_reaches_host_name_when_private_allowed() -> None:
+    receiver = WebhookReceiver([204])
+    async with (
+        serve_app(receiver) as base_url,
+        create_webhook_client(allow_private=True) as client,
+    ):
+        port = base_url.rsplit(":", 1)[1]
+        result = await post_event(
+            client,
+            url=f"http://localhost:{port}/hook",
+            secret="secret",
+            event_id="evt_1",
+            body=BODY,
+            timeout_s=5,
+            require_https=False,
+            allow_private=True,
+        )
+
+    assert result.status_code == 204
+    headers, body, _ = receiver.requests[0]
+    assert headers["host"] == f"localhost:{port}"
+    assert body == BODY
+
+
+async def test_post_event_reports_refused_connection() -> None:
+    async with create_webhook_client(allow_private=True) as client:
+        result = await post_event(
+            client,
+            url=f"http://127.0.0.1:{free_port()}/hook",
+            secret="secret",
+            event_id="evt_1",
+            body=BODY,
+            timeout_s=5,
+            require_https=False,
+            allow_private=True,
+        )
+
+    assert result.status_code is None
+    assert result.error == "connection_error: ConnectError"
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [("127.0.0.1", "private_address"), ("10.0.0.7", "private_address")],
+)
+async def test_checked_backend_rejects_private_answer(
+    monkeypatch: pytest.MonkeyPatch, answer: str, reason: str
+) -> None:
+    dns = RebindingDNS("hooks.rebind.test", [answer])
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    backend = CheckedNetworkBackend(allow_private=False)
+
+    with pytest.raises(UnsafeWebhookURLError) as caught:
+        await backend.connect_tcp("hooks.rebind.test", 443, timeout=5)
+
+    assert caught.value.reason == reason
+    assert dns.lookups == 1
+
+
+async def test_checked_backend_rejects_unresolvable_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail_lookup(*args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail_lookup)
+    backend = CheckedNetworkBackend(allow_private=False)
+
+    with pytest.raises(UnsafeWebhookURLError) as caught:
+        await backend.connect_tcp("missing.invalid", 443, timeout=5)
+
+    assert caught.value.reason == "unresolvable_host"
+
+
+async def test_checked_backend_connects_to_loopback_when_allowed() -> None:
+    receiver = WebhookReceiver([200])
+    async with serve_app(receiver) as base_url:
+        port = int(base_url.rsplit(":", 1)[1])
+        backend = CheckedNetworkBackend(allow_private=True)
+        stream = await backend.connect_tcp("localhost", port, timeout=5)
+        await stream.aclose()
+
+    assert isinstance(stream, httpcore.AsyncNetworkStream)

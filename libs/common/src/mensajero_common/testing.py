@@ -184,3 +184,44 @@ class WebhookReceiver:
         """Wait until `count` requests have arrived, or raise TimeoutError."""
         async with asyncio.timeout(scaled(timeout_s)), self.received:
             await self.received.wait_for(lambda: len(self.requests) >= count)
+
+
+class RebindingDNS:
+    """A stand-in for `socket.getaddrinfo` whose answer for one host name changes.
+
+    Install it with `monkeypatch.setattr(socket, "getaddrinfo", dns)`: asyncio's
+    `loop.getaddrinfo`, and so every resolver built on it, calls `socket.getaddrinfo` at
+    each lookup. The n-th lookup of `host` returns `answers[n]` (the last one repeats),
+    and every other host goes to the real `socket.getaddrinfo`. `lookups` counts the
+    lookups of `host`.
+    """
+
+    def __init__(self, host: str, answers: list[str]) -> None:
+        self.host = host
+        self.answers = answers
+        self.lookups = 0
+        self._getaddrinfo = socket.getaddrinfo
+
+    def __call__(
+        self,
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, ...]]:
+        # anyio passes the host name IDNA-encoded, as bytes.
+        name = host.decode() if isinstance(host, bytes) else host
+        if name != self.host:
+            return self._getaddrinfo(host, port, family, type, proto, flags)
+        address = self.answers[min(self.lookups, len(self.answers) - 1)]
+        self.lookups += 1
+        port_number = int(port) if port is not None else 0
+        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sockaddr = (
+            (address, port_number, 0, 0)
+            if address_family == socket.AF_INET6
+            else (address, port_number)
+        )
+        return [(address_family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]

@@ -18,6 +18,7 @@ import ipaddress
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -80,7 +81,11 @@ def verify(secret: str, timestamp: int, body: bytes, signature: str) -> bool:
 
 @dataclass
 class UnsafeWebhookURLError(ValueError):
-    """A webhook URL that may not be used; `reason` is a machine code."""
+    """A webhook URL that may not be used; `reason` is a machine code.
+
+    `url` is the whole URL, except when a connection's resolver rejects the host. That
+    resolver receives only the host name, so `url` is the host name.
+    """
 
     url: str
     reason: str
@@ -115,37 +120,59 @@ def check_url_syntax(url: str, *, require_https: bool) -> tuple[str, int]:
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
+def check_addresses(url: str, addresses: Sequence[str]) -> None:
+    """Raise `private_address` unless `addresses` is not empty and every one is public.
+
+    One private address rejects the whole host, because the client may connect to any of
+    them. An IPv6 zone suffix (`%eth0`) is ignored.
+    """
+    if not addresses:
+        raise UnsafeWebhookURLError(url, "private_address")
+    for address in addresses:
+        if not _is_public(ipaddress.ip_address(address.split("%")[0])):
+            raise UnsafeWebhookURLError(url, "private_address")
+
+
+async def resolve_public_addresses(url: str, host: str, port: int) -> list[str]:
+    """Resolve `host` and return its addresses if every one is public.
+
+    Raises UnsafeWebhookURLError with `unresolvable_host` when the lookup fails, and
+    `private_address` as check_addresses does. An IP address as `host` is checked without
+    a lookup.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        check_addresses(url, [host])
+        return [host]
+
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        raise UnsafeWebhookURLError(url, "unresolvable_host") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    check_addresses(url, addresses)
+    return addresses
+
+
 async def check_url_target(
     url: str, *, require_https: bool, allow_private: bool
 ) -> None:
     """Reject `url` unless every address its host resolves to may be reached.
 
-    NOTE: the host is resolved again when the request connects, so a DNS answer that
-    changes between this check and the connection is not caught here.
+    This check alone does not stop DNS rebinding, because the HTTP client resolves the
+    host again when it connects. The clients that POST webhooks check the addresses of
+    that second lookup too: `webhook_transport.create_webhook_client` for httpx, and the
+    webhook-sender's aiohttp resolver.
     """
     host, port = check_url_syntax(url, require_https=require_https)
     if allow_private:
         return
-
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is not None:
-        addresses = [literal]
-    else:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-        except OSError:
-            raise UnsafeWebhookURLError(url, "unresolvable_host") from None
-        addresses = [
-            ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos
-        ]
-
-    if not addresses or not all(_is_public(address) for address in addresses):
-        raise UnsafeWebhookURLError(url, "private_address")
+    await resolve_public_addresses(url, host, port)
 
 
 @dataclass(frozen=True)
@@ -206,7 +233,8 @@ async def post_event(
     """POST one signed event to `url` and return what happened; never raises for the network.
 
     Redirects are not followed, so a public URL cannot bounce the request to a private one.
-    The webhook-sender posts through its own aiohttp client
+    Only a `client` from `webhook_transport.create_webhook_client` checks the addresses it
+    connects to. The webhook-sender posts through its own aiohttp client
     (`mensajero_webhooks.delivery.http_client`) with the same checks and headers.
     """
     clock = AttemptClock()
@@ -225,6 +253,9 @@ async def post_event(
             timeout=timeout_s,
             follow_redirects=False,
         )
+    except UnsafeWebhookURLError as error:
+        # A client from create_webhook_client rejected the addresses of its own lookup.
+        return clock.result(error=error.reason)
     except httpx.TimeoutException:
         return clock.result(error="timeout")
     except httpx.HTTPError as error:
