@@ -1,5 +1,6 @@
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
@@ -7,16 +8,18 @@ import pytest
 
 from mensajero_common.settings import Settings
 from mensajero_common.testing import (
+    RebindingDNS,
     WebhookReceiver,
     answer_lifespan,
     free_port,
     scaled,
     serve_app,
 )
-from mensajero_common.webhooks import AttemptResult, verify
+from mensajero_common.webhooks import AttemptResult, UnsafeWebhookURLError, verify
 from mensajero_webhooks.delivery.http_client import (
     MAX_RESPONSE_BODY_BYTES,
     USER_AGENT,
+    PublicAddressResolver,
     create_http_session,
     post_event,
 )
@@ -257,3 +260,72 @@ async def test_post_event_rejects_unsafe_url(
     assert result.status_code is None
     assert result.error == error
     assert receiver.requests == []
+
+
+# A global address for the first DNS answer. Nothing connects to it: the URL check
+# consumes that answer, and the connection's lookup gets 127.0.0.1.
+PUBLIC_ADDRESS = "93.184.215.14"
+
+
+async def test_post_event_rejects_host_rebound_to_loopback(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked_settings = settings.model_copy(update={"WEBHOOK_ALLOW_PRIVATE_URLS": False})
+    victim = WebhookReceiver([200])
+    async with serve_app(victim) as base_url:
+        port = base_url.rsplit(":", 1)[1]
+        dns = RebindingDNS("hooks.rebind.test", [PUBLIC_ADDRESS, "127.0.0.1"])
+        monkeypatch.setattr(socket, "getaddrinfo", dns)
+        [result] = await post(
+            checked_settings,
+            f"http://hooks.rebind.test:{port}/hook",
+            allow_private=False,
+        )
+        monkeypatch.undo()
+
+    assert dns.lookups == 2
+    assert result.status_code is None
+    assert result.error == "private_address"
+    assert victim.requests == []
+
+
+async def test_post_event_reaches_host_name_when_private_allowed(
+    settings: Settings,
+) -> None:
+    allowed_settings = settings.model_copy(update={"WEBHOOK_ALLOW_PRIVATE_URLS": True})
+    receiver = WebhookReceiver([204])
+    async with serve_app(receiver) as base_url:
+        port = base_url.rsplit(":", 1)[1]
+        [result] = await post(allowed_settings, f"http://localhost:{port}/hook")
+
+    assert result.status_code == 204
+    headers, body, _ = receiver.requests[0]
+    assert headers["host"] == f"localhost:{port}"
+    assert body == BODY
+
+
+async def test_public_address_resolver_rejects_any_private_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dns = RebindingDNS("hooks.rebind.test", ["127.0.0.1"])
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    resolver = PublicAddressResolver()
+
+    with pytest.raises(UnsafeWebhookURLError) as caught:
+        await resolver.resolve("hooks.rebind.test", 443)
+
+    assert caught.value.reason == "private_address"
+    assert caught.value.url == "hooks.rebind.test"
+
+
+async def test_public_address_resolver_returns_public_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dns = RebindingDNS("hooks.rebind.test", [PUBLIC_ADDRESS])
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    resolver = PublicAddressResolver()
+
+    results = await resolver.resolve("hooks.rebind.test", 443)
+
+    assert [result["host"] for result in results] == [PUBLIC_ADDRESS]
+    assert [result["port"] for result in results] == [443]

@@ -6,15 +6,25 @@ of docs/benchmarks.md, httpx 0.29's transport (httpcore 1.0.9 on anyio) used 1.1
 1.7 ms per POST and aiohttp 3.14 about 0.06 ms. The pool keeps what the httpx transport
 guaranteed: redirects are not followed, cookies are never stored, the certificate
 authorities are httpx's, and no request is logged.
+
+Unless private URLs are allowed, the pool resolves host names with PublicAddressResolver,
+so every connection, pooled ones included, goes only to addresses that passed the same
+check as `check_url_target`. A DNS answer that changes after that check therefore cannot
+reach a private address.
 """
+
+import socket
 
 import aiohttp
 import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from mensajero_common.settings import Settings
 from mensajero_common.webhooks import (
     AttemptClock,
     AttemptResult,
+    UnsafeWebhookURLError,
+    check_addresses,
     check_attempt_url,
     signature_headers,
 )
@@ -29,19 +39,49 @@ KEEPALIVE_EXPIRY_S = 5.0
 MAX_RESPONSE_BODY_BYTES = 64 * 1024
 
 
+class PublicAddressResolver(AbstractResolver):
+    """Resolve with aiohttp's ThreadedResolver; reject a host with any non-public address.
+
+    A rejection raises UnsafeWebhookURLError(`private_address`) from the connection
+    attempt, and aiohttp does not cache it. The connector caches accepted answers for its
+    DNS cache TTL (10 s by default in aiohttp 3.14) and connects only to those. aiohttp
+    does not call the resolver for a URL whose host is an IP address, so
+    `check_url_target` is what checks such a URL.
+    """
+
+    def __init__(self) -> None:
+        # aiohttp's default resolver too, unless aiodns is installed.
+        self._resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        check_addresses(host, [result["host"] for result in results])
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
 def create_http_session(settings: Settings) -> aiohttp.ClientSession:
     """Open the connection pool: WEBHOOK_CONCURRENCY connections, shared by every webhook.
 
     Cookies are neither stored nor sent, so a cookie that one user's endpoint sets never
     reaches another user's webhook on the same host. Proxy variables are ignored. Responses
-    are not decompressed, because the sender never looks at their bodies.
+    are not decompressed, because the sender never looks at their bodies. Unless
+    `webhook_private_urls_allowed`, host names are resolved with PublicAddressResolver.
     """
+    resolver = (
+        None if settings.webhook_private_urls_allowed else PublicAddressResolver()
+    )
     connector = aiohttp.TCPConnector(
         limit=settings.WEBHOOK_CONCURRENCY,
         keepalive_timeout=KEEPALIVE_EXPIRY_S,
         # The certificate authorities httpx trusts: certifi's bundle, or SSL_CERT_FILE or
         # SSL_CERT_DIR when set.
         ssl=httpx.create_ssl_context(),
+        resolver=resolver,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -66,9 +106,11 @@ async def post_event(
 ) -> AttemptResult:
     """POST one signed event to `url` and return what happened; never raises for the network.
 
-    `url` is checked with `check_url_target` first. Redirects are not followed, so a public
-    URL cannot bounce the request to a private one. `timeout_s` bounds the request from
-    connecting to the end of the response body, but not the URL check's DNS lookup.
+    `url` is checked with `check_url_target` first, and a session from
+    create_http_session checks the addresses of each new connection again. Redirects are
+    not followed, so a public URL cannot bounce the request to a private one. `timeout_s`
+    bounds the request from connecting to the end of the response body, but not the URL
+    check's DNS lookup.
     """
     clock = AttemptClock()
     rejected = await check_attempt_url(
@@ -88,6 +130,9 @@ async def post_event(
         ) as response:
             await _discard_body(response)
             status_code = response.status
+    except UnsafeWebhookURLError as error:
+        # PublicAddressResolver rejected the addresses of the lookup for this connection.
+        return clock.result(error=error.reason)
     except TimeoutError:
         # aiohttp's ServerTimeoutError is a TimeoutError too.
         return clock.result(error="timeout")
