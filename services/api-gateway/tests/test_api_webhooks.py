@@ -1,6 +1,8 @@
+import socket
 import uuid
 from typing import Any
 
+import pytest
 from api_test_helpers import MakeUser, count_rows
 from httpx import ASGITransport, AsyncClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -8,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from mensajero_api.main import create_app
 from mensajero_common.models import WebhookConfig, WebhookDelivery
 from mensajero_common.settings import Settings
-from mensajero_common.testing import WebhookReceiver, serve_app
+from mensajero_common.testing import RebindingDNS, WebhookReceiver, serve_app
 from mensajero_common.webhooks import verify
 
 SessionFactory = async_sessionmaker[AsyncSession]
@@ -238,6 +240,47 @@ async def test_webhook_test_reports_connection_error(
     assert tested.json()["data"]["success"] is False
     assert tested.json()["data"]["status_code"] is None
     assert tested.json()["data"]["error"].startswith("connection_error")
+
+
+async def test_webhook_test_rejects_host_rebound_to_loopback(
+    settings: Settings, make_user: MakeUser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    production_like = settings.model_copy(update={"WEBHOOK_ALLOW_PRIVATE_URLS": False})
+    application = create_app(production_like)
+    owner = await make_user()
+    victim = WebhookReceiver([200])
+    async with (
+        serve_app(victim) as base_url,
+        application.router.lifespan_context(application),
+        AsyncClient(
+            transport=ASGITransport(app=application), base_url="http://testserver"
+        ) as private_client,
+    ):
+        port = base_url.rsplit(":", 1)[1]
+        # Saving the webhook and the test's URL check get a public answer. Nothing
+        # connects to it, because the test's connection gets 127.0.0.1.
+        dns = RebindingDNS(
+            "hooks.rebind.test", ["93.184.215.14", "93.184.215.14", "127.0.0.1"]
+        )
+        monkeypatch.setattr(socket, "getaddrinfo", dns)
+        created = await private_client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": f"http://hooks.rebind.test:{port}/hook"},
+            headers=owner.headers,
+        )
+        tested = await private_client.post(
+            f"/api/v1/sms/webhooks/{created.json()['data']['id']}/test",
+            headers=owner.headers,
+        )
+        monkeypatch.undo()
+
+    assert created.status_code == 201
+    assert dns.lookups == 3
+    assert tested.status_code == 200
+    assert tested.json()["data"]["success"] is False
+    assert tested.json()["data"]["status_code"] is None
+    assert tested.json()["data"]["error"] == "private_address"
+    assert victim.requests == []
 
 
 async def test_deliveries_walk_by_cursor(

@@ -3,7 +3,6 @@
 import uuid
 from typing import Annotated
 
-import httpx
 from fastapi import APIRouter, Query, status
 
 from mensajero_api.deps import CurrentUser, LanguageDep, SessionDep, SettingsDep
@@ -20,6 +19,7 @@ from mensajero_api.webhooks.schemas import (
     WebhookWithSecret,
 )
 from mensajero_common.i18n import translate
+from mensajero_common.webhook_transport import create_webhook_client
 
 router = APIRouter(prefix="/api/v1/sms/webhooks", tags=["webhooks"])
 
@@ -112,7 +112,9 @@ async def test_webhook(
     This endpoint returns 200 whatever the webhook endpoint did: `success`, `status_code`,
     `duration_ms`, and `error` when no response came. The test also appears in the log.
     """
-    async with httpx.AsyncClient() as http:
+    async with create_webhook_client(
+        allow_private=settings.webhook_private_urls_allowed
+    ) as http:
         outcome = await service.send_test_event(
             session, settings, http, user, webhook_id
         )
