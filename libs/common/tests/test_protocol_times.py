@@ -14,7 +14,8 @@ def test_incoming_rejects_impossible_timestamp(timestamp: str) -> None:
         parse_client_frame(raw)
 
     assert caught.value.code == "invalid_frame"
-    assert "timestamp" in caught.value.params["reason"]
+    assert caught.value.params["reason"] == "invalid_fields"
+    assert caught.value.params["fields"][0]["field"] == "timestamp"
 
 
 def test_incoming_reads_time_without_offset_as_utc() -> None:

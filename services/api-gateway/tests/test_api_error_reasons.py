@@ -11,6 +11,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.main import create_app
+from mensajero_common import protocol
 from mensajero_common.i18n import REASONS
 from mensajero_common.models import UserApiKey
 from mensajero_common.settings import Environment, Settings
@@ -356,6 +357,13 @@ def test_every_reason_has_both_languages() -> None:
             "private_address",
         },
         "invalid_webhook_secret": {"length", "whsec_not_base64"},
+        # The device protocol's codes, except the one its message spells out itself.
+        "invalid_frame": {
+            value
+            for name, value in vars(protocol).items()
+            if name.startswith("INVALID_FRAME_")
+            and value != protocol.INVALID_FRAME_FIELDS
+        },
     }
 
     assert {key: set(phrases) for key, phrases in REASONS.items()} == expected_reasons

@@ -71,7 +71,8 @@ async def test_binary_frame_gets_error(hub_url: str, session_factory: Sessions) 
 
     assert error["type"] == "error"
     assert error["error"] == "invalid_frame"
-    assert "binary" in error["message"]
+    assert error["reason"] == "binary_frame"
+    assert "binarias" in error["message"]
     assert pong["type"] == "pong"
 
 
@@ -91,6 +92,88 @@ async def test_error_message_follows_accept_language(
 
     assert english["message"] == "Unknown frame type: selfie"
     assert spanish["message"] == "Tipo de trama desconocido: selfie"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "spanish", "english"),
+    [
+        ("{not json", "not_json", "no es JSON válido", "it is not valid JSON"),
+        (
+            '["a", "list"]',
+            "not_object",
+            "una trama debe ser un objeto JSON",
+            "a frame must be a JSON object",
+        ),
+        ('{"no_type": 1}', "missing_type", "falta el campo 'type'", "is missing"),
+        (
+            '{"type": "ping", "request_id": "a\\u0000b"}',
+            "nul_character",
+            "carácter NUL",
+            "NUL character",
+        ),
+        (
+            '{"type": "register", "protocol_version": 99999999999}',
+            "number_out_of_range",
+            "entre -2147483648 y 2147483647",
+            "between -2147483648 and 2147483647",
+        ),
+        (
+            '{"type": "sms_incoming", "body": "Hola", "from": "' + "7" * 40 + '"}',
+            "sender_length",
+            "'from' debe tener de 1 a 32 caracteres",
+            "'from' must be 1 to 32 characters",
+        ),
+    ],
+)
+async def test_invalid_frame_reason_localized(
+    hub_url: str,
+    session_factory: Sessions,
+    raw: str,
+    reason: str,
+    spanish: str,
+    english: str,
+) -> None:
+    device = await create_device(session_factory)
+    english_headers = {"Accept-Language": "en"}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await socket.send(raw)
+        in_spanish = await receive(socket)
+    async with open_socket(
+        hub_url, device.api_key, additional_headers=english_headers
+    ) as socket:
+        await socket.send(raw)
+        in_english = await receive(socket)
+
+    assert in_spanish["error"] == "invalid_frame"
+    assert in_spanish["reason"] == reason
+    assert in_spanish["message"].startswith("Trama no válida: ")
+    assert spanish in in_spanish["message"]
+    assert in_english["reason"] == reason
+    assert in_english["message"].startswith("Invalid frame: ")
+    assert english in in_english["message"]
+
+
+async def test_invalid_fields_listed_and_localized(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    frame = {"type": "sms_report", "message_id": "nope", "status": "sent"}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        in_spanish = await request(socket, frame)
+    async with open_socket(
+        hub_url, device.api_key, additional_headers={"Accept-Language": "en"}
+    ) as socket:
+        in_english = await request(socket, frame)
+
+    assert in_spanish["reason"] == "invalid_fields"
+    assert in_spanish["fields"] == [{"field": "message_id", "type": "uuid_parsing"}]
+    assert in_spanish["message"].startswith(
+        "Trama no válida: message_id: Debe ser un UUID"
+    )
+    assert in_english["fields"] == in_spanish["fields"]
+    assert in_english["message"].startswith("Invalid frame: message_id: Must be a UUID")
 
 
 async def test_too_many_errors_close_connection(

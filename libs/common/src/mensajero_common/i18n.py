@@ -8,6 +8,7 @@ For the messages that REASONS lists, `{reason}` becomes a localized phrase in pl
 the reason's machine code. The code itself stays in the `reason` field of the error body.
 """
 
+import contextlib
 from typing import Any
 
 SUPPORTED_LANGUAGES = ("es", "en")
@@ -259,8 +260,6 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Demasiadas autenticaciones fallidas desde esta dirección. Inténtalo de nuevo en {retry_after} s.",
         "en": "Too many failed authentications from this address. Try again in {retry_after} s.",
     },
-    # NOTE: {reason} here is English text from mensajero_common.protocol, not a code, so
-    # the Spanish message still ends in English.
     "invalid_frame": {
         "es": "Trama no válida: {reason}",
         "en": "Invalid frame: {reason}",
@@ -365,6 +364,33 @@ REASONS: dict[str, dict[str, dict[str, str]]] = {
             "en": "it is not a valid number in that country",
         },
     },
+    "invalid_frame": {
+        "not_json": {"es": "no es JSON válido", "en": "it is not valid JSON"},
+        "not_object": {
+            "es": "una trama debe ser un objeto JSON",
+            "en": "a frame must be a JSON object",
+        },
+        "missing_type": {
+            "es": "falta el campo 'type'",
+            "en": "the field 'type' is missing",
+        },
+        "nul_character": {
+            "es": "un texto no puede contener el carácter NUL",
+            "en": "text must not contain the NUL character",
+        },
+        "number_out_of_range": {
+            "es": "los números deben estar entre -2147483648 y 2147483647",
+            "en": "numbers must be between -2147483648 and 2147483647",
+        },
+        "binary_frame": {
+            "es": "no se admiten tramas binarias: envía JSON en tramas de texto",
+            "en": "binary frames are not supported: send JSON in text frames",
+        },
+        "sender_length": {
+            "es": "'from' debe tener de 1 a {max_length} caracteres",
+            "en": "'from' must be 1 to {max_length} characters",
+        },
+    },
     "invalid_user_api_key": {
         "unknown": {"es": "no existe", "en": "it does not exist"},
         "revoked": {"es": "fue revocada", "en": "it was revoked"},
@@ -456,14 +482,21 @@ def reason_phrase(key: str, reason: str, language: str) -> str:
 def translate(key: str, language: str, **params: Any) -> str:
     """Return the message `key` in `language`, formatted with `params`.
 
-    A string `reason` param of a message that REASONS lists is replaced by its phrase.
+    A string `reason` param of a message that REASONS lists is replaced by its phrase,
+    formatted with `params` too.
     """
     templates = MESSAGES.get(key)
     if templates is None:
         return key
     reason = params.get("reason")
     if key in REASONS and isinstance(reason, str):
-        params["reason"] = reason_phrase(key, reason, language)
+        phrase = reason_phrase(key, reason, language)
+        # A listed phrase may name other params, such as a limit. Any other reason is
+        # text from elsewhere and is never formatted.
+        if reason in REASONS[key]:
+            with contextlib.suppress(KeyError, IndexError, ValueError):
+                phrase = phrase.format(**params)
+        params["reason"] = phrase
     template = templates.get(language) or templates["en"]
     try:
         return template.format(**params)

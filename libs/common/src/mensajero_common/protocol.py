@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from mensajero_common import jsonutil
 
@@ -59,9 +60,15 @@ def _check_received_time(value: datetime | None) -> datetime | None:
         # A time without an offset is read as UTC, the zone the protocol uses.
         value = value.replace(tzinfo=UTC)
     if value < EARLIEST_RECEIVED_TIME:
-        raise ValueError("must not be before 2000-01-01")
+        raise PydanticCustomError(
+            "received_time_too_early",
+            "must not be before {earliest}",
+            {"earliest": EARLIEST_RECEIVED_TIME.date().isoformat()},
+        )
     if value > datetime.now(UTC) + MAX_CLOCK_AHEAD:
-        raise ValueError("must not be more than a day in the future")
+        raise PydanticCustomError(
+            "received_time_too_late", "must not be more than a day in the future"
+        )
     return value
 
 
@@ -97,9 +104,13 @@ class SmsReportFrame(_ClientFrame):
     @model_validator(mode="after")
     def _check_part(self) -> "SmsReportFrame":
         if (self.part is None) != (self.parts is None):
-            raise ValueError("'part' and 'parts' go together")
+            raise PydanticCustomError(
+                "report_part_without_parts", "'part' and 'parts' go together"
+            )
         if self.part is not None and self.parts is not None and self.part > self.parts:
-            raise ValueError("'part' must not exceed 'parts'")
+            raise PydanticCustomError(
+                "report_part_past_parts", "'part' must not exceed 'parts'"
+            )
         return self
 
 
@@ -124,6 +135,19 @@ CLIENT_FRAME_TYPES = frozenset({"register", "sms_report", "sms_incoming", "ping"
 _client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
 
 
+# Reasons of an `invalid_frame` error, sent as its `reason` field. Their messages are in
+# mensajero_common.i18n.REASONS.
+INVALID_FRAME_NOT_JSON = "not_json"
+INVALID_FRAME_NOT_OBJECT = "not_object"
+INVALID_FRAME_MISSING_TYPE = "missing_type"
+INVALID_FRAME_NUL_CHARACTER = "nul_character"
+INVALID_FRAME_NUMBER_OUT_OF_RANGE = "number_out_of_range"
+INVALID_FRAME_BINARY = "binary_frame"
+INVALID_FRAME_SENDER_LENGTH = "sender_length"
+# The frame's fields failed validation, and the error's `fields` lists each problem.
+INVALID_FRAME_FIELDS = "invalid_fields"
+
+
 class FrameError(ValueError):
     """A client frame that cannot be applied; `code` is the machine code sent back."""
 
@@ -136,12 +160,30 @@ class FrameError(ValueError):
         super().__init__(f"{code}: {params}")
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:3]:
+# Field problems reported for an invalid frame, at most.
+MAX_FIELD_PROBLEMS = 3
+
+
+def _field_problems(error: ValidationError) -> list[dict[str, Any]]:
+    """Return the first problems of a frame's validation: field, pydantic type, ctx and
+    pydantic's English message, which stays for a type that has no translation."""
+    problems = []
+    for item in error.errors()[:MAX_FIELD_PROBLEMS]:
         location = ".".join(str(part) for part in item["loc"][1:] or item["loc"])
-        parts.append(f"{location}: {item['msg']}")
-    return "; ".join(parts)
+        context = {
+            name: value
+            for name, value in (item.get("ctx") or {}).items()
+            if isinstance(value, str | int | float)
+        }
+        problems.append(
+            {
+                "field": location,
+                "type": item["type"],
+                "ctx": context,
+                "message": item["msg"],
+            }
+        )
+    return problems
 
 
 # Integers of client frames go into Postgres `integer` columns (4 bytes, signed).
@@ -150,19 +192,19 @@ MAX_FRAME_INTEGER = 2**31 - 1
 
 
 def _find_unstorable_value(value: Any) -> str | None:
-    """Describe the first value Postgres could not store, or return None.
+    """Return the reason of the first value Postgres could not store, or None.
 
     Postgres text cannot hold NUL (JSON can, as "\\u0000"), and a number past the
     integer columns would fail in the database instead of getting an `error` frame.
     """
     if isinstance(value, str):
-        return "text must not contain the NUL character" if "\x00" in value else None
+        return INVALID_FRAME_NUL_CHARACTER if "\x00" in value else None
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float) and not (
         MIN_FRAME_INTEGER <= value <= MAX_FRAME_INTEGER
     ):
-        return f"numbers must be between {MIN_FRAME_INTEGER} and {MAX_FRAME_INTEGER}"
+        return INVALID_FRAME_NUMBER_OUT_OF_RANGE
     children: Any = ()
     if isinstance(value, dict):
         children = [*value.keys(), *value.values()]
@@ -182,9 +224,9 @@ def parse_client_frame(
     try:
         data = jsonutil.loads(raw)
     except jsonutil.JSONDecodeError:
-        raise FrameError("invalid_frame", reason="not valid JSON") from None
+        raise FrameError("invalid_frame", reason=INVALID_FRAME_NOT_JSON) from None
     if not isinstance(data, dict):
-        raise FrameError("invalid_frame", reason="a frame must be a JSON object")
+        raise FrameError("invalid_frame", reason=INVALID_FRAME_NOT_OBJECT)
 
     request_id = (
         data.get("request_id") if isinstance(data.get("request_id"), str) else None
@@ -192,7 +234,7 @@ def parse_client_frame(
     frame_type = data.get("type")
     if not isinstance(frame_type, str):
         raise FrameError(
-            "invalid_frame", request_id=request_id, reason="missing field 'type'"
+            "invalid_frame", request_id=request_id, reason=INVALID_FRAME_MISSING_TYPE
         )
     if frame_type not in CLIENT_FRAME_TYPES:
         raise FrameError(
@@ -206,7 +248,10 @@ def parse_client_frame(
         return _client_frame_adapter.validate_python(data)
     except ValidationError as error:
         raise FrameError(
-            "invalid_frame", request_id=request_id, reason=_describe(error)
+            "invalid_frame",
+            request_id=request_id,
+            reason=INVALID_FRAME_FIELDS,
+            fields=_field_problems(error),
         ) from None
 
 

@@ -312,6 +312,23 @@ VALIDATION_MESSAGES: dict[str, dict[str, str]] = {
         "es": "Falta 'body': es obligatorio con 'recipients'.",
         "en": "'body' is required with 'recipients'.",
     },
+    # Types that the device protocol's validators raise with PydanticCustomError.
+    "received_time_too_early": {
+        "es": "No puede ser anterior a {earliest}.",
+        "en": "Must not be before {earliest}.",
+    },
+    "received_time_too_late": {
+        "es": "No puede estar más de un día en el futuro.",
+        "en": "Must not be more than a day in the future.",
+    },
+    "report_part_without_parts": {
+        "es": "'part' y 'parts' van juntos.",
+        "en": "'part' and 'parts' go together.",
+    },
+    "report_part_past_parts": {
+        "es": "'part' no puede superar 'parts'.",
+        "en": "'part' must not exceed 'parts'.",
+    },
 }
 
 # Phrases for the `reason` in the ctx of a custom type: type, then reason, then language.

@@ -11,6 +11,7 @@ from typing import Any
 
 from mensajero_common import protocol
 from mensajero_common.i18n import translate
+from mensajero_common.validation_messages import translate_validation_error
 
 # Close reasons, at most 123 bytes each as RFC 6455 allows.
 REASON_INVALID_API_KEY = {
@@ -93,9 +94,35 @@ def error_reply(
     details: dict[str, Any] | None = None,
     **params: Any,
 ) -> dict[str, Any]:
-    """Build an `error` frame whose message is in the connection's language."""
+    """Build an `error` frame whose message is in the connection's language.
+
+    An `invalid_frame` error also carries its `reason` code, and for invalid fields,
+    `fields`: the field and pydantic error type of each problem.
+    """
+    details = dict(details or {})
+    if code == "invalid_frame":
+        details["reason"] = params.get("reason")
+        problems = params.pop("fields", None)
+        if problems:
+            params["reason"] = describe_field_problems(problems, language)
+            details["fields"] = [
+                {"field": problem["field"], "type": problem["type"]}
+                for problem in problems
+            ]
     message = translate(code, language, **params)
-    return protocol.error_frame(code, message, request_id=request_id, **(details or {}))
+    return protocol.error_frame(code, message, request_id=request_id, **details)
+
+
+def describe_field_problems(problems: list[dict[str, Any]], language: str) -> str:
+    """Return a frame's field problems in `language`, as "field: message; field: message".
+
+    A pydantic error type without a translation keeps pydantic's English message.
+    """
+    parts = []
+    for problem in problems:
+        message = translate_validation_error(problem["type"], language, problem["ctx"])
+        parts.append(f"{problem['field']}: {message or problem['message']}")
+    return "; ".join(parts)
 
 
 def register_ack(

@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from mensajero_common import queues, webhook_outbox, webhooks
+from mensajero_common import protocol, queues, webhook_outbox, webhooks
 from mensajero_common.apikeys import hash_api_key
 from mensajero_common.db import session_scope
 from mensajero_common.keys import RedisKeys
@@ -252,7 +252,8 @@ class DeviceService:
             raise FrameRejectedError(
                 "invalid_frame",
                 request_id=frame.request_id,
-                reason=f"'from' must be 1 to {MAX_NUMBER_LENGTH} characters",
+                reason=protocol.INVALID_FRAME_SENDER_LENGTH,
+                max_length=MAX_NUMBER_LENGTH,
             )
         return sender
 

@@ -215,10 +215,7 @@ class DeviceSession:
             return
         self._debug("binary frame rejected", size_bytes=size_bytes)
         await self._reject(
-            FrameRejectedError(
-                "invalid_frame",
-                reason="binary frames are not supported; send JSON in text frames",
-            )
+            FrameRejectedError("invalid_frame", reason=protocol.INVALID_FRAME_BINARY)
         )
 
     async def _admit(self, now_s: float) -> bool:
