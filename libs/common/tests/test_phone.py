@@ -155,3 +155,10 @@ def test_plain_validation_matches_parse() -> None:
         "invalid_length",
     }
     assert min(outcomes.values()) > 100, outcomes
+
+
+@pytest.mark.parametrize(
+    "number", ["＋34 611 22 33 44", "＋３４６１１２２３３４４", "+٣٤٦١١٢٢٣٣٤٤"]
+)
+def test_normalize_e164_reads_other_scripts(number: str) -> None:
+    assert normalize_e164(number) == "+34611223344"

@@ -129,6 +129,42 @@ async def test_incoming_keeps_short_codes_and_names(
     assert senders == {"Movistar", "22777"}
 
 
+async def test_incoming_counts_segments_and_encoding(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, incoming("+34611223344", "Hola", "plain"))
+        await request(socket, incoming("+34611223344", "Hola 😀 مرحبا", "emoji"))
+        await request(socket, incoming("+34611223344", "a" * 161, "long"))
+
+    rows = {
+        row.external_id: row
+        for row in await incoming_rows(session_factory, device.device_id)
+    }
+    assert (rows["plain"].encoding, rows["plain"].segments) == ("gsm7", 1)
+    assert (rows["emoji"].encoding, rows["emoji"].segments) == ("ucs2", 1)
+    assert (rows["long"].encoding, rows["long"].segments) == ("gsm7", 2)
+
+
+async def test_incoming_reads_other_scripts_senders(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    # A fullwidth plus and fullwidth or Arabic-Indic digits, as some phones write them.
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, incoming("＋３４６１１２２３３４４", "Hola", "fullwidth"))
+        await request(socket, incoming("+٣٤٦١١٢٢٣٣٤٤", "Hola", "arabic"))
+
+    senders = [
+        row.from_number
+        for row in await incoming_rows(session_factory, device.device_id)
+    ]
+    assert senders == ["+34611223344", "+34611223344"]
+
+
 async def test_incoming_without_timestamp_uses_now(
     hub_url: str, session_factory: Sessions
 ) -> None:

@@ -43,6 +43,9 @@ _POSSIBILITY_REASONS = {
 }
 
 MAX_INPUT_LENGTH = 64
+# Signs that start an international number: "+", and the fullwidth plus that some
+# keyboards and phones write, which phonenumbers reads the same way.
+PLUS_SIGNS = ("+", "\uff0b")
 
 # A number written as E.164 spells it: "+", then ASCII digits only, the first not 0.
 _PLAIN_E164 = re.compile(r"\+[1-9][0-9]{2,19}")
@@ -56,19 +59,21 @@ _MAX_NATIONAL_DIGITS = 17
 def normalize_e164(number: str, default_region: str | None = None) -> str:
     """Return `number` in E.164 form, or raise PhoneNumberError.
 
-    A number with a leading "+" is read as international. Any other number is read as a
-    national number of `default_region`, and rejected with reason `missing_country_code`
-    when there is no region, rather than guessed into some country.
+    A number with a leading "+" (or a fullwidth "＋") is read as international. Any
+    other number is read as a national number of `default_region`, and rejected with
+    reason `missing_country_code` when there is no region, rather than guessed into
+    some country.
     """
     raw = number.strip()
     if not raw or len(raw) > MAX_INPUT_LENGTH:
         raise PhoneNumberError(number, "not_a_number")
 
     region = default_region.upper() if default_region else None
-    if not raw.startswith("+") and region is None:
+    international = raw.startswith(PLUS_SIGNS)
+    if not international and region is None:
         raise PhoneNumberError(number, "missing_country_code")
     try:
-        return _parse_e164(raw, None if raw.startswith("+") else region)
+        return _parse_e164(raw, None if international else region)
     except PhoneNumberError as error:
         raise PhoneNumberError(number, error.reason) from None
 

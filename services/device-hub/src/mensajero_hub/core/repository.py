@@ -30,6 +30,7 @@ from mensajero_common.models import (
     MessageType,
     SMSMessage,
 )
+from mensajero_common.segments import count_segments
 from mensajero_common.status import TIMESTAMP_COLUMNS, predecessors
 
 _messages = cast(Table, SMSMessage.__table__)
@@ -356,6 +357,7 @@ async def insert_incoming(
     sms_id: str | None,
 ) -> uuid.UUID | None:
     """Insert an incoming SMS; return its id, or None when this `sms_id` is stored already."""
+    segment_info = count_segments(body)
     values = {
         "id": uuid.uuid4(),
         "device_id": device_id,
@@ -365,6 +367,8 @@ async def insert_incoming(
         "from_number": from_number,
         "to_number": to_number,
         "body": body,
+        "segments": segment_info.segments,
+        "encoding": segment_info.encoding,
         "received_at": received_at,
         "external_id": sms_id,
     }

@@ -20,7 +20,7 @@ from mensajero_common.apikeys import hash_api_key
 from mensajero_common.db import session_scope
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import MessageStatus
-from mensajero_common.phone import PhoneNumberError, normalize_e164
+from mensajero_common.phone import PLUS_SIGNS, PhoneNumberError, normalize_e164
 from mensajero_common.protocol import RegisterFrame, SmsIncomingFrame, SmsReportFrame
 from mensajero_common.settings import Settings
 from mensajero_common.throttle import FailureLimit
@@ -245,7 +245,7 @@ class DeviceService:
         try:
             # Senders are read as international numbers only: a national-looking short
             # code would otherwise be turned into some country's number.
-            sender = normalize_e164(raw) if raw.startswith("+") else raw
+            sender = normalize_e164(raw) if raw.startswith(PLUS_SIGNS) else raw
         except PhoneNumberError:
             sender = raw
         if not sender or len(sender) > MAX_NUMBER_LENGTH:
