@@ -72,7 +72,7 @@ async def measure_storage(run: "Run") -> None:
     )
 
     say("baseline: Postgres")
-    owner = await raw.create_raw_table(data.dsn)
+    owner = await raw.create_raw_table(data.dsn, mode.senders)
     run.baselines["postgres_insert_commit"] = await raw.postgres_insert_commit_rate(
         data.dsn, owner, API_DB_CONNECTIONS, mode.measure_s
     )

@@ -2,7 +2,7 @@
 
 They use the clients the services use (redis-py asyncio with hiredis, asyncpg) and the
 same payloads: a new-message stream entry, and a row with the columns the API inserts
-into a copy of `smsmessage` with the same indexes and foreign keys, owned by a real user.
+into a copy of `smsmessage` with the same indexes and foreign keys, owned by real users.
 """
 
 import asyncio
@@ -39,10 +39,19 @@ _COLUMNS = (
 
 @dataclass(frozen=True)
 class RawOwner:
-    """The user and the bulk task that the baseline rows belong to, as the API's do."""
+    """The users and the bulk task that the baseline rows belong to, as the API's do.
 
-    user_id: uuid.UUID
+    Single rows are spread over the users like the benchmark's sends, because each
+    insert locks its user's row for its foreign key check. The bulk task belongs to the
+    first user.
+    """
+
+    user_ids: tuple[uuid.UUID, ...]
     bulk_id: uuid.UUID
+
+    @property
+    def bulk_user_id(self) -> uuid.UUID:
+        return self.user_ids[0]
 
 
 def message_row(
@@ -121,14 +130,16 @@ async def redis_xadd_to_reader_latency(
 # Postgres.
 
 
-async def create_raw_table(dsn: str) -> RawOwner:
-    """Create the baseline tables, and the user and bulk task that own their rows.
+async def create_raw_table(dsn: str, users: int) -> RawOwner:
+    """Create the baseline tables, and the users and bulk task that own their rows.
 
     LIKE copies columns, defaults and indexes but no foreign key, so those of
     `smsmessage` are added to RAW_TABLE: Postgres checks each of them on every row the
     API inserts (about 7 ms for 1000 rows on the benchmark machine).
     """
-    owner = RawOwner(user_id=uuid.uuid4(), bulk_id=uuid.uuid4())
+    owner = RawOwner(
+        user_ids=tuple(uuid.uuid4() for _ in range(users)), bulk_id=uuid.uuid4()
+    )
     connection = await asyncpg.connect(dsn)
     try:
         for table in (RAW_TABLE, RAW_TABLE_WITHOUT_KEYS):
@@ -146,17 +157,18 @@ async def create_raw_table(dsn: str) -> RawOwner:
                 f'ALTER TABLE {RAW_TABLE} ADD CONSTRAINT "raw_{key["conname"]}" '
                 f"{key['definition']}"
             )
-        await connection.execute(
+        await connection.executemany(
             'INSERT INTO "user" (id, email, hashed_password) VALUES ($1, $2, $3)',
-            owner.user_id,
-            f"raw-{owner.user_id}@example.com",
-            "not a password hash",
+            [
+                (user_id, f"raw-{user_id}@example.com", "not a password hash")
+                for user_id in owner.user_ids
+            ],
         )
         await connection.execute(
             "INSERT INTO smsbulktask (id, user_id, total_recipients, message_ids) "
             "VALUES ($1, $2, 0, '{}')",
             owner.bulk_id,
-            owner.user_id,
+            owner.bulk_user_id,
         )
     finally:
         await connection.close()
@@ -168,12 +180,12 @@ async def postgres_insert_commit_rate(
 ) -> dict[str, Any]:
     """Single-row INSERT + COMMIT from `pool_size` connections for `duration_s`."""
     pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
-    user_id = owner.user_id
     count = 0
     stop_at = time.monotonic() + duration_s
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
         nonlocal count
+        user_id = owner.user_ids[index % len(owner.user_ids)]
         async with pool.acquire() as connection:
             while time.monotonic() < stop_at:
                 row = message_row(user_id, count)
@@ -182,7 +194,7 @@ async def postgres_insert_commit_rate(
                 count += 1
 
     try:
-        await asyncio.gather(*(worker() for _ in range(pool_size)))
+        await asyncio.gather(*(worker(index) for index in range(pool_size)))
     finally:
         await pool.close()
     return {"rate_per_s": round(count / duration_s, 1), "count": count}
@@ -193,7 +205,7 @@ async def postgres_commit_latency(
 ) -> dict[str, Any]:
     """Latency of one INSERT + COMMIT on an idle connection, one after another."""
     connection = await asyncpg.connect(dsn)
-    user_id = owner.user_id
+    user_id = owner.bulk_user_id
     latencies_ms: list[float] = []
     try:
         for number in range(samples):
@@ -245,7 +257,9 @@ async def postgres_batch_insert(
 
 
 def _batch(owner: RawOwner, rows: int) -> list[tuple[Any, ...]]:
-    return [message_row(owner.user_id, number, owner.bulk_id) for number in range(rows)]
+    return [
+        message_row(owner.bulk_user_id, number, owner.bulk_id) for number in range(rows)
+    ]
 
 
 async def drop_raw_table(dsn: str, owner: RawOwner) -> None:
@@ -253,7 +267,9 @@ async def drop_raw_table(dsn: str, owner: RawOwner) -> None:
     try:
         for table in (RAW_TABLE, RAW_TABLE_WITHOUT_KEYS):
             await connection.execute(f"DROP TABLE IF EXISTS {table}")
-        # The user's bulk task goes with it (ON DELETE CASCADE).
-        await connection.execute('DELETE FROM "user" WHERE id = $1', owner.user_id)
+        # The bulk task goes with its user (ON DELETE CASCADE).
+        await connection.execute(
+            'DELETE FROM "user" WHERE id = ANY($1::uuid[])', list(owner.user_ids)
+        )
     finally:
         await connection.close()
