@@ -1,3 +1,4 @@
+import asyncio
 import socket
 import uuid
 from typing import Any
@@ -8,6 +9,7 @@ from httpx import ASGITransport, AsyncClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.main import create_app
+from mensajero_api.webhooks.service import MAX_WEBHOOKS_PER_USER
 from mensajero_common.models import WebhookConfig, WebhookDelivery
 from mensajero_common.settings import Settings
 from mensajero_common.testing import RebindingDNS, WebhookReceiver, serve_app
@@ -375,3 +377,67 @@ async def test_create_webhook_rejects_bad_secret(
         assert response.json()["error"] == "invalid_webhook_secret"
         assert response.json()["reason"] == reason
     assert await count_rows(session_factory, WebhookConfig) == 0
+
+
+async def test_webhook_limit_rejects_one_more(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    for index in range(MAX_WEBHOOKS_PER_USER):
+        created = await client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": f"http://127.0.0.1:9/w{index}"},
+            headers=owner.headers,
+        )
+        assert created.status_code == 201, created.text
+
+    rejected = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/one-more"},
+        headers={**owner.headers, "Accept-Language": "en"},
+    )
+
+    assert rejected.status_code == 409
+    assert rejected.json()["error"] == "webhook_limit_reached"
+    assert rejected.json()["limit"] == MAX_WEBHOOKS_PER_USER
+    assert str(MAX_WEBHOOKS_PER_USER) in rejected.json()["message"]
+    assert rejected.headers["content-language"] == "en"
+    count = await count_rows(session_factory, WebhookConfig, user_id=owner.id)
+    assert count == MAX_WEBHOOKS_PER_USER
+
+
+async def test_parallel_creates_stop_at_webhook_limit(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    async with session_factory() as session:
+        session.add_all(
+            WebhookConfig(
+                user_id=owner.id,
+                url=f"http://127.0.0.1:9/old{index}",
+                secret_key="whsec_dGVzdC1zZWNyZXQtMTIzNA==",
+                events=["sms_received"],
+            )
+            for index in range(MAX_WEBHOOKS_PER_USER - 3)
+        )
+        await session.commit()
+
+    responses = await asyncio.gather(
+        *(
+            client.post(
+                "/api/v1/sms/webhooks",
+                json={"url": f"http://127.0.0.1:9/w{index}"},
+                headers=owner.headers,
+            )
+            for index in range(10)
+        )
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [201] * 3 + [409] * 7
+    rejected = [response for response in responses if response.status_code == 409]
+    assert {response.json()["error"] for response in rejected} == {
+        "webhook_limit_reached"
+    }
+    count = await count_rows(session_factory, WebhookConfig, user_id=owner.id)
+    assert count == MAX_WEBHOOKS_PER_USER

@@ -31,6 +31,20 @@ async def get_request_user(session: AsyncSession, user_id: uuid.UUID) -> User | 
     return None if row is None else attach_loaded(session, User, row)
 
 
+async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Lock the user's row until the caller's transaction ends.
+
+    Requests that count the user's rows before inserting one (webhooks, API keys) take
+    this lock first, so they run one at a time and each count includes the rows that
+    the one before committed. FOR NO KEY UPDATE leaves the FOR KEY SHARE locks of foreign
+    key checks free, so inserts of the user's messages and devices never wait for it.
+    """
+    statement = (
+        select(User.id).where(User.id == user_id).with_for_update(key_share=True)
+    )
+    await session.execute(statement)
+
+
 async def get_user_by_email(session: AsyncSession, email: str) -> User | None:
     """Find a user by email, ignoring letter case as the unique index does."""
     statement = select(User).where(func.lower(User.email) == email.lower())

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
+from mensajero_api.users import repository as users_repository
 from mensajero_api.webhooks import repository
 from mensajero_api.webhooks.schemas import (
     AttemptPublic,
@@ -164,7 +165,11 @@ async def create_webhook(
     if data.secret_key is not None:
         _check_secret(data.secret_key)
     await _check_url(settings, data.url)
+    # Without the lock, parallel creates would each count the same rows and insert past
+    # the limit. The lock is taken after the URL check, which may wait on DNS.
+    await users_repository.lock_user(session, user.id)
     if await repository.count_webhooks(session, user.id) >= MAX_WEBHOOKS_PER_USER:
+        await session.rollback()
         raise WebhookLimitError()
 
     generated = generate_secret() if data.secret_key is None else None
