@@ -9,7 +9,7 @@ import pytest
 from api_test_helpers import ApiUser, MakeUser, register_device
 from httpx import AsyncClient
 from security_helpers import API_KEYS_PATH, create_api_key, key_headers
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.apikeys.service import MAX_ACTIVE_KEYS_PER_USER
@@ -314,3 +314,42 @@ async def test_parallel_requests_with_one_key(
     async with session_factory() as session:
         rows = (await session.scalars(select(UserApiKey))).all()
     assert len(rows) == 1
+
+
+async def test_parallel_creates_stop_at_active_key_limit(
+    client: AsyncClient, user: ApiUser, session_factory: Sessions
+) -> None:
+    revoked_at = datetime.now(UTC)
+    async with session_factory() as session:
+        session.add_all(
+            UserApiKey(
+                user_id=user.id,
+                name=f"old {index}",
+                key_hash=hashlib.sha256(f"{user.id}:{index}".encode()).hexdigest(),
+                key_prefix="msj_old",
+                revoked_at=revoked_at if index < 3 else None,
+            )
+            for index in range(MAX_ACTIVE_KEYS_PER_USER)
+        )
+        await session.commit()
+
+    responses = await asyncio.gather(
+        *(
+            client.post(API_KEYS_PATH, json={"name": f"p{index}"}, headers=user.headers)
+            for index in range(10)
+        )
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [201] * 3 + [409] * 7
+    rejected = [response for response in responses if response.status_code == 409]
+    assert {response.json()["error"] for response in rejected} == {
+        "api_key_limit_reached"
+    }
+    async with session_factory() as session:
+        active = await session.scalar(
+            select(func.count()).where(
+                UserApiKey.user_id == user.id, UserApiKey.revoked_at.is_(None)
+            )
+        )
+    assert active == MAX_ACTIVE_KEYS_PER_USER

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.apikeys import repository
 from mensajero_api.apikeys.schemas import ApiKeyCreate
+from mensajero_api.users import repository as users_repository
 from mensajero_common import apikeys
 from mensajero_common.errors import (
     AuthenticationError,
@@ -72,10 +73,14 @@ async def create_api_key(
     session: AsyncSession, settings: Settings, user: User, data: ApiKeyCreate
 ) -> tuple[UserApiKey, str]:
     """Create a key within the per-user limit and commit; return it and its value."""
+    # Without the lock, parallel creates would each count the same keys and insert past
+    # the limit.
+    await users_repository.lock_user(session, user.id)
     now = datetime.now(UTC)
     if await repository.count_usable_api_keys(session, user.id, now) >= (
         MAX_ACTIVE_KEYS_PER_USER
     ):
+        await session.rollback()
         raise ApiKeyLimitError()
 
     expires_at = None
