@@ -94,6 +94,37 @@ CASES = {
         "string_too_long", "Puede tener como máximo 255 caracteres.",
         "Must have at most 255 characters.",
     ),
+    "to_too_long": Case(
+        "POST", SEND_URL, {"json": {"to": "+34" + "1" * 200, "body": "Hola"}}, "to",
+        "body", "string_too_long", "Puede tener como máximo 64 caracteres.",
+        "Must have at most 64 characters.",
+    ),
+    "to_trailing_spaces": Case(
+        "POST", SEND_URL, {"json": {"to": "+34 612 34 56 78" + " " * 100_000, "body": "Hola"}},
+        "to", "body", "string_too_long", "Puede tener como máximo 64 caracteres.",
+        "Must have at most 64 characters.",
+    ),
+    "recipient_too_long": Case(
+        "POST", BULK_URL, {"json": {"recipients": ["+34" + "1" * 200], "body": "x"}},
+        "recipients.0", "body", "string_too_long",
+        "Puede tener como máximo 64 caracteres.", "Must have at most 64 characters.",
+    ),
+    "bulk_message_to_too_long": Case(
+        "POST", BULK_URL, {"json": {"messages": [{"to": "+34" + "1" * 200, "body": "x"}]}},
+        "messages.0.to", "body", "string_too_long",
+        "Puede tener como máximo 64 caracteres.", "Must have at most 64 characters.",
+    ),
+    "device_phone_too_long": Case(
+        "POST", DEVICES_URL, {"json": {"name": "Pixel", "phone_number": "+34" + "1" * 200}},
+        "phone_number", "body", "string_too_long",
+        "Puede tener como máximo 64 caracteres.", "Must have at most 64 characters.",
+    ),
+    "webhook_secret_too_long": Case(
+        "POST", WEBHOOKS_URL,
+        {"json": {"url": "http://127.0.0.1:9/h", "secret_key": "s" * 1025}},
+        "secret_key", "body", "string_too_long",
+        "Puede tener como máximo 1024 caracteres.", "Must have at most 1024 characters.",
+    ),
     # Lists.
     "list_empty": Case(
         "POST", WEBHOOKS_URL, {"json": {"url": "http://127.0.0.1:9/h", "events": []}},

@@ -74,20 +74,39 @@ def _classify_email_error(value: Any, handler: ValidatorFunctionWrapHandler) -> 
         ) from None
 
 
-_storable = AfterValidator(_reject_unstorable_characters)
+Storable = AfterValidator(_reject_unstorable_characters)
+"""The check of StorableStr, to put after the length constraints of a string type.
 
-StorableStr = Annotated[str, _storable]
+Pydantic (2.14) applies a constraint that follows a validator to the validator's
+output as a generic length check, which reports `too_long` in items instead of
+`string_too_long` in characters. So write
+`Annotated[str, StringConstraints(max_length=64), Storable]`, never
+`Annotated[StorableStr, StringConstraints(...)]` or `Annotated[StorableStr, Field(...)]`.
+"""
+
+StorableStr = Annotated[str, Storable]
 """A string that Postgres can store as UTF-8 text."""
 
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
-    _storable,
+    Storable,
 ]
 """A display name: trimmed, 1 to 255 characters (the column size)."""
 
-Password = Annotated[str, StringConstraints(min_length=8, max_length=128), _storable]
+Password = Annotated[str, StringConstraints(min_length=8, max_length=128), Storable]
 """A password of 8 to 128 characters."""
+
+MAX_PHONE_NUMBER_LENGTH = 64
+
+PhoneNumberText = Annotated[
+    str, StringConstraints(max_length=MAX_PHONE_NUMBER_LENGTH), Storable
+]
+"""A phone number as the client wrote it, before it is read as E.164.
+
+64 characters hold any written form of a number, with spaces, dashes, brackets or an
+extension. A longer value is rejected before it is parsed or echoed back in an error.
+"""
 
 Email = Annotated[EmailStr, WrapValidator(_classify_email_error)]
 """An email address, checked and normalized by email-validator as EmailStr does."""

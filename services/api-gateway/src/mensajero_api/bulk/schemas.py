@@ -2,18 +2,18 @@
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal, Self
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from mensajero_api.messages.schemas import ExpiryFields
-from mensajero_api.types import StorableStr
+from mensajero_api.types import PhoneNumberText, StorableStr
 from mensajero_common.models import MessageStatus
 
-# Long enough for any written form of a phone number; longer ones are rejected whole
-# with a 422 instead of being echoed back in `rejected`.
-Recipient = Annotated[StorableStr, StringConstraints(max_length=64)]
+# A recipient over the length limit rejects the whole request with a 422 instead of
+# being echoed back in `rejected`.
+Recipient = PhoneNumberText
 
 BulkStatus = Literal["processing", "completed"]
 

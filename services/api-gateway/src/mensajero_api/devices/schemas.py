@@ -5,12 +5,12 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mensajero_api.types import Name, StorableStr
+from mensajero_api.types import Name, PhoneNumberText
 from mensajero_common.models import DeviceStatus
 
 _PHONE_DESCRIPTION = (
     "The SIM's number: E.164, or national in the user's default region. "
-    "Stored in E.164."
+    "At most 64 characters; stored in E.164."
 )
 
 
@@ -24,7 +24,7 @@ _EXPIRY_DESCRIPTION = (
 
 class DeviceCreate(BaseModel):
     name: Name
-    phone_number: StorableStr | None = Field(
+    phone_number: PhoneNumberText | None = Field(
         default=None, description=_PHONE_DESCRIPTION
     )
     api_key_expires_in_days: int | None = Field(
@@ -44,7 +44,7 @@ class DeviceUpdate(BaseModel):
     # The None defaults below only mark a field as left out: pydantic does not validate
     # defaults, so an explicit null still fails, as these columns are NOT NULL.
     name: Name = Field(default=None)  # type: ignore[assignment]
-    phone_number: StorableStr | None = Field(
+    phone_number: PhoneNumberText | None = Field(
         default=None, description=_PHONE_DESCRIPTION + " Null clears it."
     )
     is_active: bool = Field(

@@ -13,7 +13,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mensajero_api.types import StorableStr
+from mensajero_api.types import PhoneNumberText, StorableStr
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
 
 MAX_PAGE_SIZE = 100
@@ -41,8 +41,9 @@ class ExpiryFields(BaseModel):
 
 
 class SendRequest(ExpiryFields):
-    to: StorableStr = Field(
-        description="Recipient: E.164 (+525512345678), or national in the user's default region.",
+    to: PhoneNumberText = Field(
+        description="Recipient: E.164 (+525512345678), or national in the user's default "
+        "region; at most 64 characters.",
         examples=["+525512345678"],
     )
     body: StorableStr = Field(

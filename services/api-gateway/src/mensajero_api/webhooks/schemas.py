@@ -6,14 +6,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mensajero_api.types import StorableStr
+from mensajero_api.types import Storable
 from mensajero_common.webhooks import EVENT_SMS_RECEIVED, EVENTS
 
 WebhookURL = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048)
 ]
 # The service checks length and form, so that the error message is localized.
-Secret = Annotated[StorableStr, Field(max_length=1024)]
+Secret = Annotated[str, StringConstraints(max_length=1024), Storable]
 # Event names are checked by the service, which can name the allowed ones in its error.
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
