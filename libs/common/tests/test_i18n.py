@@ -1,6 +1,11 @@
 import pytest
 
-from mensajero_common.i18n import MESSAGES, negotiate_language, translate
+from mensajero_common.i18n import (
+    MESSAGES,
+    negotiate_language,
+    rate_limit_phrase,
+    translate,
+)
 
 
 @pytest.mark.parametrize(
@@ -36,3 +41,18 @@ def test_translate_formats_fields() -> None:
         translate("quota_exceeded_sms", "en", limit=50)
         == "You have reached the limit of 50 SMS this month"
     )
+
+
+@pytest.mark.parametrize(
+    ("limit", "spanish", "english"),
+    [
+        ("20/minute", "20 por minuto", "20 per minute"),
+        ("100/2 hours", "100 cada 2 horas", "100 per 2 hours"),
+        ("20/s", "20 por segundo", "20 per second"),
+        ("10/day", "10 por día", "10 per day"),
+        ("lots", "lots", "lots"),
+    ],
+)
+def test_rate_limit_phrase_per_language(limit: str, spanish: str, english: str) -> None:
+    assert rate_limit_phrase(limit, "es") == spanish
+    assert rate_limit_phrase(limit, "en") == english

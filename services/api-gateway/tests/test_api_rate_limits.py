@@ -59,7 +59,7 @@ async def test_user_limit_edge(
     assert 1 <= retry_after <= 60
     assert refused.headers["content-language"] == "es"
     assert refused.json()["message"] == (
-        f"Demasiadas solicitudes: el límite es 3/minute. "
+        f"Demasiadas solicitudes: el límite es 3 por minuto. "
         f"Inténtalo de nuevo en {retry_after} s."
     )
     assert await redis.keys(f"{redis_keys.rate_limit_prefix}:*")
@@ -78,7 +78,7 @@ async def test_rate_limited_message_in_english(
 
     retry_after = _assert_rate_limited(refused, "3/minute")
     assert refused.json()["message"] == (
-        f"Too many requests: the limit is 3/minute. Try again in {retry_after} s."
+        f"Too many requests: the limit is 3 per minute. Try again in {retry_after} s."
     )
 
 

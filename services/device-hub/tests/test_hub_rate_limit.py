@@ -57,7 +57,7 @@ async def test_flood_gets_errors_then_close(
         assert error["error"] == "rate_limited"
         assert error["limit"] == "1/s"
         assert error["retry_after"] >= 1
-        assert "1/s" in error["message"]
+        assert "1 por segundo" in error["message"]
         assert "request_id" not in error
     assert code == protocol.CLOSE_RATE_LIMITED
     assert "rate limited" in reason

@@ -479,6 +479,43 @@ def reason_phrase(key: str, reason: str, language: str) -> str:
     return phrases.get(language) or phrases["en"]
 
 
+# Periods of a rate limit in the notation of `limits` ("20/minute", "100/2 hours",
+# "20/s"), by name or abbreviation: (Spanish singular, Spanish plural, English singular).
+_LIMIT_PERIODS = {
+    "s": ("segundo", "segundos", "second"),
+    "second": ("segundo", "segundos", "second"),
+    "minute": ("minuto", "minutos", "minute"),
+    "hour": ("hora", "horas", "hour"),
+    "day": ("día", "días", "day"),
+    "month": ("mes", "meses", "month"),
+    "year": ("año", "años", "year"),
+}
+# Messages whose `limit` param is a rate limit in that notation.
+_RATE_LIMIT_MESSAGES = frozenset({"rate_limited"})
+
+
+def rate_limit_phrase(limit: str, language: str) -> str:
+    """Return a rate limit such as "20/minute" or "100/2 hours" in words:
+    "20 por minuto", "100 cada 2 horas". Any other text is returned as it is."""
+    amount, slash, per = limit.partition("/")
+    multiples, _, period = per.strip().rpartition(" ")
+    period = period.lower()
+    names = _LIMIT_PERIODS.get(period) or _LIMIT_PERIODS.get(period.removesuffix("s"))
+    if not slash or not amount.strip().isdigit() or names is None:
+        return limit
+    if multiples and not multiples.isdigit():
+        return limit
+    count = amount.strip()
+    singular, plural, english = names
+    if not multiples or multiples == "1":
+        return (
+            f"{count} por {singular}" if language == "es" else f"{count} per {english}"
+        )
+    if language == "es":
+        return f"{count} cada {multiples} {plural}"
+    return f"{count} per {multiples} {english}s"
+
+
 def translate(key: str, language: str, **params: Any) -> str:
     """Return the message `key` in `language`, formatted with `params`.
 
@@ -497,6 +534,9 @@ def translate(key: str, language: str, **params: Any) -> str:
             with contextlib.suppress(KeyError, IndexError, ValueError):
                 phrase = phrase.format(**params)
         params["reason"] = phrase
+    limit = params.get("limit")
+    if key in _RATE_LIMIT_MESSAGES and isinstance(limit, str):
+        params["limit"] = rate_limit_phrase(limit, language)
     template = templates.get(language) or templates["en"]
     try:
         return template.format(**params)
