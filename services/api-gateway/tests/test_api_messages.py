@@ -1,4 +1,6 @@
 import asyncio
+import base64
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -789,3 +791,167 @@ async def test_send_bulk_with_expiry(
         rows = (await session.scalars(select(SMSMessage.expires_at))).all()
     assert len(rows) == 2
     assert all(abs((row - future).total_seconds()) < 1 for row in rows)
+
+
+# Each is a valid ISO 8601 value whose instant in UTC, or whose end of day, falls
+# outside what a Python datetime can hold.
+LATEST_AT_MINUS_14 = "9999-12-31T23:59:59-14:00"
+EARLIEST_AT_PLUS_14 = "0001-01-01T00:00:00+14:00"
+
+
+async def test_list_date_bounds_at_extremes(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    outgoing = str(await _insert_message(session_factory, user))
+    incoming = str(
+        await _insert_message(
+            session_factory,
+            user,
+            type=MessageType.INCOMING,
+            status=MessageStatus.RECEIVED,
+            to_number=None,
+            from_number="+34612345678",
+        )
+    )
+    everything = {outgoing, incoming}
+
+    async def ids(params: dict[str, Any], url: str = MESSAGES_URL) -> set[str]:
+        return set(await _collect_ids(client, user, url, params))
+
+    assert await ids({"date_to": "9999-12-31"}) == everything
+    assert await ids({"date_to": "9999-12-31T23:59:59.999999"}) == everything
+    assert await ids({"date_to": LATEST_AT_MINUS_14}) == everything
+    assert await ids({"date_to": "9999-12-31T23:59:59+14:00"}) == everything
+    assert await ids({"date_from": "0001-01-01"}) == everything
+    assert await ids({"date_from": EARLIEST_AT_PLUS_14}) == everything
+    assert await ids({"date_from": "0001-01-01T00:00:00-14:00"}) == everything
+    assert await ids({"date_from": LATEST_AT_MINUS_14}) == set()
+    assert await ids({"date_from": "9999-12-31"}) == set()
+    assert await ids({"date_to": EARLIEST_AT_PLUS_14}) == set()
+    assert await ids({"date_to": "0001-01-01"}) == set()
+    assert (
+        await ids({"date_from": EARLIEST_AT_PLUS_14, "date_to": LATEST_AT_MINUS_14})
+        == everything
+    )
+    assert await ids(
+        {"date_from": "9999-12-31T10:00:00Z", "date_to": "9999-12-31"}
+    ) == (set())
+    assert await ids({"date_to": LATEST_AT_MINUS_14}, INCOMING_URL) == {incoming}
+    assert await ids({"date_from": EARLIEST_AT_PLUS_14}, INCOMING_URL) == {incoming}
+
+
+async def test_list_inverted_range_at_extremes(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    # 9999-12-31T23:59:59-14:00 is 10000-01-01T13:59:59Z, after the end of 9999-12-31.
+    for params in (
+        {"date_from": LATEST_AT_MINUS_14, "date_to": "9999-12-31"},
+        {"date_from": "0001-01-01T00:00:00+00:00", "date_to": EARLIEST_AT_PLUS_14},
+    ):
+        response = await client.get(
+            MESSAGES_URL,
+            params=params,
+            headers={**user.headers, "Accept-Language": "en"},
+        )
+
+        assert response.status_code == 400, params
+        assert response.json()["error"] == "invalid_date_range"
+        assert response.json()["message"] == (
+            f"date_from ({params['date_from']}) is later than date_to "
+            f"({params['date_to']})."
+        )
+
+
+def _forged_cursor(created_at: str, order: str = "desc") -> str:
+    payload = {"t": created_at, "i": str(uuid.uuid4()), "o": order}
+    raw = base64.urlsafe_b64encode(json.dumps(payload).encode())
+    return raw.rstrip(b"=").decode()
+
+
+async def test_cursor_beyond_datetime_range(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    webhook = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook"},
+        headers=owner.headers,
+    )
+    deliveries_url = f"/api/v1/sms/webhooks/{webhook.json()['data']['id']}/deliveries"
+
+    for url in (MESSAGES_URL, INCOMING_URL, deliveries_url):
+        for created_at in (LATEST_AT_MINUS_14, EARLIEST_AT_PLUS_14):
+            cursor = _forged_cursor(created_at)
+            spanish = await client.get(
+                url, params={"cursor": cursor}, headers=owner.headers
+            )
+            english = await client.get(
+                url,
+                params={"cursor": cursor},
+                headers={**owner.headers, "Accept-Language": "en"},
+            )
+
+            assert spanish.status_code == 400, (url, created_at)
+            assert spanish.json()["error"] == "invalid_cursor"
+            assert spanish.json()["message"].startswith(
+                "El cursor de paginación no es válido"
+            )
+            assert english.status_code == 400, (url, created_at)
+            assert english.json()["message"].startswith(
+                "The pagination cursor is invalid"
+            )
+
+
+async def test_cursor_with_offset_still_pages(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    older = await _insert_message(
+        session_factory, user, created_at=datetime(2026, 1, 15, 12, tzinfo=UTC)
+    )
+    await _insert_message(
+        session_factory, user, created_at=datetime(2026, 1, 15, 14, tzinfo=UTC)
+    )
+
+    # 13:00 UTC written at +05:00; the page after it holds only the older message.
+    cursor = _forged_cursor("2026-01-15T18:00:00+05:00")
+    ids = await _collect_ids(client, user, MESSAGES_URL, {"cursor": cursor})
+
+    assert ids == [str(older)]
+
+
+async def test_send_expiry_at_extremes(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    sender = await make_user()
+    cases = {
+        LATEST_AT_MINUS_14: "too_far",
+        "9999-12-31T23:59:59+14:00": "too_far",
+        "9999-12-31": "too_far",
+        EARLIEST_AT_PLUS_14: "in_the_past",
+        "0001-01-01T00:00:00-14:00": "in_the_past",
+        "0001-01-01": "in_the_past",
+    }
+
+    for expires_at, reason in cases.items():
+        single = await send_sms(client, sender, expires_at=expires_at)
+        bulk = await client.post(
+            "/api/v1/sms/send-bulk",
+            json={
+                "recipients": ["+34612345678"],
+                "body": "Hola",
+                "expires_at": expires_at,
+            },
+            headers=sender.headers,
+        )
+
+        for response in (single, bulk):
+            assert response.status_code == 400, (expires_at, response.text)
+            assert response.json()["error"] == "invalid_expiry"
+            assert response.json()["reason"] == reason
+    assert await count_rows(session_factory, SMSMessage) == 0

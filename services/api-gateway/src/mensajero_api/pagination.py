@@ -13,8 +13,8 @@ within milliseconds of their now(), which keeps this window small.
 import base64
 import binascii
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from mensajero_common import jsonutil
 from mensajero_common.errors import ValidationFailedError
@@ -56,4 +56,10 @@ def decode_cursor(token: str, order: str) -> Cursor:
 
     if cursor.order != order or cursor.created_at.tzinfo is None:
         raise InvalidCursorError()
-    return cursor
+    # encode_cursor writes times in UTC. A forged time whose offset moves it past what a
+    # datetime can hold in UTC (9999-12-31T23:59:59-14:00) fails here, not in asyncpg.
+    try:
+        created_at = cursor.created_at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidCursorError() from None
+    return replace(cursor, created_at=created_at)

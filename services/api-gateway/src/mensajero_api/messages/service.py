@@ -309,32 +309,75 @@ async def get_message(
     return message
 
 
-def _lower_bound(value: datetime | date) -> datetime:
+# The instants a datetime can hold in UTC. An offset can put a valid input outside them
+# (9999-12-31T23:59:59-14:00 is in the year 10000 in UTC), and converting such a value
+# to UTC, as asyncpg does for a timestamptz parameter, raises OverflowError.
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def _as_moment(value: datetime | date) -> datetime:
+    """Return `value` as an aware datetime: a naive one is UTC, a date its midnight UTC."""
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     return datetime.combine(value, time.min, tzinfo=UTC)
 
 
-def _exclusive_upper_bound(value: datetime | date) -> datetime:
+def _date_to_span(value: datetime | date) -> timedelta:
+    # Postgres keeps microseconds, so a datetime includes itself and nothing later, and
+    # a bare date includes that whole day.
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        # Postgres keeps microseconds, so this includes `value` itself and nothing later.
-        return moment + timedelta(microseconds=1)
-    return datetime.combine(value + timedelta(days=1), time.min, tzinfo=UTC)
+        return timedelta(microseconds=1)
+    return timedelta(days=1)
+
+
+def _lower_bound(value: datetime | date) -> datetime | None:
+    """Return the UTC instant of `date_from`, or None when it precedes every row.
+
+    A bound after the last instant a datetime can hold returns that instant, so the
+    listing is empty, as it is for any bound later than every row.
+    """
+    moment = _as_moment(value)
+    if moment <= _EARLIEST:
+        return None
+    if moment >= _LATEST:
+        return _LATEST
+    return moment.astimezone(UTC)
+
+
+def _exclusive_upper_bound(value: datetime | date) -> datetime | None:
+    """Return the UTC instant just after `date_to`, or None when no row is later.
+
+    date_to=9999-12-31 is a common way to write "no upper bound", and its end does not
+    fit in a datetime, so it leaves the listing unbounded instead of failing.
+    """
+    moment = _as_moment(value)
+    span = _date_to_span(value)
+    if moment > _LATEST - span:
+        return None
+    # Before the first instant a datetime can hold, so no row matches.
+    if moment < _EARLIEST:
+        return _EARLIEST
+    # Added in UTC: a wall time near the extremes may overflow with its offset.
+    return moment.astimezone(UTC) + span
+
+
+def _is_empty_range(date_from: datetime | date, date_to: datetime | date) -> bool:
+    # Compared as a timedelta, which does not overflow where the bounds in UTC would.
+    return _as_moment(date_from) - _as_moment(date_to) >= _date_to_span(date_to)
 
 
 def _build_filters(
     user: User, query: MessageListQuery, message_type: MessageType | None
 ) -> MessageFilters:
+    if (
+        query.date_from is not None
+        and query.date_to is not None
+        and _is_empty_range(query.date_from, query.date_to)
+    ):
+        raise InvalidDateRangeError(query.date_from, query.date_to)
     created_from = _lower_bound(query.date_from) if query.date_from else None
     created_before = _exclusive_upper_bound(query.date_to) if query.date_to else None
-    if (
-        created_from is not None
-        and created_before is not None
-        and created_from >= created_before
-    ):
-        assert query.date_from is not None and query.date_to is not None
-        raise InvalidDateRangeError(query.date_from, query.date_to)
 
     phone = None
     if query.phone is not None:
