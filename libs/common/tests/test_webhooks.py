@@ -19,6 +19,7 @@ from mensajero_common.webhook_transport import (
 )
 from mensajero_common.webhooks import (
     UnsafeWebhookURLError,
+    check_url_syntax,
     check_url_target,
     generate_secret,
     post_event,
@@ -83,6 +84,87 @@ async def test_check_url_target_rejects(url: str, reason: str) -> None:
         await check_url_target(url, require_https=True, allow_private=False)
 
     assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("not a url", "invalid_url"),
+        ("example.com/hook", "invalid_url"),
+        ("//example.com/hook", "invalid_url"),
+        ("", "invalid_url"),
+        ("https://exa mple.com/", "invalid_url"),
+        ("https://exa mple.com:8443/", "invalid_url"),
+        ("https://exa\tmple.com/", "invalid_url"),
+        ("https://example.com/\nhook", "invalid_url"),
+        ("https://exa\x00mple.com/", "invalid_url"),
+        ("https://exa%20mple.com/", "invalid_url"),
+        ("https://exa<mple.com/", "invalid_url"),
+        ("https://example..com/", "invalid_url"),
+        ("https://.example.com/", "invalid_url"),
+        ("https://-example.com/", "invalid_url"),
+        ("https://example-.com/", "invalid_url"),
+        ("https://" + "a" * 64 + ".com/", "invalid_url"),
+        ("https://" + "a." * 127 + "com/", "invalid_url"),
+        ("https://xn--zz.com/", "invalid_url"),
+        ("https://☃.net/", "invalid_url"),
+        ("https://127.1/", "invalid_url"),
+        ("https://1.2.3.256/", "invalid_url"),
+        ("https://0x7f.0x1/", "invalid_url"),
+        ("https://example.123/", "invalid_url"),
+        ("https://[v1.abc]/", "invalid_url"),
+        ("https://[1.2.3.4]/", "invalid_url"),
+        ("https://[::1/", "invalid_url"),
+        ("https://example.com:0/", "invalid_url"),
+        ("https://example.com:99999/", "invalid_url"),
+        ("https://example.com:port/", "invalid_url"),
+        ("ftp://example.com/hook", "unsupported_scheme"),
+        ("javascript:alert(1)", "unsupported_scheme"),
+        ("http://example.com/hook", "https_required"),
+        ("https:///hook", "missing_host"),
+        ("https://user:pass@example.com/", "credentials_in_url"),
+    ],
+)
+def test_check_url_syntax_rejects(url: str, reason: str) -> None:
+    with pytest.raises(UnsafeWebhookURLError) as caught:
+        check_url_syntax(url, require_https=True)
+
+    assert caught.value.reason == reason
+    assert caught.value.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("https://example.com/hook", "example.com", 443),
+        ("https://EXAMPLE.com:8443/a b?q=1#f", "example.com", 8443),
+        ("https://example.com./hook", "example.com.", 443),
+        (
+            "https://hooks.sub-domain.example.co.uk/",
+            "hooks.sub-domain.example.co.uk",
+            443,
+        ),
+        ("https://webhook_receiver:8080/", "webhook_receiver", 8080),
+        ("https://localhost/", "localhost", 443),
+        ("https://" + "a" * 63 + ".com/", "a" * 63 + ".com", 443),
+        ("https://bücher.de/hook", "bücher.de", 443),
+        ("https://xn--bcher-kva.de/hook", "xn--bcher-kva.de", 443),
+        ("https://例え.テスト/", "例え.テスト", 443),
+        ("https://203.0.113.7:9000/", "203.0.113.7", 9000),
+        ("https://[2001:db8::1]/", "2001:db8::1", 443),
+        ("https://[::ffff:10.0.0.1]:8443/", "::ffff:10.0.0.1", 8443),
+        ("https://1password.com/", "1password.com", 443),
+    ],
+)
+def test_check_url_syntax_accepts(url: str, host: str, port: int) -> None:
+    assert check_url_syntax(url, require_https=True) == (host, port)
+
+
+def test_check_url_syntax_defaults_http_port() -> None:
+    assert check_url_syntax("http://example.com/", require_https=False) == (
+        "example.com",
+        80,
+    )
 
 
 async def test_check_url_target_allows_loopback_when_allowed() -> None:

@@ -441,3 +441,74 @@ async def test_parallel_creates_stop_at_webhook_limit(
     }
     count = await count_rows(session_factory, WebhookConfig, user_id=owner.id)
     assert count == MAX_WEBHOOKS_PER_USER
+
+
+async def test_create_webhook_rejects_invalid_host(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+
+    for url in [
+        "https://exa mple.com/",
+        "not a url",
+        "https://exa\tmple.com/",
+        "https://exa\x00mple.com/",
+        "https://example..com/",
+        "https://127.1/",
+    ]:
+        spanish = await client.post(
+            "/api/v1/sms/webhooks", json={"url": url}, headers=owner.headers
+        )
+        english = await client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": url},
+            headers={**owner.headers, "Accept-Language": "en"},
+        )
+        assert spanish.status_code == 400, url
+        assert spanish.json()["error"] == "invalid_webhook_url", url
+        assert spanish.json()["reason"] == "invalid_url", url
+        assert spanish.json()["url"] == url
+        assert "no es una URL válida" in spanish.json()["message"], url
+        assert english.status_code == 400, url
+        assert english.json()["reason"] == "invalid_url", url
+        assert "it is not a valid URL" in english.json()["message"], url
+    assert await count_rows(session_factory, WebhookConfig) == 0
+
+
+async def test_create_webhook_accepts_idna_host(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    for url in ["http://bücher.example/hook", "http://webhook_receiver:8080/hook"]:
+        response = await client.post(
+            "/api/v1/sms/webhooks", json={"url": url}, headers=owner.headers
+        )
+        assert response.status_code == 201, response.text
+        assert response.json()["data"]["url"] == url
+
+
+async def test_update_webhook_rejects_invalid_host(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook"},
+        headers=owner.headers,
+    )
+    webhook_id = created.json()["data"]["id"]
+
+    response = await client.put(
+        f"/api/v1/sms/webhooks/{webhook_id}",
+        json={"url": "https://exa mple.com/"},
+        headers=owner.headers,
+    )
+    read_after = await client.get(
+        f"/api/v1/sms/webhooks/{webhook_id}", headers=owner.headers
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_webhook_url"
+    assert response.json()["reason"] == "invalid_url"
+    assert read_after.json()["data"]["url"] == "http://127.0.0.1:9/hook"

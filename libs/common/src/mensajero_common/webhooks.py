@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import socket
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
+import idna
 
 EVENT_SMS_RECEIVED = "sms_received"
 EVENT_SMS_SENT = "sms_sent"
@@ -31,6 +33,18 @@ EVENT_SMS_FAILED = "sms_failed"
 EVENTS = (EVENT_SMS_RECEIVED, EVENT_SMS_SENT, EVENT_SMS_DELIVERED, EVENT_SMS_FAILED)
 
 SECRET_PREFIX = "whsec_"
+
+# A DNS label of letters, digits, hyphens and underscores, 1 to 63 characters, with no
+# hyphen at either end. RFC 1123 host names have no underscores, but Docker Compose
+# service names may have them, and Docker's DNS resolves them.
+_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+# A last label that is a number (`127.1`, `0x7f`). The WHATWG URL standard parses such a
+# host as an IPv4 address or rejects it, glibc's getaddrinfo reads `127.1` as 127.0.0.1,
+# and no top-level domain is numeric. A dotted-quad address is accepted before this check.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+_MAX_HOST_NAME_LENGTH = 253
+# ASCII control characters, which urlsplit drops (tab, CR, LF) or keeps in the host.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def generate_secret() -> str:
@@ -102,13 +116,61 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
+def _is_valid_host_name(host: str) -> bool:
+    """Tell whether `host` is a DNS name, in ASCII or as an internationalized (IDNA) name."""
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            return False
+    name = host.removesuffix(".")
+    if not name or len(name) > _MAX_HOST_NAME_LENGTH:
+        return False
+
+    labels = name.split(".")
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        return False
+    for label in labels:
+        if not _HOST_LABEL.fullmatch(label):
+            return False
+        if label.startswith("xn--"):
+            try:
+                idna.decode(label)
+            except (idna.IDNAError, UnicodeError):
+                return False
+    return True
+
+
+def _is_valid_host(netloc: str, hostname: str) -> bool:
+    """Tell whether `hostname`, the lowercased host of `netloc`, is a name or IP literal."""
+    if "[" in netloc:
+        try:
+            ipaddress.IPv6Address(hostname)
+        except ValueError:
+            return False
+        return True
+    try:
+        ipaddress.IPv4Address(hostname)
+    except ValueError:
+        return _is_valid_host_name(hostname)
+    return True
+
+
 def check_url_syntax(url: str, *, require_https: bool) -> tuple[str, int]:
-    """Check scheme and host of `url`; return the host and port to resolve."""
+    """Check scheme and host of `url`; return the host and port to resolve.
+
+    A URL with control characters, without a scheme, with a port out of 1 to 65535, or
+    with a host that is neither a DNS name nor an IP literal is `invalid_url`.
+    """
+    if _CONTROL_CHARACTERS.search(url):
+        raise UnsafeWebhookURLError(url, "invalid_url")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise UnsafeWebhookURLError(url, "invalid_url") from None
+    if not parts.scheme:
+        raise UnsafeWebhookURLError(url, "invalid_url")
     if parts.scheme not in ("http", "https"):
         raise UnsafeWebhookURLError(url, "unsupported_scheme")
     if require_https and parts.scheme != "https":
@@ -117,6 +179,8 @@ def check_url_syntax(url: str, *, require_https: bool) -> tuple[str, int]:
         raise UnsafeWebhookURLError(url, "missing_host")
     if parts.username or parts.password:
         raise UnsafeWebhookURLError(url, "credentials_in_url")
+    if port == 0 or not _is_valid_host(parts.netloc, parts.hostname):
+        raise UnsafeWebhookURLError(url, "invalid_url")
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 

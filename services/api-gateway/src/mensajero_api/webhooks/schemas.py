@@ -21,7 +21,10 @@ _EVENTS_DESCRIPTION = f"Events to receive, among: {', '.join(EVENTS)}."
 
 
 class WebhookCreate(BaseModel):
-    url: WebhookURL = Field(description="http(s) URL; https only in production.")
+    url: WebhookURL = Field(
+        description="http(s) URL whose host is a DNS name (IDNA names too) or an IP "
+        "literal, without user name or password; https only in production."
+    )
     secret_key: Secret | None = Field(
         default=None,
         description="HMAC key of the signatures; one is generated when left out.",
