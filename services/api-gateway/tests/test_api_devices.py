@@ -126,7 +126,7 @@ async def test_update_device(
     await pubsub.subscribe(redis_keys.device_channel(device["device_id"]))
     disabled = await client.put(url, json={"is_active": False}, headers=user.headers)
     assert disabled.json()["data"]["is_active"] is False
-    assert await _next_control_message(pubsub) == b"revoke"
+    assert await _next_control_message(pubsub) == b"disable"
     await pubsub.aclose()
 
 

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from arq.connections import ArqRedis
 from hub_helpers import (
+    DeviceRecord,
     create_device,
     create_outgoing,
     eventually,
@@ -21,15 +22,15 @@ from hub_helpers import (
     wait_closed,
 )
 from redis.asyncio import Redis
-from sqlalchemy import event
+from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from mensajero_common import protocol, queues
 from mensajero_common.db import create_engine, create_session_factory
-from mensajero_common.keys import CHANNEL_REVOKE, RedisKeys
-from mensajero_common.models import DeviceStatus
+from mensajero_common.keys import CHANNEL_DISABLE, CHANNEL_REVOKE, RedisKeys
+from mensajero_common.models import DeviceStatus, SMSDevice
 from mensajero_common.settings import Settings
 from mensajero_hub.core.auth_throttle import auth_limit_from_settings
 from mensajero_hub.core.frames import AuthThrottledError, InvalidApiKeyError
@@ -329,6 +330,79 @@ async def test_revoke_closes_with_4003(
 
     assert code == protocol.CLOSE_REVOKED
     await eventually(offline)
+
+
+async def set_device_active(
+    session_factory: Sessions, device: DeviceRecord, is_active: bool
+) -> None:
+    async with session_factory() as session:
+        await session.execute(
+            update(SMSDevice)
+            .where(SMSDevice.id == device.device_id)
+            .values(is_active=is_active)
+        )
+        await session.commit()
+
+
+@pytest.mark.parametrize(("language", "prefix"), [("es", "La API key"), ("en", "The")])
+async def test_disable_closes_with_4001(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    language: str,
+    prefix: str,
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(
+        hub_url, device.api_key, additional_headers={"Accept-Language": language}
+    ) as socket:
+        await request(socket, {"type": "ping"})
+        await set_device_active(session_factory, device, False)
+        await queues.publish_device_control(
+            redis, redis_keys, device.device_id, CHANNEL_DISABLE
+        )
+        error = await receive_type(socket, "error")
+        code, close_reason = await wait_closed(socket)
+
+    async def offline() -> bool:
+        row = await load_device(session_factory, device.device_id)
+        return bool(row.status == DeviceStatus.OFFLINE)
+
+    assert error["error"] == "invalid_api_key"
+    assert error["reason"] == "device_inactive"
+    assert error["message"].startswith(prefix)
+    assert code == protocol.CLOSE_INVALID_API_KEY
+    assert close_reason == "invalid api key: the device is disabled"
+    await eventually(offline)
+
+
+async def test_reenabled_device_keeps_key(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        await set_device_active(session_factory, device, False)
+        await queues.publish_device_control(
+            redis, redis_keys, device.device_id, CHANNEL_DISABLE
+        )
+        code, _ = await wait_closed(socket)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        rejected = await receive(socket)
+        rejected_code, _ = await wait_closed(socket)
+    await set_device_active(session_factory, device, True)
+    async with open_socket(hub_url, device.api_key) as socket:
+        registered = await request(socket, {"type": "register"})
+
+    assert code == protocol.CLOSE_INVALID_API_KEY
+    assert rejected["reason"] == "device_inactive"
+    assert rejected_code == protocol.CLOSE_INVALID_API_KEY
+    assert registered["type"] == "ack"
+    assert registered["of"] == "register"
+    assert registered["device_id"] == str(device.device_id)
 
 
 async def test_second_connection_replaces_first(

@@ -68,7 +68,8 @@ class RedisKeys:
         return f"{self.prefix}:stream:device:{device_id}:tasks"
 
     def device_channel(self, device_id: uuid.UUID | str) -> str:
-        """Pub/sub channel that wakes, replaces or revokes the hub connection of one device."""
+        """Pub/sub channel that wakes, replaces, revokes or disables the hub connection of one
+        device."""
         return f"{self.prefix}:channel:device:{device_id}"
 
     def device_connection(self, device_id: uuid.UUID | str) -> str:
@@ -78,7 +79,11 @@ class RedisKeys:
 
 # Control messages published on a device channel.
 CHANNEL_WAKE = "wake"
+# The device's key was rotated or the device deleted: the hub closes with 4003.
 CHANNEL_REVOKE = "revoke"
+# The device was disabled: the hub closes with 4001 and reason `device_inactive`. The
+# key stays valid, so it connects again once the device is enabled.
+CHANNEL_DISABLE = "disable"
 # "connected:<connection id>": a newer connection of the device opened somewhere.
 CHANNEL_CONNECTED_PREFIX = "connected:"
 # "task <previous id> <stream id> <message id> <task JSON>": a task appended to the

@@ -21,7 +21,7 @@ from mensajero_api.quotas import repository as quotas_repository
 from mensajero_api.quotas import service as quotas_service
 from mensajero_common import apikeys, queues
 from mensajero_common.errors import ConflictError, NotFoundError
-from mensajero_common.keys import CHANNEL_REVOKE, RedisKeys
+from mensajero_common.keys import CHANNEL_DISABLE, CHANNEL_REVOKE, RedisKeys
 from mensajero_common.models import SMSDevice, User
 from mensajero_common.settings import Settings
 
@@ -119,7 +119,7 @@ async def update_device(
 
     if was_active and not device.is_active:
         logger.info("device disabled", user_id=str(user.id), device_id=str(device.id))
-        await _revoke_connection(redis, keys, device.id)
+        await _close_connection(redis, keys, device.id, CHANNEL_DISABLE)
     return device
 
 
@@ -147,7 +147,7 @@ async def rotate_api_key(
     logger.info(
         "device API key rotated", user_id=str(user.id), device_id=str(device.id)
     )
-    await _revoke_connection(redis, keys, device.id)
+    await _close_connection(redis, keys, device.id, CHANNEL_REVOKE)
     return device, api_key
 
 
@@ -165,7 +165,7 @@ async def delete_device(
     await session.commit()
 
     logger.info("device deleted", user_id=str(user.id), device_id=str(device_id))
-    await _revoke_connection(redis, keys, device_id)
+    await _close_connection(redis, keys, device_id, CHANNEL_REVOKE)
     try:
         # The device can never connect again, so its task stream would only take memory.
         await redis.delete(keys.device_tasks_stream(device_id))
@@ -175,15 +175,19 @@ async def delete_device(
         )
 
 
-async def _revoke_connection(
-    redis: Redis, keys: RedisKeys, device_id: uuid.UUID
+async def _close_connection(
+    redis: Redis, keys: RedisKeys, device_id: uuid.UUID, message: str
 ) -> None:
+    """Tell the hub to close the device's live connection: `message` is CHANNEL_REVOKE
+    (close code 4003) or CHANNEL_DISABLE (close code 4001, reason device_inactive)."""
     # The change is committed either way. If Redis is down, the hub misses this message,
     # so a live socket with the old key stays open until it disconnects, and connecting
     # again with that key fails.
     try:
-        await queues.publish_device_control(redis, keys, device_id, CHANNEL_REVOKE)
+        await queues.publish_device_control(redis, keys, device_id, message)
     except RedisError:
         logger.exception(
-            "publishing revoke for a device failed", device_id=str(device_id)
+            "publishing a device control message failed",
+            device_id=str(device_id),
+            control_message=message,
         )

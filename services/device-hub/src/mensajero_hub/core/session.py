@@ -7,6 +7,7 @@ through DeviceService; it never touches sockets itself.
 """
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import structlog
 from mensajero_common import protocol
 from mensajero_common.keys import (
     CHANNEL_CONNECTED_PREFIX,
+    CHANNEL_DISABLE,
     CHANNEL_REVOKE,
     CHANNEL_TASK_PREFIX,
     CHANNEL_WAKE,
@@ -379,10 +381,31 @@ class DeviceSession:
             self.wake()
         elif data == CHANNEL_REVOKE.encode():
             self._hub.spawn(self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED))
+        elif data == CHANNEL_DISABLE.encode():
+            self._hub.spawn(self._close_disabled())
         elif data.startswith(CHANNEL_CONNECTED_PREFIX.encode()):
             other = data[len(CHANNEL_CONNECTED_PREFIX) :].decode(errors="replace")
             if other != self.connection_id:
                 self._hub.spawn(self._close_if_replaced())
+
+    async def _close_disabled(self) -> None:
+        """Close with 4001 after the `invalid_api_key` error that a new connection of a
+        disabled device gets, so that the phone can tell a disabled device from a revoked
+        key."""
+        if not self.is_open:
+            return
+        self.log.info("closing connection: device disabled")
+        frame = frames.error_reply(
+            "invalid_api_key", self.language, details={"reason": "device_inactive"}
+        )
+        # Bounded, so that a phone that stopped reading cannot hold off the close.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._send(frame)
+        await self.close(
+            protocol.CLOSE_INVALID_API_KEY,
+            frames.REASON_INVALID_API_KEY["device_inactive"],
+        )
 
     async def _close_if_replaced(self) -> None:
         """Close this connection unless the device's connection key still names it.
