@@ -1,3 +1,4 @@
+import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -9,6 +10,7 @@ from mensajero_api.auth.security import (
     create_access_token,
     decode_access_token,
 )
+from mensajero_api.jsonbody import MAX_JSON_DEPTH, JSONBodyError, parse_json_body
 from mensajero_api.pagination import (
     Cursor,
     InvalidCursorError,
@@ -122,3 +124,34 @@ def test_access_token_other_secret(settings: Settings) -> None:
 )
 def test_is_storable(value: str, storable: bool) -> None:
     assert is_storable(value) is storable
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        '{"a": "' + "[" * 100 + '"}',
+        '["\\"' + "{" * 100 + '"]',
+        "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH,
+    ],
+)
+def test_parse_json_body_skips_strings(document: str) -> None:
+    assert parse_json_body(document.encode()) is not None
+
+
+def test_parse_json_body_too_deep_after_escape() -> None:
+    document = '["\\"]", ' + "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+
+    with pytest.raises(JSONBodyError) as raised:
+        parse_json_body(document.encode())
+
+    assert raised.value.pos == document.index("[", 1) + MAX_JSON_DEPTH - 1
+
+
+def test_parse_json_body_unterminated_string() -> None:
+    document = '["' + "[" * 100
+
+    with pytest.raises(json.JSONDecodeError) as raised:
+        parse_json_body(document.encode())
+
+    assert not isinstance(raised.value, JSONBodyError)
+    assert raised.value.msg.startswith("Unterminated string")

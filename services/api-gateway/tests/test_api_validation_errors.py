@@ -1,14 +1,19 @@
 """422 `validation_error` bodies: one localized message and a machine type per item."""
 
+import re
 import string
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from api_test_helpers import ApiUser
+from api_test_helpers import ApiUser, count_rows
+from fastapi import FastAPI
 from httpx import AsyncClient
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.errors import describe_validation_item
+from mensajero_common.models import SMSMessage
 from mensajero_common.settings import Settings
 from mensajero_common.validation_messages import (
     VALIDATION_MESSAGES,
@@ -401,6 +406,159 @@ async def test_malformed_json_names_body(client: AsyncClient, user: ApiUser) -> 
         "The body is not valid JSON: there is a syntax error at line 2, column 10."
     )
     assert content.decode()[english[0]["position"] :].startswith("Hola")
+
+
+INVALID_UTF8_SEND = b'{"to":"+34612345678","body":"\xff\xfe"}'
+
+
+async def test_invalid_utf8_body_is_json_invalid(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    headers = {**user.headers, "Content-Type": "application/json"}
+
+    spanish = await request_details(
+        client, "POST", SEND_URL, "es", headers, content=INVALID_UTF8_SEND
+    )
+    english = await request_details(
+        client, "POST", SEND_URL, "en", headers, content=INVALID_UTF8_SEND
+    )
+
+    assert spanish == [
+        {
+            "field": "body",
+            "location": "body",
+            "message": "El cuerpo no es JSON válido: tiene un byte que no es UTF-8 "
+            "válido en la línea 1, columna 30. Envía el JSON codificado en UTF-8.",
+            "type": "json_invalid",
+            "reason": "invalid_utf8",
+            "position": 29,
+            "line": 1,
+            "column": 30,
+        }
+    ]
+    assert english[0]["message"] == (
+        "The body is not valid JSON: it has a byte that is not valid UTF-8 at line 1, "
+        "column 30. Send the JSON encoded in UTF-8."
+    )
+    assert await count_rows(session_factory, SMSMessage) == 0
+
+
+async def test_invalid_utf8_rejected_by_every_json_route(
+    app: FastAPI, client: AsyncClient, user: ApiUser
+) -> None:
+    headers = {**user.headers, "Content-Type": "application/json"}
+    json_routes = [
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        for method, operation in operations.items()
+        if "application/json" in operation.get("requestBody", {}).get("content", {})
+    ]
+    assert (("POST", SEND_URL)) in json_routes
+
+    for method, path in json_routes:
+        url = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)
+        details = await request_details(
+            client, method, url, "en", headers, content=b'{"name": "\xff"}'
+        )
+
+        assert [(item["type"], item.get("reason")) for item in details] == [
+            ("json_invalid", "invalid_utf8")
+        ], (method, path)
+
+
+async def test_deeply_nested_body_is_json_invalid(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    headers = {**user.headers, "Content-Type": "application/json"}
+    prefix = '{"to": "+34612345678", "body": "Hola", "extra": '
+    bodies = {
+        "[" * 100_000 + "]" * 100_000: 64,
+        prefix + "[" * 20_000 + "]" * 20_000 + "}": len(prefix) + 63,
+        prefix + '{"a": ' * 65 + "1" + "}" * 66: len(prefix) + 6 * 63,
+    }
+
+    for content, position in bodies.items():
+        spanish = await request_details(
+            client, "POST", SEND_URL, "es", headers, content=content.encode()
+        )
+        english = await request_details(
+            client, "POST", SEND_URL, "en", headers, content=content.encode()
+        )
+
+        assert spanish == [
+            {
+                "field": "body",
+                "location": "body",
+                "message": "El cuerpo JSON anida listas u objetos a más de 64 niveles, "
+                "el máximo admitido. El primer nivel de más empieza en la línea 1, "
+                f"columna {position + 1}.",
+                "type": "json_invalid",
+                "reason": "too_deep",
+                "position": position,
+                "line": 1,
+                "column": position + 1,
+            }
+        ]
+        assert english[0]["message"] == (
+            "The JSON body nests lists or objects more than 64 levels deep, the "
+            "maximum allowed. The first level too many starts at line 1, "
+            f"column {position + 1}."
+        )
+    assert await count_rows(session_factory, SMSMessage) == 0
+
+
+async def test_nesting_at_limit_is_accepted(client: AsyncClient, user: ApiUser) -> None:
+    nested = "[" * 63 + "]" * 63
+    brackets_in_strings = "[" * 200
+    content = (
+        f'{{"to": "+34612345678", "body": "{brackets_in_strings}", "extra": {nested}}}'
+    )
+
+    response = await client.post(
+        SEND_URL,
+        content=content.encode(),
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 201, response.text
+
+
+async def test_long_integer_body_is_json_invalid(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    prefix = '{"to": "+34612345678", "body": "Hola", "ttl": '
+    content = (prefix + "1" * 5000 + "}").encode()
+    headers = {**user.headers, "Content-Type": "application/json"}
+
+    spanish = await request_details(
+        client, "POST", SEND_URL, "es", headers, content=content
+    )
+    english = await request_details(
+        client, "POST", SEND_URL, "en", headers, content=content
+    )
+
+    column = len(prefix) + 1
+    assert spanish == [
+        {
+            "field": "body",
+            "location": "body",
+            "message": "El cuerpo JSON tiene un número entero de más de 4300 cifras, "
+            f"el máximo admitido, en la línea 1, columna {column}.",
+            "type": "json_invalid",
+            "reason": "integer_too_long",
+            "position": len(prefix),
+            "line": 1,
+            "column": column,
+        }
+    ]
+    assert english[0]["message"] == (
+        "The JSON body has an integer of more than 4300 digits, the maximum allowed, "
+        f"at line 1, column {column}."
+    )
 
 
 async def test_email_reasons_localized(client: AsyncClient) -> None:

@@ -29,6 +29,20 @@ VALIDATION_MESSAGES: dict[str, dict[str, str]] = {
         "es": "El cuerpo no es JSON válido: hay un error de sintaxis en la línea {line}, columna {column}.",
         "en": "The body is not valid JSON: there is a syntax error at line {line}, column {column}.",
     },
+    # Not pydantic types: the API's handler picks one for a `json_invalid` item by its
+    # `reason`, when the body is unusable for a reason other than its syntax.
+    "json_invalid_invalid_utf8": {
+        "es": "El cuerpo no es JSON válido: tiene un byte que no es UTF-8 válido en la línea {line}, columna {column}. Envía el JSON codificado en UTF-8.",
+        "en": "The body is not valid JSON: it has a byte that is not valid UTF-8 at line {line}, column {column}. Send the JSON encoded in UTF-8.",
+    },
+    "json_invalid_too_deep": {
+        "es": "El cuerpo JSON anida listas u objetos a más de {max_depth} niveles, el máximo admitido. El primer nivel de más empieza en la línea {line}, columna {column}.",
+        "en": "The JSON body nests lists or objects more than {max_depth} levels deep, the maximum allowed. The first level too many starts at line {line}, column {column}.",
+    },
+    "json_invalid_integer_too_long": {
+        "es": "El cuerpo JSON tiene un número entero de más de {max_digits} cifras, el máximo admitido, en la línea {line}, columna {column}.",
+        "en": "The JSON body has an integer of more than {max_digits} digits, the maximum allowed, at line {line}, column {column}.",
+    },
     "json_type": {
         "es": "Debe ser un texto que contenga JSON.",
         "en": "Must be a string that contains JSON.",

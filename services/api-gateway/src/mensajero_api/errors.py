@@ -2,7 +2,9 @@
 
 - `AppError` (mensajero_common.errors) and its subclasses: their status, code and details.
 - `RequestValidationError`: 422 `validation_error` with one `details` item per field, its
-  `message` translated by mensajero_common.validation_messages.
+  `message` translated by mensajero_common.validation_messages. A body that is not
+  usable JSON gets one `json_invalid` item, with a `reason` when it is not a syntax
+  error (mensajero_api.jsonbody).
 - Starlette's `HTTPException` (unknown route, wrong method, body too large): 404
   `not_found`, 405 `method_not_allowed`, 413 `payload_too_large`, else `bad_request` or
   `http_error`.
@@ -21,6 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mensajero_api.envelope import EnvelopeJSONResponse
+from mensajero_api.jsonbody import (
+    JSON_BODY_REASONS,
+    MAX_JSON_DEPTH,
+    max_integer_digits,
+)
 from mensajero_common.errors import AppError
 from mensajero_common.i18n import negotiate_language, translate
 from mensajero_common.settings import Settings
@@ -102,6 +109,11 @@ def describe_validation_item(item: Any, language: str, document: Any) -> dict[st
         if isinstance(position, int):
             extra = _locate_json_error(document, position)
             context.update(extra)
+        body_reason = JSON_BODY_REASONS.get(context.get("error", ""))
+        if body_reason is not None:
+            message_type = f"json_invalid_{body_reason}"
+            extra["reason"] = body_reason
+            context.update(max_depth=MAX_JSON_DEPTH, max_digits=max_integer_digits())
     elif error_type == "missing" and location == "body" and not location_path:
         message_type = "missing_body"
     reason = context.get("reason")

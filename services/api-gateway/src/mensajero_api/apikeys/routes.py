@@ -19,9 +19,12 @@ from mensajero_api.deps import (
     SettingsDep,
 )
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_common.i18n import translate
 
-router = APIRouter(prefix="/api/v1/users/me/api-keys", tags=["api keys"])
+router = APIRouter(
+    prefix="/api/v1/users/me/api-keys", tags=["api keys"], route_class=JSONBodyRoute
+)
 
 
 @router.post(

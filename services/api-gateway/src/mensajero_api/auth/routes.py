@@ -11,9 +11,10 @@ from mensajero_api.auth.security import create_access_token
 from mensajero_api.auth.throttle import LoginThrottleDep
 from mensajero_api.deps import PasswordsDep, SessionDep, SettingsDep
 from mensajero_api.envelope import error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_common.throttle import client_address
 
-router = APIRouter(prefix="/api/v1/login", tags=["login"])
+router = APIRouter(prefix="/api/v1/login", tags=["login"], route_class=JSONBodyRoute)
 
 
 @router.post("/access-token", responses=error_responses(401, 403, 422, 429))

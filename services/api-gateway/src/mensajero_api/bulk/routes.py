@@ -20,11 +20,12 @@ from mensajero_api.deps import (
     SettingsDep,
 )
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.messages.routes import IdempotencyKey
 from mensajero_common.i18n import translate
 from mensajero_common.models import SMSBulkTask
 
-router = APIRouter(prefix="/api/v1/sms", tags=["messages"])
+router = APIRouter(prefix="/api/v1/sms", tags=["messages"], route_class=JSONBodyRoute)
 
 
 def _rejections(task: SMSBulkTask, language: str) -> list[BulkRejection]:

@@ -23,10 +23,13 @@ from mensajero_api.devices.schemas import (
     DeviceWithKey,
 )
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_common.i18n import translate
 from mensajero_common.models import SMSDevice
 
-router = APIRouter(prefix="/api/v1/sms/devices", tags=["devices"])
+router = APIRouter(
+    prefix="/api/v1/sms/devices", tags=["devices"], route_class=JSONBodyRoute
+)
 
 
 def _with_key(device: SMSDevice, api_key: str) -> DeviceWithKey:

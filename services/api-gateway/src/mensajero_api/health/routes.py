@@ -3,6 +3,7 @@
 from fastapi import APIRouter, Response
 
 from mensajero_api.deps import ResourcesDep
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_common.ops import (
     metrics_response,
     postgres_check,
@@ -10,7 +11,7 @@ from mensajero_common.ops import (
     redis_check,
 )
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=JSONBodyRoute)
 
 
 @router.get("/healthz")

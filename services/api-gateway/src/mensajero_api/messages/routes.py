@@ -14,6 +14,7 @@ from mensajero_api.deps import (
     SettingsDep,
 )
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.messages import service
 from mensajero_api.messages.schemas import (
     MessageListQuery,
@@ -25,7 +26,7 @@ from mensajero_api.messages.schemas import (
 from mensajero_common.i18n import translate
 from mensajero_common.models import MessageType, SMSMessage
 
-router = APIRouter(prefix="/api/v1/sms", tags=["messages"])
+router = APIRouter(prefix="/api/v1/sms", tags=["messages"], route_class=JSONBodyRoute)
 
 IdempotencyKey = Annotated[
     str | None,

@@ -4,10 +4,13 @@ from fastapi import APIRouter
 
 from mensajero_api.deps import CurrentUser, SessionDep, SettingsDep
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.plans import service
 from mensajero_api.plans.schemas import PlanList
 
-router = APIRouter(prefix="/api/v1/sms", tags=["plans and quotas"])
+router = APIRouter(
+    prefix="/api/v1/sms", tags=["plans and quotas"], route_class=JSONBodyRoute
+)
 
 
 @router.get("/plans", responses=error_responses(401))

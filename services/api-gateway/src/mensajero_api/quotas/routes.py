@@ -4,11 +4,14 @@ from fastapi import APIRouter
 
 from mensajero_api.deps import CurrentUser, LanguageDep, SessionDep, SettingsDep
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.quotas import service
 from mensajero_api.quotas.schemas import PlanChange, QuotaPublic
 from mensajero_common.i18n import translate
 
-router = APIRouter(prefix="/api/v1/sms/quota", tags=["plans and quotas"])
+router = APIRouter(
+    prefix="/api/v1/sms/quota", tags=["plans and quotas"], route_class=JSONBodyRoute
+)
 
 
 def _public(usage: service.Usage) -> QuotaPublic:

@@ -13,6 +13,7 @@ from mensajero_api.deps import (
     SettingsDep,
 )
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.users import service
 from mensajero_api.users.schemas import (
     PasswordChange,
@@ -24,7 +25,7 @@ from mensajero_api.users.schemas import (
 from mensajero_common.i18n import translate
 from mensajero_common.throttle import client_address
 
-router = APIRouter(prefix="/api/v1/users", tags=["users"])
+router = APIRouter(prefix="/api/v1/users", tags=["users"], route_class=JSONBodyRoute)
 
 
 @router.post(

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query, status
 
 from mensajero_api.deps import CurrentUser, LanguageDep, SessionDep, SettingsDep
 from mensajero_api.envelope import Envelope, error_responses
+from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.webhooks import service
 from mensajero_api.webhooks.schemas import (
     DeliveryList,
@@ -21,7 +22,9 @@ from mensajero_api.webhooks.schemas import (
 from mensajero_common.i18n import translate
 from mensajero_common.webhook_transport import create_webhook_client
 
-router = APIRouter(prefix="/api/v1/sms/webhooks", tags=["webhooks"])
+router = APIRouter(
+    prefix="/api/v1/sms/webhooks", tags=["webhooks"], route_class=JSONBodyRoute
+)
 
 
 @router.post(
