@@ -3,6 +3,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from agent_helpers import (
     serve_hub_on,
 )
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 from websockets.asyncio.server import ServerConnection, serve
 
 from mensajero_agent import (
@@ -31,7 +32,8 @@ from mensajero_agent import (
     SendOutcome,
     SimulatedBackend,
 )
-from mensajero_common.keys import RedisKeys
+from mensajero_common import queues
+from mensajero_common.keys import CHANNEL_DISABLE, RedisKeys
 from mensajero_common.models import DeviceStatus, MessageStatus, SMSDevice, SMSMessage
 from mensajero_common.settings import Settings
 from mensajero_common.testing import free_port, scaled
@@ -297,6 +299,62 @@ async def test_invalid_key_stops_agent(hub: str, session_factory: Sessions) -> N
     assert "API key" in str(stopped.value)
     assert events.matching("error", error="invalid_api_key")
     assert len(events.matching("connected")) == 1
+
+
+async def set_device_active(
+    session_factory: Sessions, device_id: uuid.UUID, is_active: bool
+) -> None:
+    async with session_factory() as session:
+        await session.execute(
+            update(SMSDevice)
+            .where(SMSDevice.id == device_id)
+            .values(is_active=is_active)
+        )
+        await session.commit()
+
+
+async def test_disabled_device_stops_agent(
+    hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device_id, _, api_key = await create_device(session_factory)
+
+    async with running_agent(hub, api_key, fast_backend(), language="en") as (
+        _,
+        events,
+        task,
+    ):
+        await events.wait_for("registered")
+        await set_device_active(session_factory, device_id, False)
+        await queues.publish_device_control(
+            redis, redis_keys, device_id, CHANNEL_DISABLE
+        )
+        with pytest.raises(AgentStoppedError) as stopped:
+            await asyncio.wait_for(task, scaled(5))
+
+    assert stopped.value.code == 4001
+    assert stopped.value.key_error_reason == "device_inactive"
+    assert stopped.value.key_still_valid
+    assert "the device is disabled" in str(stopped.value)
+    assert "revoked" not in str(stopped.value)
+    assert events.matching("error", error="invalid_api_key")
+    assert len(events.matching("connected")) == 1
+
+
+async def test_reenabled_device_reconnects_same_key(
+    hub: str, session_factory: Sessions
+) -> None:
+    device_id, _, api_key = await create_device(session_factory)
+    await set_device_active(session_factory, device_id, False)
+
+    async with running_agent(hub, api_key, fast_backend()) as (_, _, disabled):
+        with pytest.raises(AgentStoppedError) as stopped:
+            await asyncio.wait_for(disabled, scaled(5))
+    await set_device_active(session_factory, device_id, True)
+    async with running_agent(hub, api_key, fast_backend()) as (_, events, _):
+        registered = await events.wait_for("registered")
+
+    assert stopped.value.key_error_reason == "device_inactive"
+    assert registered["device_id"] == str(device_id)
 
 
 async def test_throttled_agent_waits_retry_after(

@@ -7,12 +7,13 @@ import pytest
 from mensajero_agent import EventRecorder, MessageLedger, SimulatedBackend
 from mensajero_agent.agent import (
     THROTTLED_JITTER_MAX_S,
+    AgentStoppedError,
     backoff_delay_s,
     throttled_delay_s,
     url_with_key,
     url_without_key,
 )
-from mensajero_agent.cli import build_parser
+from mensajero_agent.cli import build_parser, stopped_hint
 
 
 def test_backoff_grows_then_caps() -> None:
@@ -141,3 +142,31 @@ def test_parser_reads_repeated_incoming() -> None:
     )
 
     assert args.incoming == [("+34600000000", "Hola"), ("Banco", "a:b")]
+
+
+@pytest.mark.parametrize(
+    ("key_error_reason", "cause", "hint"),
+    [
+        ("device_inactive", "the device is disabled", "Enable the device"),
+        ("user_inactive", "the account is disabled", "account that owns the device"),
+        ("unknown", "the server rejected the API key", "Check --api-key"),
+        (None, "the server rejected the API key", "Check --api-key"),
+    ],
+)
+def test_stopped_error_names_4001_reason(
+    key_error_reason: str | None, cause: str, hint: str
+) -> None:
+    error = AgentStoppedError(4001, "invalid api key: …", key_error_reason)
+
+    assert str(error).startswith(cause)
+    assert hint in stopped_hint(error)
+    assert error.key_still_valid is (
+        key_error_reason in {"device_inactive", "user_inactive"}
+    )
+
+
+def test_stopped_error_revoked_key() -> None:
+    error = AgentStoppedError(4003, "device api key revoked or device deleted")
+
+    assert str(error).startswith("the device's API key was revoked")
+    assert not error.key_still_valid

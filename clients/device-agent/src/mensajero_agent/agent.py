@@ -52,6 +52,13 @@ FATAL_CLOSE_CODES = {
     CLOSE_REPLACED: "another connection with the same API key replaced this one",
     CLOSE_REVOKED: "the device's API key was revoked or the device deleted",
 }
+# Causes of close code 4001 that leave the key valid, by the `reason` of the
+# `invalid_api_key` error frame before the close. The same key connects again once the
+# device or account is enabled.
+DISABLED_REASONS = {
+    "device_inactive": "the device is disabled",
+    "user_inactive": "the account is disabled",
+}
 
 # Errors after which a report or an incoming SMS is dropped from the outbox, because
 # sending the same frame again would get the same error.
@@ -61,12 +68,31 @@ PERMANENT_ERRORS = frozenset(
 
 
 class AgentStoppedError(Exception):
-    """The agent stopped for good: `code` is the close code that made reconnecting useless."""
+    """The agent stopped for good: `code` is the close code that made reconnecting useless.
 
-    def __init__(self, code: int, reason: str) -> None:
+    `reason` is the close reason, for people. `key_error_reason` is the machine code of
+    the `invalid_api_key` error before a close 4001 (such as `device_inactive`), or None
+    when no such error came.
+    """
+
+    def __init__(
+        self, code: int, reason: str, key_error_reason: str | None = None
+    ) -> None:
         self.code = code
         self.reason = reason
-        super().__init__(f"{FATAL_CLOSE_CODES.get(code, 'closed')} ({code}: {reason})")
+        self.key_error_reason = key_error_reason
+        cause = FATAL_CLOSE_CODES.get(code, "closed")
+        if code == CLOSE_INVALID_API_KEY and key_error_reason in DISABLED_REASONS:
+            cause = DISABLED_REASONS[key_error_reason]
+        super().__init__(f"{cause} ({code}: {reason})")
+
+    @property
+    def key_still_valid(self) -> bool:
+        """Whether the key works again once the device or account is enabled."""
+        return (
+            self.code == CLOSE_INVALID_API_KEY
+            and self.key_error_reason in DISABLED_REASONS
+        )
 
 
 @dataclass
@@ -159,6 +185,8 @@ class Agent:
         # Seconds to wait before reconnecting, from the hub's `too_many_auth_failures`
         # error on the current connection, or None when it sent none.
         self._retry_after_s: float | None = None
+        # `reason` of the hub's `invalid_api_key` error on the current connection.
+        self._key_error_reason: str | None = None
         self.device_id: str | None = None
         self.registered = asyncio.Event()
 
@@ -176,7 +204,7 @@ class Agent:
                     self._emit(
                         "disconnected", code=code, reason=reason, retry_in_s=None
                     )
-                    raise AgentStoppedError(code, reason)
+                    raise AgentStoppedError(code, reason, self._key_error_reason)
 
                 attempt = 0 if was_registered else attempt + 1
                 delay_s = backoff_delay_s(
@@ -248,6 +276,7 @@ class Agent:
         the hub acknowledged the register on it."""
         self.registered.clear()
         self._retry_after_s = None
+        self._key_error_reason = None
         headers = {}
         if self.config.language:
             headers["Accept-Language"] = self.config.language
@@ -380,6 +409,9 @@ class Agent:
         retry_after = frame.get("retry_after")
         if code == "too_many_auth_failures" and isinstance(retry_after, int | float):
             self._retry_after_s = max(float(retry_after), 0.0)
+        reason = frame.get("reason")
+        if code == "invalid_api_key" and isinstance(reason, str):
+            self._key_error_reason = reason
         if isinstance(request_id, str) and code in PERMANENT_ERRORS:
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)

@@ -3,8 +3,8 @@
 Prints one JSON line per event on stdout (connected, registered, task, task_dropped,
 report, report_ack, incoming, incoming_ack, error, disconnected, stopped) so that scripts and
 demos can follow it. Exit status: 0 after a stop (Ctrl-C, SIGTERM, --run-for-s), 2 on an
-invalid API key or bad options, 3 when the key was revoked or another connection with
-the same key replaced this one.
+invalid API key, a disabled device or account (close code 4001), or bad options, 3 when
+the key was revoked or another connection with the same key replaced this one.
 """
 
 import argparse
@@ -136,6 +136,21 @@ def print_event(event: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def stopped_hint(error: AgentStoppedError) -> str:
+    """Return what the user can do after close code 4001, by the hub's error reason."""
+    if error.key_error_reason == "device_inactive":
+        return (
+            "Enable the device with the API (PUT /api/v1/sms/devices/{id} with "
+            '"is_active": true), then start the agent again with the same key.'
+        )
+    if error.key_error_reason == "user_inactive":
+        return (
+            "The account that owns the device is disabled. Once it is enabled, start "
+            "the agent again with the same key."
+        )
+    return "Check --api-key, or create or rotate the device's key with the API."
+
+
 async def run(args: argparse.Namespace) -> int:
     agent = Agent(
         AgentConfig(
@@ -175,12 +190,10 @@ async def run(args: argparse.Namespace) -> int:
         await agent.run()
     except AgentStoppedError as error:
         sys.stderr.write(f"mensajero-agent: {error}\n")
-        if error.code == CLOSE_INVALID_API_KEY:
-            sys.stderr.write(
-                "Check --api-key, or create or rotate the device's key with the API.\n"
-            )
-            return EXIT_INVALID_KEY
-        return EXIT_STOPPED_BY_SERVER
+        if error.code != CLOSE_INVALID_API_KEY:
+            return EXIT_STOPPED_BY_SERVER
+        sys.stderr.write(stopped_hint(error) + "\n")
+        return EXIT_INVALID_KEY
     finally:
         if stopper is not None:
             stopper.cancel()
