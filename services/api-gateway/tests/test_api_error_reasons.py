@@ -347,6 +347,13 @@ def test_every_reason_has_both_languages() -> None:
             "invalid_number",
         },
         "invalid_user_api_key": {"unknown", "revoked", "expired"},
+        "invalid_api_key": {
+            "missing",
+            "unknown",
+            "expired",
+            "device_inactive",
+            "user_inactive",
+        },
         "invalid_webhook_url": {
             "invalid_url",
             "unsupported_scheme",

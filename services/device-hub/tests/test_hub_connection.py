@@ -29,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 
 from mensajero_common import protocol, queues
 from mensajero_common.db import create_engine, create_session_factory
+from mensajero_common.i18n import reason_phrase
 from mensajero_common.keys import CHANNEL_DISABLE, CHANNEL_REVOKE, RedisKeys
 from mensajero_common.models import DeviceStatus, SMSDevice
 from mensajero_common.settings import Settings
@@ -105,7 +106,10 @@ async def test_connect_rejects_bad_key(
     assert error["type"] == "error"
     assert error["error"] == "invalid_api_key"
     assert error["reason"] == reason
-    assert error["message"].startswith("La API key")
+    assert error["message"].startswith("La API key del dispositivo no se puede usar: ")
+    assert error["message"].endswith(
+        f"{reason_phrase('invalid_api_key', reason, 'es')}."
+    )
     assert code == protocol.CLOSE_INVALID_API_KEY
     assert close_reason.startswith("invalid api key")
 
@@ -344,14 +348,28 @@ async def set_device_active(
         await session.commit()
 
 
-@pytest.mark.parametrize(("language", "prefix"), [("es", "La API key"), ("en", "The")])
+@pytest.mark.parametrize(
+    ("language", "message"),
+    [
+        (
+            "es",
+            "La API key del dispositivo no se puede usar: el dispositivo está "
+            "desactivado; la misma key vuelve a funcionar cuando se active.",
+        ),
+        (
+            "en",
+            "The device API key cannot be used: the device is disabled; the same key "
+            "works again once it is enabled.",
+        ),
+    ],
+)
 async def test_disable_closes_with_4001(
     hub_url: str,
     session_factory: Sessions,
     redis: Redis,
     redis_keys: RedisKeys,
     language: str,
-    prefix: str,
+    message: str,
 ) -> None:
     device = await create_device(session_factory)
 
@@ -372,7 +390,7 @@ async def test_disable_closes_with_4001(
 
     assert error["error"] == "invalid_api_key"
     assert error["reason"] == "device_inactive"
-    assert error["message"].startswith(prefix)
+    assert error["message"] == message
     assert code == protocol.CLOSE_INVALID_API_KEY
     assert close_reason == "invalid api key: the device is disabled"
     await eventually(offline)

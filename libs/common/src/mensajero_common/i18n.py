@@ -253,8 +253,8 @@ MESSAGES: dict[str, dict[str, str]] = {
     },
     # Device protocol.
     "invalid_api_key": {
-        "es": "La API key del dispositivo no es válida, ha caducado o fue revocada.",
-        "en": "The device API key is invalid, expired or revoked.",
+        "es": "La API key del dispositivo no se puede usar: {reason}.",
+        "en": "The device API key cannot be used: {reason}.",
     },
     "too_many_auth_failures": {
         "es": "Demasiadas autenticaciones fallidas desde esta dirección. Inténtalo de nuevo en {retry_after} s.",
@@ -389,6 +389,28 @@ REASONS: dict[str, dict[str, dict[str, str]]] = {
         "sender_length": {
             "es": "'from' debe tener de 1 a {max_length} caracteres",
             "en": "'from' must be 1 to {max_length} characters",
+        },
+    },
+    "invalid_api_key": {
+        "missing": {
+            "es": "falta el parámetro api_key de la URL",
+            "en": "the api_key query parameter is missing",
+        },
+        "unknown": {
+            "es": "ningún dispositivo tiene esta key",
+            "en": "no device has this key",
+        },
+        "expired": {
+            "es": "ha caducado; rota la key del dispositivo con la API",
+            "en": "it has expired; rotate the device's key with the API",
+        },
+        "device_inactive": {
+            "es": "el dispositivo está desactivado; la misma key vuelve a funcionar cuando se active",
+            "en": "the device is disabled; the same key works again once it is enabled",
+        },
+        "user_inactive": {
+            "es": "la cuenta está desactivada; la misma key vuelve a funcionar cuando se active",
+            "en": "the account is disabled; the same key works again once it is enabled",
         },
     },
     "invalid_user_api_key": {

@@ -240,7 +240,10 @@ class Hub:
             )
             await transport.send(
                 frames.error_reply(
-                    "invalid_api_key", language, details={"reason": error.reason}
+                    "invalid_api_key",
+                    language,
+                    details={"reason": error.reason},
+                    reason=error.reason,
                 )
             )
             await transport.close(protocol.CLOSE_INVALID_API_KEY, error.close_reason)
