@@ -327,7 +327,7 @@ def test_malformed_throttle_setting_stops_start(settings: Settings) -> None:
         create_app(settings.model_copy(update={"LOGIN_FAILURES_PER_IP": "lots"}))
 
 
-async def test_signup_ignores_privileged_fields(
+async def test_signup_rejects_privileged_fields(
     client: AsyncClient, session_factory: async_sessionmaker[AsyncSession]
 ) -> None:
     response = await client.post(
@@ -347,15 +347,14 @@ async def test_signup_ignores_privileged_fields(
             await session.scalars(
                 select(User).where(User.email == "mallory@example.com")
             )
-        ).one()
-    assert response.status_code == 201, response.text
-    assert row.is_superuser is False
-    assert row.is_active is True
-    assert row.token_version == 0
-    assert row.hashed_password.startswith("$argon2")
+        ).one_or_none()
+    assert response.status_code == 422, response.text
+    fields = {item["field"] for item in response.json()["details"]}
+    assert fields == {"is_superuser", "is_active", "token_version", "hashed_password"}
+    assert row is None
 
 
-async def test_profile_update_ignores_privileged_fields(
+async def test_profile_update_rejects_privileged_fields(
     client: AsyncClient, user: ApiUser
 ) -> None:
     response = await client.patch(
@@ -363,11 +362,12 @@ async def test_profile_update_ignores_privileged_fields(
         json={"is_superuser": True, "email": "other@example.com", "full_name": "Eve"},
         headers=user.headers,
     )
+    me = await client.get("/api/v1/users/me", headers=user.headers)
 
-    assert response.status_code == 200, response.text
-    assert response.json()["data"]["is_superuser"] is False
-    assert response.json()["data"]["email"] == user.email
-    assert response.json()["data"]["full_name"] == "Eve"
+    assert response.status_code == 422, response.text
+    assert me.json()["data"]["is_superuser"] is False
+    assert me.json()["data"]["email"] == user.email
+    assert me.json()["data"]["full_name"] != "Eve"
 
 
 async def test_responses_expose_no_secrets(client: AsyncClient, user: ApiUser) -> None:

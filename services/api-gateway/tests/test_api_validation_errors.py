@@ -70,6 +70,11 @@ CASES = {
         "POST", SEND_URL, {"json": ["Hola"]}, "body", "body", "model_attributes_type",
         "Debe ser un objeto JSON.", "Must be a JSON object.",
     ),
+    "extra_forbidden": Case(
+        "POST", SEND_URL, {"json": {"to": TO, "body": "Hola", "tll": 60}}, "tll", "body",
+        "extra_forbidden", "Este campo no está permitido aquí.",
+        "This field is not allowed here.",
+    ),
     "item_not_object": Case(
         "POST", BULK_URL, {"json": {"messages": ["Hola"]}}, "messages.0", "body",
         "model_attributes_type", "Debe ser un objeto JSON.", "Must be a JSON object.",
@@ -524,7 +529,9 @@ async def test_nesting_at_limit_is_accepted(client: AsyncClient, user: ApiUser) 
         headers={**user.headers, "Content-Type": "application/json"},
     )
 
-    assert response.status_code == 201, response.text
+    # The body parses: the only problem is the field that no send has.
+    assert response.status_code == 422, response.text
+    assert [item["type"] for item in response.json()["details"]] == ["extra_forbidden"]
 
 
 async def test_long_integer_body_is_json_invalid(

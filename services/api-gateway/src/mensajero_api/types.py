@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
+    ConfigDict,
     EmailStr,
     StringConstraints,
     ValidationError,
@@ -110,3 +112,13 @@ extension. A longer value is rejected before it is parsed or echoed back in an e
 
 Email = Annotated[EmailStr, WrapValidator(_classify_email_error)]
 """An email address, checked and normalized by email-validator as EmailStr does."""
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: a field it does not define gets 422 `extra_forbidden`.
+
+    Ignoring unknown fields would turn a typo (`tll` for `ttl`) or a field the caller
+    may not set (`is_superuser`) into a silent success.
+    """
+
+    model_config = ConfigDict(extra="forbid")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from mensajero_api.types import Name
+from mensajero_api.types import Name, RequestBody
 from mensajero_common.models import UserApiKey
 
 # Ten years: long enough for any deployment, short enough that the date stays valid.
@@ -15,7 +15,7 @@ MAX_EXPIRES_IN_DAYS = 3650
 ApiKeyStatus = Literal["active", "expired", "revoked"]
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(RequestBody):
     name: Name = Field(description="What the key is for, e.g. the server that uses it.")
     expires_in_days: int | None = Field(
         default=None,

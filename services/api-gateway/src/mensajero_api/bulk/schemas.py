@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from mensajero_api.messages.schemas import ExpiryFields
-from mensajero_api.types import PhoneNumberText, StorableStr
+from mensajero_api.types import PhoneNumberText, RequestBody, StorableStr
 from mensajero_common.models import MessageStatus
 
 # A recipient over the length limit rejects the whole request with a 422 instead of
@@ -18,7 +18,7 @@ Recipient = PhoneNumberText
 BulkStatus = Literal["processing", "completed"]
 
 
-class BulkMessage(BaseModel):
+class BulkMessage(RequestBody):
     to: Recipient = Field(examples=["+525512345678"])
     body: StorableStr
 

@@ -5,7 +5,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mensajero_api.types import Name, PhoneNumberText
+from mensajero_api.types import Name, PhoneNumberText, RequestBody
 from mensajero_common.models import DeviceStatus
 
 _PHONE_DESCRIPTION = (
@@ -22,7 +22,7 @@ _EXPIRY_DESCRIPTION = (
 )
 
 
-class DeviceCreate(BaseModel):
+class DeviceCreate(RequestBody):
     name: Name
     phone_number: PhoneNumberText | None = Field(
         default=None, description=_PHONE_DESCRIPTION
@@ -32,13 +32,13 @@ class DeviceCreate(BaseModel):
     )
 
 
-class DeviceKeyRotate(BaseModel):
+class DeviceKeyRotate(RequestBody):
     api_key_expires_in_days: int | None = Field(
         default=None, ge=1, le=MAX_KEY_EXPIRES_IN_DAYS, description=_EXPIRY_DESCRIPTION
     )
 
 
-class DeviceUpdate(BaseModel):
+class DeviceUpdate(RequestBody):
     """Fields to change; a field left out keeps its value."""
 
     # The None defaults below only mark a field as left out: pydantic does not validate

@@ -13,7 +13,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mensajero_api.types import PhoneNumberText, StorableStr
+from mensajero_api.types import PhoneNumberText, RequestBody, StorableStr
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
 
 MAX_PAGE_SIZE = 100
@@ -24,7 +24,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_TTL_S = 30 * 24 * 3600
 
 
-class ExpiryFields(BaseModel):
+class ExpiryFields(RequestBody):
     """Optional expiry of a send: a message not sent by then becomes `expired`."""
 
     ttl: int | None = Field(

@@ -5,6 +5,8 @@ from datetime import date, datetime
 
 from pydantic import BaseModel, Field
 
+from mensajero_api.types import RequestBody
+
 
 class QuotaPublic(BaseModel):
     user_id: uuid.UUID
@@ -30,7 +32,7 @@ class QuotaPublic(BaseModel):
     )
 
 
-class PlanChange(BaseModel):
+class PlanChange(RequestBody):
     user_id: uuid.UUID | None = Field(
         default=None, description="The user to change; left out, the caller."
     )

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mensajero_api.types import Email, Name, Password
+from mensajero_api.types import Email, Name, Password, RequestBody
 
 _REGION_DESCRIPTION = (
     "ISO 3166 region (e.g. MX) in which phone numbers without a leading + are read; "
@@ -14,21 +14,21 @@ _REGION_DESCRIPTION = (
 )
 
 
-class UserCreate(BaseModel):
+class UserCreate(RequestBody):
     email: Email
     password: Password
     full_name: Name | None = None
     default_region: str | None = Field(default=None, description=_REGION_DESCRIPTION)
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(RequestBody):
     """Fields to change; a field left out keeps its value, null clears it."""
 
     full_name: Name | None = None
     default_region: str | None = Field(default=None, description=_REGION_DESCRIPTION)
 
 
-class PasswordChange(BaseModel):
+class PasswordChange(RequestBody):
     # No length rule on the current password: it only has to match the stored hash.
     current_password: Annotated[str, StringConstraints(max_length=128)]
     new_password: Password

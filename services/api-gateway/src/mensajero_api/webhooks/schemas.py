@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mensajero_api.types import Storable
+from mensajero_api.types import RequestBody, Storable
 from mensajero_common.webhooks import EVENT_SMS_RECEIVED, EVENTS
 
 WebhookURL = Annotated[
@@ -20,7 +20,7 @@ EventName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 _EVENTS_DESCRIPTION = f"Events to receive, among: {', '.join(EVENTS)}."
 
 
-class WebhookCreate(BaseModel):
+class WebhookCreate(RequestBody):
     url: WebhookURL = Field(
         description="http(s) URL whose host is a DNS name (IDNA names too) or an IP "
         "literal, without user name or password; https only in production."
@@ -38,7 +38,7 @@ class WebhookCreate(BaseModel):
     is_active: bool = True
 
 
-class WebhookUpdate(BaseModel):
+class WebhookUpdate(RequestBody):
     """Fields to change; a field left out keeps its value."""
 
     url: WebhookURL = Field(default=None)  # type: ignore[assignment]
