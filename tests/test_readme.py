@@ -16,12 +16,17 @@ SNIPPET = re.compile(
 )
 
 
-def _verify_function(readme: str) -> Any:
-    match = SNIPPET.search((ROOT / readme).read_text())
-    assert match, f"{readme} lacks the verify-webhook snippet"
+def _snippet_function(readme: str, snippet: re.Pattern[str], name: str) -> Any:
+    """Run a README snippet and return the function `name` that it defines."""
+    match = snippet.search((ROOT / readme).read_text())
+    assert match, f"{readme} lacks the snippet that defines {name}"
     namespace: dict[str, Any] = {}
     exec(compile(match.group(1), readme, "exec"), namespace)
-    return namespace["verify_webhook"]
+    return namespace[name]
+
+
+def _verify_function(readme: str) -> Any:
+    return _snippet_function(readme, SNIPPET, "verify_webhook")
 
 
 @pytest.mark.parametrize("readme", ["README.md", "README.es.md"])
@@ -87,11 +92,7 @@ STANDARD_SNIPPET = re.compile(
 
 
 def _standard_verify_function(readme: str) -> Any:
-    match = STANDARD_SNIPPET.search((ROOT / readme).read_text())
-    assert match, f"{readme} lacks the verify-standard-webhook snippet"
-    namespace: dict[str, Any] = {}
-    exec(compile(match.group(1), readme, "exec"), namespace)
-    return namespace["verify_standard_webhook"]
+    return _snippet_function(readme, STANDARD_SNIPPET, "verify_standard_webhook")
 
 
 @pytest.mark.parametrize("readme", ["README.md", "README.es.md"])
