@@ -5,6 +5,7 @@ import json
 import socket
 
 import httpcore
+import httpx
 import pytest
 
 from mensajero_common.testing import (
@@ -18,6 +19,7 @@ from mensajero_common.webhook_transport import (
     create_webhook_client,
 )
 from mensajero_common.webhooks import (
+    AttemptResult,
     UnsafeWebhookURLError,
     check_url_syntax,
     check_url_target,
@@ -173,22 +175,33 @@ async def test_check_url_target_allows_loopback_when_allowed() -> None:
     )
 
 
+async def _post(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    timeout_s: float = 5,
+    allow_private: bool = True,
+) -> AttemptResult:
+    """POST the test event to `url` over plain HTTP, as the API's test endpoint does."""
+    return await post_event(
+        client,
+        url=url,
+        secret="secret",
+        event_id="evt_1",
+        body=BODY,
+        timeout_s=timeout_s,
+        require_https=False,
+        allow_private=allow_private,
+    )
+
+
 async def test_post_event_sends_signed_exact_bytes() -> None:
     receiver = WebhookReceiver([204])
     async with (
         serve_app(receiver) as base_url,
         create_webhook_client(allow_private=True) as client,
     ):
-        result = await post_event(
-            client,
-            url=f"{base_url}/hook",
-            secret="secret",
-            event_id="evt_1",
-            body=BODY,
-            timeout_s=5,
-            require_https=False,
-            allow_private=True,
-        )
+        result = await _post(client, f"{base_url}/hook")
 
     assert result.status_code == 204
     assert result.succeeded
@@ -210,16 +223,7 @@ async def test_post_event_reports_timeout() -> None:
         serve_app(receiver) as base_url,
         create_webhook_client(allow_private=True) as client,
     ):
-        result = await post_event(
-            client,
-            url=f"{base_url}/hook",
-            secret="secret",
-            event_id="evt_1",
-            body=BODY,
-            timeout_s=0.2,
-            require_https=False,
-            allow_private=True,
-        )
+        result = await _post(client, f"{base_url}/hook", timeout_s=0.2)
 
     assert result.status_code is None
     assert result.error == "timeout"
@@ -231,16 +235,7 @@ async def test_post_event_does_not_follow_redirects() -> None:
         serve_app(receiver) as base_url,
         create_webhook_client(allow_private=True) as client,
     ):
-        result = await post_event(
-            client,
-            url=f"{base_url}/hook",
-            secret="secret",
-            event_id="evt_1",
-            body=BODY,
-            timeout_s=5,
-            require_https=False,
-            allow_private=True,
-        )
+        result = await _post(client, f"{base_url}/hook")
 
     assert result.status_code == 302
     assert not result.succeeded
@@ -261,15 +256,8 @@ async def test_post_event_rejects_host_rebound_to_loopback(
         dns = RebindingDNS("hooks.rebind.test", [PUBLIC_ADDRESS, "127.0.0.1"])
         monkeypatch.setattr(socket, "getaddrinfo", dns)
         async with create_webhook_client(allow_private=False) as client:
-            result = await post_event(
-                client,
-                url=f"http://hooks.rebind.test:{port}/hook",
-                secret="secret",
-                event_id="evt_1",
-                body=BODY,
-                timeout_s=5,
-                require_https=False,
-                allow_private=False,
+            result = await _post(
+                client, f"http://hooks.rebind.test:{port}/hook", allow_private=False
             )
         monkeypatch.undo()
 
@@ -286,16 +274,7 @@ async def test_post_event_reaches_host_name_when_private_allowed() -> None:
         create_webhook_client(allow_private=True) as client,
     ):
         port = base_url.rsplit(":", 1)[1]
-        result = await post_event(
-            client,
-            url=f"http://localhost:{port}/hook",
-            secret="secret",
-            event_id="evt_1",
-            body=BODY,
-            timeout_s=5,
-            require_https=False,
-            allow_private=True,
-        )
+        result = await _post(client, f"http://localhost:{port}/hook")
 
     assert result.status_code == 204
     headers, body, _ = receiver.requests[0]
@@ -305,16 +284,7 @@ async def test_post_event_reaches_host_name_when_private_allowed() -> None:
 
 async def test_post_event_reports_refused_connection() -> None:
     async with create_webhook_client(allow_private=True) as client:
-        result = await post_event(
-            client,
-            url=f"http://127.0.0.1:{free_port()}/hook",
-            secret="secret",
-            event_id="evt_1",
-            body=BODY,
-            timeout_s=5,
-            require_https=False,
-            allow_private=True,
-        )
+        result = await _post(client, f"http://127.0.0.1:{free_port()}/hook")
 
     assert result.status_code is None
     assert result.error == "connection_error: ConnectError"
