@@ -13,6 +13,7 @@ from mensajero_common.testing import (
     WebhookReceiver,
     free_port,
     serve_app,
+    serve_raw_reply,
 )
 from mensajero_common.webhook_transport import (
     CheckedNetworkBackend,
@@ -287,7 +288,25 @@ async def test_post_event_reports_refused_connection() -> None:
         result = await _post(client, f"http://127.0.0.1:{free_port()}/hook")
 
     assert result.status_code is None
-    assert result.error == "connection_error: ConnectError"
+    assert result.error == "connection_error: connect_failed"
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (b"", "connection_error: disconnected"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "connection_error: protocol_error"),
+    ],
+)
+async def test_post_event_names_broken_endpoints(reply: bytes, error: str) -> None:
+    async with (
+        serve_raw_reply(reply) as port,
+        create_webhook_client(allow_private=True) as client,
+    ):
+        result = await _post(client, f"http://127.0.0.1:{port}/hook")
+
+    assert result.status_code is None
+    assert result.error == error
 
 
 @pytest.mark.parametrize(

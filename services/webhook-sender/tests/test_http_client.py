@@ -14,6 +14,7 @@ from mensajero_common.testing import (
     free_port,
     scaled,
     serve_app,
+    serve_raw_reply,
 )
 from mensajero_common.webhooks import AttemptResult, UnsafeWebhookURLError, verify
 from mensajero_webhooks.delivery.http_client import (
@@ -232,7 +233,25 @@ async def test_post_event_reports_refused_connection(settings: Settings) -> None
     [result] = await post(settings, f"http://127.0.0.1:{free_port()}/hook")
 
     assert result.status_code is None
-    assert result.error == "connection_error: ClientConnectorError"
+    assert result.error == "connection_error: connect_failed"
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (b"", "connection_error: disconnected"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "connection_error: protocol_error"),
+    ],
+)
+async def test_post_event_names_broken_endpoints(
+    settings: Settings, reply: bytes, error: str
+) -> None:
+    # The same names as the API's httpx client gives (mensajero_common.webhooks).
+    async with serve_raw_reply(reply) as port:
+        [result] = await post(settings, f"http://127.0.0.1:{port}/hook")
+
+    assert result.status_code is None
+    assert result.error == error
 
 
 @pytest.mark.parametrize(

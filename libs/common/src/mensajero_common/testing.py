@@ -25,6 +25,27 @@ def free_port() -> int:
 
 
 @asynccontextmanager
+async def serve_raw_reply(reply: bytes) -> AsyncIterator[int]:
+    """Serve TCP on 127.0.0.1 that reads a request, writes `reply` and closes, and
+    yield its port. An empty `reply` closes without a response, as a broken endpoint."""
+
+    async def respond(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(respond, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
 async def serve_app(app: Any, **config: Any) -> AsyncIterator[str]:
     """Serve an ASGI app with uvicorn on a free loopback port; yield its base URL."""
     import uvicorn

@@ -18,6 +18,7 @@ import ipaddress
 import re
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -239,6 +240,36 @@ async def check_url_target(
     await resolve_public_addresses(url, host, port)
 
 
+# Kinds of failed connections, recorded as "connection_error: <kind>" whichever HTTP
+# client made the attempt (httpx for the API's test, aiohttp for the sender).
+CONNECT_FAILED = "connect_failed"
+TLS_FAILED = "tls_failed"
+DISCONNECTED = "disconnected"
+PROTOCOL_ERROR = "protocol_error"
+
+
+def connection_error(kind: str) -> str:
+    """Return the recorded error of an attempt whose connection failed in this way."""
+    return f"connection_error: {kind}"
+
+
+def _httpx_failure(error: httpx.HTTPError) -> str:
+    """Return the kind of connection failure behind an httpx error."""
+    if isinstance(error, httpx.ConnectError):
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__
+        return TLS_FAILED if cause is not None else CONNECT_FAILED
+    if isinstance(error, httpx.ReadError | httpx.WriteError):
+        return DISCONNECTED
+    # httpx reports a server that closes without an answer as a protocol error.
+    if isinstance(error, httpx.RemoteProtocolError) and "disconnected" in str(error):
+        return DISCONNECTED
+    if isinstance(error, httpx.ProtocolError | httpx.DecodingError):
+        return PROTOCOL_ERROR
+    return type(error).__name__
+
+
 @dataclass(frozen=True)
 class AttemptResult:
     """The outcome of one POST: a status code, or an error when no response came."""
@@ -323,5 +354,5 @@ async def post_event(
     except httpx.TimeoutException:
         return clock.result(error="timeout")
     except httpx.HTTPError as error:
-        return clock.result(error=f"connection_error: {type(error).__name__}")
+        return clock.result(error=connection_error(_httpx_failure(error)))
     return clock.result(status_code=response.status_code)

@@ -86,7 +86,9 @@ class WebhookTestResult(BaseModel):
     status_code: int | None
     duration_ms: int
     error: str | None = Field(
-        description="timeout, connection_error: …, private_address, … when no 2xx came."
+        description="Why no response came: timeout, connection_error: <kind> "
+        "(connect_failed, tls_failed, disconnected, protocol_error), or why the URL "
+        "was rejected (private_address, …)."
     )
     event_id: uuid.UUID
 

@@ -21,11 +21,16 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from mensajero_common.settings import Settings
 from mensajero_common.webhooks import (
+    CONNECT_FAILED,
+    DISCONNECTED,
+    PROTOCOL_ERROR,
+    TLS_FAILED,
     AttemptClock,
     AttemptResult,
     UnsafeWebhookURLError,
     check_addresses,
     check_attempt_url,
+    connection_error,
     signature_headers,
 )
 
@@ -137,8 +142,23 @@ async def post_event(
         # aiohttp's ServerTimeoutError is a TimeoutError too.
         return clock.result(error="timeout")
     except aiohttp.ClientError as error:
-        return clock.result(error=f"connection_error: {type(error).__name__}")
+        return clock.result(error=connection_error(_aiohttp_failure(error)))
     return clock.result(status_code=status_code)
+
+
+def _aiohttp_failure(error: aiohttp.ClientError) -> str:
+    """Return the kind of connection failure behind an aiohttp error, named as for the
+    API's httpx client."""
+    # The TLS errors subclass ClientConnectorError, so they are checked first.
+    if isinstance(error, aiohttp.ClientSSLError):
+        return TLS_FAILED
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return CONNECT_FAILED
+    if isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return DISCONNECTED
+    if isinstance(error, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return PROTOCOL_ERROR
+    return type(error).__name__
 
 
 async def _discard_body(response: aiohttp.ClientResponse) -> None:
