@@ -118,8 +118,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "You do not have permission for this operation.",
     },
     "invalid_region": {
-        "es": "La región {region} no es un código de país ISO 3166 válido (por ejemplo MX, ES, US).",
-        "en": "The region {region} is not a valid ISO 3166 country code (for example MX, ES, US).",
+        "es": "La región {region} no es un código de país ISO 3166 con numeración telefónica propia (por ejemplo MX, ES, US).",
+        "en": "The region {region} is not an ISO 3166 country code with phone numbering of its own (for example MX, ES, US).",
     },
     # Devices.
     "device_not_found": {
