@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common import apikeys
 from mensajero_common.keys import RedisKeys
-from mensajero_common.models import SMSDevice, UserQuota
+from mensajero_common.models import DeviceStatus, SMSDevice, UserQuota
 
 DEVICES_URL = "/api/v1/sms/devices"
 
@@ -165,6 +165,30 @@ async def test_rotate_key(
     assert row.api_key_hash == apikeys.hash_api_key(new_key)
     assert await _next_control_message(pubsub) == b"revoke"
     await pubsub.aclose()
+
+
+async def test_rotate_key_reports_device_offline(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    # Rotating closes the live connection, so the answer must not say "online".
+    device = await register_device(client, user)
+    async with session_factory() as session:
+        row = await session.get(SMSDevice, uuid.UUID(device["device_id"]))
+        assert row is not None
+        row.status = DeviceStatus.ONLINE
+        await session.commit()
+
+    response = await client.post(
+        f"{DEVICES_URL}/{device['device_id']}/rotate-key", headers=user.headers
+    )
+    stored = await _device_row(session_factory, device["device_id"])
+
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["status"] == "offline"
+    assert stored is not None
+    assert stored.status == DeviceStatus.OFFLINE
 
 
 async def test_delete_device_frees_slot(

@@ -22,7 +22,7 @@ from mensajero_api.quotas import service as quotas_service
 from mensajero_common import apikeys, queues
 from mensajero_common.errors import ConflictError, NotFoundError
 from mensajero_common.keys import CHANNEL_DISABLE, CHANNEL_REVOKE, RedisKeys
-from mensajero_common.models import SMSDevice, User
+from mensajero_common.models import DeviceStatus, SMSDevice, User
 from mensajero_common.settings import Settings
 
 logger = structlog.get_logger(__name__)
@@ -141,6 +141,10 @@ async def rotate_api_key(
     device.api_key_hash = apikeys.hash_api_key(api_key)
     device.api_key_prefix = apikeys.display_prefix(api_key)
     device.api_key_expires_at = _key_expiry(expires_in_days)
+    # Its connection is closed below, so the response does not show it online. The
+    # device-hub writes the same status when the connection ends.
+    if device.status == DeviceStatus.ONLINE:
+        device.status = DeviceStatus.OFFLINE
     await session.commit()
     await session.refresh(device)
 
