@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from mensajero_common import protocol
-from mensajero_common.i18n import translate
+from mensajero_common.i18n import REASONS, translate
 from mensajero_common.validation_messages import translate_validation_error
 
 # Close reasons, at most 123 bytes each as RFC 6455 allows.
@@ -96,12 +96,14 @@ def error_reply(
 ) -> dict[str, Any]:
     """Build an `error` frame whose message is in the connection's language.
 
-    An `invalid_frame` error also carries its `reason` code, and for invalid fields,
-    `fields`: the field and pydantic error type of each problem.
+    An error whose `reason` param is a code of i18n.REASONS carries that code as its
+    `reason` field. An `invalid_frame` error for invalid fields also carries `fields`:
+    the field and pydantic error type of each problem.
     """
     details = dict(details or {})
+    if code in REASONS and "reason" in params:
+        details.setdefault("reason", params["reason"])
     if code == "invalid_frame":
-        details["reason"] = params.get("reason")
         problems = params.pop("fields", None)
         if problems:
             params["reason"] = describe_field_problems(problems, language)

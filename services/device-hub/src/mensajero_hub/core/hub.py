@@ -239,12 +239,7 @@ class Hub:
                 client_address=client_address,
             )
             await transport.send(
-                frames.error_reply(
-                    "invalid_api_key",
-                    language,
-                    details={"reason": error.reason},
-                    reason=error.reason,
-                )
+                frames.error_reply("invalid_api_key", language, reason=error.reason)
             )
             await transport.close(protocol.CLOSE_INVALID_API_KEY, error.close_reason)
             return None

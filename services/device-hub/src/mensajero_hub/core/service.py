@@ -160,7 +160,7 @@ class DeviceService:
                 raise FrameRejectedError(
                     "invalid_phone_number",
                     request_id=frame.request_id,
-                    details={"field": "phone_number", "reason": error.reason},
+                    details={"field": "phone_number"},
                     number=raw_number,
                     reason=error.reason,
                 ) from None

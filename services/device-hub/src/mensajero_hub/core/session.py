@@ -396,10 +396,7 @@ class DeviceSession:
             return
         self.log.info("closing connection: device disabled")
         frame = frames.error_reply(
-            "invalid_api_key",
-            self.language,
-            details={"reason": "device_inactive"},
-            reason="device_inactive",
+            "invalid_api_key", self.language, reason="device_inactive"
         )
         # Bounded, so that a phone that stopped reading cannot hold off the close.
         with contextlib.suppress(TimeoutError):
