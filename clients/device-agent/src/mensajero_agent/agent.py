@@ -82,8 +82,8 @@ class AgentStoppedError(Exception):
         self.reason = reason
         self.key_error_reason = key_error_reason
         cause = FATAL_CLOSE_CODES.get(code, "closed")
-        if code == CLOSE_INVALID_API_KEY and key_error_reason in DISABLED_REASONS:
-            cause = DISABLED_REASONS[key_error_reason]
+        if self.key_still_valid:
+            cause = DISABLED_REASONS[key_error_reason or ""]
         super().__init__(f"{cause} ({code}: {reason})")
 
     @property
