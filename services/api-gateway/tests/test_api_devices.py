@@ -172,7 +172,7 @@ async def test_rotate_key_reports_device_offline(
     user: ApiUser,
     session_factory: async_sessionmaker[AsyncSession],
 ) -> None:
-    # Rotating closes the live connection, so the answer must not say "online".
+    # Rotating closes the live connection, so the response must not show "online".
     device = await register_device(client, user)
     async with session_factory() as session:
         row = await session.get(SMSDevice, uuid.UUID(device["device_id"]))

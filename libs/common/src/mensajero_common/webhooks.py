@@ -262,7 +262,7 @@ def _httpx_failure(error: httpx.HTTPError) -> str:
         return TLS_FAILED if cause is not None else CONNECT_FAILED
     if isinstance(error, httpx.ReadError | httpx.WriteError):
         return DISCONNECTED
-    # httpx reports a server that closes without an answer as a protocol error.
+    # httpx reports a server that closes without a response as a protocol error.
     if isinstance(error, httpx.RemoteProtocolError) and "disconnected" in str(error):
         return DISCONNECTED
     if isinstance(error, httpx.ProtocolError | httpx.DecodingError):
