@@ -183,6 +183,42 @@ async def test_password_change_weak_new(client: AsyncClient, user: ApiUser) -> N
     assert await login(client, user.email, user.password) == 200
 
 
+async def test_password_change_same_password(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_factory() as session:
+        before = await session.scalar(select(User).where(User.email == user.email))
+    assert before is not None
+    body = {"current_password": user.password, "new_password": user.password}
+
+    spanish = await client.put(PASSWORD_PATH, json=body, headers=user.headers)
+    english = await client.put(
+        PASSWORD_PATH, json=body, headers={**user.headers, "Accept-Language": "en"}
+    )
+    me = await client.get("/api/v1/users/me", headers=user.headers)
+    async with session_factory() as session:
+        after = await session.scalar(select(User).where(User.email == user.email))
+
+    assert spanish.status_code == 400
+    assert spanish.json()["error"] == "password_unchanged"
+    assert spanish.json()["field"] == "new_password"
+    assert spanish.json()["message"] == (
+        "La contraseña nueva es igual a la actual: elige una distinta."
+    )
+    assert english.status_code == 400
+    assert english.json()["error"] == "password_unchanged"
+    assert english.json()["message"] == (
+        "The new password is the same as the current one: choose a different one."
+    )
+    assert me.status_code == 200
+    assert after is not None
+    assert after.hashed_password == before.hashed_password
+    assert after.token_version == before.token_version
+    assert await login(client, user.email, user.password) == 200
+
+
 async def test_password_change_guessing_throttled(
     client: AsyncClient, user: ApiUser
 ) -> None:

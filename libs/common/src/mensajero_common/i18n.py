@@ -72,6 +72,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "La contraseña actual no es correcta.",
         "en": "The current password is incorrect.",
     },
+    "password_unchanged": {
+        "es": "La contraseña nueva es igual a la actual: elige una distinta.",
+        "en": "The new password is the same as the current one: choose a different one.",
+    },
     "password_changed": {
         "es": "Contraseña cambiada. Los tokens anteriores ya no sirven: usa el token nuevo.",
         "en": "Password changed. Earlier tokens no longer work: use the new token.",

@@ -82,9 +82,9 @@ async def change_password(
     `login_token_required`, so a leaked key can neither guess the password nor cut off
     its owner's sessions. User API keys are not affected; revoke them separately if the
     account may have been compromised. Errors: 400
-    `invalid_current_password` or `weak_password` (the new password is the email or
-    contains the part before the @); 429 `too_many_login_attempts` after repeated wrong
-    current passwords.
+    `invalid_current_password`, `password_unchanged` (the new password is the current
+    one) or `weak_password` (the new password is the email or contains the part before
+    the @); 429 `too_many_login_attempts` after repeated wrong current passwords.
     """
     user = await service.change_password(
         session, passwords, throttle, client_address(request.scope), user, data

@@ -37,6 +37,13 @@ class InvalidCurrentPasswordError(ValidationFailedError):
         super().__init__(details={"field": "current_password"})
 
 
+class PasswordUnchangedError(ValidationFailedError):
+    code = "password_unchanged"
+
+    def __init__(self) -> None:
+        super().__init__(details={"field": "new_password"})
+
+
 # A local part shorter than this ("a@…", "jo@…") is too common a substring to forbid.
 MIN_FORBIDDEN_LOCAL_PART_LENGTH = 3
 
@@ -125,13 +132,19 @@ async def change_password(
     """Check the current password, store the new one and revoke every earlier token.
 
     Wrong current passwords count as failed logins of the account, so a stolen token
-    cannot be used to guess the password faster than the login form allows.
+    cannot be used to guess the password faster than the login form allows. A new
+    password equal to the current one raises PasswordUnchangedError and changes nothing,
+    so earlier tokens keep working.
     """
     await throttle.check(user.email, client_address)
     if not await passwords.verify(data.current_password, user.hashed_password):
         await throttle.record_failure(user.email, client_address)
         logger.info("password change rejected: wrong password", user_id=str(user.id))
         raise InvalidCurrentPasswordError()
+    # Checked after the current password, so that a wrong one still counts as a failed
+    # login even when both fields are equal.
+    if data.new_password == data.current_password:
+        raise PasswordUnchangedError()
     check_password_rules(data.new_password, user.email)
 
     user.hashed_password = await passwords.hash(data.new_password)
