@@ -245,7 +245,10 @@ async def test_bulk_personalised_messages(
         (5, "body_too_long"),
     ]
     assert data["rejected"][0]["duplicate_of"] == 0
-    assert data["rejected"][1]["message"] == "El texto del mensaje está vacío."
+    assert (
+        data["rejected"][1]["message"]
+        == "El texto del mensaje está vacío o solo contiene espacios o caracteres invisibles."
+    )
     assert data["rejected"][2]["message"] == (
         "El texto tiene 1601 caracteres; el máximo es 1600."
     )
@@ -253,6 +256,32 @@ async def test_bulk_personalised_messages(
     bodies = [stored[uuid.UUID(i)].body for i in data["message_ids"]]
     assert bodies == ["Hola Ana", "Hola Luis", "Tu cita es mañana"]
     assert await _sms_sent(session_factory, owner) == 3
+
+
+async def test_bulk_rejects_invisible_bodies(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user(plan="pro")
+    messages = [
+        {"to": "+525512340001", "body": "\u200b"},
+        {"to": "+525512340002", "body": "👩\u200d💻"},
+        {"to": "+525512340003", "body": "\ufeff \u2060"},
+        {"to": "+525512340004", "body": "Hola\u200bAna"},
+    ]
+
+    response = await _send_bulk(client, owner, {"messages": messages})
+
+    assert response.status_code == 201, response.text
+    data = response.json()["data"]
+    assert data["accepted"] == 2
+    assert [(r["index"], r["reason"]) for r in data["rejected"]] == [
+        (0, "empty_body"),
+        (2, "empty_body"),
+    ]
+    stored = await _messages(session_factory, owner)
+    bodies = [stored[uuid.UUID(i)].body for i in data["message_ids"]]
+    assert bodies == ["👩\u200d💻", "Hola\u200bAna"]
+    assert await _sms_sent(session_factory, owner) == 2
 
 
 async def test_bulk_counts_segments_per_body(
@@ -508,6 +537,7 @@ async def test_bulk_no_valid_recipients(
     ("payload", "error"),
     [
         ({"recipients": ["+525512340001"], "body": " "}, "empty_body"),
+        ({"recipients": ["+525512340001"], "body": "\u200b\u2060"}, "empty_body"),
         ({"recipients": ["+525512340001"], "body": "x" * 1601}, "body_too_long"),
     ],
 )

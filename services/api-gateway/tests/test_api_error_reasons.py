@@ -154,12 +154,12 @@ async def test_bulk_rejections_localized(
     english_rejected = responses["en"].json()["data"]["rejected"]
     assert [item["message"] for item in spanish_rejected[-3:]] == [
         "Repite el destinatario de la posición 0; se envía una sola vez.",
-        "El texto del mensaje está vacío.",
+        "El texto del mensaje está vacío o solo contiene espacios o caracteres invisibles.",
         "El texto tiene 1601 caracteres; el máximo es 1600.",
     ]
     assert [item["message"] for item in english_rejected[-3:]] == [
         "Repeats the recipient at position 0; it is sent only once.",
-        "The message body is empty.",
+        "The message body is empty or contains only whitespace or invisible characters.",
         "The body has 1601 characters; the maximum is 1600.",
     ]
 

@@ -196,6 +196,52 @@ async def test_send_empty_body(
     assert await _sms_sent(session_factory, user) == 0
 
 
+# Bodies that a phone would show as empty: zero-width and format characters, fillers
+# and variation selectors alone or mixed with whitespace.
+INVISIBLE_BODIES = [
+    "\u200b",
+    "\ufeff",
+    "\u2060",
+    "\u200b \u200d\n\u00a0",
+    "\u3164",
+    "\u2800",
+    "\ufe0f\U000e0020",
+]
+
+
+async def test_send_invisible_body(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    for text in INVISIBLE_BODIES:
+        response = await send_sms(client, user, body=text)
+        assert response.status_code == 400, repr(text)
+        assert response.json()["error"] == "empty_body", repr(text)
+    assert await count_rows(session_factory, SMSMessage) == 0
+    assert await _sms_sent(session_factory, user) == 0
+
+
+async def test_send_text_with_joiners(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="pro")
+    bodies = ["👩\u200d💻", "👍🏽", "Hola\u200bmundo", "\ufeffHola"]
+
+    responses = [await send_sms(client, owner, body=text) for text in bodies]
+
+    assert [response.status_code for response in responses] == [201] * len(bodies)
+    async with session_factory() as session:
+        stored = set(
+            await session.scalars(
+                select(SMSMessage.body).where(SMSMessage.user_id == owner.id)
+            )
+        )
+    assert stored == set(bodies)
+
+
 async def test_send_oversize_body(
     client: AsyncClient,
     user: ApiUser,
@@ -705,9 +751,15 @@ async def test_errors_follow_accept_language(
     french = await send_sms(client, user, body=" ", headers={"Accept-Language": "fr"})
     sent = await send_sms(client, user, headers={"Accept-Language": "en"})
 
-    assert default.json()["message"] == "El texto del mensaje está vacío."
+    assert (
+        default.json()["message"]
+        == "El texto del mensaje está vacío o solo contiene espacios o caracteres invisibles."
+    )
     assert default.headers["content-language"] == "es"
-    assert english.json()["message"] == "The message body is empty."
+    assert (
+        english.json()["message"]
+        == "The message body is empty or contains only whitespace or invisible characters."
+    )
     assert english.headers["content-language"] == "en"
     assert english.json()["error"] == default.json()["error"] == "empty_body"
     assert french.json()["message"] == default.json()["message"]

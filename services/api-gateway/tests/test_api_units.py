@@ -10,6 +10,7 @@ from mensajero_api.auth.security import (
     create_access_token,
     decode_access_token,
 )
+from mensajero_api.blank_text import is_blank
 from mensajero_api.jsonbody import MAX_JSON_DEPTH, JSONBodyError, parse_json_body
 from mensajero_api.pagination import (
     Cursor,
@@ -155,3 +156,28 @@ def test_parse_json_body_unterminated_string() -> None:
 
     assert not isinstance(raised.value, JSONBodyError)
     assert raised.value.msg.startswith("Unterminated string")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", True),
+        (" \t\n\u00a0\u3000", True),
+        ("\u200b", True),
+        ("\u200c\u200d", True),
+        ("\u2060\ufeff\u00ad", True),
+        ("\u202e\u2066", True),
+        ("\u115f\u3164\uffa0", True),
+        ("\ufe0f\U000e0100", True),
+        ("\U000e0041\U000e007f", True),
+        ("\u2800", True),
+        ("a", False),
+        ("\u200ba\u200b", False),
+        ("👩\u200d💻", False),
+        ("❤\ufe0f", False),
+        ("\u0600", False),
+        (".", False),
+    ],
+)
+def test_is_blank(text: str, expected: bool) -> None:
+    assert is_blank(text) is expected

@@ -144,8 +144,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "The number {number} is invalid: {reason}. Use the E.164 format, for example +525512345678.",
     },
     "empty_body": {
-        "es": "El texto del mensaje está vacío.",
-        "en": "The message body is empty.",
+        "es": "El texto del mensaje está vacío o solo contiene espacios o caracteres invisibles.",
+        "en": "The message body is empty or contains only whitespace or invisible characters.",
     },
     "body_too_long": {
         "es": "El texto tiene {length} caracteres; el máximo es {limit}.",

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_api.blank_text import is_blank
 from mensajero_api.devices import service as devices_service
 from mensajero_api.messages import repository
 from mensajero_api.messages.repository import MessageFilters
@@ -151,8 +152,12 @@ def _request_hash(data: SendRequest) -> str:
 
 
 def check_body(body: str, settings: Settings) -> None:
-    """Raise EmptyBodyError or BodyTooLongError unless `body` can be sent."""
-    if not body.strip():
+    """Raise EmptyBodyError or BodyTooLongError unless `body` can be sent.
+
+    A body of only whitespace and invisible characters (U+200B, U+FEFF, …) counts as
+    empty, because the phone would show nothing.
+    """
+    if is_blank(body):
         raise EmptyBodyError()
     # Characters (code points), the unit users count in; segments are counted separately.
     if len(body) > settings.SMS_MAX_BODY_LENGTH:

@@ -1,0 +1,47 @@
+"""Detection of text that a phone would show as empty.
+
+A body made only of whitespace and invisible characters, such as U+200B ZERO WIDTH
+SPACE, U+2060 WORD JOINER or U+FEFF ZERO WIDTH NO-BREAK SPACE, would arrive as an SMS
+that looks empty. Those characters stay valid inside visible text: an emoji sequence
+such as 👩‍💻 joins its parts with U+200D ZERO WIDTH JOINER.
+"""
+
+# The Default_Ignorable_Code_Point ranges of the Unicode Character Database
+# (DerivedCoreProperties.txt, Unicode 14.0), which Python's unicodedata does not expose:
+# format controls, fillers, variation selectors and tags that renderers draw as nothing.
+_DEFAULT_IGNORABLE_RANGES = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+
+# U+2800 BRAILLE PATTERN BLANK is not default-ignorable, but it shows as an empty cell,
+# so a body made of it looks blank too.
+_BRAILLE_PATTERN_BLANK = "\u2800"
+
+
+def is_invisible(character: str) -> bool:
+    """Tell whether a single character is whitespace or shows as nothing."""
+    if character.isspace() or character == _BRAILLE_PATTERN_BLANK:
+        return True
+    code_point = ord(character)
+    return any(start <= code_point <= end for start, end in _DEFAULT_IGNORABLE_RANGES)
+
+
+def is_blank(text: str) -> bool:
+    """Tell whether `text` is empty or contains only invisible characters."""
+    return all(is_invisible(character) for character in text)
