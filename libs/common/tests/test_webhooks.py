@@ -3,6 +3,7 @@ import hashlib
 import hmac
 import json
 import socket
+from pathlib import Path
 
 import httpcore
 import httpx
@@ -12,6 +13,7 @@ from mensajero_common.testing import (
     RebindingDNS,
     WebhookReceiver,
     free_port,
+    issue_server_certificate,
     serve_app,
     serve_raw_reply,
 )
@@ -307,6 +309,81 @@ async def test_post_event_names_broken_endpoints(reply: bytes, error: str) -> No
 
     assert result.status_code is None
     assert result.error == error
+
+
+async def test_post_event_reaches_trusted_tls_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The control for the TLS failures below: the same server, once its certificate
+    # authority is trusted through SSL_CERT_FILE, gets the POST.
+    certificate = issue_server_certificate(tmp_path, "127.0.0.1")
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate.ca_file))
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(
+            receiver,
+            ssl_certfile=str(certificate.cert_file),
+            ssl_keyfile=str(certificate.key_file),
+        ) as base_url,
+        create_webhook_client(allow_private=True) as client,
+    ):
+        result = await _post(client, f"{base_url}/hook")
+
+    assert base_url.startswith("https://")
+    assert result.status_code == 200
+    assert result.error is None
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("certificate_hosts", "trust_authority"),
+    [
+        # A certificate from an authority that the client does not trust.
+        (("127.0.0.1",), False),
+        # A trusted authority, but the certificate names another host.
+        (("other.invalid",), True),
+    ],
+)
+async def test_post_event_reports_tls_failure(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    certificate_hosts: tuple[str, ...],
+    trust_authority: bool,
+) -> None:
+    certificate = issue_server_certificate(tmp_path, *certificate_hosts)
+    if trust_authority:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate.ca_file))
+    else:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(
+            receiver,
+            ssl_certfile=str(certificate.cert_file),
+            ssl_keyfile=str(certificate.key_file),
+        ) as base_url,
+        create_webhook_client(allow_private=True) as client,
+    ):
+        result = await _post(client, f"{base_url}/hook")
+
+    assert result.status_code is None
+    assert result.error == "connection_error: tls_failed"
+    assert receiver.requests == []
+
+
+async def test_post_event_reports_https_to_plain_http() -> None:
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(receiver) as base_url,
+        create_webhook_client(allow_private=True) as client,
+    ):
+        port = base_url.rsplit(":", 1)[1]
+        result = await _post(client, f"https://127.0.0.1:{port}/hook")
+
+    assert result.status_code is None
+    assert result.error == "connection_error: tls_failed"
+    assert receiver.requests == []
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from mensajero_common.testing import (
     WebhookReceiver,
     answer_lifespan,
     free_port,
+    issue_server_certificate,
     scaled,
     serve_app,
     serve_raw_reply,
@@ -252,6 +254,73 @@ async def test_post_event_names_broken_endpoints(
 
     assert result.status_code is None
     assert result.error == error
+
+
+async def test_post_event_reaches_trusted_tls_endpoint(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The control for the TLS failures below: the same server, once its certificate
+    # authority is trusted through SSL_CERT_FILE, gets the POST.
+    certificate = issue_server_certificate(tmp_path, "127.0.0.1")
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate.ca_file))
+    receiver = WebhookReceiver([200])
+    async with serve_app(
+        receiver,
+        ssl_certfile=str(certificate.cert_file),
+        ssl_keyfile=str(certificate.key_file),
+    ) as base_url:
+        [result] = await post(settings, f"{base_url}/hook")
+
+    assert base_url.startswith("https://")
+    assert result.status_code == 200
+    assert result.error is None
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("certificate_hosts", "trust_authority"),
+    [
+        # A certificate from an authority that the client does not trust.
+        (("127.0.0.1",), False),
+        # A trusted authority, but the certificate names another host.
+        (("other.invalid",), True),
+    ],
+)
+async def test_post_event_reports_tls_failure(
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    certificate_hosts: tuple[str, ...],
+    trust_authority: bool,
+) -> None:
+    certificate = issue_server_certificate(tmp_path, *certificate_hosts)
+    if trust_authority:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate.ca_file))
+    else:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    receiver = WebhookReceiver([200])
+    async with serve_app(
+        receiver,
+        ssl_certfile=str(certificate.cert_file),
+        ssl_keyfile=str(certificate.key_file),
+    ) as base_url:
+        [result] = await post(settings, f"{base_url}/hook")
+
+    assert result.status_code is None
+    assert result.error == "connection_error: tls_failed"
+    assert receiver.requests == []
+
+
+async def test_post_event_reports_https_to_plain_http(settings: Settings) -> None:
+    receiver = WebhookReceiver([200])
+    async with serve_app(receiver) as base_url:
+        port = base_url.rsplit(":", 1)[1]
+        [result] = await post(settings, f"https://127.0.0.1:{port}/hook")
+
+    assert result.status_code is None
+    assert result.error == "connection_error: tls_failed"
+    assert receiver.requests == []
 
 
 @pytest.mark.parametrize(

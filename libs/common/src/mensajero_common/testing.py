@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mensajero_common.settings import Settings
@@ -47,7 +48,11 @@ async def serve_raw_reply(reply: bytes) -> AsyncIterator[int]:
 
 @asynccontextmanager
 async def serve_app(app: Any, **config: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a free loopback port; yield its base URL."""
+    """Serve an ASGI app with uvicorn on a free loopback port; yield its base URL.
+
+    With `ssl_certfile` and `ssl_keyfile` in `config`, uvicorn serves TLS and the URL is
+    https.
+    """
     import uvicorn
 
     sock = socket.socket()
@@ -65,11 +70,44 @@ async def serve_app(app: Any, **config: Any) -> AsyncIterator[str]:
                 task.result()
                 raise RuntimeError("uvicorn stopped before it started")
             await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
+        scheme = "https" if config.get("ssl_certfile") else "http"
+        yield f"{scheme}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, scaled(10))
         sock.close()
+
+
+@dataclass(frozen=True)
+class ServerCertificate:
+    """PEM files of a TLS server certificate and of the certificate authority that
+    issued it."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def issue_server_certificate(directory: Path, *hostnames: str) -> ServerCertificate:
+    """Create a certificate authority and a server certificate for `hostnames`.
+
+    Writes the PEM files into `directory`. The authority is new each time, so no client
+    trusts it unless SSL_CERT_FILE names its `ca_file`. Needs trustme, a dev dependency.
+    """
+    import trustme
+
+    authority = trustme.CA()
+    certificate = authority.issue_cert(*hostnames)
+    files = ServerCertificate(
+        ca_file=directory / "ca.pem",
+        cert_file=directory / "server.pem",
+        key_file=directory / "server.key",
+    )
+    authority.cert_pem.write_to_path(str(files.ca_file))
+    for index, pem in enumerate(certificate.cert_chain_pems):
+        pem.write_to_path(str(files.cert_file), append=index > 0)
+    certificate.private_key_pem.write_to_path(str(files.key_file))
+    return files
 
 
 def service_environment(settings: Settings, **variables: str) -> dict[str, str]:

@@ -253,13 +253,27 @@ def connection_error(kind: str) -> str:
     return f"connection_error: {kind}"
 
 
+def _caused_by_ssl_error(error: BaseException) -> bool:
+    """Tell whether an ssl.SSLError is among the exceptions that led to `error`.
+
+    The chain is followed through `__context__` as well as `__cause__`, because the
+    connection pool of httpcore 1.0.9 re-raises a failed connection's error `from None`.
+    That clears the link to the SSLError in `__cause__` but keeps it in `__context__`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _httpx_failure(error: httpx.HTTPError) -> str:
     """Return the kind of connection failure behind an httpx error."""
     if isinstance(error, httpx.ConnectError):
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, ssl.SSLError):
-            cause = cause.__cause__
-        return TLS_FAILED if cause is not None else CONNECT_FAILED
+        return TLS_FAILED if _caused_by_ssl_error(error) else CONNECT_FAILED
     if isinstance(error, httpx.ReadError | httpx.WriteError):
         return DISCONNECTED
     # httpx reports a server that closes without a response as a protocol error.
