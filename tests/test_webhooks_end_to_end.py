@@ -4,6 +4,7 @@ the device-hub, delivered signed by the webhook-sender to a real HTTP receiver."
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -157,3 +158,43 @@ async def test_stopped_webhook_sender_delivers_after_restart(
         await receiver.wait_for(1, timeout_s=20)
 
     assert json.loads(receiver.requests[0][1])["body"] == "mientras dormías"
+
+
+async def test_gone_endpoint_shows_disabled_reason(services: RunningServices) -> None:
+    receiver = WebhookReceiver([410])
+    async with (
+        serve_app(receiver) as receiver_url,
+        httpx.AsyncClient(base_url=services.api_url, timeout=scaled(10)) as client,
+    ):
+        headers = await _sign_up(client)
+        webhook = await _create_webhook(client, headers, f"{receiver_url}/hook")
+        webhook_url = f"/api/v1/sms/webhooks/{webhook['id']}"
+        api_key = await _register_device(client, headers)
+        before_gone = datetime.now(UTC)
+        await _start_agent(services, api_key, "--incoming", "+34611223344:adiós")
+        await receiver.wait_for(1, timeout_s=20)
+
+        async with asyncio.timeout(scaled(20)):
+            while True:
+                disabled = (await client.get(webhook_url, headers=headers)).json()
+                if not disabled["data"]["is_active"]:
+                    break
+                await asyncio.sleep(0.05)
+        listed = (await client.get("/api/v1/sms/webhooks", headers=headers)).json()
+        enabled = await client.put(
+            webhook_url, json={"is_active": True}, headers=headers
+        )
+        read_after_enabling = (await client.get(webhook_url, headers=headers)).json()
+
+    assert webhook["disabled_reason"] is None
+    assert webhook["disabled_at"] is None
+    assert disabled["data"]["disabled_reason"] == "gone"
+    disabled_at = datetime.fromisoformat(disabled["data"]["disabled_at"])
+    assert before_gone <= disabled_at <= datetime.now(UTC)
+    assert listed["data"]["items"][0]["disabled_reason"] == "gone"
+    assert listed["data"]["items"][0]["disabled_at"] == disabled["data"]["disabled_at"]
+    assert enabled.status_code == 200, enabled.text
+    assert enabled.json()["data"]["is_active"] is True
+    assert enabled.json()["data"]["disabled_reason"] is None
+    assert enabled.json()["data"]["disabled_at"] is None
+    assert read_after_enabling["data"]["disabled_reason"] is None

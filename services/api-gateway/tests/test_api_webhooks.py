@@ -13,7 +13,8 @@ from mensajero_api.webhooks.service import MAX_WEBHOOKS_PER_USER
 from mensajero_common.models import WebhookConfig, WebhookDelivery
 from mensajero_common.settings import Settings
 from mensajero_common.testing import RebindingDNS, WebhookReceiver, serve_app
-from mensajero_common.webhooks import verify
+from mensajero_common.webhooks import DISABLED_GONE, verify
+from mensajero_webhooks.delivery import repository as sender_repository
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
@@ -146,6 +147,60 @@ async def test_update_and_delete_webhook(
     assert deleted.status_code == 200
     assert read_after.status_code == 404
     assert read_after.json()["error"] == "webhook_not_found"
+
+
+async def test_enabling_webhook_clears_disabled_reason(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        "/api/v1/sms/webhooks",
+        json={"url": "http://127.0.0.1:9/hook"},
+        headers=owner.headers,
+    )
+    webhook_id = created.json()["data"]["id"]
+    webhook_url = f"/api/v1/sms/webhooks/{webhook_id}"
+    # The webhook-sender's own SQL, as it runs after a 410 Gone.
+    async with sender_repository.pooled_connection(
+        session_factory.kw["bind"]
+    ) as connection:
+        await sender_repository.disable_webhook(
+            connection, uuid.UUID(webhook_id), DISABLED_GONE
+        )
+
+    disabled = await client.get(webhook_url, headers=owner.headers)
+    listed = await client.get("/api/v1/sms/webhooks", headers=owner.headers)
+    events_changed = await client.put(
+        webhook_url, json={"events": ["sms_failed"]}, headers=owner.headers
+    )
+    enabled = await client.put(
+        webhook_url, json={"is_active": True}, headers=owner.headers
+    )
+    disabled_by_owner = await client.put(
+        webhook_url, json={"is_active": False}, headers=owner.headers
+    )
+
+    assert created.json()["data"]["disabled_reason"] is None
+    assert created.json()["data"]["disabled_at"] is None
+    assert disabled.json()["data"]["is_active"] is False
+    assert disabled.json()["data"]["disabled_reason"] == "gone"
+    assert disabled.json()["data"]["disabled_at"] is not None
+    assert listed.json()["data"]["items"][0]["disabled_reason"] == "gone"
+    assert events_changed.json()["data"]["disabled_reason"] == "gone"
+    assert (
+        events_changed.json()["data"]["disabled_at"]
+        == (disabled.json()["data"]["disabled_at"])
+    )
+    assert enabled.status_code == 200
+    assert enabled.json()["data"]["is_active"] is True
+    assert enabled.json()["data"]["disabled_reason"] is None
+    assert enabled.json()["data"]["disabled_at"] is None
+    assert disabled_by_owner.json()["data"]["is_active"] is False
+    assert disabled_by_owner.json()["data"]["disabled_reason"] is None
+    async with session_factory() as session:
+        stored = await session.get_one(WebhookConfig, uuid.UUID(webhook_id))
+    assert stored.disabled_reason is None
+    assert stored.disabled_at is None
 
 
 async def test_other_users_webhook_is_not_found(

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common import jsonutil
@@ -24,7 +24,13 @@ from mensajero_common.redis import create_redis
 from mensajero_common.settings import Settings
 from mensajero_common.testing import WebhookReceiver, scaled, serve_app
 from mensajero_common.webhook_outbox import queue_deliveries, record_message_event
-from mensajero_common.webhooks import EVENT_SMS_RECEIVED, generate_secret, verify
+from mensajero_common.webhooks import (
+    DISABLED_GONE,
+    EVENT_SMS_RECEIVED,
+    generate_secret,
+    verify,
+)
+from mensajero_webhooks.delivery import repository
 from mensajero_webhooks.delivery.http_client import create_http_session
 from mensajero_webhooks.delivery.service import DeliveryContext, requeue_due_deliveries
 from mensajero_webhooks.delivery.tasks import job_functions
@@ -259,18 +265,64 @@ async def test_delivery_gone_disables_webhook(
         user, webhook = await create_user_with_webhook(
             session_factory, f"{base_url}/hook", generate_secret()
         )
+        started_at = datetime.now(UTC)
         _, delivery_ids = await record_incoming(session_factory, user)
         await queue_deliveries(context.redis, context.keys, delivery_ids)
         await wait_until(
             lambda: _status_is(session_factory, delivery_ids[0], "failed"), 5
         )
         _, later_ids = await record_incoming(session_factory, user, body="second")
+    finished_at = datetime.now(UTC)
 
     assert len(receiver.requests) == 1
     assert later_ids == []
     async with session_factory() as session:
         refreshed = await session.get_one(WebhookConfig, webhook.id)
-        assert refreshed.is_active is False
+    assert refreshed.is_active is False
+    assert refreshed.disabled_reason == "gone"
+    assert refreshed.disabled_at is not None
+    assert started_at <= refreshed.disabled_at <= finished_at
+
+
+async def test_disable_webhook_keeps_first_time(
+    session_factory: SessionFactory,
+) -> None:
+    _, webhook = await create_user_with_webhook(
+        session_factory, "http://127.0.0.1:9/hook", generate_secret()
+    )
+    engine = session_factory.kw["bind"]
+
+    async with repository.pooled_connection(engine) as connection:
+        await repository.disable_webhook(connection, webhook.id, DISABLED_GONE)
+    first = await _webhook_row(session_factory, webhook.id)
+    async with repository.pooled_connection(engine) as connection:
+        await repository.disable_webhook(connection, webhook.id, DISABLED_GONE)
+    repeated = await _webhook_row(session_factory, webhook.id)
+    async with session_factory() as session:
+        await session.execute(
+            update(WebhookConfig)
+            .where(WebhookConfig.id == webhook.id)
+            .values(is_active=True, disabled_reason=None, disabled_at=None)
+        )
+        await session.commit()
+    async with repository.pooled_connection(engine) as connection:
+        await repository.disable_webhook(connection, webhook.id, DISABLED_GONE)
+    after_enabling = await _webhook_row(session_factory, webhook.id)
+
+    assert first.is_active is False
+    assert first.disabled_reason == "gone"
+    assert first.disabled_at is not None
+    assert repeated.disabled_at == first.disabled_at
+    assert after_enabling.disabled_reason == "gone"
+    assert after_enabling.disabled_at is not None
+    assert after_enabling.disabled_at > first.disabled_at
+
+
+async def _webhook_row(
+    session_factory: SessionFactory, webhook_id: uuid.UUID
+) -> WebhookConfig:
+    async with session_factory() as session:
+        return await session.get_one(WebhookConfig, webhook_id)
 
 
 async def test_delivery_gone_cancels_pending_deliveries(

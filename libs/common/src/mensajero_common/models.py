@@ -420,6 +420,11 @@ class WebhookConfig(Base):
     is_active: Mapped[bool] = mapped_column(
         Boolean, nullable=False, server_default=text("true")
     )
+    # Why and when the webhook-sender deactivated the webhook by itself (a
+    # DISABLED_REASONS code of mensajero_common.webhooks). Only the sender sets them, and
+    # activating the webhook again through the API clears them.
+    disabled_reason: Mapped[str | None] = mapped_column(String(32))
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 

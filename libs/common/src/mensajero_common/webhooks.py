@@ -35,6 +35,11 @@ EVENTS = (EVENT_SMS_RECEIVED, EVENT_SMS_SENT, EVENT_SMS_DELIVERED, EVENT_SMS_FAI
 
 SECRET_PREFIX = "whsec_"
 
+# Codes of `webhookconfig.disabled_reason`, why the webhook-sender deactivated a webhook.
+# `gone`: the endpoint responded with 410 Gone, which means it no longer exists.
+DISABLED_GONE = "gone"
+DISABLED_REASONS = (DISABLED_GONE,)
+
 # A DNS label of letters, digits, hyphens and underscores, 1 to 63 characters, with no
 # hyphen at either end. RFC 1123 host names have no underscores, but Docker Compose
 # service names may have them, and Docker's DNS resolves them.

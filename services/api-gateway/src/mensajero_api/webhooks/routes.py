@@ -80,7 +80,10 @@ async def update_webhook(
     settings: SettingsDep,
     language: LanguageDep,
 ) -> Envelope[WebhookPublic]:
-    """Change the URL, secret, events or active flag; fields left out keep their values."""
+    """Change the URL, secret, events or active flag; fields left out keep their values.
+
+    Setting `is_active` to true also clears `disabled_reason` and `disabled_at`.
+    """
     webhook = await service.update_webhook(session, settings, user, webhook_id, data)
     return Envelope(
         data=WebhookPublic.model_validate(webhook),

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from mensajero_api.types import RequestBody, Storable
-from mensajero_common.webhooks import EVENT_SMS_RECEIVED, EVENTS
+from mensajero_common.webhooks import DISABLED_GONE, EVENT_SMS_RECEIVED, EVENTS
 
 WebhookURL = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048)
@@ -59,6 +59,15 @@ class WebhookPublic(BaseModel):
     url: str
     events: list[str]
     is_active: bool
+    disabled_reason: str | None = Field(
+        description="Why the server deactivated the webhook by itself: `gone` when its "
+        "endpoint responded with 410 Gone. Null unless the server deactivated it. "
+        "Setting `is_active` to true clears it.",
+        examples=[DISABLED_GONE],
+    )
+    disabled_at: datetime | None = Field(
+        description="When the server deactivated the webhook; null with `disabled_reason`."
+    )
     created_at: datetime
     updated_at: datetime
 

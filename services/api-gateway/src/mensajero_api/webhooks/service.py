@@ -205,6 +205,10 @@ async def update_webhook(
     for field, value in changes.items():
         if value is not None:
             setattr(webhook, field, value)
+    if changes.get("is_active") is True:
+        # Both fields describe the deactivation that the owner has just undone.
+        webhook.disabled_reason = None
+        webhook.disabled_at = None
     webhook.updated_at = datetime.now(UTC)
     await session.commit()
     logger.info(

@@ -199,12 +199,12 @@ async def record_attempt(
     *,
     status: str,
     next_retry_at: datetime | None,
-    disable_webhook: bool = False,
+    disabled_reason: str | None = None,
 ) -> None:
     """Store one attempt and the delivery's new state, and mark a notified message.
 
-    With `disable_webhook`, the webhook is also deactivated and its other pending
-    deliveries cancelled, in the same transaction.
+    With a `disabled_reason`, the webhook is also deactivated with that reason and its
+    other pending deliveries cancelled, in the same transaction.
     """
     started_at = datetime.fromtimestamp(result.started_at, UTC)
     notified_message_id = (
@@ -221,13 +221,13 @@ async def record_attempt(
         str(status),
         notified_message_id,
     )
-    if not disable_webhook:
+    if disabled_reason is None:
         await connection.execute(_RECORD_ATTEMPT, *arguments)
         return
 
     async with connection.transaction():
         await connection.execute(_RECORD_ATTEMPT, *arguments)
-        await _disable_webhook(connection, claimed.webhook_id)
+        await disable_webhook(connection, claimed.webhook_id, disabled_reason)
 
 
 async def cancel(session: AsyncSession, delivery_id: uuid.UUID, reason: str) -> None:
@@ -244,13 +244,29 @@ async def cancel(session: AsyncSession, delivery_id: uuid.UUID, reason: str) -> 
     )
 
 
-async def _disable_webhook(
-    connection: asyncpg.Connection, webhook_id: uuid.UUID
+async def disable_webhook(
+    connection: asyncpg.Connection, webhook_id: uuid.UUID, reason: str
 ) -> None:
-    """Deactivate a webhook and cancel its other pending deliveries."""
+    """Deactivate a webhook with `reason` and cancel its pending deliveries.
+
+    `reason` is a DISABLED_REASONS code. `disabled_at` keeps the time of the first
+    deactivation for the same reason, so that deliveries finishing later with the same
+    response do not move it.
+    """
     await connection.execute(
-        "UPDATE webhookconfig SET is_active = false, updated_at = now() WHERE id = $1",
+        """
+        UPDATE webhookconfig
+        SET disabled_at = CASE
+                WHEN is_active OR disabled_reason IS DISTINCT FROM $2 THEN now()
+                ELSE disabled_at
+            END,
+            is_active = false,
+            disabled_reason = $2,
+            updated_at = now()
+        WHERE id = $1
+        """,
         webhook_id,
+        reason,
     )
     await connection.execute(
         """

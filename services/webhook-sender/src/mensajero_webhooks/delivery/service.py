@@ -20,7 +20,7 @@ from mensajero_common.metrics import WEBHOOK_ATTEMPTS
 from mensajero_common.models import WebhookDeliveryStatus
 from mensajero_common.settings import Settings
 from mensajero_common.webhook_outbox import DELIVERY_JOB, delivery_job_id
-from mensajero_common.webhooks import AttemptResult
+from mensajero_common.webhooks import DISABLED_GONE, AttemptResult
 from mensajero_webhooks.delivery import repository
 from mensajero_webhooks.delivery.gates import BreakerChange, Health, WebhookGates
 from mensajero_webhooks.delivery.http_client import post_event
@@ -316,7 +316,7 @@ async def _post_and_record(
             result,
             status=status,
             next_retry_at=next_retry_at,
-            disable_webhook=result.status_code == HTTP_GONE,
+            disabled_reason=DISABLED_GONE if result.status_code == HTTP_GONE else None,
         )
 
     if status == WebhookDeliveryStatus.SUCCEEDED:
