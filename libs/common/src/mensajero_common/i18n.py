@@ -31,6 +31,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Error interno del servidor. Inténtalo de nuevo más tarde.",
         "en": "Internal server error. Try again later.",
     },
+    "service_unavailable": {
+        "es": (
+            "El servicio no está disponible en este momento. Repite la solicitud en "
+            "unos segundos."
+        ),
+        "en": "The service is unavailable right now. Repeat the request in a few seconds.",
+    },
     "payload_too_large": {
         "es": "El cuerpo de la solicitud supera el tamaño máximo de {limit} bytes.",
         "en": "The request body exceeds the maximum size of {limit} bytes.",

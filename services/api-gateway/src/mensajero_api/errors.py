@@ -8,9 +8,12 @@
 - Starlette's `HTTPException` (unknown route, wrong method, body too large): 404
   `not_found`, 405 `method_not_allowed`, 413 `payload_too_large`, else `bad_request` or
   `http_error`.
-- Anything else: 500 `internal_error`, logged with the exception by
-  `UnhandledErrorMiddleware`, which (unlike an `Exception` handler, that Starlette runs and
-  then re-raises) ends the request there.
+- Postgres or Redis unavailable (mensajero_common.transient): 503 `service_unavailable`
+  with Retry-After, logged as a warning.
+- Anything else: 500 `internal_error`, logged with the exception.
+
+`UnhandledErrorMiddleware` renders the last two. Unlike an `Exception` handler, which
+Starlette runs and then re-raises, it ends the request there.
 """
 
 from collections.abc import Mapping
@@ -31,6 +34,7 @@ from mensajero_api.jsonbody import (
 from mensajero_common.errors import AppError
 from mensajero_common.i18n import negotiate_language, translate
 from mensajero_common.settings import Settings
+from mensajero_common.transient import is_transient
 from mensajero_common.validation_messages import (
     VALIDATION_REASONS,
     translate_validation_error,
@@ -163,8 +167,15 @@ async def handle_http_error(request: Request, error: Exception) -> EnvelopeJSONR
     return _error_response(error.status_code, body, language, error.headers)
 
 
+# Seconds a client is asked to wait before it repeats a request that found Postgres or
+# Redis unavailable.
+UNAVAILABLE_RETRY_AFTER_S = 5
+
+
 class UnhandledErrorMiddleware:
-    """Turn an exception no handler took into a logged 500 `internal_error` envelope."""
+    """Turn an exception no handler took into a logged error envelope: 503
+    `service_unavailable` with Retry-After when Postgres or Redis is unavailable, else
+    500 `internal_error`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -184,23 +195,42 @@ class UnhandledErrorMiddleware:
 
         try:
             await self.app(scope, receive, send_and_track)
-        except Exception:
-            logger.exception(
-                "request failed with an unhandled error",
-                method=scope.get("method"),
-                path=scope.get("path"),
-            )
+        except Exception as error:
+            unavailable = is_transient(error)
+            if unavailable:
+                # Postgres or Redis is down or out of connections: not a bug, and the
+                # same request may succeed a moment later.
+                logger.warning(
+                    "request failed: Postgres or Redis is unavailable",
+                    method=scope.get("method"),
+                    path=scope.get("path"),
+                    error=repr(error),
+                )
+            else:
+                logger.exception(
+                    "request failed with an unhandled error",
+                    method=scope.get("method"),
+                    path=scope.get("path"),
+                )
             # Half a response is already on the wire; only the server can end it now.
             if response_started:
                 raise
-            request = Request(scope)
-            language = request_language(request)
+            language = request_language(Request(scope))
+            code = "service_unavailable" if unavailable else "internal_error"
             body = {
                 "success": False,
-                "error": "internal_error",
-                "message": translate("internal_error", language),
+                "error": code,
+                "message": translate(code, language),
             }
-            response = _error_response(500, body, language)
+            if unavailable:
+                response = _error_response(
+                    503,
+                    body,
+                    language,
+                    {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+                )
+            else:
+                response = _error_response(500, body, language)
             await response(scope, receive, send)
 
 

@@ -24,9 +24,9 @@ import structlog
 from redis.exceptions import ResponseError
 from redis.typing import KeyT, StreamIdT
 
+from mensajero_common.transient import is_transient
 from mensajero_dispatcher.context import DispatcherContext
 from mensajero_dispatcher.devices.service import handle_device_event
-from mensajero_dispatcher.errors import is_transient
 from mensajero_dispatcher.lifecycle import sleep_unless_stopped
 from mensajero_dispatcher.messages.service import assign_messages
 

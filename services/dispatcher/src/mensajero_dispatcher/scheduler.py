@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from mensajero_common.transient import is_transient
 from mensajero_dispatcher.attempts.service import (
     expire_messages,
     fail_unreported_tasks,
@@ -20,7 +21,6 @@ from mensajero_dispatcher.attempts.service import (
 )
 from mensajero_dispatcher.context import DispatcherContext
 from mensajero_dispatcher.devices.service import cleanup_offline_devices
-from mensajero_dispatcher.errors import is_transient
 from mensajero_dispatcher.lifecycle import sleep_unless_stopped
 from mensajero_dispatcher.messages.service import (
     assign_due_retries,

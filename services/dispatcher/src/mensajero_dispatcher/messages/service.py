@@ -17,10 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mensajero_common import message_attempts, protocol, queues
 from mensajero_common.db import session_scope
 from mensajero_common.models import DeviceStatus, MessageStatus, SMSDevice
+from mensajero_common.transient import is_transient
 from mensajero_common.webhook_outbox import queue_deliveries, record_message_event
 from mensajero_common.webhooks import EVENT_SMS_FAILED
 from mensajero_dispatcher.context import DispatcherContext
-from mensajero_dispatcher.errors import is_transient
 from mensajero_dispatcher.messages import repository
 from mensajero_dispatcher.messages.repository import Cursor
 from mensajero_dispatcher.messages.schemas import (
