@@ -13,6 +13,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from bench import pg
 from bench.baselines import SEND_BODY_TEMPLATE, latency_sum_ms
 from bench.console import say
 from bench.procs import Proc
@@ -166,11 +167,13 @@ async def measure_api(run: "Run", stack: Stack) -> None:
 
     redis: Redis = Redis.from_url(run.data.redis_url)
     stream = run.data.keys.new_messages_stream
+    # Opened before the load, which may take every free Postgres connection.
+    database = await pg.connect(run.data.dsn)
     try:
         async with LagMonitor(redis, stream) as lag:
             send_rate = await _measure_send_rate(run, stack, senders, lag)
         await _wait_quiet(redis, stream, phones)
-        await _measure_latency(run, stack, senders, phones, send_rate)
+        await _measure_latency(run, stack, senders, phones, send_rate, database)
         await _wait_quiet(redis, stream, phones)
         async with LagMonitor(redis, stream) as lag:
             await _measure_dispatcher_capacity(run, stack, senders, lag, send_rate)
@@ -179,6 +182,7 @@ async def measure_api(run: "Run", stack: Stack) -> None:
         run.measurements["phones"] = await phones.command("stop")
     finally:
         await redis.aclose()
+        await database.close()
         await run.processes.stop(phones)
 
 
@@ -258,6 +262,7 @@ async def _measure_latency(
     senders: list[BenchUser],
     phones: Proc,
     max_rate: float,
+    database: asyncpg.Connection,
 ) -> None:
     say("figure: POST to task frame latency")
     mode = run.mode
@@ -275,7 +280,7 @@ async def _measure_latency(
     result["cpu_s_by_process"] = run.cpu_used(before, run.cpu_snapshot())
     result["rate_per_s"] = rate
     result["created_to_assigned_ms"] = await _assignment_delays(
-        run.data.dsn, LATENCY_NUMBER_PREFIX
+        database, LATENCY_NUMBER_PREFIX
     )
     run.measurements["send_to_task_latency"] = result
     latency = result["to_task_ms"]
@@ -301,23 +306,21 @@ async def _measure_latency(
         )
 
 
-async def _assignment_delays(dsn: str, number_prefix: str) -> dict[str, float | None]:
+async def _assignment_delays(
+    database: asyncpg.Connection, number_prefix: str
+) -> dict[str, float | None]:
     """Return percentiles of the time from a message's insert to its assignment.
 
     `created_at` is the API transaction's start and `assigned_at` the dispatcher's
     transaction start, so this is the API-to-dispatcher part of the latency.
     """
-    connection = await asyncpg.connect(dsn)
-    try:
-        row = await connection.fetchrow(
-            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50, "
-            "percentile_cont(0.99) WITHIN GROUP (ORDER BY d) AS p99 FROM ("
-            "SELECT extract(epoch FROM assigned_at - created_at) * 1000 AS d "
-            "FROM smsmessage WHERE to_number LIKE $1 AND assigned_at IS NOT NULL) AS t",
-            number_prefix + "%",
-        )
-    finally:
-        await connection.close()
+    row = await database.fetchrow(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50, "
+        "percentile_cont(0.99) WITHIN GROUP (ORDER BY d) AS p99 FROM ("
+        "SELECT extract(epoch FROM assigned_at - created_at) * 1000 AS d "
+        "FROM smsmessage WHERE to_number LIKE $1 AND assigned_at IS NOT NULL) AS t",
+        number_prefix + "%",
+    )
     return {
         "p50": None if row["p50"] is None else round(row["p50"], 1),
         "p99": None if row["p99"] is None else round(row["p99"], 1),

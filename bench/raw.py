@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from bench import pg
 from bench.stats import summarize_ms
 
 RAW_TABLE = "bench_raw_message"
@@ -140,7 +141,7 @@ async def create_raw_table(dsn: str, users: int) -> RawOwner:
     owner = RawOwner(
         user_ids=tuple(uuid.uuid4() for _ in range(users)), bulk_id=uuid.uuid4()
     )
-    connection = await asyncpg.connect(dsn)
+    connection = await pg.connect(dsn)
     try:
         for table in (RAW_TABLE, RAW_TABLE_WITHOUT_KEYS):
             await connection.execute(f"DROP TABLE IF EXISTS {table}")
@@ -204,7 +205,7 @@ async def postgres_commit_latency(
     dsn: str, owner: RawOwner, samples: int
 ) -> dict[str, Any]:
     """Latency of one INSERT + COMMIT on an idle connection, one after another."""
-    connection = await asyncpg.connect(dsn)
+    connection = await pg.connect(dsn)
     user_id = owner.bulk_user_id
     latencies_ms: list[float] = []
     try:
@@ -224,7 +225,7 @@ async def postgres_batch_insert(
 ) -> dict[str, Any]:
     """Milliseconds to insert `rows` rows of one bulk task in one transaction: by COPY
     and by executemany, and by COPY into the table without foreign keys."""
-    connection = await asyncpg.connect(dsn)
+    connection = await pg.connect(dsn)
     timings_ms: dict[str, list[float]] = {
         "copy_ms": [],
         "executemany_ms": [],
@@ -263,7 +264,7 @@ def _batch(owner: RawOwner, rows: int) -> list[tuple[Any, ...]]:
 
 
 async def drop_raw_table(dsn: str, owner: RawOwner) -> None:
-    connection = await asyncpg.connect(dsn)
+    connection = await pg.connect(dsn)
     try:
         for table in (RAW_TABLE, RAW_TABLE_WITHOUT_KEYS):
             await connection.execute(f"DROP TABLE IF EXISTS {table}")

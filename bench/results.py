@@ -70,6 +70,8 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     # Every raw measurement behind the figures: baselines, process CPU, counts.
     details: dict[str, Any] = field(default_factory=dict)
+    # Conditions of the run that may have disturbed its figures, shown under the table.
+    warnings: list[str] = field(default_factory=list)
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
@@ -107,6 +109,8 @@ class Report:
         notes = [f"- {f.title}: {f.note}" for f in self.figures if f.note]
         if notes:
             lines += ["", *notes]
+        if self.warnings:
+            lines += ["", *(f"- warning: {warning}" for warning in self.warnings)]
         return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,13 @@ from bench.procs import (
     machine_busy_seconds,
 )
 from bench.results import Report
-from bench.stack import BenchData, cleanup, prepare_database, start_stack
+from bench.stack import (
+    BenchData,
+    cleanup,
+    connection_slots_warning,
+    prepare_database,
+    start_stack,
+)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # Connections per idle-client process at most; below the ~28,000 ephemeral ports of one
@@ -244,6 +250,9 @@ async def run_benchmark(mode: Mode) -> Path:
     processes = Processes(RESULTS_DIR / "logs")
     run = Run(mode, data, processes, limits["soft"])
     say(f"bench: {mode.name} mode, open-file limit {limits['soft']}")
+    if slots_warning := await connection_slots_warning():
+        run.report.warnings.append(slots_warning)
+        say(f"bench: warning: {slots_warning}")
     try:
         async with asyncio.timeout(RUN_TIMEOUT_S[mode.name]):
             await _measure_everything(run)
@@ -266,6 +275,7 @@ async def run_benchmark(mode: Mode) -> Path:
         "baselines": run.baselines,
         "measurements": run.measurements,
         "errors": run.errors,
+        "warnings": run.report.warnings,
     }
     path = run.report.write(RESULTS_DIR)
     print(run.report.markdown())

@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
+from bench import pg
 from bench.procs import Proc, Processes, wait_healthy
 from mensajero_common.apikeys import display_prefix, generate_api_key, hash_api_key
 from mensajero_common.keys import RedisKeys
@@ -61,10 +62,27 @@ class BenchData:
         return RedisKeys(self.prefix)
 
 
-async def _drop_database() -> None:
-    connection = await asyncpg.connect(
-        POSTGRES_SERVER.replace("+asyncpg", "") + "/postgres"
+# Postgres connections the stack's pools may open (API 20, hub 30, dispatcher 20,
+# webhook-sender 20 at DATABASE_POOL_SIZE 20), and a few of the benchmark's own.
+STACK_DB_CONNECTIONS = 95
+ADMIN_DSN = POSTGRES_SERVER.replace("+asyncpg", "") + "/postgres"
+
+
+async def connection_slots_warning() -> str | None:
+    """Return a warning when Postgres has fewer free connections than the stack may
+    open, since requests then fail with "too many clients already"."""
+    maximum, free = await pg.free_connection_slots(ADMIN_DSN)
+    if free >= STACK_DB_CONNECTIONS:
+        return None
+    return (
+        f"Postgres has {free} of its {maximum} connections free and the stack may open "
+        f"{STACK_DB_CONNECTIONS}; requests that find none fail with "
+        '"too many clients already" and count as non-2xx answers'
     )
+
+
+async def _drop_database() -> None:
+    connection = await pg.connect(ADMIN_DSN)
     try:
         await connection.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
     finally:
@@ -221,7 +239,7 @@ async def create_users(
 
 
 async def _upgrade_in_database(dsn: str, user_id: uuid.UUID) -> None:
-    connection = await asyncpg.connect(dsn)
+    connection = await pg.connect(dsn)
     try:
         await connection.execute(
             "UPDATE userquota SET plan_id = (SELECT id FROM userplan WHERE code = $1) "
@@ -256,7 +274,7 @@ async def insert_devices(
                     display_prefix(key),
                 )
             )
-    connection = await asyncpg.connect(dsn)
+    connection = await pg.connect(dsn)
     try:
         await connection.copy_records_to_table(
             "smsdevice",
