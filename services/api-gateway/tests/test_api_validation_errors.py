@@ -27,6 +27,7 @@ DEVICES_URL = "/api/v1/sms/devices"
 WEBHOOKS_URL = "/api/v1/sms/webhooks"
 API_KEYS_URL = "/api/v1/users/me/api-keys"
 MESSAGES_URL = "/api/v1/sms/messages"
+INCOMING_URL = "/api/v1/sms/incoming"
 SIGNUP_URL = "/api/v1/users/signup"
 LOGIN_URL = "/api/v1/login/access-token"
 TO = "+525512345678"
@@ -232,6 +233,14 @@ CASES = {
         "GET", MESSAGES_URL, {"params": {"status": "lost"}}, "status.0", "query",
         "enum", f"Debe ser uno de estos valores: {STATUSES_ES}.",
         f"Must be one of these values: {STATUSES_EN}.",
+    ),
+    "query_extra": Case(
+        "GET", MESSAGES_URL, {"params": {"stauts": "failed"}}, "stauts", "query",
+        "extra_forbidden",
+        "Este endpoint no tiene este parámetro de consulta. Revisa cómo está escrito "
+        "o quítalo. Los parámetros admitidos están en /docs.",
+        "This endpoint has no such query parameter. Check its spelling or remove it. "
+        "/docs lists the parameters it accepts.",
     ),
     "header": Case(
         "POST", SEND_URL,
@@ -471,6 +480,51 @@ async def test_invalid_utf8_rejected_by_every_json_route(
         assert [(item["type"], item.get("reason")) for item in details] == [
             ("json_invalid", "invalid_utf8")
         ], (method, path)
+
+
+async def test_unknown_query_parameter_rejected_everywhere(
+    app: FastAPI, client: AsyncClient, user: ApiUser
+) -> None:
+    query_routes = [
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        for method, operation in operations.items()
+        if any(
+            parameter["in"] == "query" for parameter in operation.get("parameters", [])
+        )
+    ]
+    assert ("GET", MESSAGES_URL) in query_routes
+    assert ("GET", INCOMING_URL) in query_routes
+    assert ("GET", f"{WEBHOOKS_URL}/{{webhook_id}}/deliveries") in query_routes
+
+    for method, path in query_routes:
+        url = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)
+        details = await request_details(
+            client, method, url, "en", user.headers, params={"foo": "bar"}
+        )
+
+        assert details == [
+            {
+                "field": "foo",
+                "location": "query",
+                "message": "This endpoint has no such query parameter. Check its "
+                "spelling or remove it. /docs lists the parameters it accepts.",
+                "type": "extra_forbidden",
+            }
+        ], (method, path)
+
+
+async def test_known_query_parameters_still_accepted(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    response = await client.get(
+        MESSAGES_URL,
+        params=[("status", "sent"), ("status", "failed"), ("limit", "5")],
+        headers=user.headers,
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["items"] == []
 
 
 async def test_deeply_nested_body_is_json_invalid(

@@ -25,6 +25,12 @@ VALIDATION_MESSAGES: dict[str, dict[str, str]] = {
         "es": "Este campo no está permitido aquí.",
         "en": "This field is not allowed here.",
     },
+    # Not a pydantic type: `extra_forbidden` for a query parameter, chosen by the API's
+    # handler.
+    "extra_forbidden_query": {
+        "es": "Este endpoint no tiene este parámetro de consulta. Revisa cómo está escrito o quítalo. Los parámetros admitidos están en /docs.",
+        "en": "This endpoint has no such query parameter. Check its spelling or remove it. /docs lists the parameters it accepts.",
+    },
     "json_invalid": {
         "es": "El cuerpo no es JSON válido: hay un error de sintaxis en la línea {line}, columna {column}.",
         "en": "The body is not valid JSON: there is a syntax error at line {line}, column {column}.",

@@ -120,6 +120,8 @@ def describe_validation_item(item: Any, language: str, document: Any) -> dict[st
             context.update(max_depth=MAX_JSON_DEPTH, max_digits=max_integer_digits())
     elif error_type == "missing" and location == "body" and not location_path:
         message_type = "missing_body"
+    elif error_type == "extra_forbidden" and location == "query":
+        message_type = "extra_forbidden_query"
     reason = context.get("reason")
     if error_type in VALIDATION_REASONS and isinstance(reason, str):
         extra["reason"] = reason

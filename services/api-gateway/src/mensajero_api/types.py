@@ -122,3 +122,14 @@ class RequestBody(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+
+
+class QueryParameters(BaseModel):
+    """The query parameters of a listing: one it does not define gets 422
+    `extra_forbidden`, as an unknown body field does.
+
+    Ignoring an unknown parameter would turn a typo (`stauts=failed`) into an unfiltered
+    listing that looks like a filtered one.
+    """
+
+    model_config = ConfigDict(extra="forbid")

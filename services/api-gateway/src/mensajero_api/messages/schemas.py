@@ -13,7 +13,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mensajero_api.types import PhoneNumberText, RequestBody, StorableStr
+from mensajero_api.types import (
+    PhoneNumberText,
+    QueryParameters,
+    RequestBody,
+    StorableStr,
+)
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
 
 MAX_PAGE_SIZE = 100
@@ -119,7 +124,7 @@ class MessagePage(BaseModel):
     limit: int
 
 
-class MessageListQuery(BaseModel):
+class MessageListQuery(QueryParameters):
     """Query parameters of the message listings."""
 
     limit: int = Field(default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE)

@@ -11,6 +11,7 @@ from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.webhooks import service
 from mensajero_api.webhooks.schemas import (
     DeliveryList,
+    DeliveryListQuery,
     WebhookCreate,
     WebhookDeleted,
     WebhookList,
@@ -145,11 +146,10 @@ async def list_deliveries(
     webhook_id: uuid.UUID,
     user: CurrentUser,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    query: Annotated[DeliveryListQuery, Query()],
 ) -> Envelope[DeliveryList]:
     """List the delivery log, newest first: each event with every attempt made for it."""
     deliveries = await service.list_deliveries(
-        session, user, webhook_id, limit=limit, cursor=cursor
+        session, user, webhook_id, limit=query.limit, cursor=query.cursor
     )
     return Envelope(data=deliveries)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mensajero_api.types import RequestBody, Storable
+from mensajero_api.types import QueryParameters, RequestBody, Storable
 from mensajero_common.webhooks import DISABLED_GONE, EVENT_SMS_RECEIVED, EVENTS
 
 WebhookURL = Annotated[
@@ -128,3 +128,12 @@ class DeliveryPublic(BaseModel):
 class DeliveryList(BaseModel):
     items: list[DeliveryPublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class DeliveryListQuery(QueryParameters):
+    """Query parameters of the delivery log."""
+
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: str | None = Field(
+        default=None, max_length=512, description="`next_cursor` of the previous page."
+    )
