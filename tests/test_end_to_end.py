@@ -186,3 +186,70 @@ async def test_sms_waits_for_offline_device(services: RunningServices) -> None:
         seen, data = await _poll_until_final(client, headers, sent["message_id"])
 
     _assert_delivered(seen, data, device_id)
+
+
+async def _wait_for_status(
+    client: httpx.AsyncClient, headers: dict[str, str], message_id: str, status: str
+) -> None:
+    async with asyncio.timeout(scaled(10)):
+        while True:
+            response = await client.get(
+                f"/api/v1/sms/messages/{message_id}", headers=headers
+            )
+            assert response.status_code == 200, response.text
+            if response.json()["data"]["status"] == status:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _sms_sent_this_month(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> int:
+    response = await client.get("/api/v1/sms/quota", headers=headers)
+    assert response.status_code == 200, response.text
+    return int(response.json()["data"]["sms_sent_this_month"])
+
+
+async def test_deleted_named_device_fails_message(services: RunningServices) -> None:
+    async with httpx.AsyncClient(
+        base_url=services.api_url, timeout=scaled(10)
+    ) as client:
+        headers = await _sign_up(client)
+        device_id, _ = await _register_device(client, headers)
+        response = await client.post(
+            "/api/v1/sms/send",
+            json={"to": RECIPIENT, "body": "x", "device_id": device_id},
+            headers=headers,
+        )
+        assert response.status_code == 201, response.text
+        message_id = response.json()["data"]["message_id"]
+        response = await client.post(
+            "/api/v1/sms/send-bulk",
+            json={"recipients": [RECIPIENT], "body": "y", "device_id": device_id},
+            headers=headers,
+        )
+        assert response.status_code == 201, response.text
+        bulk = response.json()["data"]
+        [bulk_message_id] = bulk["message_ids"]
+        await _wait_for_status(client, headers, message_id, "assigned")
+        await _wait_for_status(client, headers, bulk_message_id, "assigned")
+        assert await _sms_sent_this_month(client, headers) == 2
+
+        response = await client.delete(
+            f"/api/v1/sms/devices/{device_id}", headers=headers
+        )
+        assert response.status_code in (200, 204), response.text
+        seen, data = await _poll_until_final(client, headers, message_id)
+        await _poll_until_final(client, headers, bulk_message_id)
+        sent_this_month = await _sms_sent_this_month(client, headers)
+        response = await client.get(
+            f"/api/v1/sms/bulk/{bulk['task_id']}", headers=headers
+        )
+        assert response.status_code == 200, response.text
+        progress = response.json()["data"]
+
+    assert seen == ["assigned", "failed"]
+    assert data["error"] == "requested device no longer exists"
+    assert data["device_id"] is None
+    assert sent_this_month == 0
+    assert progress["status"] == "completed"

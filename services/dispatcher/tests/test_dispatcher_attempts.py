@@ -1,6 +1,6 @@
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, text, update
+from sqlalchemy import delete, select, text, update
 
 from mensajero_common import jsonutil, message_attempts
 from mensajero_common.db import session_scope
@@ -8,18 +8,21 @@ from mensajero_common.models import (
     AttemptStatus,
     DeviceStatus,
     MessageStatus,
+    SMSDevice,
     SMSMessage,
     WebhookConfig,
     WebhookEvent,
 )
 from mensajero_common.webhooks import EVENT_SMS_FAILED
 from mensajero_dispatcher.attempts.service import (
+    end_tasks_of_deleted_devices,
     expire_messages,
     fail_unreported_tasks,
     move_unacknowledged_tasks,
 )
 from mensajero_dispatcher.devices.service import handle_device_event
 from mensajero_dispatcher.messages.service import (
+    REQUESTED_DEVICE_DELETED,
     assign_due_retries,
     assign_messages,
     assign_pending_messages,
@@ -402,6 +405,136 @@ async def test_expired_message_never_assigned(ctx, factory):
     assert tasks[0]["attempt"] == 1
 
 
+async def _delete_device(ctx, device):
+    """Delete a device row the way the API does, which sets device_id NULL on its
+    messages."""
+    async with session_scope(ctx.session_factory) as session:
+        await session.execute(delete(SMSDevice).where(SMSDevice.id == device.id))
+
+
+async def test_named_device_deleted_fails_and_refunds(ctx, factory, session_factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=2)
+    await _subscribe_to_failures(session_factory, user)
+    named = await factory.device(user, status=DeviceStatus.OFFLINE)
+    await factory.device(user)
+    message = await factory.message(user, requested_device=named)
+    await assign_messages(ctx, [message.id])
+    assert (await factory.reload(message)).status == MessageStatus.ASSIGNED
+    await _delete_device(ctx, named)
+
+    ended = await end_tasks_of_deleted_devices(ctx)
+
+    stored = await factory.reload(message)
+    assert ended == 1
+    assert stored.status == MessageStatus.FAILED
+    assert stored.error == REQUESTED_DEVICE_DELETED
+    assert stored.device_id is None
+    assert stored.quota_refunded_at is not None
+    assert await factory.sms_sent_this_month(user) == 1
+    attempts = await factory.attempts(message)
+    assert [(row.status, row.error) for row in attempts] == [
+        (AttemptStatus.FAILED, REQUESTED_DEVICE_DELETED)
+    ]
+    events = await _failure_events(session_factory, message)
+    assert [(event["event"], event["error"]) for event in events] == [
+        ("sms_failed", REQUESTED_DEVICE_DELETED)
+    ]
+    assert await end_tasks_of_deleted_devices(ctx) == 0
+    assert await factory.sms_sent_this_month(user) == 1
+
+
+async def test_deleted_device_task_moves(ctx, factory):
+    user = await factory.user()
+    deleted = await factory.device(user)
+    message = await factory.message(user, status=MessageStatus.ASSIGNED, device=deleted)
+    await _delete_device(ctx, deleted)
+    online = await factory.device(user)
+
+    ended = await end_tasks_of_deleted_devices(ctx)
+
+    stored = await factory.reload(message)
+    assert ended == 1
+    assert stored.status == MessageStatus.ASSIGNED
+    assert stored.device_id == online.id
+    assert stored.attempts == 2
+    assert [task["attempt"] for task in await _tasks(ctx, online.id)] == [2]
+    attempts = await factory.attempts(message)
+    assert [(row.status, row.error) for row in attempts] == [
+        (AttemptStatus.MOVED, "device_deleted"),
+        (AttemptStatus.ASSIGNED, None),
+    ]
+
+
+async def test_deleted_device_task_waits_pending(ctx, factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=1)
+    deleted = await factory.device(user)
+    message = await factory.message(user, status=MessageStatus.ASSIGNED, device=deleted)
+    await _delete_device(ctx, deleted)
+
+    ended = await end_tasks_of_deleted_devices(ctx)
+
+    stored = await factory.reload(message)
+    assert ended == 1
+    assert stored.status == MessageStatus.PENDING
+    assert stored.next_attempt_at is None
+    assert await factory.sms_sent_this_month(user) == 1
+    returning = await factory.device(user)
+    await handle_device_event(ctx, returning.id, "online")
+    stored = await factory.reload(message)
+    assert stored.status == MessageStatus.ASSIGNED
+    assert stored.device_id == returning.id
+
+
+async def test_deleted_device_claimed_task_fails(ctx, factory, session_factory):
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=2)
+    await _subscribe_to_failures(session_factory, user)
+    deleted = await factory.device(user)
+    await factory.device(user)
+    unnamed = await factory.message(user, status=MessageStatus.SENDING, device=deleted)
+    named = await factory.message(
+        user, status=MessageStatus.SENDING, requested_device=deleted
+    )
+    await _delete_device(ctx, deleted)
+
+    ended = await end_tasks_of_deleted_devices(ctx)
+
+    assert ended == 2
+    for message in (unnamed, named):
+        stored = await factory.reload(message)
+        assert stored.status == MessageStatus.FAILED
+        assert stored.error == "no_report"
+        # The phone had claimed the SMS, so it may have gone out: the charge stays.
+        assert stored.quota_refunded_at is None
+        assert [row.status for row in await factory.attempts(message)] == [
+            AttemptStatus.NO_REPORT
+        ]
+        events = await _failure_events(session_factory, message)
+        assert [event["error"] for event in events] == ["no_report"]
+    assert await factory.sms_sent_this_month(user) == 2
+
+
+async def test_deleted_device_check_skips_others(ctx, factory):
+    user = await factory.user()
+    device = await factory.device(user)
+    assigned = await factory.message(user, status=MessageStatus.ASSIGNED, device=device)
+    pending = await factory.message(user)
+    deleted = await factory.device(user)
+    delivered = await factory.message(
+        user, status=MessageStatus.DELIVERED, device=deleted
+    )
+    await _delete_device(ctx, deleted)
+
+    ended = await end_tasks_of_deleted_devices(ctx)
+
+    assert ended == 0
+    assert (await factory.reload(assigned)).status == MessageStatus.ASSIGNED
+    assert (await factory.reload(pending)).status == MessageStatus.PENDING
+    assert (await factory.reload(delivered)).status == MessageStatus.DELIVERED
+
+
 def test_jobs_include_reliability_checks(ctx):
     names = {job.name for job in default_jobs(ctx)}
 
@@ -410,5 +543,6 @@ def test_jobs_include_reliability_checks(ctx):
         "message.move_unacknowledged",
         "message.fail_unreported",
         "message.expire",
+        "message.end_deleted_device_tasks",
         "message.recover_stale",
     } <= names

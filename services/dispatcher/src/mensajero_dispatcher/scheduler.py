@@ -15,6 +15,7 @@ import structlog
 
 from mensajero_common.transient import is_transient
 from mensajero_dispatcher.attempts.service import (
+    end_tasks_of_deleted_devices,
     expire_messages,
     fail_unreported_tasks,
     move_unacknowledged_tasks,
@@ -84,6 +85,11 @@ def default_jobs(ctx: DispatcherContext) -> list[PeriodicJob]:
         ),
         PeriodicJob(
             "message.expire", settings.MESSAGE_CHECK_INTERVAL_S, expire_messages
+        ),
+        PeriodicJob(
+            "message.end_deleted_device_tasks",
+            settings.MESSAGE_CHECK_INTERVAL_S,
+            end_tasks_of_deleted_devices,
         ),
         PeriodicJob(
             "message.recover_stale",

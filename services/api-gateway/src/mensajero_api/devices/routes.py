@@ -104,7 +104,12 @@ async def delete_device(
     keys: KeysDep,
     language: LanguageDep,
 ) -> Envelope[DeviceDeleted]:
-    """Delete the device: its key stops working, and its slot returns to the quota."""
+    """Delete the device: its key stops working, and its slot returns to the quota.
+
+    Its messages not yet sent end within seconds. A message sent to this device fails
+    and gets its quota charge back, one that named no device goes to another device,
+    and one that the phone had already taken fails with `no_report`.
+    """
     await service.delete_device(session, redis, keys, user, device_id)
     return Envelope(
         data=DeviceDeleted(device_id=device_id),

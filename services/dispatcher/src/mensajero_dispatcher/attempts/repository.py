@@ -117,6 +117,31 @@ async def lock_unreported(
     return [StalledTask(row.id, row.device_id, max(row.attempts, 1)) for row in rows]
 
 
+async def lock_deleted_device_tasks(
+    session: AsyncSession, *, limit: int
+) -> list[StalledTask]:
+    """Lock `assigned` and `sending` messages whose device was deleted.
+
+    Deleting a device sets `device_id` to NULL on its messages (ON DELETE SET NULL), and
+    an assignment always sets it, so an in-flight message without a device lost its own.
+    """
+    statement = (
+        select(SMSMessage.id, SMSMessage.device_id, SMSMessage.attempts)
+        .where(
+            SMSMessage.type == MessageType.OUTGOING.value,
+            SMSMessage.status.in_(
+                [MessageStatus.ASSIGNED.value, MessageStatus.SENDING.value]
+            ),
+            SMSMessage.device_id.is_(None),
+        )
+        .order_by(SMSMessage.id)
+        .limit(limit)
+        .with_for_update(of=SMSMessage, skip_locked=True)
+    )
+    rows = (await session.execute(statement)).all()
+    return [StalledTask(row.id, row.device_id, max(row.attempts, 1)) for row in rows]
+
+
 async def lock_expired(session: AsyncSession, *, limit: int) -> list[StalledTask]:
     """Lock `pending` and `assigned` messages whose `expires_at` has passed.
 

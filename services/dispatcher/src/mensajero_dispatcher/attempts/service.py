@@ -8,6 +8,7 @@
 - A task acknowledged but not finished within TASK_REPORT_TIMEOUT_S ends `failed` with
   the error `no_report`. It is never sent elsewhere, since the SMS may have gone out.
 - A message not sent by its `expires_at` ends `expired` and is never pushed again.
+- A task whose device was deleted ends at once: see `end_tasks_of_deleted_devices`.
 
 Each check commits a batch, then removes the tasks of the attempts it ended from their
 device streams and queues the webhook deliveries. A crash in between leaves stream
@@ -28,11 +29,15 @@ from mensajero_common.message_attempts import (
     AttemptEnd,
 )
 from mensajero_common.models import AttemptStatus, MessageStatus
+from mensajero_common.settings import Settings
 from mensajero_common.webhook_outbox import queue_deliveries
 from mensajero_dispatcher.attempts import repository
 from mensajero_dispatcher.attempts.repository import StalledTask
 from mensajero_dispatcher.context import DispatcherContext
-from mensajero_dispatcher.messages.service import assign_messages
+from mensajero_dispatcher.messages.service import (
+    REQUESTED_DEVICE_DELETED,
+    assign_messages,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +48,9 @@ STUCK_DEVICE_FACTOR = 10
 # A device counts as silent once it wrote no heartbeat for this many ping intervals; a
 # live connection writes one at least every half interval.
 SILENT_PING_INTERVALS = 2
+
+# The error of an attempt that ended because its device was deleted.
+ERROR_DEVICE_DELETED = "device_deleted"
 
 LockStalled = Callable[[AsyncSession], Awaitable[list[StalledTask]]]
 EndTask = Callable[[AsyncSession, StalledTask], Awaitable[AttemptEnd | None]]
@@ -143,6 +151,83 @@ async def expire_messages(ctx: DispatcherContext) -> int:
             "message expired",
             message_id=str(task.message_id),
             device_id=str(task.device_id),
+        )
+    return len(ended)
+
+
+async def _end_deleted_device_task(
+    session: AsyncSession, settings: Settings, task: StalledTask
+) -> AttemptEnd | None:
+    message = await message_attempts.lock_message(session, task.message_id)
+    if message is None or message.device_id is not None:
+        return None
+
+    if message.status is MessageStatus.SENDING:
+        # The phone claimed the SMS and may have sent it, but it can never report now.
+        return await message_attempts.fail_attempt(
+            session,
+            settings,
+            message,
+            ERROR_NO_REPORT,
+            retryable=False,
+            attempt_status=AttemptStatus.NO_REPORT,
+        )
+    if message.status is not MessageStatus.ASSIGNED:
+        return None
+
+    if message.requested_device_id is not None:
+        await message_attempts.record_attempt_status(
+            session, message, AttemptStatus.FAILED, error=REQUESTED_DEVICE_DELETED
+        )
+        # No phone acknowledged the task, so nothing went out.
+        delivery_ids = await message_attempts.end_failed(
+            session, settings, message, REQUESTED_DEVICE_DELETED, refund=True
+        )
+        return AttemptEnd(MessageStatus.FAILED, None, delivery_ids)
+
+    await message_attempts.record_attempt_status(
+        session, message, AttemptStatus.MOVED, error=ERROR_DEVICE_DELETED
+    )
+    if not await repository.release_to_pending(session, message.id):
+        return None
+    return AttemptEnd(MessageStatus.PENDING, None, [])
+
+
+async def end_tasks_of_deleted_devices(ctx: DispatcherContext) -> int:
+    """End the attempt of every `assigned` or `sending` message whose device was
+    deleted; return how many ended.
+
+    - `sending`: the message ends `failed` with `no_report` and keeps its quota charge,
+      because the SMS may have gone out and no report can arrive any more.
+    - `assigned` to a device that the sender named: the message ends `failed` with
+      REQUESTED_DEVICE_DELETED, and its charge is given back.
+    - `assigned` otherwise: the attempt ends `moved`, and the message goes to another
+      online device of its user, or waits `pending` for one.
+    """
+    settings = ctx.settings
+
+    async def lock(session: AsyncSession) -> list[StalledTask]:
+        return await repository.lock_deleted_device_tasks(session, limit=BATCH_SIZE)
+
+    async def end(session: AsyncSession, task: StalledTask) -> AttemptEnd | None:
+        return await _end_deleted_device_task(session, settings, task)
+
+    ended = await _end_in_batches(ctx, lock, end)
+    if not ended:
+        return 0
+
+    released = [
+        task for task, outcome in ended if outcome.status is MessageStatus.PENDING
+    ]
+    plan = await assign_messages(ctx, [task.message_id for task in released])
+    targets = {item.message.id: str(item.device_id) for item in plan.assignments}
+    for task, outcome in ended:
+        log.info(
+            "task of a deleted device ended",
+            message_id=str(task.message_id),
+            attempt=task.attempt,
+            status=outcome.status.value,
+            to_device_id=targets.get(task.message_id),
         )
     return len(ended)
 
