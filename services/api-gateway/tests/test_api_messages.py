@@ -730,15 +730,43 @@ async def test_incoming_listing(
     )
 
     listed = await client.get(INCOMING_URL, headers=user.headers)
-    forced = await client.get(
-        INCOMING_URL, params={"type": "outgoing"}, headers=user.headers
+    redundant = await client.get(
+        INCOMING_URL, params={"type": "incoming"}, headers=user.headers
     )
 
     items = listed.json()["data"]["items"]
     assert [item["id"] for item in items] == [str(incoming)]
     assert items[0]["from"] == "+34612345678"
     assert items[0]["status"] == "received"
-    assert [item["id"] for item in forced.json()["data"]["items"]] == [str(incoming)]
+    assert redundant.status_code == 200
+    assert [item["id"] for item in redundant.json()["data"]["items"]] == [str(incoming)]
+
+
+async def test_incoming_listing_rejects_outgoing_type(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    await _insert_message(
+        session_factory,
+        user,
+        type=MessageType.INCOMING,
+        status=MessageStatus.RECEIVED,
+        to_number=None,
+        from_number="+34612345678",
+    )
+
+    response = await client.get(
+        INCOMING_URL, params={"type": "outgoing"}, headers=user.headers
+    )
+
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "validation_error"
+    assert "data" not in body
+    assert [
+        (item["field"], item["location"], item["type"]) for item in body["details"]
+    ] == [("type", "query", "incoming_listing_type")]
 
 
 async def test_errors_follow_accept_language(

@@ -242,6 +242,14 @@ CASES = {
         "This endpoint has no such query parameter. Check its spelling or remove it. "
         "/docs lists the parameters it accepts.",
     ),
+    "incoming_listing_type": Case(
+        "GET", INCOMING_URL, {"params": {"type": "outgoing"}}, "type", "query",
+        "incoming_listing_type",
+        "Este listado solo contiene mensajes entrantes, así que 'type' solo puede ser "
+        "'incoming'. Para los salientes usa GET /api/v1/sms/messages?type=outgoing.",
+        "This listing contains only incoming messages, so 'type' can only be "
+        "'incoming'. For outgoing messages use GET /api/v1/sms/messages?type=outgoing.",
+    ),
     "header": Case(
         "POST", SEND_URL,
         {"json": {"to": TO, "body": "Hola"}, "headers": {"Idempotency-Key": "k" * 256}},

@@ -320,6 +320,10 @@ VALIDATION_MESSAGES: dict[str, dict[str, str]] = {
         "es": "Debe ser una fecha (2024-01-31) o una fecha y hora ISO 8601 (2024-01-31T12:00:00Z).",
         "en": "Must be a date (2024-01-31) or an ISO 8601 date and time (2024-01-31T12:00:00Z).",
     },
+    "incoming_listing_type": {
+        "es": "Este listado solo contiene mensajes entrantes, así que 'type' solo puede ser 'incoming'. Para los salientes usa GET /api/v1/sms/messages?type=outgoing.",
+        "en": "This listing contains only incoming messages, so 'type' can only be 'incoming'. For outgoing messages use GET /api/v1/sms/messages?type=outgoing.",
+    },
     "bulk_forms_combined": {
         "es": "Envía 'messages', o bien 'recipients' con 'body', pero no ambas formas.",
         "en": "Send either 'messages', or 'recipients' with 'body', not both.",

@@ -17,6 +17,7 @@ from mensajero_api.envelope import Envelope, error_responses
 from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.messages import service
 from mensajero_api.messages.schemas import (
+    IncomingListQuery,
     MessageListQuery,
     MessagePage,
     MessagePublic,
@@ -41,6 +42,7 @@ IdempotencyKey = Annotated[
     ),
 ]
 ListQuery = Annotated[MessageListQuery, Query()]
+IncomingQuery = Annotated[IncomingListQuery, Query()]
 
 
 def _page(rows: list[SMSMessage], next_cursor: str | None, limit: int) -> MessagePage:
@@ -124,9 +126,12 @@ async def read_message(
 
 @router.get("/incoming", responses=error_responses(400, 401, 422))
 async def list_incoming(
-    query: ListQuery, user: CurrentUser, session: SessionDep
+    query: IncomingQuery, user: CurrentUser, session: SessionDep
 ) -> Envelope[MessagePage]:
-    """List received SMS: the message listing with `type` fixed to incoming."""
+    """List received SMS: the message listing with `type` fixed to incoming.
+
+    A `type` other than `incoming` gets 422 with an item of type `incoming_listing_type`.
+    """
     rows, next_cursor = await service.list_messages(
         session, user, query, message_type=MessageType.INCOMING
     )

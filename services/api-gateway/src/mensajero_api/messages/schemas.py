@@ -174,3 +174,29 @@ class MessageListQuery(QueryParameters):
                 "date_or_datetime_parsing",
                 "Input should be a date (YYYY-MM-DD) or an ISO 8601 datetime",
             ) from None
+
+
+class IncomingListQuery(MessageListQuery):
+    """Query parameters of the listing of received SMS, where `type` can only be incoming.
+
+    A contradicting `type=outgoing` is rejected: ignoring it would return incoming
+    messages to a caller who asked for outgoing ones.
+    """
+
+    type: Literal[MessageType.INCOMING] | None = Field(
+        default=None,
+        description="Only `incoming`: for outgoing messages use GET /api/v1/sms/messages.",
+    )
+
+    @field_validator("type", mode="wrap")
+    @classmethod
+    def _reject_other_types(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler
+    ) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "incoming_listing_type",
+                "This listing contains only incoming messages",
+            ) from None
