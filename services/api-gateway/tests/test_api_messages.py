@@ -713,6 +713,44 @@ async def test_list_filters(
     assert bad_date.status_code == 422
 
 
+async def test_list_filter_by_foreign_device(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="pro")
+    stranger = await make_user(plan="pro")
+    device = await register_device(client, owner)
+    await _insert_message(
+        session_factory, owner, device_id=uuid.UUID(device["device_id"])
+    )
+    deleted = await register_device(client, stranger)
+    deleted_response = await client.delete(
+        f"/api/v1/sms/devices/{deleted['device_id']}", headers=stranger.headers
+    )
+    assert deleted_response.status_code == 200, deleted_response.text
+
+    for url in (MESSAGES_URL, INCOMING_URL):
+        for device_id in (device["device_id"], str(uuid.uuid4()), deleted["device_id"]):
+            response = await client.get(
+                url,
+                params={"device_id": device_id},
+                headers={**stranger.headers, "Accept-Language": "en"},
+            )
+
+            assert response.status_code == 404, (url, device_id, response.text)
+            body = response.json()
+            assert body["error"] == "device_not_found"
+            assert body["device_id"] == device_id
+            assert device_id in body["message"]
+
+    own = await client.get(
+        MESSAGES_URL, params={"device_id": device["device_id"]}, headers=owner.headers
+    )
+    assert own.status_code == 200
+    assert len(own.json()["data"]["items"]) == 1
+
+
 async def test_incoming_listing(
     client: AsyncClient,
     user: ApiUser,

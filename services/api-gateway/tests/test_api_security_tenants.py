@@ -197,9 +197,10 @@ async def test_other_users_ids_in_bodies_and_filters(
         json={"to": "+525512345678", "body": "Hola", "device_id": device_id},
         headers=headers,
     )
-    filtered = await client.get(
-        "/api/v1/sms/messages", params={"device_id": device_id}, headers=headers
-    )
+    filtered = [
+        await client.get(path, params={"device_id": device_id}, headers=headers)
+        for path in ("/api/v1/sms/messages", "/api/v1/sms/incoming")
+    ]
     listings = [
         await client.get(path, headers=headers)
         for path in (
@@ -213,8 +214,10 @@ async def test_other_users_ids_in_bodies_and_filters(
 
     assert send.status_code == 404
     assert send.json()["error"] == "device_not_found"
-    assert filtered.status_code == 200
-    assert filtered.json()["data"]["items"] == []
+    for response in filtered:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"] == "device_not_found"
+        assert response.json()["device_id"] == device_id
     for listing in listings:
         assert listing.status_code == 200, listing.text
         for value in victim.ids.values():

@@ -102,14 +102,15 @@ async def send_sms(
     return Envelope(data=result, message=confirmation)
 
 
-@router.get("/messages", responses=error_responses(400, 401, 422))
+@router.get("/messages", responses=error_responses(400, 401, 404, 422))
 async def list_messages(
     query: ListQuery, user: CurrentUser, session: SessionDep
 ) -> Envelope[MessagePage]:
     """List the user's messages, newest first unless `order=asc`, by keyset pagination.
 
     Follow `next_cursor` until it is null. Rows inserted between two page requests never
-    make a page repeat or skip a row that existed when the first page was read.
+    make a page repeat or skip a row that existed when the first page was read. A
+    `device_id` that is not one of the user's devices gets 404 `device_not_found`.
     """
     rows, next_cursor = await service.list_messages(session, user, query)
     return Envelope(data=_page(rows, next_cursor, query.limit))
@@ -124,7 +125,7 @@ async def read_message(
     return Envelope(data=MessagePublic.from_model(message))
 
 
-@router.get("/incoming", responses=error_responses(400, 401, 422))
+@router.get("/incoming", responses=error_responses(400, 401, 404, 422))
 async def list_incoming(
     query: IncomingQuery, user: CurrentUser, session: SessionDep
 ) -> Envelope[MessagePage]:

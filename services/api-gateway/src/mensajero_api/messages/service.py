@@ -405,9 +405,13 @@ async def list_messages(
 ) -> tuple[list[SMSMessage], str | None]:
     """Return one page of the user's messages and the cursor of the next page, if any.
 
-    `message_type` overrides the query's `type` (the incoming listing fixes it).
+    `message_type` overrides the query's `type` (the incoming listing fixes it). A
+    `device_id` that is not one of the user's devices raises DeviceNotFoundError, as a
+    send from it does, so that a mistyped id is not read as "no messages".
     """
     filters = _build_filters(user, query, message_type)
+    if query.device_id is not None:
+        await devices_service.get_device(session, user, query.device_id)
     after = decode_cursor(query.cursor, query.order) if query.cursor else None
 
     # Fetching one row more than requested shows whether a next page exists.
