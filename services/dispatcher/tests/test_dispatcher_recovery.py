@@ -1,4 +1,5 @@
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import update
@@ -8,6 +9,7 @@ from mensajero_common.keys import CHANNEL_WAKE
 from mensajero_common.models import DeviceStatus, MessageStatus, SMSMessage
 from mensajero_common.testing import scaled
 from mensajero_dispatcher.messages.service import assign_messages
+from mensajero_dispatcher.recovery import service as recovery_service
 from mensajero_dispatcher.recovery.service import recover_stale_messages
 
 
@@ -60,7 +62,59 @@ async def test_recovery_handles_each_message_once(ctx, factory):
     assert first == 1
     assert second == 0
     assert stored.status == MessageStatus.PENDING
-    assert stored.updated_at > datetime.now(UTC) - timedelta(minutes=1)
+    # The sweep keeps its place in Redis, so the message does not look changed.
+    assert stored.updated_at == waiting.updated_at
+
+
+async def test_recovery_pass_spans_runs(ctx, factory, monkeypatch):
+    monkeypatch.setattr(recovery_service, "BATCH_SIZE", 2)
+    monkeypatch.setattr(recovery_service, "MAX_BATCHES_PER_RUN", 1)
+    user = await factory.user()
+    await factory.device(user, status=DeviceStatus.OFFLINE)
+    stale_age_s = ctx.settings.RECOVERY_STALE_AFTER_S + 60
+    waiting = [await factory.message(user, age_s=stale_age_s + i) for i in range(5)]
+
+    handled = [await recover_stale_messages(ctx) for _ in range(4)]
+
+    assert handled == [2, 2, 1, 0]
+    for message in waiting:
+        stored = await factory.reload(message)
+        assert stored.status == MessageStatus.PENDING
+        assert stored.updated_at == message.updated_at
+
+
+async def test_recovery_starts_new_pass_later(ctx, factory):
+    stale_after_s = 1.0
+    quick = replace(
+        ctx,
+        settings=ctx.settings.model_copy(
+            update={"RECOVERY_STALE_AFTER_S": stale_after_s}
+        ),
+    )
+    user = await factory.user()
+    await factory.device(user, status=DeviceStatus.OFFLINE)
+    await factory.message(user, age_s=60)
+    await factory.message(user, age_s=60)
+
+    first = await recover_stale_messages(quick)
+    second = await recover_stale_messages(quick)
+    await asyncio.sleep(stale_after_s)
+    third = await recover_stale_messages(quick)
+
+    assert first == 2
+    assert second == 0
+    assert third == 2
+
+
+async def test_recovery_ignores_invalid_progress(ctx, factory):
+    user = await factory.user()
+    await factory.device(user, status=DeviceStatus.OFFLINE)
+    await factory.message(user, age_s=ctx.settings.RECOVERY_STALE_AFTER_S + 60)
+    await ctx.redis.set(ctx.keys.recovery_sweep_progress, b"not json")
+
+    handled = await recover_stale_messages(ctx)
+
+    assert handled == 1
 
 
 async def test_recovery_skips_fresh_and_delayed(ctx, factory):

@@ -59,6 +59,11 @@ class RedisKeys:
         """Prefix of the counters of tasks handed to each device (DEVICE_SMS_PER_MINUTE)."""
         return f"{self.prefix}:devicepace"
 
+    @property
+    def recovery_sweep_progress(self) -> str:
+        """Position of the dispatcher's recovery sweep in its pass over the stale messages."""
+        return f"{self.prefix}:recovery:progress"
+
     def periodic_job_lock(self, job_name: str) -> str:
         """Lock that lets one replica, not every one, run a periodic job in an interval."""
         return f"{self.prefix}:lock:job:{job_name}"

@@ -1,11 +1,10 @@
 """Queries of the recovery sweep: messages that are not final and have not changed."""
 
 import uuid
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, tuple_, update
+from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
@@ -70,18 +69,3 @@ async def list_stale(
         StaleMessage(row.id, MessageStatus(row.status), row.device_id, row.updated_at)
         for row in rows
     ]
-
-
-async def touch(session: AsyncSession, messages: Collection[StaleMessage]) -> None:
-    """Mark these messages as handled now, unless they changed since they were read, so
-    that the next sweeps move on to others."""
-    if not messages:
-        return
-    unchanged = tuple_(SMSMessage.id, SMSMessage.updated_at).in_(
-        [(message.id, message.updated_at) for message in messages]
-    )
-    await session.execute(
-        update(SMSMessage)
-        .where(unchanged, SMSMessage.status.in_(OPEN_STATUSES))
-        .values(updated_at=func.now())
-    )
