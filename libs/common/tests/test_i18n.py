@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 
 from mensajero_common.i18n import (
@@ -33,14 +35,71 @@ def test_every_message_has_both_languages() -> None:
 
 
 def test_translate_formats_fields() -> None:
-    assert (
-        translate("quota_exceeded_sms", "es", limit=50)
-        == "Has alcanzado el límite de 50 SMS este mes"
+    params = {"limit": 50, "reset_date": "2027-01-01", "upgrade_url": "/plans"}
+
+    assert translate("quota_exceeded_sms", "es", **params) == (
+        "Tu plan permite 50 SMS al mes y ya los has enviado todos. Podrás enviar más "
+        "desde el 2027-01-01 a las 00:00 UTC. Para enviar antes, pide al "
+        "administrador de este servidor Mensajero un plan mayor (los planes están en "
+        "/plans)."
     )
-    assert (
-        translate("quota_exceeded_sms", "en", limit=50)
-        == "You have reached the limit of 50 SMS this month"
+    assert translate("quota_exceeded_sms", "en", **params) == (
+        "Your plan allows 50 SMS a month and you have sent them all. You can send more "
+        "from 2027-01-01 at 00:00 UTC. To send sooner, ask the administrator of this "
+        "Mensajero server for a larger plan (plans are listed at /plans)."
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "params", "spanish", "english"),
+    [
+        (
+            "quota_exceeded_devices",
+            {"limit": 1},
+            "Tu plan permite 1 dispositivo y ya lo tienes registrado.",
+            "Your plan allows 1 device and it is already registered.",
+        ),
+        (
+            "quota_exceeded_devices",
+            {"limit": 3},
+            "Tu plan permite 3 dispositivos y ya los tienes todos registrados.",
+            "Your plan allows 3 devices and all of them are registered.",
+        ),
+        (
+            "quota_exceeded_sms",
+            {"limit": 1},
+            "Tu plan permite 1 SMS al mes y ya lo has enviado.",
+            "Your plan allows 1 SMS a month and you have sent it.",
+        ),
+        (
+            "quota_exceeded_sms_bulk",
+            {"requested": 4, "available": 1},
+            "Este envío necesita 4 SMS, pero este mes solo te queda 1,",
+            "This send needs 4 SMS, but you have only 1 left this month,",
+        ),
+        (
+            "quota_exceeded_sms_bulk",
+            {"requested": 4, "available": 0},
+            "Este envío necesita 4 SMS, pero este mes no te queda ninguno,",
+            "This send needs 4 SMS, but you have none left this month,",
+        ),
+    ],
+)
+def test_translate_picks_count_variant(
+    key: str, params: dict[str, Any], spanish: str, english: str
+) -> None:
+    params = {**params, "reset_date": "2027-01-01", "upgrade_url": "/plans"}
+
+    assert translate(key, "es", **params).startswith(spanish)
+    assert translate(key, "en", **params).startswith(english)
+
+
+def test_count_variants_have_base_message() -> None:
+    for key in MESSAGES:
+        base, _, variant = key.partition(".")
+        if variant:
+            assert variant in {"zero", "one"}, key
+            assert base in MESSAGES, key
 
 
 @pytest.mark.parametrize(

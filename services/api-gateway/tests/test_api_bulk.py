@@ -311,8 +311,20 @@ async def test_bulk_counts_segments_per_body(
 @pytest.mark.parametrize(
     ("language", "message"),
     [
-        ("es", "Solo puedes enviar 3 SMS más este mes"),
-        ("en", "You can only send 3 more SMS this month"),
+        (
+            "es",
+            "Este envío necesita 4 SMS, pero este mes solo te quedan 3, así que no se "
+            "ha enviado ninguno. Envía como máximo 3, o espera hasta el {reset_date} a "
+            "las 00:00 UTC. Para enviar más antes, pide al administrador de este "
+            "servidor Mensajero un plan mayor (los planes están en /api/v1/sms/plans).",
+        ),
+        (
+            "en",
+            "This send needs 4 SMS, but you have only 3 left this month, so none was "
+            "sent. Send at most 3, or wait until {reset_date} at 00:00 UTC. To send "
+            "more sooner, ask the administrator of this Mensajero server for a larger "
+            "plan (plans are listed at /api/v1/sms/plans).",
+        ),
     ],
 )
 async def test_bulk_over_quota_creates_nothing(
@@ -337,7 +349,7 @@ async def test_bulk_over_quota_creates_nothing(
     assert response.status_code == 429
     body = response.json()
     assert body["error"] == "quota_exceeded"
-    assert body["message"] == message
+    assert body["message"] == message.format(reset_date=body["reset_date"])
     assert body["quota_type"] == "sms_monthly"
     assert (body["limit"], body["used"], body["available"]) == (50, 47, 3)
     assert body["upgrade_url"] == "/api/v1/sms/plans"
@@ -360,7 +372,10 @@ async def test_bulk_quota_edge(
 
     assert fits.status_code == 201, fits.text
     assert one_more.status_code == 429
-    assert one_more.json()["message"] == "Solo puedes enviar 0 SMS más este mes"
+    assert one_more.json()["message"].startswith(
+        "Este envío necesita 1 SMS, pero este mes no te queda ninguno, así que no se "
+        "ha enviado nada. Podrás enviar más desde el "
+    )
     assert await _sms_sent(session_factory, owner) == 50
 
 

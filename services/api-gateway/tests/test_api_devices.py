@@ -237,14 +237,20 @@ async def test_device_limit_on_free_plan(
     assert response.json() == {
         "success": False,
         "error": "quota_exceeded",
-        "message": "Límite de 1 dispositivos alcanzado",
+        "message": "Tu plan permite 1 dispositivo y ya lo tienes registrado. "
+        "Elimínalo si ya no lo usas (DELETE /api/v1/sms/devices/<id>) o pide al "
+        "administrador de este servidor Mensajero un plan con más dispositivos (los "
+        "planes están en /api/v1/sms/plans).",
         "quota_type": "devices",
         "limit": 1,
         "used": 1,
         "available": 0,
         "reset_date": None,
+        "reset_at": None,
         "upgrade_url": "/api/v1/sms/plans",
     }
+    # Waiting frees no device slot, so no Retry-After.
+    assert "retry-after" not in response.headers
 
 
 async def test_parallel_registrations_take_one_slot(

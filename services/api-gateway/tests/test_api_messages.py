@@ -327,7 +327,10 @@ async def test_send_quota_exhausted(
     assert response.json() == {
         "success": False,
         "error": "quota_exceeded",
-        "message": "Has alcanzado el límite de 50 SMS este mes",
+        "message": "Tu plan permite 50 SMS al mes y ya los has enviado todos. Podrás "
+        f"enviar más desde el {expected_reset.date().isoformat()} a las 00:00 UTC. "
+        "Para enviar antes, pide al administrador de este servidor Mensajero un plan "
+        "mayor (los planes están en /api/v1/sms/plans).",
         "quota_type": "sms_monthly",
         "limit": 50,
         "used": 50,

@@ -213,7 +213,12 @@ async def test_device_limit_edge(client: AsyncClient, make_user: MakeUser) -> No
 
     assert fourth.status_code == 429
     body = fourth.json()
-    assert body["message"] == "Limit of 3 devices reached"
+    assert body["message"] == (
+        "Your plan allows 3 devices and all of them are registered. Delete one you no "
+        "longer use (DELETE /api/v1/sms/devices/<id>) or ask the administrator of "
+        "this Mensajero server for a plan with more devices (plans are listed at "
+        "/api/v1/sms/plans)."
+    )
     assert (body["limit"], body["used"], body["available"]) == (3, 3, 0)
 
 
@@ -235,8 +240,20 @@ async def test_sms_limit_edge(
 @pytest.mark.parametrize(
     ("language", "message"),
     [
-        ("es", "Has alcanzado el límite de 50 SMS este mes"),
-        ("en", "You have reached the limit of 50 SMS this month"),
+        (
+            "es",
+            "Tu plan permite 50 SMS al mes y ya los has enviado todos. Podrás enviar "
+            "más desde el {reset_date} a las 00:00 UTC. Para enviar antes, pide al "
+            "administrador de este servidor Mensajero un plan mayor (los planes están "
+            "en /api/v1/sms/plans).",
+        ),
+        (
+            "en",
+            "Your plan allows 50 SMS a month and you have sent them all. You can send "
+            "more from {reset_date} at 00:00 UTC. To send sooner, ask the "
+            "administrator of this Mensajero server for a larger plan (plans are "
+            "listed at /api/v1/sms/plans).",
+        ),
     ],
 )
 async def test_sms_limit_message_languages(
@@ -253,7 +270,8 @@ async def test_sms_limit_message_languages(
 
     assert response.status_code == 429
     assert response.headers["content-language"] == language
-    assert response.json()["message"] == message
+    reset_date = response.json()["reset_date"]
+    assert response.json()["message"] == message.format(reset_date=reset_date)
 
 
 async def test_parallel_sends_one_left_refuse_rest(

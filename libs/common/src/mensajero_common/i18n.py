@@ -171,17 +171,34 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "date_from ({date_from}) is later than date_to ({date_to}).",
     },
     # Quotas.
+    # `.one` and `.zero` variants are picked by the count param that _COUNT_PARAMS names.
     "quota_exceeded_sms": {
-        "es": "Has alcanzado el límite de {limit} SMS este mes",
-        "en": "You have reached the limit of {limit} SMS this month",
+        "es": "Tu plan permite {limit} SMS al mes y ya los has enviado todos. Podrás enviar más desde el {reset_date} a las 00:00 UTC. Para enviar antes, pide al administrador de este servidor Mensajero un plan mayor (los planes están en {upgrade_url}).",
+        "en": "Your plan allows {limit} SMS a month and you have sent them all. You can send more from {reset_date} at 00:00 UTC. To send sooner, ask the administrator of this Mensajero server for a larger plan (plans are listed at {upgrade_url}).",
+    },
+    "quota_exceeded_sms.one": {
+        "es": "Tu plan permite 1 SMS al mes y ya lo has enviado. Podrás enviar más desde el {reset_date} a las 00:00 UTC. Para enviar antes, pide al administrador de este servidor Mensajero un plan mayor (los planes están en {upgrade_url}).",
+        "en": "Your plan allows 1 SMS a month and you have sent it. You can send more from {reset_date} at 00:00 UTC. To send sooner, ask the administrator of this Mensajero server for a larger plan (plans are listed at {upgrade_url}).",
     },
     "quota_exceeded_sms_bulk": {
-        "es": "Solo puedes enviar {available} SMS más este mes",
-        "en": "You can only send {available} more SMS this month",
+        "es": "Este envío necesita {requested} SMS, pero este mes solo te quedan {available}, así que no se ha enviado ninguno. Envía como máximo {available}, o espera hasta el {reset_date} a las 00:00 UTC. Para enviar más antes, pide al administrador de este servidor Mensajero un plan mayor (los planes están en {upgrade_url}).",
+        "en": "This send needs {requested} SMS, but you have only {available} left this month, so none was sent. Send at most {available}, or wait until {reset_date} at 00:00 UTC. To send more sooner, ask the administrator of this Mensajero server for a larger plan (plans are listed at {upgrade_url}).",
+    },
+    "quota_exceeded_sms_bulk.one": {
+        "es": "Este envío necesita {requested} SMS, pero este mes solo te queda 1, así que no se ha enviado ninguno. Envía solo 1, o espera hasta el {reset_date} a las 00:00 UTC. Para enviar más antes, pide al administrador de este servidor Mensajero un plan mayor (los planes están en {upgrade_url}).",
+        "en": "This send needs {requested} SMS, but you have only 1 left this month, so none was sent. Send just 1, or wait until {reset_date} at 00:00 UTC. To send more sooner, ask the administrator of this Mensajero server for a larger plan (plans are listed at {upgrade_url}).",
+    },
+    "quota_exceeded_sms_bulk.zero": {
+        "es": "Este envío necesita {requested} SMS, pero este mes no te queda ninguno, así que no se ha enviado nada. Podrás enviar más desde el {reset_date} a las 00:00 UTC. Para enviar antes, pide al administrador de este servidor Mensajero un plan mayor (los planes están en {upgrade_url}).",
+        "en": "This send needs {requested} SMS, but you have none left this month, so none was sent. You can send more from {reset_date} at 00:00 UTC. To send sooner, ask the administrator of this Mensajero server for a larger plan (plans are listed at {upgrade_url}).",
     },
     "quota_exceeded_devices": {
-        "es": "Límite de {limit} dispositivos alcanzado",
-        "en": "Limit of {limit} devices reached",
+        "es": "Tu plan permite {limit} dispositivos y ya los tienes todos registrados. Elimina uno que ya no uses (DELETE /api/v1/sms/devices/<id>) o pide al administrador de este servidor Mensajero un plan con más dispositivos (los planes están en {upgrade_url}).",
+        "en": "Your plan allows {limit} devices and all of them are registered. Delete one you no longer use (DELETE /api/v1/sms/devices/<id>) or ask the administrator of this Mensajero server for a plan with more devices (plans are listed at {upgrade_url}).",
+    },
+    "quota_exceeded_devices.one": {
+        "es": "Tu plan permite 1 dispositivo y ya lo tienes registrado. Elimínalo si ya no lo usas (DELETE /api/v1/sms/devices/<id>) o pide al administrador de este servidor Mensajero un plan con más dispositivos (los planes están en {upgrade_url}).",
+        "en": "Your plan allows 1 device and it is already registered. Delete it if you no longer use it (DELETE /api/v1/sms/devices/<id>) or ask the administrator of this Mensajero server for a plan with more devices (plans are listed at {upgrade_url}).",
     },
     "superuser_required": {
         "es": "Solo un superusuario puede cambiar el plan de un usuario.",
@@ -525,6 +542,14 @@ _LIMIT_PERIODS = {
 }
 # Messages whose `limit` param is a rate limit in that notation.
 _RATE_LIMIT_MESSAGES = frozenset({"rate_limited"})
+# The param whose value 0 or 1 selects the `<key>.zero` or `<key>.one` message, where
+# one is listed, for correct grammar.
+_COUNT_PARAMS = {
+    "quota_exceeded_sms": "limit",
+    "quota_exceeded_sms_bulk": "available",
+    "quota_exceeded_devices": "limit",
+}
+_COUNT_VARIANTS = {0: "zero", 1: "one"}
 
 
 def rate_limit_phrase(limit: str, language: str) -> str:
@@ -549,13 +574,22 @@ def rate_limit_phrase(limit: str, language: str) -> str:
     return f"{count} per {multiples} {english}s"
 
 
+def _count_variant(key: str, params: dict[str, Any]) -> str:
+    """Return the key of the `.zero` or `.one` variant of `key` that fits its count."""
+    count = params.get(_COUNT_PARAMS.get(key, ""))
+    variant = _COUNT_VARIANTS.get(count) if type(count) is int else None
+    if variant is not None and f"{key}.{variant}" in MESSAGES:
+        return f"{key}.{variant}"
+    return key
+
+
 def translate(key: str, language: str, **params: Any) -> str:
     """Return the message `key` in `language`, formatted with `params`.
 
     A string `reason` param of a message that REASONS lists is replaced by its phrase,
     formatted with `params` too.
     """
-    templates = MESSAGES.get(key)
+    templates = MESSAGES.get(_count_variant(key, params))
     if templates is None:
         return key
     reason = params.get("reason")

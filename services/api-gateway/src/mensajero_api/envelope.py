@@ -70,7 +70,12 @@ class QuotaErrorBody(ErrorBody):
     used: int
     available: int
     reset_date: str | None = Field(
-        description="Next monthly reset, ISO 8601 in UTC; null for device slots."
+        description="Day of the next monthly reset (YYYY-MM-DD, UTC); null for device "
+        "slots, which come back when a device is deleted."
+    )
+    reset_at: str | None = Field(
+        description="Moment of the next monthly reset, ISO 8601 in UTC; null for device "
+        "slots."
     )
     upgrade_url: str
 

@@ -67,8 +67,8 @@ async def send_bulk(
 
     Errors: 400 `too_many_recipients` (over BULK_MAX_RECIPIENTS), `no_valid_recipients`
     (with `rejected`), `empty_body`, `body_too_long`; 404 `device_not_found`; 409
-    `device_inactive`, `idempotency_key_reused`; 429 `quota_exceeded` ("you can only send
-    N more SMS this month"; nothing is created). A repeat with the same
+    `device_inactive`, `idempotency_key_reused`; 429 `quota_exceeded` (its message says
+    how many SMS still fit this month; nothing is created). A repeat with the same
     `Idempotency-Key` returns 200 with the first result and `Idempotent-Replayed: true`.
     """
     outcome = await service.send_bulk(session, settings, user, data, idempotency_key)

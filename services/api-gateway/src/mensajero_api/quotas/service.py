@@ -122,6 +122,9 @@ def sms_quota_exceeded(
         message_key="quota_exceeded_sms" if single else "quota_exceeded_sms_bulk",
         limit=plan.max_sms_per_month,
         available=available,
+        requested=requested,
+        reset_date=reset_at.date().isoformat(),
+        upgrade_url=UPGRADE_URL,
         details={
             "quota_type": "sms_monthly",
             "limit": plan.max_sms_per_month,
@@ -143,13 +146,16 @@ def device_quota_exceeded(quota: UserQuota, plan: UserPlan) -> QuotaExceededErro
     return QuotaExceededError(
         message_key="quota_exceeded_devices",
         limit=plan.max_devices,
+        upgrade_url=UPGRADE_URL,
         details={
             "quota_type": "devices",
             "limit": plan.max_devices,
             "used": used,
             "available": available,
-            # Device slots come back when a device is deleted, not on a date.
+            # Device slots come back when a device is deleted, not on a date. Both
+            # fields stay, null, so that every quota_exceeded body has the same keys.
             "reset_date": None,
+            "reset_at": None,
             "upgrade_url": UPGRADE_URL,
         },
     )
