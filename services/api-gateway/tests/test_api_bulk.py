@@ -1,4 +1,5 @@
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.bulk.repository import MessageColumns, MessageWriter
+from mensajero_api.main import MAX_REQUEST_BODY_BYTES
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import (
     MessageStatus,
@@ -752,6 +754,55 @@ async def test_bulk_idempotent_repeat(
     assert await count_rows(session_factory, SMSMessage) == 2
     assert await _sms_sent(session_factory, user) == 2
     assert len(await _stream_message_ids(redis, redis_keys)) == 2
+
+
+async def test_idempotency_key_scoped_per_endpoint(
+    client: AsyncClient, user: ApiUser, session_factory: SessionFactory
+) -> None:
+    headers = {**user.headers, "Idempotency-Key": "order-7"}
+
+    single = await client.post(
+        "/api/v1/sms/send",
+        json={"to": "+525512349999", "body": "Hola"},
+        headers=headers,
+    )
+    bulk = await _send_bulk(
+        client, user, {"recipients": _numbers(1), "body": "Hola"}, headers=headers
+    )
+
+    # The key of a send and the key of a bulk send are separate: both are new.
+    assert single.status_code == 201, single.text
+    assert bulk.status_code == 201, bulk.text
+    assert "idempotent-replayed" not in bulk.headers
+    assert await count_rows(session_factory, SMSMessage) == 2
+
+
+def _messages_body(count: int, body_length: int) -> bytes:
+    """Encode `count` personalised messages as Python's json.dumps writes them."""
+    messages = [{"to": number, "body": "x" * body_length} for number in _numbers(count)]
+    return json.dumps({"messages": messages}).encode()
+
+
+async def test_bulk_messages_within_body_limit(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user(plan="pro")
+    headers = {**owner.headers, "Content-Type": "application/json"}
+    # The practical limits that the README gives next to BULK_MAX_RECIPIENTS.
+    longest_texts = _messages_body(1000, 1600)
+    most_at_longest = _messages_body(640, 1600)
+    all_with_short_texts = _messages_body(1000, 1000)
+
+    too_large = await client.post(BULK_URL, content=longest_texts, headers=headers)
+    assert too_large.status_code == 413
+    assert too_large.json()["error"] == "payload_too_large"
+    assert await count_rows(session_factory, SMSMessage) == 0
+
+    for content, count in ((most_at_longest, 640), (all_with_short_texts, 1000)):
+        assert len(content) <= MAX_REQUEST_BODY_BYTES
+        response = await client.post(BULK_URL, content=content, headers=headers)
+        assert response.status_code == 201, response.text[:300]
+        assert response.json()["data"]["accepted"] == count
 
 
 async def test_bulk_idempotent_concurrent_repeats(

@@ -37,7 +37,9 @@ IdempotencyKey = Annotated[
         max_length=255,
         description=(
             "Any unique string (a UUID, say). A repeat of the same request with the same "
-            "key returns the first message instead of sending a second SMS."
+            "key returns the first result instead of sending again. A key is scoped to "
+            "the user and the endpoint: the same key on /send and /send-bulk makes two "
+            "separate sends."
         ),
     ),
 ]
