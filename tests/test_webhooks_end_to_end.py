@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service_processes import Child, RunningServices
+from service_processes import Child, RunningServices, wait_for_healthz
 
 from mensajero_common.testing import WebhookReceiver, scaled, serve_app
 from mensajero_common.webhooks import verify
@@ -33,12 +33,43 @@ async def _sign_up(client: httpx.AsyncClient) -> dict[str, str]:
     return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
+DEFAULT_EVENTS = ("sms_received", "sms_sent", "sms_delivered")
+
+
+async def _upgrade_plan(
+    client: httpx.AsyncClient,
+    services: RunningServices,
+    headers: dict[str, str],
+    plan: str,
+) -> None:
+    """Move the user of `headers` to `plan`, as the first superuser does."""
+    response = await client.post(
+        "/api/v1/login/access-token",
+        data={
+            "username": services.env["FIRST_SUPERUSER"],
+            "password": services.env["FIRST_SUPERUSER_PASSWORD"],
+        },
+    )
+    assert response.status_code == 200, response.text
+    admin = {"Authorization": f"Bearer {response.json()['access_token']}"}
+    user = (await client.get("/api/v1/users/me", headers=headers)).json()["data"]
+    response = await client.put(
+        "/api/v1/sms/quota/upgrade",
+        json={"user_id": user["id"], "plan": plan},
+        headers=admin,
+    )
+    assert response.status_code == 200, response.text
+
+
 async def _create_webhook(
-    client: httpx.AsyncClient, headers: dict[str, str], url: str
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    url: str,
+    events: tuple[str, ...] = DEFAULT_EVENTS,
 ) -> dict[str, Any]:
     response = await client.post(
         "/api/v1/sms/webhooks",
-        json={"url": url, "events": ["sms_received", "sms_sent", "sms_delivered"]},
+        json={"url": url, "events": list(events)},
         headers=headers,
     )
     assert response.status_code == 201, response.text
@@ -46,15 +77,46 @@ async def _create_webhook(
     return data
 
 
-async def _register_device(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
-    response = await client.post(
-        "/api/v1/sms/devices",
-        json={"name": "hooks phone", "phone_number": "+34600000009"},
-        headers=headers,
-    )
+async def _register_device(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    phone_number: str | None = "+34600000009",
+) -> str:
+    fields = {"name": "hooks phone"}
+    if phone_number is not None:
+        fields["phone_number"] = phone_number
+    response = await client.post("/api/v1/sms/devices", json=fields, headers=headers)
     assert response.status_code == 201, response.text
     api_key: str = response.json()["data"]["api_key"]
     return api_key
+
+
+async def _wait_until_online(
+    client: httpx.AsyncClient, headers: dict[str, str], count: int
+) -> None:
+    async with asyncio.timeout(scaled(20)):
+        while True:
+            response = await client.get("/api/v1/sms/devices", headers=headers)
+            assert response.status_code == 200, response.text
+            items = response.json()["data"]["items"]
+            if sum(item["status"] == "online" for item in items) >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _wait_until_final(
+    client: httpx.AsyncClient, headers: dict[str, str], message_id: str
+) -> dict[str, Any]:
+    async with asyncio.timeout(scaled(30)):
+        while True:
+            response = await client.get(
+                f"/api/v1/sms/messages/{message_id}", headers=headers
+            )
+            assert response.status_code == 200, response.text
+            data: dict[str, Any] = response.json()["data"]
+            if data["status"] in ("delivered", "failed", "expired"):
+                return data
+            await asyncio.sleep(0.05)
 
 
 async def _start_agent(services: RunningServices, api_key: str, *extra: str) -> Child:
@@ -198,3 +260,58 @@ async def test_gone_endpoint_shows_disabled_reason(services: RunningServices) ->
     assert enabled.json()["data"]["disabled_reason"] is None
     assert enabled.json()["data"]["disabled_at"] is None
     assert read_after_enabling["data"]["disabled_reason"] is None
+
+
+async def test_retried_message_ends_without_error(services: RunningServices) -> None:
+    # The hub, which applies a phone's failure, makes the retry wait this long, time
+    # for the good phone to connect. The dispatcher then avoids the failing phone.
+    await services.processes.stop(services.children["hub"])
+    hub = await services.processes.start(
+        "hub-quick-retry",
+        ["mensajero-hub"],
+        {**services.env, "MESSAGE_RETRY_DELAY_S": str(scaled(3))},
+    )
+    async with httpx.AsyncClient(timeout=scaled(5)) as client:
+        hub_url = f"http://127.0.0.1:{services.env['HUB_PORT']}"
+        await wait_for_healthz(client, hub_url, hub)
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(receiver) as receiver_url,
+        httpx.AsyncClient(base_url=services.api_url, timeout=scaled(10)) as client,
+    ):
+        headers = await _sign_up(client)
+        # The free plan allows one device.
+        await _upgrade_plan(client, services, headers, "basic")
+        await _create_webhook(
+            client,
+            headers,
+            f"{receiver_url}/hook",
+            ("sms_sent", "sms_delivered", "sms_failed"),
+        )
+        failing_key = await _register_device(client, headers, "+34600000009")
+        good_key = await _register_device(client, headers, "+34600000008")
+        await _start_agent(services, failing_key, "--failure-rate", "1")
+        await _wait_until_online(client, headers, 1)
+
+        response = await client.post(
+            "/api/v1/sms/send",
+            json={"to": "+34600000001", "body": "Hola"},
+            headers=headers,
+        )
+        assert response.status_code == 201, response.text
+        message_id = response.json()["data"]["message_id"]
+        await _start_agent(services, good_key)
+        message = await _wait_until_final(client, headers, message_id)
+        await receiver.wait_for(2, timeout_s=20)
+        # Time for an unexpected event to show up, if the services sent one.
+        await asyncio.sleep(1.0)
+
+    assert message["status"] == "delivered"
+    assert message["error"] is None
+    assert message["attempts"] >= 2
+    events = [payload for _, _, payload in _events(receiver)]
+    assert sorted(payload["event"] for payload in events) == [
+        "sms_delivered",
+        "sms_sent",
+    ]
+    assert [payload for payload in events if "error" in payload] == []

@@ -102,6 +102,7 @@ async def create_outgoing(
     to_number: str = "+34600000001",
     attempts: int = 1,
     expires_at: datetime | None = None,
+    error: str | None = None,
 ) -> SMSMessage:
     async with sessions() as db:
         message = SMSMessage(
@@ -115,6 +116,7 @@ async def create_outgoing(
             encoding="gsm7",
             attempts=attempts,
             expires_at=expires_at,
+            error=error,
         )
         db.add(message)
         await db.commit()

@@ -387,3 +387,81 @@ async def test_moved_task_report_changes_nothing(
     assert ack["attempt"] == 2
     assert row.status == MessageStatus.ASSIGNED
     assert row.device_id == second.device_id
+
+
+async def event_bodies(sessions: Sessions, message_id: uuid.UUID) -> dict[str, Any]:
+    """Return the parsed webhook event bodies of a message, by event name."""
+    async with sessions() as db:
+        rows = await db.execute(
+            select(WebhookEvent.event, WebhookEvent.body).where(
+                WebhookEvent.message_id == message_id
+            )
+        )
+        return {event: jsonutil.loads(body) for event, body in rows.all()}
+
+
+PREVIOUS_ERROR = "RESULT_ERROR_GENERIC_FAILURE"
+
+
+async def create_retried_message(
+    sessions: Sessions, failed_on: DeviceRecord, retried_on: DeviceRecord
+) -> SMSMessage:
+    """Create a message whose first attempt failed on `failed_on` and whose second is
+    assigned to `retried_on`, with the first attempt's error still in `error`."""
+    message = await create_outgoing(
+        sessions, retried_on, attempts=2, error=PREVIOUS_ERROR
+    )
+    async with sessions() as db:
+        db.add_all(
+            [
+                SMSMessageAttempt(
+                    message_id=message.id,
+                    attempt_number=1,
+                    device_id=failed_on.device_id,
+                    status=AttemptStatus.FAILED.value,
+                    error=PREVIOUS_ERROR,
+                ),
+                SMSMessageAttempt(
+                    message_id=message.id,
+                    attempt_number=2,
+                    device_id=retried_on.device_id,
+                    status=AttemptStatus.ASSIGNED.value,
+                ),
+            ]
+        )
+        await db.commit()
+    return message
+
+
+@pytest.mark.parametrize("by_part", [False, True], ids=["whole", "part"])
+async def test_retry_reports_clear_previous_error(
+    hub_url: str, session_factory: Sessions, by_part: bool
+) -> None:
+    failing = await create_device(session_factory)
+    good = await create_device(session_factory, user_id=failing.user_id)
+    await subscribe_to_all(session_factory, good)
+    message = await create_retried_message(session_factory, failing, good)
+    part_fields = {"part": 1, "parts": 1} if by_part else {}
+
+    async with open_socket(hub_url, good.api_key) as socket:
+        sending = await report(
+            socket, message.id, status="sending", attempt=2, **part_fields
+        )
+        after_sending = await load_message(session_factory, message.id)
+        await report(socket, message.id, status="sent", attempt=2, **part_fields)
+        await report(socket, message.id, status="delivered", attempt=2, **part_fields)
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert sending["status"] == "sending"
+    assert after_sending.error is None
+    assert row.status == MessageStatus.DELIVERED
+    assert row.error is None
+    assert sorted(bodies) == ["sms_delivered", "sms_sent"]
+    assert "error" not in bodies["sms_sent"]
+    assert "error" not in bodies["sms_delivered"]
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.FAILED, PREVIOUS_ERROR),
+        (AttemptStatus.DELIVERED, None),
+    ]

@@ -5,9 +5,11 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 from sqlalchemy import select, update
 
-from mensajero_common import jsonutil, queues
+from mensajero_common import jsonutil, message_attempts, queues
+from mensajero_common.db import session_scope
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import (
+    AttemptStatus,
     DeviceStatus,
     MessageStatus,
     SMSMessage,
@@ -282,3 +284,41 @@ async def test_task_frame_is_json(ctx, factory, redis, redis_keys):
     frame = jsonutil.loads(entries[0][1][b"task"])
     assert frame["body"] == "Café ☕"
     assert frame["created_at"].startswith(str(message.created_at.year))
+
+
+async def _fail_and_make_due(ctx, message, error):
+    """End the current attempt as failed, the way the hub does, with the retry due now."""
+    async with session_scope(ctx.session_factory) as session:
+        locked = await message_attempts.lock_message(session, message.id)
+        assert locked is not None
+        end = await message_attempts.fail_attempt(
+            session, ctx.settings, locked, error, retryable=True
+        )
+        assert end.status == MessageStatus.PENDING
+        await session.execute(
+            update(SMSMessage)
+            .where(SMSMessage.id == message.id)
+            .values(next_attempt_at=datetime.now(UTC))
+        )
+
+
+async def test_retry_assignment_clears_error(ctx, factory):
+    user = await factory.user()
+    await factory.device(user)
+    message = await factory.message(user)
+    await assign_messages(ctx, [message.id])
+    await _fail_and_make_due(ctx, message, "RESULT_ERROR_GENERIC_FAILURE")
+    waiting = await factory.reload(message)
+
+    await assign_messages(ctx, [message.id])
+
+    stored = await factory.reload(message)
+    attempts = await factory.attempts(message)
+    assert waiting.error == "RESULT_ERROR_GENERIC_FAILURE"
+    assert stored.status == MessageStatus.ASSIGNED
+    assert stored.attempts == 2
+    assert stored.error is None
+    assert [(row.status, row.error) for row in attempts] == [
+        (AttemptStatus.FAILED, "RESULT_ERROR_GENERIC_FAILURE"),
+        (AttemptStatus.ASSIGNED, None),
+    ]

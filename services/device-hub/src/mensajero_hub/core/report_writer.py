@@ -326,6 +326,7 @@ async def _record_status_events(
             timestamp=change.changed_at,
             device_id=item.device_id,
             status=change.status.value,
-            error=change.error,
+            # Only `sms_failed` carries an error, as the README documents.
+            error=change.error if event == webhooks.EVENT_SMS_FAILED else None,
             segments=change.segments,
         )

@@ -194,12 +194,13 @@ def _advance_statement(status: MessageStatus) -> Update:
     build, compile and synchronize the session for every report.
     """
     timestamp_column = _messages.c[TIMESTAMP_COLUMNS[status]]
+    # A move to `failed` stores the attempt's error. Any other move clears the error of
+    # an earlier failed attempt, which keeps it in its own smsmessageattempt row.
     values: dict[str, object] = {
         "status": status.value,
         timestamp_column.name: func.now(),
+        "error": bindparam("b_error") if status is MessageStatus.FAILED else None,
     }
-    if status is MessageStatus.FAILED:
-        values["error"] = bindparam("b_error")
     return (
         update(_messages)
         .where(
@@ -267,6 +268,8 @@ _ADVANCE_MESSAGES = text(
     UPDATE smsmessage SET
         status = moves.to_status,
         {_FORWARD_TIMESTAMPS},
+        -- The error of an earlier failed attempt stays in that attempt's row only.
+        error = NULL,
         updated_at = now()
     FROM unnest(:message_ids, :device_ids, :from_statuses, :to_statuses)
         AS moves(message_id, device_id, from_status, to_status)

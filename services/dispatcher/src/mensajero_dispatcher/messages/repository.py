@@ -65,6 +65,8 @@ _MARK_ASSIGNED = text(
             assigned_at = now(),
             attempts = smsmessage.attempts + 1,
             next_attempt_at = NULL,
+            -- The error of the previous attempt stays in its smsmessageattempt row.
+            error = NULL,
             updated_at = now()
         FROM unnest(:message_ids, :device_ids, :attempts)
             AS moves(message_id, device_id, attempts)
