@@ -315,3 +315,49 @@ async def test_retried_message_ends_without_error(services: RunningServices) -> 
         "sms_sent",
     ]
     assert [payload for payload in events if "error" in payload] == []
+
+
+async def test_sent_message_shows_phone_number(services: RunningServices) -> None:
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(receiver) as receiver_url,
+        httpx.AsyncClient(base_url=services.api_url, timeout=scaled(10)) as client,
+    ):
+        headers = await _sign_up(client)
+        await _create_webhook(client, headers, f"{receiver_url}/hook")
+        # The device gets its number from the phone's `register`, not from the API.
+        api_key = await _register_device(client, headers, phone_number=None)
+        await _start_agent(services, api_key, "--phone", "+525512345678")
+        await _wait_until_online(client, headers, 1)
+
+        response = await client.post(
+            "/api/v1/sms/send",
+            json={"to": "+34600000001", "body": "Hola"},
+            headers=headers,
+        )
+        assert response.status_code == 201, response.text
+        message_id = response.json()["data"]["message_id"]
+        message = await _wait_until_final(client, headers, message_id)
+        await receiver.wait_for(2, timeout_s=20)
+        by_sender = await client.get(
+            "/api/v1/sms/messages",
+            params={"phone": "+525512345678"},
+            headers=headers,
+        )
+        by_recipient = await client.get(
+            "/api/v1/sms/messages",
+            params={"phone": "+34600000001"},
+            headers=headers,
+        )
+
+    assert message["status"] == "delivered"
+    assert message["from"] == "+525512345678"
+    events = [payload for _, _, payload in _events(receiver)]
+    assert sorted(payload["event"] for payload in events) == [
+        "sms_delivered",
+        "sms_sent",
+    ]
+    assert [payload["from"] for payload in events] == ["+525512345678"] * 2
+    assert by_sender.status_code == 200, by_sender.text
+    assert [item["id"] for item in by_sender.json()["data"]["items"]] == [message_id]
+    assert [item["id"] for item in by_recipient.json()["data"]["items"]] == [message_id]

@@ -73,6 +73,7 @@ async def create_device(
     api_key_expires_at: datetime | None = None,
     user_is_active: bool = True,
     default_region: str | None = None,
+    phone_number: str | None = None,
 ) -> DeviceRecord:
     if user_id is None:
         user_id = await create_user(
@@ -83,6 +84,7 @@ async def create_device(
         device = SMSDevice(
             user_id=user_id,
             name="Test phone",
+            phone_number=phone_number,
             api_key_hash=hash_api_key(api_key),
             api_key_prefix=display_prefix(api_key),
             api_key_expires_at=api_key_expires_at,
@@ -103,6 +105,7 @@ async def create_outgoing(
     attempts: int = 1,
     expires_at: datetime | None = None,
     error: str | None = None,
+    from_number: str | None = None,
 ) -> SMSMessage:
     async with sessions() as db:
         message = SMSMessage(
@@ -117,6 +120,7 @@ async def create_outgoing(
             attempts=attempts,
             expires_at=expires_at,
             error=error,
+            from_number=from_number,
         )
         db.add(message)
         await db.commit()

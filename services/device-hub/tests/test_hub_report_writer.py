@@ -108,7 +108,7 @@ async def apply_all(
 ) -> list[ReportOutcome | BaseException]:
     """Queue every report before the writer runs, so they share batches."""
     return await asyncio.gather(
-        *(writer.apply(device.device_id, None, frame) for device, frame in reports),
+        *(writer.apply(device.device_id, frame) for device, frame in reports),
         return_exceptions=True,
     )
 
@@ -296,7 +296,7 @@ async def test_writer_applies_queued_reports_on_stop(
     writer.start()
 
     pending = asyncio.create_task(
-        writer.apply(device.device_id, None, report_frame(message.id, "sending"))
+        writer.apply(device.device_id, report_frame(message.id, "sending"))
     )
     await asyncio.sleep(0)
     await writer.stop()

@@ -465,3 +465,56 @@ async def test_retry_reports_clear_previous_error(
         (AttemptStatus.FAILED, PREVIOUS_ERROR),
         (AttemptStatus.DELIVERED, None),
     ]
+
+
+@pytest.mark.parametrize("by_part", [False, True], ids=["whole", "part"])
+async def test_sent_message_stores_device_number(
+    hub_url: str, session_factory: Sessions, by_part: bool
+) -> None:
+    device = await create_device(session_factory, phone_number="+525512345678")
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+    part_fields = {"part": 1, "parts": 1} if by_part else {}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(socket, message.id, status="sent", attempt=1, **part_fields)
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    assert row.from_number == "+525512345678"
+    assert bodies["sms_sent"]["from"] == "+525512345678"
+
+
+async def test_sent_message_keeps_assigned_number(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory, phone_number="+525512345678")
+    await subscribe_to_all(session_factory, device)
+    # The number the dispatcher stored at assignment, before the device's number changed.
+    message = await create_outgoing(
+        session_factory, device, from_number="+525500000001"
+    )
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(socket, message.id, status="sent", attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    assert row.from_number == "+525500000001"
+    assert bodies["sms_sent"]["from"] == "+525500000001"
+
+
+async def test_sent_message_without_device_number(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(socket, message.id, status="sent", attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    assert row.from_number is None
+    assert bodies["sms_sent"]["from"] is None

@@ -63,12 +63,14 @@ class Factory:
         status: DeviceStatus = DeviceStatus.ONLINE,
         is_active: bool = True,
         last_heartbeat: datetime | None = None,
+        phone_number: str | None = None,
     ) -> SMSDevice:
         key = generate_api_key("mdk_")
         async with self.session_factory() as session:
             device = SMSDevice(
                 user_id=user.id,
                 name="phone",
+                phone_number=phone_number,
                 api_key_hash=hash_api_key(key),
                 api_key_prefix=key[:12],
                 status=status,

@@ -12,6 +12,7 @@ from mensajero_common.models import (
     AttemptStatus,
     DeviceStatus,
     MessageStatus,
+    SMSDevice,
     SMSMessage,
     WebhookConfig,
     WebhookDelivery,
@@ -322,3 +323,31 @@ async def test_retry_assignment_clears_error(ctx, factory):
         (AttemptStatus.FAILED, "RESULT_ERROR_GENERIC_FAILURE"),
         (AttemptStatus.ASSIGNED, None),
     ]
+
+
+async def _set_status(session_factory, device, status):
+    async with session_factory() as session:
+        await session.execute(
+            update(SMSDevice).where(SMSDevice.id == device.id).values(status=status)
+        )
+        await session.commit()
+
+
+async def test_assignment_stores_device_number(ctx, factory, session_factory):
+    user = await factory.user()
+    numbered = await factory.device(user, phone_number="+525512345678")
+    unnumbered = await factory.device(user, status=DeviceStatus.OFFLINE)
+    message = await factory.message(user)
+
+    await assign_messages(ctx, [message.id])
+    first = await factory.reload(message)
+    await _fail_and_make_due(ctx, message, "RESULT_ERROR_GENERIC_FAILURE")
+    await _set_status(session_factory, numbered, DeviceStatus.OFFLINE)
+    await _set_status(session_factory, unnumbered, DeviceStatus.ONLINE)
+    await assign_messages(ctx, [message.id])
+    second = await factory.reload(message)
+
+    assert first.device_id == numbered.id
+    assert first.from_number == "+525512345678"
+    assert second.device_id == unnumbered.id
+    assert second.from_number is None

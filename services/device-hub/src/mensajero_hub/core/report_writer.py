@@ -60,8 +60,6 @@ Result = reports.ReportOutcome | Exception
 @dataclass
 class QueuedReport:
     device_id: uuid.UUID
-    # The device's number, for the `from` of webhook events of messages that have none.
-    phone_number: str | None
     frame: SmsReportFrame
     future: "asyncio.Future[reports.ReportOutcome]"
 
@@ -89,10 +87,7 @@ class ReportWriter:
             await self._worker
 
     async def apply(
-        self,
-        device_id: uuid.UUID,
-        phone_number: str | None,
-        frame: SmsReportFrame,
+        self, device_id: uuid.UUID, frame: SmsReportFrame
     ) -> reports.ReportOutcome:
         """Queue a report of this device; return its outcome once its batch committed.
 
@@ -104,7 +99,7 @@ class ReportWriter:
         future: asyncio.Future[reports.ReportOutcome] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending.append(QueuedReport(device_id, phone_number, frame, future))
+        self._pending.append(QueuedReport(device_id, frame, future))
         self._wakeup.set()
         return await future
 
@@ -320,7 +315,7 @@ async def _record_status_events(
             event=event,
             user_id=change.user_id,
             message_id=item.frame.message_id,
-            from_number=change.from_number or item.phone_number,
+            from_number=change.from_number,
             to_number=change.to_number,
             body=change.body,
             timestamp=change.changed_at,

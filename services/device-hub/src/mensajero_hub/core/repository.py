@@ -23,17 +23,20 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from mensajero_common.db import driver_connection
 from mensajero_common.models import (
     MessageStatus,
     MessageType,
+    SMSDevice,
     SMSMessage,
 )
 from mensajero_common.segments import count_segments
 from mensajero_common.status import TIMESTAMP_COLUMNS, predecessors
 
 _messages = cast(Table, SMSMessage.__table__)
+_devices = cast(Table, SMSDevice.__table__)
 
 # Statuses in which a task is still the phone's to send; any other status makes its stream
 # entry stale.
@@ -186,6 +189,15 @@ async def mark_offline(
     return {(row[0], row[1]) for row in result.all()}
 
 
+def _device_number_subquery() -> ScalarSelect[str | None]:
+    """Select the number of the reporting device, whose id is the bound `b_device_id`."""
+    return (
+        select(_devices.c.phone_number)
+        .where(_devices.c.id == bindparam("b_device_id"))
+        .scalar_subquery()
+    )
+
+
 @functools.cache
 def _advance_statement(status: MessageStatus) -> Update:
     """Build the UPDATE of `advance_message_status` for one target status, once.
@@ -196,10 +208,14 @@ def _advance_statement(status: MessageStatus) -> Update:
     timestamp_column = _messages.c[TIMESTAMP_COLUMNS[status]]
     # A move to `failed` stores the attempt's error. Any other move clears the error of
     # an earlier failed attempt, which keeps it in its own smsmessageattempt row.
+    # `from_number` gets the device's number when it has none, as in advance_messages.
     values: dict[str, object] = {
         "status": status.value,
         timestamp_column.name: func.now(),
         "error": bindparam("b_error") if status is MessageStatus.FAILED else None,
+        "from_number": func.coalesce(
+            _messages.c.from_number, _device_number_subquery()
+        ),
     }
     return (
         update(_messages)
@@ -270,6 +286,13 @@ _ADVANCE_MESSAGES = text(
         {_FORWARD_TIMESTAMPS},
         -- The error of an earlier failed attempt stays in that attempt's row only.
         error = NULL,
+        -- The dispatcher stores the device's number at assignment. This fills it in
+        -- when the device registered its number only after that; COALESCE evaluates
+        -- the subquery only for rows that have no number.
+        from_number = COALESCE(
+            smsmessage.from_number,
+            (SELECT phone_number FROM smsdevice WHERE smsdevice.id = moves.device_id)
+        ),
         updated_at = now()
     FROM unnest(:message_ids, :device_ids, :from_statuses, :to_statuses)
         AS moves(message_id, device_id, from_status, to_status)

@@ -187,9 +187,7 @@ class DeviceService:
         message assigned to this device. A repeated or late report changes nothing. The
         rules, retries and part reports included, are in mensajero_hub.core.reports.
         """
-        return await self.reports.apply(
-            identity.device_id, identity.phone_number, frame
-        )
+        return await self.reports.apply(identity.device_id, frame)
 
     async def store_incoming(
         self, identity: DeviceIdentity, frame: SmsIncomingFrame

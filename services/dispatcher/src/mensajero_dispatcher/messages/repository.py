@@ -62,6 +62,12 @@ _MARK_ASSIGNED = text(
         UPDATE smsmessage SET
             status = '{MessageStatus.ASSIGNED.value}',
             device_id = moves.device_id,
+            -- The sender's number is the number of the phone that the attempt goes to,
+            -- or NULL when that device has none.
+            from_number = (
+                SELECT smsdevice.phone_number FROM smsdevice
+                WHERE smsdevice.id = moves.device_id
+            ),
             assigned_at = now(),
             attempts = smsmessage.attempts + 1,
             next_attempt_at = NULL,
