@@ -1,8 +1,15 @@
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
 from alembic import command
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mensajero_common.migrate import alembic_config
+from mensajero_common.migrate import alembic_config, create_database_if_missing, upgrade
 
 
 def test_migrations_match_models(database_url: str) -> None:
@@ -28,3 +35,76 @@ async def test_migrations_seed_four_plans(engine: AsyncEngine) -> None:
         ("pro", 5000, 10, "29.99"),
         ("enterprise", 999999, 999, "99.99"),
     ]
+
+
+async def _drop_database(server_url: str, name: str) -> None:
+    connection = await asyncpg.connect(server_url.replace("+asyncpg", "") + "/postgres")
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def scratch_database_url(database_url: str) -> Iterator[str]:
+    """Create an empty database on the test server and drop it afterwards."""
+    server_url = database_url.rsplit("/", 1)[0]
+    name = f"mensajero_test_migrations_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    url = f"{server_url}/{name}"
+    asyncio.run(create_database_if_missing(url))
+    yield url
+    asyncio.run(_drop_database(server_url, name))
+
+
+async def _insert_messages(url: str, rows: list[tuple[str, str, str | None]]) -> None:
+    """Insert one user and an outgoing message per (body, status, error)."""
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        user_id = await connection.fetchval(
+            """INSERT INTO "user" (id, email, hashed_password)
+            VALUES (gen_random_uuid(), 'migration@example.com', 'x') RETURNING id"""
+        )
+        for body, status, error in rows:
+            await connection.execute(
+                """INSERT INTO smsmessage (id, user_id, type, status, body, error)
+                VALUES (gen_random_uuid(), $1, 'outgoing', $2, $3, $4)""",
+                user_id,
+                status,
+                body,
+                error,
+            )
+    finally:
+        await connection.close()
+
+
+async def _errors_by_body(url: str) -> dict[str, str | None]:
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        rows = await connection.fetch("SELECT body, error FROM smsmessage")
+    finally:
+        await connection.close()
+    return {row["body"]: row["error"] for row in rows}
+
+
+def test_migration_clears_errors_of_sent_messages(scratch_database_url: str) -> None:
+    upgrade(scratch_database_url, "0008")
+    asyncio.run(
+        _insert_messages(
+            scratch_database_url,
+            [
+                ("sent", "sent", "RESULT_ERROR_GENERIC_FAILURE"),
+                ("delivered", "delivered", "RESULT_ERROR_GENERIC_FAILURE"),
+                ("failed", "failed", "RESULT_ERROR_NO_SERVICE"),
+                ("waiting for a retry", "pending", "RESULT_ERROR_NO_SERVICE"),
+            ],
+        )
+    )
+
+    upgrade(scratch_database_url, "0009")
+    errors = asyncio.run(_errors_by_body(scratch_database_url))
+    command.downgrade(alembic_config(scratch_database_url), "0008")
+
+    assert errors["sent"] is None
+    assert errors["delivered"] is None
+    assert errors["failed"] == "RESULT_ERROR_NO_SERVICE"
+    assert errors["waiting for a retry"] == "RESULT_ERROR_NO_SERVICE"
