@@ -3,6 +3,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 from test_delivery import (
     SessionFactory,
@@ -119,6 +120,29 @@ def test_breaker_probes_once_after_pause() -> None:
     assert gates.release(webhook_id, Health.RESPONSIVE) is BreakerChange.CLOSED
     assert gates.acquire(webhook_id)
     assert gates.acquire(webhook_id)
+
+
+def test_breaker_reports_probe_time() -> None:
+    clock = Clock()
+    gates = make_gates(clock, breaker_failures=1)
+    webhook_id = uuid.uuid4()
+    parked_id = uuid.uuid4()
+    assert gates.probe_in_s(webhook_id) is None
+    assert gates.acquire(webhook_id)
+    gates.release(webhook_id, Health.FAILING)
+    gates.park(webhook_id, parked_id, PARKED_AT)
+
+    clock.now += 4.0
+    assert gates.probe_in_s(webhook_id) == 6.0
+    assert not gates.is_probing(webhook_id)
+    later = datetime(2026, 1, 2, tzinfo=UTC)
+    gates.repark(webhook_id, parked_id, later)
+    gates.repark(webhook_id, uuid.uuid4(), later)
+    assert gates.parked_deliveries(webhook_id) == {parked_id: later}
+    clock.now += 6.0
+    assert gates.probe_in_s(webhook_id) is None
+    assert gates.take_parked(webhook_id) == (parked_id, later)
+    assert gates.is_probing(webhook_id)
 
 
 def test_breaker_off_with_zero_failures() -> None:
@@ -291,6 +315,60 @@ async def test_breaker_pauses_then_probes_again(
         assert attempts[-1].status_code == 200
 
 
+@pytest.mark.parametrize("failed_probes", [0, 1])
+async def test_paused_webhook_log_shows_probe_time(
+    settings: Settings, session_factory: SessionFactory, failed_probes: int
+) -> None:
+    open_s = 2.0
+    settings = settings.model_copy(
+        update={
+            "WEBHOOK_CONCURRENCY_PER_WEBHOOK": 1,
+            "WEBHOOK_BREAKER_FAILURES": 1,
+            "WEBHOOK_BREAKER_OPEN_S": open_s,
+            "WEBHOOK_RETRY_BASE_DELAY_S": 0.05,
+            "WEBHOOK_MAX_ATTEMPTS": 5,
+        }
+    )
+    # The first attempt fails and pauses the webhook, each failed probe pauses it
+    # again, and then the probe and the rest succeed.
+    receiver = WebhookReceiver([500] * (1 + failed_probes) + [200] * 3)
+    async with (
+        serve_app(receiver) as base_url,
+        delivery_worker(settings, session_factory) as context,
+    ):
+        delivery_ids = await record_many(session_factory, f"{base_url}/hook", 3)
+        await queue_deliveries(context.redis, context.keys, delivery_ids)
+        await receiver.wait_for(1 + failed_probes, timeout_s=10)
+        await asyncio.sleep(open_s / 2)
+        paused = {
+            delivery_id: await delivery_state(session_factory, delivery_id)
+            for delivery_id in delivery_ids
+        }
+        await wait_until(
+            lambda: _all_have_status(session_factory, delivery_ids, "succeeded"), 20
+        )
+
+    assert len(receiver.requests) == 4 + failed_probes
+    for delivery_id, (delivery, attempts_then) in paused.items():
+        assert delivery.status == "pending"
+        assert delivery.next_attempt_at is not None
+        _, attempts = await delivery_state(session_factory, delivery_id)
+        next_attempt = attempts[len(attempts_then)]
+        # The probe starts when the pause ends and the others right after it, so the
+        # log showed each next attempt within a fraction of a second.
+        shown_gap_s = (
+            next_attempt.started_at - delivery.next_attempt_at
+        ).total_seconds()
+        assert abs(shown_gap_s) < 0.5
+        if attempts_then:
+            assert attempts_then[-1].next_retry_at == delivery.next_attempt_at
+            # Once the next attempt ran, the log shows when it started.
+            retried_gap_s = (
+                next_attempt.started_at - attempts[len(attempts_then) - 1].next_retry_at
+            ).total_seconds()
+            assert 0 <= retried_gap_s < 0.5
+
+
 async def test_sweep_recovers_parked_delivery(
     settings: Settings, session_factory: SessionFactory
 ) -> None:
@@ -307,8 +385,7 @@ async def test_sweep_recovers_parked_delivery(
                 connection,
                 delivery_id,
                 lease_s=30,
-                blocked=[delivery.webhook_id],
-                park_s=0.2,
+                blocked={delivery.webhook_id: 0.2},
             )
         assert isinstance(parked, repository.ParkedDelivery)
         assert await requeue_due_deliveries(context) == 0

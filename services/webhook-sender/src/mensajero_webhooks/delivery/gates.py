@@ -157,6 +157,14 @@ class WebhookGates:
         """Keep a delivery until its gate admits it. A delivery parked again keeps its place."""
         self._gate(webhook_id).parked[delivery_id] = parked_until
 
+    def repark(
+        self, webhook_id: uuid.UUID, delivery_id: uuid.UUID, parked_until: datetime
+    ) -> None:
+        """Give a delivery that is still parked its new parking token."""
+        gate = self._gates.get(webhook_id)
+        if gate is not None and delivery_id in gate.parked:
+            gate.parked[delivery_id] = parked_until
+
     def take_parked(self, webhook_id: uuid.UUID) -> tuple[uuid.UUID, datetime] | None:
         """Take the oldest parked delivery and a slot for it, if the gate admits one."""
         gate = self._gates.get(webhook_id)
@@ -170,6 +178,24 @@ class WebhookGates:
     def parked_count(self, webhook_id: uuid.UUID) -> int:
         gate = self._gates.get(webhook_id)
         return len(gate.parked) if gate is not None else 0
+
+    def probe_in_s(self, webhook_id: uuid.UUID) -> float | None:
+        """Return the seconds until the open breaker lets a probe through, or None when
+        the webhook is not paused or its probe is already due."""
+        gate = self._gates.get(webhook_id)
+        if gate is None or gate.open_until is None:
+            return None
+        left_s = gate.open_until - self._clock()
+        return left_s if left_s > 0 else None
+
+    def is_probing(self, webhook_id: uuid.UUID) -> bool:
+        gate = self._gates.get(webhook_id)
+        return gate is not None and gate.probing
+
+    def parked_deliveries(self, webhook_id: uuid.UUID) -> dict[uuid.UUID, datetime]:
+        """Return the parked deliveries of a webhook with their parking tokens."""
+        gate = self._gates.get(webhook_id)
+        return dict(gate.parked) if gate is not None else {}
 
     def is_open(self, webhook_id: uuid.UUID) -> bool:
         gate = self._gates.get(webhook_id)

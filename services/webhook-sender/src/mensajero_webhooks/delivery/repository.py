@@ -1,7 +1,7 @@
 """SQL of the delivery worker."""
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,7 +57,11 @@ class ParkedDelivery:
 
 # A delivery can be claimed when it is due, or with its parking token ($5). Both UPDATEs
 # repeat the conditions on `d` because Postgres re-checks only those after waiting for a
-# row lock that a concurrent claim holds, and never the ones of `target`.
+# row lock that a concurrent claim holds, and never the ones of `target`. A parked
+# delivery waits the seconds in $4 at the position of its webhook in $3. When the webhook
+# is paused ($6), that is when its probe is due, and the latest attempt's
+# `next_retry_at` shows the same time. A claim sets the previous attempt's
+# `next_retry_at` to the time the next attempt actually starts.
 _CLAIM = """
     WITH target AS (
         SELECT d.id, d.webhook_id FROM webhookdelivery AS d
@@ -82,9 +86,17 @@ _CLAIM = """
         RETURNING d.id, d.webhook_id, d.user_id, d.attempts, w.url, w.secret_key,
                   w.is_active, e.id AS event_id, e.event, e.body, e.message_id
     ),
+    claimed_previous AS (
+        UPDATE webhookattempt AS a
+        SET next_retry_at = now()
+        FROM claimed
+        WHERE a.delivery_id = claimed.id AND a.attempt_number = claimed.attempts - 1
+    ),
     parked AS (
         UPDATE webhookdelivery AS d
-        SET next_attempt_at = now() + make_interval(secs => $4),
+        SET next_attempt_at = now() + make_interval(
+                secs => ($4::float8[])[array_position($3::uuid[], target.webhook_id)]
+            ),
             updated_at = now()
         FROM target
         WHERE d.id = target.id
@@ -92,7 +104,15 @@ _CLAIM = """
           AND d.status = 'pending'
           AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()
                OR d.next_attempt_at = $5)
-        RETURNING d.webhook_id, d.next_attempt_at
+        RETURNING d.id, d.webhook_id, d.attempts, d.next_attempt_at
+    ),
+    parked_attempt AS (
+        UPDATE webhookattempt AS a
+        SET next_retry_at = parked.next_attempt_at
+        FROM parked
+        WHERE a.delivery_id = parked.id
+          AND a.attempt_number = parked.attempts
+          AND parked.webhook_id = ANY($6::uuid[])
     )
     SELECT claimed.*,
            parked.webhook_id AS parked_webhook_id, parked.next_attempt_at AS parked_until
@@ -107,22 +127,29 @@ async def claim(
     delivery_id: uuid.UUID,
     *,
     lease_s: float,
-    blocked: list[uuid.UUID],
-    park_s: float,
+    blocked: dict[uuid.UUID, float],
+    paused: Collection[uuid.UUID] = (),
     parked_until: datetime | None = None,
 ) -> ClaimedDelivery | ParkedDelivery | None:
     """Take the next attempt of a pending delivery, or park it, or return None.
 
     The delivery must be due, or still carry the `parked_until` of its parking. If its
-    webhook is in `blocked`, it is parked for `park_s` instead: nothing is attempted and its
-    attempt count stays. A claimed attempt holds a lease: until it ends, `next_attempt_at`
+    webhook is a key of `blocked`, it is parked instead for the seconds that `blocked`
+    maps it to: nothing is attempted and its attempt count stays. For a webhook in
+    `paused`, the latest attempt's `next_retry_at` moves to the same time. A claimed attempt holds a lease: until it ends, `next_attempt_at`
     lies in the future, so the sweep and a duplicate job cannot start the same attempt
     twice. A worker that dies mid-attempt, or with deliveries parked, leaves the lease or
     the parking to expire, and the sweep queues the delivery again.
     """
     # One statement, atomic by itself, so it runs without BEGIN and COMMIT.
     row = await connection.fetchrow(
-        _CLAIM, delivery_id, float(lease_s), blocked, float(park_s), parked_until
+        _CLAIM,
+        delivery_id,
+        float(lease_s),
+        list(blocked),
+        [float(park_s) for park_s in blocked.values()],
+        parked_until,
+        list(paused),
     )
     assert row is not None
     if row["id"] is not None:
@@ -147,25 +174,80 @@ async def claim(
 
 
 async def unclaim(
-    connection: asyncpg.Connection, claimed: ClaimedDelivery, park_s: float
+    connection: asyncpg.Connection,
+    claimed: ClaimedDelivery,
+    park_s: float,
+    *,
+    paused: bool = False,
 ) -> ParkedDelivery | None:
-    """Undo a claim whose attempt did not start, and park the delivery instead."""
+    """Undo a claim whose attempt did not start, and park the delivery instead.
+
+    With `paused`, the latest attempt's `next_retry_at` moves to the parking time too.
+    """
     parked_until = await connection.fetchval(
         """
-        UPDATE webhookdelivery
-        SET attempts = attempts - 1,
-            next_attempt_at = now() + make_interval(secs => $3),
-            updated_at = now()
-        WHERE id = $1 AND status = 'pending' AND attempts = $2
-        RETURNING next_attempt_at
+        WITH parked AS (
+            UPDATE webhookdelivery
+            SET attempts = attempts - 1,
+                next_attempt_at = now() + make_interval(secs => $3),
+                updated_at = now()
+            WHERE id = $1 AND status = 'pending' AND attempts = $2
+            RETURNING id, attempts, next_attempt_at
+        ),
+        parked_attempt AS (
+            UPDATE webhookattempt AS a
+            SET next_retry_at = parked.next_attempt_at
+            FROM parked
+            WHERE $4 AND a.delivery_id = parked.id
+              AND a.attempt_number = parked.attempts
+        )
+        SELECT next_attempt_at FROM parked
         """,
         claimed.delivery_id,
         claimed.attempt_number,
         float(park_s),
+        paused,
     )
     if parked_until is None:
         return None
     return ParkedDelivery(claimed.delivery_id, claimed.webhook_id, parked_until)
+
+
+_REPARK = """
+    WITH moved AS (
+        UPDATE webhookdelivery AS d
+        SET next_attempt_at = now() + make_interval(secs => $3), updated_at = now()
+        FROM unnest($1::uuid[], $2::timestamptz[]) AS p(id, token)
+        WHERE d.id = p.id AND d.status = 'pending' AND d.next_attempt_at = p.token
+        RETURNING d.id, d.attempts, d.next_attempt_at
+    ),
+    moved_attempt AS (
+        UPDATE webhookattempt AS a
+        SET next_retry_at = moved.next_attempt_at
+        FROM moved
+        WHERE a.delivery_id = moved.id AND a.attempt_number = moved.attempts
+    )
+    SELECT id, next_attempt_at FROM moved
+"""
+
+
+async def repark(
+    connection: asyncpg.Connection,
+    parked: dict[uuid.UUID, datetime],
+    park_s: float,
+) -> dict[uuid.UUID, datetime]:
+    """Move parked deliveries (id to parking token) to `park_s` seconds from now, with
+    their latest attempt's `next_retry_at`; return the new token of each one moved.
+
+    A delivery whose token changed meanwhile (another process took it over) is left as
+    it is.
+    """
+    if not parked:
+        return {}
+    rows = await connection.fetch(
+        _REPARK, list(parked), list(parked.values()), float(park_s)
+    )
+    return {row["id"]: row["next_attempt_at"] for row in rows}
 
 
 # The attempt, the delivery's new state and, once it succeeded, the message's

@@ -19,6 +19,7 @@ from mensajero_common.keys import RedisKeys
 from mensajero_common.metrics import WEBHOOK_ATTEMPTS
 from mensajero_common.models import WebhookDeliveryStatus
 from mensajero_common.settings import Settings
+from mensajero_common.transient import is_transient
 from mensajero_common.webhook_outbox import DELIVERY_JOB, delivery_job_id
 from mensajero_common.webhooks import DISABLED_GONE, AttemptResult
 from mensajero_webhooks.delivery import repository
@@ -75,8 +76,28 @@ class DeliveryContext:
 
     @property
     def park_s(self) -> float:
-        """Time a parked delivery stays with this process before the sweep may take it."""
+        """Time a delivery parked behind full slots stays with this process before the
+        sweep may take it."""
         return self.lease_s + self.settings.WEBHOOK_BREAKER_OPEN_S
+
+    def parking_for(self, webhook_id: uuid.UUID) -> tuple[float, bool]:
+        """Return how long a delivery of this blocked webhook stays parked, and whether
+        that is when it will be attempted.
+
+        A paused webhook is attempted when its probe is due, and the deliveries parked
+        behind a running probe right after it, within WEBHOOK_TIMEOUT_S. Behind full
+        slots the wait is unknown, so the parking lasts `park_s`.
+
+        NOTE: parked deliveries are due from the probe time until the probe starts and
+        moves them on, so a sweep in that moment can queue them for another process,
+        whose own breaker is closed.
+        """
+        probe_in_s = self.gates.probe_in_s(webhook_id)
+        if probe_in_s is not None:
+            return probe_in_s, True
+        if self.gates.is_probing(webhook_id):
+            return self.settings.WEBHOOK_TIMEOUT_S, True
+        return self.park_s, False
 
     async def close(self, wait_s: float) -> None:
         """Stop starting parked deliveries, and wait up to `wait_s` for those running.
@@ -162,14 +183,19 @@ async def _claim(
     With `slot_held`, the caller has already taken a slot of the delivery's webhook.
     """
     gates = context.gates
-    blocked = [] if slot_held else gates.blocked()
+    blocked: dict[uuid.UUID, float] = {}
+    paused: list[uuid.UUID] = []
+    for webhook_id in [] if slot_held else gates.blocked():
+        blocked[webhook_id], exact = context.parking_for(webhook_id)
+        if exact:
+            paused.append(webhook_id)
     async with repository.pooled_connection(context.engine) as connection:
         claim_result = await repository.claim(
             connection,
             delivery_id,
             lease_s=context.lease_s,
             blocked=blocked,
-            park_s=context.park_s,
+            paused=paused,
             parked_until=parked_until,
         )
     # Other jobs may have taken the last slots while the claim was on its way.
@@ -178,9 +204,10 @@ async def _claim(
         and not slot_held
         and not gates.acquire(claim_result.webhook_id)
     ):
+        park_s, exact = context.parking_for(claim_result.webhook_id)
         async with repository.pooled_connection(context.engine) as connection:
             claim_result = await repository.unclaim(
-                connection, claim_result, context.park_s
+                connection, claim_result, park_s, paused=exact
             )
     if isinstance(claim_result, ParkedDelivery):
         gates.park(
@@ -260,10 +287,45 @@ def _schedule_probe(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
     )
 
 
+async def _repark(
+    context: DeliveryContext, webhook_id: uuid.UUID, park_s: float
+) -> None:
+    """Move the webhook's parked deliveries to `park_s` seconds from now, so that the
+    delivery log shows when they will be attempted.
+
+    The gate admits none of them meanwhile, because it is paused or probing, so no
+    drainer has taken one with its old parking token. On a transient failure the old
+    times stay, and the sweep queues those deliveries again once they pass.
+    """
+    parked = context.gates.parked_deliveries(webhook_id)
+    if not parked:
+        return
+    try:
+        async with repository.pooled_connection(context.engine) as connection:
+            moved = await repository.repark(connection, parked, park_s)
+    except Exception as error:
+        if not is_transient(error):
+            raise
+        logger.warning(
+            "moving parked deliveries failed",
+            webhook_id=str(webhook_id),
+            error=repr(error),
+        )
+        return
+    for delivery_id, parked_until in moved.items():
+        context.gates.repark(webhook_id, delivery_id, parked_until)
+
+
 async def _attempt(context: DeliveryContext, claimed: ClaimedDelivery) -> str:
     """Run a claimed attempt, which has taken a slot of its webhook, and give the slot back."""
     health = Health.UNKNOWN
     try:
+        if context.gates.is_probing(claimed.webhook_id):
+            # This attempt is the probe, and the deliveries parked behind it go right
+            # after it.
+            await _repark(
+                context, claimed.webhook_id, context.settings.WEBHOOK_TIMEOUT_S
+            )
         status, health = await _post_and_record(context, claimed)
     finally:
         change = context.gates.release(claimed.webhook_id, health)
@@ -274,6 +336,9 @@ async def _attempt(context: DeliveryContext, claimed: ClaimedDelivery) -> str:
             pause_s=context.settings.WEBHOOK_BREAKER_OPEN_S,
         )
         _schedule_probe(context, claimed.webhook_id)
+        await _repark(
+            context, claimed.webhook_id, context.settings.WEBHOOK_BREAKER_OPEN_S
+        )
     elif change is BreakerChange.CLOSED:
         timer = context.reopen_timers.pop(claimed.webhook_id, None)
         if timer is not None:
