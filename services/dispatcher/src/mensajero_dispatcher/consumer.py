@@ -26,7 +26,10 @@ from redis.typing import KeyT, StreamIdT
 
 from mensajero_common.transient import is_transient
 from mensajero_dispatcher.context import DispatcherContext
-from mensajero_dispatcher.devices.service import handle_device_event
+from mensajero_dispatcher.devices.service import (
+    handle_device_event,
+    select_events_to_handle,
+)
 from mensajero_dispatcher.lifecycle import sleep_unless_stopped
 from mensajero_dispatcher.messages.service import assign_messages
 
@@ -312,13 +315,18 @@ class StreamConsumer:
             log.exception("assignment failed; the pending sweep retries it")
 
     async def _handle_device_events(self, entries: Sequence[Entry]) -> None:
+        events: list[tuple[uuid.UUID, str]] = []
         for entry_id, fields in entries:
             device_id = _parse_uuid(fields, b"device_id")
-            event = fields.get(b"event", b"").decode(errors="replace")
             if device_id is None:
                 if fields:
                     log.warning("invalid device event dropped", entry_id=entry_id)
                 continue
+            events.append(
+                (device_id, fields.get(b"event", b"").decode(errors="replace"))
+            )
+
+        for device_id, event in await select_events_to_handle(self.ctx, events):
             try:
                 await handle_device_event(self.ctx, device_id, event)
             except Exception as error:

@@ -1,12 +1,19 @@
 """Queries on devices that the dispatcher runs."""
 
 import uuid
+from collections.abc import Collection
 from datetime import timedelta
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_common.models import DeviceStatus, SMSDevice
+from mensajero_common.models import (
+    DeviceStatus,
+    MessageStatus,
+    MessageType,
+    SMSDevice,
+    SMSMessage,
+)
 
 
 async def mark_silent_devices_offline(
@@ -29,3 +36,22 @@ async def mark_silent_devices_offline(
         .returning(SMSDevice.id, SMSDevice.user_id)
     )
     return [(row.id, row.user_id) for row in (await session.execute(statement)).all()]
+
+
+async def find_online_devices_with_waiting_messages(
+    session: AsyncSession, device_ids: Collection[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Return those of `device_ids` that are online and active and whose user has an
+    outgoing message pending or assigned."""
+    waiting = exists().where(
+        SMSMessage.user_id == SMSDevice.user_id,
+        SMSMessage.type == MessageType.OUTGOING,
+        SMSMessage.status.in_((MessageStatus.PENDING, MessageStatus.ASSIGNED)),
+    )
+    statement = select(SMSDevice.id).where(
+        SMSDevice.id.in_(device_ids),
+        SMSDevice.status == DeviceStatus.ONLINE,
+        SMSDevice.is_active.is_(True),
+        waiting,
+    )
+    return set((await session.scalars(statement)).all())
