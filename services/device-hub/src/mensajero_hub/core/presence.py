@@ -299,7 +299,7 @@ class PresenceWriter:
         written: dict[uuid.UUID, datetime] = {}
         device_ids = {write.device_id for write in writes if write.newest}
         if device_ids:
-            async with session_scope(self.sessions) as db:
+            async with self.sessions() as db:
                 written = await repository.write_heartbeats(db, device_ids)
 
         signal_error = await self._signal_online(
