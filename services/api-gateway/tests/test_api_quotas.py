@@ -8,6 +8,7 @@ from httpx import AsyncClient
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from mensajero_api.envelope import QuotaErrorBody
 from mensajero_common.models import SMSDevice, SMSMessage, User, UserPlan, UserQuota
 from mensajero_common.quota_period import current_period_start, next_quota_reset
 from mensajero_common.settings import Settings
@@ -270,6 +271,7 @@ async def test_sms_limit_message_languages(
 
     assert response.status_code == 429
     assert response.headers["content-language"] == language
+    QuotaErrorBody.model_validate(response.json())
     reset_date = response.json()["reset_date"]
     assert response.json()["message"] == message.format(reset_date=reset_date)
 

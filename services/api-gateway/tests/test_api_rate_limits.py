@@ -8,6 +8,7 @@ from httpx import ASGITransport, AsyncClient, Response
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from mensajero_api.envelope import RateLimitedErrorBody
 from mensajero_api.main import create_app
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import SMSMessage
@@ -40,6 +41,8 @@ def _assert_rate_limited(response: Response, limit: str) -> int:
     assert body["limit"] == limit
     retry_after: int = body["retry_after"]
     assert response.headers["retry-after"] == str(retry_after)
+    # The body is the one the OpenAPI schema gives for this 429.
+    RateLimitedErrorBody.model_validate(body)
     return retry_after
 
 

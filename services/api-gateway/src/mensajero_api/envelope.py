@@ -65,6 +65,9 @@ class ValidationErrorBody(ErrorBody):
 
 
 class QuotaErrorBody(ErrorBody):
+    error: Literal["quota_exceeded"] = Field(
+        description="Machine code, always English."
+    )
     quota_type: Literal["sms_monthly", "devices"]
     limit: int
     used: int
@@ -80,6 +83,14 @@ class QuotaErrorBody(ErrorBody):
     upgrade_url: str
 
 
+class RateLimitedErrorBody(ErrorBody):
+    error: Literal["rate_limited"] = Field(description="Machine code, always English.")
+    limit: str = Field(description="The limit that was reached, such as 20/minute.")
+    retry_after: int = Field(
+        description="Seconds to wait before repeating the request, as in Retry-After."
+    )
+
+
 class EnvelopeJSONResponse(JSONResponse):
     """A JSONResponse encoded with orjson, like the rest of the project's JSON."""
 
@@ -89,5 +100,9 @@ class EnvelopeJSONResponse(JSONResponse):
 
 def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     """Describe the error bodies of `status_codes` for a route's OpenAPI `responses`."""
-    models: dict[int, type[BaseModel]] = {422: ValidationErrorBody, 429: QuotaErrorBody}
+    # A 429 is either a quota (quota_exceeded) or a rate limit (rate_limited).
+    models: dict[int, Any] = {
+        422: ValidationErrorBody,
+        429: QuotaErrorBody | RateLimitedErrorBody,
+    }
     return {code: {"model": models.get(code, ErrorBody)} for code in status_codes}
