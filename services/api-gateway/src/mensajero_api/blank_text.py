@@ -3,8 +3,11 @@
 A body made only of whitespace and invisible characters, such as U+200B ZERO WIDTH
 SPACE, U+2060 WORD JOINER or U+FEFF ZERO WIDTH NO-BREAK SPACE, would arrive as an SMS
 that looks empty. Those characters stay valid inside visible text: an emoji sequence
-such as 👩‍💻 joins its parts with U+200D ZERO WIDTH JOINER.
+such as 👩‍💻 joins its parts with U+200D ZERO WIDTH JOINER. Control characters, lone
+combining marks and noncharacters count as invisible too.
 """
+
+import unicodedata
 
 # The Default_Ignorable_Code_Point ranges of the Unicode Character Database
 # (DerivedCoreProperties.txt, Unicode 14.0), which Python's unicodedata does not expose:
@@ -33,12 +36,29 @@ _DEFAULT_IGNORABLE_RANGES = (
 # so a body made of it looks blank too.
 _BRAILLE_PATTERN_BLANK = "\u2800"
 
+# General categories that show nothing on their own: control characters (Cc) and marks
+# (Mn, Me), which only change the character before them.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Mn", "Me"})
+
+# U+FFF9 to U+FFFB annotate interlinear text and are not drawn. Unlike other format
+# characters (Cf), such as U+0600 ARABIC NUMBER SIGN, none of them has a glyph.
+_INTERLINEAR_ANNOTATION = range(0xFFF9, 0xFFFC)
+
+
+def _is_noncharacter(code_point: int) -> bool:
+    """Tell whether a code point is one of Unicode's 66 noncharacters."""
+    return 0xFDD0 <= code_point <= 0xFDEF or code_point & 0xFFFE == 0xFFFE
+
 
 def is_invisible(character: str) -> bool:
     """Tell whether a single character is whitespace or shows as nothing."""
     if character.isspace() or character == _BRAILLE_PATTERN_BLANK:
         return True
+    if unicodedata.category(character) in _INVISIBLE_CATEGORIES:
+        return True
     code_point = ord(character)
+    if code_point in _INTERLINEAR_ANNOTATION or _is_noncharacter(code_point):
+        return True
     return any(start <= code_point <= end for start, end in _DEFAULT_IGNORABLE_RANGES)
 
 
