@@ -75,6 +75,23 @@ async def test_docs_and_openapi(client: AsyncClient) -> None:
     )
 
 
+async def test_openapi_describes_rate_limit_and_outage(client: AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+
+    for path, operations in schema["paths"].items():
+        if not path.startswith("/api/"):
+            continue
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "429" in responses, (method, path)
+            assert "503" in responses, (method, path)
+    send = schema["paths"]["/api/v1/sms/send"]["post"]["responses"]["429"]
+    login = schema["paths"]["/api/v1/login/access-token"]["post"]["responses"]["429"]
+    assert "QuotaErrorBody" in str(send)
+    assert "TooManyLoginAttemptsErrorBody" in str(login)
+    assert "QuotaErrorBody" not in str(login)
+
+
 async def test_unknown_route_envelope(client: AsyncClient) -> None:
     default = await client.get("/api/v1/nothing-here")
     english = await client.get(

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from mensajero_api.envelope import TooManyLoginAttemptsErrorBody
 from mensajero_api.main import create_app
 from mensajero_common.models import User
 from mensajero_common.settings import Settings
@@ -53,6 +54,7 @@ async def test_account_throttled_after_failures(
     assert throttled.json()["error"] == "too_many_login_attempts"
     assert 1 <= int(throttled.headers["Retry-After"]) <= 60
     assert throttled.json()["retry_after"] == int(throttled.headers["Retry-After"])
+    TooManyLoginAttemptsErrorBody.model_validate(throttled.json())
 
 
 async def test_throttle_ignores_email_case(client: AsyncClient, user: ApiUser) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from mensajero_api.auth import service as auth_service
+from mensajero_api.envelope import ServiceUnavailableErrorBody
 from mensajero_api.errors import UNAVAILABLE_RETRY_AFTER_S
 from mensajero_common.db import create_engine
 from mensajero_common.settings import Settings
@@ -63,6 +64,7 @@ async def test_login_without_connections_gives_503(
     assert response.status_code == 503
     assert response.headers["Retry-After"] == str(UNAVAILABLE_RETRY_AFTER_S)
     assert response.headers["Content-Language"] == "es"
+    ServiceUnavailableErrorBody.model_validate(response.json())
     assert response.json() == {
         "success": False,
         "error": "service_unavailable",

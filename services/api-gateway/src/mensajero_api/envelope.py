@@ -98,11 +98,39 @@ class EnvelopeJSONResponse(JSONResponse):
         return jsonutil.dumps(content)
 
 
-def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
-    """Describe the error bodies of `status_codes` for a route's OpenAPI `responses`."""
-    # A 429 is either a quota (quota_exceeded) or a rate limit (rate_limited).
+class TooManyLoginAttemptsErrorBody(ErrorBody):
+    error: Literal["too_many_login_attempts"] = Field(
+        description="Machine code, always English."
+    )
+    retry_after: int = Field(
+        description="Seconds to wait before trying again, as in Retry-After."
+    )
+
+
+class ServiceUnavailableErrorBody(ErrorBody):
+    error: Literal["service_unavailable"] = Field(
+        description="Machine code, always English."
+    )
+
+
+def error_responses(
+    *status_codes: int, quota: bool = False, login_throttle: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """Describe the error bodies of `status_codes` for a route's OpenAPI `responses`.
+
+    Every API route may also return 429 `rate_limited` and 503 `service_unavailable`, so
+    both are always described. With `quota`, the 429 may be `quota_exceeded` too; with
+    `login_throttle`, `too_many_login_attempts`.
+    """
+    too_many: Any = RateLimitedErrorBody
+    if quota:
+        too_many = QuotaErrorBody | too_many
+    if login_throttle:
+        too_many = TooManyLoginAttemptsErrorBody | too_many
     models: dict[int, Any] = {
         422: ValidationErrorBody,
-        429: QuotaErrorBody | RateLimitedErrorBody,
+        429: too_many,
+        503: ServiceUnavailableErrorBody,
     }
-    return {code: {"model": models.get(code, ErrorBody)} for code in status_codes}
+    codes = sorted({*status_codes, 429, 503})
+    return {code: {"model": models.get(code, ErrorBody)} for code in codes}

@@ -17,7 +17,9 @@ from mensajero_common.throttle import client_address
 router = APIRouter(prefix="/api/v1/login", tags=["login"], route_class=JSONBodyRoute)
 
 
-@router.post("/access-token", responses=error_responses(401, 403, 422, 429))
+@router.post(
+    "/access-token", responses=error_responses(401, 403, 422, login_throttle=True)
+)
 async def login_access_token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
     request: Request,

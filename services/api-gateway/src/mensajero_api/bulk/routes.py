@@ -42,7 +42,7 @@ def _rejections(task: SMSBulkTask, language: str) -> list[BulkRejection]:
         200: {
             "description": "A repeat of an earlier request with the same Idempotency-Key."
         },
-        **error_responses(400, 401, 404, 409, 422, 429),
+        **error_responses(400, 401, 404, 409, 422, quota=True),
     },
 )
 async def send_bulk(

@@ -40,7 +40,7 @@ def _with_key(device: SMSDevice, api_key: str) -> DeviceWithKey:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=error_responses(400, 401, 422, 429),
+    responses=error_responses(400, 401, 422, quota=True),
 )
 async def register_device(
     data: DeviceCreate,

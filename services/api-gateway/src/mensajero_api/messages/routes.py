@@ -62,7 +62,7 @@ def _page(rows: list[SMSMessage], next_cursor: str | None, limit: int) -> Messag
         200: {
             "description": "A repeat of an earlier request with the same Idempotency-Key."
         },
-        **error_responses(400, 401, 404, 409, 422, 429),
+        **error_responses(400, 401, 404, 409, 422, quota=True),
     },
 )
 async def send_sms(

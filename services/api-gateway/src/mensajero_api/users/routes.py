@@ -65,7 +65,9 @@ async def update_me(
     )
 
 
-@router.put("/me/password", responses=error_responses(400, 401, 403, 422, 429))
+@router.put(
+    "/me/password", responses=error_responses(400, 401, 403, 422, login_throttle=True)
+)
 async def change_password(
     data: PasswordChange,
     request: Request,
