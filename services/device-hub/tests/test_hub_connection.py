@@ -1,9 +1,11 @@
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from arq.connections import ArqRedis
@@ -23,6 +25,7 @@ from hub_helpers import (
 )
 from redis.asyncio import Redis
 from sqlalchemy import event, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -641,3 +644,31 @@ async def test_register_sends_only_update(
     assert stored_device.name == "Pixel"
     assert stored_device.app_version == "2.0"
     assert stored_device.protocol_version == 1
+
+
+async def test_postgres_out_of_connections_closes_with_1013(
+    settings: Settings, redis: Redis
+) -> None:
+    # A role that may open no connection, so the key lookup fails the way a server out
+    # of connections makes it fail (SQLSTATE 53300).
+    url = make_url(settings.DATABASE_URL)
+    role = f"mensajero_test_noconn_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(
+        user=url.username, host=url.host, port=url.port, database=url.database
+    )
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
+    limited = settings.model_copy(
+        update={"DATABASE_URL": url.set(username=role).render_as_string(False)}
+    )
+    try:
+        async with (
+            serve_hub(limited) as base_url,
+            open_socket(base_url, "mdk_" + "a" * 40) as socket,
+        ):
+            code, reason = await wait_closed(socket)
+    finally:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+
+    assert code == protocol.CLOSE_TRY_AGAIN_LATER
+    assert reason == "database or redis unavailable, reconnect later"

@@ -28,7 +28,7 @@ from mensajero_common import jsonutil
 PROTOCOL_VERSION = 1
 
 # WebSocket close codes sent by the hub, in the 4000-4999 range that RFC 6455 leaves to
-# applications, besides the standard 1008, 1009, 1011 and 1012.
+# applications, besides the standard 1008, 1009, 1011, 1012 and 1013.
 CLOSE_INVALID_API_KEY = 4001
 CLOSE_REPLACED = 4002
 CLOSE_REVOKED = 4003
@@ -41,6 +41,8 @@ CLOSE_RATE_LIMITED = 4029
 CLOSE_AUTH_THROTTLED = 4030
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_SERVICE_RESTART = 1012
+# Postgres or Redis was unavailable while the session opened (RFC 6455's Try Again Later).
+CLOSE_TRY_AGAIN_LATER = 1013
 
 MAX_ID_LENGTH = 128
 MAX_TEXT_LENGTH = 4096

@@ -27,6 +27,7 @@ REASON_TOO_MANY_ERRORS = "too many consecutive invalid frames"
 REASON_RATE_LIMITED = "rate limited: too many frames per second"
 REASON_SERVICE_RESTART = "service restarting, reconnect"
 REASON_INTERNAL_ERROR = "internal error, reconnect later"
+REASON_TRY_AGAIN_LATER = "database or redis unavailable, reconnect later"
 
 
 def heartbeat_timeout_reason(timeout_s: int) -> str:

@@ -22,6 +22,7 @@ from mensajero_common.keys import RedisKeys
 from mensajero_common.ops import ReadinessCheck, postgres_check, redis_check
 from mensajero_common.settings import Settings
 from mensajero_common.throttle import FailureLimit
+from mensajero_common.transient import is_transient
 from mensajero_hub.core import frames
 from mensajero_hub.core.channels import DeviceChannelRouter
 from mensajero_hub.core.frames import AuthThrottledError, InvalidApiKeyError
@@ -243,9 +244,19 @@ class Hub:
             )
             await transport.close(protocol.CLOSE_INVALID_API_KEY, error.close_reason)
             return None
-        except Exception:
-            log.exception("authentication failed")
-            await transport.close(1011, frames.REASON_INTERNAL_ERROR)
+        except Exception as error:
+            if not is_transient(error):
+                log.exception("authentication failed")
+                await transport.close(1011, frames.REASON_INTERNAL_ERROR)
+                return None
+            log.warning(
+                "authentication failed: Postgres or Redis is unavailable",
+                error=repr(error),
+                client_address=client_address,
+            )
+            await transport.close(
+                protocol.CLOSE_TRY_AGAIN_LATER, frames.REASON_TRY_AGAIN_LATER
+            )
             return None
 
         session = DeviceSession(
@@ -257,10 +268,21 @@ class Hub:
         try:
             await self._subscribe(session)
             await session.start()
-        except Exception:
-            session.log.exception("opening the session failed")
-            await session.close(1011, frames.REASON_INTERNAL_ERROR)
-            await self.release(session, 1011)
+        except Exception as error:
+            if is_transient(error):
+                session.log.warning(
+                    "opening the session failed: Postgres or Redis is unavailable",
+                    error=repr(error),
+                )
+                code, reason = (
+                    protocol.CLOSE_TRY_AGAIN_LATER,
+                    frames.REASON_TRY_AGAIN_LATER,
+                )
+            else:
+                session.log.exception("opening the session failed")
+                code, reason = 1011, frames.REASON_INTERNAL_ERROR
+            await session.close(code, reason)
+            await self.release(session, code)
             return None
 
         session.log.info("device connected")
