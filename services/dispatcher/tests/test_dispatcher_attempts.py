@@ -416,11 +416,15 @@ async def test_named_device_deleted_fails_and_refunds(ctx, factory, session_fact
     user = await factory.user()
     await factory.quota(user, sms_sent_this_month=2)
     await _subscribe_to_failures(session_factory, user)
-    named = await factory.device(user, status=DeviceStatus.OFFLINE)
+    named = await factory.device(
+        user, status=DeviceStatus.OFFLINE, phone_number="+34600000003"
+    )
     await factory.device(user)
     message = await factory.message(user, requested_device=named)
     await assign_messages(ctx, [message.id])
-    assert (await factory.reload(message)).status == MessageStatus.ASSIGNED
+    assigned = await factory.reload(message)
+    assert assigned.status == MessageStatus.ASSIGNED
+    assert assigned.from_number == "+34600000003"
     await _delete_device(ctx, named)
 
     ended = await end_tasks_of_deleted_devices(ctx)
@@ -430,6 +434,8 @@ async def test_named_device_deleted_fails_and_refunds(ctx, factory, session_fact
     assert stored.status == MessageStatus.FAILED
     assert stored.error == REQUESTED_DEVICE_DELETED
     assert stored.device_id is None
+    # No phone started sending it, so it has no sender.
+    assert stored.from_number is None
     assert stored.quota_refunded_at is not None
     assert await factory.sms_sent_this_month(user) == 1
     attempts = await factory.attempts(message)
@@ -440,6 +446,7 @@ async def test_named_device_deleted_fails_and_refunds(ctx, factory, session_fact
     assert [(event["event"], event["error"]) for event in events] == [
         ("sms_failed", REQUESTED_DEVICE_DELETED)
     ]
+    assert [event["from"] for event in events] == [None]
     assert await end_tasks_of_deleted_devices(ctx) == 0
     assert await factory.sms_sent_this_month(user) == 1
 

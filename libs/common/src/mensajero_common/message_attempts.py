@@ -348,6 +348,14 @@ async def _queue_retry(
     return (await session.execute(statement)).scalar_one_or_none()
 
 
+def _sender_number(message: LockedMessage) -> str | None:
+    """Return the `from` of a message that ends now: the number of the phone that has
+    claimed it, or None when no phone has (the message is `pending` or `assigned`)."""
+    if message.status in (MessageStatus.PENDING, MessageStatus.ASSIGNED):
+        return None
+    return message.from_number
+
+
 async def end_failed(
     session: AsyncSession,
     settings: Settings,
@@ -358,6 +366,7 @@ async def end_failed(
 ) -> list[uuid.UUID]:
     """Move a message that is not final to `failed`, record `sms_failed`, and give its
     quota charge back when `refund` is set. Returns the deliveries to queue."""
+    from_number = _sender_number(message)
     statement = (
         update(SMSMessage)
         .where(
@@ -371,6 +380,7 @@ async def end_failed(
             failed_at=func.now(),
             error=error,
             next_attempt_at=None,
+            from_number=from_number,
         )
         .returning(SMSMessage.failed_at)
     )
@@ -384,7 +394,7 @@ async def end_failed(
         event=EVENT_SMS_FAILED,
         user_id=message.user_id,
         message_id=message.id,
-        from_number=message.from_number,
+        from_number=from_number,
         to_number=message.to_number,
         body=message.body,
         timestamp=failed_at,
@@ -404,6 +414,7 @@ async def expire_message(
     Only `pending`, `assigned` and `sending` messages with no SMS sent can expire; for
     any other, nothing changes and None is returned.
     """
+    from_number = _sender_number(message)
     statement = (
         update(SMSMessage)
         .where(
@@ -422,6 +433,7 @@ async def expire_message(
             failed_at=func.now(),
             error=ERROR_EXPIRED,
             next_attempt_at=None,
+            from_number=from_number,
         )
         .returning(SMSMessage.failed_at)
     )
@@ -440,7 +452,7 @@ async def expire_message(
         event=EVENT_SMS_FAILED,
         user_id=message.user_id,
         message_id=message.id,
-        from_number=message.from_number,
+        from_number=from_number,
         to_number=message.to_number,
         body=message.body,
         timestamp=expired_at,
