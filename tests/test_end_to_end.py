@@ -249,7 +249,7 @@ async def test_deleted_named_device_fails_message(services: RunningServices) -> 
         progress = response.json()["data"]
 
     assert seen == ["assigned", "failed"]
-    assert data["error"] == "requested device no longer exists"
+    assert data["error"] == "requested_device_deleted"
     assert data["device_id"] is None
     assert sent_this_month == 0
     assert progress["status"] == "completed"

@@ -108,3 +108,27 @@ def test_migration_clears_errors_of_sent_messages(scratch_database_url: str) -> 
     assert errors["delivered"] is None
     assert errors["failed"] == "RESULT_ERROR_NO_SERVICE"
     assert errors["waiting for a retry"] == "RESULT_ERROR_NO_SERVICE"
+
+
+def test_migration_names_requested_device_error_by_code(
+    scratch_database_url: str,
+) -> None:
+    upgrade(scratch_database_url, "0009")
+    asyncio.run(
+        _insert_messages(
+            scratch_database_url,
+            [
+                ("named device deleted", "failed", "requested device no longer exists"),
+                ("other failure", "failed", "RESULT_ERROR_NO_SERVICE"),
+            ],
+        )
+    )
+
+    upgrade(scratch_database_url, "0010")
+    upgraded = asyncio.run(_errors_by_body(scratch_database_url))
+    command.downgrade(alembic_config(scratch_database_url), "0009")
+    downgraded = asyncio.run(_errors_by_body(scratch_database_url))
+
+    assert upgraded["named device deleted"] == "requested_device_deleted"
+    assert upgraded["other failure"] == "RESULT_ERROR_NO_SERVICE"
+    assert downgraded["named device deleted"] == "requested device no longer exists"

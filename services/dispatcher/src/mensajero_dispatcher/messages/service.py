@@ -43,7 +43,7 @@ PENDING_GRACE_S = 5.0
 # A task is pushed just after its assignment commits, so younger assignments may not
 # have their stream entry yet and are left alone.
 REPUSH_GRACE_S = 10.0
-REQUESTED_DEVICE_DELETED = "requested device no longer exists"
+REQUESTED_DEVICE_DELETED = "requested_device_deleted"
 
 LockBatch = Callable[[AsyncSession], Awaitable[list[PendingMessage]]]
 
