@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mensajero_common.settings import Settings
-from mensajero_common.testing import free_port
+from mensajero_common.testing import free_port, settings_without_connections
 from mensajero_common.transient import is_transient
 
 
@@ -38,21 +38,13 @@ async def test_is_transient_for_a_missing_database(settings: Settings) -> None:
 
 
 async def test_is_transient_for_a_role_out_of_connections(settings: Settings) -> None:
-    url = make_url(settings.DATABASE_URL)
-    admin = await asyncpg.connect(
-        host=url.host, port=url.port, user=url.username, database=url.database
-    )
-    role = f"mensajero_test_noconn_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
-    try:
+    async with settings_without_connections(settings) as limited:
+        url = make_url(limited.DATABASE_URL)
         error = await _error_of(
             asyncpg.connect(
-                host=url.host, port=url.port, user=role, database=url.database
+                host=url.host, port=url.port, user=url.username, database=url.database
             )
         )
-    finally:
-        await admin.execute(f'DROP ROLE "{role}"')
-        await admin.close()
 
     assert isinstance(error, asyncpg.TooManyConnectionsError)
     assert is_transient(error)
@@ -72,7 +64,7 @@ async def test_is_transient_for_a_terminated_connection_through_sqlalchemy(
     assert is_transient(error)
 
 
-async def test_is_transient_false_for_a_fault_of_the_statement(
+async def test_is_transient_false_for_division_by_zero(
     engine: AsyncEngine,
 ) -> None:
     async with engine.connect() as connection:

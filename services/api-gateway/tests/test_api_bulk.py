@@ -790,7 +790,7 @@ async def test_bulk_messages_within_body_limit(
     headers = {**owner.headers, "Content-Type": "application/json"}
     # The practical limits that the README gives next to BULK_MAX_RECIPIENTS.
     longest_texts = _messages_body(1000, 1600)
-    most_at_longest = _messages_body(640, 1600)
+    fitting_longest_texts = _messages_body(640, 1600)
     all_with_short_texts = _messages_body(1000, 1000)
 
     too_large = await client.post(BULK_URL, content=longest_texts, headers=headers)
@@ -798,7 +798,7 @@ async def test_bulk_messages_within_body_limit(
     assert too_large.json()["error"] == "payload_too_large"
     assert await count_rows(session_factory, SMSMessage) == 0
 
-    for content, count in ((most_at_longest, 640), (all_with_short_texts, 1000)):
+    for content, count in ((fitting_longest_texts, 640), (all_with_short_texts, 1000)):
         assert len(content) <= MAX_REQUEST_BODY_BYTES
         response = await client.post(BULK_URL, content=content, headers=headers)
         assert response.status_code == 201, response.text[:300]

@@ -1,14 +1,11 @@
 """Requests that find Postgres unavailable get 503 `service_unavailable`, not a 500."""
 
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from mensajero_api.auth import service as auth_service
@@ -16,28 +13,19 @@ from mensajero_api.envelope import ServiceUnavailableErrorBody
 from mensajero_api.errors import UNAVAILABLE_RETRY_AFTER_S
 from mensajero_common.db import create_engine
 from mensajero_common.settings import Settings
+from mensajero_common.testing import settings_without_connections
 
 
 @pytest.fixture
 async def limited_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     """An engine whose Postgres role may open no connection at all, so every checkout
     fails the way a server out of connections makes it fail (SQLSTATE 53300)."""
-    role = f"mensajero_test_noconn_{uuid.uuid4().hex[:8]}"
-    url = make_url(settings.DATABASE_URL)
-    admin = await asyncpg.connect(
-        user=url.username, host=url.host, port=url.port, database=url.database
-    )
-    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
-    limited = settings.model_copy(
-        update={"DATABASE_URL": url.set(username=role).render_as_string(False)}
-    )
-    engine = create_engine(limited)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-        await admin.execute(f'DROP ROLE "{role}"')
-        await admin.close()
+    async with settings_without_connections(settings) as limited:
+        engine = create_engine(limited)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
 
 
 @pytest.fixture

@@ -1,11 +1,9 @@
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from arq.connections import ArqRedis
@@ -25,7 +23,6 @@ from hub_helpers import (
 )
 from redis.asyncio import Redis
 from sqlalchemy import event, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -36,6 +33,7 @@ from mensajero_common.i18n import reason_phrase
 from mensajero_common.keys import CHANNEL_DISABLE, CHANNEL_REVOKE, RedisKeys
 from mensajero_common.models import DeviceStatus, SMSDevice
 from mensajero_common.settings import Settings
+from mensajero_common.testing import settings_without_connections
 from mensajero_hub.core.auth_throttle import auth_limit_from_settings
 from mensajero_hub.core.frames import AuthThrottledError, InvalidApiKeyError
 from mensajero_hub.core.service import DeviceService
@@ -649,26 +647,13 @@ async def test_register_sends_only_update(
 async def test_postgres_out_of_connections_closes_with_1013(
     settings: Settings, redis: Redis
 ) -> None:
-    # A role that may open no connection, so the key lookup fails the way a server out
-    # of connections makes it fail (SQLSTATE 53300).
-    url = make_url(settings.DATABASE_URL)
-    role = f"mensajero_test_noconn_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(
-        user=url.username, host=url.host, port=url.port, database=url.database
-    )
-    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
-    limited = settings.model_copy(
-        update={"DATABASE_URL": url.set(username=role).render_as_string(False)}
-    )
-    try:
-        async with (
-            serve_hub(limited) as base_url,
-            open_socket(base_url, "mdk_" + "a" * 40) as socket,
-        ):
-            code, reason = await wait_closed(socket)
-    finally:
-        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
-        await admin.close()
+    # The key lookup fails the way a server out of connections makes it fail.
+    async with (
+        settings_without_connections(settings) as limited,
+        serve_hub(limited) as base_url,
+        open_socket(base_url, "mdk_" + "a" * 40) as socket,
+    ):
+        code, reason = await wait_closed(socket)
 
     assert code == protocol.CLOSE_TRY_AGAIN_LATER
     assert reason == "database or redis unavailable, reconnect later"

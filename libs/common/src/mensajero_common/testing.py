@@ -5,11 +5,15 @@ import os
 import signal
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
 
 from mensajero_common.settings import Settings
 
@@ -23,6 +27,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def settings_without_connections(settings: Settings) -> AsyncIterator[Settings]:
+    """Yield a copy of `settings` whose DATABASE_URL names a new Postgres role that may
+    open no connection, so every connection fails as on a server out of connections
+    (SQLSTATE 53300). The role is dropped at the end."""
+    url = make_url(settings.DATABASE_URL)
+    role = f"mensajero_test_noconn_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(
+        user=url.username,
+        password=url.password,
+        host=url.host,
+        port=url.port,
+        database=url.database,
+    )
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
+        try:
+            limited_url = url.set(username=role).render_as_string(hide_password=False)
+            yield settings.model_copy(update={"DATABASE_URL": limited_url})
+        finally:
+            await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+    finally:
+        await admin.close()
 
 
 @asynccontextmanager
