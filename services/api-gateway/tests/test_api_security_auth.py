@@ -182,6 +182,7 @@ async def test_password_change_weak_new(client: AsyncClient, user: ApiUser) -> N
 
     assert response.status_code == 400
     assert response.json()["error"] == "weak_password"
+    assert response.json()["field"] == "new_password"
     assert await login(client, user.email, user.password) == 200
 
 

@@ -26,8 +26,8 @@ class EmailTakenError(ConflictError):
 class WeakPasswordError(ValidationFailedError):
     code = "weak_password"
 
-    def __init__(self) -> None:
-        super().__init__(details={"field": "password"})
+    def __init__(self, field: str) -> None:
+        super().__init__(details={"field": field})
 
 
 class InvalidCurrentPasswordError(ValidationFailedError):
@@ -48,17 +48,18 @@ class PasswordUnchangedError(ValidationFailedError):
 MIN_FORBIDDEN_LOCAL_PART_LENGTH = 3
 
 
-def check_password_rules(password: str, email: str) -> None:
+def check_password_rules(password: str, email: str, field: str) -> None:
     """Raise WeakPasswordError if the password is the email or contains its local part.
 
-    The length rule (8 to 128 characters) is the request schema's.
+    The error names `field`, the request field that carries the password. The length
+    rule (8 to 128 characters) is the request schema's.
     """
     folded = password.casefold()
     local_part = email.rpartition("@")[0].casefold()
     if folded in (email.casefold(), local_part):
-        raise WeakPasswordError()
+        raise WeakPasswordError(field)
     if len(local_part) >= MIN_FORBIDDEN_LOCAL_PART_LENGTH and local_part in folded:
-        raise WeakPasswordError()
+        raise WeakPasswordError(field)
 
 
 class InvalidRegionError(ValidationFailedError):
@@ -86,7 +87,7 @@ async def sign_up(
 ) -> User:
     """Create a user with a quota on DEFAULT_PLAN, and commit."""
     default_region = normalize_region(data.default_region)
-    check_password_rules(data.password, data.email)
+    check_password_rules(data.password, data.email, "password")
     # Checked before hashing so a taken email costs no argon2 run; the insert below
     # still settles a race between two sign-ups with one email.
     if await repository.get_user_by_email(session, data.email) is not None:
@@ -145,7 +146,7 @@ async def change_password(
     # login even when both fields are equal.
     if data.new_password == data.current_password:
         raise PasswordUnchangedError()
-    check_password_rules(data.new_password, user.email)
+    check_password_rules(data.new_password, user.email, "new_password")
 
     user.hashed_password = await passwords.hash(data.new_password)
     # Incremented in SQL, so two concurrent changes both bump the version.
