@@ -7,6 +7,7 @@ import asyncio
 import signal
 
 import structlog
+import uvloop
 from redis.exceptions import ResponseError
 
 from mensajero_common.logging import configure_logging
@@ -89,7 +90,9 @@ async def _serve_until_signalled(settings: Settings) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings, "dispatcher")
-    asyncio.run(_serve_until_signalled(settings))
+    # uvloop's event loop spends less CPU per socket event than asyncio's own.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve_until_signalled(settings))
 
 
 if __name__ == "__main__":
