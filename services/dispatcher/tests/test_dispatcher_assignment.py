@@ -6,7 +6,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select, update
 
 from mensajero_common import jsonutil, message_attempts, queues
-from mensajero_common.db import session_scope
+from mensajero_common.db import driver_connection, session_scope
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import (
     AttemptStatus,
@@ -198,7 +198,8 @@ async def test_mark_assigned_skips_changed_messages(ctx, factory, session_factor
     ]
     async with session_factory() as session:
         read = await repository.find_pending_by_ids(
-            session, [assigned_elsewhere.id, retried.id, unchanged.id]
+            await driver_connection(session),
+            [assigned_elsewhere.id, retried.id, unchanged.id],
         )
     # Since the read, another dispatcher assigned `assigned_elsewhere`, and `retried` went to a
     # device and came back to pending for its next attempt.
@@ -215,7 +216,8 @@ async def test_mark_assigned_skips_changed_messages(ctx, factory, session_factor
 
     async with session_factory() as session:
         assigned = await repository.mark_assigned(
-            session, [Assignment(message, device.id) for message in read]
+            await driver_connection(session),
+            [Assignment(message, device.id) for message in read],
         )
         await session.commit()
 

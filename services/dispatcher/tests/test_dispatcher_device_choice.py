@@ -4,6 +4,7 @@ import random
 import uuid
 from datetime import UTC, datetime
 
+from mensajero_common.db import driver_connection
 from mensajero_common.models import (
     AttemptStatus,
     DeviceStatus,
@@ -64,9 +65,15 @@ async def test_least_loaded_query_ranks_and_cuts(factory, session_factory):
     )
 
     async with session_factory() as session:
-        three = await repository.find_least_loaded_devices(session, {user.id: 3})
-        every = await repository.find_least_loaded_devices(session, {user.id: None})
-        online = await repository.find_online_devices(session, [user.id])
+        three = await repository.find_least_loaded_devices(
+            await driver_connection(session), {user.id: 3}
+        )
+        every = await repository.find_least_loaded_devices(
+            await driver_connection(session), {user.id: None}
+        )
+        online = await repository.find_online_devices(
+            await driver_connection(session), [user.id]
+        )
 
     # Loads tie at 1 for the third place, so the lowest id of those devices takes it.
     assert sorted(three, key=_by_load) == expected[:3]
@@ -83,7 +90,7 @@ async def test_least_loaded_query_limits_each_user(factory, session_factory):
 
     async with session_factory() as session:
         devices = await repository.find_least_loaded_devices(
-            session, {first_user.id: 1, second_user.id: None}
+            await driver_connection(session), {first_user.id: 1, second_user.id: None}
         )
 
     first = [device for device in devices if device.user_id == first_user.id]
@@ -120,7 +127,9 @@ async def test_assign_batch_spreads_like_full_plan(ctx, factory, session_factory
     await _devices_with_loads(factory, user, loads)
     messages = [await factory.message(user) for _ in range(12)]
     async with session_factory() as session:
-        online = await repository.find_online_devices(session, [user.id])
+        online = await repository.find_online_devices(
+            await driver_connection(session), [user.id]
+        )
         pending = await repository.lock_pending_by_ids(
             session, [message.id for message in messages]
         )

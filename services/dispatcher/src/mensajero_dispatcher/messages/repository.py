@@ -10,9 +10,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     ColumnElement,
-    Integer,
     Select,
     and_,
     bindparam,
@@ -20,13 +20,12 @@ from sqlalchemy import (
     func,
     or_,
     select,
-    text,
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.db import driver_connection
 from mensajero_common.models import (
     AttemptStatus,
     DeviceStatus,
@@ -34,7 +33,6 @@ from mensajero_common.models import (
     MessageType,
     SMSDevice,
     SMSMessage,
-    SMSMessageAttempt,
 )
 from mensajero_dispatcher.messages.schemas import (
     Assignment,
@@ -56,8 +54,7 @@ _IN_FLIGHT_SQL = ", ".join(f"'{status.value}'" for status in IN_FLIGHT_STATUSES)
 # and returns the ids it assigned. A message is assigned only while it is still as it was
 # read: pending, due, not expired, and with the attempts it had. So the statement is safe
 # without a row lock held since the read.
-_MARK_ASSIGNED = text(
-    f"""
+_MARK_ASSIGNED = f"""
     WITH assigned AS (
         UPDATE smsmessage SET
             status = '{MessageStatus.ASSIGNED.value}',
@@ -74,7 +71,7 @@ _MARK_ASSIGNED = text(
             -- The error of the previous attempt stays in its smsmessageattempt row.
             error = NULL,
             updated_at = now()
-        FROM unnest(:message_ids, :device_ids, :attempts)
+        FROM unnest($1::uuid[], $2::uuid[], $3::integer[])
             AS moves(message_id, device_id, attempts)
         WHERE smsmessage.id = moves.message_id
           AND smsmessage.status = '{MessageStatus.PENDING.value}'
@@ -88,22 +85,16 @@ _MARK_ASSIGNED = text(
         ON CONFLICT (message_id, attempt_number) DO NOTHING
     )
     SELECT id FROM assigned
-    """
-).bindparams(
-    bindparam("message_ids", type_=ARRAY(UUID(as_uuid=True))),
-    bindparam("device_ids", type_=ARRAY(UUID(as_uuid=True))),
-    bindparam("attempts", type_=ARRAY(Integer)),
-)
+"""
 
 # For each user, its online, active devices with the fewest in-flight messages, ties
 # broken by the lower id, up to the user's limit (LIMIT NULL returns them all). Postgres
 # orders uuids byte by byte, which is the order of their text form, the tie-break of
 # `plan_assignments`. The count reads only the device's in-flight rows, through
 # ix_smsmessage_device_id_in_flight.
-_LEAST_LOADED_DEVICES = text(
-    f"""
+_LEAST_LOADED_DEVICES = f"""
     SELECT ranked.id, ranked.user_id, ranked.in_flight
-    FROM unnest(:user_ids, :device_limits) AS limits(user_id, device_limit)
+    FROM unnest($1::uuid[], $2::integer[]) AS limits(user_id, device_limit)
     CROSS JOIN LATERAL (
         SELECT smsdevice.id, smsdevice.user_id, loads.in_flight
         FROM smsdevice
@@ -118,14 +109,41 @@ _LEAST_LOADED_DEVICES = text(
         ORDER BY loads.in_flight, smsdevice.id
         LIMIT limits.device_limit
     ) AS ranked
-    """
-).bindparams(
-    bindparam("user_ids", type_=ARRAY(UUID(as_uuid=True))),
-    bindparam("device_limits", type_=ARRAY(Integer)),
-)
+"""
+
+# The stream consumer's read of the messages it was signalled, oldest first. The ids come
+# as one array joined by primary key, so the plan that Postgres caches for the prepared
+# statement probes the primary key whatever the table's statistics say. With
+# `id = ANY($1)`, the generic plan scanned the status and type indexes instead on a table
+# whose statistics were stale.
+_FIND_PENDING_BY_IDS = f"""
+    SELECT smsmessage.id, smsmessage.user_id, smsmessage.requested_device_id,
+        smsmessage.to_number, smsmessage.body, smsmessage.segments, smsmessage.encoding,
+        smsmessage.created_at, smsmessage.attempts, smsmessage.expires_at
+    FROM unnest($1::uuid[]) AS wanted(id)
+    JOIN smsmessage ON smsmessage.id = wanted.id
+    WHERE smsmessage.status = '{MessageStatus.PENDING.value}'
+      AND smsmessage.type = '{MessageType.OUTGOING.value}'
+      AND (smsmessage.next_attempt_at IS NULL OR smsmessage.next_attempt_at <= now())
+      AND (smsmessage.expires_at IS NULL OR smsmessage.expires_at > now())
+    ORDER BY smsmessage.created_at, smsmessage.id
+"""
+
+_REQUESTED_DEVICES = """
+    SELECT smsdevice.id, smsdevice.user_id, smsdevice.is_active
+    FROM unnest($1::uuid[]) AS wanted(id)
+    JOIN smsdevice ON smsdevice.id = wanted.id
+"""
 
 # Attempts whose device the next attempt avoids when it can.
 _AVOIDED_ATTEMPT_STATUSES = (AttemptStatus.FAILED.value, AttemptStatus.MOVED.value)
+_AVOIDED_DEVICES = f"""
+    SELECT smsmessageattempt.message_id, smsmessageattempt.device_id
+    FROM unnest($1::uuid[]) AS retried(id)
+    JOIN smsmessageattempt ON smsmessageattempt.message_id = retried.id
+    WHERE smsmessageattempt.status IN ({", ".join(f"'{status}'" for status in _AVOIDED_ATTEMPT_STATUSES)})
+      AND smsmessageattempt.device_id IS NOT NULL
+"""
 
 
 def _select_pending() -> AnySelect:
@@ -176,40 +194,29 @@ async def _fetch_pending(
     """Run a select of pending messages and return them with their avoided devices."""
     rows = (await session.execute(statement, parameters)).all()
     messages = [PendingMessage(**row._mapping) for row in rows]
-    return await _with_avoided_devices(session, messages)
+    return await _with_avoided_devices(await driver_connection(session), messages)
 
 
-# Built once, because the stream consumer reads a batch this way every time, and building
-# the statement and its cache key anew took about half of the CPU of the read (py-spy,
-# batches of one message). The ids stay an IN list with one parameter each. With one
-# array parameter (`id = ANY($1)`), the generic plan of the prepared statement scanned
-# the status and type indexes instead of the primary key on a table whose statistics
-# were stale.
-_FIND_PENDING_BY_IDS = (
+# Built once, because building a statement and its cache key costs more CPU than running
+# it. The ids are an IN list with one parameter each, for the reason given above
+# _FIND_PENDING_BY_IDS.
+_LOCK_PENDING_BY_IDS = (
     _select_pending()
     .where(SMSMessage.id.in_(bindparam("message_ids", expanding=True)))
     .order_by(SMSMessage.created_at, SMSMessage.id)
-)
-_LOCK_PENDING_BY_IDS = _FIND_PENDING_BY_IDS.with_for_update(
-    of=SMSMessage, skip_locked=True
+    .with_for_update(of=SMSMessage, skip_locked=True)
 )
 
 
 async def _with_avoided_devices(
-    session: AsyncSession, messages: list[PendingMessage]
+    connection: asyncpg.Connection, messages: list[PendingMessage]
 ) -> list[PendingMessage]:
     retried = [message.id for message in messages if message.attempts > 0]
     if not retried:
         return messages
-    statement = select(SMSMessageAttempt.message_id, SMSMessageAttempt.device_id).where(
-        SMSMessageAttempt.message_id.in_(retried),
-        SMSMessageAttempt.status.in_(_AVOIDED_ATTEMPT_STATUSES),
-        SMSMessageAttempt.device_id.is_not(None),
-    )
     avoided: dict[uuid.UUID, set[uuid.UUID]] = {}
-    for message_id, device_id in (await session.execute(statement)).all():
-        if device_id is not None:
-            avoided.setdefault(message_id, set()).add(device_id)
+    for message_id, device_id in await connection.fetch(_AVOIDED_DEVICES, retried):
+        avoided.setdefault(message_id, set()).add(device_id)
     return [
         replace(message, avoid_device_ids=frozenset(avoided.get(message.id, ())))
         for message in messages
@@ -226,13 +233,15 @@ async def lock_pending_by_ids(
 
 
 async def find_pending_by_ids(
-    session: AsyncSession, message_ids: Collection[uuid.UUID]
+    connection: asyncpg.Connection, message_ids: Collection[uuid.UUID]
 ) -> list[PendingMessage]:
     """Return those of `message_ids` that are pending and due, oldest first, without
     locking them."""
-    return await _fetch_pending(
-        session, _FIND_PENDING_BY_IDS, {"message_ids": list(message_ids)}
+    rows = await connection.fetch(
+        _FIND_PENDING_BY_IDS, list(dict.fromkeys(message_ids))
     )
+    messages = [PendingMessage(*row) for row in rows]
+    return await _with_avoided_devices(connection, messages)
 
 
 async def lock_pending_for_device(
@@ -303,7 +312,7 @@ async def lock_due_retries(
 
 
 async def find_least_loaded_devices(
-    session: AsyncSession, device_limits: Mapping[uuid.UUID, int | None]
+    connection: asyncpg.Connection, device_limits: Mapping[uuid.UUID, int | None]
 ) -> list[OnlineDevice]:
     """Return the online, active devices of each user in `device_limits` with the fewest
     in-flight messages, ties broken by the lower id, each with its in-flight count.
@@ -315,35 +324,28 @@ async def find_least_loaded_devices(
     """
     if not device_limits:
         return []
-    rows = await session.execute(
-        _LEAST_LOADED_DEVICES,
-        {
-            "user_ids": list(device_limits),
-            "device_limits": list(device_limits.values()),
-        },
+    rows = await connection.fetch(
+        _LEAST_LOADED_DEVICES, list(device_limits), list(device_limits.values())
     )
-    return [OnlineDevice(*row) for row in rows.all()]
+    return [OnlineDevice(*row) for row in rows]
 
 
 async def find_online_devices(
-    session: AsyncSession, user_ids: Iterable[uuid.UUID]
+    connection: asyncpg.Connection, user_ids: Iterable[uuid.UUID]
 ) -> list[OnlineDevice]:
     """Return the online, active devices of these users, each with its in-flight count."""
-    return await find_least_loaded_devices(session, dict.fromkeys(user_ids))
+    return await find_least_loaded_devices(connection, dict.fromkeys(user_ids))
 
 
 async def find_requested_devices(
-    session: AsyncSession, device_ids: Iterable[uuid.UUID]
+    connection: asyncpg.Connection, device_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, RequestedDevice]:
-    statement = select(SMSDevice.id, SMSDevice.user_id, SMSDevice.is_active).where(
-        SMSDevice.id.in_(list(device_ids))
-    )
-    rows = (await session.execute(statement)).all()
-    return {row.id: RequestedDevice(*row) for row in rows}
+    rows = await connection.fetch(_REQUESTED_DEVICES, list(set(device_ids)))
+    return {row[0]: RequestedDevice(*row) for row in rows}
 
 
 async def mark_assigned(
-    session: AsyncSession, assignments: Collection[Assignment]
+    connection: asyncpg.Connection, assignments: Collection[Assignment]
 ) -> set[uuid.UUID]:
     """Move each message to `assigned` on its device and start its attempt, numbered
     `attempts` + 1; return the ids of the messages assigned.
@@ -353,15 +355,13 @@ async def mark_assigned(
     """
     if not assignments:
         return set()
-    rows = await session.execute(
+    rows = await connection.fetch(
         _MARK_ASSIGNED,
-        {
-            "message_ids": [item.message.id for item in assignments],
-            "device_ids": [item.device_id for item in assignments],
-            "attempts": [item.message.attempts for item in assignments],
-        },
+        [item.message.id for item in assignments],
+        [item.device_id for item in assignments],
+        [item.message.attempts for item in assignments],
     )
-    return set(rows.scalars())
+    return {row[0] for row in rows}
 
 
 async def mark_failed(
