@@ -64,6 +64,19 @@ async def test_throttle_ignores_email_case(client: AsyncClient, user: ApiUser) -
     assert await login(client, user.email, user.password) == 429
 
 
+async def test_throttle_counts_email_spellings_once(client: AsyncClient) -> None:
+    password = "s3cret-pass"
+    signup = await client.post(
+        "/api/v1/users/signup", json={"email": "zoe@exämple.com", "password": password}
+    )
+    assert signup.status_code == 201, signup.text
+
+    for email in ("zoe@xn--exmple-cua.com", "zoe@exa\u0308mple.com", "zoe@exämple.com"):
+        await login(client, email, "wrong password")
+
+    assert await login(client, "zoe@exämple.com", password) == 429
+
+
 async def test_unknown_email_throttled_alike(client: AsyncClient) -> None:
     statuses = [
         await login(client, "nobody@example.com", "wrong password") for _ in range(4)

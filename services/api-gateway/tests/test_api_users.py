@@ -1,6 +1,7 @@
 from datetime import UTC, datetime, timedelta
 
 import jwt
+import pytest
 from api_test_helpers import ApiUser, MakeUser
 from httpx import AsyncClient
 from sqlalchemy import select, update
@@ -109,6 +110,34 @@ async def test_signup_invalid_region(client: AsyncClient) -> None:
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_region"
     assert response.json()["region"] == "XX"
+
+
+@pytest.mark.parametrize(
+    "username",
+    [
+        # As typed at sign-up: spaces around it and the domain in its IDNA (xn--) form.
+        " zoe@xn--exmple-cua.com ",
+        "zoe@exämple.com",
+        # "ä" as "a" and a combining diaeresis (NFD), which sign-up stores as NFC.
+        "zoe@exa\u0308mple.com",
+        "ZOE@EXÄMPLE.COM",
+    ],
+)
+async def test_login_email_normalized_as_signup(
+    client: AsyncClient, username: str
+) -> None:
+    signup = await client.post(
+        SIGNUP_URL,
+        json={"email": " zoe@xn--exmple-cua.com ", "password": "s3cret-pass"},
+    )
+
+    login = await client.post(
+        LOGIN_URL, data={"username": username, "password": "s3cret-pass"}
+    )
+
+    assert signup.status_code == 201, signup.text
+    assert signup.json()["data"]["email"] == "zoe@exämple.com"
+    assert login.status_code == 200, login.text
 
 
 async def test_login_wrong_password(client: AsyncClient, user: ApiUser) -> None:

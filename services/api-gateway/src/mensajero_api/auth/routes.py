@@ -37,14 +37,15 @@ async def login_access_token(
     Retry-After (LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_IP).
     """
     address = client_address(request.scope)
-    await throttle.check(form.username, address)
+    # Normalized before the throttle too, so that other spellings of one address
+    # (an xn-- domain, another Unicode form) count as failures of one account.
+    email = service.normalize_login_email(form.username)
+    await throttle.check(email, address)
     try:
-        user = await service.authenticate(
-            session, passwords, form.username, form.password
-        )
+        user = await service.authenticate(session, passwords, email, form.password)
     except service.InvalidCredentialsError:
-        await throttle.record_failure(form.username, address)
+        await throttle.record_failure(email, address)
         raise
-    await throttle.clear_account(form.username)
+    await throttle.clear_account(email)
     token = create_access_token(user.id, user.token_version, settings)
     return Token(access_token=token.token, expires_in=token.expires_in_s)
