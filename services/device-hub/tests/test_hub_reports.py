@@ -286,6 +286,26 @@ async def test_bad_part_fields_rejected(
     assert (await load_message(session_factory, message.id)).status == "assigned"
 
 
+async def test_whole_failed_after_sent_part_is_final(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(socket, message.id, status="sent", part=1, parts=2)
+        ack = await report(socket, message.id, status="failed", error="NO_SERVICE")
+
+    row = await load_message(session_factory, message.id)
+    # Part 1 went out, so a retry would send it twice, even when the failure is
+    # reported on the whole message.
+    assert ack["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.next_attempt_at is None
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+
+
 async def test_unretryable_failure_is_final(
     hub_url: str, session_factory: Sessions
 ) -> None:
@@ -318,6 +338,30 @@ async def test_expired_report_ends_message(
     assert row.status == MessageStatus.EXPIRED
     assert row.error == "expired"
     assert await event_names(session_factory, message.id) == ["sms_failed"]
+
+
+@pytest.mark.parametrize("expires", [False, True], ids=["no_expiry", "expiry"])
+@pytest.mark.parametrize("by_part", [False, True], ids=["whole", "part"])
+async def test_expired_after_sent_changes_nothing(
+    hub_url: str, session_factory: Sessions, expires: bool, by_part: bool
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    expires_at = datetime.now(UTC) + timedelta(hours=1) if expires else None
+    message = await create_outgoing(session_factory, device, expires_at=expires_at)
+    sent: dict[str, Any] = {"part": 1, "parts": 2} if by_part else {}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        first = await report(socket, message.id, status="sent", **sent)
+        ack = await report(socket, message.id, status="expired")
+
+    row = await load_message(session_factory, message.id)
+    # `expired` means that the phone skipped the task, which contradicts `sent`.
+    assert ack["status"] == first["status"]
+    assert row.status == first["status"]
+    assert row.error is None
+    assert row.failed_at is None
+    assert "sms_failed" not in await event_names(session_factory, message.id)
 
 
 async def test_expired_task_never_pushed(

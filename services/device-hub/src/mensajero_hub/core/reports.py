@@ -10,8 +10,10 @@ apply one at a time whatever connection or hub they arrive on. Then:
   its parts: any part failed → failed, every part delivered → delivered, every part
   sent or delivered → sent, else sending. The order the parts arrive in does not matter;
 - `failed` ends the attempt, and the message is retried or ends `failed`
-  (mensajero_common.message_attempts decides which);
-- `expired` (the phone skipped a task past its `expires_at`) ends the message `expired`;
+  (mensajero_common.message_attempts decides which). A message that has a part `sent`
+  or `delivered` is never retried, even on a report of the whole message;
+- `expired` (the phone skipped a task past its `expires_at`) ends the message `expired`,
+  unless the SMS or one of its parts went out, in which case it changes nothing;
 - `sending`, `sent` and `delivered` move the message forward.
 """
 
@@ -139,6 +141,20 @@ async def _store_part(
     ]
 
 
+async def _any_part_went_out(db: AsyncSession, message: LockedMessage) -> bool:
+    """Return whether a part of the current attempt was reported `sent` or `delivered`."""
+    statement = select(
+        select(SMSMessagePart.part)
+        .where(
+            SMSMessagePart.message_id == message.id,
+            SMSMessagePart.attempt_number == message.current_attempt,
+            SMSMessagePart.status.in_([status.value for status in SENT_STATUSES]),
+        )
+        .exists()
+    )
+    return bool((await db.execute(statement)).scalar_one())
+
+
 async def _attempt_of_device(
     db: AsyncSession, message: LockedMessage, device_id: uuid.UUID
 ) -> int | None:
@@ -251,6 +267,30 @@ async def apply_forward_moves(
     return outcomes
 
 
+async def _apply_expired(
+    db: AsyncSession, settings: Settings, message: LockedMessage, went_out: bool
+) -> ReportOutcome | None:
+    """Apply an `expired` report, or return None when the message has no `expires_at`
+    and the caller has to apply the report as a failure."""
+    attempt = message.current_attempt
+    if went_out:
+        # `expired` means that the phone skipped the task, which contradicts its earlier
+        # report that the SMS or one of its parts went out.
+        return ReportOutcome(message.status, attempt)
+    if message.expires_at is None:
+        return None
+
+    expired = await message_attempts.expire_message(db, settings, message)
+    if expired is None:
+        return ReportOutcome(message.status, attempt)
+    return ReportOutcome(
+        MessageStatus.EXPIRED,
+        attempt,
+        delivery_ids=expired.delivery_ids,
+        remove_up_to_attempt=attempt,
+    )
+
+
 async def apply_report(
     db: AsyncSession,
     settings: Settings,
@@ -301,18 +341,15 @@ async def apply_report(
         status, error = aggregate_parts(reports)
         parts = max(report.parts for report in reports)
         went_out = went_out or any(report.status in SENT_STATUSES for report in reports)
+    elif status in (MessageStatus.FAILED, MessageStatus.EXPIRED) and not went_out:
+        # A report of the whole message can follow part reports. A part that went out
+        # rules out a retry, as `sent_at` does.
+        went_out = await _any_part_went_out(db, message)
 
-    if status is MessageStatus.EXPIRED and message.expires_at is not None:
-        expired = await message_attempts.expire_message(db, settings, message)
-        if expired is None:
-            return ReportOutcome(message.status, attempt)
-        return ReportOutcome(
-            MessageStatus.EXPIRED,
-            attempt,
-            delivery_ids=expired.delivery_ids,
-            remove_up_to_attempt=attempt,
-        )
     if status is MessageStatus.EXPIRED:
+        outcome = await _apply_expired(db, settings, message, went_out)
+        if outcome is not None:
+            return outcome
         # A task without `expires_at` cannot expire: the phone skipped it anyway, so it
         # failed without going out.
         status, error = MessageStatus.FAILED, error or ERROR_EXPIRED
