@@ -8,6 +8,7 @@ from httpx import AsyncClient
 from redis.asyncio import Redis
 
 from mensajero_api.main import MAX_REQUEST_BODY_BYTES, create_app
+from mensajero_common.i18n import translate
 from mensajero_common.settings import Settings
 from mensajero_common.testing import free_port, scaled, serve_app
 
@@ -105,6 +106,37 @@ async def test_unknown_route_envelope(client: AsyncClient) -> None:
         "message": "El recurso solicitado no existe.",
     }
     assert english.json()["message"] == "The requested resource does not exist."
+
+
+@pytest.mark.parametrize(
+    ("accept_language", "expected"),
+    [
+        ("en-US;q=0.5, es;q=0.9", "es"),
+        ("*", "es"),
+        ("garbage", "es"),
+        # The name of the q parameter is case-insensitive.
+        ("en;Q=0.1, es;Q=0.9", "es"),
+        ("en; q = 0.1, es", "es"),
+        # A q value outside 0 to 1, or not a number, makes its entry not acceptable.
+        ("en;q=nan, es;q=0.5", "es"),
+        ("en;q=inf, es;q=0.5", "es"),
+        ("en;q=2, es;q=0.5", "es"),
+        ("en;q=-1, es;q=0.5", "es"),
+        # "*" matches every language that no other entry names.
+        ("en;q=0.5, *", "es"),
+        ("es;q=0, *", "en"),
+        ("*;q=0, en", "en"),
+    ],
+)
+async def test_error_language_negotiated(
+    client: AsyncClient, accept_language: str, expected: str
+) -> None:
+    response = await client.get(
+        "/api/v1/nothing-here", headers={"Accept-Language": accept_language}
+    )
+
+    assert response.headers["content-language"] == expected
+    assert response.json()["message"] == translate("not_found", expected)
 
 
 async def test_wrong_method_envelope(client: AsyncClient) -> None:

@@ -9,6 +9,7 @@ the reason's machine code. The code itself stays in the `reason` field of the er
 """
 
 import contextlib
+import re
 from typing import Any
 
 SUPPORTED_LANGUAGES = ("es", "en")
@@ -489,32 +490,67 @@ REASONS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+# A qvalue as HTTP defines it (RFC 9110): 0 to 1 with at most three decimals.
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
+def _quality(params: str) -> float:
+    """Return the weight of one Accept-Language entry from its parameters.
+
+    The `q` name is case-insensitive. A q value that is not a valid qvalue ("abc",
+    "nan", "2", "-1") gives 0, so the entry is not acceptable.
+    """
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() != "q":
+            continue
+        value = value.strip()
+        if not _QVALUE.fullmatch(value):
+            return 0.0
+        return float(value)
+    return 1.0
+
+
 def negotiate_language(accept_language: str | None, default: str = "es") -> str:
-    """Pick "es" or "en" from an Accept-Language header, by quality then by order."""
+    """Pick "es" or "en" from an Accept-Language header, by quality then by order.
+
+    "*" matches each supported language that no other entry names. A header that
+    accepts neither language gets `default`.
+    """
     if not accept_language:
         return default
 
-    best: tuple[float, str] | None = None
+    # Each language's best (quality, position) among the entries that name it.
+    named: dict[str, tuple[float, int]] = {}
+    wildcard: tuple[float, int] | None = None
     for position, item in enumerate(accept_language.split(",")):
         tag, _, params = item.strip().partition(";")
-        language = tag.strip().lower().split("-")[0]
+        tag = tag.strip().lower()
+        weight = (_quality(params), position)
+        if tag == "*":
+            wildcard = wildcard or weight
+            continue
+        language = tag.split("-")[0]
         if language not in SUPPORTED_LANGUAGES:
             continue
-        quality = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
+        if language not in named or weight[0] > named[language][0]:
+            named[language] = weight
+
+    if wildcard is not None:
+        for language in SUPPORTED_LANGUAGES:
+            named.setdefault(language, wildcard)
+
+    best: tuple[float, int, str] | None = None
+    # The default goes first, so that it wins a tie of quality and position, which
+    # only "*" can produce.
+    for language in sorted(named, key=lambda name: name != default):
+        quality, position = named[language]
         if quality <= 0:
             continue
         # Earlier entries win ties, so the position only breaks equal qualities.
-        candidate = (quality - position * 1e-6, language)
-        if best is None or candidate > best:
-            best = candidate
-    return best[1] if best else default
+        if best is None or (quality, -position) > (best[0], -best[1]):
+            best = (quality, position, language)
+    return best[2] if best else default
 
 
 def reason_phrase(key: str, reason: str, language: str) -> str:
