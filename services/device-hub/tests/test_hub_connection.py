@@ -12,6 +12,7 @@ from hub_helpers import (
     create_device,
     create_outgoing,
     eventually,
+    incoming_rows,
     load_device,
     open_socket,
     receive,
@@ -22,7 +23,7 @@ from hub_helpers import (
     wait_closed,
 )
 from redis.asyncio import Redis
-from sqlalchemy import event, update
+from sqlalchemy import delete, event, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -335,6 +336,35 @@ async def test_revoke_closes_with_4003(
 
     assert code == protocol.CLOSE_REVOKED
     await eventually(offline)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "register", "device_name": "Pixel 8"},
+        {"type": "sms_incoming", "from": "+34611223344", "body": "Hola"},
+    ],
+    ids=["register", "sms_incoming"],
+)
+async def test_deleted_device_frame_closes_4003(
+    hub_url: str, session_factory: Sessions, frame: dict[str, Any]
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        # Deleted without the revoke message that the API publishes after its commit,
+        # as when a frame arrives between the two.
+        async with session_factory() as session:
+            await session.execute(
+                delete(SMSDevice).where(SMSDevice.id == device.device_id)
+            )
+            await session.commit()
+        await send(socket, frame)
+        code, _ = await wait_closed(socket)
+
+    assert code == protocol.CLOSE_REVOKED
+    assert await incoming_rows(session_factory, device.device_id) == []
 
 
 async def set_device_active(

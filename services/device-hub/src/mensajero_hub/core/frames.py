@@ -69,6 +69,14 @@ class AuthThrottledError(Exception):
         return auth_throttled_reason(self.retry_after_s)
 
 
+class DeviceGoneError(Exception):
+    """The connection's device was deleted, so no frame of it can be stored any more.
+
+    The API deletes the row before it publishes the revoke message that closes the
+    device's connections, so frames can arrive in between.
+    """
+
+
 class FrameRejectedError(Exception):
     """A well-formed frame that the hub refuses to apply; `code` goes to the phone."""
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import structlog
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_common import protocol, queues, webhook_outbox, webhooks
@@ -28,6 +29,7 @@ from mensajero_hub.core import reports, repository
 from mensajero_hub.core.auth_throttle import DeviceAuthThrottle
 from mensajero_hub.core.frames import (
     AuthThrottledError,
+    DeviceGoneError,
     FrameRejectedError,
     InvalidApiKeyError,
 )
@@ -43,6 +45,8 @@ log = structlog.get_logger(__name__)
 
 # Width of the smsmessage.from_number column.
 MAX_NUMBER_LENGTH = 32
+# Postgres SQLSTATE of foreign_key_violation.
+FOREIGN_KEY_VIOLATION = "23503"
 
 
 @dataclass(slots=True)
@@ -174,8 +178,9 @@ class DeviceService:
                 app_version=(frame.app_version or "").strip() or None,
                 protocol_version=frame.protocol_version,
             )
-        if stored is not None:
-            identity.name, identity.phone_number = stored
+        if stored is None:
+            raise DeviceGoneError(str(identity.device_id))
+        identity.name, identity.phone_number = stored
         return identity
 
     async def apply_report(
@@ -198,6 +203,27 @@ class DeviceService:
         if received_at.tzinfo is None:
             received_at = received_at.replace(tzinfo=UTC)
 
+        try:
+            message_id, delivery_ids = await self._insert_incoming(
+                identity, frame, from_number, received_at
+            )
+        except IntegrityError as error:
+            if getattr(error.orig, "sqlstate", None) == FOREIGN_KEY_VIOLATION:
+                # The message's device_id names a device row that is gone.
+                raise DeviceGoneError(str(identity.device_id)) from error
+            raise
+
+        await self._queue_webhooks(delivery_ids)
+        return message_id
+
+    async def _insert_incoming(
+        self,
+        identity: DeviceIdentity,
+        frame: SmsIncomingFrame,
+        from_number: str,
+        received_at: datetime,
+    ) -> tuple[uuid.UUID, list[uuid.UUID]]:
+        """Store an incoming SMS and its webhook deliveries in one transaction."""
         delivery_ids: list[uuid.UUID] = []
         async with session_scope(self._sessions) as db:
             message_id = await repository.insert_incoming(
@@ -230,9 +256,7 @@ class DeviceService:
                 )
             if message_id is None:
                 raise RuntimeError("incoming SMS conflicted but cannot be found")
-
-        await self._queue_webhooks(delivery_ids)
-        return message_id
+        return message_id, delivery_ids
 
     def _read_sender(self, frame: SmsIncomingFrame) -> str:
         """Return the sender in E.164 when it is a phone number, else as the phone sent it.

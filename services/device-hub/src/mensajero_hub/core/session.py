@@ -32,7 +32,7 @@ from mensajero_common.protocol import (
 )
 from mensajero_common.status import IN_FLIGHT_STATUSES
 from mensajero_hub.core import frames
-from mensajero_hub.core.frames import FrameRejectedError
+from mensajero_hub.core.frames import DeviceGoneError, FrameRejectedError
 from mensajero_hub.core.service import DeviceIdentity, DeviceService
 from mensajero_hub.core.state import (
     CarriedTask,
@@ -269,6 +269,11 @@ class DeviceSession:
             reply = await self._apply(frame)
         except FrameRejectedError as error:
             await self._reject(error)
+            return
+        except DeviceGoneError:
+            # The frame gets no answer, so the phone keeps it in its outbox.
+            self.log.info("closing connection: device deleted", frame_type=frame.type)
+            await self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED)
             return
         except Exception:
             self.log.exception("frame handling failed", frame_type=frame.type)
