@@ -3,11 +3,12 @@ from datetime import UTC, datetime, timedelta
 import jwt
 import pytest
 from api_test_helpers import ApiUser, MakeUser
-from httpx import AsyncClient
+from httpx import ASGITransport, AsyncClient
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.auth.security import create_access_token
+from mensajero_api.main import create_app
 from mensajero_common.models import User, UserPlan, UserQuota
 from mensajero_common.settings import Settings
 
@@ -296,3 +297,32 @@ async def test_first_superuser_created_at_start(
         },
     )
     assert login.status_code == 200
+
+
+async def test_first_superuser_email_normalized(
+    settings: Settings,
+    session_factory: async_sessionmaker[AsyncSession],
+    redis: object,
+) -> None:
+    typed = " Root@XN--EXMPLE-CUA.com"
+    application = create_app(settings.model_copy(update={"FIRST_SUPERUSER": typed}))
+
+    async with application.router.lifespan_context(application):
+        transport = ASGITransport(app=application)
+        async with AsyncClient(
+            transport=transport, base_url="http://testserver"
+        ) as client:
+            login = await client.post(
+                LOGIN_URL,
+                data={
+                    "username": typed,
+                    "password": settings.FIRST_SUPERUSER_PASSWORD,
+                },
+            )
+
+    async with session_factory() as session:
+        stored = await session.scalar(
+            select(User.email).where(User.is_superuser.is_(True))
+        )
+    assert login.status_code == 200, login.text
+    assert stored == "Root@exämple.com"

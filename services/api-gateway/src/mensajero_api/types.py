@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
@@ -112,6 +113,21 @@ extension. A longer value is rejected before it is parsed or echoed back in an e
 
 Email = Annotated[EmailStr, WrapValidator(_classify_email_error)]
 """An email address, checked and normalized by email-validator as EmailStr does."""
+
+_EMAIL_ADAPTER: TypeAdapter[str] = TypeAdapter(Email)
+
+
+def normalize_email(value: str) -> str:
+    """Return an email address as sign-up stores it, or `value` itself if it is invalid.
+
+    Sign-up trims the address, converts an IDNA (xn--) domain to Unicode, lower-cases
+    the domain and normalizes the text to NFC. A login, or FIRST_SUPERUSER, written in
+    another of these spellings must go through the same steps to find the account.
+    """
+    try:
+        return _EMAIL_ADAPTER.validate_python(value)
+    except ValidationError:
+        return value
 
 
 class RequestBody(BaseModel):

@@ -12,6 +12,7 @@ from mensajero_api.auth.throttle import LoginThrottleDep
 from mensajero_api.deps import PasswordsDep, SessionDep, SettingsDep
 from mensajero_api.envelope import error_responses
 from mensajero_api.jsonbody import JSONBodyRoute
+from mensajero_api.types import normalize_email
 from mensajero_common.throttle import client_address
 
 router = APIRouter(prefix="/api/v1/login", tags=["login"], route_class=JSONBodyRoute)
@@ -39,7 +40,7 @@ async def login_access_token(
     address = client_address(request.scope)
     # Normalized before the throttle too, so that other spellings of one address
     # (an xn-- domain, another Unicode form) count as failures of one account.
-    email = service.normalize_login_email(form.username)
+    email = normalize_email(form.username)
     await throttle.check(email, address)
     try:
         user = await service.authenticate(session, passwords, email, form.password)

@@ -9,7 +9,6 @@ import uuid
 from dataclasses import dataclass
 
 import structlog
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.apikeys import service as apikeys_service
@@ -18,7 +17,7 @@ from mensajero_api.auth.security import (
     TokenDecodeError,
     decode_access_token,
 )
-from mensajero_api.types import Email, is_storable
+from mensajero_api.types import is_storable
 from mensajero_api.users import repository as users_repository
 from mensajero_common.errors import AuthenticationError, PermissionDeniedError
 from mensajero_common.models import User
@@ -68,23 +67,6 @@ class CredentialsMismatchError(AuthenticationError):
 
 class LoginTokenRequiredError(PermissionDeniedError):
     code = "login_token_required"
-
-
-_EMAIL_ADAPTER: TypeAdapter[str] = TypeAdapter(Email)
-
-
-def normalize_login_email(username: str) -> str:
-    """Return the login form's username as sign-up stores an email address.
-
-    Sign-up trims the address, converts an IDNA (xn--) domain to Unicode, lower-cases
-    the domain and normalizes the text to NFC. Without the same steps at login, an
-    account could not log in with the address exactly as it was typed at sign-up. A
-    username that is no valid address is returned as it is.
-    """
-    try:
-        return _EMAIL_ADAPTER.validate_python(username)
-    except ValidationError:
-        return username
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from mensajero_api.auth.security import PasswordHasher
 from mensajero_api.auth.throttle import LoginThrottle
 from mensajero_api.quotas import service as quotas_service
+from mensajero_api.types import normalize_email
 from mensajero_api.users import repository
 from mensajero_api.users.schemas import PasswordChange, UserCreate, UserUpdate
 from mensajero_common.errors import ConflictError, ValidationFailedError
@@ -168,14 +169,15 @@ async def ensure_first_superuser(
 
     Safe when several API replicas start at once: the insert skips an existing email.
     """
+    email = normalize_email(settings.FIRST_SUPERUSER)
     async with session_factory() as session:
-        if await repository.get_user_by_email(session, settings.FIRST_SUPERUSER):
+        if await repository.get_user_by_email(session, email):
             return
 
         hashed_password = await passwords.hash(settings.FIRST_SUPERUSER_PASSWORD)
         user = await repository.insert_user(
             session,
-            email=settings.FIRST_SUPERUSER,
+            email=email,
             hashed_password=hashed_password,
             full_name="Administrator",
             is_superuser=True,
