@@ -178,6 +178,10 @@ async def test_login_disabled_user(
 
     assert login.status_code == 403
     assert login.json()["error"] == "inactive_user"
+    assert login.json()["message"] == (
+        "La cuenta está desactivada. Pide al administrador de este servidor "
+        "Mensajero que la active."
+    )
     assert me.status_code == 403
     assert me.json()["error"] == "inactive_user"
 

@@ -65,8 +65,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Incorrect email or password.",
     },
     "inactive_user": {
-        "es": "La cuenta está desactivada.",
-        "en": "The account is disabled.",
+        "es": "La cuenta está desactivada. Pide al administrador de este servidor Mensajero que la active.",
+        "en": "The account is disabled. Ask the administrator of this Mensajero server to enable it.",
     },
     "too_many_login_attempts": {
         "es": "Demasiados intentos fallidos de inicio de sesión. Inténtalo de nuevo en {retry_after} s.",
