@@ -186,3 +186,25 @@ async def test_401_bodies_name_the_problem(
         assert response.json()["error"] == code, name
         assert response.json()["message"], name
         assert "WWW-Authenticate" in response.headers, name
+
+
+async def test_user_api_key_as_bearer(client: AsyncClient, user: ApiUser) -> None:
+    key = await create_api_key(client, user, name="server")
+    headers = {"Authorization": f"Bearer {key['api_key']}"}
+
+    spanish = await client.get("/api/v1/users/me", headers=headers)
+    english = await client.get(
+        "/api/v1/users/me", headers={**headers, "Accept-Language": "en"}
+    )
+
+    assert spanish.status_code == 401
+    assert spanish.json()["error"] == "invalid_token"
+    assert spanish.json()["reason"] == "user_api_key"
+    assert spanish.json()["message"] == (
+        "Esto es una API key de usuario, no un token de acceso: envíala en la "
+        "cabecera 'X-API-Key', no en 'Authorization: Bearer'."
+    )
+    assert english.json()["message"] == (
+        "This is a user API key, not an access token: send it in the 'X-API-Key' "
+        "header, not in 'Authorization: Bearer'."
+    )

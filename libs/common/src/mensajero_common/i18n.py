@@ -60,6 +60,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "El token no es válido o ha caducado. Inicia sesión de nuevo.",
         "en": "The token is invalid or has expired. Log in again.",
     },
+    "user_api_key_as_token": {
+        "es": "Esto es una API key de usuario, no un token de acceso: envíala en la cabecera 'X-API-Key', no en 'Authorization: Bearer'.",
+        "en": "This is a user API key, not an access token: send it in the 'X-API-Key' header, not in 'Authorization: Bearer'.",
+    },
     "invalid_credentials": {
         "es": "Correo o contraseña incorrectos.",
         "en": "Incorrect email or password.",

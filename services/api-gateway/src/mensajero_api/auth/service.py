@@ -40,6 +40,19 @@ class InvalidTokenError(AuthenticationError):
         super().__init__(headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
+class UserApiKeyAsTokenError(AuthenticationError):
+    """A user API key sent as the bearer token, with a message that names X-API-Key."""
+
+    code = "invalid_token"
+
+    def __init__(self) -> None:
+        super().__init__(
+            message_key="user_api_key_as_token",
+            details={"reason": "user_api_key"},
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+
+
 class InvalidCredentialsError(AuthenticationError):
     code = "invalid_credentials"
 
@@ -104,6 +117,8 @@ async def get_user_for_token(
         raise NotAuthenticatedError()
     if token.startswith(settings.DEVICE_API_KEY_PREFIX):
         raise DeviceKeyNotAllowedError()
+    if token.startswith(settings.USER_API_KEY_PREFIX):
+        raise UserApiKeyAsTokenError()
 
     try:
         claims = decode_access_token(token, settings)
