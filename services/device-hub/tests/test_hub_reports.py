@@ -306,6 +306,32 @@ async def test_whole_failed_after_sent_part_is_final(
     assert await event_names(session_factory, message.id) == ["sms_failed"]
 
 
+async def test_part_with_other_parts_rejected(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(socket, message.id, status="sent", part=1, parts=2)
+        other = await report(socket, message.id, status="delivered", part=1, parts=1)
+        second = await report(socket, message.id, status="sent", part=2, parts=3)
+
+    row = await load_message(session_factory, message.id)
+    assert other["error"] == "invalid_frame"
+    assert other["reason"] == "parts_mismatch"
+    assert "'parts' debe ser 2" in other["message"]
+    assert second["error"] == "invalid_frame"
+    assert row.status == MessageStatus.SENDING
+    async with session_factory() as db:
+        parts = await db.execute(
+            select(SMSMessagePart.part, SMSMessagePart.parts, SMSMessagePart.status)
+            .where(SMSMessagePart.message_id == message.id)
+            .order_by(SMSMessagePart.part)
+        )
+        assert [tuple(item) for item in parts] == [(1, 2, "sent")]
+
+
 async def test_unretryable_failure_is_final(
     hub_url: str, session_factory: Sessions
 ) -> None:

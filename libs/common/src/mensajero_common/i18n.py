@@ -423,6 +423,10 @@ REASONS: dict[str, dict[str, dict[str, str]]] = {
             "es": "'from' debe tener de 1 a {max_length} caracteres",
             "en": "'from' must be 1 to {max_length} characters",
         },
+        "parts_mismatch": {
+            "es": "'parts' debe ser {parts}, como en los informes de partes anteriores de este intento",
+            "en": "'parts' must be {parts}, as in the earlier part reports of this attempt",
+        },
     },
     "invalid_api_key": {
         "missing": {

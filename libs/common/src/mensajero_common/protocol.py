@@ -146,6 +146,8 @@ INVALID_FRAME_NUL_CHARACTER = "nul_character"
 INVALID_FRAME_NUMBER_OUT_OF_RANGE = "number_out_of_range"
 INVALID_FRAME_BINARY = "binary_frame"
 INVALID_FRAME_SENDER_LENGTH = "sender_length"
+# A part report whose `parts` differs from the earlier part reports of its attempt.
+INVALID_FRAME_PARTS_MISMATCH = "parts_mismatch"
 # The frame's fields failed validation, and the error's `fields` lists each problem.
 INVALID_FRAME_FIELDS = "invalid_fields"
 

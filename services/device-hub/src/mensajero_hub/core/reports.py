@@ -34,7 +34,7 @@ from mensajero_common.models import (
     SMSMessageAttempt,
     SMSMessagePart,
 )
-from mensajero_common.protocol import SmsReportFrame
+from mensajero_common.protocol import INVALID_FRAME_PARTS_MISMATCH, SmsReportFrame
 from mensajero_common.settings import Settings
 from mensajero_common.status import can_transition
 from mensajero_hub.core import repository
@@ -92,19 +92,34 @@ def aggregate_parts(parts: Sequence[PartReport]) -> tuple[MessageStatus, str | N
 async def _store_part(
     db: AsyncSession, message: LockedMessage, frame: SmsReportFrame
 ) -> list[PartReport]:
-    """Store one part's report forward-only; return every part report of the attempt."""
+    """Store one part's report forward-only; return every part report of the attempt.
+
+    Raises FrameRejectedError (invalid_frame) and writes nothing when `parts` differs
+    from the earlier part reports of the attempt, because the aggregate would then miss
+    parts or count some twice.
+    """
     assert frame.part is not None and frame.parts is not None
     attempt = message.current_attempt
     status = MessageStatus(frame.status)
-    current = (
+    stored = (
         await db.execute(
-            select(SMSMessagePart.status).where(
+            select(
+                SMSMessagePart.part, SMSMessagePart.parts, SMSMessagePart.status
+            ).where(
                 SMSMessagePart.message_id == message.id,
                 SMSMessagePart.attempt_number == attempt,
-                SMSMessagePart.part == frame.part,
             )
         )
-    ).scalar_one_or_none()
+    ).all()
+    stored_parts = {row.parts for row in stored}
+    if stored_parts and stored_parts != {frame.parts}:
+        raise FrameRejectedError(
+            "invalid_frame",
+            request_id=frame.request_id,
+            reason=INVALID_FRAME_PARTS_MISMATCH,
+            parts=max(stored_parts),
+        )
+    current = next((row.status for row in stored if row.part == frame.part), None)
     if current is None or can_transition(MessageStatus(current), status):
         values = {
             "parts": frame.parts,
