@@ -2,7 +2,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from api_test_helpers import MakeUser, count_rows, send_sms
+from api_test_helpers import MakeUser, count_rows, register_device, send_sms
 from fastapi import FastAPI
 from httpx import ASGITransport, AsyncClient, Response
 from redis.asyncio import Redis
@@ -200,6 +200,40 @@ async def test_api_key_limit_per_key(
     assert other.status_code != 429
     stored = [key.decode() for key in await redis.keys(f"{redis_keys.prefix}:*")]
     assert not any("first-key" in key for key in stored)
+
+
+async def test_made_up_api_keys_limited_per_ip(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser
+) -> None:
+    # Each made-up key has a count of its own, so a new key per request would escape
+    # RATE_LIMIT_PER_IP without a count of failed keys per address.
+    owner = await make_user()
+    created = await client.post(
+        "/api/v1/users/me/api-keys", json={"name": "server"}, headers=owner.headers
+    )
+    assert created.status_code == 201, created.text
+    valid_key = {"X-API-Key": created.json()["data"]["api_key"]}
+    device = await register_device(client, owner)
+
+    attempts = [
+        await client.get(PLANS_URL, headers={"X-API-Key": f"mak_made-up-{index}"})
+        for index in range(4)
+    ]
+    attempts.append(
+        await client.get(PLANS_URL, headers={"X-API-Key": device["api_key"]})
+    )
+    refused = await client.get(PLANS_URL, headers={"X-API-Key": "mak_made-up-5"})
+    refused_valid = await client.get(PLANS_URL, headers=valid_key)
+    transport = ASGITransport(app=app, client=("192.0.2.7", 40000))
+    async with AsyncClient(transport=transport, base_url="http://test") as other:
+        elsewhere = await other.get(PLANS_URL, headers=valid_key)
+    anonymous = await client.get(PLANS_URL)
+
+    assert [response.status_code for response in attempts] == [401] * 5
+    _assert_rate_limited(refused, "5/minute")
+    _assert_rate_limited(refused_valid, "5/minute")
+    assert elsewhere.status_code == 200, elsewhere.text
+    assert anonymous.status_code == 401
 
 
 async def test_check_user_shares_user_limit(

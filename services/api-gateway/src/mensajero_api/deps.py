@@ -12,10 +12,14 @@ from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_api.apikeys.service import InvalidApiKeyError
 from mensajero_api.auth import service as auth_service
 from mensajero_api.auth.security import PasswordHasher
 from mensajero_api.errors import request_language
-from mensajero_api.ratelimits.middleware import enforce_user_rate_limit
+from mensajero_api.ratelimits.middleware import (
+    enforce_api_key_failure_limit,
+    enforce_user_rate_limit,
+)
 from mensajero_api.resources import Resources
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import User
@@ -89,11 +93,18 @@ async def get_current_principal(
     """Authenticate the request by its bearer token or X-API-Key, or raise a 401.
 
     A request with an API key also counts against its owner's per-user rate limit,
-    which the middleware could count only per key.
+    which the middleware could count only per key. A request whose API key fails
+    counts against its address instead, and gets 429 once the address is past
+    RATE_LIMIT_PER_IP in that count.
     """
-    principal = await auth_service.authenticate_request(
-        session, settings, token=token, api_key=api_key
-    )
+    try:
+        principal = await auth_service.authenticate_request(
+            session, settings, token=token, api_key=api_key
+        )
+    except (InvalidApiKeyError, auth_service.DeviceKeyNotAllowedError):
+        if api_key:
+            await enforce_api_key_failure_limit(request)
+        raise
     if principal.api_key_id is not None:
         await enforce_user_rate_limit(request, principal.user.id)
     return principal

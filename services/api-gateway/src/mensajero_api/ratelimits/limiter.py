@@ -70,12 +70,13 @@ class RequestRateLimiter:
         self._limiter = MovingWindowRateLimiter(storage)
         self._last_error_log = -math.inf
 
-    def _checks(self, scope: Scope) -> list[tuple[RateLimitRule, str]]:
+    def _checks(
+        self, scope: Scope, client: ClientKey
+    ) -> list[tuple[RateLimitRule, str]]:
         checks = []
         if scope.get("method") == "POST" and scope.get("path") in LOGIN_PATHS:
             address = counted_address(client_address(scope))
             checks.append((self.rules.login_per_ip, address))
-        client = identify_client(scope, self.settings)
         checks.append((self._rule_for(client), client.value))
         return checks
 
@@ -92,8 +93,37 @@ class RequestRateLimiter:
         A request rejected by one item is not counted by the items after it. While Redis
         is unreachable every request passes, because the limits protect the API and
         rejecting everything would take it down instead.
+
+        A request with an API key is rejected, without being counted, while its address
+        is past the limit of failed API keys that record_api_key_failure counts.
         """
-        return await self._hit_all(self._checks(scope))
+        client = identify_client(scope, self.settings)
+        if client.kind == KIND_API_KEY:
+            rejection = await self._test_api_key_failures(scope)
+            if rejection is not None:
+                return rejection
+        return await self._hit_all(self._checks(scope, client))
+
+    async def record_api_key_failure(self, scope: Scope) -> RateLimitedError | None:
+        """Count a request whose X-API-Key failed authentication against its address.
+
+        The middleware counts a request with an API key per key, so a client that sent a
+        new made-up key with each request would escape RATE_LIMIT_PER_IP. Returns the
+        error to respond with once the address is past that limit in this count.
+        """
+        address = counted_address(client_address(scope))
+        return await self._hit_all([(self.rules.api_key_failures_per_ip, address)])
+
+    async def _test_api_key_failures(self, scope: Scope) -> RateLimitedError | None:
+        rule = self.rules.api_key_failures_per_ip
+        address = counted_address(client_address(scope))
+        try:
+            for item in rule.items:
+                if not await self._limiter.test(item, rule.name, address):
+                    return await self._rejection(item, rule, address)
+        except (RedisError, OSError) as error:
+            self._log_redis_error(error)
+        return None
 
     async def check_user(self, user_id: uuid.UUID) -> RateLimitedError | None:
         """Count one request against the per-user limit of `user_id`.

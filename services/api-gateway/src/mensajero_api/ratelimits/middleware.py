@@ -47,3 +47,15 @@ async def enforce_user_rate_limit(request: Request, user_id: uuid.UUID) -> None:
     rejection = await limiter.check_user(user_id)
     if rejection is not None:
         raise rejection
+
+
+async def enforce_api_key_failure_limit(request: Request) -> None:
+    """Count a failed X-API-Key against the client's address, or raise RateLimitedError."""
+    limiter: RequestRateLimiter | None = getattr(
+        request.app.state, STATE_ATTRIBUTE, None
+    )
+    if limiter is None:
+        return
+    rejection = await limiter.record_api_key_failure(request.scope)
+    if rejection is not None:
+        raise rejection

@@ -29,10 +29,16 @@ class RateLimitRules:
     per_ip: RateLimitRule
     # Login and sign-up attempts per client IP address, on top of the rule above.
     login_per_ip: RateLimitRule
+    # Requests whose X-API-Key failed authentication, per client IP address, with the
+    # items of RATE_LIMIT_PER_IP.
+    api_key_failures_per_ip: RateLimitRule
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "RateLimitRules":
         """Parse the settings, or raise InvalidLimitSettingError naming the bad one."""
+        per_ip_items = parse_limit_setting(
+            "RATE_LIMIT_PER_IP", settings.RATE_LIMIT_PER_IP
+        )
         return cls(
             per_user=RateLimitRule(
                 "user",
@@ -46,14 +52,12 @@ class RateLimitRules:
                     "RATE_LIMIT_PER_API_KEY", settings.RATE_LIMIT_PER_API_KEY
                 ),
             ),
-            per_ip=RateLimitRule(
-                "ip",
-                parse_limit_setting("RATE_LIMIT_PER_IP", settings.RATE_LIMIT_PER_IP),
-            ),
+            per_ip=RateLimitRule("ip", per_ip_items),
             login_per_ip=RateLimitRule(
                 "login",
                 parse_limit_setting(
                     "RATE_LIMIT_LOGIN_PER_IP", settings.RATE_LIMIT_LOGIN_PER_IP
                 ),
             ),
+            api_key_failures_per_ip=RateLimitRule("api_key_failure", per_ip_items),
         )
