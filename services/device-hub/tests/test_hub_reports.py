@@ -177,6 +177,25 @@ async def test_report_on_ended_attempt_ignored(
     assert row.status == MessageStatus.SENT
 
 
+async def test_report_on_future_attempt_keeps_task(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+    await push_task(redis, redis_keys, device, message)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await receive_type(socket, "task")
+        ack = await report(socket, message.id, status="sending", attempt=2)
+
+    row = await load_message(session_factory, message.id)
+    assert ack["status"] == "assigned"
+    assert ack["attempt"] == 1
+    assert row.status == MessageStatus.ASSIGNED
+    # Attempt 1 has not ended, so its task is still offered on the next connection.
+    assert await queued_attempts(redis, redis_keys, device) == [1]
+
+
 async def test_retry_reaches_same_connection(
     hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
 ) -> None:

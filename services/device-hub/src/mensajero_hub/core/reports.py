@@ -3,8 +3,9 @@
 The caller locks the message row for the whole report, so the reports of one message
 apply one at a time whatever connection or hub they arrive on. Then:
 
-- a report naming an earlier `attempt` changes nothing: that attempt has ended. So does
-  a report from a device whose attempt moved to another device;
+- a report naming an earlier `attempt` changes nothing: that attempt has ended. So do a
+  report naming a later `attempt` and a report from a device whose attempt moved to
+  another device;
 - a message that is not in flight (`pending` for a retry, or final) does not change;
 - a part report is stored per part, forward-only, and the message takes the aggregate of
   its parts: any part failed → failed, every part delivered → delivered, every part
@@ -342,9 +343,10 @@ async def apply_report(
             attempt=attempt,
             status=frame.status,
         )
-        return ReportOutcome(
-            message.status, attempt, remove_up_to_attempt=min(frame.attempt, attempt)
-        )
+        # Only the entries of an ended attempt leave the stream. A report naming an
+        # attempt that has not started yet is wrong and must not drop the current task.
+        ended = frame.attempt if frame.attempt < attempt else None
+        return ReportOutcome(message.status, attempt, remove_up_to_attempt=ended)
     if message.status not in REPORTABLE_MESSAGE_STATUSES:
         return ReportOutcome(message.status, attempt, remove_up_to_attempt=attempt)
 
