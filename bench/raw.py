@@ -9,13 +9,16 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.typing import EncodableT
 
 from bench import pg
 from bench.stats import summarize_ms
+from mensajero_common import queues
 
 RAW_TABLE = "bench_raw_message"
 # The same table without the foreign keys, for the batch figure's second baseline.
@@ -74,6 +77,23 @@ def message_row(
 # Redis.
 
 
+def new_message_entry() -> dict[EncodableT, EncodableT]:
+    """A new-message entry as the API writes it for a single send of BODY."""
+    return queues.new_message_fields(
+        queues.NewMessage(
+            id=uuid.uuid4(),
+            user_id=uuid.uuid4(),
+            requested_device_id=None,
+            to_number="+34600000001",
+            body=BODY,
+            segments=1,
+            encoding="gsm7",
+            created_at=datetime.now(UTC),
+            expires_at=None,
+        )
+    )
+
+
 async def redis_xadd_rate(
     redis_url: str, stream: str, concurrency: int, duration_s: float
 ) -> dict[str, Any]:
@@ -87,8 +107,8 @@ async def redis_xadd_rate(
         while time.monotonic() < stop_at:
             await redis.xadd(
                 stream,
-                {"message_id": str(uuid.uuid4())},
-                maxlen=1_000_000,
+                new_message_entry(),
+                maxlen=queues.NEW_MESSAGES_STREAM_MAXLEN,
                 approximate=True,
             )
             count += 1
@@ -117,7 +137,7 @@ async def redis_xadd_to_reader_latency(
             # Let the XREAD reach Redis and block before the entry is added.
             await asyncio.sleep(0.002)
             sent_at = time.perf_counter()
-            await writer.xadd(stream, {"message_id": str(uuid.uuid4())})
+            await writer.xadd(stream, new_message_entry())
             response = await read
             latencies_ms.append((time.perf_counter() - sent_at) * 1000)
             last_id = response[0][1][-1][0]

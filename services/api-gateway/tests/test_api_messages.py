@@ -5,6 +5,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from api_test_helpers import ApiUser, MakeUser, count_rows, register_device, send_sms
 from httpx import AsyncClient
 from redis.asyncio import Redis
@@ -12,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.quotas.service import next_quota_reset
+from mensajero_common import queues
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import (
     MessageStatus,
@@ -101,6 +103,48 @@ async def test_send_happy_path(
     assert row.requested_device_id is None
     assert await _stream_message_ids(redis, redis_keys) == [data["message_id"]]
     assert await _sms_sent(session_factory, user) == 1
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "carried-1"])
+async def test_send_entry_carries_stored_message(
+    client: AsyncClient,
+    user: ApiUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+    idempotency_key: str | None,
+) -> None:
+    device = await register_device(client, user)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+
+    response = await send_sms(
+        client,
+        user,
+        body="Hola 👋",
+        headers=headers,
+        device_id=device["device_id"],
+        ttl=600,
+    )
+
+    assert response.status_code == 201, response.text
+    async with session_factory() as session:
+        row = await session.get(
+            SMSMessage, uuid.UUID(response.json()["data"]["message_id"])
+        )
+    assert row is not None
+    ((_, fields),) = await redis.xrange(redis_keys.new_messages_stream)
+    assert queues.read_new_message(fields) == queues.NewMessage(
+        id=row.id,
+        user_id=row.user_id,
+        requested_device_id=row.requested_device_id,
+        to_number="+525512345678",
+        body="Hola 👋",
+        segments=1,
+        encoding="ucs2",
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+    )
+    assert row.expires_at is not None
 
 
 async def test_send_counts_segments(client: AsyncClient, user: ApiUser) -> None:

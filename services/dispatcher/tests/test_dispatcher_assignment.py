@@ -353,3 +353,99 @@ async def test_assignment_stores_device_number(ctx, factory, session_factory):
     assert first.from_number == "+525512345678"
     assert second.device_id == unnumbered.id
     assert second.from_number is None
+
+
+def _carried(message: SMSMessage, **changes: object) -> PendingMessage:
+    """The message as the API's stream entry carries it, with `changes` applied."""
+    fields = {
+        "id": message.id,
+        "user_id": message.user_id,
+        "requested_device_id": message.requested_device_id,
+        "to_number": message.to_number or "",
+        "body": message.body,
+        "segments": message.segments,
+        "encoding": message.encoding,
+        "created_at": message.created_at,
+        "expires_at": message.expires_at,
+        **changes,
+    }
+    return PendingMessage.new(queues.NewMessage(**fields))
+
+
+async def test_carried_messages_are_assigned_without_a_read(
+    ctx, factory, redis, redis_keys, monkeypatch
+):
+    user = await factory.user()
+    device = await factory.device(user)
+    older = await factory.message(user, age_s=2, body="first")
+    newer = await factory.message(user, body="second")
+    signalled = await factory.message(user, age_s=1, body="by id")
+
+    find_pending_by_ids = repository.find_pending_by_ids
+
+    async def read_only_signalled(connection, message_ids):
+        assert list(message_ids) == [signalled.id]
+        return await find_pending_by_ids(connection, message_ids)
+
+    monkeypatch.setattr(repository, "find_pending_by_ids", read_only_signalled)
+    plan = await assign_messages(
+        ctx, [signalled.id], [_carried(newer), _carried(older)]
+    )
+
+    # Oldest first, whether carried or read.
+    assert [item.message.id for item in plan.assignments] == [
+        older.id,
+        signalled.id,
+        newer.id,
+    ]
+    for message in (older, newer, signalled):
+        stored = await factory.reload(message)
+        assert (stored.status, stored.device_id) == (MessageStatus.ASSIGNED, device.id)
+        assert stored.attempts == 1
+    tasks = await queues.read_device_tasks(redis, redis_keys, device.id)
+    frames = {message_id: frame for _, message_id, frame in tasks}
+    assert frames[older.id]["body"] == "first"
+    assert frames[older.id]["attempt"] == 1
+    assert frames[newer.id]["created_at"] == jsonutil.loads(
+        jsonutil.dumps(newer.created_at)
+    )
+
+
+async def test_carried_message_no_longer_pending_is_left_alone(
+    ctx, factory, redis, redis_keys
+):
+    user = await factory.user()
+    device = await factory.device(user)
+    failed = await factory.message(user, status=MessageStatus.FAILED)
+    expired = await factory.message(user, expires_at=datetime(2020, 1, 1, tzinfo=UTC))
+    retried = await factory.message(user, attempts=1)
+
+    plan = await assign_messages(
+        ctx, [], [_carried(failed), _carried(expired), _carried(retried)]
+    )
+
+    assert plan.assignments == []
+    assert (await factory.reload(failed)).status == MessageStatus.FAILED
+    for message in (expired, retried):
+        stored = await factory.reload(message)
+        assert (stored.status, stored.device_id) == (MessageStatus.PENDING, None)
+    assert await queues.read_device_tasks(redis, redis_keys, device.id) == []
+    for message in (failed, expired, retried):
+        assert await factory.attempts(message) == []
+
+
+async def test_carried_message_for_deleted_device_fails(ctx, factory):
+    user = await factory.user()
+    await factory.device(user)
+    message = await factory.message(user)
+
+    plan = await assign_messages(
+        ctx, [], [_carried(message, requested_device_id=uuid.uuid4())]
+    )
+
+    assert [item.error for item in plan.rejections] == [REQUESTED_DEVICE_DELETED]
+    stored = await factory.reload(message)
+    assert (stored.status, stored.error) == (
+        MessageStatus.FAILED,
+        REQUESTED_DEVICE_DELETED,
+    )

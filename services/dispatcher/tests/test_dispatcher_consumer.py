@@ -246,3 +246,37 @@ async def test_consumer_stops_within_read_block(ctx):
     await asyncio.wait_for(task, scaled(5))
 
     assert loop.time() - started < scaled(READ_BLOCK_MS / 1000 + 1)
+
+
+async def test_consumer_assigns_message_its_entry_carries(ctx, factory, wait_until):
+    user = await factory.user()
+    device = await factory.device(user)
+    carried = await factory.message(user, body="carried")
+    by_id = await factory.message(user)
+
+    async with running(make_consumer(ctx)):
+        await queues.signal_new_message(
+            ctx.redis,
+            ctx.keys,
+            queues.NewMessage(
+                id=carried.id,
+                user_id=user.id,
+                requested_device_id=None,
+                to_number=carried.to_number or "",
+                body=carried.body,
+                segments=carried.segments,
+                encoding=carried.encoding,
+                created_at=carried.created_at,
+                expires_at=None,
+            ),
+        )
+        await queues.signal_new_messages(ctx.redis, ctx.keys, [by_id.id])
+        await wait_until(status_is(factory, carried, MessageStatus.ASSIGNED))
+        await wait_until(status_is(factory, by_id, MessageStatus.ASSIGNED))
+        await wait_until(lambda: stream_drained(ctx, ctx.keys.new_messages_stream))
+
+    tasks = await queues.read_device_tasks(ctx.redis, ctx.keys, device.id)
+    assert {message_id: frame["body"] for _, message_id, frame in tasks} == {
+        carried.id: "carried",
+        by_id.id: by_id.body,
+    }

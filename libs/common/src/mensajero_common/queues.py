@@ -6,6 +6,8 @@ found again by the dispatcher's sweep over Postgres.
 
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
@@ -17,6 +19,78 @@ from mensajero_common.keys import RedisKeys
 # Approximate cap on the shared streams: older entries are trimmed, and the Postgres sweep
 # re-signals any message whose entry was trimmed before it was read.
 SHARED_STREAM_MAXLEN = 1_000_000
+# Lower for the new-message stream, whose entries of single sends carry the whole message
+# (about 400 bytes with a 160-character body), so that a dispatcher stopped for hours
+# does not fill Redis. The pending sweep assigns the messages of trimmed entries.
+NEW_MESSAGES_STREAM_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A new outgoing message as its stream entry carries it, so that the dispatcher can
+    assign it without reading it from Postgres first."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    requested_device_id: uuid.UUID | None
+    to_number: str
+    body: str
+    segments: int
+    encoding: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+def new_message_fields(message: NewMessage) -> dict[EncodableT, EncodableT]:
+    """Return the fields of the new-message entry that carries `message`."""
+    return {
+        "message_id": str(message.id),
+        "user_id": str(message.user_id),
+        "requested_device_id": str(message.requested_device_id or ""),
+        "to": message.to_number,
+        "body": message.body,
+        "segments": message.segments,
+        "encoding": message.encoding,
+        "created_at": message.created_at.isoformat(),
+        "expires_at": message.expires_at.isoformat() if message.expires_at else "",
+    }
+
+
+def read_new_message(fields: Mapping[bytes, bytes]) -> NewMessage | None:
+    """Return the message that a new-message entry carries, or None when the entry has
+    only the message's id (from a bulk send or a sweep) or does not parse."""
+    try:
+        requested = fields[b"requested_device_id"]
+        expires_at = fields[b"expires_at"]
+        return NewMessage(
+            id=uuid.UUID(fields[b"message_id"].decode()),
+            user_id=uuid.UUID(fields[b"user_id"].decode()),
+            requested_device_id=uuid.UUID(requested.decode()) if requested else None,
+            to_number=fields[b"to"].decode(),
+            body=fields[b"body"].decode(),
+            segments=int(fields[b"segments"]),
+            encoding=fields[b"encoding"].decode(),
+            created_at=datetime.fromisoformat(fields[b"created_at"].decode()),
+            expires_at=datetime.fromisoformat(expires_at.decode())
+            if expires_at
+            else None,
+        )
+    except (KeyError, ValueError):
+        # UnicodeDecodeError is a ValueError.
+        return None
+
+
+async def signal_new_message(
+    redis: Redis, keys: RedisKeys, message: NewMessage
+) -> None:
+    """Tell the dispatcher that this committed message waits for assignment, with the
+    fields that the assignment and the task need."""
+    await redis.xadd(
+        keys.new_messages_stream,
+        new_message_fields(message),
+        maxlen=NEW_MESSAGES_STREAM_MAXLEN,
+        approximate=True,
+    )
 
 
 # One XADD per message id, done by Redis: a pipeline of 1000 XADDs cost a fifth of a
@@ -40,7 +114,7 @@ async def signal_new_messages(
         await redis.xadd(
             keys.new_messages_stream,
             {"message_id": ids[0]},
-            maxlen=SHARED_STREAM_MAXLEN,
+            maxlen=NEW_MESSAGES_STREAM_MAXLEN,
             approximate=True,
         )
         return
@@ -48,7 +122,7 @@ async def signal_new_messages(
     for start in range(0, len(ids), _SIGNAL_BATCH):
         await script(
             keys=[keys.new_messages_stream],
-            args=[SHARED_STREAM_MAXLEN, *ids[start : start + _SIGNAL_BATCH]],
+            args=[NEW_MESSAGES_STREAM_MAXLEN, *ids[start : start + _SIGNAL_BATCH]],
         )
 
 

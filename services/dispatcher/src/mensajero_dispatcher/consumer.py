@@ -24,6 +24,7 @@ import structlog
 from redis.exceptions import ResponseError
 from redis.typing import KeyT, StreamIdT
 
+from mensajero_common import queues
 from mensajero_common.transient import is_transient
 from mensajero_dispatcher.context import DispatcherContext
 from mensajero_dispatcher.devices.service import (
@@ -31,6 +32,7 @@ from mensajero_dispatcher.devices.service import (
     select_events_to_handle,
 )
 from mensajero_dispatcher.lifecycle import sleep_unless_stopped
+from mensajero_dispatcher.messages.schemas import PendingMessage
 from mensajero_dispatcher.messages.service import assign_messages
 
 log = structlog.get_logger(__name__)
@@ -299,7 +301,12 @@ class StreamConsumer:
 
     async def _handle_new_messages(self, entries: Sequence[Entry]) -> None:
         message_ids = []
+        carried = []
         for entry_id, fields in entries:
+            message = queues.read_new_message(fields)
+            if message is not None:
+                carried.append(PendingMessage.new(message))
+                continue
             message_id = _parse_uuid(fields, b"message_id")
             if message_id is None:
                 if fields:
@@ -308,7 +315,7 @@ class StreamConsumer:
             message_ids.append(message_id)
 
         try:
-            await assign_messages(self.ctx, message_ids)
+            await assign_messages(self.ctx, message_ids, carried)
         except Exception as error:
             if is_transient(error):
                 raise

@@ -75,16 +75,17 @@ INSERT INTO smsmessage (
 SELECT $1, user_id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $15::text::jsonb
 FROM charged
 ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id
+RETURNING created_at
 """
 
 
 async def insert_charged(
     session: AsyncSession, values: dict[str, Any], period_start: date, today: date
-) -> bool:
-    """Insert an outgoing message and charge it to the quota; tell whether it did.
+) -> datetime | None:
+    """Insert an outgoing message and charge it to the quota; return its `created_at`,
+    or None when it did neither.
 
-    False means that the monthly quota has no room left (nothing changed), or that the
+    None means that the monthly quota has no room left (nothing changed), or that the
     message's idempotency key is taken (the charge did happen, so the caller must roll
     the transaction back). The statement runs on asyncpg directly: it is the one of every
     single send, and through SQLAlchemy's ORM the same work took several times the CPU.
@@ -94,7 +95,7 @@ async def insert_charged(
     connection = await driver_connection(
         session, transaction=values["idempotency_key"] is not None
     )
-    inserted = await connection.fetchval(
+    created_at: datetime | None = await connection.fetchval(
         _INSERT_CHARGED_SQL,
         values["id"],
         values["user_id"],
@@ -112,7 +113,7 @@ async def insert_charged(
         today,
         jsonutil.dumps_str(values["meta"]),
     )
-    return inserted is not None
+    return created_at
 
 
 async def get_message(

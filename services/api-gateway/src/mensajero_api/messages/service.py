@@ -241,8 +241,11 @@ async def send_message(
         "meta": {"request_hash": request_hash} if idempotency_key else {},
     }
     period = quotas_service.QuotaPeriod.at(datetime.now(UTC), settings)
-    if await repository.insert_charged(session, values, period.start, period.today):
-        message = SMSMessage(**values)
+    created_at = await repository.insert_charged(
+        session, values, period.start, period.today
+    )
+    if created_at is not None:
+        message = SMSMessage(**values, created_at=created_at)
     else:
         # The quota is used up, or a concurrent request took the idempotency key after
         # this statement charged the quota. Roll back, then take the slower path below,
@@ -255,7 +258,7 @@ async def send_message(
         message = inserted
     await session.commit()
     # Signalled before the log line is written, so the dispatcher does not wait for it.
-    await _signal_dispatcher(redis, keys, message.id)
+    await _signal_dispatcher(redis, keys, message)
 
     logger.info(
         "message accepted",
@@ -296,13 +299,25 @@ async def _insert_then_charge(
 
 
 async def _signal_dispatcher(
-    redis: Redis, keys: RedisKeys, message_id: uuid.UUID
+    redis: Redis, keys: RedisKeys, message: SMSMessage
 ) -> None:
+    # The entry carries the message, which saves the dispatcher a read of it.
+    signalled = queues.NewMessage(
+        id=message.id,
+        user_id=message.user_id,
+        requested_device_id=message.requested_device_id,
+        to_number=message.to_number or "",
+        body=message.body,
+        segments=message.segments,
+        encoding=message.encoding,
+        created_at=message.created_at,
+        expires_at=message.expires_at,
+    )
     try:
-        await queues.signal_new_messages(redis, keys, [message_id])
+        await queues.signal_new_message(redis, keys, signalled)
     except RedisError:
         # The message is committed; the dispatcher's sweep of pending rows sends it later.
-        logger.exception("signalling the dispatcher failed", message_id=str(message_id))
+        logger.exception("signalling the dispatcher failed", message_id=str(message.id))
 
 
 async def get_message(

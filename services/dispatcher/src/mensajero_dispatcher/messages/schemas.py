@@ -4,6 +4,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from mensajero_common.queues import NewMessage
+
 
 @dataclass(frozen=True)
 class PendingMessage:
@@ -21,6 +23,21 @@ class PendingMessage:
     # Devices on which an earlier attempt failed or went unacknowledged: a retry goes
     # elsewhere when the user has another device online.
     avoid_device_ids: frozenset[uuid.UUID] = frozenset()
+
+    @classmethod
+    def new(cls, message: NewMessage) -> "PendingMessage":
+        """The message as its new-message entry carries it, before any attempt."""
+        return cls(
+            id=message.id,
+            user_id=message.user_id,
+            requested_device_id=message.requested_device_id,
+            to_number=message.to_number,
+            body=message.body,
+            segments=message.segments,
+            encoding=message.encoding,
+            created_at=message.created_at,
+            expires_at=message.expires_at,
+        )
 
     @property
     def task_attempt(self) -> int:

@@ -293,22 +293,32 @@ async def _assign_batch(ctx: DispatcherContext, lock: LockBatch) -> BatchOutcome
 
 
 async def _assign_batch_unlocked(
-    ctx: DispatcherContext, message_ids: Sequence[uuid.UUID]
+    ctx: DispatcherContext,
+    message_ids: Sequence[uuid.UUID],
+    carried: Sequence[PendingMessage] = (),
 ) -> BatchOutcome:
-    """Assign those of `message_ids` that are pending like `_assign_batch`, but with
-    each statement committing on its own, then push their tasks.
+    """Assign those of `message_ids` that are pending, and the `carried` messages, like
+    `_assign_batch`, but with each statement committing on its own, then push their
+    tasks.
 
     This saves the BEGIN and COMMIT round trips. The messages are read without a lock,
     and the assignment statement moves only those still as they were read (see
     repository.mark_assigned). A message that changed in between, for example because
     another dispatcher assigned it, is left alone. The pace reserved for it stays
-    taken for the window, as after a failed commit.
+    taken for the window, as after a failed commit. The carried messages are not read
+    at all: their stream entries hold them as they were committed, and the assignment
+    statement leaves those that are no longer pending and due in the same way.
     """
     outcome = BatchOutcome()
     async with ctx.session_factory() as session:
         # On the driver, without the ORM, which cost more CPU than the round trips.
         connection = await driver_connection(session, transaction=False)
-        outcome.locked = await repository.find_pending_by_ids(connection, message_ids)
+        read = (
+            await repository.find_pending_by_ids(connection, message_ids)
+            if message_ids
+            else []
+        )
+        outcome.locked = _oldest_first(carried, read)
         if not outcome.locked:
             return outcome
 
@@ -327,6 +337,16 @@ async def _assign_batch_unlocked(
 
     await _push_committed_plan(ctx, outcome.plan, delivery_ids)
     return outcome
+
+
+def _oldest_first(
+    carried: Sequence[PendingMessage], read: Sequence[PendingMessage]
+) -> list[PendingMessage]:
+    """Merge the carried and the read messages, once each and oldest first; a message
+    that was read too is taken as read."""
+    by_id = {message.id: message for message in carried}
+    by_id.update((message.id, message) for message in read)
+    return sorted(by_id.values(), key=lambda message: message.cursor)
 
 
 async def _push_committed_plan(
@@ -400,21 +420,27 @@ async def _assign_one_by_one(ctx: DispatcherContext, lock: LockBatch) -> BatchOu
 
 
 async def assign_messages(
-    ctx: DispatcherContext, message_ids: Sequence[uuid.UUID]
+    ctx: DispatcherContext,
+    message_ids: Sequence[uuid.UUID],
+    carried: Sequence[PendingMessage] = (),
 ) -> AssignmentPlan:
-    """Assign those of `message_ids` that are still pending, and skip the others.
+    """Assign those of `message_ids` that are still pending, and the `carried` messages
+    that are, and skip the others.
 
-    The same id read twice is assigned once, because the second time it is not pending.
+    `carried` are new messages as their stream entries hold them, assigned without
+    being read first. The same id given twice is assigned once, because the second
+    time it is not pending.
     """
-    if not message_ids:
+    if not message_ids and not carried:
         return AssignmentPlan()
     try:
-        return (await _assign_batch_unlocked(ctx, message_ids)).plan
+        return (await _assign_batch_unlocked(ctx, message_ids, carried)).plan
     except Exception as error:
         if is_transient(error):
             raise
         log.exception("batch assignment failed; assigning its messages one by one")
-    lock = partial(repository.lock_pending_by_ids, message_ids=message_ids)
+    every_id = [*message_ids, *(message.id for message in carried)]
+    lock = partial(repository.lock_pending_by_ids, message_ids=every_id)
     return (await _assign_one_by_one(ctx, lock)).plan
 
 
