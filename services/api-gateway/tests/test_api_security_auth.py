@@ -1,5 +1,6 @@
 """Login throttling, passwords, token lifetime, CORS, mass assignment and exposure."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -233,6 +234,35 @@ async def test_password_change_same_password(
     assert after.hashed_password == before.hashed_password
     assert after.token_version == before.token_version
     assert await login(client, user.email, user.password) == 200
+
+
+async def test_concurrent_password_changes_one_wins(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    new_passwords = [f"new passphrase {index}" for index in range(3)]
+
+    responses = await asyncio.gather(
+        *[
+            client.put(
+                PASSWORD_PATH,
+                json={"current_password": user.password, "new_password": password},
+                headers=user.headers,
+            )
+            for password in new_passwords
+        ]
+    )
+
+    statuses = [response.status_code for response in responses]
+    assert sorted(statuses) == [200, 401, 401]
+    winner = statuses.index(200)
+    losers = [response for response in responses if response.status_code == 401]
+    assert all(response.json()["error"] == "invalid_token" for response in losers)
+    token = responses[winner].json()["data"]["access_token"]
+    me = await client.get(
+        "/api/v1/users/me", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert me.status_code == 200
+    assert await login(client, user.email, new_passwords[winner]) == 200
 
 
 async def test_password_change_guessing_throttled(

@@ -86,7 +86,9 @@ async def change_password(
     account may have been compromised. Errors: 400
     `invalid_current_password`, `password_unchanged` (the new password is the current
     one) or `weak_password` (the new password is the email or contains the part before
-    the @); 429 `too_many_login_attempts` after repeated wrong current passwords.
+    the @); 401 `invalid_token` when another change made with the same token
+    committed first; 429 `too_many_login_attempts` after repeated wrong current
+    passwords.
     """
     user = await service.change_password(
         session, passwords, throttle, client_address(request.scope), user, data

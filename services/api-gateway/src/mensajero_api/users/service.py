@@ -4,6 +4,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.auth.security import PasswordHasher
+from mensajero_api.auth.service import InvalidTokenError
 from mensajero_api.auth.throttle import LoginThrottle
 from mensajero_api.quotas import service as quotas_service
 from mensajero_api.types import normalize_email
@@ -149,8 +150,22 @@ async def change_password(
         raise PasswordUnchangedError()
     check_password_rules(data.new_password, user.email, "new_password")
 
-    user.hashed_password = await passwords.hash(data.new_password)
-    # Incremented in SQL, so two concurrent changes both bump the version.
+    hashed_password = await passwords.hash(data.new_password)
+
+    # Concurrent changes with one token all pass authentication before any commits. The
+    # lock makes them run one at a time, and each one after the first finds the version
+    # it was authenticated with revoked, so it fails as its token now would.
+    authenticated_version = user.token_version
+    await repository.lock_user(session, user.id)
+    await session.refresh(user, ["token_version"])
+    if user.token_version != authenticated_version:
+        logger.info(
+            "password change rejected: token revoked by a concurrent change",
+            user_id=str(user.id),
+        )
+        raise InvalidTokenError()
+
+    user.hashed_password = hashed_password
     user.token_version = User.token_version + 1
     await session.commit()
     await session.refresh(user)
