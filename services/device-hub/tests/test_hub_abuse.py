@@ -205,6 +205,38 @@ async def test_nul_characters_get_invalid_frame(
     assert row.app_version is None
 
 
+@pytest.mark.parametrize(
+    ("depth", "inner", "reason"),
+    [
+        # Deeper than Python's default recursion limit, within orjson's 1,024 levels.
+        (1000, "0", None),
+        (1000, json.dumps(NUL), "nul_character"),
+        # The outer object makes 1,025 levels, one past orjson's limit.
+        (1024, "0", "not_json"),
+    ],
+    ids=["plain", "nul", "too_deep"],
+)
+async def test_deeply_nested_frame_answered(
+    hub_url: str,
+    session_factory: Sessions,
+    depth: int,
+    inner: str,
+    reason: str | None,
+) -> None:
+    device = await create_device(session_factory)
+    nested = "[" * depth + inner + "]" * depth
+    raw = '{"type": "ping", "request_id": "deep", "padding": ' + nested + "}"
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await socket.send(raw)
+        answer = await receive(socket)
+        pong = await request(socket, {"type": "ping"})
+
+    assert answer["type"] == ("pong" if reason is None else "error")
+    assert answer.get("reason") == reason
+    assert pong["type"] == "pong"
+
+
 async def test_failed_report_with_nul_changes_nothing(
     hub_url: str, session_factory: Sessions
 ) -> None:

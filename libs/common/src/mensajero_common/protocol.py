@@ -200,24 +200,25 @@ def _find_unstorable_value(value: Any) -> str | None:
 
     Postgres text cannot hold NUL (JSON can, as "\\u0000"), and a number past the
     integer columns would fail in the database instead of getting an `error` frame.
+    The walk keeps its own stack instead of recursing, because orjson parses up to 1,024
+    levels of nesting, deeper than Python's default recursion limit of 1,000.
     """
-    if isinstance(value, str):
-        return INVALID_FRAME_NUL_CHARACTER if "\x00" in value else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float) and not (
-        MIN_FRAME_INTEGER <= value <= MAX_FRAME_INTEGER
-    ):
-        return INVALID_FRAME_NUMBER_OUT_OF_RANGE
-    children: Any = ()
-    if isinstance(value, dict):
-        children = [*value.keys(), *value.values()]
-    elif isinstance(value, list):
-        children = value
-    for child in children:
-        problem = _find_unstorable_value(child)
-        if problem is not None:
-            return problem
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return INVALID_FRAME_NUL_CHARACTER
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int | float):
+            if not MIN_FRAME_INTEGER <= item <= MAX_FRAME_INTEGER:
+                return INVALID_FRAME_NUMBER_OUT_OF_RANGE
+        elif isinstance(item, dict):
+            # Reversed, so that the first problem in the frame's order is the one found.
+            pending.extend(reversed([*item.keys(), *item.values()]))
+        elif isinstance(item, list):
+            pending.extend(reversed(item))
     return None
 
 
