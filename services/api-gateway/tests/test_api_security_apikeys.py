@@ -260,6 +260,54 @@ async def test_keys_listed_for_owner_only(
     assert [item["name"] for item in listing.json()["data"]["items"]] == ["mine"]
 
 
+async def test_key_listing_pages(
+    client: AsyncClient, user: ApiUser, session_factory: Sessions
+) -> None:
+    # Revoked keys stay listed, so without pages the listing would grow without bound.
+    names = [f"key {index}" for index in range(5)]
+    for name in names:
+        await create_api_key(client, user, name=name)
+    # Two keys with one created_at: the id orders them, and no page skips either.
+    async with session_factory() as session:
+        await session.execute(
+            update(UserApiKey)
+            .where(UserApiKey.name.in_(["key 1", "key 2"]))
+            .values(created_at=datetime(2026, 1, 1, tzinfo=UTC))
+        )
+        await session.commit()
+
+    pages = []
+    cursor = None
+    for _ in range(4):
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        response = await client.get(API_KEYS_PATH, params=params, headers=user.headers)
+        assert response.status_code == 200, response.text
+        pages.append([item["name"] for item in response.json()["data"]["items"]])
+        cursor = response.json()["data"]["next_cursor"]
+        if cursor is None:
+            break
+    tampered = await client.get(
+        API_KEYS_PATH, params={"cursor": "bm90LWEtY3Vyc29y"}, headers=user.headers
+    )
+    too_large = await client.get(
+        API_KEYS_PATH, params={"limit": 101}, headers=user.headers
+    )
+    unknown = await client.get(
+        API_KEYS_PATH, params={"status": "active"}, headers=user.headers
+    )
+
+    listed = [name for page in pages for name in page]
+    assert sorted(listed) == sorted(names)
+    assert len(listed) == len(names)
+    assert all(len(page) <= 2 for page in pages)
+    assert cursor is None
+    assert tampered.status_code == 400
+    assert tampered.json()["error"] == "invalid_cursor"
+    assert too_large.status_code == 422
+    assert unknown.status_code == 422
+    assert unknown.json()["details"][0]["type"] == "extra_forbidden"
+
+
 @pytest.mark.parametrize("place", ["x-api-key", "bearer"])
 async def test_device_key_cannot_read_rest_api(
     client: AsyncClient, user: ApiUser, place: str

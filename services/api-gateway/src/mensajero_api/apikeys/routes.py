@@ -1,13 +1,15 @@
 """User API keys: `X-API-Key` credentials for server-to-server calls."""
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 
 from mensajero_api.apikeys import service
 from mensajero_api.apikeys.schemas import (
     ApiKeyCreate,
     ApiKeyList,
+    ApiKeyListQuery,
     ApiKeyPublic,
     ApiKeyWithSecret,
 )
@@ -53,12 +55,25 @@ async def create_api_key(
     )
 
 
-@router.get("", responses=error_responses(401, 403))
-async def list_api_keys(user: CurrentUser, session: SessionDep) -> Envelope[ApiKeyList]:
-    """List the user's API keys, revoked and expired ones included, oldest first."""
-    api_keys = await service.list_api_keys(session, user)
+@router.get("", responses=error_responses(400, 401, 403, 422))
+async def list_api_keys(
+    user: CurrentUser,
+    session: SessionDep,
+    query: Annotated[ApiKeyListQuery, Query()],
+) -> Envelope[ApiKeyList]:
+    """List the user's API keys, revoked and expired ones included, oldest first.
+
+    One page of up to `limit` keys. Pass `next_cursor` as `cursor` for the next one.
+    A cursor that this listing did not return gets 400 `invalid_cursor`.
+    """
+    api_keys, next_cursor = await service.list_api_keys(
+        session, user, limit=query.limit, cursor=query.cursor
+    )
     return Envelope(
-        data=ApiKeyList(items=[ApiKeyPublic.from_model(key) for key in api_keys])
+        data=ApiKeyList(
+            items=[ApiKeyPublic.from_model(key) for key in api_keys],
+            next_cursor=next_cursor,
+        )
     )
 
 

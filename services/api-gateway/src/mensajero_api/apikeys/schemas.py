@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from mensajero_api.types import Name, RequestBody
+from mensajero_api.types import Name, QueryParameters, RequestBody
 from mensajero_common.models import UserApiKey
 
 # Ten years: long enough for any deployment, short enough that the date stays valid.
@@ -63,6 +63,18 @@ class ApiKeyWithSecret(ApiKeyPublic):
 
 class ApiKeyList(BaseModel):
     items: list[ApiKeyPublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class ApiKeyListQuery(QueryParameters):
+    """Query parameters of the API key listing."""
+
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: str | None = Field(
+        default=None, max_length=512, description="`next_cursor` of the previous page."
+    )
 
 
 def key_status(api_key: UserApiKey, now: datetime) -> ApiKeyStatus:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.apikeys import repository
 from mensajero_api.apikeys.schemas import ApiKeyCreate
+from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
 from mensajero_api.users import repository as users_repository
 from mensajero_common import apikeys
 from mensajero_common.errors import (
@@ -101,8 +102,24 @@ async def create_api_key(
     return api_key, value
 
 
-async def list_api_keys(session: AsyncSession, user: User) -> Sequence[UserApiKey]:
-    return await repository.list_api_keys(session, user.id)
+async def list_api_keys(
+    session: AsyncSession, user: User, *, limit: int, cursor: str | None
+) -> tuple[Sequence[UserApiKey], str | None]:
+    """Return a page of the user's keys, oldest first, and the cursor of the next page.
+
+    Revoked and expired keys stay listed, so the listing has no other bound.
+    """
+    after = decode_cursor(cursor, "asc") if cursor else None
+    api_keys = await repository.list_api_keys(
+        session, user.id, limit=limit, after=after
+    )
+    next_cursor = None
+    if len(api_keys) == limit:
+        last = api_keys[-1]
+        next_cursor = encode_cursor(
+            Cursor(created_at=last.created_at, row_id=last.id, order="asc")
+        )
+    return api_keys, next_cursor
 
 
 async def get_api_key(
