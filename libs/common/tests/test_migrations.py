@@ -132,3 +132,28 @@ def test_migration_names_requested_device_error_by_code(
     assert upgraded["named device deleted"] == "requested_device_deleted"
     assert upgraded["other failure"] == "RESULT_ERROR_NO_SERVICE"
     assert downgraded["named device deleted"] == "requested device no longer exists"
+
+
+async def _smsdevice_indexes(url: str) -> dict[str, str]:
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        rows = await connection.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'smsdevice'"
+        )
+    finally:
+        await connection.close()
+    return {row["indexname"]: row["indexdef"] for row in rows}
+
+
+def test_migration_indexes_devices_by_creation(scratch_database_url: str) -> None:
+    upgrade(scratch_database_url, "0011")
+    upgraded = asyncio.run(_smsdevice_indexes(scratch_database_url))
+    command.downgrade(alembic_config(scratch_database_url), "0010")
+    downgraded = asyncio.run(_smsdevice_indexes(scratch_database_url))
+
+    assert "ix_smsdevice_user_id" not in upgraded
+    assert upgraded["ix_smsdevice_user_id_created_at_id"].endswith(
+        "(user_id, created_at, id)"
+    )
+    assert "ix_smsdevice_user_id_created_at_id" not in downgraded
+    assert downgraded["ix_smsdevice_user_id"].endswith("(user_id)")

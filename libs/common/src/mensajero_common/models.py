@@ -156,8 +156,9 @@ class SMSDevice(Base):
     __tablename__ = "smsdevice"
 
     id: Mapped[uuid.UUID] = _uuid_pk()
+    # Indexed by ix_smsdevice_user_id_created_at_id below.
     user_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False
     )
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     phone_number: Mapped[str | None] = mapped_column(String(32))
@@ -181,6 +182,11 @@ class SMSDevice(Base):
     protocol_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+
+    __table_args__ = (
+        # The keyset order of the device listing; it serves lookups by user_id too.
+        Index("ix_smsdevice_user_id_created_at_id", "user_id", "created_at", "id"),
+    )
 
 
 class UserApiKey(Base):
