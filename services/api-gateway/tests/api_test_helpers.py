@@ -60,3 +60,26 @@ async def count_rows(
     statement = select(func.count()).select_from(model).filter_by(**where)
     async with session_factory() as session:
         return int(await session.scalar(statement) or 0)
+
+
+async def walk_pages(
+    client: AsyncClient, user: ApiUser, url: str, params: dict[str, Any]
+) -> tuple[list[list[str]], list[int]]:
+    """Follow `next_cursor` of a keyset listing from its first page to its last.
+
+    Returns the item ids of each page and the `limit` each page reported.
+    """
+    pages: list[list[str]] = []
+    limits: list[int] = []
+    cursor = None
+    while True:
+        request = {**params, **({"cursor": cursor} if cursor else {})}
+        response = await client.get(url, params=request, headers=user.headers)
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        pages.append([item["id"] for item in data["items"]])
+        limits.append(data["limit"])
+        cursor = data["next_cursor"]
+        if cursor is None:
+            return pages, limits
+        assert len(pages) <= 100, "the listing never ended"

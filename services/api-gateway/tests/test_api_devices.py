@@ -1,7 +1,15 @@
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from api_test_helpers import ApiUser, MakeUser, count_rows, register_device
+from api_test_helpers import (
+    ApiUser,
+    MakeUser,
+    count_rows,
+    register_device,
+    walk_pages,
+)
 from httpx import AsyncClient
 from redis.asyncio import Redis
 from sqlalchemy import select
@@ -318,3 +326,191 @@ async def test_devices_require_token(client: AsyncClient) -> None:
 
     assert response.status_code == 401
     assert response.json()["error"] == "not_authenticated"
+
+
+async def _insert_devices(
+    session_factory: async_sessionmaker[AsyncSession],
+    owner: ApiUser,
+    rows: list[dict[str, Any]],
+) -> list[SMSDevice]:
+    """Insert one device of `owner` per dict of column values, skipping the API."""
+    devices = [
+        SMSDevice(
+            user_id=owner.id,
+            name=f"seeded {index}",
+            api_key_hash=uuid.uuid4().hex * 2,
+            api_key_prefix="mdk_seeded",
+            **values,
+        )
+        for index, values in enumerate(rows)
+    ]
+    async with session_factory() as session:
+        session.add_all(devices)
+        await session.commit()
+    return devices
+
+
+def _in_key_order(devices: list[SMSDevice], *, descending: bool) -> list[str]:
+    ordered = sorted(devices, key=lambda d: (d.created_at, d.id), reverse=descending)
+    return [str(device.id) for device in ordered]
+
+
+async def test_device_listing_pages_both_orders(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="enterprise")
+    stranger = await make_user(plan="enterprise")
+    base = datetime.now(UTC) - timedelta(hours=1)
+    # Three devices share one created_at, so the id must order them within a page walk.
+    offsets = [0, 1, 1, 1, 2, 3, 4]
+    owned = await _insert_devices(
+        session_factory,
+        owner,
+        [{"created_at": base + timedelta(seconds=offset)} for offset in offsets],
+    )
+    foreign = await _insert_devices(
+        session_factory, stranger, [{"created_at": base} for _ in range(3)]
+    )
+
+    for order in ("desc", "asc"):
+        pages, limits = await walk_pages(
+            client, owner, DEVICES_URL, {"limit": 3, "order": order}
+        )
+
+        listed = [device_id for page in pages for device_id in page]
+        assert [len(page) for page in pages] == [3, 3, 1], order
+        assert listed == _in_key_order(owned, descending=order == "desc")
+        assert limits == [3, 3, 3]
+        assert not {str(device.id) for device in foreign} & set(listed)
+
+    default = await client.get(DEVICES_URL, headers=owner.headers)
+    exact = await client.get(DEVICES_URL, params={"limit": 7}, headers=owner.headers)
+    assert default.json()["data"]["limit"] == 50
+    assert [item["id"] for item in default.json()["data"]["items"]] == _in_key_order(
+        owned, descending=True
+    )
+    # A page that holds the last row ends the walk even when it is full.
+    assert exact.json()["data"]["next_cursor"] is None
+
+
+async def test_device_listing_filters(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="enterprise")
+    stranger = await make_user(plan="enterprise")
+    online, offline, disabled, registered = await _insert_devices(
+        session_factory,
+        owner,
+        [
+            {"status": DeviceStatus.ONLINE},
+            {"status": DeviceStatus.OFFLINE},
+            {"status": DeviceStatus.OFFLINE, "is_active": False},
+            {"status": DeviceStatus.REGISTERED},
+        ],
+    )
+    await _insert_devices(
+        session_factory,
+        stranger,
+        [{"status": DeviceStatus.ONLINE}, {"status": DeviceStatus.OFFLINE}],
+    )
+
+    async def listed(params: Any) -> set[str]:
+        response = await client.get(DEVICES_URL, params=params, headers=owner.headers)
+        assert response.status_code == 200, response.text
+        return {item["id"] for item in response.json()["data"]["items"]}
+
+    assert await listed({"status": "online"}) == {str(online.id)}
+    assert await listed([("status", "online"), ("status", "offline")]) == {
+        str(online.id),
+        str(offline.id),
+        str(disabled.id),
+    }
+    assert await listed({"is_active": "false"}) == {str(disabled.id)}
+    assert await listed({"is_active": "true", "status": "offline"}) == {str(offline.id)}
+    assert await listed({"status": "registered"}) == {str(registered.id)}
+
+
+async def test_device_listing_rejects_bad_parameters(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="enterprise")
+    await _insert_devices(session_factory, owner, [{} for _ in range(3)])
+    first = await client.get(DEVICES_URL, params={"limit": 1}, headers=owner.headers)
+    desc_cursor = first.json()["data"]["next_cursor"]
+    assert desc_cursor is not None
+
+    for params in (
+        {"cursor": "garbage!"},
+        {"cursor": "eyJ0IjoxfQ"},
+        {"cursor": desc_cursor, "order": "asc"},
+    ):
+        response = await client.get(DEVICES_URL, params=params, headers=owner.headers)
+        assert response.status_code == 400, params
+        assert response.json()["error"] == "invalid_cursor"
+
+    for params, field, error_type in (
+        ({"limit": 0}, "limit", "greater_than_equal"),
+        ({"limit": 101}, "limit", "less_than_equal"),
+        ({"order": "newest"}, "order", "literal_error"),
+        ({"status": "lost"}, "status.0", "enum"),
+        ({"is_active": "maybe"}, "is_active", "bool_parsing"),
+        ({"stauts": "online"}, "stauts", "extra_forbidden"),
+    ):
+        response = await client.get(
+            DEVICES_URL,
+            params=params,
+            headers={**owner.headers, "Accept-Language": "es"},
+        )
+        assert response.status_code == 422, params
+        body = response.json()
+        assert body["error"] == "validation_error"
+        assert [(item["field"], item["type"]) for item in body["details"]] == [
+            (field, error_type)
+        ]
+
+    largest = await client.get(
+        DEVICES_URL, params={"limit": 100}, headers=owner.headers
+    )
+    assert largest.status_code == 200
+    assert largest.json()["data"]["limit"] == 100
+
+
+async def test_device_listing_with_foreign_cursor(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="enterprise")
+    stranger = await make_user(plan="enterprise")
+    base = datetime.now(UTC) - timedelta(hours=1)
+    owned = await _insert_devices(
+        session_factory,
+        owner,
+        [{"created_at": base + timedelta(seconds=n)} for n in (0, 2, 4)],
+    )
+    await _insert_devices(
+        session_factory,
+        stranger,
+        [{"created_at": base + timedelta(seconds=n)} for n in (1, 3, 5)],
+    )
+    stranger_page = await client.get(
+        DEVICES_URL, params={"limit": 1}, headers=stranger.headers
+    )
+    foreign_cursor = stranger_page.json()["data"]["next_cursor"]
+
+    response = await client.get(
+        DEVICES_URL, params={"cursor": foreign_cursor}, headers=owner.headers
+    )
+
+    # The stranger's cursor points at second 5, so it positions the walk before the
+    # owner's devices of seconds 4, 2 and 0, and shows none of the stranger's.
+    assert response.status_code == 200, response.text
+    assert [item["id"] for item in response.json()["data"]["items"]] == (
+        _in_key_order(owned, descending=True)
+    )

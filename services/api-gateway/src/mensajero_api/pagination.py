@@ -1,5 +1,5 @@
-"""Opaque keyset cursors over (created_at, id), for the listings of messages and of
-webhook deliveries.
+"""Opaque keyset cursors over (created_at, id), for the listings of messages, devices,
+webhooks, webhook deliveries and API keys.
 
 A cursor is the position of the last row of a page, not an offset, so rows inserted
 between two page requests shift nothing: the next page starts strictly after that row.
@@ -13,11 +13,26 @@ within milliseconds of their now(), which keeps this window small.
 import base64
 import binascii
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 
 from mensajero_common import jsonutil
 from mensajero_common.errors import ValidationFailedError
+
+
+class KeyedRow(Protocol):
+    """A row of a keyset listing: its position is (created_at, id)."""
+
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+
+RowT = TypeVar("RowT", bound=KeyedRow)
 
 
 class InvalidCursorError(ValidationFailedError):
@@ -63,3 +78,19 @@ def decode_cursor(token: str, order: str) -> Cursor:
     except OverflowError:
         raise InvalidCursorError() from None
     return replace(cursor, created_at=created_at)
+
+
+def split_page(
+    rows: Sequence[RowT], limit: int, order: str
+) -> tuple[list[RowT], str | None]:
+    """Cut `limit` + 1 rows fetched in `order` into a page and the cursor of the next one.
+
+    The extra row only shows that a next page exists, so the cursor is None exactly on
+    the last page, even when that page is full.
+    """
+    if len(rows) <= limit:
+        return list(rows), None
+    page = list(rows[:limit])
+    last = page[-1]
+    cursor = Cursor(created_at=last.created_at, row_id=last.id, order=order)
+    return page, encode_cursor(cursor)

@@ -2,12 +2,20 @@
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_common.models import SMSDevice
+from mensajero_api.pagination import Cursor
+from mensajero_common.models import DeviceStatus, SMSDevice
+
+
+@dataclass(frozen=True)
+class DeviceFilters:
+    statuses: Sequence[DeviceStatus] = ()
+    is_active: bool | None = None
 
 
 async def insert_device(
@@ -35,14 +43,33 @@ async def insert_device(
 
 
 async def list_devices(
-    session: AsyncSession, user_id: uuid.UUID
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    filters: DeviceFilters,
+    *,
+    after: Cursor | None,
+    descending: bool,
+    limit: int,
 ) -> Sequence[SMSDevice]:
-    statement = (
-        select(SMSDevice)
-        .where(SMSDevice.user_id == user_id)
-        .order_by(SMSDevice.created_at, SMSDevice.id)
-    )
-    return (await session.scalars(statement)).all()
+    """Return up to `limit` devices in (created_at, id) order, starting after `after`."""
+    statement = select(SMSDevice).where(SMSDevice.user_id == user_id)
+    if filters.statuses:
+        statement = statement.where(SMSDevice.status.in_(filters.statuses))
+    if filters.is_active is not None:
+        statement = statement.where(SMSDevice.is_active.is_(filters.is_active))
+
+    # A row comparison, so Postgres walks the (user_id, created_at, id) index.
+    position = tuple_(SMSDevice.created_at, SMSDevice.id)
+    if after is not None:
+        boundary = tuple_(after.created_at, after.row_id)
+        statement = statement.where(
+            position < boundary if descending else position > boundary
+        )
+    if descending:
+        statement = statement.order_by(SMSDevice.created_at.desc(), SMSDevice.id.desc())
+    else:
+        statement = statement.order_by(SMSDevice.created_at.asc(), SMSDevice.id.asc())
+    return (await session.scalars(statement.limit(limit))).all()
 
 
 async def get_device(

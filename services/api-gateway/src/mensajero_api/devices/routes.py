@@ -1,8 +1,9 @@
 """Devices (Android phones) of the current user and their API keys."""
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 
 from mensajero_api.deps import (
     CurrentUser,
@@ -18,6 +19,7 @@ from mensajero_api.devices.schemas import (
     DeviceDeleted,
     DeviceKeyRotate,
     DeviceList,
+    DeviceListQuery,
     DevicePublic,
     DeviceUpdate,
     DeviceWithKey,
@@ -61,11 +63,27 @@ async def register_device(
     )
 
 
-@router.get("", responses=error_responses(401))
-async def list_devices(user: CurrentUser, session: SessionDep) -> Envelope[DeviceList]:
-    devices = await service.list_devices(session, user)
+@router.get("", responses=error_responses(400, 401, 422))
+async def list_devices(
+    user: CurrentUser,
+    session: SessionDep,
+    query: Annotated[DeviceListQuery, Query()],
+) -> Envelope[DeviceList]:
+    """List the user's devices, newest first unless `order=asc`, by keyset pagination.
+
+    One page of up to `limit` devices (default 50, at most 100). Pass `next_cursor` as
+    `cursor` for the next page, with the same `order`, until it is null. `status`
+    (repeatable) and `is_active` narrow the listing. A cursor that this listing did not
+    return, or one made for the other `order`, gets 400 `invalid_cursor`, and an unknown
+    query parameter gets 422.
+    """
+    devices, next_cursor = await service.list_devices(session, user, query)
     return Envelope(
-        data=DeviceList(items=[DevicePublic.model_validate(d) for d in devices])
+        data=DeviceList(
+            items=[DevicePublic.model_validate(d) for d in devices],
+            next_cursor=next_cursor,
+            limit=query.limit,
+        )
     )
 
 

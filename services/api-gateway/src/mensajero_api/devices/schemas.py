@@ -2,10 +2,11 @@
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mensajero_api.types import Name, PhoneNumberText, RequestBody
+from mensajero_api.types import Name, PhoneNumberText, QueryParameters, RequestBody
 from mensajero_common.models import DeviceStatus
 
 _PHONE_DESCRIPTION = (
@@ -78,6 +79,31 @@ class DeviceWithKey(DevicePublic):
 
 class DeviceList(BaseModel):
     items: list[DevicePublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+    limit: int
+
+
+class DeviceListQuery(QueryParameters):
+    """Query parameters of the device listing."""
+
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: str | None = Field(
+        default=None, max_length=512, description="`next_cursor` of the previous page."
+    )
+    order: Literal["desc", "asc"] = Field(
+        default="desc",
+        description="By registration time: newest first (desc) or oldest first.",
+    )
+    status: list[DeviceStatus] | None = Field(
+        default=None, description="Repeat to match any of several statuses."
+    )
+    is_active: bool | None = Field(
+        default=None,
+        description="true for enabled devices, false for the ones disabled by "
+        "`is_active: false`.",
+    )
 
 
 class DeviceDeleted(BaseModel):

@@ -6,7 +6,6 @@ commit, so the device-hub closes a live WebSocket that still uses the old key.
 """
 
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -15,7 +14,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.devices import repository
-from mensajero_api.devices.schemas import DeviceCreate, DeviceUpdate
+from mensajero_api.devices.schemas import DeviceCreate, DeviceListQuery, DeviceUpdate
+from mensajero_api.pagination import decode_cursor, split_page
 from mensajero_api.phones import normalize_phone_number
 from mensajero_api.quotas import repository as quotas_repository
 from mensajero_api.quotas import service as quotas_service
@@ -63,8 +63,27 @@ async def get_device(
     return device
 
 
-async def list_devices(session: AsyncSession, user: User) -> Sequence[SMSDevice]:
-    return await repository.list_devices(session, user.id)
+async def list_devices(
+    session: AsyncSession, user: User, query: DeviceListQuery
+) -> tuple[list[SMSDevice], str | None]:
+    """Return one page of the user's devices and the cursor of the next page, if any.
+
+    A cursor only positions the walk: the query is always scoped to `user`, so a cursor
+    taken from another user's listing returns this user's rows after that position.
+    """
+    after = decode_cursor(query.cursor, query.order) if query.cursor else None
+    filters = repository.DeviceFilters(
+        statuses=tuple(query.status or ()), is_active=query.is_active
+    )
+    rows = await repository.list_devices(
+        session,
+        user.id,
+        filters,
+        after=after,
+        descending=query.order == "desc",
+        limit=query.limit + 1,
+    )
+    return split_page(rows, query.limit, query.order)
 
 
 async def register_device(
