@@ -504,6 +504,8 @@ async def test_unknown_query_parameter_rejected_everywhere(
     assert ("GET", MESSAGES_URL) in query_routes
     assert ("GET", INCOMING_URL) in query_routes
     assert ("GET", f"{WEBHOOKS_URL}/{{webhook_id}}/deliveries") in query_routes
+    assert ("GET", WEBHOOKS_URL) in query_routes
+    assert ("GET", DEVICES_URL) in query_routes
 
     for method, path in query_routes:
         url = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)

@@ -1,22 +1,25 @@
 import asyncio
 import socket
 import uuid
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, get_args
 
 import pytest
-from api_test_helpers import MakeUser, count_rows
+from api_test_helpers import ApiUser, MakeUser, count_rows, walk_pages
 from httpx import ASGITransport, AsyncClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.main import create_app
+from mensajero_api.webhooks.schemas import EventFilter
 from mensajero_api.webhooks.service import MAX_WEBHOOKS_PER_USER
 from mensajero_common.models import WebhookConfig, WebhookDelivery
 from mensajero_common.settings import Settings
 from mensajero_common.testing import RebindingDNS, WebhookReceiver, serve_app
-from mensajero_common.webhooks import DISABLED_GONE, verify
+from mensajero_common.webhooks import DISABLED_GONE, EVENTS, verify
 from mensajero_webhooks.delivery import repository as sender_repository
 
 SessionFactory = async_sessionmaker[AsyncSession]
+WEBHOOKS_URL = "/api/v1/sms/webhooks"
 
 
 async def test_create_webhook_generates_secret_once(
@@ -567,3 +570,187 @@ async def test_update_webhook_rejects_invalid_host(
     assert response.json()["error"] == "invalid_webhook_url"
     assert response.json()["reason"] == "invalid_url"
     assert read_after.json()["data"]["url"] == "http://127.0.0.1:9/hook"
+
+
+async def _insert_webhooks(
+    session_factory: SessionFactory, owner: ApiUser, rows: list[dict[str, Any]]
+) -> list[WebhookConfig]:
+    """Insert one webhook of `owner` per dict of column values, skipping the API."""
+    webhooks = [
+        WebhookConfig(
+            user_id=owner.id,
+            url=f"http://127.0.0.1:9/hook/{index}",
+            secret_key="whsec_c2VlZGVkIHNlY3JldCBrZXk=",
+            **{"events": ["sms_received"], **values},
+        )
+        for index, values in enumerate(rows)
+    ]
+    async with session_factory() as session:
+        session.add_all(webhooks)
+        await session.commit()
+    return webhooks
+
+
+def _in_key_order(webhooks: list[WebhookConfig], *, descending: bool) -> list[str]:
+    ordered = sorted(webhooks, key=lambda w: (w.created_at, w.id), reverse=descending)
+    return [str(webhook.id) for webhook in ordered]
+
+
+async def test_webhook_listing_pages_both_orders(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    stranger = await make_user()
+    base = datetime.now(UTC) - timedelta(hours=1)
+    # Three webhooks share one created_at, so the id must order them within a walk.
+    offsets = [0, 1, 1, 1, 2, 3, 4]
+    owned = await _insert_webhooks(
+        session_factory,
+        owner,
+        [{"created_at": base + timedelta(seconds=offset)} for offset in offsets],
+    )
+    foreign = await _insert_webhooks(
+        session_factory, stranger, [{"created_at": base} for _ in range(3)]
+    )
+
+    for order in ("desc", "asc"):
+        pages, limits = await walk_pages(
+            client, owner, WEBHOOKS_URL, {"limit": 3, "order": order}
+        )
+
+        listed = [webhook_id for page in pages for webhook_id in page]
+        assert [len(page) for page in pages] == [3, 3, 1], order
+        assert listed == _in_key_order(owned, descending=order == "desc")
+        assert limits == [3, 3, 3]
+        assert not {str(webhook.id) for webhook in foreign} & set(listed)
+
+    default = await client.get(WEBHOOKS_URL, headers=owner.headers)
+    assert default.json()["data"]["limit"] == 50
+    assert default.json()["data"]["next_cursor"] is None
+    assert [item["id"] for item in default.json()["data"]["items"]] == _in_key_order(
+        owned, descending=True
+    )
+
+
+async def test_webhook_listing_filters(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    stranger = await make_user()
+    received, sent_and_failed, inactive_sent = await _insert_webhooks(
+        session_factory,
+        owner,
+        [
+            {"events": ["sms_received"]},
+            {"events": ["sms_sent", "sms_failed"]},
+            {"events": ["sms_sent"], "is_active": False},
+        ],
+    )
+    await _insert_webhooks(
+        session_factory, stranger, [{"events": ["sms_sent"]}, {"is_active": False}]
+    )
+
+    async def listed(params: Any) -> set[str]:
+        response = await client.get(WEBHOOKS_URL, params=params, headers=owner.headers)
+        assert response.status_code == 200, response.text
+        return {item["id"] for item in response.json()["data"]["items"]}
+
+    assert await listed({"event": "sms_sent"}) == {
+        str(sent_and_failed.id),
+        str(inactive_sent.id),
+    }
+    assert await listed({"event": "sms_failed"}) == {str(sent_and_failed.id)}
+    assert await listed({"event": "sms_delivered"}) == set()
+    assert await listed({"is_active": "false"}) == {str(inactive_sent.id)}
+    assert await listed({"is_active": "true", "event": "sms_sent"}) == {
+        str(sent_and_failed.id)
+    }
+    assert await listed({"is_active": "true"}) == {
+        str(received.id),
+        str(sent_and_failed.id),
+    }
+
+
+def test_webhook_event_filter_matches_events() -> None:
+    assert get_args(EventFilter) == EVENTS
+
+
+async def test_webhook_listing_rejects_bad_parameters(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    await _insert_webhooks(session_factory, owner, [{} for _ in range(3)])
+    first = await client.get(WEBHOOKS_URL, params={"limit": 1}, headers=owner.headers)
+    desc_cursor = first.json()["data"]["next_cursor"]
+    assert desc_cursor is not None
+
+    for params in (
+        {"cursor": "garbage!"},
+        {"cursor": "eyJ0IjoxfQ"},
+        {"cursor": desc_cursor, "order": "asc"},
+    ):
+        response = await client.get(WEBHOOKS_URL, params=params, headers=owner.headers)
+        assert response.status_code == 400, params
+        assert response.json()["error"] == "invalid_cursor"
+
+    for params, field, error_type in (
+        ({"limit": 0}, "limit", "greater_than_equal"),
+        ({"limit": 101}, "limit", "less_than_equal"),
+        ({"order": "newest"}, "order", "literal_error"),
+        ({"event": "sms_lost"}, "event", "literal_error"),
+        ({"event": "webhook_test"}, "event", "literal_error"),
+        ({"is_active": "maybe"}, "is_active", "bool_parsing"),
+        ({"events": "sms_sent"}, "events", "extra_forbidden"),
+    ):
+        response = await client.get(
+            WEBHOOKS_URL,
+            params=params,
+            headers={**owner.headers, "Accept-Language": "es"},
+        )
+        assert response.status_code == 422, params
+        body = response.json()
+        assert body["error"] == "validation_error"
+        assert [(item["field"], item["type"]) for item in body["details"]] == [
+            (field, error_type)
+        ]
+
+    largest = await client.get(
+        WEBHOOKS_URL, params={"limit": 100}, headers=owner.headers
+    )
+    assert largest.status_code == 200
+    assert largest.json()["data"]["limit"] == 100
+
+
+async def test_webhook_listing_with_foreign_cursor(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    stranger = await make_user()
+    base = datetime.now(UTC) - timedelta(hours=1)
+    owned = await _insert_webhooks(
+        session_factory,
+        owner,
+        [{"created_at": base + timedelta(seconds=n)} for n in (0, 2, 4)],
+    )
+    await _insert_webhooks(
+        session_factory,
+        stranger,
+        [{"created_at": base + timedelta(seconds=n)} for n in (1, 3, 5)],
+    )
+    stranger_page = await client.get(
+        WEBHOOKS_URL, params={"limit": 1, "order": "asc"}, headers=stranger.headers
+    )
+    foreign_cursor = stranger_page.json()["data"]["next_cursor"]
+
+    response = await client.get(
+        WEBHOOKS_URL,
+        params={"cursor": foreign_cursor, "order": "asc"},
+        headers=owner.headers,
+    )
+
+    # The stranger's cursor points at second 1, so it positions the walk after the
+    # owner's webhook of second 0, and shows none of the stranger's.
+    assert response.status_code == 200, response.text
+    assert [item["id"] for item in response.json()["data"]["items"]] == (
+        _in_key_order(owned, descending=False)[1:]
+    )

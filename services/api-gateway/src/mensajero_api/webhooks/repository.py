@@ -2,6 +2,7 @@
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,15 +25,48 @@ async def get_webhook(
     return (await session.scalars(statement)).one_or_none()
 
 
+@dataclass(frozen=True)
+class WebhookFilters:
+    is_active: bool | None = None
+    # A webhook matches when its `events` contains this one.
+    event: str | None = None
+
+
 async def list_webhooks(
-    session: AsyncSession, user_id: uuid.UUID
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    filters: WebhookFilters,
+    *,
+    after: Cursor | None,
+    descending: bool,
+    limit: int,
 ) -> Sequence[WebhookConfig]:
-    statement = (
-        select(WebhookConfig)
-        .where(WebhookConfig.user_id == user_id)
-        .order_by(WebhookConfig.created_at, WebhookConfig.id)
-    )
-    return (await session.scalars(statement)).all()
+    """Return up to `limit` webhooks in (created_at, id) order, starting after `after`.
+
+    The user_id index is enough here: a user has at most 20 webhooks
+    (MAX_WEBHOOKS_PER_USER), so Postgres sorts at most 20 rows for a page.
+    """
+    statement = select(WebhookConfig).where(WebhookConfig.user_id == user_id)
+    if filters.is_active is not None:
+        statement = statement.where(WebhookConfig.is_active.is_(filters.is_active))
+    if filters.event is not None:
+        statement = statement.where(WebhookConfig.events.contains([filters.event]))
+
+    position = tuple_(WebhookConfig.created_at, WebhookConfig.id)
+    if after is not None:
+        boundary = tuple_(after.created_at, after.row_id)
+        statement = statement.where(
+            position < boundary if descending else position > boundary
+        )
+    if descending:
+        statement = statement.order_by(
+            WebhookConfig.created_at.desc(), WebhookConfig.id.desc()
+        )
+    else:
+        statement = statement.order_by(
+            WebhookConfig.created_at.asc(), WebhookConfig.id.asc()
+        )
+    return (await session.scalars(statement.limit(limit))).all()
 
 
 async def count_webhooks(session: AsyncSession, user_id: uuid.UUID) -> int:

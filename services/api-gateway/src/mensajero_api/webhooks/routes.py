@@ -15,6 +15,7 @@ from mensajero_api.webhooks.schemas import (
     WebhookCreate,
     WebhookDeleted,
     WebhookList,
+    WebhookListQuery,
     WebhookPublic,
     WebhookTestResult,
     WebhookUpdate,
@@ -54,13 +55,27 @@ async def create_webhook(
     )
 
 
-@router.get("", responses=error_responses(401))
+@router.get("", responses=error_responses(400, 401, 422))
 async def list_webhooks(
-    user: CurrentUser, session: SessionDep
+    user: CurrentUser,
+    session: SessionDep,
+    query: Annotated[WebhookListQuery, Query()],
 ) -> Envelope[WebhookList]:
-    webhooks = await service.list_webhooks(session, user)
+    """List the user's webhooks, newest first unless `order=asc`, by keyset pagination.
+
+    One page of up to `limit` webhooks (default 50, at most 100). Pass `next_cursor` as
+    `cursor` for the next page, with the same `order`, until it is null. `is_active`
+    and `event` (the webhooks subscribed to that event) narrow the listing. A cursor
+    that this listing did not return, or one made for the other `order`, gets 400
+    `invalid_cursor`, and an unknown query parameter gets 422.
+    """
+    webhooks, next_cursor = await service.list_webhooks(session, user, query)
     return Envelope(
-        data=WebhookList(items=[WebhookPublic.model_validate(w) for w in webhooks])
+        data=WebhookList(
+            items=[WebhookPublic.model_validate(w) for w in webhooks],
+            next_cursor=next_cursor,
+            limit=query.limit,
+        )
     )
 
 

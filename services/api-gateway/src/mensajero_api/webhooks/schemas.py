@@ -2,7 +2,7 @@
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -18,6 +18,10 @@ Secret = Annotated[str, StringConstraints(max_length=1024), Storable]
 EventName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 _EVENTS_DESCRIPTION = f"Events to receive, among: {', '.join(EVENTS)}."
+
+# The names of mensajero_common.webhooks.EVENTS, as a type that query validation checks.
+# A test keeps the two equal.
+EventFilter = Literal["sms_received", "sms_sent", "sms_delivered", "sms_failed"]
 
 
 class WebhookCreate(RequestBody):
@@ -82,6 +86,31 @@ class WebhookWithSecret(WebhookPublic):
 
 class WebhookList(BaseModel):
     items: list[WebhookPublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+    limit: int
+
+
+class WebhookListQuery(QueryParameters):
+    """Query parameters of the webhook listing."""
+
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: str | None = Field(
+        default=None, max_length=512, description="`next_cursor` of the previous page."
+    )
+    order: Literal["desc", "asc"] = Field(
+        default="desc",
+        description="By creation time: newest first (desc) or oldest first.",
+    )
+    is_active: bool | None = Field(
+        default=None,
+        description="true for active webhooks, false for the ones deactivated by the "
+        "user or by the server.",
+    )
+    event: EventFilter | None = Field(
+        default=None, description="Only the webhooks subscribed to this event."
+    )
 
 
 class WebhookDeleted(BaseModel):

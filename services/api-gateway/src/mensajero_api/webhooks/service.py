@@ -7,7 +7,6 @@ change in between. In production only https URLs that resolve to public addresse
 import base64
 import binascii
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -15,7 +14,7 @@ import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
+from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor, split_page
 from mensajero_api.users import repository as users_repository
 from mensajero_api.webhooks import repository
 from mensajero_api.webhooks.schemas import (
@@ -23,6 +22,7 @@ from mensajero_api.webhooks.schemas import (
     DeliveryList,
     DeliveryPublic,
     WebhookCreate,
+    WebhookListQuery,
     WebhookUpdate,
 )
 from mensajero_common.errors import ConflictError, NotFoundError, ValidationFailedError
@@ -153,8 +153,25 @@ async def get_webhook(
     return webhook
 
 
-async def list_webhooks(session: AsyncSession, user: User) -> Sequence[WebhookConfig]:
-    return await repository.list_webhooks(session, user.id)
+async def list_webhooks(
+    session: AsyncSession, user: User, query: WebhookListQuery
+) -> tuple[list[WebhookConfig], str | None]:
+    """Return one page of the user's webhooks and the cursor of the next page, if any.
+
+    A cursor only positions the walk: the query is always scoped to `user`, so a cursor
+    taken from another user's listing returns this user's rows after that position.
+    """
+    after = decode_cursor(query.cursor, query.order) if query.cursor else None
+    filters = repository.WebhookFilters(is_active=query.is_active, event=query.event)
+    rows = await repository.list_webhooks(
+        session,
+        user.id,
+        filters,
+        after=after,
+        descending=query.order == "desc",
+        limit=query.limit + 1,
+    )
+    return split_page(rows, query.limit, query.order)
 
 
 async def create_webhook(
