@@ -10,6 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.envelope import RateLimitedErrorBody
 from mensajero_api.main import create_app
+from mensajero_api.ratelimits import limiter as limiter_module
+from mensajero_api.ratelimits.limiter import RequestRateLimiter
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import SMSMessage
 from mensajero_common.settings import Settings
@@ -234,6 +236,55 @@ async def test_made_up_api_keys_limited_per_ip(
     _assert_rate_limited(refused_valid, "5/minute")
     assert elsewhere.status_code == 200, elsewhere.text
     assert anonymous.status_code == 401
+
+
+async def test_valid_api_keys_skip_failure_count(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser, monkeypatch
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        "/api/v1/users/me/api-keys", json={"name": "server"}, headers=owner.headers
+    )
+    valid_key = {"X-API-Key": created.json()["data"]["api_key"]}
+    limiter = app.state.rate_limiter
+    tested: list[str] = []
+    test_failures = limiter._test_api_key_failures
+
+    async def counting_test(address: str) -> Any:
+        tested.append(address)
+        return await test_failures(address)
+
+    monkeypatch.setattr(limiter, "_test_api_key_failures", counting_test)
+
+    # An address without a failed key costs no call to the failure count.
+    assert (await client.get(PLANS_URL, headers=valid_key)).status_code == 200
+    assert tested == []
+    # After a failure, that address is tested before every lookup, others are not.
+    failed = await client.get(PLANS_URL, headers={"X-API-Key": "mak_made-up"})
+    assert failed.status_code == 401
+    assert (await client.get(PLANS_URL, headers=valid_key)).status_code == 200
+    assert len(tested) == 1
+    transport = ASGITransport(app=app, client=("192.0.2.7", 40000))
+    async with AsyncClient(transport=transport, base_url="http://test") as other:
+        # The key's third request in the minute, past RATE_LIMIT_PER_API_KEY.
+        refused = await other.get(PLANS_URL, headers=valid_key)
+    _assert_rate_limited(refused, "2/minute")
+    assert len(tested) == 1
+
+
+def test_failing_addresses_stay_bounded(app: FastAPI, monkeypatch) -> None:
+    monkeypatch.setattr(limiter_module, "MAX_FAILING_ADDRESSES", 3)
+    limiter = RequestRateLimiter(
+        app.state.rate_limit_rules, app.state.settings, Redis(), RedisKeys("bounded")
+    )
+
+    for index in range(5):
+        limiter._remember_failure(f"192.0.2.{index}")
+    limiter._remember_failure("192.0.2.2")
+
+    assert list(limiter._failing_addresses) == ["192.0.2.3", "192.0.2.4", "192.0.2.2"]
+    assert limiter._failed_lately("192.0.2.2")
+    assert not limiter._failed_lately("192.0.2.0")
 
 
 async def test_check_user_shares_user_limit(

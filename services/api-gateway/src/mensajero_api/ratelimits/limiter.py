@@ -36,6 +36,8 @@ logger = structlog.get_logger(__name__)
 LOGIN_PATHS = frozenset({"/api/v1/login/access-token", "/api/v1/users/signup"})
 # While Redis fails, one error log per this many seconds instead of one per request.
 REDIS_ERROR_LOG_INTERVAL_S = 60.0
+# Addresses whose failed API keys a process remembers at most (see RequestRateLimiter).
+MAX_FAILING_ADDRESSES = 10_000
 
 
 class RateLimitedError(AppError):
@@ -69,6 +71,15 @@ class RequestRateLimiter:
         )
         self._limiter = MovingWindowRateLimiter(storage)
         self._last_error_log = -math.inf
+        # Addresses with a failed API key in this process, each with the monotonic time
+        # at which its last failure leaves the longest window of the failure count.
+        # Only their requests with an API key are tested against that count, so other
+        # clients' requests pay no Redis call for it. An address whose failures are
+        # spread over several API processes is refused by each once it failed there.
+        self._failing_addresses: dict[str, float] = {}
+        self._failure_window_s = max(
+            item.get_expiry() for item in rules.api_key_failures_per_ip.items
+        )
 
     def _checks(
         self, scope: Scope, client: ClientKey
@@ -95,13 +106,16 @@ class RequestRateLimiter:
         rejecting everything would take it down instead.
 
         A request with an API key is rejected, without being counted, while its address
-        is past the limit of failed API keys that record_api_key_failure counts.
+        is past the limit of failed API keys that record_api_key_failure counts. Only an
+        address that failed in this process lately is tested.
         """
         client = identify_client(scope, self.settings)
         if client.kind == KIND_API_KEY:
-            rejection = await self._test_api_key_failures(scope)
-            if rejection is not None:
-                return rejection
+            address = counted_address(client_address(scope))
+            if self._failed_lately(address):
+                rejection = await self._test_api_key_failures(address)
+                if rejection is not None:
+                    return rejection
         return await self._hit_all(self._checks(scope, client))
 
     async def record_api_key_failure(self, scope: Scope) -> RateLimitedError | None:
@@ -112,11 +126,35 @@ class RequestRateLimiter:
         error to respond with once the address is past that limit in this count.
         """
         address = counted_address(client_address(scope))
+        self._remember_failure(address)
         return await self._hit_all([(self.rules.api_key_failures_per_ip, address)])
 
-    async def _test_api_key_failures(self, scope: Scope) -> RateLimitedError | None:
+    def _remember_failure(self, address: str) -> None:
+        now = time.monotonic()
+        # Moved to the end, so the oldest failures come first.
+        self._failing_addresses.pop(address, None)
+        self._failing_addresses[address] = now + self._failure_window_s
+        if len(self._failing_addresses) <= MAX_FAILING_ADDRESSES:
+            return
+        self._failing_addresses = {
+            failing: until
+            for failing, until in self._failing_addresses.items()
+            if until > now
+        }
+        while len(self._failing_addresses) > MAX_FAILING_ADDRESSES:
+            del self._failing_addresses[next(iter(self._failing_addresses))]
+
+    def _failed_lately(self, address: str) -> bool:
+        until = self._failing_addresses.get(address)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._failing_addresses[address]
+        return False
+
+    async def _test_api_key_failures(self, address: str) -> RateLimitedError | None:
         rule = self.rules.api_key_failures_per_ip
-        address = counted_address(client_address(scope))
         try:
             for item in rule.items:
                 if not await self._limiter.test(item, rule.name, address):
