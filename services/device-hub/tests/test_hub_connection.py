@@ -32,7 +32,7 @@ from mensajero_common import protocol, queues
 from mensajero_common.db import create_engine, create_session_factory
 from mensajero_common.i18n import reason_phrase
 from mensajero_common.keys import CHANNEL_DISABLE, CHANNEL_REVOKE, RedisKeys
-from mensajero_common.models import DeviceStatus, SMSDevice
+from mensajero_common.models import DeviceStatus, SMSDevice, User
 from mensajero_common.settings import Settings
 from mensajero_common.testing import settings_without_connections
 from mensajero_hub.core.auth_throttle import auth_limit_from_settings
@@ -452,6 +452,90 @@ async def test_reenabled_device_keeps_key(
     assert registered["type"] == "ack"
     assert registered["of"] == "register"
     assert registered["device_id"] == str(device.device_id)
+
+
+async def set_user_active(
+    session_factory: Sessions, device: DeviceRecord, is_active: bool
+) -> None:
+    async with session_factory() as session:
+        await session.execute(
+            update(User).where(User.id == device.user_id).values(is_active=is_active)
+        )
+        await session.commit()
+
+
+async def test_disabled_user_cannot_store_incoming(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        await set_user_active(session_factory, device, False)
+        await send(
+            socket,
+            {"type": "sms_incoming", "from": "+34611223344", "body": "Hola"},
+        )
+        error = await receive(socket)
+        code, close_reason = await wait_closed(socket)
+    rows = await incoming_rows(session_factory, device.device_id)
+
+    assert error["type"] == "error"
+    assert error["error"] == "invalid_api_key"
+    assert error["reason"] == "user_inactive"
+    assert code == protocol.CLOSE_INVALID_API_KEY
+    assert close_reason == "invalid api key: the account is disabled"
+    assert rows == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "close_reason"),
+    [
+        ("user_inactive", "invalid api key: the account is disabled"),
+        ("device_inactive", "invalid api key: the device is disabled"),
+    ],
+)
+async def test_heartbeat_closes_disabled_connection(
+    settings: Settings, session_factory: Sessions, reason: str, close_reason: str
+) -> None:
+    # A ping interval of 1 s writes the heartbeat at most every 0.5 s.
+    settings = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
+    device = await create_device(session_factory)
+
+    async with serve_hub(settings) as url, open_socket(url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        if reason == "user_inactive":
+            await set_user_active(session_factory, device, False)
+        else:
+            await set_device_active(session_factory, device, False)
+        await asyncio.sleep(0.6)
+        await send(socket, {"type": "ping"})
+        error = await receive_type(socket, "error")
+        code, received_reason = await wait_closed(socket)
+
+    assert error["error"] == "invalid_api_key"
+    assert error["reason"] == reason
+    assert code == protocol.CLOSE_INVALID_API_KEY
+    assert received_reason == close_reason
+
+
+async def test_heartbeat_closes_deleted_user_connection(
+    settings: Settings, session_factory: Sessions
+) -> None:
+    settings = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
+    device = await create_device(session_factory)
+
+    async with serve_hub(settings) as url, open_socket(url, device.api_key) as socket:
+        await request(socket, {"type": "ping"})
+        async with session_factory() as session:
+            # The user's devices go with it (ON DELETE CASCADE).
+            await session.execute(delete(User).where(User.id == device.user_id))
+            await session.commit()
+        await asyncio.sleep(0.6)
+        await send(socket, {"type": "ping"})
+        code, _ = await wait_closed(socket)
+
+    assert code == protocol.CLOSE_REVOKED
 
 
 async def test_second_connection_replaces_first(

@@ -77,6 +77,15 @@ class DeviceGoneError(Exception):
     """
 
 
+class DeviceDisabledError(Exception):
+    """The connection's device or its account was disabled, so no frame of it can be
+    stored any more; `reason` is "device_inactive" or "user_inactive"."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class FrameRejectedError(Exception):
     """A well-formed frame that the hub refuses to apply; `code` goes to the phone."""
 

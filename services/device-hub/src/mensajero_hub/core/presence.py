@@ -145,6 +145,9 @@ class Touch:
     newest: bool
     # The heartbeat written; None when it was not written or the device no longer exists.
     heartbeat_at: datetime | None
+    # "device_inactive" or "user_inactive" when the heartbeat found the device or its
+    # owner disabled.
+    disabled_reason: str | None = None
 
 
 class _Kind(enum.Enum):
@@ -296,7 +299,7 @@ class PresenceWriter:
         claim_error = await self._claim(opens)
         refresh_error = await self._refresh(touches)
 
-        written: dict[uuid.UUID, datetime] = {}
+        written: dict[uuid.UUID, repository.WrittenHeartbeat] = {}
         device_ids = {write.device_id for write in writes if write.newest}
         if device_ids:
             async with self.sessions() as db:
@@ -308,9 +311,13 @@ class PresenceWriter:
 
         results: list[object] = []
         for write in writes:
-            heartbeat_at = written.get(write.device_id) if write.newest else None
+            heartbeat = written.get(write.device_id) if write.newest else None
+            heartbeat_at = None if heartbeat is None else heartbeat.heartbeat_at
             if write.kind is _Kind.TOUCH:
-                results.append(refresh_error or Touch(write.newest, heartbeat_at))
+                reason = None if heartbeat is None else heartbeat.disabled_reason
+                results.append(
+                    refresh_error or Touch(write.newest, heartbeat_at, reason)
+                )
             elif claim_error is not None:
                 results.append(claim_error)
             elif heartbeat_at is not None and signal_error is not None:

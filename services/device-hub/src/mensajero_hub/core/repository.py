@@ -134,18 +134,38 @@ async def update_registration(
 
 # One statement text for any number of devices, because an IN list would make a new
 # prepared statement per batch size. `updated_at` moves as the model's onupdate would.
+# It also returns whether the device and its owner are active, because disabling an
+# account, or a device directly in Postgres, publishes nothing that the hub could act on.
 _WRITE_HEARTBEATS_SQL = """
-    UPDATE smsdevice
+    UPDATE smsdevice AS d
     SET status = 'online', last_heartbeat = clock_timestamp(), updated_at = now()
-    WHERE id = ANY($1::uuid[])
-    RETURNING id, last_heartbeat
+    FROM "user" AS u
+    WHERE d.id = ANY($1::uuid[]) AND u.id = d.user_id
+    RETURNING d.id, d.last_heartbeat, d.is_active, u.is_active
 """
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenHeartbeat:
+    heartbeat_at: datetime
+    # "device_inactive" or "user_inactive" when the device or its owner is disabled.
+    disabled_reason: str | None
+
+
+def disabled_reason(device_is_active: bool, user_is_active: bool) -> str | None:
+    """Return the `invalid_api_key` reason that a disabled device or owner gets, or None."""
+    if not device_is_active:
+        return "device_inactive"
+    if not user_is_active:
+        return "user_inactive"
+    return None
 
 
 async def write_heartbeats(
     db: AsyncSession, device_ids: Collection[uuid.UUID]
-) -> dict[uuid.UUID, datetime]:
-    """Mark these devices online with a fresh heartbeat; return the heartbeat of each.
+) -> dict[uuid.UUID, WrittenHeartbeat]:
+    """Mark these devices online with a fresh heartbeat; return the heartbeat of each
+    device that still exists, and whether it or its owner is disabled.
 
     clock_timestamp() gives every row its own value even within one statement, so a
     heartbeat identifies the write that made it (see mark_offline). The UPDATE runs on
@@ -155,7 +175,11 @@ async def write_heartbeats(
     """
     connection = await driver_connection(db, transaction=False)
     rows = await connection.fetch(_WRITE_HEARTBEATS_SQL, list(device_ids))
-    return {row[0]: row[1] for row in rows if row[1] is not None}
+    return {
+        row[0]: WrittenHeartbeat(row[1], disabled_reason(row[2], row[3]))
+        for row in rows
+        if row[1] is not None
+    }
 
 
 _MARK_OFFLINE = text(
@@ -361,6 +385,32 @@ async def find_webhook_subscriptions(
     connection = await driver_connection(db)
     rows = await connection.fetch(_WEBHOOK_SUBSCRIPTIONS, list(user_ids))
     return {(row[0], row[1]) for row in rows}
+
+
+_LOCK_DEVICE_OWNER_SQL = text(
+    """
+    SELECT d.is_active, u.is_active
+    FROM smsdevice AS d JOIN "user" AS u ON u.id = d.user_id
+    WHERE d.id = :device_id
+    FOR SHARE OF u
+    """
+)
+
+
+async def lock_device_owner(db: AsyncSession, device_id: uuid.UUID) -> str | None:
+    """Lock the device's owner against changes until the transaction ends; return the
+    reason that the device may not store anything ("device_inactive", "user_inactive",
+    or "deleted"), or None when it may.
+
+    The share lock makes a concurrent UPDATE of the owner's row wait for this
+    transaction, and this statement wait for that UPDATE and read its result. So once an
+    UPDATE that disables the account commits, no incoming SMS of its devices is stored.
+    The device's own `is_active` is read without a lock.
+    """
+    row = (await db.execute(_LOCK_DEVICE_OWNER_SQL, {"device_id": device_id})).first()
+    if row is None:
+        return "deleted"
+    return disabled_reason(row[0], row[1])
 
 
 async def insert_incoming(

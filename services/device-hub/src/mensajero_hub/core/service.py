@@ -29,6 +29,7 @@ from mensajero_hub.core import reports, repository
 from mensajero_hub.core.auth_throttle import DeviceAuthThrottle
 from mensajero_hub.core.frames import (
     AuthThrottledError,
+    DeviceDisabledError,
     DeviceGoneError,
     FrameRejectedError,
     InvalidApiKeyError,
@@ -197,7 +198,11 @@ class DeviceService:
     async def store_incoming(
         self, identity: DeviceIdentity, frame: SmsIncomingFrame
     ) -> uuid.UUID:
-        """Store an incoming SMS once per `sms_id`; return its message id after the commit."""
+        """Store an incoming SMS once per `sms_id`; return its message id after the commit.
+
+        Raises DeviceDisabledError when the device or its account is disabled, and
+        DeviceGoneError when the device is deleted, without storing anything.
+        """
         from_number = self._read_sender(frame)
         received_at = frame.timestamp or datetime.now(UTC)
         if received_at.tzinfo is None:
@@ -226,6 +231,11 @@ class DeviceService:
         """Store an incoming SMS and its webhook deliveries in one transaction."""
         delivery_ids: list[uuid.UUID] = []
         async with session_scope(self._sessions) as db:
+            rejection = await repository.lock_device_owner(db, identity.device_id)
+            if rejection == "deleted":
+                raise DeviceGoneError(str(identity.device_id))
+            if rejection is not None:
+                raise DeviceDisabledError(rejection)
             message_id = await repository.insert_incoming(
                 db,
                 device_id=identity.device_id,

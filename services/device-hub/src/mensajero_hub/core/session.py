@@ -32,7 +32,11 @@ from mensajero_common.protocol import (
 )
 from mensajero_common.status import IN_FLIGHT_STATUSES
 from mensajero_hub.core import frames
-from mensajero_hub.core.frames import DeviceGoneError, FrameRejectedError
+from mensajero_hub.core.frames import (
+    DeviceDisabledError,
+    DeviceGoneError,
+    FrameRejectedError,
+)
 from mensajero_hub.core.service import DeviceIdentity, DeviceService
 from mensajero_hub.core.state import (
     CarriedTask,
@@ -275,6 +279,10 @@ class DeviceSession:
             self.log.info("closing connection: device deleted", frame_type=frame.type)
             await self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED)
             return
+        except DeviceDisabledError as error:
+            # No ack either, so the phone keeps the frame until it is enabled again.
+            await self._close_disabled(error.reason)
+            return
         except Exception:
             self.log.exception("frame handling failed", frame_type=frame.type)
             await self._send(
@@ -372,7 +380,14 @@ class DeviceSession:
             return
         if not touch.newest:
             await self.close(protocol.CLOSE_REPLACED, frames.REASON_REPLACED)
-        elif touch.heartbeat_at is not None:
+        elif touch.heartbeat_at is None:
+            # The device row is gone, e.g. with its owner deleted in Postgres.
+            self.log.info("closing connection: device deleted")
+            await self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED)
+        elif touch.disabled_reason is not None:
+            # Disabled in Postgres alone, which publishes no message on the channel.
+            await self._close_disabled(touch.disabled_reason)
+        else:
             self.state.record_touch(now_s, touch.heartbeat_at)
 
     # Messages on the device's channel.
@@ -387,29 +402,26 @@ class DeviceSession:
         elif data == CHANNEL_REVOKE.encode():
             self._hub.spawn(self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED))
         elif data == CHANNEL_DISABLE.encode():
-            self._hub.spawn(self._close_disabled())
+            self._hub.spawn(self._close_disabled("device_inactive"))
         elif data.startswith(CHANNEL_CONNECTED_PREFIX.encode()):
             other = data[len(CHANNEL_CONNECTED_PREFIX) :].decode(errors="replace")
             if other != self.connection_id:
                 self._hub.spawn(self._close_if_replaced())
 
-    async def _close_disabled(self) -> None:
+    async def _close_disabled(self, reason: str) -> None:
         """Close with 4001 after the `invalid_api_key` error that a new connection of a
-        disabled device gets, so that the phone can tell a disabled device from a revoked
-        key."""
+        disabled device or account gets, so that the phone can tell a disabled device
+        from a revoked key. `reason` is "device_inactive" or "user_inactive"."""
         if not self.is_open:
             return
-        self.log.info("closing connection: device disabled")
-        frame = frames.error_reply(
-            "invalid_api_key", self.language, reason="device_inactive"
-        )
+        self.log.info("closing connection: device or account disabled", reason=reason)
+        frame = frames.error_reply("invalid_api_key", self.language, reason=reason)
         # Bounded, so that a phone that stopped reading cannot hold off the close.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._send(frame)
         await self.close(
-            protocol.CLOSE_INVALID_API_KEY,
-            frames.REASON_INVALID_API_KEY["device_inactive"],
+            protocol.CLOSE_INVALID_API_KEY, frames.REASON_INVALID_API_KEY[reason]
         )
 
     async def _close_if_replaced(self) -> None:
