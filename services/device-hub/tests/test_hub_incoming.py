@@ -1,6 +1,7 @@
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from hub_helpers import (
     create_device,
     incoming_rows,
@@ -10,6 +11,7 @@ from hub_helpers import (
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from mensajero_common import jsonutil
 from mensajero_common.models import MessageStatus, WebhookConfig, WebhookEvent
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -192,6 +194,52 @@ async def test_incoming_rejects_overlong_sender(
     assert error["type"] == "error"
     assert error["error"] == "invalid_frame"
     assert await incoming_rows(session_factory, device.device_id) == []
+
+
+@pytest.mark.parametrize(
+    ("sender", "stored"),
+    [
+        ("a\x01b", "ab"),
+        ("\x1b[31mBanco", "[31mBanco"),
+        ("Movi\x7fstar\x85", "Movistar"),
+        ("\u202eknab\u202c", "knab"),
+        ("\u2066Movistar\u2069", "Movistar"),
+        ("\t+34 611 22 33 44\n", "+34611223344"),
+        ("+34\u202d611223344", "+34611223344"),
+        ("\x01\u202e", "unknown"),
+        (" \u2067 ", "unknown"),
+    ],
+)
+async def test_incoming_removes_sender_controls(
+    hub_url: str, session_factory: Sessions, sender: str, stored: str
+) -> None:
+    device = await create_device(session_factory)
+    async with session_factory() as db:
+        db.add(
+            WebhookConfig(
+                user_id=device.user_id,
+                url="https://example.com/hook",
+                secret_key="whsec_test",
+                events=["sms_received"],
+            )
+        )
+        await db.commit()
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        ack = await request(socket, incoming(sender, "Hola", "sms-1"))
+
+    rows = await incoming_rows(session_factory, device.device_id)
+    async with session_factory() as db:
+        event_body = (
+            await db.execute(
+                select(WebhookEvent.body).where(
+                    WebhookEvent.message_id == uuid.UUID(ack["message_id"])
+                )
+            )
+        ).scalar_one()
+    assert ack["type"] == "ack"
+    assert [row.from_number for row in rows] == [stored]
+    assert jsonutil.loads(event_body)["from"] == stored
 
 
 async def test_incoming_records_webhook_event_once(

@@ -24,6 +24,7 @@ from mensajero_common.models import MessageStatus
 from mensajero_common.phone import PLUS_SIGNS, PhoneNumberError, normalize_e164
 from mensajero_common.protocol import RegisterFrame, SmsIncomingFrame, SmsReportFrame
 from mensajero_common.settings import Settings
+from mensajero_common.text import remove_controls
 from mensajero_common.throttle import FailureLimit
 from mensajero_hub.core import reports, repository
 from mensajero_hub.core.auth_throttle import DeviceAuthThrottle
@@ -46,6 +47,10 @@ log = structlog.get_logger(__name__)
 
 # Width of the smsmessage.from_number column.
 MAX_NUMBER_LENGTH = 32
+# The sender stored for an incoming SMS whose `from` is empty once control characters,
+# bidirectional controls and surrounding whitespace are removed. Rejecting the frame
+# instead would make the phone drop the SMS.
+UNKNOWN_SENDER = "unknown"
 # Postgres SQLSTATE of foreign_key_violation.
 FOREIGN_KEY_VIOLATION = "23503"
 
@@ -271,9 +276,13 @@ class DeviceService:
     def _read_sender(self, frame: SmsIncomingFrame) -> str:
         """Return the sender in E.164 when it is a phone number, else as the phone sent it.
 
-        Senders are often short codes or names ("Movistar"), which are stored unchanged.
+        Senders are often short codes or names ("Movistar"), which are stored unchanged,
+        except that control characters and bidirectional controls are removed first.
+        A sender with nothing left is UNKNOWN_SENDER.
         """
-        raw = frame.from_.strip()
+        raw = remove_controls(frame.from_).strip()
+        if not raw:
+            return UNKNOWN_SENDER
         try:
             # Senders are read as international numbers only: a national-looking short
             # code would otherwise be turned into some country's number.
