@@ -3,6 +3,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from api_test_helpers import (
     ApiUser,
     MakeUser,
@@ -111,6 +112,69 @@ async def test_register_device_invalid_input(
         assert response.status_code == 422, payload
         assert response.json()["error"] == "validation_error"
         assert response.json()["details"][0]["field"] == "name"
+
+
+BLANK_NAME_MESSAGES = {
+    "es": "Debe contener al menos un carácter visible; no bastan espacios ni "
+    "caracteres invisibles como \\u200b.",
+    "en": "Must contain at least one visible character; spaces and invisible "
+    "characters such as \\u200b are not enough.",
+}
+CONTROL_NAME_MESSAGES = {
+    "es": "No puede contener caracteres de control (\\u0000 a \\u001f, \\u007f a "
+    "\\u009f) ni controles de dirección del texto (\\u202a a \\u202e, \\u2066 a "
+    "\\u2069).",
+    "en": "Must not contain control characters (\\u0000 to \\u001f, \\u007f to "
+    "\\u009f) or text direction controls (\\u202a to \\u202e, \\u2066 to "
+    "\\u2069).",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "error_type"),
+    [
+        ("\u200b", "string_blank"),
+        (" \u2060\ufeff ", "string_blank"),
+        ("\u2800", "string_blank"),
+        ("\x01", "string_blank"),
+        ("Pixel\x07", "string_contains_control"),
+        ("Pixel\u202e7", "string_contains_control"),
+        ("Pi\u2066xel\u2069", "string_contains_control"),
+        ("Pixel\x9b", "string_contains_control"),
+    ],
+)
+async def test_device_name_rejects_invisible_or_control(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+    name: str,
+    error_type: str,
+) -> None:
+    device = await register_device(client, user)
+    url = f"{DEVICES_URL}/{device['device_id']}"
+    messages = (
+        BLANK_NAME_MESSAGES if error_type == "string_blank" else CONTROL_NAME_MESSAGES
+    )
+
+    for language, message in messages.items():
+        headers = {**user.headers, "Accept-Language": language}
+        created = await client.post(DEVICES_URL, json={"name": name}, headers=headers)
+        updated = await client.put(url, json={"name": name}, headers=headers)
+
+        for response in (created, updated):
+            assert response.status_code == 422, response.text
+            assert response.json()["error"] == "validation_error"
+            assert response.json()["details"] == [
+                {
+                    "field": "name",
+                    "location": "body",
+                    "message": message,
+                    "type": error_type,
+                }
+            ]
+    row = await _device_row(session_factory, device["device_id"])
+    assert row is not None
+    assert row.name == device["name"]
 
 
 async def test_update_device(

@@ -1,6 +1,7 @@
 import pytest
 from hub_helpers import (
     create_device,
+    load_device,
     open_socket,
     receive,
     request,
@@ -174,6 +175,69 @@ async def test_invalid_fields_listed_and_localized(
     )
     assert in_english["fields"] == in_spanish["fields"]
     assert in_english["message"].startswith("Invalid frame: message_id: Must be a UUID")
+
+
+@pytest.mark.parametrize(
+    ("name", "error_type", "spanish", "english"),
+    [
+        (
+            "\u200b\u2060",
+            "string_blank",
+            "Debe contener al menos un carácter visible",
+            "Must contain at least one visible character",
+        ),
+        (
+            "Pixel\x1b[2J",
+            "string_contains_control",
+            "No puede contener caracteres de control",
+            "Must not contain control characters",
+        ),
+        (
+            "Pixel\u202e8",
+            "string_contains_control",
+            "No puede contener caracteres de control",
+            "Must not contain control characters",
+        ),
+    ],
+)
+async def test_register_rejects_invisible_or_control_name(
+    hub_url: str,
+    session_factory: Sessions,
+    name: str,
+    error_type: str,
+    spanish: str,
+    english: str,
+) -> None:
+    device = await create_device(session_factory)
+    frame = {"type": "register", "device_name": name}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        in_spanish = await request(socket, frame)
+    async with open_socket(
+        hub_url, device.api_key, additional_headers={"Accept-Language": "en"}
+    ) as socket:
+        in_english = await request(socket, frame)
+    row = await load_device(session_factory, device.device_id)
+
+    assert in_spanish["error"] == "invalid_frame"
+    assert in_spanish["reason"] == "invalid_fields"
+    assert in_spanish["fields"] == [{"field": "device_name", "type": error_type}]
+    assert in_spanish["message"].startswith(f"Trama no válida: device_name: {spanish}")
+    assert in_english["fields"] == in_spanish["fields"]
+    assert in_english["message"].startswith(f"Invalid frame: device_name: {english}")
+    assert row.name == "Test phone"
+
+
+async def test_register_blank_name_keeps_stored_name(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        ack = await request(socket, {"type": "register", "device_name": "  "})
+
+    assert ack["type"] == "ack"
+    assert ack["name"] == "Test phone"
 
 
 async def test_too_many_errors_close_connection(

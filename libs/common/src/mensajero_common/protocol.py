@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from mensajero_common import jsonutil
+from mensajero_common.text import check_display_name
 
 PROTOCOL_VERSION = 1
 
@@ -80,9 +81,19 @@ class _ClientFrame(BaseModel):
     request_id: Annotated[str | None, Field(max_length=MAX_ID_LENGTH)] = None
 
 
+def _check_device_name(value: str | None) -> str | None:
+    # An empty or all-space name is allowed: it keeps the stored name.
+    if value is None or not value.strip():
+        return value
+    check_display_name(value.strip())
+    return value
+
+
 class RegisterFrame(_ClientFrame):
     type: Literal["register"]
-    device_name: Annotated[str | None, Field(max_length=255)] = None
+    device_name: Annotated[
+        str | None, Field(max_length=255), AfterValidator(_check_device_name)
+    ] = None
     phone_number: Annotated[str | None, Field(max_length=64)] = None
     app_version: Annotated[str | None, Field(max_length=64)] = None
     protocol_version: int = PROTOCOL_VERSION

@@ -13,6 +13,8 @@ display as other text (U+202E RIGHT-TO-LEFT OVERRIDE shows "moc.knab" as "bank.c
 
 import unicodedata
 
+from pydantic_core import PydanticCustomError
+
 # The Default_Ignorable_Code_Point ranges of the Unicode Character Database
 # (DerivedCoreProperties.txt, Unicode 14.0), which Python's unicodedata does not expose:
 # format controls, fillers, variation selectors and tags that renderers draw as nothing.
@@ -89,3 +91,28 @@ def remove_controls(text: str) -> str:
     overrides and isolates."""
     return text.translate(_CONTROL_DELETION)
 
+
+def has_controls(text: str) -> bool:
+    """Tell whether `text` contains a control character or a bidirectional embedding,
+    override or isolate."""
+    return any(ord(character) in _CONTROL_DELETION for character in text)
+
+
+def check_display_name(name: str) -> str:
+    """Return a trimmed display name unchanged, or raise PydanticCustomError.
+
+    The error type is `string_blank` for a name that contains only invisible characters
+    and `string_contains_control` for one with a control character or a bidirectional
+    embedding, override or isolate. mensajero_common.validation_messages translates both.
+    """
+    if is_blank(name):
+        raise PydanticCustomError(
+            "string_blank", "must contain at least one visible character"
+        )
+    if has_controls(name):
+        raise PydanticCustomError(
+            "string_contains_control",
+            "must not contain control characters (U+0000 to U+001F, U+007F to U+009F) "
+            "or bidirectional controls (U+202A to U+202E, U+2066 to U+2069)",
+        )
+    return name

@@ -316,6 +316,14 @@ VALIDATION_MESSAGES: dict[str, dict[str, str]] = {
         "es": "No puede contener sustitutos UTF-16 sin pareja (un escape \\ud800 a \\udfff suelto).",
         "en": "Must not contain unpaired UTF-16 surrogates (a lone \\ud800 to \\udfff escape).",
     },
+    "string_blank": {
+        "es": "Debe contener al menos un carácter visible; no bastan espacios ni caracteres invisibles como \\u200b.",
+        "en": "Must contain at least one visible character; spaces and invisible characters such as \\u200b are not enough.",
+    },
+    "string_contains_control": {
+        "es": "No puede contener caracteres de control (\\u0000 a \\u001f, \\u007f a \\u009f) ni controles de dirección del texto (\\u202a a \\u202e, \\u2066 a \\u2069).",
+        "en": "Must not contain control characters (\\u0000 to \\u001f, \\u007f to \\u009f) or text direction controls (\\u202a to \\u202e, \\u2066 to \\u2069).",
+    },
     "date_or_datetime_parsing": {
         "es": "Debe ser una fecha (2024-01-31) o una fecha y hora ISO 8601 (2024-01-31T12:00:00Z).",
         "en": "Must be a date (2024-01-31) or an ISO 8601 date and time (2024-01-31T12:00:00Z).",

@@ -20,6 +20,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from mensajero_common.text import check_display_name
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -96,6 +98,10 @@ Name = Annotated[
     Storable,
 ]
 """A display name: trimmed, 1 to 255 characters (the column size)."""
+
+DeviceName = Annotated[Name, AfterValidator(check_display_name)]
+"""A device's name: a Name with at least one visible character and no control
+characters or bidirectional controls, as the hub requires of `register` frames too."""
 
 Password = Annotated[str, StringConstraints(min_length=8, max_length=128), Storable]
 """A password of 8 to 128 characters."""

@@ -6,7 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mensajero_api.types import Name, PhoneNumberText, QueryParameters, RequestBody
+from mensajero_api.types import (
+    DeviceName,
+    PhoneNumberText,
+    QueryParameters,
+    RequestBody,
+)
 from mensajero_common.models import DeviceStatus
 
 _PHONE_DESCRIPTION = (
@@ -24,7 +29,7 @@ _EXPIRY_DESCRIPTION = (
 
 
 class DeviceCreate(RequestBody):
-    name: Name
+    name: DeviceName
     phone_number: PhoneNumberText | None = Field(
         default=None, description=_PHONE_DESCRIPTION
     )
@@ -44,7 +49,7 @@ class DeviceUpdate(RequestBody):
 
     # The None defaults below only mark a field as left out: pydantic does not validate
     # defaults, so an explicit null still fails, as these columns are NOT NULL.
-    name: Name = Field(default=None)  # type: ignore[assignment]
+    name: DeviceName = Field(default=None)  # type: ignore[assignment]
     phone_number: PhoneNumberText | None = Field(
         default=None, description=_PHONE_DESCRIPTION + " Null clears it."
     )
