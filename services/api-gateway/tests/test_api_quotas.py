@@ -433,6 +433,53 @@ async def test_upgrade_by_superuser(
     assert (await send_sms(client, owner)).status_code == 201
 
 
+async def test_upgrade_by_email_and_plan_in_any_case(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    admin = await _make_superuser(make_user, session_factory)
+    owner = await make_user(plan="free")
+
+    response = await client.put(
+        UPGRADE_URL,
+        json={"email": owner.email.upper(), "plan": "Pro"},
+        headers=admin.headers,
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["user_id"] == str(owner.id)
+    assert response.json()["data"]["plan_code"] == "pro"
+    assert (await _read_quota(client, owner))["plan_code"] == "pro"
+
+
+async def test_upgrade_target_errors(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    admin = await _make_superuser(make_user, session_factory)
+    owner = await make_user(plan="free")
+    english = {**admin.headers, "Accept-Language": "en"}
+
+    both = await client.put(
+        UPGRADE_URL,
+        json={"user_id": str(owner.id), "email": owner.email, "plan": "pro"},
+        headers=english,
+    )
+    unknown = await client.put(
+        UPGRADE_URL, json={"email": "nadie@example.com", "plan": "pro"}, headers=english
+    )
+
+    assert both.status_code == 400
+    assert both.json()["error"] == "user_id_and_email"
+    assert both.json()["message"] == "Name the user by user_id or by email, not both."
+    assert unknown.status_code == 404
+    assert unknown.json() == {
+        "success": False,
+        "error": "user_not_found",
+        "message": "No user has the email nadie@example.com.",
+        "email": "nadie@example.com",
+    }
+    assert (await _read_quota(client, owner))["plan_code"] == "free"
+
+
 async def test_upgrade_without_user_id_changes_caller(
     client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
 ) -> None:

@@ -213,6 +213,14 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "No existe el usuario {user_id}.",
         "en": "User {user_id} does not exist.",
     },
+    "user_email_not_found": {
+        "es": "No hay ningún usuario con el email {email}.",
+        "en": "No user has the email {email}.",
+    },
+    "user_id_and_email": {
+        "es": "Indica el usuario con user_id o con email, no con ambos.",
+        "en": "Name the user by user_id or by email, not both.",
+    },
     "plan_not_found": {
         "es": "No existe el plan {plan}. Planes disponibles: {available}.",
         "en": "Plan {plan} does not exist. Available plans: {available}.",

@@ -33,8 +33,14 @@ _PLAN_MAX_SMS = (
 
 
 async def get_plan_by_code(session: AsyncSession, code: str) -> UserPlan | None:
-    statement = select(UserPlan).where(UserPlan.code == code)
-    return (await session.scalars(statement)).one_or_none()
+    """Find a plan by its code in any letter case, the exact spelling first."""
+    statement = (
+        select(UserPlan)
+        .where(func.lower(UserPlan.code) == code.lower())
+        .order_by((UserPlan.code == code).desc(), UserPlan.code)
+        .limit(1)
+    )
+    return (await session.scalars(statement)).first()
 
 
 async def insert_quota(

@@ -44,7 +44,7 @@ async def read_quota(
     return Envelope(data=_public(usage))
 
 
-@router.put("/upgrade", responses=error_responses(401, 403, 404, 422))
+@router.put("/upgrade", responses=error_responses(400, 401, 403, 404, 422))
 async def change_plan(
     data: PlanChange,
     user: CurrentUser,
@@ -54,10 +54,12 @@ async def change_plan(
 ) -> Envelope[QuotaPublic]:
     """Put a user on another plan (superusers only; anyone else gets 403).
 
-    Body: `{"user_id": "<uuid>", "plan": "<code>"}`; `user_id` left out means the
-    caller. The usage counters are kept, so after a downgrade below the current usage, new
-    sends or devices are rejected until the usage fits or the month resets. Errors: 403
-    `superuser_required`, 404 `user_not_found`, 404 `plan_not_found`.
+    Body: `{"user_id": "<uuid>", "plan": "<code>"}`, or `{"email": "<address>", "plan":
+    "<code>"}`; with neither `user_id` nor `email`, the caller. The plan's code matches
+    in any letter case. The usage counters are kept, so after a downgrade below the
+    current usage, new sends or devices are rejected until the usage fits or the month
+    resets. Errors: 400 `user_id_and_email` (both given), 403 `superuser_required`, 404
+    `user_not_found`, 404 `plan_not_found`.
     """
     usage = await service.change_plan(session, user, data, settings)
     return Envelope(

@@ -5,7 +5,7 @@ from datetime import date, datetime
 
 from pydantic import BaseModel, Field
 
-from mensajero_api.types import RequestBody
+from mensajero_api.types import Email, RequestBody
 
 
 class QuotaPublic(BaseModel):
@@ -34,11 +34,18 @@ class QuotaPublic(BaseModel):
 
 class PlanChange(RequestBody):
     user_id: uuid.UUID | None = Field(
-        default=None, description="The user to change; left out, the caller."
+        default=None,
+        description="The user to change; with neither user_id nor email, the caller.",
+    )
+    email: Email | None = Field(
+        default=None,
+        description="The user to change, by email address, instead of user_id.",
+        examples=["ana@example.com"],
     )
     plan: str = Field(
         min_length=1,
         max_length=50,
-        description="Code of the new plan, as listed by GET /api/v1/sms/plans.",
+        description="Code of the new plan, as listed by GET /api/v1/sms/plans, in "
+        "any letter case.",
         examples=["pro"],
     )

@@ -23,6 +23,7 @@ from mensajero_common.errors import (
     NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
+    ValidationFailedError,
 )
 from mensajero_common.models import User, UserPlan, UserQuota
 from mensajero_common.quota_period import (
@@ -56,6 +57,21 @@ class UserNotFoundError(NotFoundError):
 
     def __init__(self, user_id: uuid.UUID) -> None:
         super().__init__(user_id=str(user_id), details={"user_id": str(user_id)})
+
+
+class UserEmailNotFoundError(NotFoundError):
+    code = "user_not_found"
+
+    def __init__(self, email: str) -> None:
+        super().__init__(
+            message_key="user_email_not_found", email=email, details={"email": email}
+        )
+
+
+class PlanChangeTargetError(ValidationFailedError):
+    """Both user_id and email name the user whose plan changes."""
+
+    code = "user_id_and_email"
 
 
 class PlanNotFoundError(NotFoundError):
@@ -266,7 +282,8 @@ async def get_user_quota(
 async def change_plan(
     session: AsyncSession, actor: User, data: PlanChange, settings: Settings
 ) -> Usage:
-    """Put a user (the actor when `data.user_id` is left out) on another plan; commit.
+    """Put a user (by `data.user_id` or `data.email`, else the actor) on another plan;
+    commit.
 
     Only a superuser may do it. The counters stay as they are: after a downgrade below
     the current usage, new sends and registrations are rejected until the usage fits.
@@ -274,9 +291,17 @@ async def change_plan(
     if not actor.is_superuser:
         raise SuperuserRequiredError()
 
-    user_id = data.user_id or actor.id
-    if await users_repository.get_user(session, user_id) is None:
-        raise UserNotFoundError(user_id)
+    if data.user_id is not None and data.email is not None:
+        raise PlanChangeTargetError()
+    if data.email is not None:
+        target = await users_repository.get_user_by_email(session, data.email)
+        if target is None:
+            raise UserEmailNotFoundError(data.email)
+        user_id = target.id
+    else:
+        user_id = data.user_id or actor.id
+        if await users_repository.get_user(session, user_id) is None:
+            raise UserNotFoundError(user_id)
     plan = await repository.get_plan_by_code(session, data.plan)
     if plan is None or not plan.is_active:
         plans = await plans_repository.list_active_plans(session)
