@@ -113,9 +113,9 @@ _LEAST_LOADED_DEVICES = f"""
 
 # The stream consumer's read of the messages it was signalled, oldest first. The ids come
 # as one array joined by primary key, so the plan that Postgres caches for the prepared
-# statement probes the primary key whatever the table's statistics say. With
-# `id = ANY($1)`, the generic plan scanned the status and type indexes instead on a table
-# whose statistics were stale.
+# statement probes the primary key even when the table's statistics are stale. With
+# `id = ANY($1)`, the generic plan scanned the status and type indexes instead on such a
+# table.
 _FIND_PENDING_BY_IDS = f"""
     SELECT smsmessage.id, smsmessage.user_id, smsmessage.requested_device_id,
         smsmessage.to_number, smsmessage.body, smsmessage.segments, smsmessage.encoding,

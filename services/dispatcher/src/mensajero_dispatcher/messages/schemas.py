@@ -26,7 +26,7 @@ class PendingMessage:
 
     @classmethod
     def new(cls, message: NewMessage) -> "PendingMessage":
-        """The message as its new-message entry carries it, before any attempt."""
+        """Return the message that a new-message entry carries, before any attempt."""
         return cls(
             id=message.id,
             user_id=message.user_id,
