@@ -496,7 +496,11 @@ async def test_disabled_user_cannot_store_incoming(
     ],
 )
 async def test_heartbeat_closes_disabled_connection(
-    settings: Settings, session_factory: Sessions, reason: str, close_reason: str
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    reason: str,
+    close_reason: str,
 ) -> None:
     # A ping interval of 1 s writes the heartbeat at most every 0.5 s.
     settings = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
@@ -520,7 +524,7 @@ async def test_heartbeat_closes_disabled_connection(
 
 
 async def test_heartbeat_closes_deleted_user_connection(
-    settings: Settings, session_factory: Sessions
+    settings: Settings, session_factory: Sessions, redis: Redis
 ) -> None:
     settings = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
     device = await create_device(session_factory)
