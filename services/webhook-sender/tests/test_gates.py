@@ -1,6 +1,6 @@
 import asyncio
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +22,9 @@ from mensajero_common.webhooks import generate_secret
 from mensajero_webhooks.delivery import repository
 from mensajero_webhooks.delivery.gates import BreakerChange, Health, WebhookGates
 from mensajero_webhooks.delivery.service import (
+    PARKED,
     DeliveryContext,
+    attempt_delivery,
     requeue_due_deliveries,
 )
 
@@ -403,3 +405,70 @@ async def test_sweep_recovers_parked_delivery(
 
 async def _requeued(context: DeliveryContext) -> bool:
     return await requeue_due_deliveries(context) > 0
+
+
+@pytest.mark.parametrize("parked_by", ["claim", "unclaim"])
+async def test_delivery_parked_as_breaker_opens(
+    settings: Settings,
+    session_factory: SessionFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    parked_by: str,
+) -> None:
+    # The parking time is computed for a full gate. Then an attempt of the same webhook
+    # fails and pauses it before the statement that parks the delivery runs, so the
+    # repark that follows the pause cannot find the delivery in the gate yet.
+    settings = settings.model_copy(
+        update={
+            "WEBHOOK_CONCURRENCY_PER_WEBHOOK": 1,
+            "WEBHOOK_BREAKER_FAILURES": 1,
+            "WEBHOOK_BREAKER_OPEN_S": 5.0,
+        }
+    )
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(receiver) as base_url,
+        delivery_worker(settings, session_factory) as context,
+    ):
+        [delivery_id] = await record_many(session_factory, f"{base_url}/hook", 1)
+        delivery, _ = await delivery_state(session_factory, delivery_id)
+        webhook_id = delivery.webhook_id
+        gates = context.gates
+        claim, unclaim = repository.claim, repository.unclaim
+
+        def fail_running_attempt() -> None:
+            assert gates.release(webhook_id, Health.FAILING) is BreakerChange.OPENED
+
+        async def claim_as_gate_changes(*args: Any, **kwargs: Any) -> Any:
+            if parked_by == "claim":
+                fail_running_attempt()
+            else:
+                # Another job takes the last slot while this claim is on its way.
+                assert gates.acquire(webhook_id)
+            return await claim(*args, **kwargs)
+
+        async def unclaim_as_breaker_opens(*args: Any, **kwargs: Any) -> Any:
+            fail_running_attempt()
+            return await unclaim(*args, **kwargs)
+
+        monkeypatch.setattr(repository, "claim", claim_as_gate_changes)
+        monkeypatch.setattr(repository, "unclaim", unclaim_as_breaker_opens)
+        if parked_by == "claim":
+            # An attempt of another delivery has taken the only slot.
+            assert gates.acquire(webhook_id)
+
+        assert await attempt_delivery(context, delivery_id) == PARKED
+        probe_in_s = gates.probe_in_s(webhook_id)
+        probe_at = datetime.now(UTC) + timedelta(seconds=probe_in_s or 0)
+        parked = gates.parked_deliveries(webhook_id)
+
+    assert probe_in_s is not None
+    delivery, attempts = await delivery_state(session_factory, delivery_id)
+    assert delivery.status == "pending"
+    assert delivery.attempts == 0
+    assert attempts == []
+    assert delivery.next_attempt_at is not None
+    shown_gap_s = (probe_at - delivery.next_attempt_at).total_seconds()
+    assert abs(shown_gap_s) < 0.5
+    # The probe claims the delivery with the token that the gate keeps for it.
+    assert parked == {delivery_id: delivery.next_attempt_at}
+    assert receiver.requests == []

@@ -188,6 +188,18 @@ class WebhookGates:
         left_s = gate.open_until - self._clock()
         return left_s if left_s > 0 else None
 
+    def pause_state(self, webhook_id: uuid.UUID) -> tuple[float | None, bool]:
+        """Return when the open breaker lets a probe through (None when it is closed),
+        and whether the probe runs.
+
+        The parking time of the webhook's deliveries depends on this pair, which changes
+        when the breaker opens or closes and when a probe starts or ends.
+        """
+        gate = self._gates.get(webhook_id)
+        if gate is None:
+            return None, False
+        return gate.open_until, gate.probing
+
     def is_probing(self, webhook_id: uuid.UUID) -> bool:
         gate = self._gates.get(webhook_id)
         return gate is not None and gate.probing

@@ -6,6 +6,7 @@ import math
 import random
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -185,8 +186,11 @@ async def _claim(
     gates = context.gates
     blocked: dict[uuid.UUID, float] = {}
     paused: list[uuid.UUID] = []
+    # The gate states that the parking times were computed from.
+    pause_states: dict[uuid.UUID, tuple[float | None, bool]] = {}
     for webhook_id in [] if slot_held else gates.blocked():
         blocked[webhook_id], exact = context.parking_for(webhook_id)
+        pause_states[webhook_id] = gates.pause_state(webhook_id)
         if exact:
             paused.append(webhook_id)
     async with repository.pooled_connection(context.engine) as connection:
@@ -205,6 +209,9 @@ async def _claim(
         and not gates.acquire(claim_result.webhook_id)
     ):
         park_s, exact = context.parking_for(claim_result.webhook_id)
+        pause_states[claim_result.webhook_id] = gates.pause_state(
+            claim_result.webhook_id
+        )
         async with repository.pooled_connection(context.engine) as connection:
             claim_result = await repository.unclaim(
                 connection, claim_result, park_s, paused=exact
@@ -219,7 +226,27 @@ async def _claim(
                 delivery_id=str(delivery_id),
                 webhook_id=str(claim_result.webhook_id),
             )
+        if gates.pause_state(claim_result.webhook_id) != pause_states.get(
+            claim_result.webhook_id
+        ):
+            await _repark_missed(context, claim_result)
     return claim_result
+
+
+async def _repark_missed(context: DeliveryContext, parked: ParkedDelivery) -> None:
+    """Move a delivery that the `_repark` of its breaker's opening or probe missed.
+
+    The breaker changed while the statement that parked the delivery ran, so that
+    `_repark` did not find the delivery in the gate. Without this move, the delivery log
+    would show the old time as the next attempt, for example `park_s` (the attempt
+    lease plus the pause) for a delivery that is attempted at the probe.
+    """
+    park_s, exact = context.parking_for(parked.webhook_id)
+    if not exact:
+        # The breaker closed or its probe is due, so no time is known for the next
+        # attempt, and the parking time stays.
+        return
+    await _repark(context, parked.webhook_id, park_s, [parked.delivery_id])
 
 
 async def drain_parked(
@@ -288,16 +315,25 @@ def _schedule_probe(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
 
 
 async def _repark(
-    context: DeliveryContext, webhook_id: uuid.UUID, park_s: float
+    context: DeliveryContext,
+    webhook_id: uuid.UUID,
+    park_s: float,
+    delivery_ids: Collection[uuid.UUID] | None = None,
 ) -> None:
-    """Move the webhook's parked deliveries to `park_s` seconds from now, so that the
-    delivery log shows when they will be attempted.
+    """Move the webhook's parked deliveries, or only `delivery_ids` of them, to `park_s`
+    seconds from now, so that the delivery log shows when they will be attempted.
 
     The gate admits none of them meanwhile, because it is paused or probing, so no
     drainer has taken one with its old parking token. On a transient failure the old
     times stay, and the sweep queues those deliveries again once they pass.
     """
     parked = context.gates.parked_deliveries(webhook_id)
+    if delivery_ids is not None:
+        parked = {
+            delivery_id: parked_until
+            for delivery_id, parked_until in parked.items()
+            if delivery_id in delivery_ids
+        }
     if not parked:
         return
     try:
