@@ -339,18 +339,27 @@ async def test_paused_webhook_log_shows_probe_time(
         delivery_worker(settings, session_factory) as context,
     ):
         delivery_ids = await record_many(session_factory, f"{base_url}/hook", 3)
+        delivery, _ = await delivery_state(session_factory, delivery_ids[0])
+        webhook_id = delivery.webhook_id
         await queue_deliveries(context.redis, context.keys, delivery_ids)
         await receiver.wait_for(1 + failed_probes, timeout_s=10)
-        await asyncio.sleep(open_s / 2)
+        await wait_until(
+            lambda: _parked_as_logged(context, session_factory, webhook_id), 10
+        )
+        pause = context.gates.pause_state(webhook_id)
         paused = {
             delivery_id: await delivery_state(session_factory, delivery_id)
             for delivery_id in delivery_ids
         }
+        pause_after_read = context.gates.pause_state(webhook_id)
         await wait_until(
             lambda: _all_have_status(session_factory, delivery_ids, "succeeded"), 20
         )
 
     assert len(receiver.requests) == 4 + failed_probes
+    # The log was read during the last pause, before its probe started.
+    assert pause_after_read == pause
+    assert len(paused) == 3
     for delivery_id, (delivery, attempts_then) in paused.items():
         assert delivery.status == "pending"
         assert delivery.next_attempt_at is not None
@@ -365,10 +374,30 @@ async def test_paused_webhook_log_shows_probe_time(
         if attempts_then:
             assert attempts_then[-1].next_retry_at == delivery.next_attempt_at
             # Once the next attempt ran, the log shows when it started.
-            retried_gap_s = (
-                next_attempt.started_at - attempts[len(attempts_then) - 1].next_retry_at
-            ).total_seconds()
+            retried_at = attempts[len(attempts_then) - 1].next_retry_at
+            assert retried_at is not None
+            retried_gap_s = (next_attempt.started_at - retried_at).total_seconds()
             assert 0 <= retried_gap_s < 0.5
+
+
+async def _parked_as_logged(
+    context: DeliveryContext, session_factory: SessionFactory, webhook_id: uuid.UUID
+) -> bool:
+    """Return whether the paused webhook's gate has parked all its pending deliveries,
+    each with the `next_attempt_at` that Postgres stores for it."""
+    gates = context.gates
+    if not gates.is_open(webhook_id) or gates.is_probing(webhook_id):
+        return False
+    parked = gates.parked_deliveries(webhook_id)
+    async with session_factory() as session:
+        rows = await session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.next_attempt_at).where(
+                WebhookDelivery.webhook_id == webhook_id,
+                WebhookDelivery.status == "pending",
+            )
+        )
+        stored = {delivery_id: next_attempt_at for delivery_id, next_attempt_at in rows}
+    return bool(stored) and parked == stored
 
 
 async def test_sweep_recovers_parked_delivery(
