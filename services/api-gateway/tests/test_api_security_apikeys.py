@@ -295,6 +295,8 @@ async def test_key_listing_pages(
     unknown = await client.get(
         API_KEYS_PATH, params={"status": "active"}, headers=user.headers
     )
+    # A full page that holds the last key is the last page.
+    whole = await client.get(API_KEYS_PATH, params={"limit": 5}, headers=user.headers)
 
     listed = [name for page in pages for name in page]
     assert sorted(listed) == sorted(names)
@@ -306,6 +308,8 @@ async def test_key_listing_pages(
     assert too_large.status_code == 422
     assert unknown.status_code == 422
     assert unknown.json()["details"][0]["type"] == "extra_forbidden"
+    assert len(whole.json()["data"]["items"]) == 5
+    assert whole.json()["data"]["next_cursor"] is None
 
 
 @pytest.mark.parametrize("place", ["x-api-key", "bearer"])

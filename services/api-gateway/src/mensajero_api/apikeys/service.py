@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.apikeys import repository
 from mensajero_api.apikeys.schemas import ApiKeyCreate
-from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
+from mensajero_api.pagination import decode_cursor, split_page
 from mensajero_api.users import repository as users_repository
 from mensajero_common import apikeys
 from mensajero_common.errors import (
@@ -111,15 +111,9 @@ async def list_api_keys(
     """
     after = decode_cursor(cursor, "asc") if cursor else None
     api_keys = await repository.list_api_keys(
-        session, user.id, limit=limit, after=after
+        session, user.id, limit=limit + 1, after=after
     )
-    next_cursor = None
-    if len(api_keys) == limit:
-        last = api_keys[-1]
-        next_cursor = encode_cursor(
-            Cursor(created_at=last.created_at, row_id=last.id, order="asc")
-        )
-    return api_keys, next_cursor
+    return split_page(api_keys, limit, "asc")
 
 
 async def get_api_key(

@@ -26,7 +26,7 @@ from mensajero_api.messages.schemas import (
     MessageListQuery,
     SendRequest,
 )
-from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor
+from mensajero_api.pagination import decode_cursor, split_page
 from mensajero_api.phones import normalize_phone_number
 from mensajero_api.quotas import service as quotas_service
 from mensajero_common import jsonutil, queues
@@ -429,23 +429,12 @@ async def list_messages(
         await devices_service.get_device(session, user, query.device_id)
     after = decode_cursor(query.cursor, query.order) if query.cursor else None
 
-    # Fetching one row more than requested shows whether a next page exists.
-    rows = list(
-        await repository.list_messages(
-            session,
-            user.id,
-            filters,
-            after=after,
-            descending=query.order == "desc",
-            limit=query.limit + 1,
-        )
+    rows = await repository.list_messages(
+        session,
+        user.id,
+        filters,
+        after=after,
+        descending=query.order == "desc",
+        limit=query.limit + 1,
     )
-    if len(rows) <= query.limit:
-        return rows, None
-
-    page = rows[: query.limit]
-    last = page[-1]
-    next_cursor = encode_cursor(
-        Cursor(created_at=last.created_at, row_id=last.id, order=query.order)
-    )
-    return page, next_cursor
+    return split_page(rows, query.limit, query.order)
