@@ -78,7 +78,7 @@ def message_row(
 
 
 def new_message_entry() -> dict[EncodableT, EncodableT]:
-    """A new-message entry as the API writes it for a single send of BODY."""
+    """Return a new-message entry as the API writes it for a single send of BODY."""
     return queues.new_message_fields(
         queues.NewMessage(
             id=uuid.uuid4(),

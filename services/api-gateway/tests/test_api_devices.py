@@ -455,7 +455,7 @@ async def test_device_listing_pages_both_orders(
     assert [item["id"] for item in default.json()["data"]["items"]] == _in_key_order(
         owned, descending=True
     )
-    # A page that holds the last row ends the walk even when it is full.
+    # A page that contains the last row ends the walk even when it is full.
     assert exact.json()["data"]["next_cursor"] is None
 
 

@@ -295,7 +295,7 @@ async def test_key_listing_pages(
     unknown = await client.get(
         API_KEYS_PATH, params={"status": "active"}, headers=user.headers
     )
-    # A full page that holds the last key is the last page.
+    # A full page that contains the last key is the last page.
     whole = await client.get(API_KEYS_PATH, params={"limit": 5}, headers=user.headers)
 
     listed = [name for page in pages for name in page]

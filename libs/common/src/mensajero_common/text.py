@@ -6,9 +6,10 @@ that looks empty. Those characters stay valid inside visible text: an emoji sequ
 such as 👩‍💻 joins its parts with U+200D ZERO WIDTH JOINER. Control characters, lone
 combining marks and noncharacters count as invisible too.
 
-Control characters and bidirectional embeddings, overrides and isolates have no place in
-a sender or a device name: they can break a log line or a terminal, and make a name
-display as other text (U+202E RIGHT-TO-LEFT OVERRIDE shows "moc.knab" as "bank.com").
+Control characters and bidirectional embeddings, overrides and isolates are removed from
+senders and rejected in device names. They can break a log line or a terminal, and they
+can make a name display as other text: U+202E RIGHT-TO-LEFT OVERRIDE shows "moc.knab" as
+"bank.com".
 """
 
 import unicodedata

@@ -4,8 +4,8 @@ Only failures count: a login with a wrong password, or a password change with a 
 current password. Past LOGIN_FAILURES_PER_ACCOUNT or LOGIN_FAILURES_PER_IP the API returns
 429 `too_many_login_attempts` before it checks the password at all, so a guessing run costs
 no argon2 work once throttled. The account is the email as the caller normalized it,
-hashed, so an unknown email is throttled like a known one and the response tells nothing
-about which exist.
+hashed, so an unknown email is throttled like a known one and the response reveals
+nothing about which exist.
 mensajero_common.throttle does the counting, and fails open while Redis fails.
 """
 

@@ -398,9 +398,9 @@ _LOCK_DEVICE_OWNER_SQL = text(
 
 
 async def lock_device_owner(db: AsyncSession, device_id: uuid.UUID) -> str | None:
-    """Lock the device's owner against changes until the transaction ends; return the
-    reason that the device may not store anything ("device_inactive", "user_inactive",
-    or "deleted"), or None when it may.
+    """Lock the device's owner against changes until the transaction ends, and return
+    why the device may not store anything ("device_inactive", "user_inactive" or
+    "deleted"), or None when it may.
 
     The share lock makes a concurrent UPDATE of the owner's row wait for this
     transaction, and this statement wait for that UPDATE and read its result. So once an

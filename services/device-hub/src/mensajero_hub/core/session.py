@@ -275,7 +275,7 @@ class DeviceSession:
             await self._reject(error)
             return
         except DeviceGoneError:
-            # The frame gets no answer, so the phone keeps it in its outbox.
+            # The frame gets no ack, so the phone keeps it in its outbox.
             self.log.info("closing connection: device deleted", frame_type=frame.type)
             await self.close(protocol.CLOSE_REVOKED, frames.REASON_REVOKED)
             return
