@@ -1,4 +1,5 @@
-"""The engine's pool replaces connections that Postgres closed while they sat idle."""
+"""The engine: its pool replaces connections that Postgres closed while they sat idle,
+and its connections name their service to Postgres."""
 
 import asyncio
 
@@ -39,3 +40,24 @@ async def test_pool_replaces_terminated_connection(
     finally:
         await admin.close()
         await engine.dispose()
+
+
+async def test_connections_carry_the_service_name(settings: Settings) -> None:
+    engine = create_engine(settings, application_name="mensajero-dispatcher")
+    try:
+        async with engine.connect() as connection:
+            pid = (
+                await connection.execute(text("SELECT pg_backend_pid()"))
+            ).scalar_one()
+            name = (
+                await connection.execute(
+                    text(
+                        "SELECT application_name FROM pg_stat_activity WHERE pid = :pid"
+                    ),
+                    {"pid": pid},
+                )
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+
+    assert name == "mensajero-dispatcher"

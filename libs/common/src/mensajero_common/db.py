@@ -17,8 +17,16 @@ from sqlalchemy.orm import DeclarativeBase, make_transient_to_detached
 from mensajero_common.settings import Settings
 
 
-def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+def create_engine(
+    settings: Settings,
+    *,
+    pool_size: int | None = None,
+    application_name: str = "mensajero",
+) -> AsyncEngine:
     """Create the engine; `pool_size` defaults to DATABASE_POOL_SIZE.
+
+    Each connection carries `application_name` (the service's name), so that
+    `pg_stat_activity` and the server's logs tell which service holds or runs what.
 
     A pooled connection that Postgres or the network has closed is replaced when it is
     checked out (see `_replace_closed_connection`). One that breaks while in use fails
@@ -31,6 +39,7 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         # pool_pre_ping would cost three round trips (BEGIN, a ping, ROLLBACK) on every
         # checkout; asyncpg already marks a connection closed when the server closes its socket.
         pool_pre_ping=False,
+        connect_args={"server_settings": {"application_name": application_name}},
     )
     event.listen(engine.sync_engine.pool, "checkout", _replace_closed_connection)
     return engine

@@ -70,7 +70,7 @@ async def _check_default_plan(resources: Resources) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the engine and Redis, create the first superuser, and close both at the end."""
     settings: Settings = app.state.settings
-    engine = create_engine(settings)
+    engine = create_engine(settings, application_name="mensajero-api-gateway")
     redis = create_redis(settings)
     resources = Resources(
         settings=settings,

@@ -24,7 +24,7 @@ class DispatcherContext:
 @asynccontextmanager
 async def open_context(settings: Settings) -> AsyncIterator[DispatcherContext]:
     """Open the engine and the Redis client, and close both on exit."""
-    engine = create_engine(settings)
+    engine = create_engine(settings, application_name="mensajero-dispatcher")
     redis = create_redis(settings)
     try:
         yield DispatcherContext(

@@ -54,7 +54,7 @@ QUEUE_READ_LIMIT_PER_SLOT = 10
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    engine = create_engine(settings)
+    engine = create_engine(settings, application_name="mensajero-webhook-sender")
     http = create_http_session(settings)
     ctx["engine"] = engine
     ctx["http"] = http

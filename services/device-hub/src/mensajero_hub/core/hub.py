@@ -85,6 +85,7 @@ class Hub:
         self._engine = create_engine(
             self.settings,
             pool_size=int(self.settings.DATABASE_POOL_SIZE * DB_POOL_FACTOR),
+            application_name="mensajero-device-hub",
         )
         self._redis = create_hub_redis(self.settings)
         self._service = DeviceService(
