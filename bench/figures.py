@@ -18,7 +18,7 @@ from bench.baselines import SEND_BODY_TEMPLATE, latency_sum_ms
 from bench.console import say
 from bench.procs import Proc
 from bench.results import Figure
-from bench.stack import BenchUser, Stack, create_users, insert_devices
+from bench.stack import BenchUser, Stack, create_users, insert_devices, seed_history
 from bench.stats import percentile
 
 if TYPE_CHECKING:
@@ -151,6 +151,10 @@ async def measure_api(run: "Run", stack: Stack) -> None:
     per_sender = mode.phones // mode.senders
     keys = await insert_devices(
         run.data.dsn, [user.user_id for user in senders], per_sender, "bench phone"
+    )
+    say(f"stack: seeding a history of {mode.history_messages} messages")
+    run.measurements["history"] = await seed_history(
+        run.data.dsn, [user.user_id for user in senders], mode.history_messages
     )
     phones = await run.processes.start_tool(
         "phones",

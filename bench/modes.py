@@ -19,6 +19,8 @@ class Mode:
     # Users that send, each with an equal share of the phones.
     senders: int
     phones: int
+    # Delivered messages already in the database when the API figures start.
+    history_messages: int
     bulk_requests: int
     dispatcher_burst: int
     # Idle WebSocket connections held by one device-hub process, and by the bare server.
@@ -45,6 +47,7 @@ QUICK = Mode(
     http_concurrency=32,
     senders=8,
     phones=200,
+    history_messages=20_000,
     bulk_requests=3,
     dispatcher_burst=300,
     # The bare server's memory per connection reads low with few connections (13.5 KiB
@@ -65,6 +68,7 @@ FULL = Mode(
     http_concurrency=32,
     senders=8,
     phones=1000,
+    history_messages=100_000,
     bulk_requests=10,
     dispatcher_burst=3000,
     idle_connections=50_000,
