@@ -1,5 +1,6 @@
 """Choosing among many online devices: the least-loaded query and the plan built on it."""
 
+import json
 import random
 import uuid
 from datetime import UTC, datetime
@@ -100,6 +101,37 @@ async def test_least_loaded_query_limits_each_user(factory, session_factory):
     ]
     assert {device.id for device in second} == {device.id for device in second_devices}
     assert sorted(device.in_flight for device in second) == [0, 1, 1, 3]
+
+
+def _scans_of(plan: dict, table: str) -> list[dict]:
+    """Return every node of an EXPLAIN (FORMAT JSON) plan that reads `table`."""
+    found = [plan] if plan.get("Relation Name") == table else []
+    for child in plan.get("Plans", []):
+        found += _scans_of(child, table)
+    return found
+
+
+async def test_least_loaded_reads_messages_once(factory, session_factory):
+    # A count per device read the messages once per online device, and scanned every open
+    # message each time on some statistics. Whatever the plan, the count runs once.
+    user = await factory.user()
+    await _devices_with_loads(factory, user, [2, 0, 1, 3, 1, 0, 2, 1])
+
+    async with session_factory() as session:
+        connection = await driver_connection(session)
+        plan_json = await connection.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + repository._LEAST_LOADED_DEVICES,
+            [user.id],
+            [None],
+        )
+    # The engine's connections decode json themselves; a bare asyncpg one returns text.
+    if isinstance(plan_json, str):
+        plan_json = json.loads(plan_json)
+    plan = plan_json[0]["Plan"]
+
+    scans = _scans_of(plan, "smsmessage")
+    assert scans
+    assert [scan["Actual Loops"] for scan in scans] == [1] * len(scans)
 
 
 async def test_assign_picks_least_loaded_of_many(ctx, factory):

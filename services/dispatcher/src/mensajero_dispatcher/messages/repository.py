@@ -92,11 +92,9 @@ _MARK_ASSIGNED = f"""
 # orders uuids byte by byte, which is the order of their text form, the tie-break of
 # `plan_assignments`.
 #
-# The in-flight messages are counted once per statement, for every device, and not once
-# per device: a per-device count lets the planner scan all open messages for each device
-# when its statistics say there are none (a table that has only delivered messages when
-# it was analyzed, as every busy gateway's is). One pass over the in-flight messages
-# costs the same whatever index the planner takes for it.
+# The in-flight messages are counted in one pass for all devices. A count per device let
+# the planner scan every open message once per device when its statistics showed none
+# open, as on a table analyzed while it held only delivered messages.
 _LEAST_LOADED_DEVICES = f"""
     WITH loads AS MATERIALIZED (
         SELECT smsmessage.device_id, count(*) AS in_flight
