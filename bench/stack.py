@@ -302,14 +302,13 @@ HISTORY_BODY = "Your code is 000000. It expires in 10 minutes."
 async def seed_history(
     dsn: str, owners: list[uuid.UUID], count: int
 ) -> dict[str, float]:
-    """Give the owners' phones `count` delivered messages of the last HISTORY_DAYS days,
-    each with its attempt, then ANALYZE the database; return what it took.
+    """Give the owners' phones `count` delivered messages, with their attempts, spread
+    over the last HISTORY_DAYS days, then VACUUM and ANALYZE; return what it took.
 
-    A gateway in use has a message history, and Postgres has statistics of it. A table
-    that was just created has neither, and the planner then takes the messages table for
-    one row, and joins a batch of reports to it by scanning the whole table once per
-    report. Measuring that would measure the first minute of a new install (until
-    autovacuum analyzes the table), not the steady state.
+    A gateway in use has a message history and statistics of it. On a table that was
+    just created and never analyzed, Postgres cached a plan for the hub's report batches
+    that scanned the whole table once per report, which is the first minute of a new
+    install (until autovacuum analyzes the table), not the steady state.
     """
     started = time.monotonic()
     connection = await pg.connect(dsn)

@@ -42,7 +42,7 @@ async def test_pool_replaces_terminated_connection(
         await engine.dispose()
 
 
-async def test_connections_carry_the_service_name(settings: Settings) -> None:
+async def test_connections_name_their_service(settings: Settings) -> None:
     engine = create_engine(settings, application_name="mensajero-dispatcher")
     try:
         async with engine.connect() as connection:
