@@ -1,6 +1,7 @@
 """Helpers for the test suites of every package: real servers on port 0, scaled timeouts."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -313,3 +314,48 @@ class RebindingDNS:
             else (address, port_number)
         )
         return [(address_family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]
+
+
+async def status_indexes_usable(
+    connection: asyncpg.Connection,
+    table: str,
+    primary_key: str,
+    statement: str,
+    *args: Any,
+) -> set[str]:
+    """Return the indexes of `table` on its `status` column (as a key or in the
+    predicate of a partial index) that Postgres can use for `statement`.
+
+    Such an index is small and reads as nearly empty on statistics taken while no row
+    was open, so Postgres prefers it to the primary key and then reads every open row on
+    each call. A statement that takes rows by id should leave it no choice. The primary
+    key is dropped (with the foreign keys that need it) in a transaction that is rolled
+    back, and sequential scans are off, so the plan takes a status index whenever one can
+    serve the statement. The statement is only planned, not run.
+    """
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        await connection.execute(
+            f'ALTER TABLE "{table}" DROP CONSTRAINT "{primary_key}" CASCADE'
+        )
+        await connection.execute("SET LOCAL enable_seqscan = off")
+        plan = await connection.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *args)
+    finally:
+        await transaction.rollback()
+    # A connection with a json codec returns the plan decoded already.
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    rows = await connection.fetch(
+        "SELECT indexname FROM pg_indexes WHERE tablename = $1 AND indexdef ~ '\\mstatus\\M'",
+        table,
+    )
+    return _index_names(plan[0]["Plan"]) & {row["indexname"] for row in rows}
+
+
+def _index_names(node: Mapping[str, Any]) -> set[str]:
+    """Return the indexes that a plan node and its children scan, bitmap scans included."""
+    names = {node["Index Name"]} if "Index Name" in node else set()
+    for child in node.get("Plans", []):
+        names |= _index_names(child)
+    return names

@@ -50,6 +50,11 @@ AnySelect = Select[*tuple[Any, ...]]
 IN_FLIGHT_STATUSES = (MessageStatus.ASSIGNED, MessageStatus.SENDING)
 _IN_FLIGHT_SQL = ", ".join(f"'{status.value}'" for status in IN_FLIGHT_STATUSES)
 
+# Statements that take messages by id test their status on `status || ''`, which matches
+# no index. Otherwise, on statistics taken while no message was pending, Postgres reads
+# every pending message through an index of open ones instead of probing the primary key.
+_PENDING_BY_ID_SQL = f"(smsmessage.status || '') = '{MessageStatus.PENDING.value}'"
+
 # Assigns every message and starts its attempt in one statement, whatever the batch size,
 # and returns the ids it assigned. A message is assigned only while it is still as it was
 # read: pending, due, not expired, and with the attempts it had. So the statement is safe
@@ -74,7 +79,7 @@ _MARK_ASSIGNED = f"""
         FROM unnest($1::uuid[], $2::uuid[], $3::integer[])
             AS moves(message_id, device_id, attempts)
         WHERE smsmessage.id = moves.message_id
-          AND smsmessage.status = '{MessageStatus.PENDING.value}'
+          AND {_PENDING_BY_ID_SQL}
           AND smsmessage.attempts = moves.attempts
           AND (smsmessage.next_attempt_at IS NULL OR smsmessage.next_attempt_at <= now())
           AND (smsmessage.expires_at IS NULL OR smsmessage.expires_at > now())
@@ -121,17 +126,15 @@ _LEAST_LOADED_DEVICES = f"""
 """
 
 # The stream consumer's read of the messages it was signalled, oldest first. The ids come
-# as one array joined by primary key, so the plan that Postgres caches for the prepared
-# statement probes the primary key even when the table's statistics are stale. With
-# `id = ANY($1)`, the generic plan scanned the status and type indexes instead on such a
-# table.
+# as one array joined by primary key, so the statement text is the same for any number
+# of ids, and the status test is the one of _PENDING_BY_ID_SQL.
 _FIND_PENDING_BY_IDS = f"""
     SELECT smsmessage.id, smsmessage.user_id, smsmessage.requested_device_id,
         smsmessage.to_number, smsmessage.body, smsmessage.segments, smsmessage.encoding,
         smsmessage.created_at, smsmessage.attempts, smsmessage.expires_at
     FROM unnest($1::uuid[]) AS wanted(id)
     JOIN smsmessage ON smsmessage.id = wanted.id
-    WHERE smsmessage.status = '{MessageStatus.PENDING.value}'
+    WHERE {_PENDING_BY_ID_SQL}
       AND smsmessage.type = '{MessageType.OUTGOING.value}'
       AND (smsmessage.next_attempt_at IS NULL OR smsmessage.next_attempt_at <= now())
       AND (smsmessage.expires_at IS NULL OR smsmessage.expires_at > now())
@@ -155,7 +158,12 @@ _AVOIDED_DEVICES = f"""
 """
 
 
-def _select_pending() -> AnySelect:
+def _select_pending(*, by_id: bool = False) -> AnySelect:
+    """Build the select of due, unexpired pending messages. With `by_id`, for a statement
+    that also takes them by id, the status test matches no index (see _PENDING_BY_ID_SQL)."""
+    status: ColumnElement[Any] = SMSMessage.status.expression
+    if by_id:
+        status = SMSMessage.status.concat("")
     return select(
         SMSMessage.id,
         SMSMessage.user_id,
@@ -168,7 +176,7 @@ def _select_pending() -> AnySelect:
         SMSMessage.attempts,
         SMSMessage.expires_at,
     ).where(
-        SMSMessage.status == MessageStatus.PENDING,
+        status == MessageStatus.PENDING.value,
         SMSMessage.type == MessageType.OUTGOING,
         # A retry waits for its delay; an expired message is left to the expiry check.
         or_(
@@ -210,7 +218,7 @@ async def _fetch_pending(
 # it. The ids are an IN list with one parameter each, for the reason given above
 # _FIND_PENDING_BY_IDS.
 _LOCK_PENDING_BY_IDS = (
-    _select_pending()
+    _select_pending(by_id=True)
     .where(SMSMessage.id.in_(bindparam("message_ids", expanding=True)))
     .order_by(SMSMessage.created_at, SMSMessage.id)
     .with_for_update(of=SMSMessage, skip_locked=True)
@@ -378,7 +386,10 @@ async def mark_failed(
     """Move a pending message to `failed` and return the time, or None if not pending."""
     statement = (
         update(SMSMessage)
-        .where(SMSMessage.id == message_id, SMSMessage.status == MessageStatus.PENDING)
+        .where(
+            SMSMessage.id == message_id,
+            SMSMessage.status.concat("") == MessageStatus.PENDING.value,
+        )
         .values(status=MessageStatus.FAILED, failed_at=func.now(), error=error)
         .returning(SMSMessage.failed_at)
     )
