@@ -55,6 +55,10 @@ class ParkedDelivery:
     parked_until: datetime
 
 
+# The statements that take a delivery by id test its status on `status || ''`, which
+# matches no index. Otherwise, on statistics taken while no delivery was pending, each
+# claim read every pending delivery, so an endpoint that went down slowed all claims.
+#
 # A delivery can be claimed when it is due, or with its parking token ($5). Both UPDATEs
 # repeat the conditions on `d` because Postgres re-checks only those after waiting for a
 # row lock that a concurrent claim holds, and never the ones of `target`. A parked
@@ -66,7 +70,7 @@ _CLAIM = """
     WITH target AS (
         SELECT d.id, d.webhook_id FROM webhookdelivery AS d
         WHERE d.id = $1
-          AND d.status = 'pending'
+          AND (d.status || '') = 'pending'
           AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()
                OR d.next_attempt_at = $5)
     ),
@@ -78,7 +82,7 @@ _CLAIM = """
         FROM target, webhookconfig AS w, webhookevent AS e
         WHERE d.id = target.id
           AND NOT target.webhook_id = ANY($3::uuid[])
-          AND d.status = 'pending'
+          AND (d.status || '') = 'pending'
           AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()
                OR d.next_attempt_at = $5)
           AND w.id = d.webhook_id
@@ -101,7 +105,7 @@ _CLAIM = """
         FROM target
         WHERE d.id = target.id
           AND target.webhook_id = ANY($3::uuid[])
-          AND d.status = 'pending'
+          AND (d.status || '') = 'pending'
           AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()
                OR d.next_attempt_at = $5)
         RETURNING d.id, d.webhook_id, d.attempts, d.next_attempt_at
@@ -191,7 +195,7 @@ async def unclaim(
             SET attempts = attempts - 1,
                 next_attempt_at = now() + make_interval(secs => $3),
                 updated_at = now()
-            WHERE id = $1 AND status = 'pending' AND attempts = $2
+            WHERE id = $1 AND (status || '') = 'pending' AND attempts = $2
             RETURNING id, attempts, next_attempt_at
         ),
         parked_attempt AS (
@@ -218,7 +222,8 @@ _REPARK = """
         UPDATE webhookdelivery AS d
         SET next_attempt_at = now() + make_interval(secs => $3), updated_at = now()
         FROM unnest($1::uuid[], $2::timestamptz[]) AS p(id, token)
-        WHERE d.id = p.id AND d.status = 'pending' AND d.next_attempt_at = p.token
+        WHERE d.id = p.id AND (d.status || '') = 'pending'
+          AND d.next_attempt_at = p.token
         RETURNING d.id, d.attempts, d.next_attempt_at
     ),
     moved_attempt AS (
@@ -319,7 +324,7 @@ async def cancel(session: AsyncSession, delivery_id: uuid.UUID, reason: str) -> 
             UPDATE webhookdelivery
             SET status = 'cancelled', last_error = :reason, next_attempt_at = NULL,
                 completed_at = now(), updated_at = now()
-            WHERE id = :delivery_id AND status = 'pending'
+            WHERE id = :delivery_id AND (status || '') = 'pending'
             """
         ),
         {"delivery_id": delivery_id, "reason": reason},
