@@ -157,3 +157,28 @@ def test_migration_indexes_devices_by_creation(scratch_database_url: str) -> Non
     )
     assert "ix_smsdevice_user_id_created_at_id" not in downgraded
     assert downgraded["ix_smsdevice_user_id"].endswith("(user_id)")
+
+
+async def _smsmessage_indexes(url: str) -> dict[str, str]:
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        rows = await connection.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'smsmessage'"
+        )
+    finally:
+        await connection.close()
+    return {row["indexname"]: row["indexdef"] for row in rows}
+
+
+def test_migration_indexes_waiting_messages(scratch_database_url: str) -> None:
+    upgrade(scratch_database_url, "0012")
+    upgraded = asyncio.run(_smsmessage_indexes(scratch_database_url))
+    command.downgrade(alembic_config(scratch_database_url), "0011")
+    downgraded = asyncio.run(_smsmessage_indexes(scratch_database_url))
+
+    waiting = upgraded["ix_smsmessage_user_id_created_at_id_waiting"]
+    assert "(user_id, created_at, id)" in waiting
+    assert "'pending'" in waiting
+    assert "'assigned'" in waiting
+    assert "ix_smsmessage_user_id_created_at_id_waiting" not in downgraded
+    assert "ix_smsmessage_user_id_created_at_id" in downgraded

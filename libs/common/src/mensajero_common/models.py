@@ -303,12 +303,21 @@ class SMSMessage(Base):
             "updated_at",
             postgresql_where=text("status IN ('pending', 'assigned', 'sending')"),
         ),
-        # The dispatcher counts each candidate device's in-flight messages on every
-        # assignment batch. Without this, a count reads the device's whole history.
+        # The dispatcher counts the in-flight messages of every device on each
+        # assignment batch, and this index holds only those.
         Index(
             "ix_smsmessage_device_id_in_flight",
             "device_id",
             postgresql_where=text("status IN ('assigned', 'sending')"),
+        ),
+        # Serves the check of whether a user has waiting messages, and the read of a
+        # user's pending messages oldest first, without reading the user's history.
+        Index(
+            "ix_smsmessage_user_id_created_at_id_waiting",
+            "user_id",
+            "created_at",
+            "id",
+            postgresql_where=text("status IN ('pending', 'assigned')"),
         ),
     )
 
