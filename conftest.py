@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -102,6 +103,14 @@ async def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessio
     async with engine.begin() as connection:
         await connection.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+async def pg_connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection to the test database, without the engine's codecs."""
+    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    yield connection
+    await connection.close()
 
 
 @pytest.fixture

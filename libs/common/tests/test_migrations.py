@@ -134,11 +134,11 @@ def test_migration_names_requested_device_error_by_code(
     assert downgraded["named device deleted"] == "requested device no longer exists"
 
 
-async def _smsdevice_indexes(url: str) -> dict[str, str]:
+async def _indexes(url: str, table: str) -> dict[str, str]:
     connection = await asyncpg.connect(url.replace("+asyncpg", ""))
     try:
         rows = await connection.fetch(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'smsdevice'"
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = $1", table
         )
     finally:
         await connection.close()
@@ -147,9 +147,9 @@ async def _smsdevice_indexes(url: str) -> dict[str, str]:
 
 def test_migration_indexes_devices_by_creation(scratch_database_url: str) -> None:
     upgrade(scratch_database_url, "0011")
-    upgraded = asyncio.run(_smsdevice_indexes(scratch_database_url))
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsdevice"))
     command.downgrade(alembic_config(scratch_database_url), "0010")
-    downgraded = asyncio.run(_smsdevice_indexes(scratch_database_url))
+    downgraded = asyncio.run(_indexes(scratch_database_url, "smsdevice"))
 
     assert "ix_smsdevice_user_id" not in upgraded
     assert upgraded["ix_smsdevice_user_id_created_at_id"].endswith(
@@ -159,22 +159,11 @@ def test_migration_indexes_devices_by_creation(scratch_database_url: str) -> Non
     assert downgraded["ix_smsdevice_user_id"].endswith("(user_id)")
 
 
-async def _smsmessage_indexes(url: str) -> dict[str, str]:
-    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
-    try:
-        rows = await connection.fetch(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'smsmessage'"
-        )
-    finally:
-        await connection.close()
-    return {row["indexname"]: row["indexdef"] for row in rows}
-
-
 def test_migration_indexes_waiting_messages(scratch_database_url: str) -> None:
     upgrade(scratch_database_url, "0012")
-    upgraded = asyncio.run(_smsmessage_indexes(scratch_database_url))
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
     command.downgrade(alembic_config(scratch_database_url), "0011")
-    downgraded = asyncio.run(_smsmessage_indexes(scratch_database_url))
+    downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
 
     waiting = upgraded["ix_smsmessage_user_id_created_at_id_waiting"]
     assert "(user_id, created_at, id)" in waiting

@@ -6,24 +6,12 @@ checks that no index on the status can serve the statement.
 """
 
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 from sqlalchemy.dialects import postgresql
 
-from mensajero_common.settings import Settings
 from mensajero_common.testing import status_indexes_usable
 from mensajero_dispatcher.messages import repository
-
-
-@pytest.fixture
-async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(settings.DATABASE_URL.replace("+asyncpg", ""))
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _status_indexes(
@@ -34,23 +22,23 @@ async def _status_indexes(
     )
 
 
-async def test_mark_assigned_uses_no_status_index(connection) -> None:
+async def test_mark_assigned_uses_no_status_index(pg_connection) -> None:
     used = await _status_indexes(
-        connection, repository._MARK_ASSIGNED, [uuid.uuid4()], [uuid.uuid4()], [0]
+        pg_connection, repository._MARK_ASSIGNED, [uuid.uuid4()], [uuid.uuid4()], [0]
     )
 
     assert used == set()
 
 
-async def test_find_pending_uses_no_status_index(connection) -> None:
+async def test_find_pending_uses_no_status_index(pg_connection) -> None:
     used = await _status_indexes(
-        connection, repository._FIND_PENDING_BY_IDS, [uuid.uuid4()]
+        pg_connection, repository._FIND_PENDING_BY_IDS, [uuid.uuid4()]
     )
 
     assert used == set()
 
 
-async def test_lock_pending_uses_no_status_index(connection) -> None:
+async def test_lock_pending_uses_no_status_index(pg_connection) -> None:
     statement = repository._LOCK_PENDING_BY_IDS.params(message_ids=[uuid.uuid4()])
     sql = str(
         statement.compile(
@@ -58,6 +46,6 @@ async def test_lock_pending_uses_no_status_index(connection) -> None:
         )
     )
 
-    used = await _status_indexes(connection, sql)
+    used = await _status_indexes(pg_connection, sql)
 
     assert used == set()

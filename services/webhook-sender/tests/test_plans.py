@@ -7,29 +7,15 @@ index on the status can serve the statement.
 """
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import asyncpg
-import pytest
-
-from mensajero_common.settings import Settings
 from mensajero_common.testing import status_indexes_usable
 from mensajero_webhooks.delivery import repository
 
 
-@pytest.fixture
-async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(settings.DATABASE_URL.replace("+asyncpg", ""))
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
-async def test_claim_uses_no_status_index(connection) -> None:
+async def test_claim_uses_no_status_index(pg_connection) -> None:
     used = await status_indexes_usable(
-        connection,
+        pg_connection,
         "webhookdelivery",
         "pk_webhookdelivery",
         repository._CLAIM,
@@ -44,9 +30,9 @@ async def test_claim_uses_no_status_index(connection) -> None:
     assert used == set()
 
 
-async def test_repark_uses_no_status_index(connection) -> None:
+async def test_repark_uses_no_status_index(pg_connection) -> None:
     used = await status_indexes_usable(
-        connection,
+        pg_connection,
         "webhookdelivery",
         "pk_webhookdelivery",
         repository._REPARK,
