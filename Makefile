@@ -1,6 +1,8 @@
 # Mensajero: local stack, tests and checks. Every target runs inside the uv workspace.
 UV ?= uv
 PYTEST_ARGS ?=
+# Test processes of `make test` (pytest-xdist); each has its own database.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint fmt migrate bench
 
@@ -11,7 +13,7 @@ run: install
 	$(UV) run python -m mensajero_common.stack
 
 test: install
-	$(UV) run pytest $(PYTEST_ARGS)
+	$(UV) run pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install
 	$(UV) run ruff check .

@@ -96,7 +96,12 @@ def _standard_verify_function(readme: str) -> Any:
 
 
 @pytest.mark.parametrize("readme", ["README.md", "README.es.md"])
-@pytest.mark.parametrize("secret", [generate_secret(), "a secret of the user's own"])
+@pytest.mark.parametrize(
+    "secret",
+    [generate_secret(), "a secret of the user's own"],
+    # Fixed ids, because each pytest-xdist worker generates its own secret.
+    ids=["generated", "own"],
+)
 def test_readme_standard_verifier_accepts_signed_request(
     readme: str, secret: str
 ) -> None:
