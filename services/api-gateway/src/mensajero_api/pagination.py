@@ -16,7 +16,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute
 
 from mensajero_common import jsonutil
 from mensajero_common.errors import ValidationFailedError
@@ -33,6 +36,7 @@ class KeyedRow(Protocol):
 
 
 RowT = TypeVar("RowT", bound=KeyedRow)
+SelectT = TypeVar("SelectT", bound=Select[*tuple[Any, ...]])
 
 
 class InvalidCursorError(ValidationFailedError):
@@ -94,3 +98,26 @@ def split_page(
     last = page[-1]
     cursor = Cursor(created_at=last.created_at, row_id=last.id, order=order)
     return page, encode_cursor(cursor)
+
+
+def keyset_walk(
+    statement: SelectT,
+    created_at: InstrumentedAttribute[datetime],
+    row_id: InstrumentedAttribute[uuid.UUID],
+    after: Cursor | None,
+    *,
+    descending: bool,
+) -> SelectT:
+    """Order `statement` by (created_at, id) and keep the rows that come after `after`.
+
+    The condition is a row comparison, so Postgres walks a (…, created_at, id) index.
+    """
+    position = tuple_(created_at, row_id)
+    if after is not None:
+        boundary = tuple_(after.created_at, after.row_id)
+        statement = statement.where(
+            position < boundary if descending else position > boundary
+        )
+    if descending:
+        return statement.order_by(created_at.desc(), row_id.desc())
+    return statement.order_by(created_at.asc(), row_id.asc())

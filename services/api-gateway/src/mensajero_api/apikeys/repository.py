@@ -4,10 +4,10 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, tuple_
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor
+from mensajero_api.pagination import Cursor, keyset_walk
 from mensajero_common.db import attach_loaded, column_list, driver_connection
 from mensajero_common.models import User, UserApiKey
 
@@ -44,17 +44,13 @@ async def list_api_keys(
     session: AsyncSession, user_id: uuid.UUID, *, limit: int, after: Cursor | None
 ) -> Sequence[UserApiKey]:
     """Return a page of the user's keys, oldest first, after the key `after` names."""
-    statement = (
-        select(UserApiKey)
-        .where(UserApiKey.user_id == user_id)
-        .order_by(UserApiKey.created_at, UserApiKey.id)
-        .limit(limit)
+    statement = keyset_walk(
+        select(UserApiKey).where(UserApiKey.user_id == user_id).limit(limit),
+        UserApiKey.created_at,
+        UserApiKey.id,
+        after,
+        descending=False,
     )
-    if after is not None:
-        statement = statement.where(
-            tuple_(UserApiKey.created_at, UserApiKey.id)
-            > tuple_(after.created_at, after.row_id)
-        )
     return (await session.scalars(statement)).all()
 
 

@@ -5,10 +5,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor
+from mensajero_api.pagination import Cursor, keyset_walk
 from mensajero_common.models import DeviceStatus, SMSDevice
 
 
@@ -58,17 +58,9 @@ async def list_devices(
     if filters.is_active is not None:
         statement = statement.where(SMSDevice.is_active.is_(filters.is_active))
 
-    # A row comparison, so Postgres walks the (user_id, created_at, id) index.
-    position = tuple_(SMSDevice.created_at, SMSDevice.id)
-    if after is not None:
-        boundary = tuple_(after.created_at, after.row_id)
-        statement = statement.where(
-            position < boundary if descending else position > boundary
-        )
-    if descending:
-        statement = statement.order_by(SMSDevice.created_at.desc(), SMSDevice.id.desc())
-    else:
-        statement = statement.order_by(SMSDevice.created_at.asc(), SMSDevice.id.asc())
+    statement = keyset_walk(
+        statement, SMSDevice.created_at, SMSDevice.id, after, descending=descending
+    )
     return (await session.scalars(statement.limit(limit))).all()
 
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import or_, select, tuple_
+from sqlalchemy import or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor
+from mensajero_api.pagination import Cursor, keyset_walk
 from mensajero_common import jsonutil
 from mensajero_common.db import driver_connection
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
@@ -163,17 +163,7 @@ async def list_messages(
     if filters.created_before is not None:
         statement = statement.where(SMSMessage.created_at < filters.created_before)
 
-    # A row comparison, so Postgres walks the (user_id, created_at, id) index.
-    position = tuple_(SMSMessage.created_at, SMSMessage.id)
-    if after is not None:
-        boundary = tuple_(after.created_at, after.row_id)
-        statement = statement.where(
-            position < boundary if descending else position > boundary
-        )
-    if descending:
-        statement = statement.order_by(
-            SMSMessage.created_at.desc(), SMSMessage.id.desc()
-        )
-    else:
-        statement = statement.order_by(SMSMessage.created_at.asc(), SMSMessage.id.asc())
+    statement = keyset_walk(
+        statement, SMSMessage.created_at, SMSMessage.id, after, descending=descending
+    )
     return (await session.scalars(statement.limit(limit))).all()

@@ -4,10 +4,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor
+from mensajero_api.pagination import Cursor, keyset_walk
 from mensajero_common.models import (
     WebhookAttempt,
     WebhookConfig,
@@ -52,20 +52,13 @@ async def list_webhooks(
     if filters.event is not None:
         statement = statement.where(WebhookConfig.events.contains([filters.event]))
 
-    position = tuple_(WebhookConfig.created_at, WebhookConfig.id)
-    if after is not None:
-        boundary = tuple_(after.created_at, after.row_id)
-        statement = statement.where(
-            position < boundary if descending else position > boundary
-        )
-    if descending:
-        statement = statement.order_by(
-            WebhookConfig.created_at.desc(), WebhookConfig.id.desc()
-        )
-    else:
-        statement = statement.order_by(
-            WebhookConfig.created_at.asc(), WebhookConfig.id.asc()
-        )
+    statement = keyset_walk(
+        statement,
+        WebhookConfig.created_at,
+        WebhookConfig.id,
+        after,
+        descending=descending,
+    )
     return (await session.scalars(statement.limit(limit))).all()
 
 
@@ -93,18 +86,16 @@ async def list_deliveries(
     before: Cursor | None,
 ) -> list[tuple[WebhookDelivery, WebhookEvent]]:
     """Return a page of the webhook's deliveries, newest first, with their events."""
-    statement = (
+    statement = keyset_walk(
         select(WebhookDelivery, WebhookEvent)
         .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
         .where(WebhookDelivery.webhook_id == webhook_id)
-        .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
-        .limit(limit)
+        .limit(limit),
+        WebhookDelivery.created_at,
+        WebhookDelivery.id,
+        before,
+        descending=True,
     )
-    if before is not None:
-        statement = statement.where(
-            tuple_(WebhookDelivery.created_at, WebhookDelivery.id)
-            < tuple_(before.created_at, before.row_id)
-        )
     return [(row[0], row[1]) for row in (await session.execute(statement)).all()]
 
 
