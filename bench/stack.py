@@ -307,8 +307,8 @@ async def seed_history(
 
     A gateway in use has a message history and statistics of it. On a table that was
     just created and never analyzed, Postgres cached a plan for the hub's report batches
-    that scanned the whole table once per report, which is the first minute of a new
-    install (until autovacuum analyzes the table), not the steady state.
+    that scanned the whole table once per report. That is the first minute of a new
+    install, until autovacuum analyzes the table, not the steady state.
     """
     started = time.monotonic()
     connection = await pg.connect(dsn)
@@ -382,7 +382,7 @@ async def seed_history(
             ),
         )
         copied_s = time.monotonic() - started
-        # Autovacuum would have done both by now; VACUUM also sets the visibility map.
+        # Autovacuum would have done both by now. VACUUM also sets the visibility map.
         await connection.execute("VACUUM (ANALYZE)")
     finally:
         await connection.close()
