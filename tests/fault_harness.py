@@ -82,8 +82,9 @@ def stack_environment(settings: Settings, hub_port: int) -> dict[str, str]:
         MESSAGE_CHECK_INTERVAL_S=0.5,
         MESSAGE_RETRY_DELAY_S=0.5,
         TASK_ACK_TIMEOUT_S=5,
-        # Phones ping every 2 s, so a live one is never taken for a silent one.
-        WEBSOCKET_PING_INTERVAL=2,
+        # Phones ping every second, so a live one's heartbeat is at most 2.5 s old and
+        # never taken for a silent one's (TASK_ACK_TIMEOUT_S).
+        WEBSOCKET_PING_INTERVAL=1,
         RECOVERY_STALE_AFTER_S=3,
         WEBHOOK_SWEEP_INTERVAL_S=1,
         WEBHOOK_RETRY_BASE_DELAY_S=0.5,

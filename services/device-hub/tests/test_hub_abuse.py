@@ -449,7 +449,7 @@ async def test_key_expired_since_issue_is_rejected(
 async def test_key_expiring_while_connected_closes(
     session_factory: Sessions, settings: Settings, redis: Redis
 ) -> None:
-    # A 1 s ping interval makes the session check its key every half second.
+    # A 1 s ping interval makes the session check its key every 1.5 s.
     fast = settings.model_copy(update={"WEBSOCKET_PING_INTERVAL": 1})
     expires_at = datetime.now(UTC) + timedelta(seconds=1)
     device = await create_device(session_factory, api_key_expires_at=expires_at)

@@ -1,5 +1,8 @@
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
 
 from mensajero_hub.core.heartbeat import DeadlineQueue, sweep_interval_s
 from mensajero_hub.core.session import DeviceSession
@@ -9,6 +12,7 @@ from mensajero_hub.core.state import (
     ConnectionState,
     TaskEntry,
     connection_key_ttl_s,
+    heartbeat_touch_interval_s,
     parse_carried_task,
     stream_id_order,
 )
@@ -152,10 +156,25 @@ def test_needs_touch_after_interval() -> None:
     assert state.needs_touch(30.0, 30.0)
 
 
+@pytest.mark.parametrize("early_s", [0.0, 0.5, -0.5, 5.0])
+def test_touch_on_every_second_ping(early_s: float) -> None:
+    ping_interval_s = 60.0
+    interval_s = heartbeat_touch_interval_s(ping_interval_s)
+    state = new_state()
+    touched = []
+    for ping in range(1, 9):
+        now_s = ping * (ping_interval_s - early_s)
+        if state.needs_touch(now_s, interval_s):
+            state.record_touch(now_s, datetime.now(UTC))
+            touched.append(ping)
+
+    assert touched == [2, 4, 6, 8]
+
+
 def test_connection_key_outlives_heartbeat_timeout() -> None:
-    assert connection_key_ttl_s(300, 60) == 330
-    assert connection_key_ttl_s(1, 1) == 2
-    assert connection_key_ttl_s(10, 15) == 18
+    assert connection_key_ttl_s(300, 60) == 390
+    assert connection_key_ttl_s(1, 1) == 3
+    assert connection_key_ttl_s(10, 15) == 33
 
 
 def test_idle_state_keeps_no_pushed_dict() -> None:

@@ -304,6 +304,34 @@ async def test_live_device_keeps_slow_tasks(ctx, factory):
     assert (await factory.reload(stuck)).device_id != busy.id
 
 
+async def test_device_between_heartbeat_writes_keeps_tasks(ctx, factory):
+    # The hub writes a live phone's heartbeat on every second ping, so the heartbeat can
+    # be two and a half ping intervals old. A device is silent only after three.
+    user = await factory.user()
+    ping_interval_s = ctx.settings.WEBSOCKET_PING_INTERVAL
+    now = datetime.now(UTC)
+    live = await factory.device(
+        user, last_heartbeat=now - timedelta(seconds=2.5 * ping_interval_s)
+    )
+    silent = await factory.device(
+        user, last_heartbeat=now - timedelta(seconds=3.2 * ping_interval_s)
+    )
+    await factory.device(user)
+    age_s = 2 * ctx.settings.TASK_ACK_TIMEOUT_S
+    on_live = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=live, age_s=age_s
+    )
+    on_silent = await factory.message(
+        user, status=MessageStatus.ASSIGNED, device=silent, age_s=age_s
+    )
+
+    moved = await move_unacknowledged_tasks(ctx)
+
+    assert moved == 1
+    assert (await factory.reload(on_live)).device_id == live.id
+    assert (await factory.reload(on_silent)).device_id != silent.id
+
+
 async def test_device_online_pulls_stalled_tasks(ctx, factory):
     user = await factory.user()
     gone = await factory.device(user, status=DeviceStatus.OFFLINE)

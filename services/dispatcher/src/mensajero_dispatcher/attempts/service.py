@@ -46,8 +46,9 @@ BATCH_SIZE = 100
 # many TASK_ACK_TIMEOUT_S: the phone takes no tasks although it pings.
 STUCK_DEVICE_FACTOR = 10
 # A device counts as silent once it wrote no heartbeat for this many ping intervals; a
-# live connection writes one at least every half interval.
-SILENT_PING_INTERVALS = 2
+# live connection's heartbeat is at most two and a half intervals old (the hub writes it
+# on every second ping).
+SILENT_PING_INTERVALS = 3
 
 # The error of an attempt that ended because its device was deleted.
 ERROR_DEVICE_DELETED = "device_deleted"
