@@ -171,3 +171,18 @@ def test_migration_indexes_waiting_messages(scratch_database_url: str) -> None:
     assert "'assigned'" in waiting
     assert "ix_smsmessage_user_id_created_at_id_waiting" not in downgraded
     assert "ix_smsmessage_user_id_created_at_id" in downgraded
+
+
+def test_migration_indexes_pending_messages(scratch_database_url: str) -> None:
+    upgrade(scratch_database_url, "0013")
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+    command.downgrade(alembic_config(scratch_database_url), "0012")
+    downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+
+    pending = upgraded["ix_smsmessage_created_at_id_pending"]
+    retry = upgraded["ix_smsmessage_created_at_id_retry"]
+    assert "(created_at, id)" in pending
+    assert "'pending'" in pending
+    assert "next_attempt_at IS NOT NULL" in retry
+    assert "ix_smsmessage_created_at_id_pending" not in downgraded
+    assert "ix_smsmessage_created_at_id_retry" not in downgraded

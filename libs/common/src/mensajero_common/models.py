@@ -319,6 +319,20 @@ class SMSMessage(Base):
             "id",
             postgresql_where=text("status IN ('pending', 'assigned')"),
         ),
+        # The dispatcher's sweeps page through pending messages oldest first, and each
+        # page stops at its limit instead of sorting every pending message.
+        Index(
+            "ix_smsmessage_created_at_id_pending",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_smsmessage_created_at_id_retry",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'pending' AND next_attempt_at IS NOT NULL"),
+        ),
     )
 
 

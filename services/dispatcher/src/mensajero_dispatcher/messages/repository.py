@@ -294,6 +294,20 @@ async def lock_assignable_pending(
     device, and those without a requested device whose user has no device online. So a
     user with many waiting messages does not cost every sweep a scan of them.
     """
+    return await _fetch_pending(
+        session, assignable_pending_statement(older_than_s, after, limit)
+    )
+
+
+def assignable_pending_statement(
+    older_than_s: float, after: Cursor | None, limit: int
+) -> AnySelect:
+    """Build the statement of one page of lock_assignable_pending.
+
+    The page walks the index of pending messages (created_at, id) from `after` and stops
+    at `limit`, so a sweep that pages through a backlog reads each message once, not the
+    whole backlog on every page.
+    """
     online_device_of_user = exists().where(
         SMSDevice.user_id == SMSMessage.user_id,
         SMSDevice.status == DeviceStatus.ONLINE,
@@ -313,19 +327,21 @@ async def lock_assignable_pending(
             ),
         ),
     )
-    return await _fetch_pending(
-        session, _for_update(_after(statement, after).limit(limit))
-    )
+    return _for_update(_after(statement, after).limit(limit))
 
 
 async def lock_due_retries(
     session: AsyncSession, *, after: Cursor | None, limit: int
 ) -> list[PendingMessage]:
     """Lock pending messages whose retry delay has passed, oldest first."""
+    return await _fetch_pending(session, due_retries_statement(after, limit))
+
+
+def due_retries_statement(after: Cursor | None, limit: int) -> AnySelect:
+    """Build the statement of one page of lock_due_retries, which walks the index of
+    messages waiting for a retry rather than every pending message."""
     statement = _select_pending().where(SMSMessage.next_attempt_at.is_not(None))
-    return await _fetch_pending(
-        session, _for_update(_after(statement, after).limit(limit))
-    )
+    return _for_update(_after(statement, after).limit(limit))
 
 
 async def find_least_loaded_devices(
