@@ -6,8 +6,10 @@ TEST_WORKERS ?= 2
 
 .PHONY: install run test lint fmt migrate bench
 
+# Compiles the installed packages' bytecode up front: where PYTHONDONTWRITEBYTECODE is
+# set, every process (each service of every end-to-end test) would compile them again.
 install:
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 run: install
 	$(UV) run python -m mensajero_common.stack
