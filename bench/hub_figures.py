@@ -46,9 +46,9 @@ async def measure_idle_hub(run: "Run", stack: Stack) -> None:
             window_s=mode.heartbeat_window_s,
             clients=clients,
             name="idle-clients",
-            # A connection writes its heartbeat on connect and again on its first ping
-            # at least half an interval later. After one full interval, every ping is a
-            # steady-state ping.
+            # A connection writes its heartbeat on connect, then on every second ping.
+            # After one full interval, the connect's write is behind every connection,
+            # and each ping is a steady-state ping.
             settle_s=interval_s,
         )
     finally:
