@@ -1,4 +1,5 @@
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from mensajero_common import queues
@@ -159,6 +160,24 @@ async def test_cleanup_marks_silent_devices_offline(ctx, factory):
     assert [fields for _, fields in events] == [
         {b"device_id": str(silent.id).encode(), b"event": b"offline"}
     ]
+
+
+async def test_cleanup_keeps_device_between_heartbeat_writes(ctx, factory):
+    # A heartbeat timeout of two ping intervals is shorter than the two and a half that
+    # a live connection's heartbeat can be old.
+    settings = ctx.settings.model_copy(
+        update={"WEBSOCKET_PING_INTERVAL": 60, "WEBSOCKET_HEARTBEAT_TIMEOUT": 120}
+    )
+    user = await factory.user()
+    now = datetime.now(UTC)
+    live = await factory.device(user, last_heartbeat=now - timedelta(seconds=150))
+    silent = await factory.device(user, last_heartbeat=now - timedelta(seconds=190))
+
+    changed = await cleanup_offline_devices(replace(ctx, settings=settings))
+
+    assert changed == 1
+    assert (await factory.reload_device(live)).status == DeviceStatus.ONLINE
+    assert (await factory.reload_device(silent)).status == DeviceStatus.OFFLINE
 
 
 async def test_cleaned_device_gets_no_assignments(ctx, factory):

@@ -9,7 +9,10 @@ import structlog
 from mensajero_common import queues
 from mensajero_common.db import session_scope
 from mensajero_common.models import SMSDevice
-from mensajero_dispatcher.attempts.service import move_unacknowledged_tasks
+from mensajero_dispatcher.attempts.service import (
+    SILENT_PING_INTERVALS,
+    move_unacknowledged_tasks,
+)
 from mensajero_dispatcher.context import DispatcherContext
 from mensajero_dispatcher.devices import repository
 from mensajero_dispatcher.messages.service import assign_pending_for_device
@@ -81,14 +84,22 @@ async def select_events_to_handle(
 
 async def cleanup_offline_devices(ctx: DispatcherContext) -> int:
     """Mark offline every device still `online` without a heartbeat for
-    WEBSOCKET_HEARTBEAT_TIMEOUT seconds, and return how many changed.
+    WEBSOCKET_HEARTBEAT_TIMEOUT seconds, or SILENT_PING_INTERVALS ping intervals if that
+    is longer, and return how many changed.
 
     A device-hub that dies cannot mark its devices offline itself, so without this they
-    would stay online and keep receiving assignments they cannot send.
+    would stay online and keep receiving assignments they cannot send. The heartbeat of
+    a live connection can be two and a half ping intervals old, so a heartbeat timeout
+    shorter than that does not mark it offline.
     """
+    settings = ctx.settings
+    silent_for_s = max(
+        settings.WEBSOCKET_HEARTBEAT_TIMEOUT,
+        SILENT_PING_INTERVALS * settings.WEBSOCKET_PING_INTERVAL,
+    )
     async with session_scope(ctx.session_factory) as session:
         changed = await repository.mark_silent_devices_offline(
-            session, silent_for_s=ctx.settings.WEBSOCKET_HEARTBEAT_TIMEOUT
+            session, silent_for_s=silent_for_s
         )
 
     for device_id, user_id in changed:
