@@ -80,13 +80,23 @@ async def _insert_backlog(connection: asyncpg.Connection, *, retries: bool) -> N
     await connection.execute("ANALYZE smsmessage")
 
 
-async def _messages_read(connection: asyncpg.Connection, statement: AnySelect) -> int:
+async def _messages_read(
+    connection: asyncpg.Connection, statement: AnySelect, *, retries: bool
+) -> int:
+    """Insert a backlog, run `statement` on it under EXPLAIN ANALYZE and return the
+    messages it read, then roll everything back."""
     sql = str(
         statement.compile(
             dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
         )
     )
-    plan = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        await _insert_backlog(connection, retries=retries)
+        plan = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+    finally:
+        await transaction.rollback()
     return _rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
 
 
@@ -103,30 +113,17 @@ def _rows_read(node: Mapping[str, Any], table: str) -> int:
 
 
 async def test_assignable_page_reads_one_page(pg_connection) -> None:
-    transaction = pg_connection.transaction()
-    await transaction.start()
-    try:
-        await _insert_backlog(pg_connection, retries=False)
-        read = await _messages_read(
-            pg_connection,
-            repository.assignable_pending_statement(0, None, PAGE),
-        )
-    finally:
-        await transaction.rollback()
+    statement = repository.assignable_pending_statement(0, None, PAGE)
+
+    read = await _messages_read(pg_connection, statement, retries=False)
 
     # Half of the backlog waits for a device, so a page skips about as many as it takes.
     assert read <= 3 * PAGE
 
 
 async def test_due_retries_page_skips_untried_messages(pg_connection) -> None:
-    transaction = pg_connection.transaction()
-    await transaction.start()
-    try:
-        await _insert_backlog(pg_connection, retries=True)
-        read = await _messages_read(
-            pg_connection, repository.due_retries_statement(None, PAGE)
-        )
-    finally:
-        await transaction.rollback()
+    statement = repository.due_retries_statement(None, PAGE)
+
+    read = await _messages_read(pg_connection, statement, retries=True)
 
     assert read <= 2 * PAGE
