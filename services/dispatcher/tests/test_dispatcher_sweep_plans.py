@@ -1,8 +1,9 @@
 """A page of a pending sweep reads about a page of messages, whatever the backlog.
 
 Each test inserts a backlog in a transaction that is rolled back, analyzes it there, and
-runs the page's statement under EXPLAIN ANALYZE. Before the indexes of pending messages
-on (created_at, id), each page read and sorted every pending message.
+runs the page's statement under EXPLAIN ANALYZE or plans it as a prepared statement.
+Before the indexes of pending messages on (created_at, id), each page read and sorted
+every pending message.
 """
 
 import json
@@ -13,6 +14,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
 from mensajero_dispatcher.messages import repository
 from mensajero_dispatcher.messages.repository import AnySelect
@@ -100,6 +102,38 @@ async def _messages_read(
     return _rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
 
 
+async def _generic_plan(connection: asyncpg.Connection, statement: AnySelect) -> str:
+    """Return the generic plan of `statement` on a backlog: the plan that Postgres may
+    cache for a prepared statement after five runs, made without its parameters."""
+    compiled = statement.compile(dialect=asyncpg_dialect.dialect())
+    arguments = ", ".join(
+        _sql_literal(compiled.params[name]) for name in compiled.positiontup or ()
+    )
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        await _insert_backlog(connection, retries=True)
+        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await connection.execute(f"PREPARE sweep_page AS {compiled}")
+        try:
+            plan = await connection.fetchval(
+                f"EXPLAIN (FORMAT JSON) EXECUTE sweep_page({arguments})"
+            )
+        finally:
+            await connection.execute("DEALLOCATE sweep_page")
+    finally:
+        await transaction.rollback()
+    return str(plan)
+
+
+def _sql_literal(value: object) -> str:
+    if isinstance(value, timedelta):
+        return f"interval '{value.total_seconds()} seconds'"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(getattr(value, "value", value)) + "'"
+
+
 def _rows_read(node: Mapping[str, Any], table: str) -> int:
     """Return the rows that the plan's scans of `table` read, filtered ones included."""
     read = 0
@@ -127,3 +161,15 @@ async def test_due_retries_page_skips_untried_messages(pg_connection) -> None:
     read = await _messages_read(pg_connection, statement, retries=True)
 
     assert read <= 2 * PAGE
+
+
+async def test_generic_plans_use_pending_indexes(pg_connection) -> None:
+    assignable = await _generic_plan(
+        pg_connection, repository.assignable_pending_statement(0, None, PAGE)
+    )
+    retries = await _generic_plan(
+        pg_connection, repository.due_retries_statement(None, PAGE)
+    )
+
+    assert "ix_smsmessage_created_at_id_pending" in assignable
+    assert "ix_smsmessage_created_at_id_retry" in retries

@@ -18,6 +18,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
+    literal_column,
     or_,
     select,
     tuple_,
@@ -159,11 +160,20 @@ _AVOIDED_DEVICES = f"""
 
 
 def _select_pending(*, by_id: bool = False) -> AnySelect:
-    """Build the select of due, unexpired pending messages. With `by_id`, for a statement
-    that also takes them by id, the status test matches no index (see _PENDING_BY_ID_SQL)."""
-    status: ColumnElement[Any] = SMSMessage.status.expression
+    """Build the select of due, unexpired pending messages.
+
+    The status is written into the SQL instead of bound. A partial index on pending
+    messages only serves a plan that knows the status, and Postgres may run a prepared
+    statement on a generic plan, planned without its parameters. With `by_id`, for a
+    statement that also takes them by id, the status test matches no index (see
+    _PENDING_BY_ID_SQL).
+    """
     if by_id:
-        status = SMSMessage.status.concat("")
+        status_is_pending = SMSMessage.status.concat("") == MessageStatus.PENDING.value
+    else:
+        status_is_pending = SMSMessage.status == literal_column(
+            f"'{MessageStatus.PENDING.value}'"
+        )
     return select(
         SMSMessage.id,
         SMSMessage.user_id,
@@ -176,7 +186,7 @@ def _select_pending(*, by_id: bool = False) -> AnySelect:
         SMSMessage.attempts,
         SMSMessage.expires_at,
     ).where(
-        status == MessageStatus.PENDING.value,
+        status_is_pending,
         SMSMessage.type == MessageType.OUTGOING,
         # A retry waits for its delay; an expired message is left to the expiry check.
         or_(
