@@ -1,21 +1,25 @@
-"""A page of a pending sweep reads about a page of messages, whatever the backlog.
+"""The dispatcher's reads of waiting messages read about what they need, whatever the
+backlog or the history: a page of a pending sweep about a page of messages, and the
+check for waiting messages none of the delivered ones.
 
-Each test inserts a backlog in a transaction that is rolled back, analyzes it there, and
-runs the page's statement under EXPLAIN ANALYZE or plans it as a prepared statement.
-Before the indexes of pending messages on (created_at, id), each page read and sorted
-every pending message.
+Each test inserts its rows in a transaction that is rolled back, analyzes them there,
+and runs the statement under EXPLAIN ANALYZE, as it is or as a prepared statement on its
+generic plan. Before the indexes of pending messages on (created_at, id), each page read
+and sorted every pending message.
 """
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
+from mensajero_dispatcher.devices import repository as device_repository
 from mensajero_dispatcher.messages import repository
 from mensajero_dispatcher.messages.repository import AnySelect
 
@@ -26,7 +30,10 @@ PAGE = 100
 BACKLOG_START = datetime(2001, 1, 1, tzinfo=UTC)
 
 
-async def _insert_user(connection: asyncpg.Connection, online: bool) -> uuid.UUID:
+async def _insert_user(
+    connection: asyncpg.Connection, online: bool, device_id: uuid.UUID | None = None
+) -> uuid.UUID:
+    """Insert a user with one device, online or not, and return the user's id."""
     user_id = uuid.uuid4()
     await connection.execute(
         'INSERT INTO "user" (id, email, hashed_password) VALUES ($1, $2, $3)',
@@ -37,7 +44,7 @@ async def _insert_user(connection: asyncpg.Connection, online: bool) -> uuid.UUI
     await connection.execute(
         "INSERT INTO smsdevice (id, user_id, name, api_key_hash, api_key_prefix,"
         " status, last_heartbeat) VALUES ($1, $2, 'phone', $3, 'msj_', $4, now())",
-        uuid.uuid4(),
+        device_id or uuid.uuid4(),
         user_id,
         uuid.uuid4().hex,
         "online" if online else "offline",
@@ -102,28 +109,35 @@ async def _messages_read(
     return _rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
 
 
-async def _generic_plan(connection: asyncpg.Connection, statement: AnySelect) -> str:
-    """Return the generic plan of `statement` on a backlog: the plan that Postgres may
-    cache for a prepared statement after five runs, made without its parameters."""
-    compiled = statement.compile(dialect=asyncpg_dialect.dialect())
+async def _generic_plan(
+    connection: asyncpg.Connection,
+    statement: Select[Any],
+    insert_rows: Callable[[asyncpg.Connection], Awaitable[object]],
+) -> dict[str, Any]:
+    """Run `statement` on the rows that `insert_rows` inserts, as a prepared statement on
+    its generic plan, and return that plan with EXPLAIN ANALYZE's figures. The generic
+    plan is the one Postgres may cache after five runs, made without the parameters."""
+    compiled = statement.compile(
+        dialect=asyncpg_dialect.dialect(), compile_kwargs={"render_postcompile": True}
+    )
     arguments = ", ".join(
         _sql_literal(compiled.params[name]) for name in compiled.positiontup or ()
     )
     transaction = connection.transaction()
     await transaction.start()
     try:
-        await _insert_backlog(connection, retries=True)
+        await insert_rows(connection)
         await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        await connection.execute(f"PREPARE sweep_page AS {compiled}")
+        await connection.execute(f"PREPARE generic_statement AS {compiled}")
         try:
             plan = await connection.fetchval(
-                f"EXPLAIN (FORMAT JSON) EXECUTE sweep_page({arguments})"
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE generic_statement({arguments})"
             )
         finally:
-            await connection.execute("DEALLOCATE sweep_page")
+            await connection.execute("DEALLOCATE generic_statement")
     finally:
         await transaction.rollback()
-    return str(plan)
+    return dict(json.loads(plan)[0]["Plan"])
 
 
 def _sql_literal(value: object) -> str:
@@ -164,12 +178,68 @@ async def test_due_retries_page_skips_untried_messages(pg_connection) -> None:
 
 
 async def test_generic_plans_use_pending_indexes(pg_connection) -> None:
+    async def insert_backlog(connection: asyncpg.Connection) -> None:
+        await _insert_backlog(connection, retries=True)
+
     assignable = await _generic_plan(
-        pg_connection, repository.assignable_pending_statement(0, None, PAGE)
+        pg_connection,
+        repository.assignable_pending_statement(0, None, PAGE),
+        insert_backlog,
     )
     retries = await _generic_plan(
-        pg_connection, repository.due_retries_statement(None, PAGE)
+        pg_connection, repository.due_retries_statement(None, PAGE), insert_backlog
     )
 
-    assert "ix_smsmessage_created_at_id_pending" in assignable
-    assert "ix_smsmessage_created_at_id_retry" in retries
+    assert "ix_smsmessage_created_at_id_pending" in json.dumps(assignable)
+    assert "ix_smsmessage_created_at_id_retry" in json.dumps(retries)
+
+
+async def test_waiting_check_skips_delivered_history(pg_connection) -> None:
+    device_id = uuid.uuid4()
+    waiting_in_table = []
+
+    async def insert_history(connection: asyncpg.Connection) -> None:
+        user_id = await _insert_user(connection, online=True, device_id=device_id)
+        delivered = [
+            (
+                uuid.uuid4(),
+                user_id,
+                "delivered",
+                BACKLOG_START + timedelta(seconds=index),
+            )
+            for index in range(BACKLOG)
+        ]
+        waiting = (uuid.uuid4(), user_id, "pending", datetime.now(UTC))
+        await connection.copy_records_to_table(
+            "smsmessage",
+            records=[
+                (*record[:2], "outgoing", record[2], "+34600000000", "hola", record[3])
+                for record in [*delivered, waiting]
+            ],
+            columns=(
+                "id",
+                "user_id",
+                "type",
+                "status",
+                "to_number",
+                "body",
+                "created_at",
+            ),
+        )
+        await connection.execute("ANALYZE smsmessage")
+        waiting_in_table.append(
+            await connection.fetchval(
+                "SELECT count(*) FROM smsmessage"
+                " WHERE status IN ('pending', 'assigned')"
+            )
+        )
+
+    plan = await _generic_plan(
+        pg_connection,
+        device_repository.waiting_messages_statement([device_id]),
+        insert_history,
+    )
+
+    # Waiting messages (other tests running meanwhile may have some), not the user's
+    # history of delivered ones.
+    assert _rows_read(plan, "smsmessage") <= waiting_in_table[0] + 10

@@ -4,7 +4,7 @@ import uuid
 from collections.abc import Collection
 from datetime import timedelta
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import Select, exists, func, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_common.models import (
@@ -43,15 +43,31 @@ async def find_online_devices_with_waiting_messages(
 ) -> set[uuid.UUID]:
     """Return those of `device_ids` that are online and active and whose user has an
     outgoing message pending or assigned."""
+    statement = waiting_messages_statement(device_ids)
+    return set((await session.scalars(statement)).all())
+
+
+def waiting_messages_statement(
+    device_ids: Collection[uuid.UUID],
+) -> Select[uuid.UUID]:
+    """Build the statement of find_online_devices_with_waiting_messages.
+
+    The statuses are written into the SQL instead of bound, so that a generic plan of the
+    prepared statement can use the partial index of waiting messages too.
+    """
     waiting = exists().where(
         SMSMessage.user_id == SMSDevice.user_id,
         SMSMessage.type == MessageType.OUTGOING,
-        SMSMessage.status.in_((MessageStatus.PENDING, MessageStatus.ASSIGNED)),
+        SMSMessage.status.in_(
+            [
+                literal_column(f"'{status.value}'")
+                for status in (MessageStatus.PENDING, MessageStatus.ASSIGNED)
+            ]
+        ),
     )
-    statement = select(SMSDevice.id).where(
+    return select(SMSDevice.id).where(
         SMSDevice.id.in_(device_ids),
         SMSDevice.status == DeviceStatus.ONLINE,
         SMSDevice.is_active.is_(True),
         waiting,
     )
-    return set((await session.scalars(statement)).all())
