@@ -57,21 +57,41 @@ async def _insert_backlog(connection: asyncpg.Connection, *, retries: bool) -> N
     and, with `retries`, a page of due retries after them."""
     online = await _insert_user(connection, online=True)
     offline = await _insert_user(connection, online=False)
-    records = []
+    messages = []
     for index in range(BACKLOG):
-        created_at = BACKLOG_START + timedelta(seconds=index)
         user_id = online if index % 2 == 0 else offline
-        records.append((uuid.uuid4(), user_id, created_at, created_at, None, 0))
+        created_at = BACKLOG_START + timedelta(seconds=index)
+        messages.append((user_id, "pending", created_at, None, 0))
     if retries:
         due = datetime.now(UTC) - timedelta(minutes=1)
         for index in range(PAGE):
             created_at = BACKLOG_START + timedelta(seconds=BACKLOG + index)
-            records.append((uuid.uuid4(), online, created_at, created_at, due, 1))
+            messages.append((online, "pending", created_at, due, 1))
+    await _insert_messages(connection, messages)
+
+
+async def _insert_messages(
+    connection: asyncpg.Connection,
+    messages: list[tuple[uuid.UUID, str, datetime, datetime | None, int]],
+) -> None:
+    """Insert outgoing messages, each given as (user_id, status, created_at,
+    next_attempt_at, attempts), then analyze the table."""
     await connection.copy_records_to_table(
         "smsmessage",
         records=[
-            (*record[:2], "outgoing", "pending", "+34600000000", "hola", *record[2:])
-            for record in records
+            (
+                uuid.uuid4(),
+                user_id,
+                "outgoing",
+                status,
+                "+34600000000",
+                "hola",
+                created_at,
+                created_at,
+                next_attempt_at,
+                attempts,
+            )
+            for user_id, status, created_at, next_attempt_at, attempts in messages
         ],
         columns=(
             "id",
@@ -201,32 +221,11 @@ async def test_waiting_check_skips_delivered_history(pg_connection) -> None:
     async def insert_history(connection: asyncpg.Connection) -> None:
         user_id = await _insert_user(connection, online=True, device_id=device_id)
         delivered = [
-            (
-                uuid.uuid4(),
-                user_id,
-                "delivered",
-                BACKLOG_START + timedelta(seconds=index),
-            )
+            (user_id, "delivered", BACKLOG_START + timedelta(seconds=index), None, 1)
             for index in range(BACKLOG)
         ]
-        waiting = (uuid.uuid4(), user_id, "pending", datetime.now(UTC))
-        await connection.copy_records_to_table(
-            "smsmessage",
-            records=[
-                (*record[:2], "outgoing", record[2], "+34600000000", "hola", record[3])
-                for record in [*delivered, waiting]
-            ],
-            columns=(
-                "id",
-                "user_id",
-                "type",
-                "status",
-                "to_number",
-                "body",
-                "created_at",
-            ),
-        )
-        await connection.execute("ANALYZE smsmessage")
+        waiting = (user_id, "pending", datetime.now(UTC), None, 0)
+        await _insert_messages(connection, [*delivered, waiting])
         waiting_in_table.append(
             await connection.fetchval(
                 "SELECT count(*) FROM smsmessage"
