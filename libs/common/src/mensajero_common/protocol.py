@@ -279,8 +279,8 @@ def _plain_ping(data: dict[str, Any]) -> PingFrame | None:
 
     Pings are most of the frames a hub reads (50,000 idle phones send 833 a second), so
     they skip the value walk and the model validation that any other frame takes. The
-    result is the one those steps give; any other ping, with an extra field or a bad
-    request_id, takes the full parse and its errors.
+    result is the one those steps give. Any other ping, with an extra field or an
+    invalid request_id, takes the full parse and gets its errors.
     """
     if data.get("type") != "ping" or len(data) > 2:
         return None

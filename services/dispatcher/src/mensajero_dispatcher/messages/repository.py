@@ -163,8 +163,8 @@ def _select_pending(*, by_id: bool = False) -> AnySelect:
     """Build the select of due, unexpired pending messages.
 
     The status is written into the SQL instead of bound. A partial index on pending
-    messages only serves a plan that knows the status, and Postgres may run a prepared
-    statement on a generic plan, planned without its parameters. With `by_id`, for a
+    messages only serves a plan whose status is fixed when it is planned, and Postgres
+    may run a prepared statement on a generic plan, planned without its parameters. With `by_id`, for a
     statement that also takes them by id, the status test matches no index (see
     _PENDING_BY_ID_SQL).
     """
