@@ -7,11 +7,9 @@ from fastapi import APIRouter, Header, Query, Response, status
 
 from mensajero_api.deps import (
     CurrentUser,
-    KeysDep,
     LanguageDep,
-    RedisDep,
+    ResourcesDep,
     SessionDep,
-    SettingsDep,
 )
 from mensajero_api.envelope import Envelope, error_responses
 from mensajero_api.jsonbody import JSONBodyRoute
@@ -70,9 +68,9 @@ async def send_sms(
     response: Response,
     user: CurrentUser,
     session: SessionDep,
-    redis: RedisDep,
-    keys: KeysDep,
-    settings: SettingsDep,
+    # One dependency gives Redis, the keys and the settings, because each dependency
+    # costs every send some CPU.
+    resources: ResourcesDep,
     language: LanguageDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Envelope[SendResult]:
@@ -84,7 +82,13 @@ async def send_sms(
     with the first message and its current status, and header `Idempotent-Replayed: true`.
     """
     outcome = await service.send_message(
-        session, redis, keys, settings, user, data, idempotency_key
+        session,
+        resources.redis,
+        resources.keys,
+        resources.settings,
+        user,
+        data,
+        idempotency_key,
     )
     message = outcome.message
     if outcome.created:
