@@ -35,6 +35,7 @@ from mensajero_common.logging import configure_logging
 from mensajero_common.ops import MetricsMiddleware
 from mensajero_common.redis import create_redis
 from mensajero_common.settings import Settings, get_settings
+from mensajero_common.startup import configure_garbage_collector
 
 logger = structlog.get_logger(__name__)
 
@@ -152,9 +153,11 @@ def main() -> None:
     """Serve the API with uvicorn on API_HOST:API_PORT."""
     settings = get_settings()
     configure_logging(settings, SERVICE_NAME)
+    app = create_app(settings)
+    configure_garbage_collector()
     # log_config=None keeps uvicorn from replacing the logging set up just above.
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.API_HOST,
         port=settings.API_PORT,
         forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,

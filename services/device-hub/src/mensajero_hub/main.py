@@ -15,6 +15,7 @@ from mensajero_common.logging import configure_logging
 from mensajero_common.metrics import CONNECTED_DEVICES
 from mensajero_common.ops import MetricsMiddleware, metrics_response, readiness_response
 from mensajero_common.settings import Settings, get_settings
+from mensajero_common.startup import configure_garbage_collector
 from mensajero_hub.core.auth_throttle import auth_limit_from_settings
 from mensajero_hub.core.hub import Hub
 from mensajero_hub.transport import websocket
@@ -135,8 +136,10 @@ def main() -> None:
     settings = get_settings()
     configure_logging(settings, "device-hub")
     install_log_filters()
+    app = create_app(settings)
+    configure_garbage_collector()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.HUB_HOST,
         port=settings.HUB_PORT,
         forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,

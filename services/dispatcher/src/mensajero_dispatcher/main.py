@@ -19,6 +19,7 @@ from mensajero_common.ops import (
     serve_ops,
 )
 from mensajero_common.settings import Settings, get_settings
+from mensajero_common.startup import configure_garbage_collector
 from mensajero_dispatcher.consumer import StreamConsumer
 from mensajero_dispatcher.context import DispatcherContext, open_context
 from mensajero_dispatcher.scheduler import default_jobs, run_periodic_jobs
@@ -90,6 +91,7 @@ async def _serve_until_signalled(settings: Settings) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings, "dispatcher")
+    configure_garbage_collector()
     # uvloop's event loop spends less CPU per socket event than asyncio's own.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_serve_until_signalled(settings))

@@ -23,6 +23,7 @@ from mensajero_common.keys import RedisKeys
 from mensajero_common.logging import configure_logging
 from mensajero_common.ops import create_ops_app, postgres_check, redis_check, serve_ops
 from mensajero_common.settings import Settings, get_settings
+from mensajero_common.startup import configure_garbage_collector
 from mensajero_webhooks.delivery.http_client import create_http_session
 from mensajero_webhooks.delivery.service import DeliveryContext
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, job_functions, sweep
@@ -181,8 +182,10 @@ def main() -> None:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
+        worker = create_worker(settings)
+        configure_garbage_collector()
         # Returns once SIGTERM or SIGINT has stopped the worker and on_shutdown has run.
-        create_worker(settings).run()
+        worker.run()
     finally:
         loop.close()
 

@@ -1,0 +1,54 @@
+"""configure_garbage_collector runs in a child process, which it may freeze."""
+
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent(
+    """
+    import gc
+    import weakref
+
+    from mensajero_common.startup import (
+        YOUNG_COLLECTION_THRESHOLD,
+        configure_garbage_collector,
+    )
+
+
+    class Node:
+        pass
+
+
+    live_nodes = [Node() for _ in range(1000)]
+    # A cycle that is garbage before the freeze, which must be collected, not frozen.
+    garbage = Node()
+    garbage.self = garbage
+    collected = weakref.ref(garbage)
+    del garbage
+    tracked_before = len(gc.get_objects())
+
+    configure_garbage_collector()
+
+    print(collected() is None)
+    print(gc.get_freeze_count() >= len(live_nodes))
+    print(len(gc.get_objects()) < tracked_before // 10)
+    print(gc.get_threshold()[0] == YOUNG_COLLECTION_THRESHOLD)
+    """
+)
+
+
+def test_collector_configured_at_startup() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    garbage_collected, live_frozen, few_tracked, young_threshold = result.stdout.split()
+    assert garbage_collected == "True"
+    assert live_frozen == "True"
+    assert few_tracked == "True"
+    assert young_threshold == "True"
