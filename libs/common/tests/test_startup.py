@@ -19,11 +19,15 @@ CHILD = textwrap.dedent(
         pass
 
 
+    # No automatic collection may remove the garbage below before the call does.
+    gc.disable()
     live_nodes = [Node() for _ in range(1000)]
     # A cycle that is garbage before the freeze, which must be collected, not frozen.
+    # It reaches the oldest generation first, so a young collection cannot free it.
     garbage = Node()
     garbage.self = garbage
     collected = weakref.ref(garbage)
+    gc.collect()
     del garbage
     tracked_before = len(gc.get_objects())
 

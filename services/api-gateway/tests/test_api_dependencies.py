@@ -2,8 +2,9 @@
 
 FastAPI solves a dependency's own dependencies again at every place it is used, before
 it looks in its per-request cache. So each node of the tree costs a request some work,
-cached or not: about 18 µs each in a microbenchmark of FastAPI 0.165 on our test
-machine, an estimate.
+cached or not. An estimate of that cost is 18 µs per node, from a microbenchmark
+(routes with five async dependencies and with none, called in-process) of FastAPI 0.165
+on an "Intel(R) Xeon(R) Processor" machine.
 """
 
 from fastapi import APIRouter

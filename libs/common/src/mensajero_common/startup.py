@@ -9,13 +9,18 @@ YOUNG_COLLECTION_THRESHOLD = 10_000
 
 
 def configure_garbage_collector() -> None:
-    """Freeze the objects made at import time and make young collections rarer.
+    """Freeze every object alive at the call and make young collections rarer.
 
-    Imports leave 110,000 to 150,000 objects (modules, classes, functions) that live as
-    long as the process, and every full collection walked them all. In the full
-    benchmark (`BENCH_MODE=full make bench`), that stopped a service's event loop for
-    40 to 110 ms at a time. `gc.freeze` moves them to the permanent generation, which
-    collections skip, after a collection so that no garbage is frozen with them.
+    Imports, the app and its settings leave 110,000 to 150,000 objects (modules,
+    classes, functions) that live as long as the process, and every full collection
+    walked them all. In the full benchmark (`BENCH_MODE=full make bench`), that stopped
+    a service's event loop for 40 to 110 ms at a time. `gc.freeze` moves them to the
+    permanent generation, which collections skip, after a collection so that no garbage
+    is frozen with them.
+
+    NOTE: a frozen object that later becomes part of an unreachable cycle is never
+    freed, nor is what it references. Objects freed by reference counting are freed as
+    usual. So call it only once what exists lives until the process exits.
 
     The higher young threshold matters most to the device-hub, whose long-lived objects
     grow with its connections. While 19,000 phones connected in that benchmark, its full

@@ -42,16 +42,15 @@ def _resources(request: Request) -> Resources:
     return resources
 
 
-# The dependencies below read the resources from the request instead of depending on
-# get_resources. FastAPI solves a dependency's own dependencies again wherever it is
-# used, before it checks its cache, so each extra level costs every request some CPU.
-
-
 async def get_resources(request: Request) -> Resources:
     return _resources(request)
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+# The dependencies below read the resources from the request instead of depending on
+# get_resources. FastAPI solves a dependency's own dependencies again wherever it is
+# used, before it checks its cache, so each extra level costs every request some CPU.
 
 
 async def get_settings(request: Request) -> Settings:

@@ -118,7 +118,9 @@ class LoginThrottle:
         await self._throttle.clear(SCOPE_ACCOUNT, _account_id(email))
 
 
-def get_login_throttle(request: Request, resources: ResourcesDep) -> LoginThrottle:
+async def get_login_throttle(
+    request: Request, resources: ResourcesDep
+) -> LoginThrottle:
     state = request.app.state
     throttle: LoginThrottle | None = getattr(state, THROTTLE_STATE_ATTRIBUTE, None)
     # A new lifespan (tests restart apps) opens a new Redis client, so the throttle follows.
