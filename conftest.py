@@ -9,10 +9,11 @@ deleted when the test ends.
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
@@ -67,8 +68,8 @@ def database_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return Settings(
+def settings(database_url: str) -> Iterator[Settings]:
+    test_settings = Settings(
         _env_file=None,
         ENVIRONMENT="test",
         DATABASE_URL=database_url,
@@ -89,6 +90,27 @@ def settings(database_url: str) -> Settings:
         # Many tests hand one phone a burst of tasks; the tests of the pace set their own.
         DEVICE_SMS_PER_MINUTE=100_000,
     )
+    yield test_settings
+    # Here rather than in the `redis` fixture, because many tests never request it. A
+    # hub or a report writer that such a test starts still writes under the prefix.
+    _delete_keys(test_settings)
+
+
+def _delete_keys(settings: Settings) -> None:
+    """Delete the Redis keys under the test's prefix.
+
+    arq keeps jobs under its own "arq:job:", "arq:in-progress:" and "arq:retry:"
+    prefixes, followed by a job id that starts with the test's prefix.
+    """
+    client = SyncRedis.from_url(settings.REDIS_URL)
+    try:
+        keys = list(
+            client.scan_iter(match=f"*{settings.REDIS_KEY_PREFIX}:*", count=1000)
+        )
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -122,10 +144,4 @@ def redis_keys(settings: Settings) -> RedisKeys:
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client: Redis[bytes] = Redis.from_url(settings.REDIS_URL)
     yield client
-    # arq keeps jobs under its own "arq:job:", "arq:in-progress:" and "arq:retry:"
-    # prefixes, followed by a job id that starts with our prefix.
-    async for key in client.scan_iter(
-        match=f"*{settings.REDIS_KEY_PREFIX}:*", count=1000
-    ):
-        await client.delete(key)
     await client.aclose()
