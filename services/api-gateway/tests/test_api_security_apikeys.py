@@ -277,12 +277,14 @@ async def test_key_listing_pages(
         await session.commit()
 
     pages = []
+    limits = []
     cursor = None
     for _ in range(4):
         params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
         response = await client.get(API_KEYS_PATH, params=params, headers=user.headers)
         assert response.status_code == 200, response.text
         pages.append([item["name"] for item in response.json()["data"]["items"]])
+        limits.append(response.json()["data"]["limit"])
         cursor = response.json()["data"]["next_cursor"]
         if cursor is None:
             break
@@ -302,6 +304,7 @@ async def test_key_listing_pages(
     assert sorted(listed) == sorted(names)
     assert len(listed) == len(names)
     assert all(len(page) <= 2 for page in pages)
+    assert limits == [2] * len(pages)
     assert cursor is None
     assert tampered.status_code == 400
     assert tampered.json()["error"] == "invalid_cursor"
@@ -309,6 +312,7 @@ async def test_key_listing_pages(
     assert unknown.status_code == 422
     assert unknown.json()["details"][0]["type"] == "extra_forbidden"
     assert len(whole.json()["data"]["items"]) == 5
+    assert whole.json()["data"]["limit"] == 5
     assert whole.json()["data"]["next_cursor"] is None
 
 

@@ -361,6 +361,7 @@ async def test_deliveries_walk_by_cursor(
             )
 
     pages: list[list[dict[str, Any]]] = []
+    limits: list[int] = []
     cursor = None
     while True:
         params: dict[str, Any] = {"limit": 2}
@@ -373,12 +374,14 @@ async def test_deliveries_walk_by_cursor(
         )
         assert response.status_code == 200, response.text
         pages.append(response.json()["data"]["items"])
+        limits.append(response.json()["data"]["limit"])
         cursor = response.json()["data"]["next_cursor"]
         if cursor is None:
             break
 
     items = [item for page in pages for item in page]
     assert [len(page) for page in pages][:3] == [2, 2, 1]
+    assert limits == [2] * len(pages)
     assert len({item["id"] for item in items}) == 5
     created_at = [item["created_at"] for item in items]
     assert created_at == sorted(created_at, reverse=True)

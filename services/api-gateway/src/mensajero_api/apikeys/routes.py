@@ -73,6 +73,7 @@ async def list_api_keys(
         data=ApiKeyList(
             items=[ApiKeyPublic.from_model(key) for key in api_keys],
             next_cursor=next_cursor,
+            limit=query.limit,
         )
     )
 

@@ -66,6 +66,7 @@ class ApiKeyList(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page."
     )
+    limit: int
 
 
 class ApiKeyListQuery(QueryParameters):

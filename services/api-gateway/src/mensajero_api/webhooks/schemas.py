@@ -157,6 +157,7 @@ class DeliveryPublic(BaseModel):
 class DeliveryList(BaseModel):
     items: list[DeliveryPublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+    limit: int
 
 
 class DeliveryListQuery(QueryParameters):

@@ -371,4 +371,4 @@ async def list_deliveries(
         next_cursor = encode_cursor(
             Cursor(created_at=last.created_at, row_id=last.id, order="desc")
         )
-    return DeliveryList(items=items, next_cursor=next_cursor)
+    return DeliveryList(items=items, next_cursor=next_cursor, limit=limit)
