@@ -15,7 +15,7 @@ import pytest
 from service_processes import Child, ProcessGroup, service_environment
 
 from mensajero_common import stack
-from mensajero_common.settings import Settings
+from mensajero_common.settings import DEFAULT_SECRET, Settings
 from mensajero_common.testing import free_port, scaled
 
 READY_LINE = b"Mensajero is running"
@@ -157,3 +157,48 @@ async def test_stack_probes_servers(settings: Settings) -> None:
         f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/mensajero"
     )
     assert not await stack.redis_responds(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def test_local_secret_key_reused(run_dir: Path) -> None:
+    first = stack.local_secret_key(run_dir)
+    second = stack.local_secret_key(run_dir)
+
+    path = run_dir / stack.SECRET_KEY_FILE
+    assert second == first
+    assert len(first) >= 64
+    assert path.read_text().strip() == first
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_local_secret_key_replaces_empty_file(run_dir: Path) -> None:
+    (run_dir / stack.SECRET_KEY_FILE).write_text("\n")
+
+    key = stack.local_secret_key(run_dir)
+
+    assert key.strip() != ""
+    assert stack.local_secret_key(run_dir) == key
+
+
+def test_default_secret_key_replaced(
+    settings: Settings, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    default = settings.model_copy(update={"SECRET_KEY": DEFAULT_SECRET})
+
+    used = stack.use_local_secret_key(default, run_dir)
+
+    stored_key = stack.local_secret_key(run_dir)
+    assert stored_key == used.SECRET_KEY
+    assert os.environ["SECRET_KEY"] == stored_key
+
+
+def test_own_secret_key_unchanged(
+    settings: Settings, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+
+    used = stack.use_local_secret_key(settings, run_dir)
+
+    assert used.SECRET_KEY == settings.SECRET_KEY
+    assert "SECRET_KEY" not in os.environ
+    assert not (run_dir / stack.SECRET_KEY_FILE).exists()

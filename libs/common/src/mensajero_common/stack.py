@@ -9,6 +9,9 @@ waits until the API and the device-hub return 200 on GET /healthz.
 
 Ctrl-C or SIGTERM stops everything it started, the services first, and exits 0. When a
 process it started exits by itself, it stops the others and exits 1.
+
+When SECRET_KEY is still the default, the services sign their tokens with a random key
+made on the first run and stored in MENSAJERO_RUN_DIR, so tokens outlive a restart.
 """
 
 import asyncio
@@ -17,6 +20,7 @@ import glob
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,7 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.engine import make_url
 
-from mensajero_common.settings import Settings, get_settings
+from mensajero_common.settings import DEFAULT_SECRET, Settings, get_settings
 
 # (name in the output, console script)
 SERVICES = (
@@ -59,6 +63,9 @@ HEALTH_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 CHECK_INTERVAL_S = 0.2
 OUTPUT_CHUNK_BYTES = 65536
+# Under MENSAJERO_RUN_DIR: the key that signs the local stack's tokens when SECRET_KEY is
+# the default.
+SECRET_KEY_FILE = "secret_key"
 
 T = TypeVar("T")
 
@@ -658,9 +665,44 @@ async def run_stack(settings: Settings, run_dir: Path) -> int:
         await stack.stop()
 
 
+def local_secret_key(run_dir: Path) -> str:
+    """Return the secret key stored in `run_dir`, or make one and store it there.
+
+    The file is readable by its owner only.
+    """
+    path = run_dir / SECRET_KEY_FILE
+    with contextlib.suppress(FileNotFoundError):
+        stored_key = path.read_text().strip()
+        if stored_key:
+            return stored_key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key + "\n")
+    return key
+
+
+def use_local_secret_key(settings: Settings, run_dir: Path) -> Settings:
+    """Replace a default SECRET_KEY with the one stored in `run_dir`, for this process and
+    for the services it starts, which inherit its environment.
+
+    The default is too short for HS256 (PyJWT warns about it), and production settings
+    reject it anyway.
+    """
+    if settings.SECRET_KEY != DEFAULT_SECRET:
+        return settings
+    key = local_secret_key(run_dir)
+    os.environ["SECRET_KEY"] = key
+    say(
+        f"SECRET_KEY is not set, so the services use the key in {run_dir / SECRET_KEY_FILE}"
+    )
+    return settings.model_copy(update={"SECRET_KEY": key})
+
+
 def main() -> None:
-    settings = get_settings()
     run_dir = Path(os.environ.get("MENSAJERO_RUN_DIR", ".run"))
+    settings = use_local_secret_key(get_settings(), run_dir)
     sys.exit(asyncio.run(run_stack(settings, run_dir)))
 
 
