@@ -694,9 +694,7 @@ def use_local_secret_key(settings: Settings, run_dir: Path) -> Settings:
         return settings
     key = local_secret_key(run_dir)
     os.environ["SECRET_KEY"] = key
-    say(
-        f"SECRET_KEY is not set, so the services use the key in {run_dir / SECRET_KEY_FILE}"
-    )
+    say(f"SECRET_KEY is the default, so the services use the key in {run_dir}")
     return settings.model_copy(update={"SECRET_KEY": key})
 
 
