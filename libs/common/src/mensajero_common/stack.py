@@ -668,7 +668,7 @@ async def run_stack(settings: Settings, run_dir: Path) -> int:
 def local_secret_key(run_dir: Path) -> str:
     """Return the secret key stored in `run_dir`, or make one and store it there.
 
-    The file is readable by its owner only.
+    A file it creates is readable by its owner only, and an existing file keeps its mode.
     """
     path = run_dir / SECRET_KEY_FILE
     with contextlib.suppress(FileNotFoundError):
