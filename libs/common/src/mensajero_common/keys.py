@@ -41,7 +41,7 @@ class RedisKeys:
 
     @property
     def rate_limit_prefix(self) -> str:
-        """Prefix of the counters that the `limits` package keeps for the API's rate limits."""
+        """Prefix of the counters of the API's rate limits (in the layout of `limits`)."""
         return f"{self.prefix}:ratelimit"
 
     @property

@@ -1,9 +1,10 @@
-"""Counting requests against the rate limits, in Redis through the `limits` package.
+"""Counting requests against the rate limits, in Redis.
 
-The counters use the moving-window strategy of `limits`: a list of request timestamps
-per client and item, trimmed to the item's count. Unlike fixed windows, it lets no burst
-through at the edge of two windows, and it gives the exact time at which the oldest
-request leaves the window, which is the Retry-After of a rejection.
+The counters are moving windows, as in the moving-window strategy of the `limits`
+package (see mensajero_api.ratelimits.windows): a list of request timestamps per client
+and item, trimmed to the item's count. Unlike fixed windows, they let no burst through
+at the edge of two windows, and they give the exact time at which the oldest request
+leaves the window, which is the Retry-After of a rejection.
 """
 
 import math
@@ -11,9 +12,6 @@ import time
 import uuid
 
 import structlog
-from limits import RateLimitItem
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import Scope
@@ -25,6 +23,7 @@ from mensajero_api.ratelimits.identity import (
     identify_client,
 )
 from mensajero_api.ratelimits.rules import RateLimitRule, RateLimitRules
+from mensajero_api.ratelimits.windows import FullWindow, MovingWindows, Window
 from mensajero_common.errors import AppError
 from mensajero_common.keys import RedisKeys
 from mensajero_common.settings import Settings
@@ -61,15 +60,7 @@ class RequestRateLimiter:
     ) -> None:
         self.rules = rules
         self.settings = settings
-        # Shares the API's connection pool, so closing the API's client closes it too.
-        # limits 5.8 documents `connection_pool` but types its keyword options as scalars.
-        storage = RedisStorage(
-            "async+" + settings.REDIS_URL,
-            implementation="redispy",
-            key_prefix=keys.rate_limit_prefix,
-            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
-        )
-        self._limiter = MovingWindowRateLimiter(storage)
+        self._windows = MovingWindows(redis, keys.rate_limit_prefix)
         self._last_error_log = -math.inf
         # Addresses with a failed API key in this process, each with the monotonic time
         # at which its last failure leaves the longest window of the failure count.
@@ -101,9 +92,9 @@ class RequestRateLimiter:
     async def check(self, scope: Scope) -> RateLimitedError | None:
         """Count the request; return the error to respond with if a limit is reached.
 
-        A request rejected by one item is not counted by the items after it. While Redis
-        is unreachable every request passes, because the limits protect the API and
-        rejecting everything would take it down instead.
+        A request rejected by one item is counted by none, and all its items take one
+        Redis call. While Redis is unreachable every request passes, because the limits
+        protect the API and rejecting everything would take it down instead.
 
         A request with an API key is rejected, without being counted, while its address
         is past the limit of failed API keys that record_api_key_failure counts. Only an
@@ -154,14 +145,8 @@ class RequestRateLimiter:
         return False
 
     async def _test_api_key_failures(self, address: str) -> RateLimitedError | None:
-        rule = self.rules.api_key_failures_per_ip
-        try:
-            for item in rule.items:
-                if not await self._limiter.test(item, rule.name, address):
-                    return await self._rejection(item, rule, address)
-        except (RedisError, OSError) as error:
-            self._log_redis_error(error)
-        return None
+        checks = [(self.rules.api_key_failures_per_ip, address)]
+        return await self._acquire(checks, record=False)
 
     async def check_user(self, user_id: uuid.UUID) -> RateLimitedError | None:
         """Count one request against the per-user limit of `user_id`.
@@ -175,28 +160,34 @@ class RequestRateLimiter:
     async def _hit_all(
         self, checks: list[tuple[RateLimitRule, str]]
     ) -> RateLimitedError | None:
+        return await self._acquire(checks, record=True)
+
+    async def _acquire(
+        self, checks: list[tuple[RateLimitRule, str]], *, record: bool
+    ) -> RateLimitedError | None:
+        windows = [
+            Window(item, rule.name, identifier)
+            for rule, identifier in checks
+            for item in rule.items
+        ]
         try:
-            for rule, identifier in checks:
-                for item in rule.items:
-                    if not await self._limiter.hit(item, rule.name, identifier):
-                        return await self._rejection(item, rule, identifier)
+            full = await self._windows.acquire(windows, record=record)
         except (RedisError, OSError) as error:
             self._log_redis_error(error)
-        return None
+            return None
+        return None if full is None else self._rejection(full)
 
-    async def _rejection(
-        self, item: RateLimitItem, rule: RateLimitRule, identifier: str
-    ) -> RateLimitedError:
-        stats = await self._limiter.get_window_stats(item, rule.name, identifier)
-        retry_after_s = max(math.ceil(stats.reset_time - time.time()), 1)
+    def _rejection(self, full: FullWindow) -> RateLimitedError:
+        window = full.window
+        retry_after_s = max(math.ceil(full.frees_at - time.time()), 1)
         logger.info(
             "request rate limited",
-            rule=rule.name,
-            client=identifier,
-            limit=describe_item(item),
+            rule=window.namespace,
+            client=window.identifier,
+            limit=describe_item(window.item),
             retry_after_s=retry_after_s,
         )
-        return RateLimitedError(describe_item(item), retry_after_s)
+        return RateLimitedError(describe_item(window.item), retry_after_s)
 
     def _log_redis_error(self, error: Exception) -> None:
         now = time.monotonic()
