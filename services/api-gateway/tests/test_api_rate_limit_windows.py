@@ -4,7 +4,7 @@ import asyncio
 import time
 
 import pytest
-from api_test_helpers import MakeUser
+from api_test_helpers import ApiUser, MakeUser
 from fastapi import FastAPI
 from httpx import AsyncClient
 from limits import parse
@@ -16,13 +16,16 @@ from mensajero_api.ratelimits.windows import MovingWindows, Window
 from mensajero_common.keys import RedisKeys
 from mensajero_common.settings import Settings
 
+QUOTA_URL = "/api/v1/sms/quota"
+
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    # Two windows per rule, as in the defaults.
+    # Two windows per rule, as in the defaults, with a per-user count that a test can
+    # reach.
     return settings.model_copy(
         update={
-            "RATE_LIMIT_PER_USER": "100/second;3000/minute",
+            "RATE_LIMIT_PER_USER": "100/second;7/minute",
             "RATE_LIMIT_PER_API_KEY": "100/second;3000/minute",
         }
     )
@@ -117,26 +120,94 @@ async def test_limits_package_reads_the_same_counters(
     assert await windows.acquire([window]) is not None
 
 
-async def test_api_key_request_takes_two_calls(
-    app: FastAPI, client: AsyncClient, make_user: MakeUser, monkeypatch
-) -> None:
-    """Two windows per rule still cost one call for the key and one for its owner."""
-    owner = await make_user()
+async def _create_key(client: AsyncClient, owner: ApiUser) -> tuple[str, str]:
     created = await client.post(
         "/api/v1/users/me/api-keys", json={"name": "server"}, headers=owner.headers
     )
-    api_key = {"X-API-Key": created.json()["data"]["api_key"]}
-    limiter = app.state.rate_limiter
-    script = limiter._windows._acquire
-    calls: list[int] = []
+    data = created.json()["data"]
+    return data["id"], data["api_key"]
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, app: FastAPI) -> list[list[str]]:
+    """Record the Redis keys of each call of the rate limiter's script."""
+    windows = app.state.rate_limiter._windows
+    script = windows._acquire
+    calls: list[list[str]] = []
 
     async def counting(*, keys: list[str], args: list[object]) -> object:
-        calls.append(len(keys))
+        calls.append(keys)
         return await script(keys=keys, args=args)
 
-    monkeypatch.setattr(limiter._windows, "_acquire", counting)
-    response = await client.get("/api/v1/sms/quota", headers=api_key)
+    monkeypatch.setattr(windows, "_acquire", counting)
+    return calls
 
-    assert response.status_code == 200
-    # The key's two windows in one call, then its owner's two in another.
-    assert calls == [2, 2]
+
+def _counts_user(keys: list[str], owner: ApiUser) -> bool:
+    return any(f"/user/{owner.id}/" in key for key in keys)
+
+
+async def test_known_api_key_takes_one_call(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser, monkeypatch
+) -> None:
+    owner = await make_user()
+    _, api_key = await _create_key(client, owner)
+    calls = _count_calls(monkeypatch, app)
+
+    first = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
+    second = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
+
+    assert first.status_code == 200
+    assert second.status_code == 200
+    # The first request counts the key's two windows, then its owner's two once the
+    # key has authenticated. The second counts all four in one call.
+    assert [len(keys) for keys in calls] == [2, 2, 4]
+    assert _counts_user(calls[1], owner)
+    assert _counts_user(calls[2], owner)
+
+
+async def test_known_key_keeps_user_limit(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    _, api_key = await _create_key(client, owner)
+    limiter = app.state.rate_limiter
+    # Four requests of the owner's bearer token: with the key's creation, five.
+    for _ in range(4):
+        assert await limiter.check_user(owner.id) is None
+
+    responses = [
+        await client.get(QUOTA_URL, headers={"X-API-Key": api_key}) for _ in range(3)
+    ]
+
+    assert responses[0].status_code == 200
+    assert responses[1].status_code == 200
+    # The owner's eighth request in the minute, counted in one call with the key's.
+    assert responses[2].status_code == 429
+    assert responses[2].json()["limit"] == "7/minute"
+
+
+async def test_revoked_key_forgotten(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser, monkeypatch
+) -> None:
+    owner = await make_user()
+    key_id, api_key = await _create_key(client, owner)
+    assert (
+        await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
+    ).status_code == 200
+    revoked = await client.delete(
+        f"/api/v1/users/me/api-keys/{key_id}", headers=owner.headers
+    )
+    assert revoked.status_code == 200
+    calls = _count_calls(monkeypatch, app)
+
+    first = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
+    counted_first = [keys for keys in calls if _counts_user(keys, owner)]
+    calls.clear()
+    second = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
+
+    assert first.status_code == 401
+    assert second.status_code == 401
+    # The owner was known, so the first request counted against the owner's windows.
+    assert len(counted_first) == 1
+    # The failure made the key unknown again: the second counts only per key.
+    assert not any(_counts_user(keys, owner) for keys in calls)

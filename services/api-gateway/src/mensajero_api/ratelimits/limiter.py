@@ -37,6 +37,12 @@ LOGIN_PATHS = frozenset({"/api/v1/login/access-token", "/api/v1/users/signup"})
 REDIS_ERROR_LOG_INTERVAL_S = 60.0
 # Addresses whose failed API keys a process remembers at most (see RequestRateLimiter).
 MAX_FAILING_ADDRESSES = 10_000
+# Owners of API keys that a process remembers at most (see RequestRateLimiter).
+MAX_KEY_OWNERS = 10_000
+# Scope keys that check() sets for enforce_user_rate_limit: the digest of the request's
+# API key, and the user whose windows it has counted the request in.
+API_KEY_DIGEST_SCOPE_KEY = "mensajero.api_key_digest"
+COUNTED_USER_SCOPE_KEY = "mensajero.rate_limited_user"
 
 
 class RateLimitedError(AppError):
@@ -71,6 +77,11 @@ class RequestRateLimiter:
         self._failure_window_s = max(
             item.get_expiry() for item in rules.api_key_failures_per_ip.items
         )
+        # The owner's user id of each API key digest that authenticated in this
+        # process. A key never changes owner, so a request with a known key is counted
+        # per key and per user in one Redis call. A key that fails authentication is
+        # forgotten, so a revoked key counts against its owner once at most.
+        self._key_owners: dict[str, str] = {}
 
     def _checks(
         self, scope: Scope, client: ClientKey
@@ -101,13 +112,19 @@ class RequestRateLimiter:
         address that failed in this process lately is tested.
         """
         client = identify_client(scope, self.settings)
+        checks = self._checks(scope, client)
         if client.kind == KIND_API_KEY:
             address = counted_address(client_address(scope))
             if self._failed_lately(address):
                 rejection = await self._test_api_key_failures(address)
                 if rejection is not None:
                     return rejection
-        return await self._hit_all(self._checks(scope, client))
+            scope[API_KEY_DIGEST_SCOPE_KEY] = client.value
+            owner = self._key_owners.get(client.value)
+            if owner is not None:
+                checks.append((self.rules.per_user, owner))
+                scope[COUNTED_USER_SCOPE_KEY] = owner
+        return await self._hit_all(checks)
 
     async def record_api_key_failure(self, scope: Scope) -> RateLimitedError | None:
         """Count a request whose X-API-Key failed authentication against its address.
@@ -118,6 +135,9 @@ class RequestRateLimiter:
         """
         address = counted_address(client_address(scope))
         self._remember_failure(address)
+        digest = scope.get(API_KEY_DIGEST_SCOPE_KEY)
+        if digest is not None:
+            self._key_owners.pop(digest, None)
         return await self._hit_all([(self.rules.api_key_failures_per_ip, address)])
 
     def _remember_failure(self, address: str) -> None:
@@ -148,14 +168,25 @@ class RequestRateLimiter:
         checks = [(self.rules.api_key_failures_per_ip, address)]
         return await self._acquire(checks, record=False)
 
-    async def check_user(self, user_id: uuid.UUID) -> RateLimitedError | None:
+    async def check_user(
+        self, user_id: uuid.UUID, api_key_digest: str | None = None
+    ) -> RateLimitedError | None:
         """Count one request against the per-user limit of `user_id`.
 
-        The middleware counts a request with an API key per key only, because it cannot
-        tell the key's owner without a query. Authentication by API key calls this once
-        it knows the owner, so that all of a user's keys share RATE_LIMIT_PER_USER.
+        The middleware counts a request with a new API key per key only, because it
+        cannot find the key's owner without a query. Authentication by API key calls
+        this once it has found the owner, so that all of a user's keys share
+        RATE_LIMIT_PER_USER. It passes the key's digest, and the limiter keeps the owner.
         """
+        if api_key_digest is not None:
+            self._remember_owner(api_key_digest, str(user_id))
         return await self._hit_all([(self.rules.per_user, str(user_id))])
+
+    def _remember_owner(self, digest: str, user_id: str) -> None:
+        self._key_owners[digest] = user_id
+        if len(self._key_owners) > MAX_KEY_OWNERS:
+            # The oldest entry is dropped: a dict keeps the order of insertion.
+            del self._key_owners[next(iter(self._key_owners))]
 
     async def _hit_all(
         self, checks: list[tuple[RateLimitRule, str]]

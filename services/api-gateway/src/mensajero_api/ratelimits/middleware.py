@@ -6,7 +6,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mensajero_api.errors import handle_app_error
-from mensajero_api.ratelimits.limiter import RequestRateLimiter
+from mensajero_api.ratelimits.limiter import (
+    API_KEY_DIGEST_SCOPE_KEY,
+    COUNTED_USER_SCOPE_KEY,
+    RequestRateLimiter,
+)
 
 # The attribute of `app.state` that stores the app's RequestRateLimiter. The lifespan sets it
 # once Redis is open; without it (RATE_LIMIT_ENABLED=false) requests pass unchecked.
@@ -44,7 +48,11 @@ async def enforce_user_rate_limit(request: Request, user_id: uuid.UUID) -> None:
     )
     if limiter is None:
         return
-    rejection = await limiter.check_user(user_id)
+    scope = request.scope
+    if scope.get(COUNTED_USER_SCOPE_KEY) == str(user_id):
+        # The middleware knew the key's owner and has counted the request already.
+        return
+    rejection = await limiter.check_user(user_id, scope.get(API_KEY_DIGEST_SCOPE_KEY))
     if rejection is not None:
         raise rejection
 
