@@ -13,7 +13,8 @@ from mensajero_agent.agent import (
     url_with_key,
     url_without_key,
 )
-from mensajero_agent.cli import build_parser, stopped_hint
+from mensajero_agent.cli import build_parser, main, stopped_hint
+from mensajero_agent.pacing import DEFAULT_FRAMES_PER_S, FramePacer, frame_rate_per_s
 
 
 def test_backoff_grows_then_caps() -> None:
@@ -170,3 +171,59 @@ def test_stopped_error_revoked_key() -> None:
 
     assert str(error).startswith("the device's API key was revoked")
     assert not error.key_still_valid
+
+
+def test_pacer_allows_one_second_burst() -> None:
+    pacer = FramePacer(4, now_s=100.0)
+
+    for _ in range(4):
+        assert pacer.delay_s(100.0) == 0.0
+        pacer.take(100.0)
+
+    assert pacer.delay_s(100.0) == pytest.approx(0.25)
+    assert pacer.delay_s(100.25) == 0.0
+
+
+def test_pacer_set_rate_caps_tokens() -> None:
+    pacer = FramePacer(20, now_s=0.0)
+
+    pacer.set_rate(2, now_s=0.0)
+    for _ in range(2):
+        pacer.take(0.0)
+
+    assert pacer.delay_s(0.0) == pytest.approx(0.5)
+
+
+def test_pacer_below_one_frame_per_second() -> None:
+    pacer = FramePacer(0.5, now_s=0.0)
+
+    pacer.take(0.0)
+
+    assert pacer.delay_s(0.0) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("announced", "configured", "expected"),
+    [
+        (10, None, 10.0),
+        (10, 4.0, 4.0),
+        (10, 50.0, 10.0),
+        (None, None, DEFAULT_FRAMES_PER_S),
+        (None, 4.0, 4.0),
+        (0, None, DEFAULT_FRAMES_PER_S),
+        (True, None, DEFAULT_FRAMES_PER_S),
+        ("10", 4.0, 4.0),
+    ],
+)
+def test_frame_rate_choice(
+    announced: object, configured: float | None, expected: float
+) -> None:
+    assert frame_rate_per_s(announced, configured) == expected
+
+
+def test_cli_rejects_zero_frame_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--api-key", "mdk_any", "--max-frames-per-s", "0"])
+
+    assert exit_info.value.code == 2
+    assert "invalid --max-frames-per-s" in capsys.readouterr().err

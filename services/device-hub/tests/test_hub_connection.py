@@ -174,6 +174,7 @@ async def test_register_stores_fields(hub_url: str, session_factory: Sessions) -
     assert ack["protocol_version"] == protocol.PROTOCOL_VERSION
     assert ack["ping_interval_s"] == 60
     assert ack["heartbeat_timeout_s"] == 300
+    assert ack["max_frames_per_s"] == 20
     assert row.name == "Pixel 8 de Ana"
     assert row.phone_number == "+34600123456"
     assert row.app_version == "1.4.2"

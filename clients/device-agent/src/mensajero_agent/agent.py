@@ -3,7 +3,9 @@
 The agent connects with the device's API key, registers, sends each task's SMS through its
 SendingBackend and reports `sending`, then `sent` or `failed`, then `delivered`. It pings on
 a schedule, uploads incoming SMS until the hub acknowledges them, and reconnects with
-exponential backoff and full jitter when the connection drops. After close code 4030 (too
+exponential backoff and full jitter when the connection drops. Every frame goes out in
+order through one writer per connection, paced to the frame rate that the hub announces
+in its register ack (see mensajero_agent.pacing). After close code 4030 (too
 many failed authentications from its address) it waits the hub's `retry_after` instead.
 
 Reports and incoming SMS wait in an outbox until their `ack` arrives and are sent again
@@ -30,6 +32,7 @@ from mensajero_agent import __version__
 from mensajero_agent.backend import SendingBackend, SendOutcome, SimulatedBackend
 from mensajero_agent.events import EventHandler, make_event
 from mensajero_agent.ledger import MessageLedger, Outcome
+from mensajero_agent.pacing import FramePacer, frame_rate_per_s
 
 PROTOCOL_VERSION = 1
 
@@ -115,6 +118,24 @@ class AgentConfig:
     language: str | None = None
     # Report each part of a multipart SMS (`part`, `parts`) instead of the whole message.
     report_parts: bool = False
+    # Maximum frames per second the agent sends. The hub's `max_frames_per_s` from the
+    # register ack applies when it is lower or this is None, and DEFAULT_FRAMES_PER_S
+    # of mensajero_agent.pacing when the ack has none either.
+    max_frames_per_s: float | None = None
+
+
+@dataclass
+class _Outgoing:
+    """A frame waiting for its turn on the connection.
+
+    An outbox entry is queued by `request_id` and read when its turn comes, so that one
+    acknowledged while it waited is not sent. Other frames are queued as `frame`.
+    """
+
+    frame: dict[str, Any] | None = None
+    request_id: str | None = None
+    # Resolved once the frame is written; None when no caller waits for that.
+    written: asyncio.Future[None] | None = None
 
 
 def url_with_key(url: str, api_key: str) -> str:
@@ -173,6 +194,11 @@ class Agent:
         self._on_event = on_event
         self._random = random.Random(seed)
         self._socket: ClientConnection | None = None
+        # Frames waiting for the connection's writer, and the request_ids of outbox
+        # entries among them; the queue is None while no connection is served.
+        self._outgoing: asyncio.Queue[_Outgoing] | None = None
+        self._queued_request_ids: set[str] = set()
+        self._pacer: FramePacer | None = None
         self._stopping = asyncio.Event()
         # request_id → frame of every report and incoming SMS not acknowledged yet.
         self._outbox: dict[str, dict[str, Any]] = {}
@@ -307,13 +333,22 @@ class Agent:
         return closed.rcvd.code, closed.rcvd.reason
 
     async def _serve(self, socket: ClientConnection) -> tuple[int, str, bool]:
+        loop = asyncio.get_running_loop()
+        outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        # Until the register ack announces the hub's rate, only `register` goes out.
+        pacer = FramePacer(
+            frame_rate_per_s(None, self.config.max_frames_per_s), loop.time()
+        )
+        self._outgoing = outgoing
+        self._queued_request_ids.clear()
+        self._pacer = pacer
         background = [
+            asyncio.create_task(self._write_forever(socket, outgoing, pacer)),
             asyncio.create_task(self._ping_forever(socket)),
             asyncio.create_task(self._resend_forever(socket)),
         ]
         try:
             await self._send(
-                socket,
                 {
                     "type": "register",
                     "request_id": uuid.uuid4().hex,
@@ -328,6 +363,8 @@ class Agent:
         except ConnectionClosed:
             pass
         finally:
+            self._outgoing = None
+            self._pacer = None
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -368,6 +405,13 @@ class Agent:
             self.device_id = frame.get("device_id")
             if self.config.ping_interval_s is None and frame.get("ping_interval_s"):
                 self._ping_interval_s = float(frame["ping_interval_s"])
+            max_frames_per_s = frame_rate_per_s(
+                frame.get("max_frames_per_s"), self.config.max_frames_per_s
+            )
+            if self._pacer is not None:
+                self._pacer.set_rate(
+                    max_frames_per_s, asyncio.get_running_loop().time()
+                )
             self.registered.set()
             self._emit(
                 "registered",
@@ -375,6 +419,7 @@ class Agent:
                 name=frame.get("name"),
                 phone_number=frame.get("phone_number"),
                 ping_interval_s=self._ping_interval_s,
+                max_frames_per_s=max_frames_per_s,
             )
             self._flush_outbox()
             return
@@ -620,22 +665,18 @@ class Agent:
             self._send_outbox_item(request_id)
 
     def _send_outbox_item(self, request_id: str) -> None:
-        socket = self._socket
-        frame = self._outbox.get(request_id)
-        if socket is None or frame is None:
-            return
-        self._sent_at_s[request_id] = asyncio.get_running_loop().time()
-        # websockets queues the write; a frame lost with the connection stays in the
-        # outbox and goes again after the reconnect.
-        task = asyncio.create_task(self._send(socket, frame))
-        task.add_done_callback(self._check_sent)
+        """Queue an outbox entry for the writer, unless it already waits there.
 
-    def _check_sent(self, task: "asyncio.Task[None]") -> None:
-        if task.cancelled():
+        A frame lost with the connection stays in the outbox and goes again after the
+        reconnect.
+        """
+        outgoing = self._outgoing
+        if outgoing is None or request_id not in self._outbox:
             return
-        error = task.exception()
-        if error is not None and not isinstance(error, ConnectionClosed):
-            self._emit("error", error="send_failed", message=repr(error))
+        if request_id in self._queued_request_ids:
+            return
+        self._queued_request_ids.add(request_id)
+        outgoing.put_nowait(_Outgoing(request_id=request_id))
 
     async def _resend_forever(self, socket: ClientConnection) -> None:
         while True:
@@ -664,7 +705,9 @@ class Agent:
         while True:
             await asyncio.sleep(self._ping_interval_s)
             self._pong_waiter = asyncio.get_running_loop().create_future()
-            await self._send(socket, {"type": "ping"})
+            # Returns once the ping is written, so a long queue of frames before it
+            # does not count toward the pong timeout.
+            await self._send({"type": "ping"})
             try:
                 async with asyncio.timeout(self.config.pong_timeout_s):
                     await self._pong_waiter
@@ -675,12 +718,80 @@ class Agent:
                 await socket.close(1001, "no pong from server")
                 return
 
-    async def _send(self, socket: ClientConnection, frame: dict[str, Any]) -> None:
-        await socket.send(orjson.dumps(frame).decode())
+    # Writing.
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        """Queue a frame behind those already queued and wait until it is written.
+
+        Raises ConnectionClosed when the connection closes before the frame is written.
+        """
+        outgoing = self._outgoing
+        if outgoing is None:
+            raise RuntimeError("no connection to send the frame on")
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        outgoing.put_nowait(_Outgoing(frame=frame, written=written))
+        await written
+
+    async def _write_forever(
+        self,
+        socket: ClientConnection,
+        outgoing: "asyncio.Queue[_Outgoing]",
+        pacer: FramePacer,
+    ) -> None:
+        """Write the queued frames in order, each once the pacer has a token for it.
+
+        This is the only place that sends frames, so `pacer` counts every one of them.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await outgoing.get()
+            # One sleep is enough: the rate changes only on the register ack, and
+            # nothing but `register` is queued before it. A token taken a moment early
+            # leaves the bucket below 0, which delays the next frame by as much.
+            delay_s = pacer.delay_s(loop.time())
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+
+            frame = item.frame
+            if item.request_id is not None:
+                self._queued_request_ids.discard(item.request_id)
+                frame = self._outbox.get(item.request_id)
+                if frame is None:
+                    # Acknowledged, or dropped after a permanent error, while it waited.
+                    continue
+                self._sent_at_s[item.request_id] = loop.time()
+
+            pacer.take(loop.time())
+            try:
+                await socket.send(orjson.dumps(frame).decode())
+            except ConnectionClosed as closed:
+                _fail_waiters(item, outgoing, closed)
+                return
+            except Exception as error:
+                # The frame is lost, but an outbox entry goes again after
+                # resend_after_s; the writer keeps serving the frames behind it.
+                self._emit("error", error="send_failed", message=repr(error))
+                if item.written is not None and not item.written.done():
+                    item.written.set_exception(error)
+                continue
+            if item.written is not None and not item.written.done():
+                item.written.set_result(None)
 
     def _emit(self, event_name: str, /, **fields: Any) -> None:
         if self._on_event is not None:
             self._on_event(make_event(event_name, **fields))
+
+
+def _fail_waiters(
+    item: _Outgoing, outgoing: "asyncio.Queue[_Outgoing]", error: ConnectionClosed
+) -> None:
+    """Raise `error` in every caller that waits for `item` or a frame queued after it."""
+    waiting = [item]
+    while not outgoing.empty():
+        waiting.append(outgoing.get_nowait())
+    for queued in waiting:
+        if queued.written is not None and not queued.written.done():
+            queued.written.set_exception(error)
 
 
 def _is_retry(known: Outcome, attempt: int | None) -> bool:

@@ -27,6 +27,7 @@ from mensajero_agent.agent import (
 )
 from mensajero_agent.backend import SimulatedBackend
 from mensajero_agent.ledger import MessageLedger
+from mensajero_agent.pacing import DEFAULT_FRAMES_PER_S
 
 DEFAULT_URL = "ws://127.0.0.1:8001/api/v1/android/ws"
 API_KEY_ENV = "MENSAJERO_DEVICE_API_KEY"
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between pings (default: the interval the hub announces, 60)",
     )
     parser.add_argument(
+        "--max-frames-per-s",
+        type=float,
+        help="maximum frames per second to send (default: the limit the hub announces "
+        f"in its register ack, or {DEFAULT_FRAMES_PER_S:g} when it announces none); "
+        "a lower limit from the hub still applies",
+    )
+    parser.add_argument(
         "--incoming",
         type=parse_incoming,
         action="append",
@@ -162,6 +170,7 @@ async def run(args: argparse.Namespace) -> int:
             backoff_max_s=args.backoff_max_s,
             language=args.language,
             report_parts=args.report_parts,
+            max_frames_per_s=args.max_frames_per_s,
         ),
         SimulatedBackend(
             send_delay_ms=args.send_delay_ms,
@@ -212,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.send_delay_ms < 0 or args.delivery_delay_ms < 0:
         parser.error(
             "invalid delay: --send-delay-ms and --delivery-delay-ms must be 0 or more"
+        )
+
+    if args.max_frames_per_s is not None and not args.max_frames_per_s > 0:
+        parser.error(
+            f"invalid --max-frames-per-s {args.max_frames_per_s}: use a number above 0"
         )
 
     with contextlib.suppress(KeyboardInterrupt):

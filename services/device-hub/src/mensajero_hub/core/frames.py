@@ -154,8 +154,9 @@ def register_ack(
     ping_interval_s: int,
     heartbeat_timeout_s: int,
     max_frame_bytes: int,
+    max_frames_per_s: int,
 ) -> dict[str, Any]:
-    """Build the `ack` of a `register`, with the timing a phone has to keep."""
+    """Build the `ack` of a `register`, with the timing and rate a phone has to keep."""
     frame = protocol.ack_frame(
         "register",
         request_id=request_id,
@@ -165,6 +166,7 @@ def register_ack(
         ping_interval_s=ping_interval_s,
         heartbeat_timeout_s=heartbeat_timeout_s,
         max_frame_bytes=max_frame_bytes,
+        max_frames_per_s=max_frames_per_s,
     )
     # A phone without a stored number gets an explicit null rather than a missing field.
     frame["phone_number"] = phone_number

@@ -328,6 +328,7 @@ class DeviceSession:
             ping_interval_s=settings.WEBSOCKET_PING_INTERVAL,
             heartbeat_timeout_s=settings.WEBSOCKET_HEARTBEAT_TIMEOUT,
             max_frame_bytes=settings.WEBSOCKET_MAX_FRAME_BYTES,
+            max_frames_per_s=settings.DEVICE_FRAMES_PER_SECOND,
         )
 
     async def _reject(self, error: FrameRejectedError) -> None:
