@@ -25,8 +25,9 @@ from hub_helpers import (
 from redis.asyncio import Redis
 from sqlalchemy import delete, event, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 
 from mensajero_common import protocol, queues
 from mensajero_common.db import create_engine, create_session_factory
@@ -35,8 +36,13 @@ from mensajero_common.keys import CHANNEL_DISABLE, CHANNEL_REVOKE, RedisKeys
 from mensajero_common.models import DeviceStatus, SMSDevice, User
 from mensajero_common.settings import Settings
 from mensajero_common.testing import settings_without_connections
+from mensajero_hub.core import repository
 from mensajero_hub.core.auth_throttle import auth_limit_from_settings
-from mensajero_hub.core.frames import AuthThrottledError, InvalidApiKeyError
+from mensajero_hub.core.frames import (
+    AuthThrottledError,
+    ConnectionReplacedError,
+    InvalidApiKeyError,
+)
 from mensajero_hub.core.service import DeviceService
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -566,6 +572,45 @@ async def test_second_connection_replaces_first(
     assert connection_id is not None
 
 
+async def test_register_storm_stores_survivor(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    """Connections of one device that register at once: the device keeps the values
+    of the connection that stays open, which its ack names."""
+    device = await create_device(session_factory)
+
+    async def register(index: int, socket: ClientConnection) -> dict[str, Any] | None:
+        frame = {"type": "register", "device_name": f"storm-{index}"}
+        with contextlib.suppress(ConnectionClosed):
+            return await request(socket, frame)
+        return None
+
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = await asyncio.gather(
+            *(
+                stack.enter_async_context(open_socket(hub_url, device.api_key))
+                for _ in range(12)
+            )
+        )
+        acks = await asyncio.gather(
+            *(register(index, socket) for index, socket in enumerate(sockets))
+        )
+
+        async def one_open() -> bool:
+            return sum(socket.state is State.OPEN for socket in sockets) == 1
+
+        await eventually(one_open)
+        (survivor,) = [
+            i for i, socket in enumerate(sockets) if socket.state is State.OPEN
+        ]
+        stored_device = await load_device(session_factory, device.device_id)
+
+    survivor_ack = acks[survivor]
+    assert survivor_ack is not None
+    assert survivor_ack["name"] == f"storm-{survivor}"
+    assert stored_device.name == f"storm-{survivor}"
+
+
 async def test_connection_on_other_hub_replaces_first(
     settings: Settings, session_factory: Sessions, redis: Redis
 ) -> None:
@@ -739,7 +784,7 @@ async def test_throttled_authentication_sends_no_query(
     assert 1 <= throttled.value.retry_after_s <= 60
 
 
-async def test_register_sends_only_update(
+async def test_register_sends_update_in_transaction(
     settings: Settings,
     session_factory: Sessions,
     redis: Redis,
@@ -752,15 +797,89 @@ async def test_register_sends_only_update(
 
     async with logged_service(settings, redis, redis_keys) as (service, statements):
         identity = await service.authenticate(device.api_key, CLIENT_ADDRESS)
+        await service.connection_keys.claim_many([(device.device_id, "first")])
         statements.clear()
-        stored = await service.register(identity, frame)
+        stored = await service.register(identity, frame, "first")
 
     assert stored.name == "Pixel"
-    assert statements == ["UPDATE"]
+    assert statements == ["BEGIN;", "UPDATE", "COMMIT;"]
     stored_device = await load_device(session_factory, device.device_id)
     assert stored_device.name == "Pixel"
     assert stored_device.app_version == "2.0"
     assert stored_device.protocol_version == 1
+
+
+def _register_frame(name: str) -> protocol.RegisterFrame:
+    return protocol.RegisterFrame(type="register", device_name=name, protocol_version=1)
+
+
+async def test_replaced_connection_registers_nothing(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+
+    async with logged_service(settings, redis, redis_keys) as (service, _):
+        identity = await service.authenticate(device.api_key, CLIENT_ADDRESS)
+        await service.connection_keys.claim_many([(device.device_id, "old")])
+        await service.register(identity, _register_frame("new phone"), "old")
+        # A newer connection takes over before the old one has read the announcement.
+        await service.connection_keys.claim_many([(device.device_id, "new")])
+        with pytest.raises(ConnectionReplacedError):
+            await service.register(identity, _register_frame("stale phone"), "old")
+
+    stored_device = await load_device(session_factory, device.device_id)
+    assert stored_device.name == "new phone"
+
+
+async def test_newer_registration_waits_and_wins(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    """A newer connection that takes over after the older one's check still writes
+    last: its UPDATE waits for the older one's row lock."""
+    device = await create_device(session_factory)
+    newer: list[asyncio.Task[Any]] = []
+
+    async with logged_service(settings, redis, redis_keys) as (service, _):
+        identity = await service.authenticate(device.api_key, CLIENT_ADDRESS)
+        await service.connection_keys.claim_many([(device.device_id, "old")])
+        checked = asyncio.Event()
+
+        async def take_over_after_check() -> bool:
+            await service.connection_keys.claim_many([(device.device_id, "new")])
+            newer.append(
+                asyncio.create_task(
+                    second.register(identity, _register_frame("new phone"), "new")
+                )
+            )
+            # Give the newer UPDATE time to reach Postgres and wait for the lock.
+            await asyncio.sleep(0.2)
+            assert not newer[0].done()
+            checked.set()
+            return True
+
+        async with logged_service(settings, redis, redis_keys) as (second, _):
+            async with session_factory() as db:
+                stored = await repository.update_registration(
+                    db,
+                    device.device_id,
+                    name="old phone",
+                    phone_number=None,
+                    app_version=None,
+                    protocol_version=1,
+                    still_current=take_over_after_check,
+                )
+            await newer[0]
+
+    assert checked.is_set()
+    assert stored == ("old phone", None)
+    stored_device = await load_device(session_factory, device.device_id)
+    assert stored_device.name == "new phone"
 
 
 async def test_postgres_out_of_connections_closes_with_1013(

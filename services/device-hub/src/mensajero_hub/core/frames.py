@@ -77,6 +77,11 @@ class DeviceGoneError(Exception):
     """
 
 
+class ConnectionReplacedError(Exception):
+    """A newer connection of the device has taken over, so this one must not change the
+    device's record."""
+
+
 class DeviceDisabledError(Exception):
     """The connection's device or its account was disabled, so no frame of it can be
     stored any more; `reason` is "device_inactive" or "user_inactive"."""

@@ -2,7 +2,7 @@
 
 import functools
 import uuid
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -33,6 +33,7 @@ from mensajero_common.models import (
 )
 from mensajero_common.segments import count_segments
 from mensajero_common.status import TIMESTAMP_COLUMNS, predecessors
+from mensajero_hub.core.frames import ConnectionReplacedError
 
 _messages = cast(Table, SMSMessage.__table__)
 _devices = cast(Table, SMSDevice.__table__)
@@ -78,8 +79,6 @@ WHERE d.api_key_hash = $1
 """
 
 # Absent values keep the stored ones; `updated_at` moves as the model's onupdate would.
-# One statement, atomic by itself, so it runs on asyncpg outside a transaction and
-# costs one round trip instead of three (BEGIN, UPDATE, COMMIT).
 _UPDATE_REGISTRATION_SQL = """
 UPDATE smsdevice SET
     name = COALESCE($2, name),
@@ -114,22 +113,31 @@ async def update_registration(
     phone_number: str | None,
     app_version: str | None,
     protocol_version: int,
+    still_current: Callable[[], Awaitable[bool]],
 ) -> tuple[str, str | None] | None:
     """Store what a phone registered; absent values keep the stored ones.
 
     Returns the device's name and number as stored, or None when the device is gone.
-    The UPDATE commits on its own, so `db` must not have begun a transaction.
+    `still_current` is awaited while the UPDATE holds the device's row lock. When it
+    returns False, the UPDATE is rolled back and ConnectionReplacedError is raised.
+    `db` must not have begun a transaction, because this one runs on asyncpg: BEGIN
+    and COMMIT, without the extra statement that begins a session's transaction.
     """
     connection = await driver_connection(db, transaction=False)
-    row = await connection.fetchrow(
-        _UPDATE_REGISTRATION_SQL,
-        device_id,
-        name,
-        phone_number,
-        app_version,
-        protocol_version,
-    )
-    return None if row is None else (row[0], row[1])
+    async with connection.transaction():
+        row = await connection.fetchrow(
+            _UPDATE_REGISTRATION_SQL,
+            device_id,
+            name,
+            phone_number,
+            app_version,
+            protocol_version,
+        )
+        if row is None:
+            return None
+        if not await still_current():
+            raise ConnectionReplacedError()
+    return row[0], row[1]
 
 
 # One statement text for any number of devices, because an IN list would make a new

@@ -157,9 +157,16 @@ class DeviceService:
     # Client frames.
 
     async def register(
-        self, identity: DeviceIdentity, frame: RegisterFrame
+        self, identity: DeviceIdentity, frame: RegisterFrame, connection_id: str
     ) -> DeviceIdentity:
-        """Store the name, number and versions a phone sends; raise on an unreadable number."""
+        """Store the name, number and versions a phone sends; raise on an unreadable number.
+
+        Raises ConnectionReplacedError, storing nothing, when the device's connection key
+        names another connection. The key is read while the UPDATE holds the device's
+        row lock: a newer connection claims the key before it reads its first frame, so
+        either this check finds the claim, or the newer connection's own UPDATE waits for
+        this commit and writes last.
+        """
         name = (frame.device_name or "").strip() or None
         phone_number = None
         raw_number = (frame.phone_number or "").strip()
@@ -175,6 +182,12 @@ class DeviceService:
                     reason=error.reason,
                 ) from None
 
+        async def still_current() -> bool:
+            # A missing key (expired, or released by a newer connection that has
+            # closed already) names no other connection.
+            current = await self.connection_keys.current(identity.device_id)
+            return current is None or current == connection_id
+
         async with self._sessions() as db:
             stored = await repository.update_registration(
                 db,
@@ -183,6 +196,7 @@ class DeviceService:
                 phone_number=phone_number,
                 app_version=(frame.app_version or "").strip() or None,
                 protocol_version=frame.protocol_version,
+                still_current=still_current,
             )
         if stored is None:
             raise DeviceGoneError(str(identity.device_id))

@@ -33,6 +33,7 @@ from mensajero_common.protocol import (
 from mensajero_common.status import IN_FLIGHT_STATUSES
 from mensajero_hub.core import frames
 from mensajero_hub.core.frames import (
+    ConnectionReplacedError,
     DeviceDisabledError,
     DeviceGoneError,
     FrameRejectedError,
@@ -283,6 +284,11 @@ class DeviceSession:
             # No ack either, so the phone keeps the frame until it is enabled again.
             await self._close_disabled(error.reason)
             return
+        except ConnectionReplacedError:
+            # The announcement of the newer connection may not have arrived yet.
+            self.log.info("closing connection: replaced", frame_type=frame.type)
+            await self.close(protocol.CLOSE_REPLACED, frames.REASON_REPLACED)
+            return
         except Exception:
             self.log.exception("frame handling failed", frame_type=frame.type)
             await self._send(
@@ -318,7 +324,9 @@ class DeviceSession:
             message_id = await self._service.store_incoming(self.identity, frame)
             return frames.incoming_ack(message_id, frame.sms_id, frame.request_id)
 
-        identity = await self._service.register(self.identity, frame)
+        identity = await self._service.register(
+            self.identity, frame, self.connection_id
+        )
         settings = self._service.settings
         return frames.register_ack(
             device_id=identity.device_id,
