@@ -151,22 +151,46 @@ CASES = {
         "Must have at most 8 items; it has 9.",
     ),
     # Booleans and numbers.
+    # Query parameters are text, so their numbers and booleans are parsed.
     "bool_parsing": Case(
-        "POST", WEBHOOKS_URL,
-        {"json": {"url": "http://127.0.0.1:9/h", "is_active": "maybe"}},
-        "is_active", "body", "bool_parsing",
+        "GET", WEBHOOKS_URL, {"params": {"is_active": "maybe"}},
+        "is_active", "query", "bool_parsing",
         "Debe ser un booleano: true o false.", "Must be a boolean: true or false.",
     ),
     "int_parsing": Case(
-        "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": "soon"}},
-        "expires_in_days", "body", "int_parsing",
+        "GET", MESSAGES_URL, {"params": {"limit": "soon"}},
+        "limit", "query", "int_parsing",
         "Debe ser un número entero.", "Must be an integer.",
     ),
+    # Body integers and booleans are strict: `true` is not 1, nor "60" 60, nor "no"
+    # false, so that a client's type mistake cannot become a silent value.
     "int_from_float": Case(
         "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": 1.5}},
-        "expires_in_days", "body", "int_from_float",
-        "Debe ser un número entero, sin parte decimal.",
-        "Must be an integer, without a fractional part.",
+        "expires_in_days", "body", "int_type",
+        "Debe ser un número entero.", "Must be an integer.",
+    ),
+    "int_from_bool": Case(
+        "POST", SEND_URL, {"json": {"to": TO, "body": "Hola", "ttl": True}}, "ttl",
+        "body", "int_type", "Debe ser un número entero.", "Must be an integer.",
+    ),
+    "int_from_string": Case(
+        "POST", SEND_URL, {"json": {"to": TO, "body": "Hola", "ttl": "60"}}, "ttl",
+        "body", "int_type", "Debe ser un número entero.", "Must be an integer.",
+    ),
+    "int_from_whole_float": Case(
+        "POST", BULK_URL, {"json": {"recipients": [TO], "body": "Hola", "ttl": 60.0}},
+        "ttl", "body", "int_type", "Debe ser un número entero.", "Must be an integer.",
+    ),
+    "bool_from_string": Case(
+        "PUT", f"{DEVICES_URL}/{uuid.UUID(int=1)}", {"json": {"is_active": "no"}},
+        "is_active", "body", "bool_type",
+        "Debe ser un booleano: true o false.", "Must be a boolean: true or false.",
+    ),
+    "bool_from_int": Case(
+        "POST", WEBHOOKS_URL,
+        {"json": {"url": "http://127.0.0.1:9/h", "is_active": 0}},
+        "is_active", "body", "bool_type",
+        "Debe ser un booleano: true o false.", "Must be a boolean: true or false.",
     ),
     "int_type": Case(
         "POST", API_KEYS_URL, {"json": {"name": "srv", "expires_in_days": [1]}},

@@ -17,6 +17,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     TypeAdapter,
     ValidationError,
     model_validator,
@@ -96,7 +98,7 @@ class RegisterFrame(_ClientFrame):
     ] = None
     phone_number: Annotated[str | None, Field(max_length=64)] = None
     app_version: Annotated[str | None, Field(max_length=64)] = None
-    protocol_version: int = PROTOCOL_VERSION
+    protocol_version: Annotated[StrictInt, Field(ge=1)] = PROTOCOL_VERSION
 
 
 class SmsReportFrame(_ClientFrame):
@@ -106,13 +108,13 @@ class SmsReportFrame(_ClientFrame):
     status: Literal["sending", "sent", "delivered", "failed", "expired"]
     error: Annotated[str | None, Field(max_length=1024)] = None
     # The task's `attempt`; absent, the report applies to the message's current attempt.
-    attempt: Annotated[int | None, Field(ge=1)] = None
+    attempt: Annotated[StrictInt | None, Field(ge=1)] = None
     # Set together when the phone reports one part of a multipart SMS (1-based).
-    part: Annotated[int | None, Field(ge=1, le=MAX_PARTS)] = None
-    parts: Annotated[int | None, Field(ge=1, le=MAX_PARTS)] = None
+    part: Annotated[StrictInt | None, Field(ge=1, le=MAX_PARTS)] = None
+    parts: Annotated[StrictInt | None, Field(ge=1, le=MAX_PARTS)] = None
     # False on a `failed` report whose SMS may have gone out anyway (a send cut short by
     # a restart), so that the server ends the message instead of sending it again.
-    retryable: bool = True
+    retryable: StrictBool = True
 
     @model_validator(mode="after")
     def _check_part(self) -> "SmsReportFrame":

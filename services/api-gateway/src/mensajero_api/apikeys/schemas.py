@@ -4,7 +4,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from mensajero_api.types import Name, QueryParameters, RequestBody
 from mensajero_common.models import UserApiKey
@@ -17,7 +17,7 @@ ApiKeyStatus = Literal["active", "expired", "revoked"]
 
 class ApiKeyCreate(RequestBody):
     name: Name = Field(description="What the key is for, e.g. the server that uses it.")
-    expires_in_days: int | None = Field(
+    expires_in_days: StrictInt | None = Field(
         default=None,
         ge=1,
         le=MAX_EXPIRES_IN_DAYS,

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from mensajero_api.types import (
     DeviceName,
@@ -33,13 +33,13 @@ class DeviceCreate(RequestBody):
     phone_number: PhoneNumberText | None = Field(
         default=None, description=_PHONE_DESCRIPTION
     )
-    api_key_expires_in_days: int | None = Field(
+    api_key_expires_in_days: StrictInt | None = Field(
         default=None, ge=1, le=MAX_KEY_EXPIRES_IN_DAYS, description=_EXPIRY_DESCRIPTION
     )
 
 
 class DeviceKeyRotate(RequestBody):
-    api_key_expires_in_days: int | None = Field(
+    api_key_expires_in_days: StrictInt | None = Field(
         default=None, ge=1, le=MAX_KEY_EXPIRES_IN_DAYS, description=_EXPIRY_DESCRIPTION
     )
 
@@ -53,7 +53,7 @@ class DeviceUpdate(RequestBody):
     phone_number: PhoneNumberText | None = Field(
         default=None, description=_PHONE_DESCRIPTION + " Null clears it."
     )
-    is_active: bool = Field(
+    is_active: StrictBool = Field(
         default=None,  # type: ignore[assignment]
         description="false disables the device and closes its live connection.",
     )

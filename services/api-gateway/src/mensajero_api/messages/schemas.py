@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import (
     BaseModel,
     Field,
+    StrictInt,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -32,7 +33,7 @@ MAX_TTL_S = 30 * 24 * 3600
 class ExpiryFields(RequestBody):
     """Optional expiry of a send: a message not sent by then becomes `expired`."""
 
-    ttl: int | None = Field(
+    ttl: StrictInt | None = Field(
         default=None,
         gt=0,
         le=MAX_TTL_S,

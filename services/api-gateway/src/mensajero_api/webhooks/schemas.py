@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from mensajero_api.types import QueryParameters, RequestBody, Storable
 from mensajero_common.webhooks import DISABLED_GONE, EVENT_SMS_RECEIVED, EVENTS
@@ -39,7 +39,7 @@ class WebhookCreate(RequestBody):
         max_length=len(EVENTS) * 2,
         description=_EVENTS_DESCRIPTION,
     )
-    is_active: bool = True
+    is_active: StrictBool = True
 
 
 class WebhookUpdate(RequestBody):
@@ -53,7 +53,7 @@ class WebhookUpdate(RequestBody):
         max_length=len(EVENTS) * 2,
         description=_EVENTS_DESCRIPTION,
     )
-    is_active: bool = Field(default=None)  # type: ignore[assignment]
+    is_active: StrictBool = Field(default=None)  # type: ignore[assignment]
 
 
 class WebhookPublic(BaseModel):
