@@ -313,6 +313,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "El mensaje {message_id} no está asignado a este dispositivo.",
         "en": "Message {message_id} is not assigned to this device.",
     },
+    "websocket_upgrade_required": {
+        "es": "Esta ruta solo acepta conexiones WebSocket: conéctate con un cliente WebSocket (ws:// o wss://) y el parámetro api_key en la URL.",
+        "en": "This path accepts only WebSocket connections: connect with a WebSocket client (ws:// or wss://) and the api_key query parameter.",
+    },
     # Webhooks.
     "webhook_not_found": {
         "es": "No existe el webhook {webhook_id}.",

@@ -3,15 +3,12 @@
 Success: `{"success": true, "data": …, "message": …}`; failure:
 `{"success": false, "error": "<machine code>", "message": "<localized text>", …details}`.
 The error schemas here only document the bodies in OpenAPI; the handlers in `errors.py`
-build them from `AppError`.
+build them with mensajero_common.error_responses.
 """
 
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
-
-from mensajero_common import jsonutil
 
 DataT = TypeVar("DataT")
 
@@ -89,13 +86,6 @@ class RateLimitedErrorBody(ErrorBody):
     retry_after: int = Field(
         description="Seconds to wait before repeating the request, as in Retry-After."
     )
-
-
-class EnvelopeJSONResponse(JSONResponse):
-    """A JSONResponse encoded with orjson, like the rest of the project's JSON."""
-
-    def render(self, content: Any) -> bytes:
-        return jsonutil.dumps(content)
 
 
 class TooManyLoginAttemptsErrorBody(ErrorBody):

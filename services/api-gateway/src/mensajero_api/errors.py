@@ -16,7 +16,6 @@
 Starlette runs and then re-raises, it ends the request there.
 """
 
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -25,11 +24,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mensajero_api.envelope import EnvelopeJSONResponse
 from mensajero_api.jsonbody import (
     JSON_BODY_REASONS,
     MAX_JSON_DEPTH,
     max_integer_digits,
+)
+from mensajero_common.error_responses import (
+    EnvelopeJSONResponse,
+    app_error_response,
+    error_response,
+    http_error_response,
 )
 from mensajero_common.errors import AppError
 from mensajero_common.i18n import negotiate_language, translate
@@ -42,12 +46,6 @@ from mensajero_common.validation_messages import (
 
 logger = structlog.get_logger(__name__)
 
-_HTTP_STATUS_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-}
 _REQUEST_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
 # Scope key of the body size limit, set by RequestBodyLimitMiddleware for the 413 message.
 MAX_BODY_SCOPE_KEY = "mensajero.max_body_bytes"
@@ -61,23 +59,9 @@ def request_language(request: Request) -> str:
     )
 
 
-def _error_response(
-    status_code: int,
-    body: dict[str, Any],
-    language: str,
-    headers: Mapping[str, str] | None = None,
-) -> EnvelopeJSONResponse:
-    response = EnvelopeJSONResponse(body, status_code=status_code, headers=headers)
-    response.headers["Content-Language"] = language
-    return response
-
-
 async def handle_app_error(request: Request, error: Exception) -> EnvelopeJSONResponse:
     assert isinstance(error, AppError)
-    language = request_language(request)
-    return _error_response(
-        error.status_code, error.to_body(language), language, error.headers
-    )
+    return app_error_response(error, request_language(request))
 
 
 def _locate_json_error(document: Any, position: int) -> dict[str, int]:
@@ -151,22 +135,17 @@ async def handle_validation_error(
         "message": translate("validation_error", language),
         "details": details,
     }
-    return _error_response(422, body, language)
+    return error_response(422, body, language)
 
 
 async def handle_http_error(request: Request, error: Exception) -> EnvelopeJSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    language = request_language(request)
-    code = _HTTP_STATUS_CODES.get(error.status_code, "http_error")
-    params: dict[str, Any] = {"status": error.status_code}
-    if code == "payload_too_large":
+    params: dict[str, Any] = {}
+    if error.status_code == 413:
         params["limit"] = request.scope.get(MAX_BODY_SCOPE_KEY, "?")
-    body = {
-        "success": False,
-        "error": code,
-        "message": translate(code, language, **params),
-    }
-    return _error_response(error.status_code, body, language, error.headers)
+    return http_error_response(
+        error.status_code, request_language(request), error.headers, **params
+    )
 
 
 # Seconds a client is asked to wait before it repeats a request that found Postgres or
@@ -225,14 +204,14 @@ class UnhandledErrorMiddleware:
                 "message": translate(code, language),
             }
             if unavailable:
-                response = _error_response(
+                response = error_response(
                     503,
                     body,
                     language,
                     {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
                 )
             else:
-                response = _error_response(500, body, language)
+                response = error_response(500, body, language)
             await response(scope, receive, send)
 
 

@@ -18,6 +18,7 @@ from mensajero_common.settings import Settings, get_settings
 from mensajero_common.startup import configure_garbage_collector
 from mensajero_hub.core.auth_throttle import auth_limit_from_settings
 from mensajero_hub.core.hub import Hub
+from mensajero_hub.http_errors import install_error_handling
 from mensajero_hub.transport import websocket
 
 # uvicorn's WebSocket implementation: the Sans-I/O protocol of the `websockets` library,
@@ -80,7 +81,8 @@ def websocket_options(settings: Settings) -> dict[str, Any]:
 
 class HubApp:
     """The hub's ASGI application: device WebSockets go straight to the transport, and
-    everything else (lifespan, /healthz, /readyz, /metrics) to the FastAPI app."""
+    everything else (lifespan, /healthz, /readyz, /metrics and the HTTP errors) to the
+    FastAPI app."""
 
     def __init__(self, api: FastAPI) -> None:
         self.api = api
@@ -116,6 +118,7 @@ def create_app(settings: Settings | None = None) -> HubApp:
         openapi_url=None,
     )
     app.add_middleware(MetricsMiddleware, service="device-hub")
+    install_error_handling(app, settings.DEFAULT_LANGUAGE)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
