@@ -277,6 +277,23 @@ async def test_webhook_secret_reasons_localized(
             "lo que sigue a whsec_ no es base64 válido",
             "the part after whsec_ is not valid base64",
         ),
+        " " * 20: (
+            "blank",
+            "está vacío o solo tiene espacios o caracteres invisibles",
+            "it is empty or contains only whitespace or invisible characters",
+        ),
+        "tab\tsecret-longer-than-16": (
+            "control_character",
+            "contiene un carácter de control (U+0000 a U+001F, U+007F a U+009F), "
+            "como un tabulador o un salto de línea",
+            "it contains a control character (U+0000 to U+001F, U+007F to U+009F), "
+            "such as a tab or a line break",
+        ),
+        "secret-longer-than-16 ": (
+            "surrounding_whitespace",
+            "empieza o termina con un espacio en blanco",
+            "it starts or ends with whitespace",
+        ),
     }
 
     for secret, (reason, spanish, english) in cases.items():
@@ -363,7 +380,13 @@ def test_every_reason_has_both_languages() -> None:
             "unresolvable_host",
             "private_address",
         },
-        "invalid_webhook_secret": {"length", "whsec_not_base64"},
+        "invalid_webhook_secret": {
+            "blank",
+            "control_character",
+            "surrounding_whitespace",
+            "length",
+            "whsec_not_base64",
+        },
         # The device protocol's codes, except the one its message spells out itself.
         "invalid_frame": {
             value

@@ -440,6 +440,84 @@ async def test_create_webhook_rejects_bad_secret(
     assert await count_rows(session_factory, WebhookConfig) == 0
 
 
+# Secrets whose text a receiver could easily copy wrong, and the reason of their 400.
+UNUSABLE_SECRETS = [
+    (" " * 20, "blank"),
+    ("\u200b" * 20, "blank"),
+    ("", "blank"),
+    ("tab\tsecret-longer-than-16", "control_character"),
+    ("line\nbreak-secret-longer-than-16", "control_character"),
+    ("delete\x7fsecret-longer-than-16", "control_character"),
+    ("c1-control\x85secret-longer-than-16", "control_character"),
+    (" leading-space-secret-1234", "surrounding_whitespace"),
+    ("trailing-space-secret-1234 ", "surrounding_whitespace"),
+    ("no-break-space-secret-1234\u00a0", "surrounding_whitespace"),
+]
+
+
+async def test_create_webhook_rejects_unusable_secret(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+
+    for secret, reason in UNUSABLE_SECRETS:
+        response = await client.post(
+            WEBHOOKS_URL,
+            json={"url": "http://127.0.0.1:9/hook", "secret_key": secret},
+            headers={**owner.headers, "Accept-Language": "en"},
+        )
+        assert response.status_code == 400, repr(secret)
+        assert response.json()["error"] == "invalid_webhook_secret", repr(secret)
+        assert response.json()["reason"] == reason, repr(secret)
+    assert await count_rows(session_factory, WebhookConfig) == 0
+
+
+async def test_update_webhook_rejects_unusable_secret(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        WEBHOOKS_URL,
+        json={"url": "http://127.0.0.1:9/hook", "secret_key": "original-secret-1234"},
+        headers=owner.headers,
+    )
+    webhook_id = created.json()["data"]["id"]
+
+    for secret, reason in UNUSABLE_SECRETS:
+        response = await client.put(
+            f"{WEBHOOKS_URL}/{webhook_id}",
+            json={"secret_key": secret},
+            headers={**owner.headers, "Accept-Language": "en"},
+        )
+        assert response.status_code == 400, repr(secret)
+        assert response.json()["error"] == "invalid_webhook_secret", repr(secret)
+        assert response.json()["reason"] == reason, repr(secret)
+    async with session_factory() as session:
+        webhook = await session.get(WebhookConfig, uuid.UUID(webhook_id))
+    assert webhook is not None
+    assert webhook.secret_key == "original-secret-1234"
+
+
+async def test_webhook_secret_with_inner_spaces_accepted(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+
+    created = await client.post(
+        WEBHOOKS_URL,
+        json={"url": "http://127.0.0.1:9/hook", "secret_key": "a secret with spaces"},
+        headers=owner.headers,
+    )
+    updated = await client.put(
+        f"{WEBHOOKS_URL}/{created.json()['data']['id']}",
+        json={"secret_key": "another secret, señor"},
+        headers=owner.headers,
+    )
+
+    assert created.status_code == 201, created.text
+    assert updated.status_code == 200, updated.text
+
+
 async def test_webhook_limit_rejects_one_more(
     client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
 ) -> None:

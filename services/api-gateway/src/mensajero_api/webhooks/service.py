@@ -6,6 +6,7 @@ change in between. In production only https URLs that resolve to public addresse
 
 import base64
 import binascii
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from mensajero_common.models import (
     WebhookEvent,
 )
 from mensajero_common.settings import Settings
+from mensajero_common.text import is_blank
 from mensajero_common.webhook_outbox import build_event_body
 from mensajero_common.webhooks import (
     EVENTS,
@@ -53,6 +55,9 @@ MAX_WEBHOOKS_PER_USER = 20
 MIN_SECRET_LENGTH = 16
 # The width of webhookconfig.secret_key.
 MAX_SECRET_LENGTH = 255
+# Control characters (general category Cc). A secret with NUL never reaches the check,
+# because the request schema rejects it with 422 `string_contains_nul`.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 TEST_EVENT = "webhook_test"
 
 
@@ -107,12 +112,22 @@ class InvalidWebhookSecretError(ValidationFailedError):
 
 
 def _check_secret(secret: str) -> None:
-    """Reject a secret too short to resist guessing, or a malformed `whsec_` secret.
+    """Reject a blank secret, one with control characters or surrounding whitespace, one
+    too short to resist guessing, or a malformed `whsec_` secret.
 
-    A `whsec_` secret must carry base64 after the prefix, because Standard Webhooks
-    verifiers decode it to get the HMAC key. With anything else there, those libraries
-    could never verify the requests.
+    The receiver must hold the exact same text to verify the signatures. A tab, a line
+    break or a space at either end is easily lost when the secret is copied into a
+    configuration file or an environment variable, and the signatures then fail to
+    verify. A `whsec_` secret must carry base64 after the prefix, because Standard
+    Webhooks verifiers decode it to get the HMAC key. With anything else there, those
+    libraries could never verify the requests.
     """
+    if is_blank(secret):
+        raise InvalidWebhookSecretError("blank")
+    if _CONTROL_CHARACTER.search(secret):
+        raise InvalidWebhookSecretError("control_character")
+    if secret != secret.strip():
+        raise InvalidWebhookSecretError("surrounding_whitespace")
     if not MIN_SECRET_LENGTH <= len(secret) <= MAX_SECRET_LENGTH:
         raise InvalidWebhookSecretError("length")
     if not secret.startswith(SECRET_PREFIX):
