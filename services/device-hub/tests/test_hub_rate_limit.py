@@ -12,6 +12,7 @@ from hub_helpers import (
     wait_closed,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from structlog.testing import capture_logs
 
 from mensajero_common import protocol
 from mensajero_common.models import MessageStatus
@@ -61,6 +62,34 @@ async def test_flood_gets_errors_then_close(
         assert "request_id" not in error
     assert code == protocol.CLOSE_RATE_LIMITED
     assert "rate limited" in reason
+
+
+async def test_frames_after_flood_close_ignored(
+    settings: Settings, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    test_settings = settings.model_copy(
+        update={"DEVICE_FRAMES_PER_SECOND": 1, "DEVICE_FRAME_FLOOD_MAX_ERRORS": 3}
+    )
+    device = await create_device(session_factory)
+    with capture_logs() as logs:
+        async with (
+            serve_hub(test_settings) as url,
+            open_socket(url, device.api_key) as socket,
+        ):
+            # Far more frames than the burst and the errors before the close, sent
+            # without waiting for replies.
+            for _ in range(FRAME_BURST_S + 30):
+                await send(socket, {"type": "ping"})
+            code, _ = await wait_closed(socket)
+
+    flood_closes = [
+        log for log in logs if log["event"] == "closing after a frame flood"
+    ]
+    rejections = [log for log in logs if log["event"] == "frame rate limited"]
+    assert code == protocol.CLOSE_RATE_LIMITED
+    # The frames that arrive once the close is under way get no error and no log.
+    assert len(flood_closes) == 1
+    assert len(rejections) == 1
 
 
 async def test_over_limit_report_not_applied(

@@ -207,6 +207,10 @@ class DeviceSession:
     # Frames from the phone.
 
     async def handle_text(self, raw: str) -> None:
+        if self.closing:
+            # Frames can still arrive after the close frame went out. They are not
+            # applied and get no reply, as the phone must send them again anyway.
+            return
         now_s = self._hub.now_s()
         self.state.record_frame(now_s)
         try:
@@ -216,6 +220,8 @@ class DeviceSession:
             await self._touch_if_due(now_s)
 
     async def handle_binary(self, size_bytes: int) -> None:
+        if self.closing:
+            return
         now_s = self._hub.now_s()
         self.state.record_frame(now_s)
         if not await self._admit(now_s):
