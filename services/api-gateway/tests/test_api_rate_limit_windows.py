@@ -186,18 +186,30 @@ async def test_known_key_keeps_user_limit(
     assert responses[2].json()["limit"] == "7/minute"
 
 
-async def test_revoked_key_forgotten(
-    app: FastAPI, client: AsyncClient, make_user: MakeUser, monkeypatch
-) -> None:
-    owner = await make_user()
+async def _user_counts(redis: Redis, app: FastAPI, owner: ApiUser) -> list[int]:
+    """Return the requests in each of `owner`'s per-user windows."""
+    limiter = app.state.rate_limiter
+    windows = limiter._windows_of([(limiter.rules.per_user, str(owner.id))])
+    return [await redis.llen(limiter._windows.key(window)) for window in windows]
+
+
+async def _known_then_revoked(client: AsyncClient, owner: ApiUser) -> str:
+    """Create a key, authenticate with it once so the API knows its owner, revoke it."""
     key_id, api_key = await _create_key(client, owner)
-    assert (
-        await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
-    ).status_code == 200
+    known = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
+    assert known.status_code == 200
     revoked = await client.delete(
         f"/api/v1/users/me/api-keys/{key_id}", headers=owner.headers
     )
     assert revoked.status_code == 200
+    return api_key
+
+
+async def test_revoked_key_forgotten(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser, monkeypatch
+) -> None:
+    owner = await make_user()
+    api_key = await _known_then_revoked(client, owner)
     calls = _count_calls(monkeypatch, app)
 
     first = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
@@ -211,3 +223,41 @@ async def test_revoked_key_forgotten(
     assert len(counted_first) == 1
     # The failure made the key unknown again: the second counts only per key.
     assert not any(_counts_user(keys, owner) for keys in calls)
+
+
+async def test_revoked_key_burst_spares_owner(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser, redis: Redis
+) -> None:
+    owner = await make_user()
+    api_key = await _known_then_revoked(client, owner)
+    before = await _user_counts(redis, app, owner)
+
+    # Requests that all start before the first failure returns.
+    burst = await asyncio.gather(
+        *(client.get(QUOTA_URL, headers={"X-API-Key": api_key}) for _ in range(20))
+    )
+    after = await _user_counts(redis, app, owner)
+    own = await client.get(QUOTA_URL, headers=owner.headers)
+
+    assert {response.status_code for response in burst} <= {401, 429}
+    # Each failed request was taken out of the owner's windows again.
+    assert after == before
+    assert own.status_code == 200
+
+
+async def test_revoked_key_gets_401_while_owner_full(
+    app: FastAPI, client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    api_key = await _known_then_revoked(client, owner)
+    limiter = app.state.rate_limiter
+    # Fill the owner's 7 per minute: the key's creation, its first request and the
+    # revocation took three.
+    for _ in range(4):
+        assert await limiter.check_user(owner.id) is None
+    assert await limiter.check_user(owner.id) is not None
+
+    response = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_api_key"

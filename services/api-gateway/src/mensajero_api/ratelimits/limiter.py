@@ -39,10 +39,12 @@ REDIS_ERROR_LOG_INTERVAL_S = 60.0
 MAX_FAILING_ADDRESSES = 10_000
 # Owners of API keys that a process remembers at most (see RequestRateLimiter).
 MAX_KEY_OWNERS = 10_000
-# Scope keys that check() sets for enforce_user_rate_limit: the digest of the request's
-# API key, and the user whose windows it has counted the request in.
+# Scope keys that check() sets for enforce_user_rate_limit and record_api_key_failure:
+# the digest of the request's API key, the user whose windows it has counted the request
+# in, and the Unix time at which it counted it there.
 API_KEY_DIGEST_SCOPE_KEY = "mensajero.api_key_digest"
 COUNTED_USER_SCOPE_KEY = "mensajero.rate_limited_user"
+COUNTED_AT_SCOPE_KEY = "mensajero.rate_limited_at"
 
 
 class RateLimitedError(AppError):
@@ -80,7 +82,7 @@ class RequestRateLimiter:
         # The owner's user id of each API key digest that authenticated in this
         # process. A key never changes owner, so a request with a known key is counted
         # per key and per user in one Redis call. A key that fails authentication is
-        # forgotten, so a revoked key counts against its owner once at most.
+        # forgotten, and the failed request is taken out of its owner's windows again.
         self._key_owners: dict[str, str] = {}
 
     def _checks(
@@ -122,9 +124,34 @@ class RequestRateLimiter:
             scope[API_KEY_DIGEST_SCOPE_KEY] = client.value
             owner = self._key_owners.get(client.value)
             if owner is not None:
-                checks.append((self.rules.per_user, owner))
-                scope[COUNTED_USER_SCOPE_KEY] = owner
+                return await self._check_known_key(scope, checks, owner)
         return await self._hit_all(checks)
+
+    async def _check_known_key(
+        self, scope: Scope, checks: list[tuple[RateLimitRule, str]], owner: str
+    ) -> RateLimitedError | None:
+        """Count a request with a known API key per key and per user in one call.
+
+        When the owner's limit is full, the request is counted per key alone, as with a
+        new key, so that authentication runs first: a revoked key still gets 401, and
+        enforce_user_rate_limit refuses a valid one.
+        """
+        user_windows = self._windows_of([(self.rules.per_user, owner)])
+        at = time.time()
+        try:
+            full = await self._windows.acquire(
+                self._windows_of(checks) + user_windows, at=at
+            )
+        except (RedisError, OSError) as error:
+            self._log_redis_error(error)
+            return None
+        if full is None:
+            scope[COUNTED_USER_SCOPE_KEY] = owner
+            scope[COUNTED_AT_SCOPE_KEY] = at
+            return None
+        if full.window in user_windows:
+            return await self._hit_all(checks)
+        return self._rejection(full)
 
     async def record_api_key_failure(self, scope: Scope) -> RateLimitedError | None:
         """Count a request whose X-API-Key failed authentication against its address.
@@ -138,7 +165,20 @@ class RequestRateLimiter:
         digest = scope.get(API_KEY_DIGEST_SCOPE_KEY)
         if digest is not None:
             self._key_owners.pop(digest, None)
+        owner = scope.get(COUNTED_USER_SCOPE_KEY)
+        if owner is not None:
+            # The key was known, so the middleware counted the request against its
+            # owner. A revoked key must not use up its owner's limit.
+            await self._release_user(owner, scope[COUNTED_AT_SCOPE_KEY])
         return await self._hit_all([(self.rules.api_key_failures_per_ip, address)])
+
+    async def _release_user(self, owner: str, at: float) -> None:
+        try:
+            await self._windows.release(
+                self._windows_of([(self.rules.per_user, owner)]), at
+            )
+        except (RedisError, OSError) as error:
+            self._log_redis_error(error)
 
     def _remember_failure(self, address: str) -> None:
         now = time.monotonic()
@@ -193,16 +233,19 @@ class RequestRateLimiter:
     ) -> RateLimitedError | None:
         return await self._acquire(checks, record=True)
 
-    async def _acquire(
-        self, checks: list[tuple[RateLimitRule, str]], *, record: bool
-    ) -> RateLimitedError | None:
-        windows = [
+    @staticmethod
+    def _windows_of(checks: list[tuple[RateLimitRule, str]]) -> list[Window]:
+        return [
             Window(item, rule.name, identifier)
             for rule, identifier in checks
             for item in rule.items
         ]
+
+    async def _acquire(
+        self, checks: list[tuple[RateLimitRule, str]], *, record: bool
+    ) -> RateLimitedError | None:
         try:
-            full = await self._windows.acquire(windows, record=record)
+            full = await self._windows.acquire(self._windows_of(checks), record=record)
         except (RedisError, OSError) as error:
             self._log_redis_error(error)
             return None
