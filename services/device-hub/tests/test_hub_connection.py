@@ -23,8 +23,10 @@ from hub_helpers import (
     wait_closed,
 )
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import delete, event, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
@@ -832,6 +834,30 @@ async def test_replaced_connection_registers_nothing(
 
     stored_device = await load_device(session_factory, device.device_id)
     assert stored_device.name == "new phone"
+
+
+async def test_register_stored_when_redis_fails(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device = await create_device(session_factory)
+
+    async def fail(device_id: Any) -> str | None:
+        raise RedisConnectionError("Redis is down")
+
+    async with logged_service(settings, redis, redis_keys) as (service, _):
+        identity = await service.authenticate(device.api_key, CLIENT_ADDRESS)
+        monkeypatch.setattr(service.connection_keys, "current", fail)
+        with capture_logs() as logs:
+            stored = await service.register(identity, _register_frame("Pixel"), "only")
+
+    assert stored.name == "Pixel"
+    stored_device = await load_device(session_factory, device.device_id)
+    assert stored_device.name == "Pixel"
+    assert [log["event"] for log in logs] == ["register stored unchecked: Redis failed"]
 
 
 async def test_newer_registration_waits_and_wins(

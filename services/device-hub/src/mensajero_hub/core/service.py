@@ -163,9 +163,9 @@ class DeviceService:
 
         Raises ConnectionReplacedError, storing nothing, when the device's connection key
         names another connection. The key is read while the UPDATE holds the device's
-        row lock: a newer connection claims the key before it reads its first frame, so
-        either this check finds the claim, or the newer connection's own UPDATE waits for
-        this commit and writes last.
+        row lock, and a newer connection claims the key before it reads its first frame.
+        So either this check finds the claim, or the newer connection's own UPDATE waits
+        for this commit and writes last.
         """
         name = (frame.device_name or "").strip() or None
         phone_number = None
@@ -183,9 +183,19 @@ class DeviceService:
                 ) from None
 
         async def still_current() -> bool:
+            try:
+                current = await self.connection_keys.current(identity.device_id)
+            except (RedisError, OSError) as error:
+                # The registration is stored as before the check existed: an open
+                # connection that cannot be checked is taken as the newest.
+                log.warning(
+                    "register stored unchecked: Redis failed",
+                    device_id=str(identity.device_id),
+                    error=repr(error),
+                )
+                return True
             # A missing key (expired, or released by a newer connection that has
             # closed already) names no other connection.
-            current = await self.connection_keys.current(identity.device_id)
             return current is None or current == connection_id
 
         async with self._sessions() as db:
