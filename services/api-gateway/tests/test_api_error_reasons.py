@@ -291,8 +291,13 @@ async def test_webhook_secret_reasons_localized(
         ),
         "secret-longer-than-16 ": (
             "surrounding_whitespace",
-            "empieza o termina con un espacio en blanco",
-            "it starts or ends with whitespace",
+            "empieza o termina con un espacio en blanco o un carácter invisible",
+            "it starts or ends with whitespace or an invisible character",
+        ),
+        "secret-longer-than-16\u200b": (
+            "surrounding_whitespace",
+            "empieza o termina con un espacio en blanco o un carácter invisible",
+            "it starts or ends with whitespace or an invisible character",
         ),
     }
 

@@ -343,8 +343,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "expires_at is more than {max_days} days ahead, the longest allowed, as for ttl.",
     },
     "invalid_webhook_secret": {
-        "es": "El secret_key no es válido: {reason}. Debe tener entre {min_length} y {max_length} caracteres, sin caracteres de control ni espacios al principio o al final, y, si empieza por whsec_, seguir con base64. Omítelo para que se genere uno.",
-        "en": "The secret_key is invalid: {reason}. It must have {min_length} to {max_length} characters, with no control characters and no whitespace at the start or end, and, if it starts with whsec_, continue with base64. Leave it out to have one generated.",
+        "es": "El secret_key no es válido: {reason}. Debe tener entre {min_length} y {max_length} caracteres, sin caracteres de control ni espacios o caracteres invisibles al principio o al final, y, si empieza por whsec_, seguir con base64. Omítelo para que se genere uno.",
+        "en": "The secret_key is invalid: {reason}. It must have {min_length} to {max_length} characters, with no control characters and no whitespace or invisible character at the start or end, and, if it starts with whsec_, continue with base64. Leave it out to have one generated.",
     },
     "webhook_limit_reached": {
         "es": "Ya tienes {limit} webhooks, el máximo. Elimina uno antes de crear otro.",
@@ -507,8 +507,8 @@ REASONS: dict[str, dict[str, dict[str, str]]] = {
             "en": "it contains a control character (U+0000 to U+001F, U+007F to U+009F), such as a tab or a line break",
         },
         "surrounding_whitespace": {
-            "es": "empieza o termina con un espacio en blanco",
-            "en": "it starts or ends with whitespace",
+            "es": "empieza o termina con un espacio en blanco o un carácter invisible",
+            "en": "it starts or ends with whitespace or an invisible character",
         },
         "length": {
             "es": "su longitud está fuera del rango admitido",

@@ -36,7 +36,7 @@ from mensajero_common.models import (
     WebhookEvent,
 )
 from mensajero_common.settings import Settings
-from mensajero_common.text import is_blank
+from mensajero_common.text import is_blank, is_invisible
 from mensajero_common.webhook_outbox import build_event_body
 from mensajero_common.webhooks import (
     EVENTS,
@@ -126,7 +126,9 @@ def _check_secret(secret: str) -> None:
         raise InvalidWebhookSecretError("blank")
     if _CONTROL_CHARACTER.search(secret):
         raise InvalidWebhookSecretError("control_character")
-    if secret != secret.strip():
+    # An invisible character at either end (U+200B, say) is kept by str.strip() and as
+    # easily lost as a space.
+    if secret != secret.strip() or is_invisible(secret[0]) or is_invisible(secret[-1]):
         raise InvalidWebhookSecretError("surrounding_whitespace")
     if not MIN_SECRET_LENGTH <= len(secret) <= MAX_SECRET_LENGTH:
         raise InvalidWebhookSecretError("length")
