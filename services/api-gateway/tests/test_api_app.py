@@ -30,6 +30,22 @@ async def test_readyz(client: AsyncClient) -> None:
     }
 
 
+async def test_health_probes_answer_head(
+    settings: Settings, session_factory: object
+) -> None:
+    """Uptime monitors often probe with HEAD."""
+    async with (
+        serve_app(create_app(settings)) as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=scaled(10)) as client,
+    ):
+        healthz = await client.head("/healthz")
+        readyz = await client.head("/readyz")
+
+    assert healthz.status_code == 200
+    assert healthz.content == b""
+    assert readyz.status_code == 200
+
+
 async def test_readyz_names_an_unreachable_dependency(
     app: FastAPI, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,16 @@ async def test_hub_readyz_reports_dependencies(hub_url: str) -> None:
     assert "mensajero_connected_devices" in metrics.text
 
 
+async def test_hub_health_probes_answer_head(hub_url: str) -> None:
+    async with httpx.AsyncClient(base_url=hub_url) as client:
+        healthz = await client.head("/healthz")
+        readyz = await client.head("/readyz")
+
+    assert healthz.status_code == 200
+    assert healthz.content == b""
+    assert readyz.status_code == 200
+
+
 async def test_hub_unknown_path_envelope(hub_url: str) -> None:
     async with httpx.AsyncClient(base_url=hub_url) as client:
         default = await client.get("/nope")
@@ -51,7 +61,7 @@ async def test_hub_wrong_method_envelope(hub_url: str) -> None:
         "error": "method_not_allowed",
         "message": "HTTP method not allowed on this path.",
     }
-    assert on_healthz.headers["allow"] == "GET"
+    assert set(on_healthz.headers["allow"].split(", ")) == {"GET", "HEAD"}
     assert on_websocket_path.status_code == 405
     assert on_websocket_path.json()["error"] == "method_not_allowed"
     assert on_websocket_path.json()["message"] == (

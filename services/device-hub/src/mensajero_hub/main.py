@@ -120,11 +120,12 @@ def create_app(settings: Settings | None = None) -> HubApp:
     app.add_middleware(MetricsMiddleware, service="device-hub")
     install_error_handling(app, settings.DEFAULT_LANGUAGE)
 
-    @app.get("/healthz")
+    # HEAD too, since uptime monitors often probe with it.
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> JSONResponse:
         return await readiness_response(app.state.hub.readiness_checks())
 
