@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -24,7 +25,40 @@ def scaled(seconds: float) -> float:
     return seconds * float(os.environ.get("MENSAJERO_TEST_TIMEOUT_SCALE", "1"))
 
 
+# The lowest port that free_port hands out, above the usual ports of local servers
+# (Postgres 5432, Redis 6379, web servers from 8000 to 9999).
+FREE_PORT_MIN = 20_000
+# Linux's default ephemeral range, for systems without /proc.
+DEFAULT_EPHEMERAL_START = 32_768
+
+
+def _ephemeral_start() -> int:
+    """Return the first port of the range that the kernel gives outgoing connections."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+    except OSError:
+        return DEFAULT_EPHEMERAL_START
+    return int(text.split()[0])
+
+
 def free_port() -> int:
+    """Return a loopback TCP port that is free now, for a server started afterwards.
+
+    The port is drawn at random below the kernel's ephemeral range. A port from that
+    range (what binding port 0 gives) can be taken by any outgoing connection of a test
+    running in parallel before the server binds it, and the server then fails to start.
+    """
+    start = _ephemeral_start()
+    if start - FREE_PORT_MIN >= 1_000:
+        for _ in range(1_000):
+            port = FREE_PORT_MIN + secrets.randbelow(start - FREE_PORT_MIN)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    # No room below the ephemeral range, or no free port found there.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
