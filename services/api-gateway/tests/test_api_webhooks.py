@@ -1,6 +1,9 @@
 import asyncio
+import contextlib
 import socket
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 
@@ -14,7 +17,7 @@ from mensajero_api.webhooks.schemas import EventFilter
 from mensajero_api.webhooks.service import MAX_WEBHOOKS_PER_USER
 from mensajero_common.models import WebhookConfig, WebhookDelivery
 from mensajero_common.settings import Settings
-from mensajero_common.testing import RebindingDNS, WebhookReceiver, serve_app
+from mensajero_common.testing import RebindingDNS, WebhookReceiver, scaled, serve_app
 from mensajero_common.webhooks import DISABLED_GONE, EVENTS, verify
 from mensajero_webhooks.delivery import repository as sender_repository
 
@@ -279,6 +282,124 @@ async def test_webhook_test_reports_answer_and_logs_it(
     assert items[0]["event"] == "webhook_test"
     assert items[0]["status"] == "succeeded"
     assert items[0]["attempts"][0]["status_code"] == 202
+
+
+@contextlib.asynccontextmanager
+async def raw_endpoint(
+    answer: Callable[[asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """Serve `answer` to every connection on a loopback port; yield the URL to post to."""
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            await answer(writer)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/hook"
+
+
+async def _test_call(client: AsyncClient, owner: ApiUser, url: str) -> dict[str, Any]:
+    created = await client.post(
+        "/api/v1/sms/webhooks", json={"url": url}, headers=owner.headers
+    )
+    tested = await client.post(
+        f"/api/v1/sms/webhooks/{created.json()['data']['id']}/test",
+        headers=owner.headers,
+    )
+    assert tested.status_code == 200
+    data: dict[str, Any] = tested.json()["data"]
+    return data
+
+
+async def test_webhook_test_timeout_bounds_whole_attempt(
+    settings: Settings, make_user: MakeUser, redis: object
+) -> None:
+    """An endpoint that sends its answer a byte at a time gets no more than the timeout,
+    although each byte arrives well within it."""
+    owner = await make_user()
+    short = settings.model_copy(update={"WEBHOOK_TIMEOUT_S": 1.0})
+    app = create_app(short)
+
+    async def drip(writer: asyncio.StreamWriter) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://test") as client,
+        raw_endpoint(drip) as url,
+    ):
+        started = time.monotonic()
+        result = await _test_call(client, owner, url)
+        elapsed_s = time.monotonic() - started
+
+    assert result["success"] is False
+    assert result["error"] == "timeout"
+    # The answer needs about 8 s; the attempt ends after the timeout of 1 s.
+    assert elapsed_s < scaled(4)
+
+
+async def test_webhook_test_leaves_huge_body_unread(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    sent: list[int] = []
+
+    async def huge(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+        chunk = b"x" * 65_536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(15_000):
+                writer.write(chunk)
+                await writer.drain()
+                sent.append(len(chunk))
+
+    async with raw_endpoint(huge) as url:
+        result = await _test_call(client, owner, url)
+
+    assert result["success"] is True
+    assert result["status_code"] == 200
+    # The API closed the connection long before the 1 GB body was sent.
+    assert sum(sent) < 100_000_000
+
+
+async def test_webhook_test_holds_no_database_connection(
+    settings: Settings, client: AsyncClient, make_user: MakeUser
+) -> None:
+    """While test events wait for a slow endpoint, other requests still get a Postgres
+    connection, even with more tests in flight than the API's pool holds."""
+    owner = await make_user()
+    answered = asyncio.Event()
+
+    async def slow(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(scaled(1.5))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        answered.set()
+
+    async with raw_endpoint(slow) as url:
+        tests = [
+            asyncio.create_task(_test_call(client, owner, url))
+            for _ in range(
+                settings.DATABASE_POOL_SIZE + settings.DATABASE_MAX_OVERFLOW + 1
+            )
+        ]
+        await asyncio.sleep(scaled(0.5))
+        quota = await client.get("/api/v1/sms/quota", headers=owner.headers)
+        quota_before_answer = not answered.is_set()
+        results = await asyncio.gather(*tests)
+
+    assert quota.status_code == 200
+    assert quota_before_answer
+    assert [result["status_code"] for result in results] == [204] * len(results)
 
 
 async def test_webhook_test_reports_connection_error(

@@ -350,6 +350,10 @@ async def post_event(
     Only a `client` from `webhook_transport.create_webhook_client` checks the addresses it
     connects to. The webhook-sender posts through its own aiohttp client
     (`mensajero_webhooks.delivery.http_client`) with the same checks and headers.
+
+    `timeout_s` bounds the whole attempt: httpx's own timeout applies to each read, so
+    an endpoint that sends its response a byte at a time could hold it far longer. Only
+    the status line and headers are read: the body is never loaded, whatever its size.
     """
     clock = AttemptClock()
     rejected = await check_attempt_url(
@@ -360,18 +364,23 @@ async def post_event(
 
     headers = signature_headers(secret, event_id, int(clock.started_at), body)
     try:
-        response = await client.post(
-            url,
-            content=body,
-            headers=headers,
-            timeout=timeout_s,
-            follow_redirects=False,
-        )
+        async with (
+            asyncio.timeout(timeout_s),
+            client.stream(
+                "POST",
+                url,
+                content=body,
+                headers=headers,
+                timeout=timeout_s,
+                follow_redirects=False,
+            ) as response,
+        ):
+            status_code = response.status_code
     except UnsafeWebhookURLError as error:
         # A client from create_webhook_client rejected the addresses of its own lookup.
         return clock.result(error=error.reason)
-    except httpx.TimeoutException:
+    except (httpx.TimeoutException, TimeoutError):
         return clock.result(error="timeout")
     except httpx.HTTPError as error:
         return clock.result(error=connection_error(_httpx_failure(error)))
-    return clock.result(status_code=response.status_code)
+    return clock.result(status_code=status_code)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import httpx
 import structlog
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor, split_page
@@ -277,8 +278,14 @@ async def send_test_event(
     user: User,
     webhook_id: uuid.UUID,
 ) -> TestOutcome:
-    """POST a signed `webhook_test` event now, and log it like any other delivery."""
+    """POST a signed `webhook_test` event now, and log it like any other delivery.
+
+    The session's transaction ends before the POST, so that a slow endpoint keeps no
+    Postgres connection busy. Raises WebhookNotFoundError when the webhook is deleted
+    meanwhile.
+    """
     webhook = await get_webhook(session, user, webhook_id)
+    await session.commit()
     event_id = uuid.uuid4()
     body = build_event_body(
         event=TEST_EVENT,
@@ -323,7 +330,12 @@ async def send_test_event(
     session.add(event)
     await session.flush()
     session.add(delivery)
-    await session.flush()
+    try:
+        await session.flush()
+    except IntegrityError:
+        # The webhook was deleted while the event was on its way.
+        await session.rollback()
+        raise WebhookNotFoundError(webhook_id) from None
     session.add(
         WebhookAttempt(
             delivery_id=delivery.id,
