@@ -350,6 +350,37 @@ async def test_delivery_gone_cancels_pending_deliveries(
     assert attempts == []
 
 
+async def test_unsubscribed_event_cancelled_not_posted(
+    fast_settings: Settings, session_factory: SessionFactory
+) -> None:
+    receiver = WebhookReceiver([200])
+    async with (
+        serve_app(receiver) as base_url,
+        delivery_worker(fast_settings, session_factory) as context,
+    ):
+        user, webhook = await create_user_with_webhook(
+            session_factory, f"{base_url}/hook", generate_secret()
+        )
+        _, delivery_ids = await record_incoming(session_factory, user)
+        # The owner removes the event while its delivery waits.
+        async with session_factory() as session:
+            await session.execute(
+                update(WebhookConfig)
+                .where(WebhookConfig.id == webhook.id)
+                .values(events=["sms_sent"])
+            )
+            await session.commit()
+        await queue_deliveries(context.redis, context.keys, delivery_ids)
+        await wait_until(
+            lambda: _status_is(session_factory, delivery_ids[0], "cancelled"), 5
+        )
+
+    delivery, attempts = await delivery_state(session_factory, delivery_ids[0])
+    assert receiver.requests == []
+    assert delivery.last_error == "unsubscribed"
+    assert attempts == []
+
+
 async def test_delivery_waits_for_stopped_sender(
     fast_settings: Settings, session_factory: SessionFactory
 ) -> None:

@@ -38,6 +38,9 @@ class ClaimedDelivery:
     url: str
     secret: str
     webhook_active: bool
+    # Whether the webhook still subscribes to the event: its owner may have removed the
+    # event since the delivery was created.
+    subscribed: bool
     event_id: uuid.UUID
     event: str
     body: str
@@ -88,7 +91,8 @@ _CLAIM = """
           AND w.id = d.webhook_id
           AND e.id = d.event_id
         RETURNING d.id, d.webhook_id, d.user_id, d.attempts, w.url, w.secret_key,
-                  w.is_active, e.id AS event_id, e.event, e.body, e.message_id
+                  w.is_active, e.event = ANY(w.events) AS subscribed,
+                  e.id AS event_id, e.event, e.body, e.message_id
     ),
     claimed_previous AS (
         UPDATE webhookattempt AS a
@@ -165,6 +169,7 @@ async def claim(
             url=row["url"],
             secret=row["secret_key"],
             webhook_active=row["is_active"],
+            subscribed=row["subscribed"],
             event_id=row["event_id"],
             event=row["event"],
             body=row["body"],

@@ -389,11 +389,12 @@ async def _post_and_record(
 ) -> tuple[str, Health]:
     settings = context.settings
     delivery_id = claimed.delivery_id
-    if not claimed.webhook_active:
+    if not claimed.webhook_active or not claimed.subscribed:
+        reason = "webhook_disabled" if not claimed.webhook_active else "unsubscribed"
         log = _delivery_logger(claimed)
         async with session_scope(context.session_factory) as session:
-            await repository.cancel(session, delivery_id, "webhook_disabled")
-        log.info("delivery cancelled because the webhook is disabled")
+            await repository.cancel(session, delivery_id, reason)
+        log.info("delivery cancelled", reason=reason)
         WEBHOOK_ATTEMPTS.labels("cancelled").inc()
         return WebhookDeliveryStatus.CANCELLED, Health.UNKNOWN
 
