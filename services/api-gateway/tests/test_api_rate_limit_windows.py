@@ -194,7 +194,7 @@ async def _user_counts(redis: Redis, app: FastAPI, owner: ApiUser) -> list[int]:
 
 
 async def _known_then_revoked(client: AsyncClient, owner: ApiUser) -> str:
-    """Create a key, authenticate with it once so the API knows its owner, revoke it."""
+    """Create a key, authenticate with it once so the API keeps its owner, revoke it."""
     key_id, api_key = await _create_key(client, owner)
     known = await client.get(QUOTA_URL, headers={"X-API-Key": api_key})
     assert known.status_code == 200

@@ -320,8 +320,8 @@ async def _test_call(client: AsyncClient, owner: ApiUser, url: str) -> dict[str,
 async def test_webhook_test_timeout_bounds_whole_attempt(
     settings: Settings, make_user: MakeUser, redis: object
 ) -> None:
-    """An endpoint that sends its answer a byte at a time gets no more than the timeout,
-    although each byte arrives well within it."""
+    """An endpoint that sends its response a byte at a time gets no more than the
+    timeout, although each byte arrives well within it."""
     owner = await make_user()
     short = settings.model_copy(update={"WEBHOOK_TIMEOUT_S": 1.0})
     app = create_app(short)
@@ -343,7 +343,7 @@ async def test_webhook_test_timeout_bounds_whole_attempt(
 
     assert result["success"] is False
     assert result["error"] == "timeout"
-    # The answer needs about 8 s; the attempt ends after the timeout of 1 s.
+    # The response takes about 8 s; the attempt ends after the timeout of 1 s.
     assert elapsed_s < scaled(4)
 
 

@@ -134,7 +134,7 @@ class RequestRateLimiter:
 
         When the owner's limit is full, the request is counted per key alone, as with a
         new key, so that authentication runs first: a revoked key still gets 401, and
-        enforce_user_rate_limit refuses a valid one.
+        enforce_user_rate_limit rejects a valid one.
         """
         user_windows = self._windows_of([(self.rules.per_user, owner)])
         at = time.time()

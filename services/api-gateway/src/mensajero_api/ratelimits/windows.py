@@ -16,11 +16,12 @@ from limits import RateLimitItem
 from redis.asyncio import Redis
 
 # KEYS: one list per window. ARGV: the time now, 1 to record the request or 0 to only
-# test it, then each window's count and length in seconds. NOTE: a count must be at
-# least 1 (the settings reject 0); with 0, one request per window would fit. A window is full when its
+# test it, then each window's count and length in seconds. A window is full when its
 # entry at index count - 1 is still inside it. The request is recorded in every window
 # unless one is full. The reply is then that window's position (from 1) and the entry
 # that has to leave it before the next request fits.
+# NOTE: a count must be at least 1, as the settings require; with 0, one request per
+# window would fit.
 _ACQUIRE_SCRIPT = """
 local now = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do

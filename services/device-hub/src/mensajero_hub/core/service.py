@@ -186,8 +186,8 @@ class DeviceService:
             try:
                 current = await self.connection_keys.current(identity.device_id)
             except (RedisError, OSError) as error:
-                # The registration is stored as before the check existed: an open
-                # connection that cannot be checked is taken as the newest.
+                # Without Redis no newer connection can be found, so this open one is
+                # taken as the newest and its registration is stored.
                 log.warning(
                     "register stored unchecked: Redis failed",
                     device_id=str(identity.device_id),
