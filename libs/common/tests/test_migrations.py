@@ -186,3 +186,17 @@ def test_migration_indexes_pending_messages(scratch_database_url: str) -> None:
     assert "next_attempt_at IS NOT NULL" in retry
     assert "ix_smsmessage_created_at_id_pending" not in downgraded
     assert "ix_smsmessage_created_at_id_retry" not in downgraded
+
+
+def test_migration_keeps_sweep_index_off_in_flight_counts(
+    scratch_database_url: str,
+) -> None:
+    upgrade(scratch_database_url, "0014")
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+    command.downgrade(alembic_config(scratch_database_url), "0013")
+    downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+
+    assert "type)::text = 'outgoing'" in upgraded["ix_smsmessage_updated_at_open"]
+    assert "'outgoing'" not in downgraded["ix_smsmessage_updated_at_open"]
+    assert "ix_smsmessage_updated_at_open_new" not in upgraded
+    assert "ix_smsmessage_updated_at_open_new" not in downgraded

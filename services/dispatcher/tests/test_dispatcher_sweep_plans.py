@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from mensajero_dispatcher.devices import repository as device_repository
 from mensajero_dispatcher.messages import repository
 from mensajero_dispatcher.messages.repository import AnySelect
+from mensajero_dispatcher.recovery import repository as recovery_repository
 
 BACKLOG = 3000
 PAGE = 100
@@ -73,9 +74,11 @@ async def _insert_backlog(connection: asyncpg.Connection, *, retries: bool) -> N
 async def _insert_messages(
     connection: asyncpg.Connection,
     messages: list[tuple[uuid.UUID, str, datetime, datetime | None, int]],
+    *,
+    analyze: bool = True,
 ) -> None:
     """Insert outgoing messages, each given as (user_id, status, created_at,
-    next_attempt_at, attempts), then analyze the table."""
+    next_attempt_at, attempts), then analyze the table unless told not to."""
     await connection.copy_records_to_table(
         "smsmessage",
         records=[
@@ -106,7 +109,8 @@ async def _insert_messages(
             "attempts",
         ),
     )
-    await connection.execute("ANALYZE smsmessage")
+    if analyze:
+        await connection.execute("ANALYZE smsmessage")
 
 
 async def _messages_read(
@@ -242,3 +246,60 @@ async def test_waiting_check_skips_delivered_history(pg_connection) -> None:
     # Waiting messages (other tests running meanwhile may have some), not the user's
     # history of delivered ones.
     assert _rows_read(plan, "smsmessage") <= waiting_in_table[0] + 10
+
+
+async def test_stale_sweep_generic_plan_reads_one_page(pg_connection) -> None:
+    async def insert_backlog(connection: asyncpg.Connection) -> None:
+        await _insert_backlog(connection, retries=False)
+
+    plan = await _generic_plan(
+        pg_connection,
+        recovery_repository.stale_messages_statement(60, None, PAGE),
+        insert_backlog,
+    )
+
+    assert "ix_smsmessage_updated_at_open" in json.dumps(plan)
+    assert _rows_read(plan, "smsmessage") <= 2 * PAGE
+
+
+async def test_in_flight_count_skips_pending_backlog(pg_connection) -> None:
+    # The statistics are taken before anything is in flight or pending, as when a bulk
+    # send lands on a table last analyzed while it held only delivered messages. The count then read every pending
+    # message through the recovery sweep's index, once per assignment batch.
+    connection = pg_connection
+    device_id = uuid.uuid4()
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        user_id = await _insert_user(connection, online=True, device_id=device_id)
+        history = [
+            (user_id, "delivered", BACKLOG_START + timedelta(seconds=index), None, 1)
+            for index in range(BACKLOG)
+        ]
+        await _insert_messages(connection, history)
+        await connection.execute(
+            "INSERT INTO smsmessage (id, user_id, type, status, to_number, body,"
+            " device_id) SELECT gen_random_uuid(), $1, 'outgoing', 'assigned',"
+            " '+34600000000', 'hola', $2 FROM generate_series(1, 5)",
+            user_id,
+            device_id,
+        )
+        backlog = [
+            (user_id, "pending", BACKLOG_START + timedelta(seconds=index), None, 0)
+            for index in range(BACKLOG)
+        ]
+        await _insert_messages(connection, backlog, analyze=False)
+        in_flight_in_table = await connection.fetchval(
+            "SELECT count(*) FROM smsmessage WHERE status IN ('assigned', 'sending')"
+        )
+        plan = await connection.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + repository._LEAST_LOADED_DEVICES,
+            [user_id],
+            [None],
+        )
+    finally:
+        await transaction.rollback()
+
+    # In-flight messages (other tests running meanwhile may have some), not the backlog.
+    read = _rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
+    assert read <= in_flight_in_table + 10

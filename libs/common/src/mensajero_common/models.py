@@ -298,10 +298,14 @@ class SMSMessage(Base):
             ),
         ),
         # The recovery sweep pages through messages that are not final, oldest change first.
+        # The type test removes no row (only outgoing messages are open), but it keeps the
+        # in-flight count off this index, where it read every pending message.
         Index(
             "ix_smsmessage_updated_at_open",
             "updated_at",
-            postgresql_where=text("status IN ('pending', 'assigned', 'sending')"),
+            postgresql_where=text(
+                "status IN ('pending', 'assigned', 'sending') AND type = 'outgoing'"
+            ),
         ),
         # The dispatcher counts the in-flight messages of every device on each
         # assignment batch, and this index holds only those.

@@ -4,7 +4,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, tuple_
+from sqlalchemy import Select, and_, func, literal_column, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
@@ -30,15 +30,20 @@ class StaleMessage:
         return (self.updated_at, self.id)
 
 
-async def list_stale(
-    session: AsyncSession, *, stale_after_s: float, after: Cursor | None, limit: int
-) -> list[StaleMessage]:
-    """Return up to `limit` open messages unchanged for `stale_after_s` seconds, oldest
-    change first.
+# Written into the SQL instead of bound, so that the statement matches the predicate of
+# ix_smsmessage_updated_at_open on a generic plan too, which is planned without its
+# parameters. Bound, they left that plan to scan the whole table and sort every open
+# message, on every page.
+_IS_OPEN_OUTGOING = and_(
+    SMSMessage.type == literal_column(f"'{MessageType.OUTGOING.value}'"),
+    SMSMessage.status.in_([literal_column(f"'{status}'") for status in OPEN_STATUSES]),
+)
 
-    Left out: a retry still inside its delay, and expired messages, which the expiry
-    check ends.
-    """
+
+def stale_messages_statement(
+    stale_after_s: float, after: Cursor | None, limit: int
+) -> Select[tuple[uuid.UUID, str, uuid.UUID | None, datetime]]:
+    """Build the select of a page of list_stale."""
     statement = (
         select(
             SMSMessage.id,
@@ -47,8 +52,7 @@ async def list_stale(
             SMSMessage.updated_at,
         )
         .where(
-            SMSMessage.type == MessageType.OUTGOING.value,
-            SMSMessage.status.in_(OPEN_STATUSES),
+            _IS_OPEN_OUTGOING,
             SMSMessage.updated_at < func.now() - timedelta(seconds=stale_after_s),
             or_(
                 SMSMessage.status != MessageStatus.PENDING.value,
@@ -64,6 +68,19 @@ async def list_stale(
         statement = statement.where(
             tuple_(SMSMessage.updated_at, SMSMessage.id) > after
         )
+    return statement
+
+
+async def list_stale(
+    session: AsyncSession, *, stale_after_s: float, after: Cursor | None, limit: int
+) -> list[StaleMessage]:
+    """Return up to `limit` open messages unchanged for `stale_after_s` seconds, oldest
+    change first.
+
+    Left out: a retry still inside its delay, and expired messages, which the expiry
+    check ends.
+    """
+    statement = stale_messages_statement(stale_after_s, after, limit)
     rows = (await session.execute(statement)).all()
     return [
         StaleMessage(row.id, MessageStatus(row.status), row.device_id, row.updated_at)
