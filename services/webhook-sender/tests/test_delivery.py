@@ -32,7 +32,13 @@ from mensajero_common.webhooks import (
 )
 from mensajero_webhooks.delivery import repository
 from mensajero_webhooks.delivery.http_client import create_http_session
-from mensajero_webhooks.delivery.service import DeliveryContext, requeue_due_deliveries
+from mensajero_webhooks.delivery.service import (
+    DeliveryContext,
+    _claim,
+    attempt_delivery,
+    released_job_id,
+    requeue_due_deliveries,
+)
 from mensajero_webhooks.delivery.tasks import job_functions
 from mensajero_webhooks.main import SWEEP_TIMEOUT_S
 from mensajero_webhooks.worker import DeliveryWorker
@@ -83,6 +89,21 @@ async def delivery_worker(
             }
             await context.close(wait_s=0)
             await worker.close()
+            await redis.aclose()
+
+
+@asynccontextmanager
+async def delivery_context(
+    settings: Settings, session_factory: SessionFactory
+) -> AsyncIterator[DeliveryContext]:
+    """A DeliveryContext with no worker taking jobs, for tests that run attempts directly."""
+    redis = create_redis(settings)
+    keys = RedisKeys(settings.REDIS_KEY_PREFIX)
+    async with create_http_session(settings) as http:
+        engine = session_factory.kw["bind"]
+        try:
+            yield DeliveryContext(settings, keys, engine, session_factory, redis, http)
+        finally:
             await redis.aclose()
 
 
@@ -448,3 +469,69 @@ async def test_record_event_once_per_message_state(
 
     assert len(first) == 1
     assert second == []
+
+
+async def test_close_releases_claim_before_post(
+    fast_settings: Settings, session_factory: SessionFactory
+) -> None:
+    receiver = WebhookReceiver([200])
+    async with serve_app(receiver) as base_url:
+        user, _ = await create_user_with_webhook(
+            session_factory, f"{base_url}/hook", generate_secret()
+        )
+        _, [delivery_id] = await record_incoming(session_factory, user)
+        async with delivery_context(fast_settings, session_factory) as context:
+            # The claim of a job that arq cancelled before its POST started.
+            claimed = await _claim(context, delivery_id, None)
+            assert isinstance(claimed, repository.ClaimedDelivery)
+            await context.close(wait_s=0)
+            job_id = released_job_id(context.keys, delivery_id, 1)
+            queued_at = await context.redis.zscore(context.keys.arq_queue, job_id)
+        released, _ = await delivery_state(session_factory, delivery_id)
+
+        async with delivery_worker(fast_settings, session_factory):
+            await receiver.wait_for(1, timeout_s=5)
+            await wait_until(
+                lambda: _status_is(session_factory, delivery_id, "succeeded"), 5
+            )
+
+    assert released.status == "pending"
+    assert released.attempts == 0
+    assert released.next_attempt_at is not None
+    assert released.next_attempt_at <= datetime.now(UTC)
+    assert queued_at is not None
+    delivery, attempts = await delivery_state(session_factory, delivery_id)
+    assert delivery.attempts == 1
+    assert [attempt.status_code for attempt in attempts] == [200]
+    assert len(receiver.requests) == 1
+
+
+async def test_close_keeps_lease_of_posted_attempt(
+    fast_settings: Settings, session_factory: SessionFactory
+) -> None:
+    receiver = WebhookReceiver([200], delay_s=1.0)
+    async with serve_app(receiver) as base_url:
+        user, _ = await create_user_with_webhook(
+            session_factory, f"{base_url}/hook", generate_secret()
+        )
+        _, [delivery_id] = await record_incoming(session_factory, user)
+        async with delivery_context(fast_settings, session_factory) as context:
+            attempt = asyncio.create_task(attempt_delivery(context, delivery_id))
+            await receiver.wait_for(1, timeout_s=5)
+            # Cancelled as arq cancels a job still running at the end of its shutdown
+            # wait: the endpoint may already have the event, so the lease must stay.
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+            await context.close(wait_s=0)
+            job_id = released_job_id(context.keys, delivery_id, 1)
+            queued_at = await context.redis.zscore(context.keys.arq_queue, job_id)
+
+    delivery, attempts = await delivery_state(session_factory, delivery_id)
+    assert attempt.cancelled()
+    assert queued_at is None
+    assert delivery.status == "pending"
+    assert delivery.attempts == 1
+    assert attempts == []
+    assert delivery.next_attempt_at is not None
+    lease_left_s = (delivery.next_attempt_at - datetime.now(UTC)).total_seconds()
+    assert lease_left_s > fast_settings.WEBHOOK_TIMEOUT_S

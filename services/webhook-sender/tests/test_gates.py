@@ -489,9 +489,10 @@ async def test_delivery_parked_as_breaker_opens(
         probe_in_s = gates.probe_in_s(webhook_id)
         probe_at = datetime.now(UTC) + timedelta(seconds=probe_in_s or 0)
         parked = gates.parked_deliveries(webhook_id)
+        # Read before the worker stops, because stopping releases parked deliveries.
+        delivery, attempts = await delivery_state(session_factory, delivery_id)
 
     assert probe_in_s is not None
-    delivery, attempts = await delivery_state(session_factory, delivery_id)
     assert delivery.status == "pending"
     assert delivery.attempts == 0
     assert attempts == []

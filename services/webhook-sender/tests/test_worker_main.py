@@ -4,15 +4,30 @@ import logging
 import os
 import shutil
 import signal
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from arq import Worker, cron
-from test_delivery import create_user_with_webhook, delivery_state, record_incoming
+from sqlalchemy import select
+from test_delivery import (
+    SessionFactory,
+    create_user_with_webhook,
+    delivery_state,
+    record_incoming,
+    wait_until,
+)
 
 from mensajero_common.keys import RedisKeys
-from mensajero_common.models import WebhookDeliveryStatus
+from mensajero_common.models import WebhookDelivery, WebhookDeliveryStatus
 from mensajero_common.redis import create_redis
 from mensajero_common.settings import Settings
-from mensajero_common.testing import WebhookReceiver, scaled, serve_app
+from mensajero_common.testing import (
+    WebhookReceiver,
+    answer_lifespan,
+    scaled,
+    serve_app,
+)
 from mensajero_common.webhook_outbox import queue_deliveries
 from mensajero_webhooks.delivery.tasks import SWEEP_JOB, sweep
 from mensajero_webhooks.main import (
@@ -22,7 +37,7 @@ from mensajero_webhooks.main import (
 )
 
 
-def _environment(settings: Settings) -> dict[str, str]:
+def _environment(settings: Settings, **overrides: str) -> dict[str, str]:
     variables = {
         name: str(getattr(settings, name))
         for name in (
@@ -35,7 +50,46 @@ def _environment(settings: Settings) -> dict[str, str]:
             "FIRST_SUPERUSER_PASSWORD",
         )
     }
-    return {**os.environ, **variables, "LOG_JSON": "true", "LOG_LEVEL": "INFO"}
+    return {
+        **os.environ,
+        **variables,
+        "LOG_JSON": "true",
+        "LOG_LEVEL": "INFO",
+        **overrides,
+    }
+
+
+async def _start_sender(
+    settings: Settings, **overrides: str
+) -> tuple[asyncio.subprocess.Process, bytes]:
+    """Start a `mensajero-webhooks` process; return it and its log up to its start line."""
+    process = await asyncio.create_subprocess_exec(
+        shutil.which("mensajero-webhooks") or "mensajero-webhooks",
+        env=_environment(settings, **overrides),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    output = b""
+    async with asyncio.timeout(scaled(15)):
+        while b'"webhook-sender started"' not in output:
+            line = await process.stderr.readline()
+            assert line, output.decode()
+            output += line
+    return process, output
+
+
+async def _stop(process: asyncio.subprocess.Process) -> bytes:
+    """Stop a sender with SIGTERM; return the rest of its log."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        _, rest = await asyncio.wait_for(process.communicate(), scaled(20))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return rest
 
 
 async def test_dead_workers_job_ids_free_soon(settings: Settings) -> None:
@@ -181,3 +235,119 @@ def test_job_lines_logged_at_debug():
         assert record.levelno == logging.DEBUG
     finally:
         root.setLevel(level)
+
+
+class FirstRequestHeld:
+    """An endpoint that answers the first request once `release` is set and the others
+    at once, each with 200. It records the `webhook-id` of every request."""
+
+    def __init__(self) -> None:
+        self.event_ids: list[str] = []
+        self.release = asyncio.Event()
+        self.received = asyncio.Condition()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = dict(scope["headers"])
+        self.event_ids.append(headers[b"webhook-id"].decode())
+        async with self.received:
+            self.received.notify_all()
+        if len(self.event_ids) == 1:
+            await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def wait_for(self, count: int, timeout_s: float) -> None:
+        async with asyncio.timeout(scaled(timeout_s)), self.received:
+            await self.received.wait_for(lambda: len(self.event_ids) >= count)
+
+
+async def _parked_count_is(
+    session_factory: SessionFactory, delivery_ids: list[uuid.UUID], expected: int
+) -> bool:
+    """Tell whether `expected` deliveries are not attempted and set aside for longer
+    than the test lasts."""
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    async with session_factory() as session:
+        rows = await session.execute(
+            select(WebhookDelivery.attempts, WebhookDelivery.next_attempt_at).where(
+                WebhookDelivery.id.in_(delivery_ids)
+            )
+        )
+        parked = [
+            next_attempt_at
+            for attempts, next_attempt_at in rows
+            if attempts == 0 and next_attempt_at is not None and next_attempt_at > later
+        ]
+    return len(parked) == expected
+
+
+async def test_sigterm_hands_parked_to_next_sender(
+    settings: Settings, session_factory: SessionFactory, redis: Any
+) -> None:
+    receiver = FirstRequestHeld()
+    # Each sender sweeps only at its start within the test, so the deliveries released
+    # by the first one reach the second through the queue.
+    hourly_sweep = {"WEBHOOK_SWEEP_INTERVAL_S": "3600"}
+    async with serve_app(receiver) as url:
+        user, _ = await create_user_with_webhook(session_factory, url, "secret")
+        delivery_ids: list[uuid.UUID] = []
+        for number in range(3):
+            _, ids = await record_incoming(session_factory, user, body=f"sms {number}")
+            delivery_ids += ids
+        # The first request stays in flight for the whole test, within its 30 s timeout.
+        first, _ = await _start_sender(
+            settings,
+            WEBHOOK_CONCURRENCY_PER_WEBHOOK="1",
+            WEBHOOK_TIMEOUT_S="30",
+            **hourly_sweep,
+        )
+        second = None
+        try:
+            arq_redis = create_redis(settings)
+            await queue_deliveries(
+                arq_redis, RedisKeys(settings.REDIS_KEY_PREFIX), delivery_ids
+            )
+            await arq_redis.aclose()
+            # One attempt takes the webhook's only slot, and the two other deliveries
+            # are parked for the attempt lease plus the breaker pause, 90 s here.
+            await receiver.wait_for(1, timeout_s=10)
+            await wait_until(
+                lambda: _parked_count_is(session_factory, delivery_ids, 2), 10
+            )
+            second, _ = await _start_sender(settings, **hourly_sweep)
+
+            first.send_signal(signal.SIGTERM)
+            await receiver.wait_for(3, timeout_s=10)
+            first_received = list(receiver.event_ids)
+            receiver.release.set()
+            first_log = await _stop(first)
+            await wait_until(lambda: _all_succeeded(session_factory, delivery_ids), 10)
+        finally:
+            receiver.release.set()
+            await _stop(first)
+            if second is not None:
+                await _stop(second)
+
+    assert first.returncode == 0, first_log.decode()[-2000:]
+    assert b'"deliveries released"' in first_log
+    assert len(set(first_received)) == 3
+    assert len(receiver.event_ids) == 3
+    for delivery_id in delivery_ids:
+        delivery, attempts = await delivery_state(session_factory, delivery_id)
+        assert delivery.attempts == 1
+        assert [attempt.status_code for attempt in attempts] == [200]
+
+
+async def _all_succeeded(
+    session_factory: SessionFactory, delivery_ids: list[uuid.UUID]
+) -> bool:
+    for delivery_id in delivery_ids:
+        delivery, _ = await delivery_state(session_factory, delivery_id)
+        if delivery.status != WebhookDeliveryStatus.SUCCEEDED:
+            return False
+    return True

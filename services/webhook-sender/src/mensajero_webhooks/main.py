@@ -4,6 +4,8 @@ The worker reads `webhook_delivery.send` jobs from `keys.arq_queue`, and its cro
 `webhook_delivery.sweep` queues again any due delivery whose job Redis lost. `on_startup`
 opens the engine and the HTTP connection pool and puts a DeliveryContext in
 `ctx["delivery"]`; `on_shutdown` closes them. `ctx["redis"]` is arq's own client, opened from REDIS_URL.
+On SIGTERM the worker hands the deliveries that it parked or claimed and did not attempt
+back to the queue at once (see DeliveryContext.close).
 /healthz, /readyz and /metrics are served on OPS_HOST:WEBHOOKS_OPS_PORT.
 """
 
@@ -40,8 +42,8 @@ JOB_TIMEOUT_MARGIN_S = 30
 # its worker blocks the next sweep for that long.
 SWEEP_TIMEOUT_S = 30
 # Time after SIGTERM for the attempts in flight to finish, beyond the HTTP timeout, before
-# arq cancels them. A cancelled attempt keeps its lease, and the sweep queues it again
-# once the lease has run out.
+# arq cancels them. An attempt cancelled during its POST keeps its lease, and the sweep
+# queues it again once the lease has run out. One cancelled before its POST is released.
 SHUTDOWN_GRACE_MARGIN_S = 5
 # Time between two reads of the job queue, which is also the longest wait of a job queued
 # to an idle worker. An idle worker sends one ZRANGEBYSCORE per read: 0.4 % of a core at
@@ -80,6 +82,12 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         ops_port=settings.WEBHOOKS_OPS_PORT,
         event_loop=type(asyncio.get_running_loop()).__module__,
     )
+
+
+def on_stop_signal(ctx: dict[str, Any]) -> None:
+    delivery: DeliveryContext | None = ctx.get("delivery")
+    if delivery is not None:
+        delivery.begin_close()
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
@@ -138,6 +146,7 @@ def create_worker(settings: Settings, **overrides: Any) -> DeliveryWorker:
         "cron_jobs": [sweep_schedule(settings, keys)],
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
+        "on_stop_signal": on_stop_signal,
         "ctx": {"settings": settings, "keys": keys},
         "max_jobs": settings.WEBHOOK_CONCURRENCY,
         "poll_delay": POLL_DELAY_S,

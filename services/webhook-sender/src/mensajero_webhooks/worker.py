@@ -1,4 +1,5 @@
-"""The webhook-sender's arq worker class: arq's Worker with a cheaper start of each job.
+"""The webhook-sender's arq worker class: arq's Worker with a cheaper start of each job,
+and a hook that runs as soon as SIGTERM or SIGINT arrives.
 
 arq 0.28 starts a job with a WATCH transaction on a connection of its own: WATCH, EXISTS
 and ZSCORE, then MULTI, PSETEX and EXEC, four round trips to Redis. In the full webhook
@@ -11,6 +12,8 @@ the dependency on arq stops below 0.29. Compare this class with a newer arq's
 Worker.start_jobs before raising that bound.
 """
 
+from collections.abc import Callable
+from signal import Signals
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
@@ -35,9 +38,24 @@ return score
 
 
 class DeliveryWorker(Worker):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    """arq's Worker. `on_stop_signal(ctx)` runs when a signal stops the worker, before
+    arq's wait for the running jobs (job_completion_wait), whereas arq's on_shutdown
+    runs after it."""
+
+    def __init__(
+        self,
+        *args: Any,
+        on_stop_signal: Callable[[dict[str, Any]], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._start_job_script: AsyncScript | None = None
+        self._on_stop_signal = on_stop_signal
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        super().handle_sig_wait_for_completion(signum)
+        if self._on_stop_signal is not None:
+            self._on_stop_signal(self.ctx)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Start each of `job_ids` that is due and not running elsewhere, as slots free up."""

@@ -175,6 +175,15 @@ class WebhookGates:
         self.acquire(webhook_id)
         return delivery_id, parked_until
 
+    def take_all_parked(self) -> dict[uuid.UUID, datetime]:
+        """Remove every parked delivery from the gates; return each with its parking token."""
+        taken: dict[uuid.UUID, datetime] = {}
+        for webhook_id, gate in list(self._gates.items()):
+            taken.update(gate.parked)
+            gate.parked.clear()
+            self._forget_if_idle(webhook_id)
+        return taken
+
     def parked_count(self, webhook_id: uuid.UUID) -> int:
         gate = self._gates.get(webhook_id)
         return len(gate.parked) if gate is not None else 0

@@ -45,6 +45,9 @@ class ClaimedDelivery:
     event: str
     body: str
     message_id: uuid.UUID | None
+    # The delivery's `next_attempt_at` while this claim holds it, which tells this claim
+    # apart from any later one of the same attempt.
+    lease_until: datetime
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,8 @@ _CLAIM = """
           AND e.id = d.event_id
         RETURNING d.id, d.webhook_id, d.user_id, d.attempts, w.url, w.secret_key,
                   w.is_active, e.event = ANY(w.events) AS subscribed,
-                  e.id AS event_id, e.event, e.body, e.message_id
+                  e.id AS event_id, e.event, e.body, e.message_id,
+                  d.next_attempt_at AS lease_until
     ),
     claimed_previous AS (
         UPDATE webhookattempt AS a
@@ -147,7 +151,9 @@ async def claim(
     `paused`, the latest attempt's `next_retry_at` moves to the same time. A claimed attempt holds a lease: until it ends, `next_attempt_at`
     lies in the future, so the sweep and a duplicate job cannot start the same attempt
     twice. A worker that dies mid-attempt, or with deliveries parked, leaves the lease or
-    the parking to expire, and the sweep queues the delivery again.
+    the parking to expire, and the sweep queues the delivery again. A worker that stops
+    on SIGTERM releases its parked deliveries and its claims whose POST never started
+    (`release_parked`, `release_claims`).
     """
     # One statement, atomic by itself, so it runs without BEGIN and COMMIT.
     row = await connection.fetchrow(
@@ -174,6 +180,7 @@ async def claim(
             event=row["event"],
             body=row["body"],
             message_id=row["message_id"],
+            lease_until=row["lease_until"],
         )
     if row["parked_webhook_id"] is not None:
         return ParkedDelivery(
@@ -258,6 +265,69 @@ async def repark(
         _REPARK, list(parked), list(parked.values()), float(park_s)
     )
     return {row["id"]: row["next_attempt_at"] for row in rows}
+
+
+async def release_claims(
+    connection: asyncpg.Connection, claims: Collection[ClaimedDelivery]
+) -> dict[uuid.UUID, int]:
+    """Undo claims whose POST never started, so that the deliveries are due at once.
+
+    A claim is undone only while it still holds its lease, so one that expired and that
+    another process took over stays as it is. Returns the attempt count of each delivery
+    released.
+    """
+    if not claims:
+        return {}
+    rows = await connection.fetch(
+        """
+        UPDATE webhookdelivery AS d
+        SET attempts = d.attempts - 1, next_attempt_at = now(), updated_at = now()
+        FROM unnest($1::uuid[], $2::integer[], $3::timestamptz[])
+            AS c(id, attempts, lease_until)
+        WHERE d.id = c.id AND (d.status || '') = 'pending'
+          AND d.attempts = c.attempts AND d.next_attempt_at = c.lease_until
+        RETURNING d.id, d.attempts
+        """,
+        [claim.delivery_id for claim in claims],
+        [claim.attempt_number for claim in claims],
+        [claim.lease_until for claim in claims],
+    )
+    return {row["id"]: row["attempts"] for row in rows}
+
+
+async def release_parked(
+    connection: asyncpg.Connection, parked: dict[uuid.UUID, datetime]
+) -> dict[uuid.UUID, int]:
+    """Make parked deliveries (id to parking token) due at once, with their latest
+    attempt's `next_retry_at`; return the attempt count of each one released.
+
+    A delivery whose token changed meanwhile (another process took it over) is left as
+    it is.
+    """
+    if not parked:
+        return {}
+    rows = await connection.fetch(
+        """
+        WITH released AS (
+            UPDATE webhookdelivery AS d
+            SET next_attempt_at = now(), updated_at = now()
+            FROM unnest($1::uuid[], $2::timestamptz[]) AS p(id, token)
+            WHERE d.id = p.id AND (d.status || '') = 'pending'
+              AND d.next_attempt_at = p.token
+            RETURNING d.id, d.attempts, d.next_attempt_at
+        ),
+        released_attempt AS (
+            UPDATE webhookattempt AS a
+            SET next_retry_at = released.next_attempt_at
+            FROM released
+            WHERE a.delivery_id = released.id AND a.attempt_number = released.attempts
+        )
+        SELECT id, attempts FROM released
+        """,
+        list(parked),
+        list(parked.values()),
+    )
+    return {row["id"]: row["attempts"] for row in rows}
 
 
 # The attempt, the delivery's new state and, once it succeeded, the message's

@@ -62,7 +62,13 @@ class DeliveryContext:
     reopen_timers: dict[uuid.UUID, asyncio.TimerHandle] = field(
         init=False, default_factory=dict
     )
+    # Claims of this process whose POST has not started, by delivery id. Those still
+    # here once every job and drain task has ended were cut off before their POST, so
+    # `close` releases them.
+    unposted: dict[uuid.UUID, ClaimedDelivery] = field(init=False, default_factory=dict)
     closing: bool = field(init=False, default=False)
+    # Releases the parked deliveries while arq waits for the running jobs after SIGTERM.
+    release_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.gates = WebhookGates(
@@ -100,22 +106,100 @@ class DeliveryContext:
             return self.settings.WEBHOOK_TIMEOUT_S, True
         return self.park_s, False
 
-    async def close(self, wait_s: float) -> None:
-        """Stop starting parked deliveries, and wait up to `wait_s` for those running.
+    def begin_close(self) -> None:
+        """Stop starting parked deliveries, and start releasing them to any sender.
 
-        Deliveries still parked stay pending in Postgres, and the sweep queues them again
-        once their parking has expired.
+        The worker calls it on SIGTERM, so that the parked deliveries do not wait for the
+        jobs that arq lets finish first.
         """
+        if self.closing:
+            return
         self.closing = True
         for timer in self.reopen_timers.values():
             timer.cancel()
         self.reopen_timers.clear()
-        if not self.drain_tasks:
+        self.release_task = asyncio.create_task(release_held(self, with_claims=False))
+
+    async def close(self, wait_s: float) -> None:
+        """Release what this process holds and has not attempted, waiting up to `wait_s`
+        for the attempts that drain tasks have in flight.
+
+        Call it once arq's jobs have ended. An attempt cut off during its POST keeps its
+        lease, because the endpoint may have received it, and the sweep queues it again
+        once the lease has run out.
+        """
+        self.begin_close()
+        if self.release_task is not None:
+            await self.release_task
+        if self.drain_tasks:
+            _, running = await asyncio.wait(self.drain_tasks, timeout=wait_s)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        # Deliveries that jobs parked after SIGTERM, and claims that a cancellation cut
+        # off before their POST: no task of this process will take them any more.
+        await release_held(self, with_claims=True)
+
+
+def released_job_id(
+    keys: RedisKeys, delivery_id: uuid.UUID, attempt_number: int
+) -> str:
+    """Return the job id of an attempt released at shutdown.
+
+    It differs from `delivery_job_id` because the job of the same attempt may still be in
+    the queue: arq leaves there a job that it cancelled at shutdown, and never runs it
+    again because its max_tries is 1, so queueing that id again would queue nothing.
+    """
+    return f"{delivery_job_id(keys, delivery_id, attempt_number)}:released"
+
+
+async def release_held(context: DeliveryContext, *, with_claims: bool) -> None:
+    """Make the parked deliveries due now and queue them, and with `with_claims` the
+    claims whose POST never started too, so that any sender takes them at once.
+
+    Pass `with_claims` only once no job or drain task runs, since until then the holder
+    of a claim may still start its POST. On a failure, the deliveries wait for their
+    parking or lease to run out and for the sweep, as after a crash.
+    """
+    parked = context.gates.take_all_parked()
+    claims = list(context.unposted.values()) if with_claims else []
+    if with_claims:
+        context.unposted.clear()
+    if not parked and not claims:
+        return
+
+    try:
+        async with repository.pooled_connection(context.engine) as connection:
+            released = await repository.release_parked(connection, parked)
+            released.update(await repository.release_claims(connection, claims))
+        # The deliveries are due from here on, so the sweep queues any that this loop
+        # does not.
+        for delivery_id, attempts in released.items():
+            await context.redis.enqueue_job(
+                DELIVERY_JOB,
+                str(delivery_id),
+                _job_id=released_job_id(context.keys, delivery_id, attempts + 1),
+                _queue_name=context.keys.arq_queue,
+            )
+    except Exception as error:
+        if not is_transient(error):
+            logger.exception(
+                "releasing deliveries failed", parked=len(parked), claims=len(claims)
+            )
             return
-        _, running = await asyncio.wait(self.drain_tasks, timeout=wait_s)
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        logger.warning(
+            "releasing deliveries failed",
+            parked=len(parked),
+            claims=len(claims),
+            error=repr(error),
+        )
+        return
+    logger.info(
+        "deliveries released",
+        parked=len(parked),
+        claims=len(claims),
+        released=len(released),
+    )
 
 
 def retry_delay_s(settings: Settings, attempt_number: int) -> float:
@@ -202,20 +286,27 @@ async def _claim(
             paused=paused,
             parked_until=parked_until,
         )
+        # Recorded before leaving the block, whose exit awaits and can be cancelled.
+        if isinstance(claim_result, ClaimedDelivery):
+            context.unposted[claim_result.delivery_id] = claim_result
     # Other jobs may have taken the last slots while the claim was on its way.
     if (
         isinstance(claim_result, ClaimedDelivery)
         and not slot_held
         and not gates.acquire(claim_result.webhook_id)
     ):
-        park_s, exact = context.parking_for(claim_result.webhook_id)
-        pause_states[claim_result.webhook_id] = gates.pause_state(
-            claim_result.webhook_id
-        )
-        async with repository.pooled_connection(context.engine) as connection:
-            claim_result = await repository.unclaim(
-                connection, claim_result, park_s, paused=exact
-            )
+        claimed = claim_result
+        park_s, exact = context.parking_for(claimed.webhook_id)
+        pause_states[claimed.webhook_id] = gates.pause_state(claimed.webhook_id)
+        try:
+            async with repository.pooled_connection(context.engine) as connection:
+                claim_result = await repository.unclaim(
+                    connection, claimed, park_s, paused=exact
+                )
+        except Exception:
+            context.unposted.pop(claimed.delivery_id, None)
+            raise
+        context.unposted.pop(claimed.delivery_id, None)
     if isinstance(claim_result, ParkedDelivery):
         gates.park(
             claim_result.webhook_id, claim_result.delivery_id, claim_result.parked_until
@@ -268,6 +359,9 @@ async def drain_parked(
             )
         except BaseException:
             gates.release(webhook_id, Health.UNKNOWN)
+            # Parked again, so that shutdown releases it. If the claim went through
+            # after all, its token no longer matches and releasing it changes nothing.
+            gates.park(webhook_id, delivery_id, parked_until)
             raise
         if isinstance(claim_result, ClaimedDelivery):
             await _attempt(context, claim_result)
@@ -363,6 +457,10 @@ async def _attempt(context: DeliveryContext, claimed: ClaimedDelivery) -> str:
                 context, claimed.webhook_id, context.settings.WEBHOOK_TIMEOUT_S
             )
         status, health = await _post_and_record(context, claimed)
+    except Exception:
+        # The claim keeps its lease, as after any failed attempt.
+        context.unposted.pop(claimed.delivery_id, None)
+        raise
     finally:
         change = context.gates.release(claimed.webhook_id, health)
     if change is BreakerChange.OPENED:
@@ -394,10 +492,14 @@ async def _post_and_record(
         log = _delivery_logger(claimed)
         async with session_scope(context.session_factory) as session:
             await repository.cancel(session, delivery_id, reason)
+        context.unposted.pop(delivery_id, None)
         log.info("delivery cancelled", reason=reason)
         WEBHOOK_ATTEMPTS.labels("cancelled").inc()
         return WebhookDeliveryStatus.CANCELLED, Health.UNKNOWN
 
+    # From here on the endpoint may receive the POST, so shutdown must not release the
+    # claim: it keeps its lease even if the attempt is cancelled.
+    context.unposted.pop(delivery_id, None)
     result = await post_event(
         context.http,
         url=claimed.url,
