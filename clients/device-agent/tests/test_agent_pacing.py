@@ -14,11 +14,13 @@ from agent_helpers import (
     serve_hub_on,
 )
 from redis.asyncio import Redis
+from sqlalchemy import func, select
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from mensajero_agent import SimulatedBackend
 from mensajero_common.keys import RedisKeys
-from mensajero_common.models import MessageStatus
+from mensajero_common.models import MessageStatus, MessageType, SMSMessage
 from mensajero_common.settings import Settings
 from mensajero_common.testing import free_port, scaled
 
@@ -147,3 +149,110 @@ async def test_option_lowers_announced_rate() -> None:
     await run_with_incoming(hub, 12, max_frames_per_s=4)
 
     assert hub.frames[-1][0] - hub.frames[0][0] >= (13 - 4 - 1) / 4
+
+
+# Frames that the agent wrote before it read a `rate_limited` error still reach the hub
+# after the error left it; on one machine they arrive well within this time.
+IN_FLIGHT_S = 0.1
+# The hub admits bursts of 25 frames at 5 a second, and the agent sends 4 times as fast,
+# so rejections come in short runs that stay under DEVICE_FRAME_FLOOD_MAX_ERRORS.
+LIMITED_HUB_FRAMES_PER_S = 5
+LIMITED_AGENT_FRAMES_PER_S = 20
+RATE_LIMITED_INCOMING = 40
+
+
+class UnannouncedRateRelay:
+    """Relays each connection to a real hub, removing `max_frames_per_s` from the
+    register ack as a hub from before that field would, and records every frame with
+    its event-loop time."""
+
+    def __init__(self, hub_url: str) -> None:
+        self.hub_url = hub_url
+        self.to_hub: list[tuple[float, dict[str, Any]]] = []
+        self.to_phone: list[tuple[float, dict[str, Any]]] = []
+
+    async def __call__(self, phone: ServerConnection) -> None:
+        assert phone.request is not None
+        query = phone.request.path.partition("?")[2]
+        async with connect(f"{self.hub_url}?{query}", compression=None) as hub:
+            await asyncio.gather(
+                self._forward(phone, hub, self.to_hub),
+                self._forward(hub, phone, self.to_phone),
+                return_exceptions=True,
+            )
+
+    async def _forward(
+        self,
+        source: ServerConnection | ClientConnection,
+        target: ServerConnection | ClientConnection,
+        frames: list[tuple[float, dict[str, Any]]],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async for raw in source:
+                frame = orjson.loads(raw)
+                frames.append((loop.time(), frame))
+                if frame.get("of") == "register":
+                    frame.pop("max_frames_per_s", None)
+                await target.send(orjson.dumps(frame).decode())
+        finally:
+            code = source.close_code
+            if code is None or code in (1005, 1006):
+                code = 1000
+            await target.close(code, source.close_reason or "")
+
+
+async def test_rate_limited_agent_waits_retry_after(
+    settings: Settings, session_factory: Sessions, redis: Redis
+) -> None:
+    limited = settings.model_copy(
+        update={"DEVICE_FRAMES_PER_SECOND": LIMITED_HUB_FRAMES_PER_S}
+    )
+    _, user_id, api_key = await create_device(session_factory)
+
+    async with serve_hub_on(limited, free_port()) as hub_url:
+        relay = UnannouncedRateRelay(hub_url)
+        async with serve(relay, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}{WS_PATH}"
+            async with running_agent(
+                url,
+                api_key,
+                fast_backend(),
+                max_frames_per_s=LIMITED_AGENT_FRAMES_PER_S,
+            ) as (agent, events, _):
+                await events.wait_for("registered")
+                for number in range(RATE_LIMITED_INCOMING):
+                    agent.inject_incoming("+34600000002", f"SMS {number}")
+                await events.wait_for(
+                    "incoming_ack", count=RATE_LIMITED_INCOMING, timeout_s=scaled(30)
+                )
+
+    errors = [
+        (sent_at, frame)
+        for sent_at, frame in relay.to_phone
+        if frame.get("error") == "rate_limited"
+    ]
+    paused = events.matching("paused", error="rate_limited")
+    assert errors
+    assert events.matching("disconnected") == []
+    assert len(paused) == len(errors)
+    assert paused[0]["retry_after_s"] == errors[0][1]["retry_after"]
+    for sent_at, error in errors:
+        next_frames = [
+            arrived_at
+            for arrived_at, _ in relay.to_hub
+            if arrived_at > sent_at + IN_FLIGHT_S
+        ]
+        assert next_frames
+        assert next_frames[0] - sent_at >= error["retry_after"]
+    async with session_factory() as db:
+        stored = await db.scalar(
+            select(func.count())
+            .select_from(SMSMessage)
+            .where(
+                SMSMessage.user_id == user_id,
+                SMSMessage.type == MessageType.INCOMING.value,
+            )
+        )
+    assert stored == RATE_LIMITED_INCOMING

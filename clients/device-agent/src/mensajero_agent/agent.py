@@ -5,8 +5,11 @@ SendingBackend and reports `sending`, then `sent` or `failed`, then `delivered`.
 a schedule, uploads incoming SMS until the hub acknowledges them, and reconnects with
 exponential backoff and full jitter when the connection drops. Every frame goes out in
 order through one writer per connection, paced to the frame rate that the hub announces
-in its register ack (see mensajero_agent.pacing). After close code 4030 (too
-many failed authentications from its address) it waits the hub's `retry_after` instead.
+in its register ack (see mensajero_agent.pacing). The `retry_after` of a hub's `error`
+frame is honoured: after `rate_limited` the agent sends nothing for that long and then
+sends the unacknowledged frames again, and if the hub closes the connection it reconnects
+no sooner. After close code 4030 (too many failed authentications from its address) it
+waits the `retry_after` of the `too_many_auth_failures` error plus a random spread.
 
 Reports and incoming SMS wait in an outbox until their `ack` arrives and are sent again
 after each reconnect, because the hub applies each of them once however often it gets
@@ -208,9 +211,9 @@ class Agent:
         self._claims: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._pong_waiter: asyncio.Future[None] | None = None
         self._ping_interval_s = config.ping_interval_s or 60.0
-        # Seconds to wait before reconnecting, from the hub's `too_many_auth_failures`
-        # error on the current connection, or None when it sent none.
-        self._retry_after_s: float | None = None
+        # Event-loop time until which the hub asked the agent to wait: the latest end of
+        # the `retry_after` of its errors on the current connection, or None.
+        self._retry_at_s: float | None = None
         # `reason` of the hub's `invalid_api_key` error on the current connection.
         self._key_error_reason: str | None = None
         self.device_id: str | None = None
@@ -239,6 +242,7 @@ class Agent:
                     self.config.backoff_max_s,
                     self._random,
                 )
+                retry_after_left_s = self._retry_after_left_s()
                 if code == CLOSE_SERVICE_RESTART:
                     attempt = 0
                     delay_s = self._random.uniform(
@@ -246,8 +250,10 @@ class Agent:
                     )
                 elif code == CLOSE_AUTH_THROTTLED:
                     delay_s = throttled_delay_s(
-                        self._retry_after_s, self.config.backoff_max_s, self._random
+                        retry_after_left_s, self.config.backoff_max_s, self._random
                     )
+                if retry_after_left_s is not None:
+                    delay_s = max(delay_s, retry_after_left_s)
                 self._emit(
                     "disconnected",
                     code=code,
@@ -301,7 +307,7 @@ class Agent:
         """Hold one connection until it ends; return its close code, reason and whether
         the hub acknowledged the register on it."""
         self.registered.clear()
-        self._retry_after_s = None
+        self._retry_at_s = None
         self._key_error_reason = None
         headers = {}
         if self.config.language:
@@ -452,8 +458,8 @@ class Agent:
             request_id=request_id,
         )
         retry_after = frame.get("retry_after")
-        if code == "too_many_auth_failures" and isinstance(retry_after, int | float):
-            self._retry_after_s = max(float(retry_after), 0.0)
+        if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
+            self._wait_retry_after(code, max(float(retry_after), 0.0))
         reason = frame.get("reason")
         if code == "invalid_api_key" and isinstance(reason, str):
             self._key_error_reason = reason
@@ -461,6 +467,36 @@ class Agent:
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)
             self._answer_claim(request_id, frame)
+
+    def _wait_retry_after(self, code: object, retry_after_s: float) -> None:
+        """Send nothing for `retry_after_s` after `rate_limited`, and reconnect no sooner
+        if the hub closes the connection.
+
+        A rate-limited frame was not applied, and its error has no request_id, so every
+        report and incoming SMS written and not acknowledged yet goes again after the
+        wait, and so does a ping still waiting for its pong. The hub applies each report
+        and incoming SMS once, so a second copy of one that it did accept changes
+        nothing.
+        """
+        now_s = asyncio.get_running_loop().time()
+        self._retry_at_s = max(self._retry_at_s or now_s, now_s + retry_after_s)
+        pacer, outgoing = self._pacer, self._outgoing
+        if code != "rate_limited" or pacer is None or outgoing is None:
+            return
+
+        pacer.pause_until(self._retry_at_s, now_s)
+        self._emit("paused", error=code, retry_after_s=retry_after_s)
+        for request_id in list(self._outbox):
+            if request_id in self._sent_at_s:
+                self._send_outbox_item(request_id)
+        if self._pong_waiter is not None and not self._pong_waiter.done():
+            outgoing.put_nowait(_Outgoing(frame={"type": "ping"}))
+
+    def _retry_after_left_s(self) -> float | None:
+        """Return the seconds left of the hub's `retry_after`, or None if it sent none."""
+        if self._retry_at_s is None:
+            return None
+        return max(0.0, self._retry_at_s - asyncio.get_running_loop().time())
 
     # Tasks.
 
@@ -745,12 +781,13 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             item = await outgoing.get()
-            # One sleep is enough: the rate changes only on the register ack, and
-            # nothing but `register` is queued before it. A token taken a moment early
-            # leaves the bucket below 0, which delays the next frame by as much.
+            # A `rate_limited` error can pause the pacer during the sleep, so the delay
+            # is read again after it. A token taken a moment early leaves the bucket
+            # below 0, which delays the next frame by as much.
             delay_s = pacer.delay_s(loop.time())
-            if delay_s > 0:
+            while delay_s > 0:
                 await asyncio.sleep(delay_s)
+                delay_s = pacer.delay_s(loop.time())
 
             frame = item.frame
             if item.request_id is not None:

@@ -1,7 +1,7 @@
 """`mensajero-agent`: run a simulated phone against a device-hub.
 
 Prints one JSON line per event on stdout (connected, registered, task, task_dropped,
-report, report_ack, incoming, incoming_ack, error, disconnected, stopped) so that scripts and
+report, report_ack, incoming, incoming_ack, error, paused, disconnected, stopped) so that scripts and
 demos can follow it. Exit status: 0 after a stop (Ctrl-C, SIGTERM, --run-for-s), 2 on an
 invalid API key, a disabled device or account (close code 4001), or bad options, 3 when
 the key was revoked or another connection with the same key replaced this one.

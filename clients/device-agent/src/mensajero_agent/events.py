@@ -2,8 +2,9 @@
 
 Every event is a dict with `event` (its name), `at` (ISO 8601 UTC) and its own fields:
 connected, registered, task, task_dropped (a task the server took back before it was
-sent), report, report_ack, incoming, incoming_ack, error, disconnected, stopped. The
-command line prints each one as a JSON line.
+sent), report, report_ack, incoming, incoming_ack, error, paused (sending stopped for
+the `retry_after_s` of a `rate_limited` error), disconnected, stopped. The command line
+prints each one as a JSON line.
 """
 
 import asyncio

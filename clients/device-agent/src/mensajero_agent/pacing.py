@@ -46,12 +46,24 @@ class FramePacer:
         self._rate_per_s = rate_per_s
         self._tokens = min(self._tokens, self._capacity)
 
+    def pause_until(self, until_s: float, now_s: float) -> None:
+        """Let no frame out before `until_s`, and hold at most one token then.
+
+        Tokens stop flowing in until `until_s`: after a `rate_limited` error the hub's
+        own bucket holds only what flowed in during the pause, so a burst right after it
+        would be rejected again.
+        """
+        self._refill(now_s)
+        self._tokens = min(self._tokens, 1.0)
+        self._updated_at_s = max(self._updated_at_s, until_s)
+
     def delay_s(self, now_s: float) -> float:
         """Return the seconds until a frame may be sent: 0 when a token is there now."""
         self._refill(now_s)
+        paused_s = max(0.0, self._updated_at_s - now_s)
         if self._tokens >= 1:
-            return 0.0
-        return (1 - self._tokens) / self._rate_per_s
+            return paused_s
+        return paused_s + (1 - self._tokens) / self._rate_per_s
 
     def take(self, now_s: float) -> None:
         """Take the token of a frame being sent; call it only when `delay_s` returns 0."""
@@ -59,7 +71,10 @@ class FramePacer:
         self._tokens -= 1
 
     def _refill(self, now_s: float) -> None:
-        elapsed_s = max(0.0, now_s - self._updated_at_s)
+        # `_updated_at_s` lies ahead of `now_s` during a pause.
+        if now_s <= self._updated_at_s:
+            return
+        elapsed_s = now_s - self._updated_at_s
         self._tokens = min(self._capacity, self._tokens + elapsed_s * self._rate_per_s)
         self._updated_at_s = now_s
 
