@@ -24,6 +24,7 @@ from mensajero_common.webhook_transport import (
 from mensajero_common.webhooks import (
     AttemptResult,
     UnsafeWebhookURLError,
+    check_addresses,
     check_url_syntax,
     check_url_target,
     generate_secret,
@@ -78,6 +79,16 @@ def test_sign_standard_uses_decoded_whsec_key() -> None:
         ("https://169.254.169.254/latest/meta-data", "private_address"),
         ("https://[::1]/hook", "private_address"),
         ("https://[::ffff:10.0.0.1]/hook", "private_address"),
+        # IPv6 forms that carry a private IPv4 address for a translator or a tunnel.
+        ("https://[64:ff9b::a00:1]/hook", "private_address"),
+        ("https://[64:ff9b::7f00:1]/hook", "private_address"),
+        ("https://[64:ff9b:1::808:808]/hook", "private_address"),
+        ("https://[2002:c0a8:101::]/hook", "private_address"),
+        ("https://[2002:7f00:1::]/hook", "private_address"),
+        ("https://[::c0a8:101]/hook", "private_address"),
+        ("https://[::127.0.0.1]/hook", "private_address"),
+        ("https://[::ffff:0:7f00:1]/hook", "private_address"),
+        ("https://[::ffff:0:a9fe:a9fe]/hook", "private_address"),
         ("https://[fd00:ec2::254]/hook", "private_address"),
         ("https://100.64.0.1/hook", "private_address"),
         ("https://localhost/hook", "private_address"),
@@ -89,6 +100,14 @@ async def test_check_url_target_rejects(url: str, reason: str) -> None:
         await check_url_target(url, require_https=True, allow_private=False)
 
     assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "2606:4700:4700::1111", "64:ff9b::808:808", "2002:808:808::1"],
+)
+def test_check_addresses_accepts_public(address: str) -> None:
+    check_addresses("https://example.com/hook", [address])
 
 
 @pytest.mark.parametrize(

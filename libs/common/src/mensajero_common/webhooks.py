@@ -114,9 +114,38 @@ class UnsafeWebhookURLError(ValueError):
         return f"webhook URL rejected ({self.reason}): {self.url}"
 
 
+# IPv6 ranges whose last 32 bits are an IPv4 address that a router or a translator on
+# the path may deliver to: IPv4-compatible (RFC 4291), IPv4-translated (RFC 2765) and the
+# NAT64 well-known prefix (RFC 6052). The IPv4-mapped range has `ipv4_mapped`.
+_EMBEDDING_IPV4 = (
+    ipaddress.IPv6Network("::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("64:ff9b::/96"),
+)
+# The NAT64 prefix for local use (RFC 8215) leads only to networks of the host's own
+# operator, so no address in it is public.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """Return the IPv4 address that `address` carries for a translator, if any."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    # :: and ::1 are the IPv6 unspecified and loopback addresses, not IPv4 ones.
+    if int(address) > 1 and any(address in network for network in _EMBEDDING_IPV4):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return False
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            address = embedded
     # is_global is False for loopback, RFC 1918, link-local (169.254.0.0/16, where cloud
     # metadata services listen), unique-local, shared (100.64.0.0/10) and reserved ranges.
     return address.is_global and not address.is_multicast
