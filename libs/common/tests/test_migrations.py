@@ -196,7 +196,10 @@ def test_migration_keeps_sweep_index_off_in_flight_counts(
     command.downgrade(alembic_config(scratch_database_url), "0013")
     downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
 
-    assert "type)::text = 'outgoing'" in upgraded["ix_smsmessage_updated_at_open"]
+    assert (
+        "(type)::text || ''::text) = 'outgoing'"
+        in upgraded["ix_smsmessage_updated_at_open"]
+    )
     assert "'outgoing'" not in downgraded["ix_smsmessage_updated_at_open"]
     assert "ix_smsmessage_updated_at_open_new" not in upgraded
     assert "ix_smsmessage_updated_at_open_new" not in downgraded

@@ -303,3 +303,41 @@ async def test_in_flight_count_skips_pending_backlog(pg_connection) -> None:
     # In-flight messages (other tests running meanwhile may have some), not the backlog.
     read = _rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
     assert read <= in_flight_in_table + 10
+
+
+async def test_waiting_check_skips_other_users_backlog(pg_connection) -> None:
+    # Statistics from before the backlog, as in the test above. The check then read every
+    # open message through the recovery sweep's index, looking for one of this user.
+    connection = pg_connection
+    device_id = uuid.uuid4()
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        user_id = await _insert_user(connection, online=True, device_id=device_id)
+        history = [
+            (user_id, "delivered", BACKLOG_START + timedelta(seconds=index), None, 1)
+            for index in range(BACKLOG)
+        ]
+        await _insert_messages(connection, history)
+        other_user_id = await _insert_user(connection, online=False)
+        backlog = [
+            (
+                other_user_id,
+                "pending",
+                BACKLOG_START + timedelta(seconds=index),
+                None,
+                0,
+            )
+            for index in range(BACKLOG)
+        ]
+        await _insert_messages(connection, backlog, analyze=False)
+        sql = str(
+            device_repository.waiting_messages_statement([device_id]).compile(
+                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+            )
+        )
+        plan = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+    finally:
+        await transaction.rollback()
+
+    assert _rows_read(json.loads(plan)[0]["Plan"], "smsmessage") <= 10

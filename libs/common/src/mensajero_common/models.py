@@ -298,13 +298,15 @@ class SMSMessage(Base):
             ),
         ),
         # The recovery sweep pages through messages that are not final, oldest change first.
-        # The type test removes no row (only outgoing messages are open), but it keeps the
-        # in-flight count off this index, where it read every pending message.
+        # The type test removes no row (only outgoing messages are open), and no other
+        # query writes it this way, so only the sweep can use this index. Others that did
+        # read every pending message through it (see migration 0014).
         Index(
             "ix_smsmessage_updated_at_open",
             "updated_at",
             postgresql_where=text(
-                "status IN ('pending', 'assigned', 'sending') AND type = 'outgoing'"
+                "status IN ('pending', 'assigned', 'sending')"
+                " AND (type || '') = 'outgoing'"
             ),
         ),
         # The dispatcher counts the in-flight messages of every device on each

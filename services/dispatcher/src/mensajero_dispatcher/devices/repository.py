@@ -4,7 +4,7 @@ import uuid
 from collections.abc import Collection
 from datetime import timedelta
 
-from sqlalchemy import Select, exists, func, literal_column, or_, select, update
+from sqlalchemy import Select, func, literal_column, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_common.models import (
@@ -53,21 +53,32 @@ def waiting_messages_statement(
     """Build the statement of find_online_devices_with_waiting_messages.
 
     The statuses are written into the SQL instead of bound, so that a generic plan of the
-    prepared statement can use the partial index of waiting messages too.
+    prepared statement can use the partial index of waiting messages too. The test of
+    each user's messages is a LATERAL subquery with a LIMIT, which Postgres cannot turn
+    into a join. As an EXISTS, on statistics taken before a backlog, the planner read
+    every waiting message of all users and matched the user afterwards.
     """
-    waiting = exists().where(
-        SMSMessage.user_id == SMSDevice.user_id,
-        SMSMessage.type == MessageType.OUTGOING,
-        SMSMessage.status.in_(
-            [
-                literal_column(f"'{status.value}'")
-                for status in (MessageStatus.PENDING, MessageStatus.ASSIGNED)
-            ]
-        ),
+    waiting = (
+        select(literal_column("1").label("waiting"))
+        .where(
+            SMSMessage.user_id == SMSDevice.user_id,
+            SMSMessage.type == MessageType.OUTGOING,
+            SMSMessage.status.in_(
+                [
+                    literal_column(f"'{status.value}'")
+                    for status in (MessageStatus.PENDING, MessageStatus.ASSIGNED)
+                ]
+            ),
+        )
+        .limit(1)
+        .lateral("waiting")
     )
-    return select(SMSDevice.id).where(
-        SMSDevice.id.in_(device_ids),
-        SMSDevice.status == DeviceStatus.ONLINE,
-        SMSDevice.is_active.is_(True),
-        waiting,
+    return (
+        select(SMSDevice.id)
+        .join(waiting, true())
+        .where(
+            SMSDevice.id.in_(device_ids),
+            SMSDevice.status == DeviceStatus.ONLINE,
+            SMSDevice.is_active.is_(True),
+        )
     )

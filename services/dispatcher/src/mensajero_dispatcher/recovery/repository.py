@@ -35,7 +35,8 @@ class StaleMessage:
 # parameters. Bound, they left that plan to scan the whole table and sort every open
 # message, on every page.
 _IS_OPEN_OUTGOING = and_(
-    SMSMessage.type == literal_column(f"'{MessageType.OUTGOING.value}'"),
+    SMSMessage.type.concat(literal_column("''"))
+    == literal_column(f"'{MessageType.OUTGOING.value}'"),
     SMSMessage.status.in_([literal_column(f"'{status}'") for status in OPEN_STATUSES]),
 )
 
