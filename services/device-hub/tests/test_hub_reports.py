@@ -114,12 +114,22 @@ def part(number: int, parts: int, status: str) -> PartReport:
         ([part(2, 2, "delivered"), part(1, 2, "delivered")], MessageStatus.DELIVERED),
         ([part(1, 3, "sent"), part(3, 3, "failed")], MessageStatus.FAILED),
         ([part(1, 2, "sending")], MessageStatus.SENDING),
+        ([part(1, 2, "failed")], MessageStatus.SENDING),
+        ([part(1, 2, "failed"), part(2, 2, "failed")], MessageStatus.FAILED),
+        ([part(2, 3, "failed"), part(3, 3, "sending")], MessageStatus.SENDING),
     ],
 )
 def test_aggregate_parts_cases(
     reports: list[PartReport], expected: MessageStatus
 ) -> None:
     assert aggregate_parts(reports)[0] == expected
+
+
+def test_aggregate_parts_failed_part_went_out() -> None:
+    status, error = aggregate_parts([part(1, 2, "failed")], went_out=True)
+
+    assert status == MessageStatus.FAILED
+    assert error == "part 1/2: E"
 
 
 def test_aggregate_parts_names_failed_part() -> None:
@@ -287,6 +297,137 @@ async def test_failed_part_after_sent_part_is_final(
     assert ack["status"] == "failed"
     assert row.status == MessageStatus.FAILED
     assert row.error == "part 2/2: NULL_PDU"
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+
+
+async def part_rows(sessions: Sessions, message_id: uuid.UUID) -> list[tuple[int, str]]:
+    async with sessions() as db:
+        rows = await db.execute(
+            select(SMSMessagePart.part, SMSMessagePart.status)
+            .where(SMSMessagePart.message_id == message_id)
+            .order_by(SMSMessagePart.part)
+        )
+        return [tuple(item) for item in rows.all()]
+
+
+async def test_failed_part_waits_for_other_parts(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device, body="a" * 200)
+    await push_task(redis, redis_keys, device, message)
+    multipart = {"parts": 2, "attempt": 1}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await receive_type(socket, "task")
+        sending = await report(socket, message.id, status="sending", attempt=1)
+        failed = await report(
+            socket, message.id, status="failed", part=1, error="GENERIC", **multipart
+        )
+        waiting = await load_message(session_factory, message.id)
+        sent = await report(socket, message.id, status="sent", part=2, **multipart)
+
+    row = await load_message(session_factory, message.id)
+    assert sending["status"] == "sending"
+    # Part 2 may still go out, so a retry now could send it twice.
+    assert failed["status"] == "sending"
+    assert waiting.status == MessageStatus.SENDING
+    assert waiting.next_attempt_at is None
+    assert sent["status"] == "failed"
+    assert sent["attempt"] == 1
+    assert row.status == MessageStatus.FAILED
+    assert row.error == "part 1/2: GENERIC"
+    assert row.attempts == 1
+    assert row.next_attempt_at is None
+    assert row.failed_at is not None
+    assert await part_rows(session_factory, message.id) == [
+        (1, "failed"),
+        (2, "sent"),
+    ]
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+    assert await queued_attempts(redis, redis_keys, device) == []
+    attempts = await attempt_rows(session_factory, message.id)
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.FAILED, "part 1/2: GENERIC")
+    ]
+
+
+async def test_all_parts_failed_queue_retry(
+    hub_url: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device, body="a" * 200)
+    await push_task(redis, redis_keys, device, message)
+    multipart = {"parts": 2, "attempt": 1}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await receive_type(socket, "task")
+        first = await report(
+            socket, message.id, status="failed", part=2, error="NO_SERVICE", **multipart
+        )
+        second = await report(
+            socket, message.id, status="failed", part=1, error="GENERIC", **multipart
+        )
+
+    row = await load_message(session_factory, message.id)
+    assert first["status"] == "sending"
+    assert second["status"] == "pending"
+    assert row.status == MessageStatus.PENDING
+    assert row.error == "part 1/2: GENERIC"
+    assert row.next_attempt_at is not None
+    assert await event_names(session_factory, message.id) == []
+    assert await queued_attempts(redis, redis_keys, device) == []
+
+
+async def test_whole_failed_with_unreported_part_is_final(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device, body="a" * 200)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await report(
+            socket, message.id, status="failed", part=1, parts=2, error="GENERIC"
+        )
+        ack = await report(socket, message.id, status="failed", error="GENERIC")
+
+    row = await load_message(session_factory, message.id)
+    # No report shows whether part 2 went out, so the failure cannot be retried.
+    assert ack["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.next_attempt_at is None
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+
+
+@pytest.mark.parametrize(
+    "order",
+    [("sent", "failed"), ("failed", "sent")],
+    ids=["sent_first", "failed_first"],
+)
+async def test_failed_part_that_went_out_is_final(
+    hub_url: str, session_factory: Sessions, order: tuple[str, str]
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device, body="a" * 200)
+    multipart = {"part": 1, "parts": 2, "attempt": 1}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        for status in order:
+            ack = await report(
+                socket, message.id, status=status, error="DELIVERY_FAILED", **multipart
+            )
+
+    row = await load_message(session_factory, message.id)
+    # A `failed` part that was also reported `sent` failed its delivery after it went
+    # out, so a retry would send it twice.
+    assert ack["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.next_attempt_at is None
+    assert row.error == "part 1/2: DELIVERY_FAILED"
     assert await event_names(session_factory, message.id) == ["sms_failed"]
 
 

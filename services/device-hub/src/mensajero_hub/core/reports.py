@@ -8,11 +8,15 @@ apply one at a time whatever connection or hub they arrive on. Then:
   another device;
 - a message that is not in flight (`pending` for a retry, or final) does not change;
 - a part report is stored per part, forward-only, and the message takes the aggregate of
-  its parts: any part failed → failed, every part delivered → delivered, every part
-  sent or delivered → sent, else sending. The order the parts arrive in does not matter;
+  its parts (see aggregate_parts). The order the parts arrive in does not matter. A
+  failed part leaves the message `sending` until every part has reported, unless a
+  part went out, because an unreported part may still go out and a retry would send it
+  twice. The dispatcher ends a message whose parts never all report after
+  TASK_REPORT_TIMEOUT_S, without a retry;
 - `failed` ends the attempt, and the message is retried or ends `failed`
   (mensajero_common.message_attempts decides which). A message that has a part `sent`
-  or `delivered` is never retried, even on a report of the whole message;
+  or `delivered`, or that has part reports but not of every part, is never retried, even
+  on a report of the whole message;
 - `expired` (the phone skipped a task past its `expires_at`) ends the message `expired`,
   unless the SMS or one of its parts went out, in which case it changes nothing;
 - `sending`, `sent` and `delivered` move the message forward.
@@ -76,13 +80,25 @@ class ReportOutcome:
     moved_away: bool = False
 
 
-def aggregate_parts(parts: Sequence[PartReport]) -> tuple[MessageStatus, str | None]:
-    """Return the status and error of a message from the reports of its parts."""
+def aggregate_parts(
+    parts: Sequence[PartReport], *, went_out: bool = False
+) -> tuple[MessageStatus, str | None]:
+    """Return the status and error of a message from the reports of its parts.
+
+    A failed part makes the message `failed` once every part has reported, or once a
+    part went out, since no retry can follow then. Before that the message stays
+    `sending`, so that no retry starts while an unreported part may still go out.
+    `went_out` is set when a part went out although no report shows it now: `sent_at`
+    is set, or a part's `sent` was replaced by its `failed` delivery report.
+    """
     total = max(report.parts for report in parts)
-    for report in sorted(parts, key=lambda item: item.part):
-        if report.status is MessageStatus.FAILED:
-            return MessageStatus.FAILED, f"part {report.part}/{total}: {report.error}"
-    if len(parts) >= total:
+    complete = len(parts) >= total
+    went_out = went_out or any(report.status in SENT_STATUSES for report in parts)
+    failed = [report for report in parts if report.status is MessageStatus.FAILED]
+    if failed and (complete or went_out):
+        first = min(failed, key=lambda item: item.part)
+        return MessageStatus.FAILED, f"part {first.part}/{total}: {first.error}"
+    if complete:
         if all(report.status is MessageStatus.DELIVERED for report in parts):
             return MessageStatus.DELIVERED, None
         if all(report.status in SENT_STATUSES for report in parts):
@@ -90,9 +106,21 @@ def aggregate_parts(parts: Sequence[PartReport]) -> tuple[MessageStatus, str | N
     return MessageStatus.SENDING, None
 
 
+@dataclass(frozen=True)
+class StoredParts:
+    """The part reports of an attempt, after one more was stored."""
+
+    # The latest report of each part that has reported.
+    reports: list[PartReport]
+    # Whether the reported part went out, also when its stored status does not show
+    # it: a `failed` delivery report replaced its `sent`, or forward-only storage
+    # dropped a `sent` that came after its `failed`.
+    part_went_out: bool
+
+
 async def _store_part(
     db: AsyncSession, message: LockedMessage, frame: SmsReportFrame
-) -> list[PartReport]:
+) -> StoredParts:
     """Store one part's report forward-only; return every part report of the attempt.
 
     Raises FrameRejectedError (invalid_frame) and writes nothing when `parts` differs
@@ -120,8 +148,11 @@ async def _store_part(
             reason=INVALID_FRAME_PARTS_MISMATCH,
             parts=max(stored_parts),
         )
-    current = next((row.status for row in stored if row.part == frame.part), None)
-    if current is None or can_transition(MessageStatus(current), status):
+    current = next(
+        (MessageStatus(row.status) for row in stored if row.part == frame.part), None
+    )
+    part_went_out = current in SENT_STATUSES or status in SENT_STATUSES
+    if current is None or can_transition(current, status):
         values = {
             "parts": frame.parts,
             "status": status.value,
@@ -151,24 +182,28 @@ async def _store_part(
             )
         )
     ).all()
-    return [
+    reports = [
         PartReport(row.part, row.parts, MessageStatus(row.status), row.error)
         for row in rows
     ]
+    return StoredParts(reports, part_went_out)
 
 
-async def _any_part_went_out(db: AsyncSession, message: LockedMessage) -> bool:
-    """Return whether a part of the current attempt was reported `sent` or `delivered`."""
+async def _parts_may_have_gone_out(db: AsyncSession, message: LockedMessage) -> bool:
+    """Return whether a part of the current attempt was reported `sent` or `delivered`,
+    or may still go out because part reports exist but not of every part."""
     statement = select(
-        select(SMSMessagePart.part)
-        .where(
-            SMSMessagePart.message_id == message.id,
-            SMSMessagePart.attempt_number == message.current_attempt,
-            SMSMessagePart.status.in_([status.value for status in SENT_STATUSES]),
-        )
-        .exists()
+        func.count(),
+        func.max(SMSMessagePart.parts),
+        func.count().filter(
+            SMSMessagePart.status.in_([status.value for status in SENT_STATUSES])
+        ),
+    ).where(
+        SMSMessagePart.message_id == message.id,
+        SMSMessagePart.attempt_number == message.current_attempt,
     )
-    return bool((await db.execute(statement)).scalar_one())
+    reported, parts, sent = (await db.execute(statement)).one()
+    return sent > 0 or (reported > 0 and reported < parts)
 
 
 async def _attempt_of_device(
@@ -354,14 +389,17 @@ async def apply_report(
     went_out = message.sent_at is not None
     parts: int | None = None
     if frame.part is not None and status is not MessageStatus.EXPIRED:
-        reports = await _store_part(db, message, frame)
-        status, error = aggregate_parts(reports)
-        parts = max(report.parts for report in reports)
-        went_out = went_out or any(report.status in SENT_STATUSES for report in reports)
+        stored = await _store_part(db, message, frame)
+        went_out = went_out or stored.part_went_out
+        status, error = aggregate_parts(stored.reports, went_out=went_out)
+        parts = max(report.parts for report in stored.reports)
+        went_out = went_out or any(
+            report.status in SENT_STATUSES for report in stored.reports
+        )
     elif status in (MessageStatus.FAILED, MessageStatus.EXPIRED) and not went_out:
-        # A report of the whole message can follow part reports. A part that went out
-        # rules out a retry, as `sent_at` does.
-        went_out = await _any_part_went_out(db, message)
+        # A report of the whole message can follow part reports. A part that went out,
+        # or one not yet reported, rules out a retry, as `sent_at` does.
+        went_out = await _parts_may_have_gone_out(db, message)
 
     if status is MessageStatus.EXPIRED:
         outcome = await _apply_expired(db, settings, message, went_out)
