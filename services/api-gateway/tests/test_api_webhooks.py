@@ -18,6 +18,7 @@ from mensajero_api.webhooks.service import MAX_WEBHOOKS_PER_USER
 from mensajero_common.models import WebhookConfig, WebhookDelivery
 from mensajero_common.settings import Settings
 from mensajero_common.testing import RebindingDNS, WebhookReceiver, scaled, serve_app
+from mensajero_common.webhook_outbox import record_message_event
 from mensajero_common.webhooks import DISABLED_GONE, EVENTS, verify
 from mensajero_webhooks.delivery import repository as sender_repository
 
@@ -282,6 +283,90 @@ async def test_webhook_test_reports_answer_and_logs_it(
     assert items[0]["event"] == "webhook_test"
     assert items[0]["status"] == "succeeded"
     assert items[0]["attempts"][0]["status_code"] == 202
+    assert items[0]["last_error"] is None
+
+
+async def test_webhook_test_delivery_timestamps_in_order(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    owner = await make_user()
+    receiver = WebhookReceiver([200])
+    async with serve_app(receiver) as base_url:
+        created = await client.post(
+            WEBHOOKS_URL, json={"url": f"{base_url}/hook"}, headers=owner.headers
+        )
+        webhook_id = created.json()["data"]["id"]
+        tested = await client.post(
+            f"{WEBHOOKS_URL}/{webhook_id}/test", headers=owner.headers
+        )
+
+    log = await client.get(
+        f"{WEBHOOKS_URL}/{webhook_id}/deliveries", headers=owner.headers
+    )
+
+    assert tested.status_code == 200, tested.text
+    delivery = log.json()["data"]["items"][0]
+    attempt = delivery["attempts"][0]
+    created_at = datetime.fromisoformat(delivery["created_at"])
+    started_at = datetime.fromisoformat(attempt["started_at"])
+    completed_at = datetime.fromisoformat(delivery["completed_at"])
+    assert created_at <= started_at
+    assert started_at <= completed_at
+    assert completed_at - started_at <= timedelta(
+        milliseconds=attempt["duration_ms"] + 1
+    )
+
+
+async def _record_received_event(
+    session: AsyncSession, owner: ApiUser
+) -> list[uuid.UUID]:
+    return await record_message_event(
+        session,
+        event="sms_received",
+        user_id=owner.id,
+        message_id=uuid.uuid4(),
+        from_number="+34600000000",
+        to_number=None,
+        body="Hola",
+        timestamp=datetime.now(UTC),
+        device_id=None,
+    )
+
+
+async def test_deliveries_show_why_cancelled(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    created = await client.post(
+        WEBHOOKS_URL, json={"url": "http://127.0.0.1:9/hook"}, headers=owner.headers
+    )
+    webhook_id = created.json()["data"]["id"]
+    async with session_factory() as session:
+        [unsubscribed] = await _record_received_event(session, owner)
+        [disabled] = await _record_received_event(session, owner)
+        await session.commit()
+        # The webhook-sender's own SQL, as it runs for a delivery of an event that the
+        # webhook no longer takes, and after a 410 Gone.
+        await sender_repository.cancel(session, unsubscribed, "unsubscribed")
+        await session.commit()
+    async with sender_repository.pooled_connection(
+        session_factory.kw["bind"]
+    ) as connection:
+        await sender_repository.disable_webhook(
+            connection, uuid.UUID(webhook_id), DISABLED_GONE
+        )
+
+    log = await client.get(
+        f"{WEBHOOKS_URL}/{webhook_id}/deliveries", headers=owner.headers
+    )
+
+    assert log.status_code == 200, log.text
+    items = {item["id"]: item for item in log.json()["data"]["items"]}
+    assert set(items) == {str(unsubscribed), str(disabled)}
+    assert items[str(unsubscribed)]["status"] == "cancelled"
+    assert items[str(unsubscribed)]["last_error"] == "unsubscribed"
+    assert items[str(disabled)]["status"] == "cancelled"
+    assert items[str(disabled)]["last_error"] == "webhook_disabled"
 
 
 @contextlib.asynccontextmanager

@@ -150,6 +150,13 @@ class DeliveryPublic(BaseModel):
     status: str
     attempts: list[AttemptPublic]
     next_attempt_at: datetime | None
+    last_error: str | None = Field(
+        description="The error of the latest attempt that got no response (`timeout`, "
+        "`connection_error: <kind>`, or why the URL was rejected, such as "
+        "`private_address`), or why a cancelled delivery was not sent: `unsubscribed` "
+        "(the webhook no longer takes its event) or `webhook_disabled`. Null otherwise.",
+        examples=["unsubscribed"],
+    )
     created_at: datetime
     completed_at: datetime | None
 

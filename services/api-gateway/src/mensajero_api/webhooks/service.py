@@ -9,7 +9,7 @@ import binascii
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import structlog
@@ -287,6 +287,9 @@ async def send_test_event(
     webhook = await get_webhook(session, user, webhook_id)
     await session.commit()
     event_id = uuid.uuid4()
+    # The rows are inserted after the POST, so the database's now() would date them
+    # after the attempt. They are dated when the event was made, before the attempt.
+    created_at = datetime.now(UTC)
     body = build_event_body(
         event=TEST_EVENT,
         event_id=event_id,
@@ -294,7 +297,7 @@ async def send_test_event(
         from_number=None,
         to_number=None,
         body="Mensajero webhook test",
-        timestamp=datetime.now(UTC),
+        timestamp=created_at,
         device_id=None,
     )
     result = await post_event(
@@ -315,7 +318,11 @@ async def send_test_event(
     )
     started_at = datetime.fromtimestamp(result.started_at, UTC)
     event = WebhookEvent(
-        id=event_id, user_id=user.id, event=TEST_EVENT, body=body.decode()
+        id=event_id,
+        user_id=user.id,
+        event=TEST_EVENT,
+        body=body.decode(),
+        created_at=created_at,
     )
     delivery = WebhookDelivery(
         event_id=event_id,
@@ -325,7 +332,9 @@ async def send_test_event(
         attempts=1,
         last_status_code=result.status_code,
         last_error=result.error,
-        completed_at=datetime.now(UTC),
+        created_at=created_at,
+        # The end of the attempt, so never before its start.
+        completed_at=started_at + timedelta(milliseconds=result.duration_ms),
     )
     session.add(event)
     await session.flush()
@@ -389,6 +398,7 @@ async def list_deliveries(
                 if delivery.status == WebhookDeliveryStatus.PENDING
                 else None
             ),
+            last_error=delivery.last_error,
             created_at=delivery.created_at,
             completed_at=delivery.completed_at,
         )
