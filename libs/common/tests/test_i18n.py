@@ -66,6 +66,28 @@ def test_translate_formats_fields() -> None:
             "Your plan allows 3 devices and all of them are registered.",
         ),
         (
+            "quota_exceeded_devices",
+            {"limit": 0},
+            "Tu plan no permite ningún dispositivo.",
+            "Your plan allows no devices.",
+        ),
+        (
+            "quota_exceeded_devices_over_limit",
+            {"limit": 1, "used": 3, "to_delete": 3},
+            "Tu plan permite 1 dispositivo y tienes 3 registrados, más de los que "
+            "permite (por ejemplo, tras pasar a un plan menor). Para registrar otro, "
+            "elimina 3 que ya no uses",
+            "Your plan allows 1 device and you have 3 registered, more than it allows "
+            "(after a move to a smaller plan, for example). To register another, "
+            "delete 3 you no longer use",
+        ),
+        (
+            "quota_exceeded_devices_over_limit",
+            {"limit": 3, "used": 10, "to_delete": 8},
+            "Tu plan permite 3 dispositivos y tienes 10 registrados,",
+            "Your plan allows 3 devices and you have 10 registered,",
+        ),
+        (
             "quota_exceeded_sms",
             {"limit": 1},
             "Tu plan permite 1 SMS al mes y ya lo has enviado.",

@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.envelope import QuotaErrorBody
+from mensajero_api.quotas.service import device_quota_exceeded
 from mensajero_common.models import SMSDevice, SMSMessage, User, UserPlan, UserQuota
 from mensajero_common.quota_period import current_period_start, next_quota_reset
 from mensajero_common.settings import Settings
@@ -221,6 +222,75 @@ async def test_device_limit_edge(client: AsyncClient, make_user: MakeUser) -> No
         "/api/v1/sms/plans)."
     )
     assert (body["limit"], body["used"], body["available"]) == (3, 3, 0)
+
+
+@pytest.mark.parametrize(
+    ("language", "message"),
+    [
+        (
+            "es",
+            "Tu plan permite 1 dispositivo y tienes 3 registrados, más de los que "
+            "permite (por ejemplo, tras pasar a un plan menor). Para registrar otro, "
+            "elimina 3 que ya no uses (DELETE /api/v1/sms/devices/<id>) o pide al "
+            "administrador de este servidor Mensajero un plan con más dispositivos "
+            "(los planes están en /api/v1/sms/plans).",
+        ),
+        (
+            "en",
+            "Your plan allows 1 device and you have 3 registered, more than it allows "
+            "(after a move to a smaller plan, for example). To register another, "
+            "delete 3 you no longer use (DELETE /api/v1/sms/devices/<id>) or ask the "
+            "administrator of this Mensajero server for a plan with more devices "
+            "(plans are listed at /api/v1/sms/plans).",
+        ),
+    ],
+)
+async def test_device_limit_after_downgrade(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: SessionFactory,
+    language: str,
+    message: str,
+) -> None:
+    admin = await _make_superuser(make_user, session_factory)
+    owner = await make_user(plan="basic")
+    for name in ("One", "Two", "Three"):
+        await register_device(client, owner, name=name)
+    downgraded = await client.put(
+        UPGRADE_URL,
+        json={"user_id": str(owner.id), "plan": "free"},
+        headers=admin.headers,
+    )
+
+    refused = await client.post(
+        DEVICES_URL,
+        json={"name": "Four"},
+        headers={**owner.headers, "Accept-Language": language},
+    )
+
+    assert downgraded.status_code == 200, downgraded.text
+    assert refused.status_code == 429
+    body = refused.json()
+    assert body["message"] == message
+    assert (body["limit"], body["used"], body["available"]) == (1, 3, 0)
+
+
+@pytest.mark.parametrize(
+    ("limit", "used", "message"),
+    [
+        (3, 3, "Your plan allows 3 devices and all of them are registered."),
+        (1, 1, "Your plan allows 1 device and it is already registered."),
+        (2, 3, "Your plan allows 2 devices and you have 3 registered,"),
+        (0, 0, "Your plan allows no devices."),
+        (0, 2, "Your plan allows no devices."),
+    ],
+)
+def test_device_quota_message_per_count(limit: int, used: int, message: str) -> None:
+    error = device_quota_exceeded(
+        UserQuota(devices_registered=used), UserPlan(max_devices=limit)
+    )
+
+    assert error.message("en").startswith(message)
 
 
 async def test_sms_limit_edge(

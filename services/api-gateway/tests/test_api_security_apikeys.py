@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from mensajero_api.apikeys.service import MAX_ACTIVE_KEYS_PER_USER
 from mensajero_common.models import SMSMessage, User, UserApiKey
 from mensajero_common.settings import Settings
+from mensajero_common.validation_messages import VALIDATION_MESSAGES
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -156,6 +157,28 @@ async def test_create_key_invalid_body(
 
     assert response.status_code == 422
     assert response.json()["error"] == "validation_error"
+
+
+@pytest.mark.parametrize("name", ["\u202eA", "key\n2", "\u0007bell", "\u2066x\u2069"])
+async def test_create_key_rejects_control_characters(
+    client: AsyncClient, user: ApiUser, name: str
+) -> None:
+    response = await client.post(
+        API_KEYS_PATH, json={"name": name}, headers=user.headers
+    )
+    listing = await client.get(API_KEYS_PATH, headers=user.headers)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "validation_error"
+    assert response.json()["details"] == [
+        {
+            "field": "name",
+            "location": "body",
+            "message": VALIDATION_MESSAGES["string_contains_control"]["es"],
+            "type": "string_contains_control",
+        }
+    ]
+    assert listing.json()["data"]["items"] == []
 
 
 async def test_key_cannot_create_keys(client: AsyncClient, user: ApiUser) -> None:

@@ -11,6 +11,7 @@ from mensajero_api.auth.security import create_access_token
 from mensajero_api.main import create_app
 from mensajero_common.models import User, UserPlan, UserQuota
 from mensajero_common.settings import Settings
+from mensajero_common.validation_messages import VALIDATION_MESSAGES
 
 SIGNUP_URL = "/api/v1/users/signup"
 LOGIN_URL = "/api/v1/login/access-token"
@@ -274,6 +275,51 @@ async def test_update_me_invalid_region(client: AsyncClient, user: ApiUser) -> N
 
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_region"
+
+
+@pytest.mark.parametrize(
+    "full_name",
+    ["a\nb", "\u0007bell", "\u2066iso\u2069", "\u202egnp.exe", "Ana\x9b"],
+)
+async def test_full_name_rejects_control_characters(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+    full_name: str,
+) -> None:
+    signup = await client.post(
+        SIGNUP_URL,
+        json={
+            "email": "control@example.com",
+            "password": "long-enough",
+            "full_name": full_name,
+        },
+    )
+    updated = await client.patch(
+        ME_URL, json={"full_name": full_name}, headers=user.headers
+    )
+
+    expected = [
+        {
+            "field": "full_name",
+            "location": "body",
+            "message": VALIDATION_MESSAGES["string_contains_control"]["es"],
+            "type": "string_contains_control",
+        }
+    ]
+    for response in (signup, updated):
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "validation_error"
+        assert response.json()["details"] == expected
+    async with session_factory() as session:
+        signed_up = await session.scalar(
+            select(User.id).where(User.email == "control@example.com")
+        )
+        stored_name = await session.scalar(
+            select(User.full_name).where(User.id == user.id)
+        )
+    assert signed_up is None
+    assert stored_name != full_name
 
 
 async def test_first_superuser_created_at_start(

@@ -205,6 +205,20 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Tu plan permite 1 dispositivo y ya lo tienes registrado. Elimínalo si ya no lo usas (DELETE /api/v1/sms/devices/<id>) o pide al administrador de este servidor Mensajero un plan con más dispositivos (los planes están en {upgrade_url}).",
         "en": "Your plan allows 1 device and it is already registered. Delete it if you no longer use it (DELETE /api/v1/sms/devices/<id>) or ask the administrator of this Mensajero server for a plan with more devices (plans are listed at {upgrade_url}).",
     },
+    "quota_exceeded_devices.zero": {
+        "es": "Tu plan no permite ningún dispositivo. Pide al administrador de este servidor Mensajero un plan con dispositivos (los planes están en {upgrade_url}).",
+        "en": "Your plan allows no devices. Ask the administrator of this Mensajero server for a plan with devices (plans are listed at {upgrade_url}).",
+    },
+    # More devices than the plan allows, after a move to a smaller plan: `to_delete` is
+    # always 2 or more, because one deletion only brings the count down to the limit.
+    "quota_exceeded_devices_over_limit": {
+        "es": "Tu plan permite {limit} dispositivos y tienes {used} registrados, más de los que permite (por ejemplo, tras pasar a un plan menor). Para registrar otro, elimina {to_delete} que ya no uses (DELETE /api/v1/sms/devices/<id>) o pide al administrador de este servidor Mensajero un plan con más dispositivos (los planes están en {upgrade_url}).",
+        "en": "Your plan allows {limit} devices and you have {used} registered, more than it allows (after a move to a smaller plan, for example). To register another, delete {to_delete} you no longer use (DELETE /api/v1/sms/devices/<id>) or ask the administrator of this Mensajero server for a plan with more devices (plans are listed at {upgrade_url}).",
+    },
+    "quota_exceeded_devices_over_limit.one": {
+        "es": "Tu plan permite 1 dispositivo y tienes {used} registrados, más de los que permite (por ejemplo, tras pasar a un plan menor). Para registrar otro, elimina {to_delete} que ya no uses (DELETE /api/v1/sms/devices/<id>) o pide al administrador de este servidor Mensajero un plan con más dispositivos (los planes están en {upgrade_url}).",
+        "en": "Your plan allows 1 device and you have {used} registered, more than it allows (after a move to a smaller plan, for example). To register another, delete {to_delete} you no longer use (DELETE /api/v1/sms/devices/<id>) or ask the administrator of this Mensajero server for a plan with more devices (plans are listed at {upgrade_url}).",
+    },
     "superuser_required": {
         "es": "Solo un superusuario puede cambiar el plan de un usuario.",
         "en": "Only a superuser can change a user's plan.",
@@ -616,6 +630,7 @@ _COUNT_PARAMS = {
     "quota_exceeded_sms": "limit",
     "quota_exceeded_sms_bulk": "available",
     "quota_exceeded_devices": "limit",
+    "quota_exceeded_devices_over_limit": "limit",
 }
 _COUNT_VARIANTS = {0: "zero", 1: "one"}
 

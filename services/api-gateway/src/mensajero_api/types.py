@@ -96,12 +96,14 @@ Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
     Storable,
+    AfterValidator(check_display_name),
 ]
-"""A display name: trimmed, 1 to 255 characters (the column size)."""
+"""A display name, such as a user's full name or an API key's name: trimmed, 1 to 255
+characters (the column size), with at least one visible character and no control
+characters or bidirectional controls."""
 
-DeviceName = Annotated[Name, AfterValidator(check_display_name)]
-"""A device's name: a Name with at least one visible character and no control
-characters or bidirectional controls, as the hub requires of `register` frames too."""
+DeviceName = Name
+"""A device's name, checked as the hub checks the name in `register` frames too."""
 
 Password = Annotated[str, StringConstraints(min_length=8, max_length=128), Storable]
 """A password of 8 to 128 characters."""

@@ -159,9 +159,19 @@ def sms_quota_exceeded(
 def device_quota_exceeded(quota: UserQuota, plan: UserPlan) -> QuotaExceededError:
     used = quota.devices_registered
     available = max(plan.max_devices - used, 0)
+    # A user moved to a smaller plan keeps the devices registered before, so `used` can
+    # be above the limit, and deleting one device then frees no slot. With a limit of 0
+    # no deletion frees one, so that case keeps the message for the limit alone.
+    over_limit = used > plan.max_devices > 0
     return QuotaExceededError(
-        message_key="quota_exceeded_devices",
+        message_key=(
+            "quota_exceeded_devices_over_limit"
+            if over_limit
+            else "quota_exceeded_devices"
+        ),
         limit=plan.max_devices,
+        used=used,
+        to_delete=used - plan.max_devices + 1,
         upgrade_url=UPGRADE_URL,
         details={
             "quota_type": "devices",
