@@ -203,3 +203,20 @@ def test_migration_keeps_sweep_index_off_in_flight_counts(
     assert "'outgoing'" not in downgraded["ix_smsmessage_updated_at_open"]
     assert "ix_smsmessage_updated_at_open_new" not in upgraded
     assert "ix_smsmessage_updated_at_open_new" not in downgraded
+
+
+def test_migration_writes_fewer_message_index_entries(
+    scratch_database_url: str,
+) -> None:
+    upgrade(scratch_database_url, "0015")
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+    command.downgrade(alembic_config(scratch_database_url), "0014")
+    downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+
+    assert "ix_smsmessage_user_id" not in upgraded
+    assert "ix_smsmessage_user_id_created_at_id" in upgraded
+    assert upgraded["ix_smsmessage_bulk_id"].endswith("WHERE (bulk_id IS NOT NULL)")
+    assert downgraded["ix_smsmessage_user_id"].endswith("(user_id)")
+    assert downgraded["ix_smsmessage_bulk_id"].endswith("(bulk_id)")
+    assert "ix_smsmessage_bulk_id_new" not in upgraded
+    assert "ix_smsmessage_bulk_id_new" not in downgraded

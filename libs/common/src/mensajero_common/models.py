@@ -215,8 +215,9 @@ class SMSMessage(Base):
     __tablename__ = "smsmessage"
 
     id: Mapped[uuid.UUID] = _uuid_pk()
+    # Indexed by ix_smsmessage_user_id_created_at_id below.
     user_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("user.id", ondelete="CASCADE"), nullable=False, index=True
+        ForeignKey("user.id", ondelete="CASCADE"), nullable=False
     )
     device_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("smsdevice.id", ondelete="SET NULL"), index=True
@@ -247,9 +248,9 @@ class SMSMessage(Base):
         Boolean, nullable=False, server_default=text("false")
     )
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
-    # Groups the messages of one bulk request.
+    # Groups the messages of one bulk request. Indexed by ix_smsmessage_bulk_id below.
     bulk_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("smsbulktask.id", ondelete="SET NULL"), index=True
+        ForeignKey("smsbulktask.id", ondelete="SET NULL")
     )
     # The phone's own id for an incoming SMS, used to store an SMS uploaded twice only once.
     external_id: Mapped[str | None] = mapped_column(String(128))
@@ -275,6 +276,13 @@ class SMSMessage(Base):
 
     __table_args__ = (
         Index("ix_smsmessage_user_id_created_at_id", "user_id", "created_at", "id"),
+        # Only the messages of bulk requests. Every change of a message writes a new
+        # entry in each index that holds it, and most messages have no bulk_id.
+        Index(
+            "ix_smsmessage_bulk_id",
+            "bulk_id",
+            postgresql_where=text("bulk_id IS NOT NULL"),
+        ),
         Index(
             "uq_smsmessage_user_id_idempotency_key",
             "user_id",
