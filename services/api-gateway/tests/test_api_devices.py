@@ -1,4 +1,6 @@
 import asyncio
+import base64
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -543,6 +545,102 @@ async def test_device_listing_rejects_bad_parameters(
     )
     assert largest.status_code == 200
     assert largest.json()["data"]["limit"] == 100
+
+
+async def test_device_listing_rejects_repeated_filters(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="enterprise")
+    online, offline = await _insert_devices(
+        session_factory,
+        owner,
+        [{"status": DeviceStatus.ONLINE}, {"status": DeviceStatus.OFFLINE}],
+    )
+
+    for name, values in (
+        ("is_active", ("true", "false")),
+        ("order", ("desc", "asc")),
+        ("limit", ("1", "50")),
+        ("cursor", ("first", "second")),
+    ):
+        response = await client.get(
+            DEVICES_URL,
+            params=[(name, value) for value in values],
+            headers={**owner.headers, "Accept-Language": "es"},
+        )
+        assert response.status_code == 422, name
+        body = response.json()
+        assert body["error"] == "validation_error"
+        assert [
+            (item["field"], item["location"], item["type"]) for item in body["details"]
+        ] == [(name, "query", "query_parameter_repeated")], name
+        assert body["details"][0]["message"].startswith(
+            "Este parámetro de consulta admite un solo valor"
+        )
+
+    statuses = await client.get(
+        DEVICES_URL,
+        params=[("status", "online"), ("status", "offline")],
+        headers=owner.headers,
+    )
+    assert statuses.status_code == 200, statuses.text
+    assert {item["id"] for item in statuses.json()["data"]["items"]} == {
+        str(online.id),
+        str(offline.id),
+    }
+
+
+def _without_listing(cursor: str) -> str:
+    """Return `cursor` as the API wrote it before cursors named their listing."""
+    payload = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    del payload["l"]
+    raw = base64.urlsafe_b64encode(json.dumps(payload).encode())
+    return raw.rstrip(b"=").decode()
+
+
+async def test_device_listing_accepts_cursor_without_listing(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="enterprise")
+    stranger = await make_user(plan="enterprise")
+    base = datetime.now(UTC) - timedelta(hours=1)
+    owned = await _insert_devices(
+        session_factory,
+        owner,
+        [{"created_at": base + timedelta(seconds=n)} for n in range(3)],
+    )
+    await _insert_devices(session_factory, stranger, [{}, {}])
+    first = await client.get(DEVICES_URL, params={"limit": 1}, headers=owner.headers)
+    old_cursor = _without_listing(first.json()["data"]["next_cursor"])
+    foreign = await client.get(
+        DEVICES_URL, params={"limit": 1}, headers=stranger.headers
+    )
+    foreign_old_cursor = _without_listing(foreign.json()["data"]["next_cursor"])
+
+    page = await client.get(
+        DEVICES_URL, params={"cursor": old_cursor}, headers=owner.headers
+    )
+    elsewhere = [
+        await client.get(url, params={"cursor": old_cursor}, headers=owner.headers)
+        for url in ("/api/v1/sms/webhooks", "/api/v1/sms/messages")
+    ]
+    from_stranger = await client.get(
+        DEVICES_URL, params={"cursor": foreign_old_cursor}, headers=owner.headers
+    )
+
+    assert page.status_code == 200, page.text
+    assert [item["id"] for item in page.json()["data"]["items"]] == (
+        _in_key_order(owned, descending=True)[1:]
+    )
+    for response in elsewhere:
+        assert response.status_code == 400, response.url
+        assert response.json()["error"] == "invalid_cursor"
+    assert from_stranger.status_code == 400
+    assert from_stranger.json()["error"] == "invalid_cursor"
 
 
 async def test_device_listing_with_foreign_cursor(

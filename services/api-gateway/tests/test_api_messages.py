@@ -682,6 +682,69 @@ async def test_pagination_invalid_cursor(
         assert response.status_code == 422
 
 
+async def test_list_rejects_repeated_filters(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    repeats = {
+        "limit": ("1", "2"),
+        "cursor": ("first", "second"),
+        "order": ("asc", "desc"),
+        "type": ("outgoing", "incoming"),
+        "device_id": (str(uuid.uuid4()), str(uuid.uuid4())),
+        "phone": ("+525512345678", "+34612345678"),
+        "date_from": ("2026-01-01", "2026-02-01"),
+        "date_to": ("2026-03-01", "2026-04-01"),
+    }
+
+    for url in (MESSAGES_URL, INCOMING_URL):
+        for name, values in repeats.items():
+            if url == INCOMING_URL and name == "type":
+                values = ("incoming", "incoming")
+            response = await client.get(
+                url, params=[(name, value) for value in values], headers=user.headers
+            )
+            assert response.status_code == 422, (url, name)
+            body = response.json()
+            assert body["error"] == "validation_error"
+            assert [
+                (item["field"], item["location"], item["type"])
+                for item in body["details"]
+            ] == [(name, "query", "query_parameter_repeated")], (url, name)
+
+    english = await client.get(
+        MESSAGES_URL,
+        params=[("type", "outgoing"), ("status", "sent"), ("type", "incoming")],
+        headers={**user.headers, "Accept-Language": "en"},
+    )
+    spanish = await client.get(
+        INCOMING_URL,
+        params=[("order", "asc"), ("phone", "+34612345678"), ("order", "asc")],
+        headers={**user.headers, "Accept-Language": "es"},
+    )
+    both = await client.get(
+        MESSAGES_URL,
+        params=[("order", "asc"), ("limit", "5"), ("order", "asc"), ("limit", "5")],
+        headers=user.headers,
+    )
+    statuses = await client.get(
+        MESSAGES_URL,
+        params=[("status", "sent"), ("status", "failed"), ("order", "asc")],
+        headers=user.headers,
+    )
+
+    assert english.json()["details"][0]["message"] == (
+        "This query parameter takes a single value, but the request has it 2 times. "
+        "Send it once. Only list parameters, such as 'status' in the listings, can be "
+        "repeated."
+    )
+    assert spanish.json()["details"][0]["message"].startswith(
+        "Este parámetro de consulta admite un solo valor, pero la solicitud lo trae "
+        "2 veces."
+    )
+    assert [item["field"] for item in both.json()["details"]] == ["order", "limit"]
+    assert statuses.status_code == 200, statuses.text
+
+
 async def test_list_filters(
     client: AsyncClient,
     make_user: MakeUser,
@@ -1029,8 +1092,10 @@ async def test_list_inverted_range_at_extremes(
         )
 
 
-def _forged_cursor(created_at: str, order: str = "desc") -> str:
-    payload = {"t": created_at, "i": str(uuid.uuid4()), "o": order}
+def _forged_cursor(
+    created_at: str, order: str = "desc", listing: str = "messages"
+) -> str:
+    payload = {"t": created_at, "i": str(uuid.uuid4()), "o": order, "l": listing}
     raw = base64.urlsafe_b64encode(json.dumps(payload).encode())
     return raw.rstrip(b"=").decode()
 
@@ -1046,9 +1111,14 @@ async def test_cursor_beyond_datetime_range(
     )
     deliveries_url = f"/api/v1/sms/webhooks/{webhook.json()['data']['id']}/deliveries"
 
-    for url in (MESSAGES_URL, INCOMING_URL, deliveries_url):
+    listings = {
+        MESSAGES_URL: "messages",
+        INCOMING_URL: "incoming",
+        deliveries_url: "webhook_deliveries",
+    }
+    for url, listing in listings.items():
         for created_at in (LATEST_AT_MINUS_14, EARLIEST_AT_PLUS_14):
-            cursor = _forged_cursor(created_at)
+            cursor = _forged_cursor(created_at, listing=listing)
             spanish = await client.get(
                 url, params={"cursor": cursor}, headers=owner.headers
             )
@@ -1086,6 +1156,92 @@ async def test_cursor_with_offset_still_pages(
     ids = await _collect_ids(client, user, MESSAGES_URL, {"cursor": cursor})
 
     assert ids == [str(older)]
+
+
+async def _first_page_cursor(
+    client: AsyncClient, owner: ApiUser, url: str, params: dict[str, Any]
+) -> str:
+    response = await client.get(
+        url, params={"limit": 1, **params}, headers=owner.headers
+    )
+    assert response.status_code == 200, (url, response.text)
+    cursor: str | None = response.json()["data"]["next_cursor"]
+    assert cursor is not None, url
+    return cursor
+
+
+async def test_cursor_rejected_by_other_listings(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user(plan="enterprise")
+    for message_type, status in (
+        (MessageType.OUTGOING, MessageStatus.PENDING),
+        (MessageType.INCOMING, MessageStatus.RECEIVED),
+    ):
+        for _ in range(2):
+            await _insert_message(
+                session_factory, owner, type=message_type, status=status
+            )
+    for name in ("Pixel", "Moto"):
+        await register_device(client, owner, name=name)
+    webhook_ids = []
+    for _ in range(2):
+        created = await client.post(
+            "/api/v1/sms/webhooks",
+            json={"url": "http://127.0.0.1:9/hook"},
+            headers=owner.headers,
+        )
+        assert created.status_code == 201, created.text
+        webhook_ids.append(created.json()["data"]["id"])
+    deliveries_url = f"/api/v1/sms/webhooks/{webhook_ids[0]}/deliveries"
+    for _ in range(2):
+        tested = await client.post(
+            f"/api/v1/sms/webhooks/{webhook_ids[0]}/test", headers=owner.headers
+        )
+        assert tested.status_code == 200, tested.text
+    for name in ("first", "second"):
+        created = await client.post(
+            "/api/v1/users/me/api-keys", json={"name": name}, headers=owner.headers
+        )
+        assert created.status_code == 201, created.text
+
+    # The orders each listing accepts: the delivery log is newest first only and the
+    # API key listing oldest first only.
+    listings = {
+        MESSAGES_URL: ("desc", "asc"),
+        INCOMING_URL: ("desc", "asc"),
+        "/api/v1/sms/devices": ("desc", "asc"),
+        "/api/v1/sms/webhooks": ("desc", "asc"),
+        deliveries_url: ("desc",),
+        "/api/v1/users/me/api-keys": ("asc",),
+    }
+    cursors = {
+        (url, order): await _first_page_cursor(
+            client, owner, url, {"order": order} if len(orders) == 2 else {}
+        )
+        for url, orders in listings.items()
+        for order in orders
+    }
+
+    checked = 0
+    for (source, order), cursor in cursors.items():
+        for target, orders in listings.items():
+            if order not in orders:
+                continue
+            params = {
+                "cursor": cursor,
+                **({"order": order} if len(orders) == 2 else {}),
+            }
+            response = await client.get(target, params=params, headers=owner.headers)
+            if target == source:
+                assert response.status_code == 200, (source, target, order)
+                continue
+            assert response.status_code == 400, (source, target, order)
+            assert response.json()["error"] == "invalid_cursor", (source, target)
+            checked += 1
+    assert checked == 40
 
 
 async def test_send_expiry_at_extremes(

@@ -339,6 +339,24 @@ async def test_key_listing_pages(
     assert whole.json()["data"]["next_cursor"] is None
 
 
+async def test_api_key_listing_rejects_repeated_parameters(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    for name, values in (("limit", ("1", "2")), ("cursor", ("first", "second"))):
+        response = await client.get(
+            API_KEYS_PATH,
+            params=[(name, value) for value in values],
+            headers=user.headers,
+        )
+
+        assert response.status_code == 422, name
+        assert response.json()["error"] == "validation_error"
+        assert [
+            (item["field"], item["location"], item["type"])
+            for item in response.json()["details"]
+        ] == [(name, "query", "query_parameter_repeated")], name
+
+
 @pytest.mark.parametrize("place", ["x-api-key", "bearer"])
 async def test_device_key_cannot_read_rest_api(
     client: AsyncClient, user: ApiUser, place: str

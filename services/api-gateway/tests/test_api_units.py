@@ -1,3 +1,4 @@
+import base64
 import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -15,6 +16,7 @@ from mensajero_api.jsonbody import MAX_JSON_DEPTH, JSONBodyError, parse_json_bod
 from mensajero_api.pagination import (
     Cursor,
     InvalidCursorError,
+    Listing,
     decode_cursor,
     encode_cursor,
 )
@@ -52,14 +54,52 @@ def test_cursor_round_trip() -> None:
         created_at=datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC),
         row_id=uuid.uuid4(),
         order="desc",
+        listing=Listing.DEVICES,
     )
 
     token = encode_cursor(cursor)
 
     assert "=" not in token
-    assert decode_cursor(token, "desc") == cursor
+    assert decode_cursor(token, "desc", Listing.DEVICES) == cursor
     with pytest.raises(InvalidCursorError):
-        decode_cursor(token, "asc")
+        decode_cursor(token, "asc", Listing.DEVICES)
+
+
+def test_cursor_rejects_other_listing() -> None:
+    token = encode_cursor(
+        Cursor(
+            created_at=datetime(2024, 5, 1, tzinfo=UTC),
+            row_id=uuid.uuid4(),
+            order="desc",
+            listing=Listing.MESSAGES,
+        )
+    )
+
+    for listing in Listing:
+        if listing == Listing.MESSAGES:
+            continue
+        with pytest.raises(InvalidCursorError):
+            decode_cursor(token, "desc", listing)
+
+
+def test_cursor_without_listing_decodes() -> None:
+    row_id = uuid.uuid4()
+    payload = {"t": "2024-05-01T12:00:00+00:00", "i": str(row_id), "o": "asc"}
+    token = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+    cursor = decode_cursor(token, "asc", Listing.API_KEYS)
+
+    assert cursor.listing is None
+    assert cursor.row_id == row_id
+
+
+def test_cursor_rejects_unknown_listing() -> None:
+    payload = {"t": "2024-05-01T12:00:00+00:00", "i": str(uuid.uuid4()), "o": "asc"}
+    for listing in ("users", 7, None):
+        raw = json.dumps({**payload, "l": listing}).encode()
+        token = base64.urlsafe_b64encode(raw).decode()
+        with pytest.raises(InvalidCursorError):
+            decode_cursor(token, "asc", Listing.API_KEYS)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +114,7 @@ def test_cursor_round_trip() -> None:
 )
 def test_cursor_rejects_garbage(token: str) -> None:
     with pytest.raises(InvalidCursorError):
-        decode_cursor(token, "desc")
+        decode_cursor(token, "desc", Listing.MESSAGES)
 
 
 def test_access_token_claims(settings: Settings) -> None:

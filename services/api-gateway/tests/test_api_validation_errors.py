@@ -10,9 +10,11 @@ import pytest
 from api_test_helpers import ApiUser, count_rows
 from fastapi import FastAPI
 from httpx import AsyncClient
+from security_helpers import api_routes
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.errors import describe_validation_item
+from mensajero_api.query_params import SingleValueQueryRoute, single_value_query_names
 from mensajero_common.models import SMSMessage
 from mensajero_common.settings import Settings
 from mensajero_common.validation_messages import (
@@ -752,3 +754,59 @@ def test_catalog_has_both_languages() -> None:
         assert error_type in VALIDATION_MESSAGES
         for reason, phrases in reasons.items():
             assert set(phrases) == {"es", "en"}, (error_type, reason)
+
+
+# The query parameters that take a single value, by route. Every other route has none.
+SINGLE_VALUE_QUERY_PARAMETERS = {
+    MESSAGES_URL: {
+        "limit",
+        "cursor",
+        "order",
+        "type",
+        "device_id",
+        "phone",
+        "date_from",
+        "date_to",
+    },
+    INCOMING_URL: {
+        "limit",
+        "cursor",
+        "order",
+        "type",
+        "device_id",
+        "phone",
+        "date_from",
+        "date_to",
+    },
+    DEVICES_URL: {"limit", "cursor", "order", "is_active"},
+    WEBHOOKS_URL: {"limit", "cursor", "order", "is_active", "event"},
+    f"{WEBHOOKS_URL}/{{webhook_id}}/deliveries": {"limit", "cursor"},
+    API_KEYS_URL: {"limit", "cursor"},
+}
+
+
+async def test_every_route_rejects_repeated_single_values(
+    app: FastAPI, client: AsyncClient, user: ApiUser
+) -> None:
+    found: dict[str, set[str]] = {}
+    checked = 0
+    for method, path, route in api_routes(app):
+        assert isinstance(route, SingleValueQueryRoute), path
+        names = set(single_value_query_names(route.dependant))
+        if not names:
+            continue
+        found[path] = names
+        url = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)
+        for name in sorted(names):
+            response = await client.request(
+                method, url, params=[(name, "1"), (name, "1")], headers=user.headers
+            )
+            assert response.status_code == 422, (method, path, name)
+            assert [
+                (item["field"], item["location"], item["type"])
+                for item in response.json()["details"]
+            ] == [(name, "query", "query_parameter_repeated")], (method, path, name)
+            checked += 1
+
+    assert found == SINGLE_VALUE_QUERY_PARAMETERS
+    assert checked == 29

@@ -958,6 +958,45 @@ async def test_webhook_listing_filters(
     }
 
 
+async def test_webhook_listing_rejects_repeated_filters(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user()
+    await _insert_webhooks(
+        session_factory, owner, [{"events": ["sms_sent", "sms_failed"]}]
+    )
+    webhook = await client.post(
+        WEBHOOKS_URL, json={"url": "http://127.0.0.1:9/hook"}, headers=owner.headers
+    )
+    deliveries_url = f"{WEBHOOKS_URL}/{webhook.json()['data']['id']}/deliveries"
+    cases = [
+        (WEBHOOKS_URL, "event", ("sms_sent", "sms_failed")),
+        (WEBHOOKS_URL, "event", ("sms_failed", "sms_sent")),
+        (WEBHOOKS_URL, "is_active", ("true", "false")),
+        (WEBHOOKS_URL, "order", ("asc", "desc")),
+        (WEBHOOKS_URL, "limit", ("10", "10")),
+        (WEBHOOKS_URL, "cursor", ("first", "second")),
+        (deliveries_url, "limit", ("1", "2")),
+        (deliveries_url, "cursor", ("first", "second")),
+    ]
+
+    for url, name, values in cases:
+        response = await client.get(
+            url,
+            params=[(name, value) for value in values],
+            headers={**owner.headers, "Accept-Language": "en"},
+        )
+        assert response.status_code == 422, (url, name, values)
+        body = response.json()
+        assert body["error"] == "validation_error"
+        assert [
+            (item["field"], item["location"], item["type"]) for item in body["details"]
+        ] == [(name, "query", "query_parameter_repeated")], (url, name)
+        assert body["details"][0]["message"].startswith(
+            "This query parameter takes a single value"
+        )
+
+
 def test_webhook_event_filter_matches_events() -> None:
     assert get_args(EventFilter) == EVENTS
 

@@ -31,6 +31,12 @@ VALIDATION_MESSAGES: dict[str, dict[str, str]] = {
         "es": "Este endpoint no tiene este parámetro de consulta. Revisa cómo está escrito o quítalo. Los parámetros admitidos están en /docs.",
         "en": "This endpoint has no such query parameter. Check its spelling or remove it. /docs lists the parameters it accepts.",
     },
+    # Not a pydantic type: the API's route class reports it for a query parameter that
+    # takes one value but appears more than once.
+    "query_parameter_repeated": {
+        "es": "Este parámetro de consulta admite un solo valor, pero la solicitud lo trae {count} veces. Envíalo una sola vez. Solo se pueden repetir los parámetros que son listas, como 'status' en los listados.",
+        "en": "This query parameter takes a single value, but the request has it {count} times. Send it once. Only list parameters, such as 'status' in the listings, can be repeated.",
+    },
     "json_invalid": {
         "es": "El cuerpo no es JSON válido: hay un error de sintaxis en la línea {line}, columna {column}.",
         "en": "The body is not valid JSON: there is a syntax error at line {line}, column {column}.",

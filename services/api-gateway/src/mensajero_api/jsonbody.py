@@ -6,7 +6,8 @@ UnicodeDecodeError for bytes that are not valid UTF-8, RecursionError for deep n
 and ValueError for an integer longer than Python converts. So `JSONBodyRequest.json()`
 reports each as a JSONBodyError, a JSONDecodeError whose message names the reason
 (`JSON_BODY_REASONS`). Every router of the API uses `JSONBodyRoute` so that its
-endpoints get that request.
+endpoints get that request, and the check of repeated query parameters of
+`SingleValueQueryRoute` too.
 """
 
 import json
@@ -16,7 +17,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.routing import APIRoute
+
+from mensajero_api.query_params import SingleValueQueryRoute
 
 # Request bodies of this API nest 3 levels at most. The limit leaves room for that to
 # grow and stays far below the about 1,000 levels at which json.loads runs out of
@@ -129,8 +131,9 @@ class JSONBodyRequest(Request):
         return self._json
 
 
-class JSONBodyRoute(APIRoute):
-    """An APIRoute whose endpoint reads its JSON body with JSONBodyRequest."""
+class JSONBodyRoute(SingleValueQueryRoute):
+    """An APIRoute whose endpoint reads its JSON body with JSONBodyRequest and that
+    rejects a repeated single-value query parameter (SingleValueQueryRoute)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()

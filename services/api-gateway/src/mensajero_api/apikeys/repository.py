@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor, keyset_walk
+from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
 from mensajero_common.db import attach_loaded, column_list, driver_connection
 from mensajero_common.models import User, UserApiKey
 
@@ -44,6 +44,13 @@ async def list_api_keys(
     session: AsyncSession, user_id: uuid.UUID, *, limit: int, after: Cursor | None
 ) -> Sequence[UserApiKey]:
     """Return a page of the user's keys, oldest first, after the key `after` names."""
+    await check_cursor_origin(
+        session,
+        after,
+        UserApiKey.created_at,
+        UserApiKey.id,
+        UserApiKey.user_id == user_id,
+    )
     statement = keyset_walk(
         select(UserApiKey).where(UserApiKey.user_id == user_id).limit(limit),
         UserApiKey.created_at,

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.apikeys import repository
 from mensajero_api.apikeys.schemas import ApiKeyCreate
-from mensajero_api.pagination import decode_cursor, split_page
+from mensajero_api.pagination import Listing, decode_cursor, split_page
 from mensajero_api.users import repository as users_repository
 from mensajero_common import apikeys
 from mensajero_common.errors import (
@@ -109,11 +109,11 @@ async def list_api_keys(
 
     Revoked and expired keys stay listed, so the listing has no other bound.
     """
-    after = decode_cursor(cursor, "asc") if cursor else None
+    after = decode_cursor(cursor, "asc", Listing.API_KEYS) if cursor else None
     api_keys = await repository.list_api_keys(
         session, user.id, limit=limit + 1, after=after
     )
-    return split_page(api_keys, limit, "asc")
+    return split_page(api_keys, limit, "asc", Listing.API_KEYS)
 
 
 async def get_api_key(

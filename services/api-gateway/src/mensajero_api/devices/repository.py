@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor, keyset_walk
+from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
 from mensajero_common.models import DeviceStatus, SMSDevice
 
 
@@ -52,6 +52,9 @@ async def list_devices(
     limit: int,
 ) -> Sequence[SMSDevice]:
     """Return up to `limit` devices in (created_at, id) order, starting after `after`."""
+    await check_cursor_origin(
+        session, after, SMSDevice.created_at, SMSDevice.id, SMSDevice.user_id == user_id
+    )
     statement = select(SMSDevice).where(SMSDevice.user_id == user_id)
     if filters.statuses:
         statement = statement.where(SMSDevice.status.in_(filters.statuses))

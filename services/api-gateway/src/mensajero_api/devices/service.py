@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.devices import repository
 from mensajero_api.devices.schemas import DeviceCreate, DeviceListQuery, DeviceUpdate
-from mensajero_api.pagination import decode_cursor, split_page
+from mensajero_api.pagination import Listing, decode_cursor, split_page
 from mensajero_api.phones import normalize_phone_number
 from mensajero_api.quotas import repository as quotas_repository
 from mensajero_api.quotas import service as quotas_service
@@ -71,7 +71,11 @@ async def list_devices(
     A cursor only positions the walk: the query is always scoped to `user`, so a cursor
     taken from another user's listing returns this user's rows after that position.
     """
-    after = decode_cursor(query.cursor, query.order) if query.cursor else None
+    after = (
+        decode_cursor(query.cursor, query.order, Listing.DEVICES)
+        if query.cursor
+        else None
+    )
     filters = repository.DeviceFilters(
         statuses=tuple(query.status or ()), is_active=query.is_active
     )
@@ -83,7 +87,7 @@ async def list_devices(
         descending=query.order == "desc",
         limit=query.limit + 1,
     )
-    return split_page(rows, query.limit, query.order)
+    return split_page(rows, query.limit, query.order, Listing.DEVICES)
 
 
 async def register_device(

@@ -10,7 +10,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor, keyset_walk
+from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
 from mensajero_common import jsonutil
 from mensajero_common.db import driver_connection
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
@@ -144,6 +144,13 @@ async def list_messages(
     limit: int,
 ) -> Sequence[SMSMessage]:
     """Return up to `limit` messages in (created_at, id) order, starting after `after`."""
+    await check_cursor_origin(
+        session,
+        after,
+        SMSMessage.created_at,
+        SMSMessage.id,
+        SMSMessage.user_id == user_id,
+    )
     statement = select(SMSMessage).where(SMSMessage.user_id == user_id)
     if filters.statuses:
         statement = statement.where(SMSMessage.status.in_(filters.statuses))

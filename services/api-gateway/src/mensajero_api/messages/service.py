@@ -26,7 +26,7 @@ from mensajero_api.messages.schemas import (
     MessageListQuery,
     SendRequest,
 )
-from mensajero_api.pagination import decode_cursor, split_page
+from mensajero_api.pagination import Listing, decode_cursor, split_page
 from mensajero_api.phones import normalize_phone_number
 from mensajero_api.quotas import service as quotas_service
 from mensajero_common import jsonutil, queues
@@ -427,7 +427,10 @@ async def list_messages(
     filters = _build_filters(user, query, message_type)
     if query.device_id is not None:
         await devices_service.get_device(session, user, query.device_id)
-    after = decode_cursor(query.cursor, query.order) if query.cursor else None
+    listing = (
+        Listing.INCOMING if message_type == MessageType.INCOMING else Listing.MESSAGES
+    )
+    after = decode_cursor(query.cursor, query.order, listing) if query.cursor else None
 
     rows = await repository.list_messages(
         session,
@@ -437,4 +440,4 @@ async def list_messages(
         descending=query.order == "desc",
         limit=query.limit + 1,
     )
-    return split_page(rows, query.limit, query.order)
+    return split_page(rows, query.limit, query.order, listing)

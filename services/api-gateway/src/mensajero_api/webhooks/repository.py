@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor, keyset_walk
+from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
 from mensajero_common.models import (
     WebhookAttempt,
     WebhookConfig,
@@ -46,6 +46,13 @@ async def list_webhooks(
     The user_id index is enough here: a user has at most 20 webhooks
     (MAX_WEBHOOKS_PER_USER), so Postgres sorts at most 20 rows for a page.
     """
+    await check_cursor_origin(
+        session,
+        after,
+        WebhookConfig.created_at,
+        WebhookConfig.id,
+        WebhookConfig.user_id == user_id,
+    )
     statement = select(WebhookConfig).where(WebhookConfig.user_id == user_id)
     if filters.is_active is not None:
         statement = statement.where(WebhookConfig.is_active.is_(filters.is_active))
@@ -86,6 +93,13 @@ async def list_deliveries(
     before: Cursor | None,
 ) -> list[tuple[WebhookDelivery, WebhookEvent]]:
     """Return a page of the webhook's deliveries, newest first, with their events."""
+    await check_cursor_origin(
+        session,
+        before,
+        WebhookDelivery.created_at,
+        WebhookDelivery.id,
+        WebhookDelivery.webhook_id == webhook_id,
+    )
     statement = keyset_walk(
         select(WebhookDelivery, WebhookEvent)
         .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)

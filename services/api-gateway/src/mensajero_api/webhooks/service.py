@@ -16,7 +16,13 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_api.pagination import Cursor, decode_cursor, encode_cursor, split_page
+from mensajero_api.pagination import (
+    Cursor,
+    Listing,
+    decode_cursor,
+    encode_cursor,
+    split_page,
+)
 from mensajero_api.users import repository as users_repository
 from mensajero_api.webhooks import repository
 from mensajero_api.webhooks.schemas import (
@@ -179,7 +185,11 @@ async def list_webhooks(
     A cursor only positions the walk: the query is always scoped to `user`, so a cursor
     taken from another user's listing returns this user's rows after that position.
     """
-    after = decode_cursor(query.cursor, query.order) if query.cursor else None
+    after = (
+        decode_cursor(query.cursor, query.order, Listing.WEBHOOKS)
+        if query.cursor
+        else None
+    )
     filters = repository.WebhookFilters(is_active=query.is_active, event=query.event)
     rows = await repository.list_webhooks(
         session,
@@ -189,7 +199,7 @@ async def list_webhooks(
         descending=query.order == "desc",
         limit=query.limit + 1,
     )
-    return split_page(rows, query.limit, query.order)
+    return split_page(rows, query.limit, query.order, Listing.WEBHOOKS)
 
 
 async def create_webhook(
@@ -375,7 +385,9 @@ async def list_deliveries(
 ) -> DeliveryList:
     """Return the webhook's deliveries, newest first, each with all its attempts."""
     await get_webhook(session, user, webhook_id)
-    before = decode_cursor(cursor, "desc") if cursor else None
+    before = (
+        decode_cursor(cursor, "desc", Listing.WEBHOOK_DELIVERIES) if cursor else None
+    )
     rows = await repository.list_deliveries(
         session, webhook_id, limit=limit, before=before
     )
@@ -408,6 +420,11 @@ async def list_deliveries(
     if len(rows) == limit:
         last = rows[-1][0]
         next_cursor = encode_cursor(
-            Cursor(created_at=last.created_at, row_id=last.id, order="desc")
+            Cursor(
+                created_at=last.created_at,
+                row_id=last.id,
+                order="desc",
+                listing=Listing.WEBHOOK_DELIVERIES,
+            )
         )
     return DeliveryList(items=items, next_cursor=next_cursor, limit=limit)
