@@ -220,3 +220,63 @@ def test_migration_writes_fewer_message_index_entries(
     assert downgraded["ix_smsmessage_bulk_id"].endswith("(bulk_id)")
     assert "ix_smsmessage_bulk_id_new" not in upgraded
     assert "ix_smsmessage_bulk_id_new" not in downgraded
+
+
+async def _insert_users(url: str, emails: list[str]) -> None:
+    """Insert one user per email, each created a second after the one before."""
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        for offset_s, email in enumerate(emails):
+            await connection.execute(
+                """INSERT INTO "user" (id, email, hashed_password, created_at)
+                VALUES (gen_random_uuid(), $1, 'x',
+                        now() + make_interval(secs => $2))""",
+                email,
+                offset_s,
+            )
+    finally:
+        await connection.close()
+
+
+async def _emails(url: str) -> list[str]:
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        rows = await connection.fetch('SELECT email FROM "user" ORDER BY created_at')
+    finally:
+        await connection.close()
+    return [row["email"] for row in rows]
+
+
+def test_migration_normalizes_emails_to_nfkc(scratch_database_url: str) -> None:
+    upgrade(scratch_database_url, "0015")
+    asyncio.run(
+        _insert_users(
+            scratch_database_url,
+            [
+                "ﬁnn@example.com",
+                "k955537@example.com",
+                "ｋ955537@example.com",
+                "ｂob@example.com",
+                "ⓑob@example.com",
+                "ａ﹫b@example.com",
+                "josé@example.com",
+            ],
+        )
+    )
+
+    upgrade(scratch_database_url, "0016")
+    upgraded = asyncio.run(_emails(scratch_database_url))
+    command.downgrade(alembic_config(scratch_database_url), "0015")
+
+    assert upgraded == [
+        "finn@example.com",
+        "k955537@example.com",
+        # Its NFKC form is the older account's address.
+        "ｋ955537@example.com",
+        "bob@example.com",
+        # Its NFKC form went to the older "ｂob" a moment before.
+        "ⓑob@example.com",
+        # Its NFKC form "a@b@example.com" is no address.
+        "ａ﹫b@example.com",
+        "josé@example.com",
+    ]

@@ -521,6 +521,22 @@ async def test_upgrade_by_email_and_plan_in_any_case(
     assert (await _read_quota(client, owner))["plan_code"] == "pro"
 
 
+async def test_upgrade_by_email_compatibility_form(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    admin = await _make_superuser(make_user, session_factory)
+    owner = await make_user("k955537@example.com", plan="free")
+
+    response = await client.put(
+        UPGRADE_URL,
+        json={"email": "ｋ955537@example.com", "plan": "pro"},
+        headers=admin.headers,
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["user_id"] == str(owner.id)
+
+
 async def test_upgrade_target_errors(
     client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
 ) -> None:

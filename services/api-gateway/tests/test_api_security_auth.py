@@ -78,6 +78,17 @@ async def test_throttle_counts_email_spellings_once(client: AsyncClient) -> None
     assert await login(client, "zoe@exämple.com", password) == 429
 
 
+async def test_throttle_counts_compatibility_forms_once(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    local_part, _, domain = user.email.partition("@")
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) for c in local_part) + "@" + domain
+    for email in (fullwidth, user.email, fullwidth.upper()):
+        await login(client, email, "wrong password")
+
+    assert await login(client, user.email, user.password) == 429
+
+
 async def test_unknown_email_throttled_alike(client: AsyncClient) -> None:
     statuses = [
         await login(client, "nobody@example.com", "wrong password") for _ in range(4)

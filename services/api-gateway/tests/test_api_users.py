@@ -17,6 +17,8 @@ SIGNUP_URL = "/api/v1/users/signup"
 LOGIN_URL = "/api/v1/login/access-token"
 ME_URL = "/api/v1/users/me"
 
+SessionFactory = async_sessionmaker[AsyncSession]
+
 
 async def test_signup_login_and_me(
     client: AsyncClient, session_factory: async_sessionmaker[AsyncSession]
@@ -86,6 +88,57 @@ async def test_signup_duplicate_email_any_case(
     assert body["email"] == "MARIA@example.com"
 
 
+@pytest.mark.parametrize(
+    "email",
+    [
+        # Fullwidth "ｋ" (U+FF4B), fullwidth "＠" (U+FF20) and the Kelvin sign (U+212A).
+        "ｋ955537@example.com",
+        "k955537＠example.com",
+        "\u212a955537@example.com",
+    ],
+)
+async def test_signup_duplicate_email_compatibility_form(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: SessionFactory,
+    email: str,
+) -> None:
+    await make_user("k955537@example.com")
+
+    response = await client.post(
+        SIGNUP_URL, json={"email": email, "password": "another-pass"}
+    )
+
+    assert response.status_code == 409, response.text
+    assert response.json()["error"] == "email_taken"
+    async with session_factory() as session:
+        emails = (
+            await session.scalars(select(User.email).where(User.email.like("%955537%")))
+        ).all()
+    assert emails == ["k955537@example.com"]
+
+
+async def test_signup_stores_email_in_nfkc(client: AsyncClient) -> None:
+    signup = await client.post(
+        SIGNUP_URL, json={"email": "ｋ955537@ｅxample.com", "password": "s3cret-pass"}
+    )
+
+    logins = [
+        await client.post(
+            LOGIN_URL, data={"username": username, "password": "s3cret-pass"}
+        )
+        for username in (
+            "k955537@example.com",
+            "ｋ955537@example.com",
+            "K955537@example.com",
+        )
+    ]
+
+    assert signup.status_code == 201, signup.text
+    assert signup.json()["data"]["email"] == "k955537@example.com"
+    assert [login.status_code for login in logins] == [200, 200, 200]
+
+
 async def test_signup_validation_errors(client: AsyncClient) -> None:
     response = await client.post(
         SIGNUP_URL, json={"email": "not-an-email", "password": "pw1234"}
@@ -140,6 +193,47 @@ async def test_login_email_normalized_as_signup(
     assert signup.status_code == 201, signup.text
     assert signup.json()["data"]["email"] == "zoe@exämple.com"
     assert login.status_code == 200, login.text
+
+
+async def test_login_compatibility_form(client: AsyncClient, user: ApiUser) -> None:
+    local_part, _, domain = user.email.partition("@")
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) for c in local_part) + "@" + domain
+
+    login = await client.post(
+        LOGIN_URL, data={"username": fullwidth, "password": user.password}
+    )
+
+    assert login.status_code == 200, login.text
+
+
+async def _logged_in_user_id(client: AsyncClient, username: str, password: str) -> str:
+    login = await client.post(
+        LOGIN_URL, data={"username": username, "password": password}
+    )
+    assert login.status_code == 200, (username, login.text)
+    token = login.json()["access_token"]
+    me = await client.get(ME_URL, headers={"Authorization": f"Bearer {token}"})
+    user_id: str = me.json()["data"]["id"]
+    return user_id
+
+
+async def test_login_keeps_pre_nfkc_account(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    # Both rows as sign-up stored them before it applied NFKC, which migration 0016
+    # keeps when the NFKC form is another account's.
+    plain = await make_user("k955537@example.com")
+    fullwidth = await make_user("ｋ955537@example.com")
+
+    assert await _logged_in_user_id(
+        client, "ｋ955537@example.com", fullwidth.password
+    ) == str(fullwidth.id)
+    assert await _logged_in_user_id(
+        client, "k955537@example.com", plain.password
+    ) == str(plain.id)
+    assert await _logged_in_user_id(
+        client, "K955537@example.com", plain.password
+    ) == str(plain.id)
 
 
 async def test_login_wrong_password(client: AsyncClient, user: ApiUser) -> None:

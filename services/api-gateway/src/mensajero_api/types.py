@@ -5,11 +5,13 @@ mensajero_common.validation_messages translates.
 """
 
 import re
+import unicodedata
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     EmailStr,
     StringConstraints,
@@ -119,21 +121,49 @@ PhoneNumberText = Annotated[
 extension. A longer value is rejected before it is parsed or echoed back in an error.
 """
 
-Email = Annotated[EmailStr, WrapValidator(_classify_email_error)]
-"""An email address, checked and normalized by email-validator as EmailStr does."""
+
+def fold_compatibility_forms(value: Any) -> Any:
+    """Normalize a string to NFKC, which maps look-alike compatibility characters to
+    their plain forms: fullwidth "ｋ" to "k", the ligature "ﬁ" to "fi"."""
+    if isinstance(value, str):
+        return unicodedata.normalize("NFKC", value)
+    return value
+
+
+_CheckedEmail = Annotated[EmailStr, WrapValidator(_classify_email_error)]
+
+# email-validator normalizes to NFC only, which keeps "ｋ@example.com" apart from
+# "k@example.com". NFKC runs first, so that email-validator checks the folded address.
+Email = Annotated[_CheckedEmail, BeforeValidator(fold_compatibility_forms)]
+"""An email address in NFKC, then checked and normalized by email-validator as EmailStr
+does."""
 
 _EMAIL_ADAPTER: TypeAdapter[str] = TypeAdapter(Email)
+_PRE_NFKC_EMAIL_ADAPTER: TypeAdapter[str] = TypeAdapter(_CheckedEmail)
 
 
 def normalize_email(value: str) -> str:
     """Return an email address as sign-up stores it, or `value` itself if it is invalid.
 
-    Sign-up trims the address, converts an IDNA (xn--) domain to Unicode, lower-cases
-    the domain and normalizes the text to NFC. A login, or FIRST_SUPERUSER, written in
+    Sign-up trims the address, normalizes it to NFKC, converts an IDNA (xn--) domain
+    to Unicode and lower-cases the domain. A login, or FIRST_SUPERUSER, written in
     another of these spellings must go through the same steps to find the account.
     """
     try:
         return _EMAIL_ADAPTER.validate_python(value)
+    except ValidationError:
+        return value
+
+
+def normalize_email_before_nfkc(value: str) -> str:
+    """Return an email address as sign-up stored it before it applied NFKC, or `value`
+    itself if it is invalid.
+
+    Migration 0016 kept a few addresses in that form, and get_user_by_email describes
+    how login finds them.
+    """
+    try:
+        return _PRE_NFKC_EMAIL_ADAPTER.validate_python(value)
     except ValidationError:
         return value
 

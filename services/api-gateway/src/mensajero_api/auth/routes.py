@@ -12,7 +12,7 @@ from mensajero_api.auth.throttle import LoginThrottleDep
 from mensajero_api.deps import PasswordsDep, SessionDep, SettingsDep
 from mensajero_api.envelope import error_responses
 from mensajero_api.jsonbody import JSONBodyRoute
-from mensajero_api.types import normalize_email
+from mensajero_api.types import normalize_email, normalize_email_before_nfkc
 from mensajero_common.throttle import client_address
 
 router = APIRouter(prefix="/api/v1/login", tags=["login"], route_class=JSONBodyRoute)
@@ -43,7 +43,13 @@ async def login_access_token(
     email = normalize_email(form.username)
     await throttle.check(email, address)
     try:
-        user = await service.authenticate(session, passwords, email, form.password)
+        user = await service.authenticate(
+            session,
+            passwords,
+            email,
+            form.password,
+            email_before_nfkc=normalize_email_before_nfkc(form.username),
+        )
     except service.InvalidCredentialsError:
         await throttle.record_failure(email, address)
         raise

@@ -91,13 +91,21 @@ class Principal:
 
 
 async def authenticate(
-    session: AsyncSession, passwords: PasswordHasher, email: str, password: str
+    session: AsyncSession,
+    passwords: PasswordHasher,
+    email: str,
+    password: str,
+    email_before_nfkc: str | None = None,
 ) -> User:
-    """Return the active user with this email and password, or raise."""
+    """Return the active user with this email and password, or raise.
+
+    `email_before_nfkc` finds an account whose address predates NFKC, as
+    get_user_by_email describes.
+    """
     if not (is_storable(email) and is_storable(password)):
         raise InvalidCredentialsError()
 
-    user = await users_repository.get_user_by_email(session, email)
+    user = await users_repository.get_user_by_email(session, email, email_before_nfkc)
     if user is None:
         await passwords.verify_dummy(password)
         raise InvalidCredentialsError()

@@ -10,6 +10,7 @@ mensajero_common.throttle does the counting, and fails open while Redis fails.
 """
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -75,8 +76,11 @@ class LoginThrottleRules:
 
 
 def _account_id(email: str) -> str:
-    # Hashed so that Redis key names carry no email addresses.
-    return hashlib.sha256(email.strip().casefold().encode()).hexdigest()[:32]
+    # Hashed so that Redis key names carry no email addresses. NFKC folds look-alike
+    # spellings ("ｋ" and "k") into one account, as sign-up does, and also addresses
+    # that sign-up rejects or that were stored before it applied NFKC.
+    folded = unicodedata.normalize("NFKC", email.strip()).casefold()
+    return hashlib.sha256(folded.encode()).hexdigest()[:32]
 
 
 class LoginThrottle:

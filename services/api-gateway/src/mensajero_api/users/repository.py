@@ -45,10 +45,29 @@ async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> None:
     await session.execute(statement)
 
 
-async def get_user_by_email(session: AsyncSession, email: str) -> User | None:
-    """Find a user by email, ignoring letter case as the unique index does."""
-    statement = select(User).where(func.lower(User.email) == email.lower())
-    return (await session.scalars(statement)).one_or_none()
+async def get_user_by_email(
+    session: AsyncSession, email: str, email_before_nfkc: str | None = None
+) -> User | None:
+    """Find a user by email, ignoring letter case as the unique index does.
+
+    `email` is normalized as sign-up stores it now (see normalize_email). Migration
+    0016 kept an address in its older, pre-NFKC form where the NFKC form belonged to
+    another account. Such an account is found only by `email_before_nfkc`, the address
+    normalized as sign-up did it before, which wins over a match of `email`.
+    """
+    folded = email.lower()
+    if email_before_nfkc is None or email_before_nfkc.lower() == folded:
+        statement = select(User).where(func.lower(User.email) == folded)
+        return (await session.scalars(statement)).one_or_none()
+
+    exact = email_before_nfkc.lower()
+    statement = (
+        select(User)
+        .where(func.lower(User.email).in_([folded, exact]))
+        .order_by((func.lower(User.email) == exact).desc())
+        .limit(1)
+    )
+    return (await session.scalars(statement)).first()
 
 
 async def insert_user(
