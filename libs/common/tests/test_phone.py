@@ -34,6 +34,11 @@ def test_normalize_e164_accepts(number: str, region: str | None, expected: str) 
         ("+3461", None, "too_short"),
         ("+10005550000", None, "invalid_number"),
         ("1" * 200, "US", "not_a_number"),
+        ("+34 612 345 678 ext. 12", None, "has_extension"),
+        ("+34612345678;ext=1", None, "has_extension"),
+        ("+34 612 345 678 x99", None, "has_extension"),
+        ("612 345 678 ext 12", "ES", "has_extension"),
+        ("tel:+34612345678;ext=1", "ES", "has_extension"),
     ],
 )
 def test_normalize_e164_rejects(number: str, region: str | None, reason: str) -> None:

@@ -222,6 +222,31 @@ async def test_bulk_national_numbers_use_region(
     ]
 
 
+async def test_bulk_rejects_numbers_with_extension(
+    client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
+) -> None:
+    owner = await make_user(plan="pro")
+    recipients = ["+34612345678", "+34 612 345 679 ext. 12", "+34612345670;ext=1"]
+
+    response = await _send_bulk(
+        client, owner, {"recipients": recipients, "body": "Hola"}
+    )
+    only_extensions = await _send_bulk(
+        client, owner, {"recipients": ["+34 612 345 678 x99"], "body": "Hola"}
+    )
+
+    assert response.status_code == 201, response.text
+    rejected = response.json()["data"]["rejected"]
+    assert [(item["index"], item["reason"]) for item in rejected] == [
+        (1, "has_extension"),
+        (2, "has_extension"),
+    ]
+    stored = await _messages(session_factory, owner)
+    assert [m.to_number for m in stored.values()] == ["+34612345678"]
+    assert only_extensions.status_code == 400
+    assert only_extensions.json()["error"] == "no_valid_recipients"
+
+
 async def test_bulk_personalised_messages(
     client: AsyncClient, make_user: MakeUser, session_factory: SessionFactory
 ) -> None:

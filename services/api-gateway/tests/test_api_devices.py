@@ -106,6 +106,25 @@ async def test_register_device_national_number(
     assert rejected.json()["reason"] == "missing_country_code"
 
 
+async def test_device_number_with_extension(client: AsyncClient, user: ApiUser) -> None:
+    created = await client.post(
+        DEVICES_URL,
+        json={"name": "A", "phone_number": "+34 612 345 678 ext. 12"},
+        headers=user.headers,
+    )
+    device = await register_device(client, user, phone_number="+34612345678")
+    updated = await client.put(
+        f"{DEVICES_URL}/{device['device_id']}",
+        json={"phone_number": "+34612345678;ext=1"},
+        headers=user.headers,
+    )
+
+    assert created.status_code == 400
+    assert created.json()["reason"] == "has_extension"
+    assert updated.status_code == 400
+    assert updated.json()["reason"] == "has_extension"
+
+
 async def test_register_device_invalid_input(
     client: AsyncClient, user: ApiUser
 ) -> None:

@@ -55,6 +55,13 @@ PHONE_CASES = {
         "no es un número válido en ese país",
         "it is not a valid number in that country",
     ),
+    "+34 612 345 678 ext. 12": (
+        "has_extension",
+        "lleva una extensión (ext., x o ;ext=), y un SMS no puede llegar a una "
+        "extensión; escribe el número sin ella",
+        "it has an extension (ext., x or ;ext=), and an SMS cannot reach an "
+        "extension; write the number without it",
+    ),
 }
 
 
@@ -144,7 +151,8 @@ async def test_bulk_rejections_localized(
             phrase = spanish if language == "es" else english
             assert by_index[index]["reason"] == reason, (language, number)
             assert by_index[index]["message"] == phone_message(number, phrase, language)
-        duplicate, empty, too_long = (by_index[index] for index in (8, 9, 10))
+        first_other = len(PHONE_CASES) + 1
+        duplicate, empty, too_long = (by_index[first_other + i] for i in range(3))
         assert duplicate["reason"] == "duplicate"
         assert duplicate["duplicate_of"] == 0
         assert empty["reason"] == "empty_body"
@@ -367,6 +375,7 @@ def test_every_reason_has_both_languages() -> None:
             "too_long",
             "invalid_length",
             "invalid_number",
+            "has_extension",
         },
         "invalid_user_api_key": {"unknown", "revoked", "expired"},
         "invalid_api_key": {

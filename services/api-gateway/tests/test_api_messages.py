@@ -206,6 +206,35 @@ async def test_send_malformed_numbers(
     assert await _sms_sent(session_factory, user) == 0
 
 
+async def test_send_number_with_extension(
+    client: AsyncClient,
+    make_user: MakeUser,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    spanish = await make_user(default_region="ES")
+    numbers = [
+        "+34 612 345 678 ext. 12",
+        "+34612345678;ext=1",
+        "+34 612 345 678 x99",
+        "612 345 678 ext 12",
+    ]
+
+    for number in numbers:
+        response = await send_sms(client, spanish, to=number)
+        assert response.status_code == 400, number
+        body = response.json()
+        assert body["error"] == "invalid_phone_number", number
+        assert body["number"] == number
+        assert body["reason"] == "has_extension", number
+        assert "extensión" in body["message"]
+
+    assert await count_rows(session_factory, SMSMessage) == 0
+    assert await _stream_message_ids(redis, redis_keys) == []
+    assert await _sms_sent(session_factory, spanish) == 0
+
+
 async def test_send_national_number_uses_region(
     client: AsyncClient, make_user: MakeUser
 ) -> None:
@@ -821,6 +850,18 @@ async def test_list_filters(
     assert bad_phone.json()["error"] == "invalid_phone_number"
     assert bad_status.status_code == 422
     assert bad_date.status_code == 422
+
+
+async def test_list_filter_phone_with_extension(
+    client: AsyncClient, user: ApiUser
+) -> None:
+    response = await client.get(
+        MESSAGES_URL, params={"phone": "+34 612 345 678 x99"}, headers=user.headers
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_phone_number"
+    assert response.json()["reason"] == "has_extension"
 
 
 async def test_list_filter_by_foreign_device(

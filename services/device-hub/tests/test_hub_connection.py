@@ -225,6 +225,23 @@ async def test_register_rejects_unreadable_number(
     assert row.phone_number is None
 
 
+async def test_register_rejects_number_with_extension(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        error = await request(
+            socket, {"type": "register", "phone_number": "+34 612 345 678 ext. 12"}
+        )
+
+    row = await load_device(session_factory, device.device_id)
+    assert error["type"] == "error"
+    assert error["error"] == "invalid_phone_number"
+    assert error["reason"] == "has_extension"
+    assert row.phone_number is None
+
+
 async def test_register_keeps_stored_values_when_absent(
     hub_url: str, session_factory: Sessions
 ) -> None:

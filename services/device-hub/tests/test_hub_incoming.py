@@ -131,6 +131,21 @@ async def test_incoming_keeps_short_codes_and_names(
     assert senders == {"Movistar", "22777"}
 
 
+async def test_incoming_keeps_sender_with_extension(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    # No SMS comes from an extension, so the sender is kept as the phone sent it
+    # rather than stored as the main line's number, which did not send it.
+    device = await create_device(session_factory)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        ack = await request(socket, incoming("+34 612 345 678 ext. 12", "Hola", "a"))
+
+    rows = await incoming_rows(session_factory, device.device_id)
+    assert ack["type"] == "ack"
+    assert [row.from_number for row in rows] == ["+34 612 345 678 ext. 12"]
+
+
 async def test_incoming_counts_segments_and_encoding(
     hub_url: str, session_factory: Sessions
 ) -> None:

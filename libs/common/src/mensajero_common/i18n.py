@@ -422,6 +422,10 @@ REASONS: dict[str, dict[str, dict[str, str]]] = {
             "es": "no es un número válido en ese país",
             "en": "it is not a valid number in that country",
         },
+        "has_extension": {
+            "es": "lleva una extensión (ext., x o ;ext=), y un SMS no puede llegar a una extensión; escribe el número sin ella",
+            "en": "it has an extension (ext., x or ;ext=), and an SMS cannot reach an extension; write the number without it",
+        },
     },
     "invalid_frame": {
         "not_json": {"es": "no es JSON válido", "en": "it is not valid JSON"},

@@ -99,6 +99,11 @@ def _parse_e164(raw: str, region: str | None) -> str:
         raise PhoneNumberError(
             raw, _PARSE_REASONS.get(error.error_type, "not_a_number")
         ) from None
+    # phonenumbers reads "ext. 12", " x12" or ";ext=12" as an extension, which the E.164
+    # form leaves out. An SMS cannot reach an extension, so such a number is rejected
+    # rather than sent to the main line.
+    if parsed.extension:
+        raise PhoneNumberError(raw, "has_extension")
     _check_possible(raw, phonenumbers.is_possible_number_with_reason(parsed))
     if not phonenumbers.is_valid_number(parsed):
         raise PhoneNumberError(raw, "invalid_number")

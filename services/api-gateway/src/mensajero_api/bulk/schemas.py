@@ -82,7 +82,7 @@ class BulkRejection(BaseModel):
     reason: str = Field(
         description="duplicate, empty_body, body_too_long, or why the number is "
         "invalid: not_a_number, missing_country_code, invalid_country_code, too_short, "
-        "too_long, invalid_length, invalid_number."
+        "too_long, invalid_length, invalid_number, has_extension."
     )
     message: str = Field(description="The reason in the request's language.")
     duplicate_of: int | None = Field(
