@@ -64,3 +64,48 @@ def test_json_numbers_and_booleans_accepted() -> None:
     assert report.retryable is False
     assert isinstance(register, RegisterFrame)
     assert register.protocol_version == 1
+
+
+def _register(value: str) -> str:
+    return '{"type": "register", "request_id": "r1", "protocol_version": ' + value + "}"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2147483648", str(2**64), "1e308", "1e309", "-1e309", "9" * 4000, "-" + "9" * 400],
+)
+def test_huge_number_out_of_range(value: str) -> None:
+    with pytest.raises(FrameError) as caught:
+        parse_client_frame(_register(value))
+
+    assert caught.value.code == "invalid_frame"
+    assert caught.value.params == {"reason": "number_out_of_range"}
+    assert caught.value.request_id == "r1"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _register("NaN"),
+        _register("Infinity"),
+        _register("1e309,"),
+        # A lone surrogate, which orjson rejects, could not be sent back.
+        '{"type": "register", "request_id": "\\ud800", "protocol_version": 1e309}',
+        '{"type": "ping", "padding": ' + "[" * 1100 + "1e309" + "]" * 1100 + "}",
+    ],
+    ids=["nan", "infinity", "trailing_comma", "lone_surrogate", "too_deep"],
+)
+def test_unreadable_frame_with_huge_number_not_json(raw: str) -> None:
+    with pytest.raises(FrameError) as caught:
+        parse_client_frame(raw)
+
+    assert caught.value.params == {"reason": "not_json"}
+    assert caught.value.request_id is None
+
+
+def test_huge_number_keeps_earlier_checks() -> None:
+    with pytest.raises(FrameError) as caught:
+        parse_client_frame('{"request_id": "r1", "padding": 1e309}')
+
+    assert caught.value.params == {"reason": "missing_type"}
+    assert caught.value.request_id == "r1"

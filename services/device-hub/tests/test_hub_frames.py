@@ -155,6 +155,22 @@ async def test_invalid_frame_reason_localized(
     assert english in in_english["message"]
 
 
+@pytest.mark.parametrize("number", ["9" * 4000, "1e309"], ids=["digits", "1e309"])
+async def test_huge_number_out_of_range_named(
+    hub_url: str, session_factory: Sessions, number: str
+) -> None:
+    device = await create_device(session_factory)
+    raw = '{"type": "register", "request_id": "r1", "protocol_version": ' + number + "}"
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await socket.send(raw)
+        answer = await receive(socket)
+
+    assert answer["error"] == "invalid_frame"
+    assert answer["reason"] == "number_out_of_range"
+    assert answer["request_id"] == "r1"
+
+
 async def test_invalid_fields_listed_and_localized(
     hub_url: str, session_factory: Sessions
 ) -> None:

@@ -8,6 +8,9 @@ details, `attempt` and `expires_at` in `task`, and `attempt`, `part`, `parts` an
 authors.
 """
 
+import json
+import math
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -235,6 +238,70 @@ def _find_unstorable_value(value: Any) -> str | None:
     return None
 
 
+# Digits of the longest integer in the frame integer range, with its sign.
+_MAX_FRAME_INTEGER_DIGITS = len(str(MIN_FRAME_INTEGER))
+# A \uD800 to \uDFFF escape, which can make a lone surrogate that no reply could encode.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _InfiniteNumberReader:
+    """Number hooks for the standard library's JSON parser that note an infinite number.
+
+    An integer too long for the frame range is read as infinity, so that Python never
+    converts thousands of digits, and the value walk rejects it like any other.
+    """
+
+    def __init__(self) -> None:
+        self.found = False
+
+    def read_integer(self, text: str) -> int | float:
+        if len(text) > _MAX_FRAME_INTEGER_DIGITS:
+            self.found = True
+            return math.inf
+        return int(text)
+
+    def read_float(self, text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            self.found = True
+        return value
+
+
+def _reject_json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _read_rejected_frame(raw: str | bytes) -> Any:
+    """Return a frame that orjson rejected for an infinite number only, or raise.
+
+    orjson rejects a number that is infinite as a double, such as 1e309 or an integer
+    of a few hundred digits. So that such a frame gets number_out_of_range with its
+    request_id, like 2**64 or 1e308, it is read again with the standard library's parser,
+    on this error path only. Any other problem stays not_json.
+    """
+    not_json = FrameError("invalid_frame", reason=INVALID_FRAME_NOT_JSON)
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise not_json from None
+    if _SURROGATE_ESCAPE.search(text):
+        raise not_json
+
+    reader = _InfiniteNumberReader()
+    try:
+        data = json.loads(
+            text,
+            parse_int=reader.read_integer,
+            parse_float=reader.read_float,
+            parse_constant=_reject_json_constant,
+        )
+    except (ValueError, RecursionError):
+        raise not_json from None
+    if not reader.found:
+        raise not_json
+    return data
+
+
 def parse_client_frame(
     raw: str | bytes,
 ) -> RegisterFrame | SmsReportFrame | SmsIncomingFrame | PingFrame:
@@ -242,7 +309,7 @@ def parse_client_frame(
     try:
         data = jsonutil.loads(raw)
     except jsonutil.JSONDecodeError:
-        raise FrameError("invalid_frame", reason=INVALID_FRAME_NOT_JSON) from None
+        data = _read_rejected_frame(raw)
     if not isinstance(data, dict):
         raise FrameError("invalid_frame", reason=INVALID_FRAME_NOT_OBJECT)
     ping = _plain_ping(data)
