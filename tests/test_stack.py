@@ -202,3 +202,15 @@ def test_own_secret_key_unchanged(
     assert used.SECRET_KEY == settings.SECRET_KEY
     assert "SECRET_KEY" not in os.environ
     assert not (run_dir / stack.SECRET_KEY_FILE).exists()
+
+
+@pytest.mark.parametrize("webhook_timeout_s", [10.0, 20.0, 60.0])
+def test_stop_waits_for_webhook_sender(webhook_timeout_s: float) -> None:
+    from mensajero_webhooks.main import create_worker, drain_wait_s
+
+    settings = Settings(WEBHOOK_TIMEOUT_S=webhook_timeout_s)
+    worker = create_worker(settings)
+    # arq waits for the running jobs, then on_shutdown for the drain tasks.
+    sender_stop_s = worker._job_completion_wait + drain_wait_s(settings)
+
+    assert stack.service_stop_timeout_s(settings) > sender_stop_s

@@ -61,6 +61,9 @@ NAME_WIDTH = 10
 SERVER_START_TIMEOUT_S = 30.0
 HEALTH_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+# The webhook-sender's margin on SIGTERM beyond WEBHOOK_TIMEOUT_S, for each of its two
+# waits (SHUTDOWN_GRACE_MARGIN_S in mensajero_webhooks.main).
+WEBHOOK_STOP_MARGIN_S = 5.0
 CHECK_INTERVAL_S = 0.2
 OUTPUT_CHUNK_BYTES = 65536
 # Under MENSAJERO_RUN_DIR: the key that signs the local stack's tokens when SECRET_KEY is
@@ -617,11 +620,25 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop the services, then the servers they use."""
-        for group in (self.services, self.servers):
+        timeouts = (service_stop_timeout_s(self.settings), STOP_TIMEOUT_S)
+        for group, timeout_s in zip(
+            (self.services, self.servers), timeouts, strict=True
+        ):
             running = [child for child in group if not child.exited]
             if running:
                 say("stopping " + ", ".join(child.name for child in running))
-            await asyncio.gather(*(child.stop() for child in group))
+            await asyncio.gather(*(child.stop(timeout_s) for child in group))
+
+
+def service_stop_timeout_s(settings: Settings) -> float:
+    """Return how long a service may take to stop before it is killed.
+
+    On SIGTERM the webhook-sender lets its POSTs in flight end: arq waits up to
+    WEBHOOK_TIMEOUT_S plus a margin for its jobs, then the drain tasks get as long again.
+    A kill cuts those attempts off, and each is sent again once its lease runs out.
+    """
+    sender_s = 2 * (settings.WEBHOOK_TIMEOUT_S + WEBHOOK_STOP_MARGIN_S)
+    return sender_s + STOP_TIMEOUT_S
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T:
