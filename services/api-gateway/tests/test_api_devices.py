@@ -143,10 +143,12 @@ BLANK_NAME_MESSAGES = {
 }
 CONTROL_NAME_MESSAGES = {
     "es": "No puede contener caracteres de control (\\u0000 a \\u001f, \\u007f a "
-    "\\u009f) ni controles de dirección del texto (\\u202a a \\u202e, \\u2066 a "
-    "\\u2069).",
+    "\\u009f), separadores de línea o de párrafo (\\u2028, \\u2029) ni controles "
+    "de dirección del texto (\\u061c, \\u200e, \\u200f, \\u202a a \\u202e, "
+    "\\u2066 a \\u2069).",
     "en": "Must not contain control characters (\\u0000 to \\u001f, \\u007f to "
-    "\\u009f) or text direction controls (\\u202a to \\u202e, \\u2066 to "
+    "\\u009f), line or paragraph separators (\\u2028, \\u2029) or text direction "
+    "controls (\\u061c, \\u200e, \\u200f, \\u202a to \\u202e, \\u2066 to "
     "\\u2069).",
 }
 
@@ -162,6 +164,11 @@ CONTROL_NAME_MESSAGES = {
         ("Pixel\u202e7", "string_contains_control"),
         ("Pi\u2066xel\u2069", "string_contains_control"),
         ("Pixel\x9b", "string_contains_control"),
+        ("Pixel\u20287", "string_contains_control"),
+        ("Pi\u2029xel", "string_contains_control"),
+        ("\u200fPixel", "string_contains_control"),
+        ("Pixel\u200e7", "string_contains_control"),
+        ("Pixel\u061c", "string_contains_control"),
     ],
 )
 async def test_device_name_rejects_invisible_or_control(

@@ -373,7 +373,15 @@ async def test_update_me_invalid_region(client: AsyncClient, user: ApiUser) -> N
 
 @pytest.mark.parametrize(
     "full_name",
-    ["a\nb", "\u0007bell", "\u2066iso\u2069", "\u202egnp.exe", "Ana\x9b"],
+    [
+        "a\nb",
+        "\u0007bell",
+        "\u2066iso\u2069",
+        "\u202egnp.exe",
+        "Ana\x9b",
+        "x\u2028y",
+        "\u200fAna",
+    ],
 )
 async def test_full_name_rejects_control_characters(
     client: AsyncClient,

@@ -6,9 +6,9 @@ that looks empty. Those characters stay valid inside visible text: an emoji sequ
 such as 👩‍💻 joins its parts with U+200D ZERO WIDTH JOINER. Control characters, lone
 combining marks and noncharacters count as invisible too.
 
-Control characters and bidirectional embeddings, overrides and isolates are removed from
-senders and rejected in device names. They can break a log line or a terminal, and they
-can make a name display as other text: U+202E RIGHT-TO-LEFT OVERRIDE shows "moc.knab" as
+Control characters, line and paragraph separators and bidirectional controls are removed
+from senders and rejected in names. They can break a log line or a terminal, and they can
+make a name display as other text: U+202E RIGHT-TO-LEFT OVERRIDE shows "moc.knab" as
 "bank.com".
 """
 
@@ -74,13 +74,19 @@ def is_blank(text: str) -> bool:
     return all(is_invisible(character) for character in text)
 
 
-# The control characters (general category Cc: U+0000 to U+001F and U+007F to U+009F)
-# and the bidirectional embeddings and overrides (U+202A to U+202E) and isolates
-# (U+2066 to U+2069), as a str.translate table that deletes them.
+# The control characters (general category Cc: U+0000 to U+001F and U+007F to U+009F),
+# the line and paragraph separators (U+2028, U+2029), the bidirectional marks (U+061C,
+# U+200E, U+200F), embeddings and overrides (U+202A to U+202E) and isolates (U+2066 to
+# U+2069), as a str.translate table that deletes them.
 _CONTROL_DELETION = dict.fromkeys(
     [
         *range(0x00, 0x20),
         *range(0x7F, 0xA0),
+        0x061C,
+        0x200E,
+        0x200F,
+        0x2028,
+        0x2029,
         *range(0x202A, 0x202F),
         *range(0x2066, 0x206A),
     ]
@@ -88,14 +94,14 @@ _CONTROL_DELETION = dict.fromkeys(
 
 
 def remove_controls(text: str) -> str:
-    """Return `text` without control characters and bidirectional embeddings,
-    overrides and isolates."""
+    """Return `text` without control characters, line and paragraph separators and
+    bidirectional controls."""
     return text.translate(_CONTROL_DELETION)
 
 
 def has_controls(text: str) -> bool:
-    """Tell whether `text` contains a control character or a bidirectional embedding,
-    override or isolate."""
+    """Tell whether `text` contains a control character, a line or paragraph separator or
+    a bidirectional control."""
     return any(ord(character) in _CONTROL_DELETION for character in text)
 
 
@@ -103,8 +109,8 @@ def check_display_name(name: str) -> str:
     """Return a trimmed display name unchanged, or raise PydanticCustomError.
 
     The error type is `string_blank` for a name that contains only invisible characters
-    and `string_contains_control` for one with a control character or a bidirectional
-    embedding, override or isolate. mensajero_common.validation_messages translates both.
+    and `string_contains_control` for one with a character that has_controls finds.
+    mensajero_common.validation_messages translates both.
     """
     if is_blank(name):
         raise PydanticCustomError(
@@ -113,7 +119,8 @@ def check_display_name(name: str) -> str:
     if has_controls(name):
         raise PydanticCustomError(
             "string_contains_control",
-            "must not contain control characters (U+0000 to U+001F, U+007F to U+009F) "
-            "or bidirectional controls (U+202A to U+202E, U+2066 to U+2069)",
+            "must not contain control characters (U+0000 to U+001F, U+007F to U+009F), "
+            "line or paragraph separators (U+2028, U+2029) or bidirectional controls "
+            "(U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069)",
         )
     return name

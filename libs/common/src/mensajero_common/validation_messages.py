@@ -327,8 +327,8 @@ VALIDATION_MESSAGES: dict[str, dict[str, str]] = {
         "en": "Must contain at least one visible character; spaces and invisible characters such as \\u200b are not enough.",
     },
     "string_contains_control": {
-        "es": "No puede contener caracteres de control (\\u0000 a \\u001f, \\u007f a \\u009f) ni controles de dirección del texto (\\u202a a \\u202e, \\u2066 a \\u2069).",
-        "en": "Must not contain control characters (\\u0000 to \\u001f, \\u007f to \\u009f) or text direction controls (\\u202a to \\u202e, \\u2066 to \\u2069).",
+        "es": "No puede contener caracteres de control (\\u0000 a \\u001f, \\u007f a \\u009f), separadores de línea o de párrafo (\\u2028, \\u2029) ni controles de dirección del texto (\\u061c, \\u200e, \\u200f, \\u202a a \\u202e, \\u2066 a \\u2069).",
+        "en": "Must not contain control characters (\\u0000 to \\u001f, \\u007f to \\u009f), line or paragraph separators (\\u2028, \\u2029) or text direction controls (\\u061c, \\u200e, \\u200f, \\u202a to \\u202e, \\u2066 to \\u2069).",
     },
     "date_or_datetime_parsing": {
         "es": "Debe ser una fecha (2024-01-31) o una fecha y hora ISO 8601 (2024-01-31T12:00:00Z).",
