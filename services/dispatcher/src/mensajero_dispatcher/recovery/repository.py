@@ -43,7 +43,7 @@ _IS_OPEN_OUTGOING = and_(
 
 def stale_messages_statement(
     stale_after_s: float, after: Cursor | None, limit: int
-) -> Select[tuple[uuid.UUID, str, uuid.UUID | None, datetime]]:
+) -> Select[uuid.UUID, MessageStatus, uuid.UUID | None, datetime]:
     """Build the select of a page of list_stale."""
     statement = (
         select(
