@@ -5,6 +5,8 @@ import time
 from dataclasses import replace
 
 import pytest
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
 from mensajero_common import queues
@@ -24,6 +26,17 @@ PER_MINUTE = 2
 def paced_ctx(ctx: DispatcherContext) -> DispatcherContext:
     settings = ctx.settings.model_copy(update={"DEVICE_SMS_PER_MINUTE": PER_MINUTE})
     return replace(ctx, settings=settings)
+
+
+def _limits_limiter(ctx: DispatcherContext) -> MovingWindowRateLimiter:
+    """Return a limiter of the `limits` package on the devices' pace counters."""
+    storage = RedisStorage(
+        "async+" + ctx.settings.REDIS_URL,
+        implementation="redispy",
+        key_prefix=ctx.keys.device_pace_prefix,
+        connection_pool=ctx.redis.connection_pool,
+    )
+    return MovingWindowRateLimiter(storage)
 
 
 async def _open_window(redis: "Redis[bytes]", keys: RedisKeys) -> None:
@@ -68,7 +81,7 @@ async def test_pace_window_resets_within_a_minute(paced_ctx, factory):
     await assign_messages(paced_ctx, [message.id for message in messages])
 
     assert await pace.pace_left(paced_ctx, [device.id]) == {device.id: 0}
-    limiter = pace._limiter(paced_ctx)
+    limiter = _limits_limiter(paced_ctx)
     stats = await limiter.get_window_stats(pace.pace_item(paced_ctx), str(device.id))
     assert 0 < stats.reset_time - time.time() <= 60
 
@@ -141,7 +154,7 @@ async def test_batch_reserves_pace_of_many_devices(
     paced_ctx, factory, redis, redis_keys
 ):
     user = await factory.user()
-    device_count = pace.RESERVE_CONCURRENCY + 3
+    device_count = 11
     devices = [await factory.device(user) for _ in range(device_count)]
     messages = [
         await factory.message(user, age_s=600 - i)
@@ -166,7 +179,7 @@ async def test_full_device_found_after_planning(paced_ctx, factory):
     other = await factory.device(user)
     # The full device has the lighter load, so the plan tries it first.
     await factory.message(user, status=MessageStatus.ASSIGNED, device=other)
-    limiter = pace._limiter(paced_ctx)
+    limiter = _limits_limiter(paced_ctx)
     await limiter.hit(pace.pace_item(paced_ctx), str(full.id), cost=PER_MINUTE)
     message = await factory.message(user)
 
@@ -194,3 +207,38 @@ async def test_pace_not_read_while_devices_have_room(paced_ctx, factory, monkeyp
 
     assert len(plan.assignments) == 1
     assert reads == []
+
+
+async def test_batch_reserves_pace_in_one_call(paced_ctx, factory, monkeypatch):
+    user = await factory.user()
+    devices = [await factory.device(user) for _ in range(6)]
+    messages = [await factory.message(user, age_s=600 - i) for i in range(12)]
+    calls: list[tuple] = []
+    evalsha = paced_ctx.redis.evalsha
+
+    async def counted(*args):
+        calls.append(args)
+        return await evalsha(*args)
+
+    monkeypatch.setattr(paced_ctx.redis, "evalsha", counted)
+
+    plan = await assign_messages(paced_ctx, [message.id for message in messages])
+
+    prefix = paced_ctx.keys.device_pace_prefix
+    pace_calls = [call for call in calls if str(call[2]).startswith(prefix)]
+    assert len(plan.assignments) == len(devices) * PER_MINUTE
+    assert len(pace_calls) == 1
+
+
+async def test_limits_reads_reserved_pace(paced_ctx, factory):
+    user = await factory.user()
+    device = await factory.device(user)
+    message = await factory.message(user)
+
+    await assign_messages(paced_ctx, [message.id])
+
+    stats = await _limits_limiter(paced_ctx).get_window_stats(
+        pace.pace_item(paced_ctx), str(device.id)
+    )
+    assert stats.remaining == PER_MINUTE - 1
+    assert await pace.pace_left(paced_ctx, [device.id]) == {device.id: PER_MINUTE - 1}
