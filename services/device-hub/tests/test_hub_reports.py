@@ -25,6 +25,8 @@ from mensajero_common.models import (
     SMSMessage,
     SMSMessageAttempt,
     SMSMessagePart,
+    UserPlan,
+    UserQuota,
     WebhookConfig,
     WebhookEvent,
 )
@@ -748,3 +750,180 @@ async def test_sent_message_without_device_number(
     bodies = await event_bodies(session_factory, message.id)
     assert row.from_number is None
     assert bodies["sms_sent"]["from"] is None
+
+
+async def charge_quota(sessions: Sessions, device: DeviceRecord) -> None:
+    """Give the device's user a free-plan quota row with one SMS charged."""
+    async with sessions() as db:
+        plan_id = await db.scalar(select(UserPlan.id).where(UserPlan.code == "free"))
+        db.add(
+            UserQuota(user_id=device.user_id, plan_id=plan_id, sms_sent_this_month=1)
+        )
+        await db.commit()
+
+
+async def charged_sms(sessions: Sessions, device: DeviceRecord) -> int | None:
+    async with sessions() as db:
+        return await db.scalar(
+            select(UserQuota.sms_sent_this_month).where(
+                UserQuota.user_id == device.user_id
+            )
+        )
+
+
+@pytest.mark.parametrize("late", ["sent", "delivered"])
+async def test_late_part_cancels_queued_retry(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    late: str,
+) -> None:
+    device = await create_device(session_factory, phone_number="+525512345678")
+    await subscribe_to_all(session_factory, device)
+    await charge_quota(session_factory, device)
+    message = await create_outgoing(
+        session_factory, device, body="a" * 200, from_number="+525512345678"
+    )
+    await push_task(redis, redis_keys, device, message)
+    multipart = {"parts": 2, "attempt": 1}
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await receive_type(socket, "task")
+        await report(socket, message.id, status="sending", attempt=1)
+        await report(
+            socket, message.id, status="failed", part=1, error="GENERIC", **multipart
+        )
+        retry = await report(
+            socket, message.id, status="failed", part=2, error="GENERIC", **multipart
+        )
+        first = await report(socket, message.id, status=late, part=1, **multipart)
+        second = await report(
+            socket, message.id, status="delivered", part=1, **multipart
+        )
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert retry["status"] == "pending"
+    # Part 1 went out, so the queued retry would send it twice.
+    assert first["status"] == "failed"
+    assert first["attempt"] == 1
+    assert second["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.error == "part 1/2: GENERIC"
+    assert row.attempts == 1
+    assert row.next_attempt_at is None
+    assert row.failed_at is not None
+    assert row.from_number == "+525512345678"
+    assert row.quota_refunded_at is None
+    assert await charged_sms(session_factory, device) == 1
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+    assert bodies["sms_failed"]["error"] == "part 1/2: GENERIC"
+    assert bodies["sms_failed"]["from"] == "+525512345678"
+    # Forward-only: a `failed` part stays `failed`, and its late report only ends the
+    # retry.
+    assert await part_rows(session_factory, message.id) == [
+        (1, "failed"),
+        (2, "failed"),
+    ]
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.FAILED, "part 1/2: GENERIC")
+    ]
+    assert await queued_attempts(redis, redis_keys, device) == []
+
+
+async def test_late_part_after_whole_failure_is_final(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device, body="a" * 200)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        retry = await report(
+            socket, message.id, status="failed", error="NO_SERVICE", attempt=1
+        )
+        late = await report(socket, message.id, status="sent", part=2, parts=2)
+
+    row = await load_message(session_factory, message.id)
+    assert retry["status"] == "pending"
+    assert late["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.error == "NO_SERVICE"
+    assert row.next_attempt_at is None
+    assert await part_rows(session_factory, message.id) == [(2, "sent")]
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+
+
+@pytest.mark.parametrize("same_device", [False, True], ids=["other", "same"])
+async def test_late_part_cancels_unclaimed_retry(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    same_device: bool,
+) -> None:
+    failed_on = await create_device(session_factory, phone_number="+525512345678")
+    retried_on = (
+        failed_on
+        if same_device
+        else await create_device(session_factory, user_id=failed_on.user_id)
+    )
+    await subscribe_to_all(session_factory, failed_on)
+    message = await create_retried_message(session_factory, failed_on, retried_on)
+    await push_task(redis, redis_keys, retried_on, message)
+
+    async with open_socket(hub_url, failed_on.api_key) as socket:
+        late = await report(
+            socket, message.id, status="sent", part=1, parts=2, attempt=1
+        )
+    async with open_socket(hub_url, retried_on.api_key) as socket:
+        claim = await report(socket, message.id, status="sending", attempt=2)
+
+    row = await load_message(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert late["status"] == "failed"
+    assert late["attempt"] == 2
+    # The `ack` of the retry phone's claim names `failed`, so that phone does not send.
+    assert claim["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.error == PREVIOUS_ERROR
+    assert row.from_number == "+525512345678"
+    assert await part_rows(session_factory, message.id) == [(1, "sent")]
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.FAILED, PREVIOUS_ERROR),
+        (AttemptStatus.FAILED, "earlier_part_went_out"),
+    ]
+    assert await event_names(session_factory, message.id) == ["sms_failed"]
+    assert await queued_attempts(redis, redis_keys, retried_on) == []
+
+
+async def test_late_part_after_claimed_retry_recorded(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    failed_on = await create_device(session_factory)
+    retried_on = await create_device(session_factory, user_id=failed_on.user_id)
+    await subscribe_to_all(session_factory, failed_on)
+    message = await create_retried_message(session_factory, failed_on, retried_on)
+
+    async with open_socket(hub_url, retried_on.api_key) as socket:
+        claim = await report(socket, message.id, status="sending", attempt=2)
+    async with open_socket(hub_url, failed_on.api_key) as socket:
+        late = await report(
+            socket, message.id, status="sent", part=1, parts=2, attempt=1
+        )
+
+    row = await load_message(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert claim["status"] == "sending"
+    # The retry's phone may have sent already, so its own reports decide the message.
+    assert late["status"] == "sending"
+    assert late["attempt"] == 2
+    assert row.status == MessageStatus.SENDING
+    assert await part_rows(session_factory, message.id) == [(1, "sent")]
+    assert [item.status for item in attempts] == [
+        AttemptStatus.FAILED,
+        AttemptStatus.SENDING,
+    ]
+    assert await event_names(session_factory, message.id) == []

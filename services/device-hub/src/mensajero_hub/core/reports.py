@@ -19,12 +19,17 @@ apply one at a time whatever connection or hub they arrive on. Then:
   on a report of the whole message;
 - `expired` (the phone skipped a task past its `expires_at`) ends the message `expired`,
   unless the SMS or one of its parts went out, in which case it changes nothing;
-- `sending`, `sent` and `delivered` move the message forward.
+- `sending`, `sent` and `delivered` move the message forward;
+- a late `sent` or `delivered` part report on an attempt that ended `failed` on this
+  device is stored for that attempt. While the retry that the failure queued has not
+  been claimed (the message is `pending`, or `assigned` to a phone that has not reported
+  `sending`), the report cancels it and the message ends `failed`, because the retry
+  would send that part again (see _apply_late_part).
 """
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 from sqlalchemy import func, select
@@ -36,6 +41,7 @@ from mensajero_common.message_attempts import ERROR_EXPIRED, LockedMessage
 from mensajero_common.models import (
     AttemptStatus,
     MessageStatus,
+    SMSDevice,
     SMSMessageAttempt,
     SMSMessagePart,
 )
@@ -52,6 +58,12 @@ REPORTABLE_MESSAGE_STATUSES = frozenset(
     {MessageStatus.ASSIGNED, MessageStatus.SENDING, MessageStatus.SENT}
 )
 SENT_STATUSES = frozenset({MessageStatus.SENT, MessageStatus.DELIVERED})
+# Statuses in which no phone has claimed the message's next attempt, so a late report
+# that a part of an earlier attempt went out can still stop that attempt.
+UNCLAIMED_RETRY_STATUSES = frozenset({MessageStatus.PENDING, MessageStatus.ASSIGNED})
+# The error of a retry attempt that ended before its phone claimed it, because a late
+# report showed that a part of an earlier attempt went out.
+ERROR_EARLIER_PART_WENT_OUT = "earlier_part_went_out"
 
 
 @dataclass(frozen=True)
@@ -119,16 +131,16 @@ class StoredParts:
 
 
 async def _store_part(
-    db: AsyncSession, message: LockedMessage, frame: SmsReportFrame
+    db: AsyncSession, message: LockedMessage, frame: SmsReportFrame, attempt: int
 ) -> StoredParts:
-    """Store one part's report forward-only; return every part report of the attempt.
+    """Store one part's report on `attempt` forward-only; return every part report of
+    that attempt.
 
     Raises FrameRejectedError (invalid_frame) and writes nothing when `parts` differs
     from the earlier part reports of the attempt, because the aggregate would then miss
     parts or count some twice.
     """
     assert frame.part is not None and frame.parts is not None
-    attempt = message.current_attempt
     status = MessageStatus(frame.status)
     stored = (
         await db.execute(
@@ -214,6 +226,109 @@ async def _attempt_of_device(
         SMSMessageAttempt.message_id == message.id,
         SMSMessageAttempt.device_id == device_id,
     )
+    return (await db.execute(statement)).scalar_one_or_none()
+
+
+async def _failed_attempt(
+    db: AsyncSession, message: LockedMessage, attempt: int, device_id: uuid.UUID
+) -> SMSMessageAttempt | None:
+    """Return `attempt` of the message if it went to this device and ended `failed`."""
+    statement = select(SMSMessageAttempt).where(
+        SMSMessageAttempt.message_id == message.id,
+        SMSMessageAttempt.attempt_number == attempt,
+        SMSMessageAttempt.device_id == device_id,
+        SMSMessageAttempt.status == AttemptStatus.FAILED.value,
+    )
+    return (await db.scalars(statement)).first()
+
+
+async def _apply_late_part(
+    db: AsyncSession,
+    settings: Settings,
+    device_id: uuid.UUID,
+    frame: SmsReportFrame,
+    message: LockedMessage | None,
+) -> ReportOutcome | None:
+    """Apply a `sent` or `delivered` part report on an attempt that this device ended
+    with a `failed` report. Return None when the frame is not such a report.
+
+    The part is stored on that attempt forward-only, so a `failed` part stays `failed`.
+    If no phone has claimed the next attempt yet, the message ends `failed` with the
+    ended attempt's error. As with any failure after a part went out, `sms_failed` is
+    recorded and the quota charge is kept. An assigned next attempt ends `failed` too,
+    so the `ack` of its phone's claim names `failed` and that phone does not send.
+
+    Also returns None, after storing the part, when the message is final or its next
+    attempt was claimed. That phone may have sent the SMS already, so its own reports
+    decide the message.
+    """
+    if message is None or frame.part is None:
+        return None
+    if MessageStatus(frame.status) not in SENT_STATUSES:
+        return None
+    attempt = frame.attempt or message.current_attempt
+    if attempt > message.current_attempt:
+        return None
+    if attempt == message.current_attempt and message.status in (
+        REPORTABLE_MESSAGE_STATUSES
+    ):
+        return None
+    ended = await _failed_attempt(db, message, attempt, device_id)
+    if ended is None:
+        return None
+
+    await _store_part(db, message, frame, attempt)
+    if message.status not in UNCLAIMED_RETRY_STATUSES:
+        log.info(
+            "late part report on a failed attempt stored",
+            message_id=str(message.id),
+            device_id=str(device_id),
+            reported_attempt=attempt,
+            attempt=message.current_attempt,
+            part=frame.part,
+            status=frame.status,
+        )
+        return None
+
+    if message.status is MessageStatus.ASSIGNED:
+        await message_attempts.record_attempt_status(
+            db, message, AttemptStatus.FAILED, error=ERROR_EARLIER_PART_WENT_OUT
+        )
+    # The message ends as sent by this device, whose attempt sent the part: a `pending`
+    # message still has this device's number as `from`, an `assigned` one the retry
+    # phone's number.
+    if message.status is MessageStatus.PENDING:
+        from_number = message.from_number
+    else:
+        from_number = await _device_number(db, device_id)
+    sender = replace(
+        message,
+        status=MessageStatus.SENDING,
+        device_id=device_id,
+        from_number=from_number,
+    )
+    delivery_ids = await message_attempts.end_failed(
+        db, settings, sender, ended.error, refund=False
+    )
+    log.info(
+        "retry cancelled by a late part report",
+        message_id=str(message.id),
+        device_id=str(device_id),
+        reported_attempt=attempt,
+        attempt=message.current_attempt,
+        part=frame.part,
+        status=frame.status,
+    )
+    return ReportOutcome(
+        MessageStatus.FAILED,
+        message.current_attempt,
+        delivery_ids=delivery_ids,
+        remove_up_to_attempt=message.current_attempt,
+    )
+
+
+async def _device_number(db: AsyncSession, device_id: uuid.UUID) -> str | None:
+    statement = select(SMSDevice.phone_number).where(SMSDevice.id == device_id)
     return (await db.execute(statement)).scalar_one_or_none()
 
 
@@ -342,32 +457,11 @@ async def _apply_expired(
     )
 
 
-async def apply_report(
-    db: AsyncSession,
-    settings: Settings,
-    device_id: uuid.UUID,
-    frame: SmsReportFrame,
-    message: LockedMessage | None,
-) -> ReportOutcome:
-    """Apply one report of this device in the caller's transaction.
-
-    `message` is the report's message as the caller locked it in this transaction, or
-    None when no outgoing message has that id. Raises FrameRejectedError
-    (report_not_allowed) when the message is not an outgoing message assigned to this
-    device, and then has written nothing.
-    """
-    if message is not None and message.device_id != device_id:
-        moved_from = await _attempt_of_device(db, message, device_id)
-        if moved_from is not None:
-            return _moved_away(message, device_id, moved_from, frame)
-    if message is None or message.device_id != device_id:
-        raise FrameRejectedError(
-            "report_not_allowed",
-            request_id=frame.request_id,
-            details={"message_id": str(frame.message_id)},
-            message_id=str(frame.message_id),
-        )
-
+def _ignored_report(
+    device_id: uuid.UUID, frame: SmsReportFrame, message: LockedMessage
+) -> ReportOutcome | None:
+    """Return the outcome of a report that changes nothing, because it names another
+    attempt or its message is not in flight. Return None for a report to apply."""
     attempt = message.current_attempt
     if frame.attempt is not None and frame.attempt != attempt:
         log.info(
@@ -384,12 +478,48 @@ async def apply_report(
         return ReportOutcome(message.status, attempt, remove_up_to_attempt=ended)
     if message.status not in REPORTABLE_MESSAGE_STATUSES:
         return ReportOutcome(message.status, attempt, remove_up_to_attempt=attempt)
+    return None
+
+
+async def apply_report(
+    db: AsyncSession,
+    settings: Settings,
+    device_id: uuid.UUID,
+    frame: SmsReportFrame,
+    message: LockedMessage | None,
+) -> ReportOutcome:
+    """Apply one report of this device in the caller's transaction.
+
+    `message` is the report's message as the caller locked it in this transaction, or
+    None when no outgoing message has that id. Raises FrameRejectedError
+    (report_not_allowed) when the message is not an outgoing message assigned to this
+    device, and then has written nothing.
+    """
+    cancelled = await _apply_late_part(db, settings, device_id, frame, message)
+    if cancelled is not None:
+        return cancelled
+    if message is not None and message.device_id != device_id:
+        moved_from = await _attempt_of_device(db, message, device_id)
+        if moved_from is not None:
+            return _moved_away(message, device_id, moved_from, frame)
+    if message is None or message.device_id != device_id:
+        raise FrameRejectedError(
+            "report_not_allowed",
+            request_id=frame.request_id,
+            details={"message_id": str(frame.message_id)},
+            message_id=str(frame.message_id),
+        )
+
+    ignored = _ignored_report(device_id, frame, message)
+    if ignored is not None:
+        return ignored
+    attempt = message.current_attempt
 
     status, error = MessageStatus(frame.status), frame.error
     went_out = message.sent_at is not None
     parts: int | None = None
     if frame.part is not None and status is not MessageStatus.EXPIRED:
-        stored = await _store_part(db, message, frame)
+        stored = await _store_part(db, message, frame, attempt)
         went_out = went_out or stored.part_went_out
         status, error = aggregate_parts(stored.reports, went_out=went_out)
         parts = max(report.parts for report in stored.reports)
