@@ -157,6 +157,15 @@ async def reset_to_assigned(sessions: Sessions, message_id: uuid.UUID) -> SMSMes
     return await load_message(sessions, message_id)
 
 
+async def eventually(
+    check: Any, timeout_s: float = 5.0, interval_s: float = 0.02
+) -> None:
+    """Wait until the async `check()` returns True, or fail after the timeout."""
+    async with asyncio.timeout(scaled(timeout_s)):
+        while not await check():  # noqa: ASYNC110 - polls the database, not an event
+            await asyncio.sleep(interval_s)
+
+
 @asynccontextmanager
 async def running_agent(
     url: str,

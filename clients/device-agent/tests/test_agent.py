@@ -14,6 +14,7 @@ from agent_helpers import (
     WS_PATH,
     Sessions,
     create_device,
+    eventually,
     load_message,
     push_again,
     queue_message,
@@ -28,6 +29,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from mensajero_agent import (
     AgentStoppedError,
     MessageLedger,
+    RegisterRejectedError,
     SendingBackend,
     SendOutcome,
     SimulatedBackend,
@@ -301,6 +303,128 @@ async def test_invalid_key_stops_agent(hub: str, session_factory: Sessions) -> N
     assert len(events.matching("connected")) == 1
 
 
+async def load_device(session_factory: Sessions, device_id: uuid.UUID) -> SMSDevice:
+    async with session_factory() as db:
+        return (
+            await db.execute(select(SMSDevice).where(SMSDevice.id == device_id))
+        ).scalar_one()
+
+
+@pytest.mark.parametrize("name", ["a\tb", "a\u202eb"])
+async def test_rejected_name_stops_agent(
+    hub: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    name: str,
+) -> None:
+    device_id, user_id, api_key = await create_device(session_factory)
+    message_id = await queue_message(
+        session_factory, redis, redis_keys, device_id, user_id
+    )
+
+    async with running_agent(
+        hub, api_key, fast_backend(), device_name=name, language="en"
+    ) as (_, events, task):
+        with pytest.raises(RegisterRejectedError) as stopped:
+            await asyncio.wait_for(task, scaled(5))
+
+    async def offline() -> bool:
+        row = await load_device(session_factory, device_id)
+        return bool(row.status == DeviceStatus.OFFLINE)
+
+    await eventually(offline)
+    message = await load_message(session_factory, message_id)
+    device = await load_device(session_factory, device_id)
+    assert stopped.value.error == "invalid_frame"
+    assert stopped.value.fields == ("device_name",)
+    assert "device_name" in stopped.value.message
+    assert "rejected the register" in str(stopped.value)
+    assert len(events.matching("connected")) == 1
+    assert events.matching("registered") == []
+    assert events.matching("disconnected", code=1000, retry_in_s=None)
+    assert device.name == "Agent phone"
+    assert message.status == MessageStatus.ASSIGNED
+    assert message.sending_at is None
+
+
+async def test_rejected_phone_stops_agent(hub: str, session_factory: Sessions) -> None:
+    _, _, api_key = await create_device(session_factory)
+
+    async with running_agent(
+        hub, api_key, fast_backend(), device_name="Demo", phone_number="600123456"
+    ) as (_, events, task):
+        with pytest.raises(RegisterRejectedError) as stopped:
+            await asyncio.wait_for(task, scaled(5))
+
+    assert stopped.value.error == "invalid_phone_number"
+    assert stopped.value.fields == ("phone_number",)
+    assert len(events.matching("connected")) == 1
+
+
+async def test_task_outlives_rejected_register(
+    hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    device_id, user_id, api_key = await create_device(session_factory)
+    message_id = await queue_message(
+        session_factory, redis, redis_keys, device_id, user_id
+    )
+    backend = fast_backend()
+
+    async with running_agent(hub, api_key, backend, device_name="a\tb") as (
+        _,
+        _,
+        rejected,
+    ):
+        with pytest.raises(RegisterRejectedError):
+            await asyncio.wait_for(rejected, scaled(5))
+    async with running_agent(hub, api_key, backend, device_name="Pixel") as (
+        _,
+        events,
+        _,
+    ):
+        await events.wait_for(
+            "report_ack", message_id=str(message_id), status="delivered"
+        )
+
+    row = await load_message(session_factory, message_id)
+    assert backend.sent_count == 1
+    assert row.status == MessageStatus.DELIVERED
+    assert row.attempts == 1
+
+
+async def test_register_internal_error_reconnects() -> None:
+    connections = 0
+
+    async def fail_first_register(socket: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        register = orjson.loads(await socket.recv())
+        if connections == 1:
+            answer = {"type": "error", "error": "internal_error", "message": "down"}
+        else:
+            answer = {"type": "ack", "of": "register", "device_id": "d1"}
+        await socket.send(
+            orjson.dumps({**answer, "request_id": register["request_id"]})
+        )
+        async for _ in socket:
+            pass
+
+    async with serve(fail_first_register, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}{WS_PATH}"
+        async with running_agent(
+            url, "mdk_any", fast_backend(), pong_timeout_s=0.2
+        ) as (_, events, task):
+            registered = await events.wait_for("registered")
+            still_running = not task.done()
+
+    assert events.matching("error", error="internal_error")
+    assert registered["device_id"] == "d1"
+    assert still_running
+    assert connections == 2
+
+
 async def set_device_active(
     session_factory: Sessions, device_id: uuid.UUID, is_active: bool
 ) -> None:
@@ -473,6 +597,33 @@ async def test_cli_exits_2_on_invalid_key(hub: str, session_factory: Sessions) -
     events = [orjson.loads(line)["event"] for line in result.stdout.splitlines()]
     assert events[0] == "connected"
     assert "disconnected" in events
+
+
+async def test_cli_exits_4_on_rejected_name(
+    hub: str, session_factory: Sessions
+) -> None:
+    _, _, api_key = await create_device(session_factory)
+
+    result = await asyncio.to_thread(
+        run_cli,
+        "--url",
+        hub,
+        "--api-key",
+        api_key,
+        "--name",
+        "a\tb",
+        "--language",
+        "en",
+        timeout_s=10,
+    )
+
+    events = [orjson.loads(line)["event"] for line in result.stdout.splitlines()]
+    assert result.returncode == 4
+    assert "rejected the register" in result.stderr
+    assert "control characters" in result.stderr
+    assert "Change --name (sent as device_name)" in result.stderr
+    assert events.count("connected") == 1
+    assert events[-1] == "stopped"
 
 
 async def test_cli_prints_events_as_json_lines(

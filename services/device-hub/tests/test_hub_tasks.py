@@ -201,6 +201,30 @@ async def test_stale_task_is_dropped_not_pushed(
     assert await stream_message_ids(redis, redis_keys, device) == [str(live.id)]
 
 
+async def test_rejected_register_still_gets_tasks(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        rejected = await request(socket, {"type": "register", "device_name": "a\tb"})
+        await push_task(redis, redis_keys, device, message)
+        task = await receive_type(socket, "task")
+        ack = await report(socket, message.id, "sending")
+
+    row = await load_message(session_factory, message.id)
+    assert rejected["type"] == "error"
+    assert rejected["error"] == "invalid_frame"
+    assert task["message_id"] == str(message.id)
+    assert ack["type"] == "ack"
+    assert ack["status"] == "sending"
+    assert row.status == MessageStatus.SENDING
+
+
 @contextlib.contextmanager
 def message_queries() -> Iterator[list[str]]:
     """Record the SELECTs on smsmessage that any engine of this process runs."""

@@ -8,7 +8,12 @@ Use it from the command line (`mensajero-agent --help`) or as a library:
 
 __version__ = "0.1.0"
 
-from mensajero_agent.agent import Agent, AgentConfig, AgentStoppedError
+from mensajero_agent.agent import (
+    Agent,
+    AgentConfig,
+    AgentStoppedError,
+    RegisterRejectedError,
+)
 from mensajero_agent.backend import (
     SendingBackend,
     SendOutcome,
@@ -23,6 +28,7 @@ __all__ = [
     "AgentStoppedError",
     "EventRecorder",
     "MessageLedger",
+    "RegisterRejectedError",
     "SendOutcome",
     "SendingBackend",
     "SimulatedBackend",

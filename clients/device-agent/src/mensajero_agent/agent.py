@@ -9,7 +9,10 @@ in its register ack (see mensajero_agent.pacing). The `retry_after` of a hub's `
 frame is honoured: after `rate_limited` the agent sends nothing for that long and then
 sends the unacknowledged frames again, and if the hub closes the connection it reconnects
 no sooner. After close code 4030 (too many failed authentications from its address) it
-waits the `retry_after` of the `too_many_auth_failures` error plus a random spread.
+waits the `retry_after` of the `too_many_auth_failures` error plus a random spread. A
+`register` that the hub rejects for a field it cannot accept (such as a `device_name` with
+a control character) stops the agent with RegisterRejectedError, because every reconnect
+would send the same fields.
 
 Reports and incoming SMS wait in an outbox until their `ack` arrives and are sent again
 after each reconnect, because the hub applies each of them once however often it gets
@@ -71,6 +74,15 @@ DISABLED_REASONS = {
 PERMANENT_ERRORS = frozenset(
     {"invalid_frame", "unknown_frame_type", "report_not_allowed"}
 )
+# Errors of a `register` that stop the agent. Its fields come from the agent's options,
+# which do not change while it runs, so every reconnect would get the same error. Other
+# errors, such as `internal_error`, are transient: the agent reconnects after them.
+REGISTER_PERMANENT_ERRORS = frozenset(
+    {"invalid_frame", "unknown_frame_type", "invalid_phone_number"}
+)
+# The agent's own close of a connection whose `register` the hub rejected.
+CLOSE_NORMAL = 1000
+REASON_REGISTER_REJECTED = "register rejected"
 
 
 class AgentStoppedError(Exception):
@@ -99,6 +111,24 @@ class AgentStoppedError(Exception):
             self.code == CLOSE_INVALID_API_KEY
             and self.key_error_reason in DISABLED_REASONS
         )
+
+
+class RegisterRejectedError(AgentStoppedError):
+    """The hub rejected the `register` with an error that sending it again cannot fix.
+
+    `error` is the hub's machine code (such as `invalid_frame`), `fields` the names of
+    the rejected fields (such as `device_name`), and `message` the hub's text for people.
+    `code` is 1000, the close the agent sends before it stops.
+    """
+
+    def __init__(self, error: str, fields: tuple[str, ...], message: str) -> None:
+        self.error = error
+        self.fields = fields
+        self.message = message
+        super().__init__(CLOSE_NORMAL, REASON_REGISTER_REJECTED)
+
+    def __str__(self) -> str:
+        return f"the hub rejected the register: {self.message} ({self.error})"
 
 
 @dataclass
@@ -216,6 +246,10 @@ class Agent:
         self._retry_at_s: float | None = None
         # `reason` of the hub's `invalid_api_key` error on the current connection.
         self._key_error_reason: str | None = None
+        # request_id of the `register` sent on the current connection, and the hub's
+        # rejection of it when no reconnect can fix that.
+        self._register_request_id: str | None = None
+        self._register_rejection: RegisterRejectedError | None = None
         self.device_id: str | None = None
         self.registered = asyncio.Event()
 
@@ -229,6 +263,11 @@ class Agent:
                 code, reason, was_registered = await self._connect_once()
                 if self._stopping.is_set():
                     break
+                if self._register_rejection is not None:
+                    self._emit(
+                        "disconnected", code=code, reason=reason, retry_in_s=None
+                    )
+                    raise self._register_rejection
                 if code in FATAL_CLOSE_CODES:
                     self._emit(
                         "disconnected", code=code, reason=reason, retry_in_s=None
@@ -309,6 +348,8 @@ class Agent:
         self.registered.clear()
         self._retry_at_s = None
         self._key_error_reason = None
+        self._register_request_id = None
+        self._register_rejection = None
         headers = {}
         if self.config.language:
             headers["Accept-Language"] = self.config.language
@@ -353,11 +394,12 @@ class Agent:
             asyncio.create_task(self._ping_forever(socket)),
             asyncio.create_task(self._resend_forever(socket)),
         ]
+        self._register_request_id = uuid.uuid4().hex
         try:
             await self._send(
                 {
                     "type": "register",
-                    "request_id": uuid.uuid4().hex,
+                    "request_id": self._register_request_id,
                     "device_name": self.config.device_name,
                     "phone_number": self.config.phone_number,
                     "app_version": self.config.app_version,
@@ -366,6 +408,12 @@ class Agent:
             )
             async for raw in socket:
                 self._handle(raw)
+                if self._register_rejection is not None:
+                    # The hub keeps pushing tasks to a connection whose register it
+                    # rejected. Closing it marks the device offline, so the dispatcher
+                    # can move the tasks that this agent will never claim.
+                    await socket.close(CLOSE_NORMAL, REASON_REGISTER_REJECTED)
+                    break
         except ConnectionClosed:
             pass
         finally:
@@ -463,6 +511,14 @@ class Agent:
         reason = frame.get("reason")
         if code == "invalid_api_key" and isinstance(reason, str):
             self._key_error_reason = reason
+        if (
+            request_id is not None
+            and request_id == self._register_request_id
+            and code in REGISTER_PERMANENT_ERRORS
+        ):
+            self._register_rejection = RegisterRejectedError(
+                str(code), _rejected_fields(frame), str(frame.get("message") or "")
+            )
         if isinstance(request_id, str) and code in PERMANENT_ERRORS:
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)
@@ -829,6 +885,21 @@ def _fail_waiters(
     for queued in waiting:
         if queued.written is not None and not queued.written.done():
             queued.written.set_exception(error)
+
+
+def _rejected_fields(error: dict[str, Any]) -> tuple[str, ...]:
+    """Return the names of the fields that an `error` frame of the hub rejects."""
+    if isinstance(error.get("field"), str):
+        return (error["field"],)
+    problems = error.get("fields")
+    if not isinstance(problems, list):
+        return ()
+    names = [
+        problem["field"]
+        for problem in problems
+        if isinstance(problem, dict) and isinstance(problem.get("field"), str)
+    ]
+    return tuple(dict.fromkeys(names))
 
 
 def _is_retry(known: Outcome, attempt: int | None) -> bool:

@@ -2,9 +2,7 @@
 
 Prints one JSON line per event on stdout (connected, registered, task, task_dropped,
 report, report_ack, incoming, incoming_ack, error, paused, disconnected, stopped) so that scripts and
-demos can follow it. Exit status: 0 after a stop (Ctrl-C, SIGTERM, --run-for-s), 2 on an
-invalid API key, a disabled device or account (close code 4001), or bad options, 3 when
-the key was revoked or another connection with the same key replaced this one.
+demos can follow it. The exit statuses are in EXIT_STATUSES.
 """
 
 import argparse
@@ -24,6 +22,7 @@ from mensajero_agent.agent import (
     Agent,
     AgentConfig,
     AgentStoppedError,
+    RegisterRejectedError,
 )
 from mensajero_agent.backend import SimulatedBackend
 from mensajero_agent.ledger import MessageLedger
@@ -34,6 +33,20 @@ API_KEY_ENV = "MENSAJERO_DEVICE_API_KEY"
 
 EXIT_INVALID_KEY = 2
 EXIT_STOPPED_BY_SERVER = 3
+EXIT_REGISTER_REJECTED = 4
+EXIT_STATUSES = f"""\
+exit status:
+  0  stopped by Ctrl-C, SIGTERM or --run-for-s
+  {EXIT_INVALID_KEY}  invalid options, or an invalid API key or a disabled device or account
+     (close code 4001)
+  {EXIT_STOPPED_BY_SERVER}  the key was revoked, or another connection with the same key
+     replaced this one
+  {EXIT_REGISTER_REJECTED}  the hub rejected the register because of an option's value, such
+     as a --name with a control character; stderr names the option to change
+"""
+
+# The options that set each field of the agent's `register`.
+REGISTER_FIELD_OPTIONS = {"device_name": "--name", "phone_number": "--phone"}
 
 
 def parse_incoming(value: str) -> tuple[str, str]:
@@ -50,8 +63,10 @@ def parse_incoming(value: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mensajero-agent",
-        description="A simulated Android phone for Mensajero: connects to the device-hub, "
+        description="A simulated Android phone for Mensajero: connects to the device-hub,\n"
         "registers, answers tasks with reports and uploads incoming SMS.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--url",
@@ -159,6 +174,26 @@ def stopped_hint(error: AgentStoppedError) -> str:
     return "Check --api-key, or create or rotate the device's key with the API."
 
 
+def register_rejected_hint(error: RegisterRejectedError) -> str:
+    """Return which options to change after the hub rejected the register."""
+    options = [
+        f"{REGISTER_FIELD_OPTIONS[field]} (sent as {field})"
+        for field in error.fields
+        if field in REGISTER_FIELD_OPTIONS
+    ]
+    if options:
+        return f"Change {' and '.join(options)} and start the agent again."
+    if error.fields:
+        # app_version or protocol_version, which no option sets.
+        return (
+            f"The hub rejects {', '.join(error.fields)}, which this agent sets itself. "
+            "Use a device agent of the hub's version."
+        )
+    return (
+        "Check --name and --phone against the hub's message and start the agent again."
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     agent = Agent(
         AgentConfig(
@@ -197,6 +232,10 @@ async def run(args: argparse.Namespace) -> int:
 
     try:
         await agent.run()
+    except RegisterRejectedError as error:
+        sys.stderr.write(f"mensajero-agent: {error}\n")
+        sys.stderr.write(register_rejected_hint(error) + "\n")
+        return EXIT_REGISTER_REJECTED
     except AgentStoppedError as error:
         sys.stderr.write(f"mensajero-agent: {error}\n")
         if error.code != CLOSE_INVALID_API_KEY:
