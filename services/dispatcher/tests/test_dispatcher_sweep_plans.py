@@ -262,21 +262,39 @@ async def test_stale_sweep_generic_plan_reads_one_page(pg_connection) -> None:
     assert _rows_read(plan, "smsmessage") <= 2 * PAGE
 
 
+async def _insert_user_with_history(
+    connection: asyncpg.Connection, device_id: uuid.UUID
+) -> uuid.UUID:
+    """Insert a user with one online device and BACKLOG delivered messages, analyze the
+    table, and return the user's id."""
+    user_id = await _insert_user(connection, online=True, device_id=device_id)
+    history = [
+        (user_id, "delivered", BACKLOG_START + timedelta(seconds=index), None, 1)
+        for index in range(BACKLOG)
+    ]
+    await _insert_messages(connection, history)
+    return user_id
+
+
+def _pending_backlog(
+    user_id: uuid.UUID,
+) -> list[tuple[uuid.UUID, str, datetime, datetime | None, int]]:
+    return [
+        (user_id, "pending", BACKLOG_START + timedelta(seconds=index), None, 0)
+        for index in range(BACKLOG)
+    ]
+
+
 async def test_in_flight_count_skips_pending_backlog(pg_connection) -> None:
     # The statistics are taken before anything is in flight or pending, as when a bulk
-    # send lands on a table last analyzed while it held only delivered messages. The count then read every pending
-    # message through the recovery sweep's index, once per assignment batch.
+    # send lands on a table last analyzed while it held only delivered messages. The
+    # count then read every pending message through the recovery sweep's index.
     connection = pg_connection
     device_id = uuid.uuid4()
     transaction = connection.transaction()
     await transaction.start()
     try:
-        user_id = await _insert_user(connection, online=True, device_id=device_id)
-        history = [
-            (user_id, "delivered", BACKLOG_START + timedelta(seconds=index), None, 1)
-            for index in range(BACKLOG)
-        ]
-        await _insert_messages(connection, history)
+        user_id = await _insert_user_with_history(connection, device_id)
         await connection.execute(
             "INSERT INTO smsmessage (id, user_id, type, status, to_number, body,"
             " device_id) SELECT gen_random_uuid(), $1, 'outgoing', 'assigned',"
@@ -284,11 +302,7 @@ async def test_in_flight_count_skips_pending_backlog(pg_connection) -> None:
             user_id,
             device_id,
         )
-        backlog = [
-            (user_id, "pending", BACKLOG_START + timedelta(seconds=index), None, 0)
-            for index in range(BACKLOG)
-        ]
-        await _insert_messages(connection, backlog, analyze=False)
+        await _insert_messages(connection, _pending_backlog(user_id), analyze=False)
         in_flight_in_table = await connection.fetchval(
             "SELECT count(*) FROM smsmessage WHERE status IN ('assigned', 'sending')"
         )
@@ -313,24 +327,11 @@ async def test_waiting_check_skips_other_users_backlog(pg_connection) -> None:
     transaction = connection.transaction()
     await transaction.start()
     try:
-        user_id = await _insert_user(connection, online=True, device_id=device_id)
-        history = [
-            (user_id, "delivered", BACKLOG_START + timedelta(seconds=index), None, 1)
-            for index in range(BACKLOG)
-        ]
-        await _insert_messages(connection, history)
+        await _insert_user_with_history(connection, device_id)
         other_user_id = await _insert_user(connection, online=False)
-        backlog = [
-            (
-                other_user_id,
-                "pending",
-                BACKLOG_START + timedelta(seconds=index),
-                None,
-                0,
-            )
-            for index in range(BACKLOG)
-        ]
-        await _insert_messages(connection, backlog, analyze=False)
+        await _insert_messages(
+            connection, _pending_backlog(other_user_id), analyze=False
+        )
         sql = str(
             device_repository.waiting_messages_statement([device_id]).compile(
                 dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
