@@ -259,6 +259,8 @@ def test_migration_normalizes_emails_to_nfkc(scratch_database_url: str) -> None:
                 "ｂob@example.com",
                 "ⓑob@example.com",
                 "ａ﹫b@example.com",
+                "a\u2025b@example.com",
+                "\u2024ab@example.com",
                 "josé@example.com",
             ],
         )
@@ -278,5 +280,8 @@ def test_migration_normalizes_emails_to_nfkc(scratch_database_url: str) -> None:
         "ⓑob@example.com",
         # Its NFKC form "a@b@example.com" is no address.
         "ａ﹫b@example.com",
+        # Their NFKC forms "a..b@" and ".ab@" are rejected at sign-up.
+        "a\u2025b@example.com",
+        "\u2024ab@example.com",
         "josé@example.com",
     ]

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from email_validator import EmailNotValidError, validate_email
 
 revision: str = "0016"
 down_revision: str | None = "0015"
@@ -33,15 +34,17 @@ depends_on: str | Sequence[str] | None = None
 
 log = logging.getLogger("alembic.runtime.migration")
 
-# Characters outside a quoted local part that email-validator rejects. NFKC can produce
-# them from compatibility forms that it accepted.
-_SPECIALS = frozenset('"(),:;<>[\\]')
 
+def _checked(email: str) -> str | None:
+    """Return `email` as sign-up would store it, or None if sign-up would reject it.
 
-def _is_address(email: str) -> bool:
-    return email.count("@") == 1 and not any(
-        character.isspace() or character in _SPECIALS for character in email
-    )
+    NFKC can turn an accepted address into a rejected one: "‥" becomes "..", and "﹫" a
+    second "@".
+    """
+    try:
+        return validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return None
 
 
 def upgrade() -> None:
@@ -57,10 +60,11 @@ def upgrade() -> None:
 
     kept = []
     for user_id, email in rows:
-        folded = unicodedata.normalize("NFKC", email)
-        if folded == email:
+        nfkc = unicodedata.normalize("NFKC", email)
+        if nfkc == email:
             continue
-        if not _is_address(folded):
+        folded = _checked(nfkc)
+        if folded is None:
             kept.append(str(user_id))
             continue
         # The unique index on lower(email) would reject a taken form, so it is skipped.
