@@ -1285,6 +1285,33 @@ async def test_cursor_rejected_by_other_listings(
     assert checked == 40
 
 
+async def test_old_message_cursor_stays_on_its_type(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    owner = await make_user()
+    for _ in range(2):
+        await _insert_message(session_factory, owner, status=MessageStatus.PENDING)
+    cursor = await _first_page_cursor(client, owner, MESSAGES_URL, {})
+    # The cursor as the API wrote it before cursors named their listing.
+    payload = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    del payload["l"]
+    old_cursor = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+    own = await client.get(
+        MESSAGES_URL, params={"cursor": old_cursor}, headers=owner.headers
+    )
+    incoming = await client.get(
+        INCOMING_URL, params={"cursor": old_cursor}, headers=owner.headers
+    )
+
+    assert own.status_code == 200, own.text
+    assert len(own.json()["data"]["items"]) == 1
+    assert incoming.status_code == 400
+    assert incoming.json()["error"] == "invalid_cursor"
+
+
 async def test_send_expiry_at_extremes(
     client: AsyncClient,
     make_user: MakeUser,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -144,12 +144,13 @@ async def list_messages(
     limit: int,
 ) -> Sequence[SMSMessage]:
     """Return up to `limit` messages in (created_at, id) order, starting after `after`."""
+    owner = SMSMessage.user_id == user_id
+    if filters.type is not None:
+        # An old cursor from the listing of every message may name a row of the other
+        # type, which this listing never returned.
+        owner = and_(owner, SMSMessage.type == filters.type)
     await check_cursor_origin(
-        session,
-        after,
-        SMSMessage.created_at,
-        SMSMessage.id,
-        SMSMessage.user_id == user_id,
+        session, after, SMSMessage.created_at, SMSMessage.id, owner
     )
     statement = select(SMSMessage).where(SMSMessage.user_id == user_id)
     if filters.statuses:
