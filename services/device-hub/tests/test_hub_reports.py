@@ -155,12 +155,10 @@ async def test_failed_report_queues_retry(
             socket, message.id, status="failed", error="NO_SERVICE", attempt=1
         )
         late = await report(socket, message.id, status="sending", attempt=1)
-        legacy = await report(socket, message.id, status="sent")
 
     row = await load_message(session_factory, message.id)
     assert ack["status"] == "pending"
     assert late["status"] == "pending"
-    assert legacy["status"] == "pending"
     assert row.status == MessageStatus.PENDING
     assert row.error == "NO_SERVICE"
     assert row.next_attempt_at is not None
@@ -927,3 +925,202 @@ async def test_late_part_after_claimed_retry_recorded(
         AttemptStatus.SENDING,
     ]
     assert await event_names(session_factory, message.id) == []
+
+
+@pytest.mark.parametrize("late", ["sent", "delivered"])
+async def test_late_whole_report_cancels_queued_retry(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    late: str,
+) -> None:
+    device = await create_device(session_factory, phone_number="+525512345678")
+    await subscribe_to_all(session_factory, device)
+    await charge_quota(session_factory, device)
+    message = await create_outgoing(
+        session_factory, device, from_number="+525512345678"
+    )
+    await push_task(redis, redis_keys, device, message)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        await receive_type(socket, "task")
+        await report(socket, message.id, status="sending", attempt=1)
+        retry = await report(
+            socket, message.id, status="failed", error="NO_SERVICE", attempt=1
+        )
+        outcome = await report(socket, message.id, status=late, attempt=1)
+        repeated = await report(socket, message.id, status=late, attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    event = f"sms_{late}"
+    assert retry["status"] == "pending"
+    # The SMS went out, so the queued retry would send it twice.
+    assert outcome["status"] == late
+    assert outcome["attempt"] == 1
+    assert repeated["status"] == late
+    assert row.status == MessageStatus(late)
+    assert row.error is None
+    assert row.attempts == 1
+    assert row.next_attempt_at is None
+    assert row.failed_at is None
+    if late == "sent":
+        assert row.sent_at is not None
+        assert row.delivered_at is None
+    else:
+        assert row.delivered_at is not None
+    assert row.device_id == device.device_id
+    assert row.from_number == "+525512345678"
+    assert row.quota_refunded_at is None
+    assert await charged_sms(session_factory, device) == 1
+    assert await event_names(session_factory, message.id) == [event]
+    assert bodies[event]["from"] == "+525512345678"
+    assert "error" not in bodies[event]
+    # The attempt keeps the error of its `failed` report.
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus(late), "NO_SERVICE")
+    ]
+    assert (attempts[0].ended_at is not None) == (late == "delivered")
+    assert await queued_attempts(redis, redis_keys, device) == []
+
+
+async def test_late_whole_report_without_attempt(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        retry = await report(socket, message.id, status="failed", error="NO_SERVICE")
+        # Without `attempt` a report applies to the current attempt, which is the
+        # failed one while its retry waits.
+        late = await report(socket, message.id, status="sent")
+        delivered = await report(socket, message.id, status="delivered")
+
+    row = await load_message(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert retry["status"] == "pending"
+    assert late["status"] == "sent"
+    assert delivered["status"] == "delivered"
+    assert row.status == MessageStatus.DELIVERED
+    assert row.next_attempt_at is None
+    assert await event_names(session_factory, message.id) == [
+        "sms_sent",
+        "sms_delivered",
+    ]
+    assert [item.status for item in attempts] == [AttemptStatus.DELIVERED]
+
+
+@pytest.mark.parametrize("same_device", [False, True], ids=["other", "same"])
+async def test_late_whole_report_cancels_unclaimed_retry(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    same_device: bool,
+) -> None:
+    failed_on = await create_device(session_factory, phone_number="+525512345678")
+    retried_on = (
+        failed_on
+        if same_device
+        else await create_device(
+            session_factory, user_id=failed_on.user_id, phone_number="+525587654321"
+        )
+    )
+    await subscribe_to_all(session_factory, failed_on)
+    message = await create_retried_message(session_factory, failed_on, retried_on)
+    await push_task(redis, redis_keys, retried_on, message)
+
+    async with open_socket(hub_url, failed_on.api_key) as socket:
+        late = await report(socket, message.id, status="sent", attempt=1)
+    async with open_socket(hub_url, retried_on.api_key) as socket:
+        claim = await report(socket, message.id, status="sending", attempt=2)
+    async with open_socket(hub_url, failed_on.api_key) as socket:
+        delivered = await report(socket, message.id, status="delivered", attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert late["status"] == "sent"
+    assert late["attempt"] == 2
+    # The `ack` of the retry phone's claim does not name `sending`, so that phone does
+    # not send.
+    assert claim["status"] == "sent"
+    assert delivered["status"] == "delivered"
+    assert row.status == MessageStatus.DELIVERED
+    assert row.error is None
+    assert row.device_id == failed_on.device_id
+    assert row.from_number == "+525512345678"
+    assert row.sent_at is not None
+    assert row.delivered_at is not None
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.DELIVERED, PREVIOUS_ERROR),
+        (AttemptStatus.FAILED, "earlier_attempt_went_out"),
+    ]
+    assert await event_names(session_factory, message.id) == [
+        "sms_sent",
+        "sms_delivered",
+    ]
+    assert bodies["sms_sent"]["from"] == "+525512345678"
+    assert bodies["sms_sent"]["device_id"] == str(failed_on.device_id)
+    assert await queued_attempts(redis, redis_keys, retried_on) == []
+
+
+async def test_late_whole_report_after_claimed_retry_ignored(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    failed_on = await create_device(session_factory)
+    retried_on = await create_device(session_factory, user_id=failed_on.user_id)
+    await subscribe_to_all(session_factory, failed_on)
+    message = await create_retried_message(session_factory, failed_on, retried_on)
+
+    async with open_socket(hub_url, retried_on.api_key) as socket:
+        claim = await report(socket, message.id, status="sending", attempt=2)
+    async with open_socket(hub_url, failed_on.api_key) as socket:
+        late = await report(socket, message.id, status="sent", attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert claim["status"] == "sending"
+    # The retry's phone may have sent already, so its own reports decide the message.
+    assert late["status"] == "sending"
+    assert late["attempt"] == 2
+    assert row.status == MessageStatus.SENDING
+    assert row.device_id == retried_on.device_id
+    assert row.sent_at is None
+    assert [item.status for item in attempts] == [
+        AttemptStatus.FAILED,
+        AttemptStatus.SENDING,
+    ]
+    assert await event_names(session_factory, message.id) == []
+
+
+async def test_late_whole_report_after_final_failure_ignored(
+    hub_url: str, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device)
+    message = await create_outgoing(session_factory, device)
+
+    async with open_socket(hub_url, device.api_key) as socket:
+        failed = await report(
+            socket,
+            message.id,
+            status="failed",
+            error="interrupted",
+            retryable=False,
+            attempt=1,
+        )
+        late = await report(socket, message.id, status="sent", attempt=1)
+
+    row = await load_message(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert failed["status"] == "failed"
+    assert late["status"] == "failed"
+    assert row.status == MessageStatus.FAILED
+    assert row.sent_at is None
+    assert [item.status for item in attempts] == [AttemptStatus.FAILED]
+    assert await event_names(session_factory, message.id) == ["sms_failed"]

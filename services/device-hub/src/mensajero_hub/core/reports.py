@@ -20,11 +20,13 @@ apply one at a time whatever connection or hub they arrive on. Then:
 - `expired` (the phone skipped a task past its `expires_at`) ends the message `expired`,
   unless the SMS or one of its parts went out, in which case it changes nothing;
 - `sending`, `sent` and `delivered` move the message forward;
-- a late `sent` or `delivered` part report on an attempt that ended `failed` on this
-  device is stored for that attempt. While the retry that the failure queued has not
-  been claimed (the message is `pending`, or `assigned` to a phone that has not reported
-  `sending`), the report cancels it and the message ends `failed`, because the retry
-  would send that part again (see _apply_late_part).
+- a late `sent` or `delivered` report on an attempt that ended `failed` on this device
+  cancels the retry that the failure queued, while no phone has claimed it (the message
+  is `pending`, or `assigned` to a phone that has not reported `sending`), because the
+  retry would send the SMS or that part again. A part report is stored for its attempt
+  and ends the message `failed`; a report of the whole message ends it `sent` or
+  `delivered`. Once the retry is claimed, a part report is only stored and a report of
+  the whole message is only logged (see _apply_late_report).
 """
 
 import uuid
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,12 +44,13 @@ from mensajero_common.models import (
     AttemptStatus,
     MessageStatus,
     SMSDevice,
+    SMSMessage,
     SMSMessageAttempt,
     SMSMessagePart,
 )
 from mensajero_common.protocol import INVALID_FRAME_PARTS_MISMATCH, SmsReportFrame
 from mensajero_common.settings import Settings
-from mensajero_common.status import can_transition
+from mensajero_common.status import TIMESTAMP_COLUMNS, can_transition
 from mensajero_hub.core import repository
 from mensajero_hub.core.frames import FrameRejectedError
 
@@ -59,11 +62,12 @@ REPORTABLE_MESSAGE_STATUSES = frozenset(
 )
 SENT_STATUSES = frozenset({MessageStatus.SENT, MessageStatus.DELIVERED})
 # Statuses in which no phone has claimed the message's next attempt, so a late report
-# that a part of an earlier attempt went out can still stop that attempt.
+# that an earlier attempt, or a part of it, went out can still stop that attempt.
 UNCLAIMED_RETRY_STATUSES = frozenset({MessageStatus.PENDING, MessageStatus.ASSIGNED})
-# The error of a retry attempt that ended before its phone claimed it, because a late
-# report showed that a part of an earlier attempt went out.
+# The errors of a retry attempt that ended before its phone claimed it, because a late
+# report showed that a part of an earlier attempt, or the whole SMS, went out.
 ERROR_EARLIER_PART_WENT_OUT = "earlier_part_went_out"
+ERROR_EARLIER_ATTEMPT_WENT_OUT = "earlier_attempt_went_out"
 
 
 @dataclass(frozen=True)
@@ -242,29 +246,28 @@ async def _failed_attempt(
     return (await db.scalars(statement)).first()
 
 
-async def _apply_late_part(
+async def _apply_late_report(
     db: AsyncSession,
     settings: Settings,
     device_id: uuid.UUID,
     frame: SmsReportFrame,
     message: LockedMessage | None,
 ) -> ReportOutcome | None:
-    """Apply a `sent` or `delivered` part report on an attempt that this device ended
-    with a `failed` report. Return None when the frame is not such a report.
+    """Apply a `sent` or `delivered` report on an attempt that this device ended with a
+    `failed` report. Return None when the frame is not such a report.
 
-    The part is stored on that attempt forward-only, so a `failed` part stays `failed`.
-    If no phone has claimed the next attempt yet, the message ends `failed` with the
-    ended attempt's error. As with any failure after a part went out, `sms_failed` is
-    recorded and the quota charge is kept. An assigned next attempt ends `failed` too,
-    so the `ack` of its phone's claim names `failed` and that phone does not send.
+    A part report is stored on that attempt forward-only, so a `failed` part stays
+    `failed`. If no phone has claimed the next attempt yet, it is cancelled, because it
+    would send the SMS or the part again. An assigned next attempt ends `failed`, so the
+    `ack` of its phone's claim names a status other than `sending` and that phone does
+    not send. Then a part report ends the message `failed` (see _end_failed_by_part) and
+    a report of the whole message records its outcome (see _record_late_outcome).
 
-    Also returns None, after storing the part, when the message is final or its next
+    Also returns None, after storing a part, when the message is final or its next
     attempt was claimed. That phone may have sent the SMS already, so its own reports
     decide the message.
     """
-    if message is None or frame.part is None:
-        return None
-    if MessageStatus(frame.status) not in SENT_STATUSES:
+    if message is None or MessageStatus(frame.status) not in SENT_STATUSES:
         return None
     attempt = frame.attempt or message.current_attempt
     if attempt > message.current_attempt:
@@ -275,32 +278,74 @@ async def _apply_late_part(
         return None
     ended = await _failed_attempt(db, message, attempt, device_id)
     if ended is None:
-        return None
+        return await _apply_late_delivered(db, device_id, frame, message, attempt)
 
-    await _store_part(db, message, frame, attempt)
+    if frame.part is not None:
+        await _store_part(db, message, frame, attempt)
     if message.status not in UNCLAIMED_RETRY_STATUSES:
         log.info(
-            "late part report on a failed attempt stored",
+            "late report on a failed attempt left the message unchanged",
             message_id=str(message.id),
             device_id=str(device_id),
             reported_attempt=attempt,
             attempt=message.current_attempt,
+            message_status=message.status.value,
             part=frame.part,
             status=frame.status,
         )
         return None
 
     if message.status is MessageStatus.ASSIGNED:
-        await message_attempts.record_attempt_status(
-            db, message, AttemptStatus.FAILED, error=ERROR_EARLIER_PART_WENT_OUT
+        error = (
+            ERROR_EARLIER_ATTEMPT_WENT_OUT
+            if frame.part is None
+            else ERROR_EARLIER_PART_WENT_OUT
         )
-    # The message ends as sent by this device, whose attempt sent the part: a `pending`
+        await message_attempts.record_attempt_status(
+            db, message, AttemptStatus.FAILED, error=error
+        )
+    # The message ends as sent by this device, whose attempt sent the SMS: a `pending`
     # message still has this device's number as `from`, an `assigned` one the retry
     # phone's number.
-    if message.status is MessageStatus.PENDING:
-        from_number = message.from_number
+    if message.status is MessageStatus.PENDING and message.from_number is not None:
+        from_number: str | None = message.from_number
     else:
         from_number = await _device_number(db, device_id)
+    log.info(
+        "retry cancelled by a late report",
+        message_id=str(message.id),
+        device_id=str(device_id),
+        reported_attempt=attempt,
+        attempt=message.current_attempt,
+        part=frame.part,
+        status=frame.status,
+    )
+    if frame.part is not None:
+        return await _end_failed_by_part(
+            db, settings, device_id, message, ended, from_number
+        )
+    change = await _record_late_outcome(
+        db, device_id, message, attempt, MessageStatus(frame.status), from_number
+    )
+    return ReportOutcome(
+        change.status,
+        message.current_attempt,
+        change=change,
+        remove_up_to_attempt=message.current_attempt,
+    )
+
+
+async def _end_failed_by_part(
+    db: AsyncSession,
+    settings: Settings,
+    device_id: uuid.UUID,
+    message: LockedMessage,
+    ended: SMSMessageAttempt,
+    from_number: str | None,
+) -> ReportOutcome:
+    """End the message `failed` with the error of the `ended` attempt, whose part went
+    out. As with any failure after a part went out, `sms_failed` is recorded and the
+    quota charge is kept."""
     sender = replace(
         message,
         status=MessageStatus.SENDING,
@@ -310,19 +355,118 @@ async def _apply_late_part(
     delivery_ids = await message_attempts.end_failed(
         db, settings, sender, ended.error, refund=False
     )
-    log.info(
-        "retry cancelled by a late part report",
-        message_id=str(message.id),
-        device_id=str(device_id),
-        reported_attempt=attempt,
-        attempt=message.current_attempt,
-        part=frame.part,
-        status=frame.status,
-    )
     return ReportOutcome(
         MessageStatus.FAILED,
         message.current_attempt,
         delivery_ids=delivery_ids,
+        remove_up_to_attempt=message.current_attempt,
+    )
+
+
+async def _record_late_outcome(
+    db: AsyncSession,
+    device_id: uuid.UUID,
+    message: LockedMessage,
+    attempt: int,
+    status: MessageStatus,
+    from_number: str | None,
+) -> repository.MessageChange:
+    """Move the message to `status` (`sent` or `delivered`) as sent by this device's
+    `attempt`, and move that attempt from `failed` or `sent` to `status`.
+
+    The message gets this device as `device_id`, the status's timestamp, and no error or
+    `next_attempt_at`. The quota charge stays, because the SMS went out. The attempt
+    keeps the error of its `failed` report, so its history still shows that report.
+    """
+    timestamp_column = TIMESTAMP_COLUMNS[status]
+    statement = (
+        update(SMSMessage)
+        .where(SMSMessage.id == message.id, SMSMessage.status == message.status.value)
+        .values(
+            {
+                "status": status.value,
+                timestamp_column: func.now(),
+                "error": None,
+                "next_attempt_at": None,
+                "device_id": device_id,
+                "from_number": from_number,
+            }
+        )
+        .returning(
+            SMSMessage.user_id,
+            SMSMessage.from_number,
+            SMSMessage.to_number,
+            SMSMessage.body,
+            SMSMessage.segments,
+            getattr(SMSMessage, timestamp_column),
+        )
+    )
+    row = (await db.execute(statement)).one()
+    # A `sent` attempt has not ended until its delivery is reported, as for a report on
+    # the current attempt.
+    ended_at = func.now() if status is MessageStatus.DELIVERED else None
+    await db.execute(
+        update(SMSMessageAttempt)
+        .where(
+            SMSMessageAttempt.message_id == message.id,
+            SMSMessageAttempt.attempt_number == attempt,
+            SMSMessageAttempt.status.in_(
+                [AttemptStatus.FAILED.value, AttemptStatus.SENT.value]
+            ),
+        )
+        .values(status=status.value, ended_at=ended_at)
+    )
+    return repository.MessageChange(
+        status,
+        row.user_id,
+        row.from_number,
+        row.to_number,
+        row.body,
+        row.segments,
+        None,
+        row[5],
+    )
+
+
+async def _apply_late_delivered(
+    db: AsyncSession,
+    device_id: uuid.UUID,
+    frame: SmsReportFrame,
+    message: LockedMessage,
+    attempt: int,
+) -> ReportOutcome | None:
+    """Apply a `delivered` report of the whole message on an earlier attempt of this
+    device that a late `sent` report made the message's outcome (see
+    _record_late_outcome). Return None for any other report.
+
+    A later attempt exists when the late `sent` cancelled an assigned retry, so without
+    this step the delivery report would be ignored as one on an ended attempt.
+
+    NOTE: a `delivered` report without `attempt` applies to that later attempt instead.
+    It moves the message to `delivered`, but the earlier attempt's row stays `sent`.
+    """
+    if frame.part is not None or MessageStatus(frame.status) is not (
+        MessageStatus.DELIVERED
+    ):
+        return None
+    if message.status is not MessageStatus.SENT or message.device_id != device_id:
+        return None
+    statement = select(SMSMessageAttempt.id).where(
+        SMSMessageAttempt.message_id == message.id,
+        SMSMessageAttempt.attempt_number == attempt,
+        SMSMessageAttempt.device_id == device_id,
+        SMSMessageAttempt.status == AttemptStatus.SENT.value,
+    )
+    if (await db.execute(statement)).first() is None:
+        return None
+
+    change = await _record_late_outcome(
+        db, device_id, message, attempt, MessageStatus.DELIVERED, message.from_number
+    )
+    return ReportOutcome(
+        change.status,
+        message.current_attempt,
+        change=change,
         remove_up_to_attempt=message.current_attempt,
     )
 
@@ -495,9 +639,9 @@ async def apply_report(
     (report_not_allowed) when the message is not an outgoing message assigned to this
     device, and then has written nothing.
     """
-    cancelled = await _apply_late_part(db, settings, device_id, frame, message)
-    if cancelled is not None:
-        return cancelled
+    late = await _apply_late_report(db, settings, device_id, frame, message)
+    if late is not None:
+        return late
     if message is not None and message.device_id != device_id:
         moved_from = await _attempt_of_device(db, message, device_id)
         if moved_from is not None:
