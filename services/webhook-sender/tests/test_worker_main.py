@@ -149,6 +149,24 @@ async def test_worker_runs_sweep_cron(settings, redis):
     assert "http" not in worker.ctx
 
 
+async def test_sweep_runs_every_interval(settings, redis):
+    every_second = settings.model_copy(update={"WEBHOOK_SWEEP_INTERVAL_S": 1.0})
+    worker = create_worker(every_second, poll_delay=0.05, handle_signals=False)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        # arq kept a cron job's in-progress key for 60 s after each run, so a sweep with
+        # one fixed id ran once a minute at most.
+        async with asyncio.timeout(scaled(10)):
+            while worker.jobs_complete < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()
+
+    assert worker.jobs_failed == 0
+
+
 async def test_worker_process_stops_on_sigterm(settings, redis):
     executable = shutil.which("mensajero-webhooks")
     assert executable is not None

@@ -121,17 +121,23 @@ def sweep_schedule(settings: Settings, keys: RedisKeys) -> CronJob:
     else:
         seconds = {0}
         minutes = set(range(0, 60, max(1, interval_s // 60)))
-    # arq stores a job under "arq:job:<id>" whatever the queue, so the id carries the key
-    # prefix to keep installs that share a Redis server apart.
+    # arq gives each run the id "<name>:<time of the run>", so replicas queue each run
+    # once. A fixed id made every run wait for the last one's in-progress key, which arq
+    # keeps 60 s after a cron job ends. arq stores a job under "arq:job:<id>" whatever
+    # the queue, so the name carries the key prefix to keep installs that share a Redis
+    # server apart.
     return cron(
         sweep,
-        name=SWEEP_JOB,
+        name=sweep_job_name(keys),
         second=seconds,
         minute=minutes,
-        job_id=f"{keys.prefix}:{SWEEP_JOB}",
         run_at_startup=True,
         timeout=SWEEP_TIMEOUT_S,
     )
+
+
+def sweep_job_name(keys: RedisKeys) -> str:
+    return f"{keys.prefix}:{SWEEP_JOB}"
 
 
 def create_worker(settings: Settings, **overrides: Any) -> DeliveryWorker:
