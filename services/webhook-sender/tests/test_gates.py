@@ -1,4 +1,6 @@
 import asyncio
+import contextlib
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -502,3 +504,41 @@ async def test_delivery_parked_as_breaker_opens(
     # The probe claims the delivery with the token that the gate keeps for it.
     assert parked == {delivery_id: delivery.next_attempt_at}
     assert receiver.requests == []
+
+
+async def test_probe_timer_early_by_gate_clock(
+    settings: Settings, session_factory: SessionFactory
+) -> None:
+    # uvloop fires timers by a millisecond clock that can run ahead of time.monotonic(),
+    # the gates' clock. A gate clock 1 % slow makes every probe timer fire early.
+    open_s = 0.5
+    settings = settings.model_copy(
+        update={
+            "WEBHOOK_CONCURRENCY_PER_WEBHOOK": 1,
+            "WEBHOOK_BREAKER_FAILURES": 1,
+            "WEBHOOK_BREAKER_OPEN_S": open_s,
+            # No retry comes within the test to start a probe in place of the timer.
+            "WEBHOOK_RETRY_BASE_DELAY_S": 60.0,
+        }
+    )
+    started = time.monotonic()
+    receiver = WebhookReceiver([500])
+    async with (
+        serve_app(receiver) as base_url,
+        delivery_worker(settings, session_factory) as context,
+    ):
+        context.gates = WebhookGates(
+            max_in_flight=1,
+            breaker_failures=1,
+            breaker_open_s=open_s,
+            clock=lambda: started + (time.monotonic() - started) * 0.99,
+        )
+        delivery_ids = await record_many(session_factory, f"{base_url}/hook", 3)
+        await queue_deliveries(context.redis, context.keys, delivery_ids)
+        with contextlib.suppress(TimeoutError):
+            await receiver.wait_for(3, timeout_s=4 * open_s)
+
+    times = [arrived for _, _, arrived in receiver.requests]
+    assert len(times) == 3
+    assert times[1] - times[0] >= open_s * 0.99
+    assert times[2] - times[1] >= open_s * 0.99

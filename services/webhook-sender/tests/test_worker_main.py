@@ -1,4 +1,6 @@
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -369,3 +371,84 @@ async def _all_succeeded(
         if delivery.status != WebhookDeliveryStatus.SUCCEEDED:
             return False
     return True
+
+
+async def test_failing_webhook_probed_every_pause(
+    settings: Settings, session_factory: SessionFactory, redis: Any
+) -> None:
+    # The sender's process runs on uvloop, whose timers can fire a few milliseconds
+    # before the breaker's probe time by time.monotonic(). Its first sweep runs while
+    # the first attempts claim their deliveries.
+    open_s = 1.0
+    slots = 10
+    probes = 4
+    receiver = WebhookReceiver([500])
+    read_at: datetime | None = None
+    shown: list[datetime] = []
+    async with serve_app(receiver) as url:
+        user, _ = await create_user_with_webhook(
+            session_factory, f"{url}/hook", "secret"
+        )
+        delivery_ids: list[uuid.UUID] = []
+        for number in range(slots):
+            _, ids = await record_incoming(session_factory, user, body=f"sms {number}")
+            delivery_ids += ids
+        # Every delivery takes a slot at once, the fifth failure pauses the webhook,
+        # and the sweep does not run again within the test.
+        sender, _ = await _start_sender(
+            settings,
+            WEBHOOK_CONCURRENCY_PER_WEBHOOK=str(slots),
+            WEBHOOK_BREAKER_FAILURES="5",
+            WEBHOOK_BREAKER_OPEN_S=str(open_s),
+            WEBHOOK_RETRY_BASE_DELAY_S="0.5",
+            WEBHOOK_TIMEOUT_S="0.3",
+            WEBHOOK_MAX_ATTEMPTS="20",
+            WEBHOOK_SWEEP_INTERVAL_S="3600",
+        )
+        try:
+            arq_redis = create_redis(settings)
+            await queue_deliveries(
+                arq_redis, RedisKeys(settings.REDIS_KEY_PREFIX), delivery_ids
+            )
+            await arq_redis.aclose()
+            with contextlib.suppress(TimeoutError):
+                await receiver.wait_for(slots + 2, timeout_s=10)
+                # Read during the pause after the second probe.
+                await asyncio.sleep(open_s / 2)
+                read_at = datetime.now(UTC)
+                shown = await _pending_next_attempts(session_factory, delivery_ids)
+                await receiver.wait_for(slots + probes, timeout_s=3 * open_s)
+        finally:
+            await _stop(sender)
+
+    probe_times = [arrived for _, _, arrived in receiver.requests][slots:]
+    assert len(probe_times) >= probes
+    assert read_at is not None
+    for earlier, later in itertools.pairwise(probe_times[:probes]):
+        assert later - earlier >= open_s - 0.05
+        assert later - earlier < open_s + scaled(0.5)
+    # The deliveries show the third probe's time as their next attempt.
+    started_after_read = []
+    for delivery_id in delivery_ids:
+        _, attempts = await delivery_state(session_factory, delivery_id)
+        started_after_read += [
+            attempt.started_at for attempt in attempts if attempt.started_at > read_at
+        ]
+    next_started = min(started_after_read)
+    assert shown
+    # No pending delivery shows a time that has passed without an attempt.
+    assert min(shown) > read_at - timedelta(seconds=scaled(0.5))
+    assert abs((min(shown) - next_started).total_seconds()) < scaled(0.5)
+
+
+async def _pending_next_attempts(
+    session_factory: SessionFactory, delivery_ids: list[uuid.UUID]
+) -> list[datetime]:
+    async with session_factory() as session:
+        rows = await session.scalars(
+            select(WebhookDelivery.next_attempt_at).where(
+                WebhookDelivery.id.in_(delivery_ids),
+                WebhookDelivery.status == WebhookDeliveryStatus.PENDING,
+            )
+        )
+        return [next_attempt_at for next_attempt_at in rows if next_attempt_at]

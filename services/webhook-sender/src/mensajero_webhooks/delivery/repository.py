@@ -441,29 +441,23 @@ async def disable_webhook(
     )
 
 
-async def due_delivery_ids(session: AsyncSession, limit: int) -> list[uuid.UUID]:
-    """Return pending deliveries whose next attempt is due, oldest first."""
+async def due_deliveries(session: AsyncSession, limit: int) -> dict[uuid.UUID, int]:
+    """Return pending deliveries whose next attempt is due, oldest first, each with its
+    attempt count.
+
+    Both come from one statement, because a claim that commits between two reads would
+    raise the count, and the sweep would then take the job id of the retry that the
+    claim's attempt queues.
+    """
     rows = await session.execute(
         text(
             """
-            SELECT id FROM webhookdelivery
+            SELECT id, attempts FROM webhookdelivery
             WHERE status = 'pending' AND next_attempt_at <= now()
             ORDER BY next_attempt_at
             LIMIT :limit
             """
         ),
         {"limit": limit},
-    )
-    return [row[0] for row in rows]
-
-
-async def attempt_counts(
-    session: AsyncSession, delivery_ids: list[uuid.UUID]
-) -> dict[uuid.UUID, int]:
-    if not delivery_ids:
-        return {}
-    rows = await session.execute(
-        text("SELECT id, attempts FROM webhookdelivery WHERE id = ANY(:ids)"),
-        {"ids": delivery_ids},
     )
     return {row[0]: row[1] for row in rows}

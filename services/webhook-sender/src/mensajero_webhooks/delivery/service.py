@@ -394,17 +394,27 @@ async def _drain_task(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
 
 
 def _schedule_probe(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
-    """Start the parked deliveries again when the paused webhook may be probed."""
+    """Start the parked deliveries again once the paused webhook's probe is due."""
     timer = context.reopen_timers.pop(webhook_id, None)
     if timer is not None:
         timer.cancel()
 
+    probe_in_s = context.gates.probe_in_s(webhook_id)
+    if probe_in_s is None:
+        start_drainers(context, webhook_id)
+        return
+
     def reopen() -> None:
         context.reopen_timers.pop(webhook_id, None)
-        start_drainers(context, webhook_id)
+        if context.closing:
+            return
+        # uvloop runs timers on a clock in whole milliseconds, so this one can fire before
+        # time.monotonic(), the gates' clock, reaches the probe time. A new timer then
+        # waits for the rest, because otherwise no probe would start until a job arrives.
+        _schedule_probe(context, webhook_id)
 
     context.reopen_timers[webhook_id] = asyncio.get_running_loop().call_later(
-        context.settings.WEBHOOK_BREAKER_OPEN_S, reopen
+        probe_in_s, reopen
     )
 
 
@@ -574,15 +584,12 @@ async def requeue_due_deliveries(context: DeliveryContext, limit: int = 500) -> 
     is not queued twice, and the lease in `claim` keeps a duplicate from running.
     """
     async with session_scope(context.session_factory) as session:
-        due = await repository.due_delivery_ids(session, limit)
-        attempts = await repository.attempt_counts(session, due)
-    for delivery_id in due:
+        due = await repository.due_deliveries(session, limit)
+    for delivery_id, attempts in due.items():
         await context.redis.enqueue_job(
             DELIVERY_JOB,
             str(delivery_id),
-            _job_id=delivery_job_id(
-                context.keys, delivery_id, attempts.get(delivery_id, 0) + 1
-            ),
+            _job_id=delivery_job_id(context.keys, delivery_id, attempts + 1),
             _queue_name=context.keys.arq_queue,
         )
     if due:
