@@ -45,7 +45,7 @@ class ClaimedDelivery:
     event: str
     body: str
     message_id: uuid.UUID | None
-    # The delivery's `next_attempt_at` while this claim holds it, which tells this claim
+    # The delivery's `next_attempt_at` during this claim's lease, which tells this claim
     # apart from any later one of the same attempt.
     lease_until: datetime
 
@@ -244,7 +244,7 @@ _REPARK = """
         FROM moved
         WHERE a.delivery_id = moved.id AND a.attempt_number = moved.attempts
     )
-    SELECT id, next_attempt_at FROM moved
+    SELECT id, attempts, next_attempt_at FROM moved
 """
 
 
@@ -272,7 +272,7 @@ async def release_claims(
 ) -> dict[uuid.UUID, int]:
     """Undo claims whose POST never started, so that the deliveries are due at once.
 
-    A claim is undone only while it still holds its lease, so one that expired and that
+    A claim is undone only while its lease is unchanged, so one that expired and that
     another process took over stays as it is. Returns the attempt count of each delivery
     released.
     """
@@ -298,35 +298,11 @@ async def release_claims(
 async def release_parked(
     connection: asyncpg.Connection, parked: dict[uuid.UUID, datetime]
 ) -> dict[uuid.UUID, int]:
-    """Make parked deliveries (id to parking token) due at once, with their latest
-    attempt's `next_retry_at`; return the attempt count of each one released.
-
-    A delivery whose token changed meanwhile (another process took it over) is left as
-    it is.
-    """
+    """Make parked deliveries (id to parking token) due at once, as repark does with no
+    wait, and return the attempt count of each one released."""
     if not parked:
         return {}
-    rows = await connection.fetch(
-        """
-        WITH released AS (
-            UPDATE webhookdelivery AS d
-            SET next_attempt_at = now(), updated_at = now()
-            FROM unnest($1::uuid[], $2::timestamptz[]) AS p(id, token)
-            WHERE d.id = p.id AND (d.status || '') = 'pending'
-              AND d.next_attempt_at = p.token
-            RETURNING d.id, d.attempts, d.next_attempt_at
-        ),
-        released_attempt AS (
-            UPDATE webhookattempt AS a
-            SET next_retry_at = released.next_attempt_at
-            FROM released
-            WHERE a.delivery_id = released.id AND a.attempt_number = released.attempts
-        )
-        SELECT id, attempts FROM released
-        """,
-        list(parked),
-        list(parked.values()),
-    )
+    rows = await connection.fetch(_REPARK, list(parked), list(parked.values()), 0.0)
     return {row["id"]: row["attempts"] for row in rows}
 
 
