@@ -152,7 +152,8 @@ async def test_option_lowers_announced_rate() -> None:
 
 
 # Frames that the agent wrote before it read a `rate_limited` error still reach the hub
-# after the error left it; on one machine they arrive well within this time.
+# after the error left it. On the machine the test was written on, they arrived well
+# within this time (an estimate, not a bound).
 IN_FLIGHT_S = 0.1
 # The hub admits bursts of 25 frames at 5 a second, and the agent sends 4 times as fast,
 # so rejections come in short runs that stay under DEVICE_FRAME_FLOOD_MAX_ERRORS.

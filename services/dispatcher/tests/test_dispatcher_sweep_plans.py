@@ -78,7 +78,7 @@ async def _insert_messages(
     analyze: bool = True,
 ) -> None:
     """Insert outgoing messages, each given as (user_id, status, created_at,
-    next_attempt_at, attempts), then analyze the table unless told not to."""
+    next_attempt_at, attempts), then analyze the table if `analyze` is true."""
     await connection.copy_records_to_table(
         "smsmessage",
         records=[

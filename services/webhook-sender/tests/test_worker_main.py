@@ -258,8 +258,8 @@ def test_job_lines_logged_at_debug():
 
 
 class FirstRequestHeld:
-    """An endpoint that answers the first request once `release` is set and the others
-    at once, each with 200. It records the `webhook-id` of every request."""
+    """An endpoint that replies 200 to the first request once `release` is set and to
+    the others at once. It records the `webhook-id` of every request."""
 
     def __init__(self) -> None:
         self.event_ids: list[str] = []

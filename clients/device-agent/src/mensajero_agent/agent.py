@@ -531,7 +531,7 @@ class Agent:
         A rate-limited frame was not applied, and its error has no request_id, so every
         report and incoming SMS written and not acknowledged yet goes again after the
         wait, and so does a ping still waiting for its pong. The hub applies each report
-        and incoming SMS once, so a second copy of one that it did accept changes
+        and incoming SMS once, so sending again a frame that it did accept changes
         nothing.
         """
         now_s = asyncio.get_running_loop().time()

@@ -277,7 +277,7 @@ class SMSMessage(Base):
     __table_args__ = (
         Index("ix_smsmessage_user_id_created_at_id", "user_id", "created_at", "id"),
         # Only the messages of bulk requests. Every change of a message writes a new
-        # entry in each index that holds it, and most messages have no bulk_id.
+        # entry in each index that contains it, and most messages have no bulk_id.
         Index(
             "ix_smsmessage_bulk_id",
             "bulk_id",

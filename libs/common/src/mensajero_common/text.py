@@ -74,10 +74,10 @@ def is_blank(text: str) -> bool:
     return all(is_invisible(character) for character in text)
 
 
-# The control characters (general category Cc: U+0000 to U+001F and U+007F to U+009F),
-# the line and paragraph separators (U+2028, U+2029), the bidirectional marks (U+061C,
-# U+200E, U+200F), embeddings and overrides (U+202A to U+202E) and isolates (U+2066 to
-# U+2069), as a str.translate table that deletes them.
+# A str.translate table that deletes the control characters (general category Cc:
+# U+0000 to U+001F and U+007F to U+009F) and the line and paragraph separators (U+2028,
+# U+2029). It also deletes the bidirectional marks (U+061C, U+200E, U+200F), embeddings
+# and overrides (U+202A to U+202E) and isolates (U+2066 to U+2069).
 _CONTROL_DELETION = dict.fromkeys(
     [
         *range(0x00, 0x20),

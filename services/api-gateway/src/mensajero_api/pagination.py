@@ -3,7 +3,7 @@ webhooks, webhook deliveries and API keys.
 
 A cursor is the position of the last row of a page, not an offset, so rows inserted
 between two page requests shift nothing: the next page starts strictly after that row.
-It also names the listing and the order it was made for, and any other listing or order
+It also names the listing and the order it was made for. Any other listing or order
 rejects it with 400 `invalid_cursor`, because a position in one listing means nothing in
 another and would return a wrong page with no error.
 

@@ -3,7 +3,7 @@
 FastAPI (0.165) reads a query parameter whose type is not a list with Starlette's
 `QueryParams.get`, which returns the last of repeated values. So
 `?event=sms_sent&event=sms_failed` would filter by `sms_failed` alone and return a wrong
-page with no error. `SingleValueQueryRoute` answers such a request with 422
+page with no error. `SingleValueQueryRoute` rejects such a request with 422
 `validation_error`, one item of type `query_parameter_repeated` per repeated parameter.
 List parameters, such as `status` of the listings, may still be repeated.
 """

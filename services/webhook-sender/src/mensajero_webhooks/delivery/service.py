@@ -147,8 +147,8 @@ def released_job_id(
     """Return the job id of an attempt released at shutdown.
 
     It differs from `delivery_job_id` because the job of the same attempt may still be in
-    the queue: arq leaves there a job that it cancelled at shutdown, and never runs it
-    again because its max_tries is 1, so queueing that id again would queue nothing.
+    the queue. arq leaves a job that it cancelled at shutdown there and, with max_tries 1,
+    never runs it again, so queueing that id again would queue nothing.
     """
     return f"{delivery_job_id(keys, delivery_id, attempt_number)}:released"
 
