@@ -46,6 +46,65 @@ async def test_health_probes_answer_head(
     assert readyz.status_code == 200
 
 
+async def test_head_answers_every_get_route_without_a_body(
+    settings: Settings, session_factory: object, user: ApiUser
+) -> None:
+    """A monitor or `curl -I` gets what a GET would, headers only."""
+    async with (
+        serve_app(create_app(settings)) as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=scaled(10)) as client,
+    ):
+        get = await client.get("/api/v1/users/me", headers=user.headers)
+        head = await client.head("/api/v1/users/me", headers=user.headers)
+        anonymous = await client.head("/api/v1/sms/messages")
+        post_only = await client.head("/api/v1/sms/send", headers=user.headers)
+
+    assert get.status_code == 200
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"]
+    assert head.headers["content-type"] == "application/json"
+    assert anonymous.status_code == 401
+    assert anonymous.content == b""
+    assert "WWW-Authenticate" in anonymous.headers
+    assert post_only.status_code == 405
+    assert post_only.headers["allow"] == "POST"
+
+
+async def test_trailing_slash_redirect_keeps_the_client_url(
+    settings: Settings, session_factory: object, user: ApiUser
+) -> None:
+    """The Location is relative, whatever Host the request names."""
+    async with (
+        serve_app(create_app(settings)) as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=scaled(10)) as client,
+    ):
+        send = await client.post(
+            "/api/v1/sms/send/",
+            headers={**user.headers, "Host": "attacker.example"},
+            json={"to": "+34600000000", "body": "hola"},
+        )
+        listing = await client.get(
+            "/api/v1/sms/messages/?limit=5&order=asc", headers=user.headers
+        )
+        unknown = await client.get("/api/v1/nothing-here/")
+        # Followed with its method and body, as a 307 asks.
+        followed = await client.post(
+            "/api/v1/sms/send/",
+            headers=user.headers,
+            json={"to": "+34600000000", "body": "hola"},
+            follow_redirects=True,
+        )
+
+    assert send.status_code == 307
+    assert send.headers["location"] == "/api/v1/sms/send"
+    assert listing.status_code == 307
+    assert listing.headers["location"] == "/api/v1/sms/messages?limit=5&order=asc"
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == "not_found"
+    assert followed.status_code == 201
+
+
 async def test_readyz_names_an_unreachable_dependency(
     app: FastAPI, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -33,9 +33,7 @@ Sessions = async_sessionmaker[AsyncSession]
 
 PUBLIC_ROUTES = {
     ("GET", "/healthz"),
-    ("HEAD", "/healthz"),
     ("GET", "/readyz"),
-    ("HEAD", "/readyz"),
     ("GET", "/metrics"),
     ("POST", "/api/v1/login/access-token"),
     ("POST", "/api/v1/users/signup"),

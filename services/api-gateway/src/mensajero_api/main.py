@@ -26,6 +26,7 @@ from mensajero_api.ratelimits import middleware as ratelimit_middleware
 from mensajero_api.ratelimits.limiter import RequestRateLimiter
 from mensajero_api.ratelimits.rules import RateLimitRules
 from mensajero_api.resources import Resources
+from mensajero_api.routing import HeadAsGetMiddleware, use_relative_slash_redirects
 from mensajero_api.users.routes import router as users_router
 from mensajero_api.users.service import ensure_first_superuser
 from mensajero_api.webhooks.routes import router as webhooks_router
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or get_settings()
     # Parsed here so that a malformed RATE_LIMIT_* setting stops the start at once.
     app.state.rate_limit_rules = RateLimitRules.from_settings(app.state.settings)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(
         RequestBodyLimitMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES
     )
@@ -146,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhooks_router,
     ):
         app.include_router(router)
+    use_relative_slash_redirects(app.router)
     return app
 
 

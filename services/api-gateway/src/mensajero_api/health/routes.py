@@ -35,12 +35,6 @@ async def readyz(resources: ResourcesDep) -> Response:
     )
 
 
-# HEAD too, since uptime monitors often probe with it. Left out of the OpenAPI document,
-# where each would repeat its GET.
-for _path, _endpoint in (("/healthz", healthz), ("/readyz", readyz)):
-    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
-
-
 @router.get("/metrics", include_in_schema=False)
 async def metrics() -> Response:
     """Prometheus metrics of this process."""
