@@ -1069,6 +1069,44 @@ async def test_late_whole_report_cancels_unclaimed_retry(
     assert await queued_attempts(redis, redis_keys, retried_on) == []
 
 
+@pytest.mark.parametrize("same_device", [False, True], ids=["other", "same"])
+async def test_delivered_without_attempt_after_late_sent(
+    hub_url: str, session_factory: Sessions, same_device: bool
+) -> None:
+    failed_on = await create_device(session_factory)
+    retried_on = (
+        failed_on
+        if same_device
+        else await create_device(session_factory, user_id=failed_on.user_id)
+    )
+    await subscribe_to_all(session_factory, failed_on)
+    message = await create_retried_message(session_factory, failed_on, retried_on)
+
+    async with open_socket(hub_url, failed_on.api_key) as socket:
+        late = await report(socket, message.id, status="sent", attempt=1)
+        # The current attempt is the cancelled retry, but this report belongs to the
+        # attempt whose SMS went out.
+        delivered = await report(socket, message.id, status="delivered")
+
+    row = await load_message(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert late["status"] == "sent"
+    assert delivered["status"] == "delivered"
+    assert delivered["attempt"] == 2
+    assert row.status == MessageStatus.DELIVERED
+    assert row.device_id == failed_on.device_id
+    assert row.delivered_at is not None
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.DELIVERED, PREVIOUS_ERROR),
+        (AttemptStatus.FAILED, "earlier_attempt_went_out"),
+    ]
+    assert attempts[0].ended_at is not None
+    assert await event_names(session_factory, message.id) == [
+        "sms_sent",
+        "sms_delivered",
+    ]
+
+
 async def test_late_whole_report_after_claimed_retry_ignored(
     hub_url: str, session_factory: Sessions
 ) -> None:

@@ -26,7 +26,8 @@ apply one at a time whatever connection or hub they arrive on. Then:
   retry would send the SMS or that part again. A part report is stored for its attempt
   and ends the message `failed`; a report of the whole message ends it `sent` or
   `delivered`. Once the retry is claimed, a part report is only stored and a report of
-  the whole message is only logged (see _apply_late_report).
+  the whole message is only logged (see _apply_late_report). A later `delivered`
+  report, with or without `attempt`, applies to the attempt that sent the SMS.
 """
 
 import uuid
@@ -269,7 +270,9 @@ async def _apply_late_report(
     """
     if message is None or MessageStatus(frame.status) not in SENT_STATUSES:
         return None
-    attempt = frame.attempt or message.current_attempt
+    attempt = frame.attempt or await _unnumbered_report_attempt(
+        db, device_id, frame, message
+    )
     if attempt > message.current_attempt:
         return None
     if attempt == message.current_attempt and message.status in (
@@ -283,17 +286,13 @@ async def _apply_late_report(
     if frame.part is not None:
         await _store_part(db, message, frame, attempt)
     if message.status not in UNCLAIMED_RETRY_STATUSES:
-        log.info(
+        return _late_report_outcome(
             "late report on a failed attempt left the message unchanged",
-            message_id=str(message.id),
-            device_id=str(device_id),
-            reported_attempt=attempt,
-            attempt=message.current_attempt,
-            message_status=message.status.value,
-            part=frame.part,
-            status=frame.status,
+            device_id,
+            frame,
+            message,
+            attempt,
         )
-        return None
 
     if message.status is MessageStatus.ASSIGNED:
         error = (
@@ -311,26 +310,64 @@ async def _apply_late_report(
         from_number: str | None = message.from_number
     else:
         from_number = await _device_number(db, device_id)
-    log.info(
-        "retry cancelled by a late report",
-        message_id=str(message.id),
-        device_id=str(device_id),
-        reported_attempt=attempt,
-        attempt=message.current_attempt,
-        part=frame.part,
-        status=frame.status,
-    )
+    cancelled = "retry cancelled by a late report"
     if frame.part is not None:
-        return await _end_failed_by_part(
+        delivery_ids = await _end_failed_by_part(
             db, settings, device_id, message, ended, from_number
+        )
+        return _late_report_outcome(
+            cancelled,
+            device_id,
+            frame,
+            message,
+            attempt,
+            MessageStatus.FAILED,
+            delivery_ids=delivery_ids,
         )
     change = await _record_late_outcome(
         db, device_id, message, attempt, MessageStatus(frame.status), from_number
     )
+    return _late_report_outcome(
+        cancelled, device_id, frame, message, attempt, change.status, change=change
+    )
+
+
+def _late_report_outcome(
+    event: str,
+    device_id: uuid.UUID,
+    frame: SmsReportFrame,
+    message: LockedMessage,
+    attempt: int,
+    status: MessageStatus | None = None,
+    *,
+    change: repository.MessageChange | None = None,
+    delivery_ids: list[uuid.UUID] | None = None,
+) -> ReportOutcome | None:
+    """Log `event` for a late report on `attempt`, an ended attempt of this device, and
+    return the report's outcome.
+
+    `status` is the message's status after the report. Without it the report left the
+    message unchanged, and None is returned so that apply_report applies its usual
+    rules. An outcome names the current attempt, whose task entries and all earlier
+    ones leave the device's stream, because the message has ended or its SMS went out.
+    """
+    log.info(
+        event,
+        message_id=str(message.id),
+        device_id=str(device_id),
+        reported_attempt=attempt,
+        attempt=message.current_attempt,
+        message_status=(status or message.status).value,
+        part=frame.part,
+        status=frame.status,
+    )
+    if status is None:
+        return None
     return ReportOutcome(
-        change.status,
+        status,
         message.current_attempt,
         change=change,
+        delivery_ids=delivery_ids or [],
         remove_up_to_attempt=message.current_attempt,
     )
 
@@ -342,24 +379,18 @@ async def _end_failed_by_part(
     message: LockedMessage,
     ended: SMSMessageAttempt,
     from_number: str | None,
-) -> ReportOutcome:
+) -> list[uuid.UUID]:
     """End the message `failed` with the error of the `ended` attempt, whose part went
-    out. As with any failure after a part went out, `sms_failed` is recorded and the
-    quota charge is kept."""
+    out, and return the webhook deliveries to queue. As with any failure after a part
+    went out, `sms_failed` is recorded and the quota charge is kept."""
     sender = replace(
         message,
         status=MessageStatus.SENDING,
         device_id=device_id,
         from_number=from_number,
     )
-    delivery_ids = await message_attempts.end_failed(
+    return await message_attempts.end_failed(
         db, settings, sender, ended.error, refund=False
-    )
-    return ReportOutcome(
-        MessageStatus.FAILED,
-        message.current_attempt,
-        delivery_ids=delivery_ids,
-        remove_up_to_attempt=message.current_attempt,
     )
 
 
@@ -442,14 +473,10 @@ async def _apply_late_delivered(
     A later attempt exists when the late `sent` cancelled an assigned retry, so without
     this step the delivery report would be ignored as one on an ended attempt.
 
-    NOTE: a `delivered` report without `attempt` applies to that later attempt instead.
-    It moves the message to `delivered`, but the earlier attempt's row stays `sent`.
+    NOTE: a `failed` delivery report on that earlier attempt is still ignored that way,
+    and one without `attempt` ends the message `failed` but leaves the attempt `sent`.
     """
-    if frame.part is not None or MessageStatus(frame.status) is not (
-        MessageStatus.DELIVERED
-    ):
-        return None
-    if message.status is not MessageStatus.SENT or message.device_id != device_id:
+    if not _may_follow_late_sent(device_id, frame, message):
         return None
     statement = select(SMSMessageAttempt.id).where(
         SMSMessageAttempt.message_id == message.id,
@@ -463,12 +490,57 @@ async def _apply_late_delivered(
     change = await _record_late_outcome(
         db, device_id, message, attempt, MessageStatus.DELIVERED, message.from_number
     )
-    return ReportOutcome(
+    return _late_report_outcome(
+        "late delivery report applied to an earlier attempt",
+        device_id,
+        frame,
+        message,
+        attempt,
         change.status,
-        message.current_attempt,
         change=change,
-        remove_up_to_attempt=message.current_attempt,
     )
+
+
+def _may_follow_late_sent(
+    device_id: uuid.UUID, frame: SmsReportFrame, message: LockedMessage
+) -> bool:
+    """Return whether the frame may be a `delivered` report of the whole message on an
+    earlier attempt that a late `sent` made the message's outcome.
+
+    Such a message is `sent` by this device and has had a retry, which that late `sent`
+    cancelled. A retry that sent the SMS itself matches too, so the attempt rows decide.
+    """
+    return (
+        frame.part is None
+        and MessageStatus(frame.status) is MessageStatus.DELIVERED
+        and message.status is MessageStatus.SENT
+        and message.device_id == device_id
+        and message.current_attempt > 1
+    )
+
+
+async def _unnumbered_report_attempt(
+    db: AsyncSession,
+    device_id: uuid.UUID,
+    frame: SmsReportFrame,
+    message: LockedMessage,
+) -> int:
+    """Return the attempt that a report without `attempt` applies to.
+
+    That is the current attempt, except for a `delivered` report after a late `sent`
+    cancelled an assigned retry. The current attempt is then that retry, which ended
+    `failed` without sending, and the report applies to this device's `sent` attempt,
+    whose SMS went out.
+    """
+    if not _may_follow_late_sent(device_id, frame, message):
+        return message.current_attempt
+    statement = select(func.max(SMSMessageAttempt.attempt_number)).where(
+        SMSMessageAttempt.message_id == message.id,
+        SMSMessageAttempt.device_id == device_id,
+        SMSMessageAttempt.status == AttemptStatus.SENT.value,
+    )
+    sent = (await db.execute(statement)).scalar_one_or_none()
+    return sent or message.current_attempt
 
 
 async def _device_number(db: AsyncSession, device_id: uuid.UUID) -> str | None:
@@ -517,6 +589,10 @@ def forward_status(
     if message is None or message.device_id != device_id:
         return None
     if frame.attempt is not None and frame.attempt != message.current_attempt:
+        return None
+    if frame.attempt is None and _may_follow_late_sent(device_id, frame, message):
+        # The report may apply to an earlier attempt, which apply_report looks up (see
+        # _unnumbered_report_attempt).
         return None
     if message.status not in REPORTABLE_MESSAGE_STATUSES or frame.part is not None:
         return None
