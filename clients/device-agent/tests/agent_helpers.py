@@ -64,25 +64,30 @@ async def serve_hub_on(settings: Settings, port: int) -> AsyncIterator[str]:
         await asyncio.wait_for(task, scaled(10))
 
 
-async def create_device(sessions: Sessions) -> tuple[uuid.UUID, uuid.UUID, str]:
-    """Create a user and a device; return the device id, the user id and the API key."""
+async def create_device(
+    sessions: Sessions, user_id: uuid.UUID | None = None
+) -> tuple[uuid.UUID, uuid.UUID, str]:
+    """Create a device, and a user for it unless `user_id` is given; return the device
+    id, the user id and the API key."""
     api_key = generate_api_key("mdk_")
     async with sessions() as db:
-        user = User(
-            email=f"{uuid.uuid4().hex[:10]}@example.com",
-            hashed_password="not-used-by-the-hub",
-        )
-        db.add(user)
-        await db.flush()
+        if user_id is None:
+            user = User(
+                email=f"{uuid.uuid4().hex[:10]}@example.com",
+                hashed_password="not-used-by-the-hub",
+            )
+            db.add(user)
+            await db.flush()
+            user_id = user.id
         device = SMSDevice(
-            user_id=user.id,
+            user_id=user_id,
             name="Agent phone",
             api_key_hash=hash_api_key(api_key),
             api_key_prefix=display_prefix(api_key),
         )
         db.add(device)
         await db.commit()
-        return device.id, user.id, api_key
+        return device.id, user_id, api_key
 
 
 async def queue_message(

@@ -1,6 +1,8 @@
 """The agent against a real hub: retries as new attempts, expiry, part reports."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,11 +20,18 @@ from agent_helpers import (
 )
 from redis.asyncio import Redis
 from sqlalchemy import select, update
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from mensajero_agent import MessageLedger, SendingBackend, SendOutcome, SimulatedBackend
 from mensajero_common.keys import RedisKeys
-from mensajero_common.models import MessageStatus, SMSMessage, SMSMessagePart
+from mensajero_common.models import (
+    AttemptStatus,
+    MessageStatus,
+    SMSMessage,
+    SMSMessageAttempt,
+    SMSMessagePart,
+)
 from mensajero_common.settings import Settings
 from mensajero_common.testing import free_port, scaled
 
@@ -241,3 +250,108 @@ async def test_agent_sends_only_after_claim() -> None:
     assert backend.sent_count == 0
     assert dropped["status"] == "sending"
     assert dropped["attempt"] == 1
+
+
+
+@asynccontextmanager
+async def claim_holding_relay(hub_url: str) -> AsyncIterator[tuple[str, Any, Any]]:
+    """Relay an agent's connection to the hub and hold its first `sending` report until
+    `release` is set.
+
+    Yields the relay's URL, an event set once the report is held, and `release`.
+    """
+    held = asyncio.Event()
+    release = asyncio.Event()
+    hub_origin = hub_url.removesuffix(WS_PATH)
+
+    async def relay(agent_socket: ServerConnection) -> None:
+        path = agent_socket.request.path if agent_socket.request else WS_PATH
+        async with connect(hub_origin + path, compression=None) as hub_socket:
+
+            async def to_hub() -> None:
+                async for raw in agent_socket:
+                    frame = orjson.loads(raw)
+                    if frame.get("status") == "sending" and not held.is_set():
+                        held.set()
+                        await release.wait()
+                    await hub_socket.send(raw)
+
+            async def to_agent() -> None:
+                async for raw in hub_socket:
+                    await agent_socket.send(raw)
+
+            directions = [asyncio.create_task(to_hub()), asyncio.create_task(to_agent())]
+            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+            for direction in directions:
+                direction.cancel()
+
+    async with serve(relay, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield f"ws://127.0.0.1:{port}{WS_PATH}", held, release
+
+
+async def test_agent_drops_retry_sent_earlier(
+    hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
+) -> None:
+    first_id, user_id, first_key = await create_device(session_factory)
+    retry_id, _, retry_key = await create_device(session_factory, user_id=user_id)
+    # Attempt 1 failed on the first phone, and the retry, attempt 2, waits for the
+    # agent's phone.
+    message_id = await queue_message(
+        session_factory, redis, redis_keys, retry_id, user_id, attempts=2
+    )
+    async with session_factory() as db:
+        db.add_all(
+            [
+                SMSMessageAttempt(
+                    message_id=message_id,
+                    attempt_number=1,
+                    device_id=first_id,
+                    status=AttemptStatus.FAILED.value,
+                    error="RESULT_ERROR_NO_SERVICE",
+                ),
+                SMSMessageAttempt(
+                    message_id=message_id,
+                    attempt_number=2,
+                    device_id=retry_id,
+                    status=AttemptStatus.ASSIGNED.value,
+                ),
+            ]
+        )
+        await db.commit()
+    late_report = {
+        "type": "sms_report",
+        "request_id": "late",
+        "message_id": str(message_id),
+        "status": "sent",
+        "attempt": 1,
+    }
+    ledger = MessageLedger()
+    backend = ScriptedBackend([])
+
+    async with (
+        claim_holding_relay(hub) as (relay_url, held, release),
+        running_agent(relay_url, retry_key, backend, ledger=ledger) as (_, events, _),
+    ):
+        async with asyncio.timeout(scaled(5)):
+            await held.wait()
+        # While the agent's claim is on its way, the first phone learns that its SMS
+        # went out after all, which cancels the retry.
+        async with connect(f"{hub}?api_key={first_key}", compression=None) as socket:
+            await socket.send(orjson.dumps(late_report).decode())
+            async with asyncio.timeout(scaled(5)):
+                late = orjson.loads(await socket.recv())
+        release.set()
+        dropped = await events.wait_for("task_dropped", message_id=str(message_id))
+
+    row = await load_message(session_factory, message_id)
+    assert late["status"] == "sent"
+    assert backend.sent_count == 0
+    # The agent's phone sent nothing, so its ledger must not record the SMS as its own.
+    assert ledger.get(str(message_id)) is None
+    assert dropped["status"] == "sent"
+    assert dropped["attempt"] == 2
+    assert dropped.get("reason") == "already_sent"
+    assert events.matching("report", message_id=str(message_id), status="sent") == []
+    assert row.status == MessageStatus.SENT
+    assert row.device_id == first_id

@@ -666,14 +666,15 @@ class Agent:
         same_attempt = attempt is None or acked_attempt in (None, attempt)
         if status == "sending" and same_attempt:
             return True
-        if status in ("sent", "delivered") and same_attempt:
-            # This phone sent it before and forgot: record what the server knows.
-            self.ledger.record(message_id, status, attempt=attempt)
+        # Nothing was sent under this claim, so the ledger records no outcome. An `ack`
+        # of `sent` or `delivered` does not mean that this phone sent the SMS: a late
+        # `sent` from the phone of an earlier attempt also ends this retry that way.
         self._emit(
             "task_dropped",
             message_id=message_id,
             attempt=attempt,
             status=status,
+            reason=_drop_reason(reply, status),
             error=reply.get("error"),
         )
         return False
@@ -907,6 +908,17 @@ def _is_retry(known: Outcome, attempt: int | None) -> bool:
     if known.status != "failed" or not known.retryable or attempt is None:
         return False
     return known.attempt is None or attempt > known.attempt
+
+
+def _drop_reason(reply: dict[str, Any], status: str | None) -> str:
+    """Name why the server rejected a `sending` claim, for the `task_dropped` event."""
+    if reply.get("type") != "ack":
+        return "rejected"
+    if status in ("sent", "delivered"):
+        return "already_sent"
+    if status in ("failed", "expired"):
+        return "ended"
+    return "moved"
 
 
 def _has_expired(task: dict[str, Any]) -> bool:
