@@ -1,4 +1,5 @@
 import asyncio
+import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -609,6 +610,34 @@ async def test_upgrade_unknown_plan(
         "plan": "platinum",
         "available": ["free", "basic", "pro", "enterprise"],
     }
+
+
+@pytest.mark.parametrize(
+    ("plan", "error_type"),
+    [("pro\x00", "string_contains_nul"), ("pro\ud800", "string_unicode")],
+)
+async def test_upgrade_plan_unstorable_character(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: SessionFactory,
+    plan: str,
+    error_type: str,
+) -> None:
+    admin = await _make_superuser(make_user, session_factory)
+    owner = await make_user()
+
+    # httpx's json= fails on a lone surrogate, and json.dumps escapes it as \ud800.
+    response = await client.put(
+        UPGRADE_URL,
+        content=json.dumps({"user_id": str(owner.id), "plan": plan}),
+        headers={**admin.headers, "Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 422, response.text
+    item = response.json()["details"][0]
+    assert item["field"] == "plan"
+    assert item["type"] == error_type
+    assert (await _read_quota(client, owner))["plan_code"] == "free"
 
 
 async def test_upgrade_unknown_user(

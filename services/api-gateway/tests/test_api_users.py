@@ -1,3 +1,4 @@
+import json
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -360,6 +361,38 @@ async def test_update_me(client: AsyncClient, user: ApiUser) -> None:
     )
     assert cleared.json()["data"]["default_region"] is None
     assert cleared.json()["data"]["full_name"] == "Luis"
+
+
+@pytest.mark.parametrize(
+    ("region", "error_type"),
+    [("M\x00X", "string_contains_nul"), ("\ud800", "string_unpaired_surrogate")],
+)
+async def test_region_unstorable_character(
+    client: AsyncClient, user: ApiUser, region: str, error_type: str
+) -> None:
+    # httpx's json= fails on a lone surrogate, and json.dumps escapes it as \ud800.
+    json_type = {"Content-Type": "application/json"}
+    signup_body = {
+        "email": "surrogate@example.com",
+        "password": "long-enough",
+        "default_region": region,
+    }
+    signup = await client.post(
+        SIGNUP_URL, content=json.dumps(signup_body), headers=json_type
+    )
+    update_me = await client.patch(
+        ME_URL,
+        content=json.dumps({"default_region": region}),
+        headers={**user.headers, **json_type},
+    )
+
+    for response in (signup, update_me):
+        assert response.status_code == 422, response.text
+        item = response.json()["details"][0]
+        assert item["field"] == "default_region"
+        assert item["type"] == error_type
+    me = await client.get(ME_URL, headers=user.headers)
+    assert me.json()["data"]["default_region"] is None
 
 
 async def test_update_me_invalid_region(client: AsyncClient, user: ApiUser) -> None:

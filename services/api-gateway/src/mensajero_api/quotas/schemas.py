@@ -2,10 +2,14 @@
 
 import uuid
 from datetime import date, datetime
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
-from mensajero_api.types import Email, RequestBody
+from mensajero_api.types import Email, RequestBody, Storable
+
+# Storable: a NUL character would otherwise reach the plan lookup and fail in Postgres.
+PlanCode = Annotated[str, StringConstraints(min_length=1, max_length=50), Storable]
 
 
 class QuotaPublic(BaseModel):
@@ -42,9 +46,7 @@ class PlanChange(RequestBody):
         description="The user to change, by email address, instead of user_id.",
         examples=["ana@example.com"],
     )
-    plan: str = Field(
-        min_length=1,
-        max_length=50,
+    plan: PlanCode = Field(
         description="Code of the new plan, as listed by GET /api/v1/sms/plans, in "
         "any letter case.",
         examples=["pro"],

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mensajero_api.types import Email, Name, Password, RequestBody
+from mensajero_api.types import Email, Name, Password, RequestBody, StorableStr
 
 _REGION_DESCRIPTION = (
     "ISO 3166 region (e.g. MX) in which phone numbers without a leading + are read; "
@@ -18,14 +18,20 @@ class UserCreate(RequestBody):
     email: Email
     password: Password
     full_name: Name | None = None
-    default_region: str | None = Field(default=None, description=_REGION_DESCRIPTION)
+    # StorableStr: plain `str | None` lets an unpaired surrogate through (pydantic 2.14),
+    # and the invalid_region error that echoes it cannot be encoded, a 500.
+    default_region: StorableStr | None = Field(
+        default=None, description=_REGION_DESCRIPTION
+    )
 
 
 class UserUpdate(RequestBody):
     """Fields to change; a field left out keeps its value, null clears it."""
 
     full_name: Name | None = None
-    default_region: str | None = Field(default=None, description=_REGION_DESCRIPTION)
+    default_region: StorableStr | None = Field(
+        default=None, description=_REGION_DESCRIPTION
+    )
 
 
 class PasswordChange(RequestBody):
