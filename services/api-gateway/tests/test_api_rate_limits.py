@@ -272,6 +272,37 @@ async def test_valid_api_keys_skip_failure_count(
     assert len(tested) == 1
 
 
+async def test_revoked_token_spares_user_limit(
+    client: AsyncClient, make_user: MakeUser
+) -> None:
+    # A token revoked by a password change keeps a valid signature, so the middleware
+    # counts it against its user before authentication rejects it.
+    owner = await make_user()
+    changed = await client.put(
+        "/api/v1/users/me/password",
+        json={
+            "current_password": owner.password,
+            "new_password": "another long password",
+        },
+        headers=owner.headers,
+    )
+    assert changed.status_code == 200, changed.text
+    new_token = {"Authorization": f"Bearer {changed.json()['data']['access_token']}"}
+
+    revoked = [await client.get(QUOTA_URL, headers=owner.headers) for _ in range(5)]
+    refused_revoked = await client.get(QUOTA_URL, headers=owner.headers)
+    # The password change took one of the user's 3 requests a minute.
+    allowed = [await client.get(QUOTA_URL, headers=new_token) for _ in range(2)]
+    refused = await client.get(QUOTA_URL, headers=new_token)
+
+    assert [response.status_code for response in revoked] == [401] * 5
+    assert all(response.json()["error"] == "invalid_token" for response in revoked)
+    # Past RATE_LIMIT_PER_IP in the count of failed credentials of this address.
+    _assert_rate_limited(refused_revoked, "5/minute")
+    assert [response.status_code for response in allowed] == [200, 200]
+    _assert_rate_limited(refused, "3/minute")
+
+
 def test_failing_addresses_stay_bounded(app: FastAPI, monkeypatch) -> None:
     monkeypatch.setattr(limiter_module, "MAX_FAILING_ADDRESSES", 3)
     limiter = RequestRateLimiter(

@@ -17,7 +17,8 @@ from mensajero_api.auth import service as auth_service
 from mensajero_api.auth.security import PasswordHasher
 from mensajero_api.errors import request_language
 from mensajero_api.ratelimits.middleware import (
-    enforce_api_key_failure_limit,
+    enforce_credential_failure_limit,
+    enforce_revoked_token_limit,
     enforce_user_rate_limit,
 )
 from mensajero_api.resources import Resources
@@ -100,8 +101,9 @@ async def get_current_principal(
     """Authenticate the request by its bearer token or X-API-Key, or raise a 401.
 
     A request with an API key also counts against its owner's per-user rate limit,
-    which the middleware could count only per key. A request whose API key fails
-    counts against its address instead, and gets 429 once the address is past
+    which the middleware could count only per key. A request whose API key fails, or
+    whose signed token names a deleted user or predates a password change, counts
+    against its address instead, and gets 429 once the address is past
     RATE_LIMIT_PER_IP in that count.
     """
     try:
@@ -110,7 +112,12 @@ async def get_current_principal(
         )
     except (InvalidApiKeyError, auth_service.DeviceKeyNotAllowedError):
         if api_key:
-            await enforce_api_key_failure_limit(request)
+            await enforce_credential_failure_limit(request)
+        raise
+    except auth_service.InvalidTokenError:
+        # The middleware counted the signed token against its user. A revoked token
+        # must not use up the limit that the user's current token and API keys share.
+        await enforce_revoked_token_limit(request)
         raise
     if principal.api_key_id is not None:
         await enforce_user_rate_limit(request, principal.user.id)

@@ -39,8 +39,9 @@ def identify_client(scope: Scope, settings: Settings) -> ClientKey:
     Nothing here queries the database, so a flood costs no query. An API key counts by
     its SHA-256, so the key itself reaches neither Redis nor the logs, and an unknown key
     counts like a known one until the route returns 401. Only a token's signature and
-    expiry are checked, so a token of a deleted user counts for that user id until it
-    expires.
+    expiry are checked, so a token of a deleted user, or one revoked by a password
+    change, counts for that user id until authentication rejects it and takes it out
+    again (RequestRateLimiter.record_credential_failure).
     """
     api_key = Headers(scope=scope).get(API_KEY_HEADER, "").strip()
     if api_key:

@@ -39,7 +39,7 @@ REDIS_ERROR_LOG_INTERVAL_S = 60.0
 MAX_FAILING_ADDRESSES = 10_000
 # Owners of API keys that a process remembers at most (see RequestRateLimiter).
 MAX_KEY_OWNERS = 10_000
-# Scope keys that check() sets for enforce_user_rate_limit and record_api_key_failure:
+# Scope keys that check() sets for enforce_user_rate_limit and record_credential_failure:
 # the digest of the request's API key, the user whose windows it has counted the request
 # in, and the Unix time at which it counted it there.
 API_KEY_DIGEST_SCOPE_KEY = "mensajero.api_key_digest"
@@ -110,11 +110,13 @@ class RequestRateLimiter:
         protect the API and rejecting everything would take it down instead.
 
         A request with an API key is rejected, without being counted, while its address
-        is past the limit of failed API keys that record_api_key_failure counts. Only an
+        is past the limit of failed credentials that record_credential_failure counts. Only an
         address that failed in this process lately is tested.
         """
         client = identify_client(scope, self.settings)
         checks = self._checks(scope, client)
+        if client.kind == KIND_USER:
+            return await self._check_token_user(scope, checks, client.value)
         if client.kind == KIND_API_KEY:
             address = counted_address(client_address(scope))
             if self._failed_lately(address):
@@ -126,6 +128,27 @@ class RequestRateLimiter:
             if owner is not None:
                 return await self._check_known_key(scope, checks, owner)
         return await self._hit_all(checks)
+
+    async def _check_token_user(
+        self, scope: Scope, checks: list[tuple[RateLimitRule, str]], user_id: str
+    ) -> RateLimitedError | None:
+        """Count a request with a signed bearer token against the token's user.
+
+        Records the user and the time in `scope`, so that record_credential_failure
+        can take the request out of the user's windows again when authentication
+        rejects the token.
+        """
+        at = time.time()
+        try:
+            full = await self._windows.acquire(self._windows_of(checks), at=at)
+        except (RedisError, OSError) as error:
+            self._log_redis_error(error)
+            return None
+        if full is not None:
+            return self._rejection(full)
+        scope[COUNTED_USER_SCOPE_KEY] = user_id
+        scope[COUNTED_AT_SCOPE_KEY] = at
+        return None
 
     async def _check_known_key(
         self, scope: Scope, checks: list[tuple[RateLimitRule, str]], owner: str
@@ -153,12 +176,16 @@ class RequestRateLimiter:
             return await self._hit_all(checks)
         return self._rejection(full)
 
-    async def record_api_key_failure(self, scope: Scope) -> RateLimitedError | None:
-        """Count a request whose X-API-Key failed authentication against its address.
+    async def record_credential_failure(self, scope: Scope) -> RateLimitedError | None:
+        """Count a request whose credential failed authentication against its address.
 
-        The middleware counts a request with an API key per key, so a client that sent a
-        new made-up key with each request would escape RATE_LIMIT_PER_IP. Returns the
-        error to respond with once the address is past that limit in this count.
+        The credential is an X-API-Key, or a bearer token with a valid signature that
+        names a deleted user or was revoked by a password change. The middleware counts
+        a request with an API key per key, so a client that sent a new made-up key with
+        each request would escape RATE_LIMIT_PER_IP. It counts a token against the user
+        it names, so a revoked token would use up the limit of its user's current token
+        and API keys. Returns the error to respond with once the address is past
+        RATE_LIMIT_PER_IP in this count.
         """
         address = counted_address(client_address(scope))
         self._remember_failure(address)
@@ -167,8 +194,9 @@ class RequestRateLimiter:
             self._key_owners.pop(digest, None)
         owner = scope.get(COUNTED_USER_SCOPE_KEY)
         if owner is not None:
-            # The key was known, so the middleware counted the request against its
-            # owner. A revoked key must not use up its owner's limit.
+            # The key was known or the token signed, so the middleware counted the
+            # request against its user. A revoked credential must not use up that
+            # user's limit.
             await self._release_user(owner, scope[COUNTED_AT_SCOPE_KEY])
         return await self._hit_all([(self.rules.api_key_failures_per_ip, address)])
 

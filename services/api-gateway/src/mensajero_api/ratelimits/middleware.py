@@ -57,13 +57,27 @@ async def enforce_user_rate_limit(request: Request, user_id: uuid.UUID) -> None:
         raise rejection
 
 
-async def enforce_api_key_failure_limit(request: Request) -> None:
-    """Count a failed X-API-Key against the client's address, or raise RateLimitedError."""
+async def enforce_credential_failure_limit(request: Request) -> None:
+    """Count a failed X-API-Key or bearer token against the client's address, or raise
+    RateLimitedError."""
     limiter: RequestRateLimiter | None = getattr(
         request.app.state, STATE_ATTRIBUTE, None
     )
     if limiter is None:
         return
-    rejection = await limiter.record_api_key_failure(request.scope)
+    rejection = await limiter.record_credential_failure(request.scope)
     if rejection is not None:
         raise rejection
+
+
+async def enforce_revoked_token_limit(request: Request) -> None:
+    """Count a signed bearer token that authentication rejected against the client's
+    address, or raise RateLimitedError.
+
+    Such a token names a deleted user or predates a password change. Only a token that
+    check() counted against its user is counted here, because check() counts a token
+    with a bad signature or past its expiry per address already.
+    """
+    if request.scope.get(COUNTED_USER_SCOPE_KEY) is None:
+        return
+    await enforce_credential_failure_limit(request)
