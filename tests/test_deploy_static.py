@@ -202,7 +202,7 @@ def test_k8s_config_loads_as_settings() -> None:
     local = {**config, **local_secret_literals(), "ENVIRONMENT": "development"}
     production = {
         **config,
-        "SECRET_KEY": "a-secret-value",
+        "SECRET_KEY": "a-secret-value-of-at-least-32-bytes",
         "FIRST_SUPERUSER_PASSWORD": "another-secret-value",
     }
 

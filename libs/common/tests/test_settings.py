@@ -15,6 +15,41 @@ def test_settings_reject_default_secret_in_production() -> None:
     assert "SECRET_KEY" in describe_validation_error(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("secret_key", "password", "named"),
+    [
+        ("", "a-real-password", "SECRET_KEY"),
+        ("secret", "a-real-password", "SECRET_KEY"),
+        ("s" * 31, "a-real-password", "SECRET_KEY"),
+        ("s" * 32, "a", "FIRST_SUPERUSER_PASSWORD"),
+        ("s" * 32, "1234567", "FIRST_SUPERUSER_PASSWORD"),
+    ],
+)
+def test_settings_reject_weak_secrets_in_production(
+    secret_key: str, password: str, named: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(
+            _env_file=None,
+            ENVIRONMENT="production",
+            SECRET_KEY=secret_key,
+            FIRST_SUPERUSER_PASSWORD=password,
+        )
+
+    assert named in describe_validation_error(caught.value)
+
+
+def test_settings_accept_strong_secrets_in_production() -> None:
+    settings = Settings(
+        _env_file=None,
+        ENVIRONMENT="production",
+        SECRET_KEY="s" * 32,
+        FIRST_SUPERUSER_PASSWORD="p" * 8,
+    )
+
+    assert settings.is_production
+
+
 def test_settings_allow_default_secret_in_development() -> None:
     settings = Settings(_env_file=None, ENVIRONMENT="development")
 

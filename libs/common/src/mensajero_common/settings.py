@@ -12,6 +12,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRET = "changethis"
+# Minimums outside development. RFC 7518, section 3.2, requires a key of at least 256
+# bits for HS256, which signs the tokens. The password minimum is sign-up's.
+MIN_SECRET_KEY_BYTES = 32
+MIN_SUPERUSER_PASSWORD_LENGTH = 8
 
 
 class Environment(StrEnum):
@@ -184,6 +188,18 @@ class Settings(BaseSettings):
                     f"{name} is still the default {DEFAULT_SECRET!r}; "
                     f"set it to a secret value when ENVIRONMENT is {self.ENVIRONMENT.value}"
                 )
+        if len(self.SECRET_KEY.encode()) < MIN_SECRET_KEY_BYTES:
+            raise ValueError(
+                f"SECRET_KEY is shorter than {MIN_SECRET_KEY_BYTES} bytes; set a random "
+                f"one (openssl rand -hex 32) when ENVIRONMENT is {self.ENVIRONMENT.value}"
+            )
+        if len(self.FIRST_SUPERUSER_PASSWORD) < MIN_SUPERUSER_PASSWORD_LENGTH:
+            raise ValueError(
+                f"FIRST_SUPERUSER_PASSWORD is shorter than "
+                f"{MIN_SUPERUSER_PASSWORD_LENGTH} characters, the minimum sign-up asks "
+                f"of every password; set a longer one when ENVIRONMENT is "
+                f"{self.ENVIRONMENT.value}"
+            )
         return self
 
     @field_validator("FORWARDED_ALLOW_IPS")
