@@ -4,6 +4,7 @@ Every body is `{"success": false, "error": "<machine code>", "message": "<locali
 text>", …details}`, and the response names its language in Content-Language.
 """
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,11 +24,30 @@ HTTP_ERROR_CODES = {
 }
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(value: Any) -> Any:
+    """Return `value` with each lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, Mapping):
+        return {key: _without_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_surrogates(item) for item in value]
+    return value
+
+
 class EnvelopeJSONResponse(JSONResponse):
     """A JSONResponse encoded with orjson, like the rest of the project's JSON."""
 
     def render(self, content: Any) -> bytes:
-        return jsonutil.dumps(content)
+        try:
+            return jsonutil.dumps(content)
+        except TypeError:
+            # orjson rejects a lone surrogate, which an error may repeat from the
+            # request: the error is answered with U+FFFD in its place, not a 500.
+            return jsonutil.dumps(_without_surrogates(content))
 
 
 def error_response(
