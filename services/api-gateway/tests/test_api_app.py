@@ -6,9 +6,12 @@ from api_test_helpers import ApiUser
 from fastapi import FastAPI
 from httpx import AsyncClient
 from redis.asyncio import Redis
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.main import MAX_REQUEST_BODY_BYTES, create_app
 from mensajero_common.i18n import translate
+from mensajero_common.models import UserPlan
 from mensajero_common.settings import Settings
 from mensajero_common.testing import free_port, scaled, serve_app
 
@@ -273,6 +276,28 @@ async def test_missing_default_plan_stops_start(settings: Settings) -> None:
     with pytest.raises(RuntimeError, match="DEFAULT_PLAN is 'platinum'"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_inactive_default_plan_stops_start(
+    settings: Settings, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    async def set_basic_active(active: bool) -> None:
+        async with session_factory() as session:
+            await session.execute(
+                update(UserPlan)
+                .where(UserPlan.code == "basic")
+                .values(is_active=active)
+            )
+            await session.commit()
+
+    app = create_app(settings.model_copy(update={"DEFAULT_PLAN": "basic"}))
+    await set_basic_active(False)
+    try:
+        with pytest.raises(RuntimeError, match=r"'basic' but the plan .* is inactive"):
+            async with app.router.lifespan_context(app):
+                pass
+    finally:
+        await set_basic_active(True)
 
 
 async def test_serves_over_real_socket(

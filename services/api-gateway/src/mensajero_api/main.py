@@ -64,8 +64,13 @@ login and sign-up per IP too); past a limit the API answers 429 `rate_limited` w
 async def _check_default_plan(resources: Resources) -> None:
     async with resources.session_factory() as session:
         plan_code = resources.settings.DEFAULT_PLAN
-        if await quotas_repository.get_plan_by_code(session, plan_code) is None:
+        plan = await quotas_repository.get_plan_by_code(session, plan_code)
+        if plan is None:
             raise DefaultPlanMissingError(plan_code)
+        # New users would get a plan that the plan listing hides and that no upgrade
+        # can choose again.
+        if not plan.is_active:
+            raise DefaultPlanMissingError(plan_code, inactive=True)
 
 
 @asynccontextmanager

@@ -39,12 +39,17 @@ UPGRADE_URL = "/api/v1/sms/plans"
 
 
 class DefaultPlanMissingError(RuntimeError):
-    """DEFAULT_PLAN names no row of `userplan`: a deployment error, not a client's."""
+    """DEFAULT_PLAN names no active row of `userplan`: a deployment error, not a client's."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, *, inactive: bool = False) -> None:
+        found = (
+            "the plan with that code is inactive, so GET /api/v1/sms/plans hides it"
+            if inactive
+            else "no plan in table userplan has that code"
+        )
         super().__init__(
-            f"DEFAULT_PLAN is {code!r} but no plan in table userplan has that code; "
-            "set DEFAULT_PLAN to an existing plan code (free, basic, pro, enterprise)"
+            f"DEFAULT_PLAN is {code!r} but {found}; set DEFAULT_PLAN to the code of an "
+            "active plan (free, basic, pro, enterprise)"
         )
 
 
