@@ -1107,6 +1107,61 @@ async def test_delivered_without_attempt_after_late_sent(
     ]
 
 
+@pytest.mark.parametrize("same_device", [False, True], ids=["other", "same"])
+@pytest.mark.parametrize("with_attempt", [True, False], ids=["attempt", "no_attempt"])
+async def test_failed_after_late_sent_ends_message(
+    hub_url: str, session_factory: Sessions, with_attempt: bool, same_device: bool
+) -> None:
+    failed_on = await create_device(session_factory, phone_number="+525512345678")
+    retried_on = (
+        failed_on
+        if same_device
+        else await create_device(
+            session_factory, user_id=failed_on.user_id, phone_number="+525587654321"
+        )
+    )
+    await subscribe_to_all(session_factory, failed_on)
+    await charge_quota(session_factory, failed_on)
+    message = await create_retried_message(session_factory, failed_on, retried_on)
+    attempt_field = {"attempt": 1} if with_attempt else {}
+
+    async with open_socket(hub_url, failed_on.api_key) as socket:
+        late = await report(socket, message.id, status="sent", attempt=1)
+        # The phone reports a delivery failure of the attempt whose SMS went out.
+        failed = await report(
+            socket, message.id, status="failed", error="STATUS_FAILED", **attempt_field
+        )
+
+    row = await load_message(session_factory, message.id)
+    bodies = await event_bodies(session_factory, message.id)
+    attempts = await attempt_rows(session_factory, message.id)
+    assert late["status"] == "sent"
+    assert failed["status"] == "failed"
+    assert failed["attempt"] == 2
+    assert row.status == MessageStatus.FAILED
+    assert row.error == "STATUS_FAILED"
+    assert row.sent_at is not None
+    assert row.failed_at is not None
+    assert row.next_attempt_at is None
+    assert row.device_id == failed_on.device_id
+    assert row.from_number == "+525512345678"
+    # The SMS went out, so the quota charge stays.
+    assert row.quota_refunded_at is None
+    assert await charged_sms(session_factory, failed_on) == 1
+    assert [(item.status, item.error) for item in attempts] == [
+        (AttemptStatus.FAILED, "STATUS_FAILED"),
+        (AttemptStatus.FAILED, "earlier_attempt_went_out"),
+    ]
+    assert attempts[0].ended_at is not None
+    assert await event_names(session_factory, message.id) == [
+        "sms_sent",
+        "sms_failed",
+    ]
+    assert bodies["sms_failed"]["error"] == "STATUS_FAILED"
+    assert bodies["sms_failed"]["from"] == "+525512345678"
+    assert bodies["sms_failed"]["device_id"] == str(failed_on.device_id)
+
+
 async def test_late_whole_report_after_claimed_retry_ignored(
     hub_url: str, session_factory: Sessions
 ) -> None:

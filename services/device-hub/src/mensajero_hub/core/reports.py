@@ -26,8 +26,9 @@ apply one at a time whatever connection or hub they arrive on. Then:
   retry would send the SMS or that part again. A part report is stored for its attempt
   and ends the message `failed`; a report of the whole message ends it `sent` or
   `delivered`. Once the retry is claimed, a part report is only stored and a report of
-  the whole message is only logged (see _apply_late_report). A later `delivered`
-  report, with or without `attempt`, applies to the attempt that sent the SMS.
+  the whole message is only logged (see _apply_late_report). A later `delivered` or
+  `failed` report of the whole message, with or without `attempt`, applies to the
+  attempt that sent the SMS as it would after a `sent` on the current attempt.
 """
 
 import uuid
@@ -255,7 +256,8 @@ async def _apply_late_report(
     message: LockedMessage | None,
 ) -> ReportOutcome | None:
     """Apply a `sent` or `delivered` report on an attempt that this device ended with a
-    `failed` report. Return None when the frame is not such a report.
+    `failed` report, or a report that follows such a late `sent` (see
+    _apply_after_late_sent). Return None when the frame is not such a report.
 
     A part report is stored on that attempt forward-only, so a `failed` part stays
     `failed`. If no phone has claimed the next attempt yet, it is cancelled, because it
@@ -268,7 +270,10 @@ async def _apply_late_report(
     attempt was claimed. That phone may have sent the SMS already, so its own reports
     decide the message.
     """
-    if message is None or MessageStatus(frame.status) not in SENT_STATUSES:
+    if message is None:
+        return None
+    status = MessageStatus(frame.status)
+    if status not in SENT_STATUSES and status is not MessageStatus.FAILED:
         return None
     attempt = frame.attempt or await _unnumbered_report_attempt(
         db, device_id, frame, message
@@ -279,9 +284,15 @@ async def _apply_late_report(
         REPORTABLE_MESSAGE_STATUSES
     ):
         return None
-    ended = await _failed_attempt(db, message, attempt, device_id)
+    # Only a `sent` or `delivered` report cancels a retry. A `failed` report on an
+    # earlier attempt applies only when a late `sent` made that attempt the outcome.
+    ended = None
+    if status in SENT_STATUSES:
+        ended = await _failed_attempt(db, message, attempt, device_id)
     if ended is None:
-        return await _apply_late_delivered(db, device_id, frame, message, attempt)
+        return await _apply_after_late_sent(
+            db, settings, device_id, frame, message, attempt
+        )
 
     if frame.part is not None:
         await _store_part(db, message, frame, attempt)
@@ -459,22 +470,23 @@ async def _record_late_outcome(
     )
 
 
-async def _apply_late_delivered(
+async def _apply_after_late_sent(
     db: AsyncSession,
+    settings: Settings,
     device_id: uuid.UUID,
     frame: SmsReportFrame,
     message: LockedMessage,
     attempt: int,
 ) -> ReportOutcome | None:
-    """Apply a `delivered` report of the whole message on an earlier attempt of this
-    device that a late `sent` report made the message's outcome (see
+    """Apply a `delivered` or `failed` report of the whole message on an earlier attempt
+    of this device that a late `sent` report made the message's outcome (see
     _record_late_outcome). Return None for any other report.
 
     A later attempt exists when the late `sent` cancelled an assigned retry, so without
-    this step the delivery report would be ignored as one on an ended attempt.
-
-    NOTE: a `failed` delivery report on that earlier attempt is still ignored that way,
-    and one without `attempt` ends the message `failed` but leaves the attempt `sent`.
+    this step the report would be ignored as one on an ended attempt. Each report
+    applies as after a `sent` on the current attempt: `delivered` moves the message and
+    that attempt to `delivered`. `failed` is a delivery failure, so both end `failed`
+    with the report's error, `sms_failed` is recorded, and the quota charge stays.
     """
     if not _may_follow_late_sent(device_id, frame, message):
         return None
@@ -487,32 +499,44 @@ async def _apply_late_delivered(
     if (await db.execute(statement)).first() is None:
         return None
 
+    event = "late delivery report applied to an earlier attempt"
+    if MessageStatus(frame.status) is MessageStatus.FAILED:
+        await message_attempts.record_attempt_status(
+            db, message, AttemptStatus.FAILED, attempt_number=attempt, error=frame.error
+        )
+        delivery_ids = await message_attempts.end_failed(
+            db, settings, message, frame.error, refund=False
+        )
+        return _late_report_outcome(
+            event,
+            device_id,
+            frame,
+            message,
+            attempt,
+            MessageStatus.FAILED,
+            delivery_ids=delivery_ids,
+        )
     change = await _record_late_outcome(
         db, device_id, message, attempt, MessageStatus.DELIVERED, message.from_number
     )
     return _late_report_outcome(
-        "late delivery report applied to an earlier attempt",
-        device_id,
-        frame,
-        message,
-        attempt,
-        change.status,
-        change=change,
+        event, device_id, frame, message, attempt, change.status, change=change
     )
 
 
 def _may_follow_late_sent(
     device_id: uuid.UUID, frame: SmsReportFrame, message: LockedMessage
 ) -> bool:
-    """Return whether the frame may be a `delivered` report of the whole message on an
-    earlier attempt that a late `sent` made the message's outcome.
+    """Return whether the frame may be a `delivered` or `failed` report of the whole
+    message on an earlier attempt that a late `sent` made the message's outcome.
 
     Such a message is `sent` by this device and has had a retry, which that late `sent`
     cancelled. A retry that sent the SMS itself matches too, so the attempt rows decide.
     """
+    status = MessageStatus(frame.status)
     return (
         frame.part is None
-        and MessageStatus(frame.status) is MessageStatus.DELIVERED
+        and status in (MessageStatus.DELIVERED, MessageStatus.FAILED)
         and message.status is MessageStatus.SENT
         and message.device_id == device_id
         and message.current_attempt > 1
@@ -527,10 +551,10 @@ async def _unnumbered_report_attempt(
 ) -> int:
     """Return the attempt that a report without `attempt` applies to.
 
-    That is the current attempt, except for a `delivered` report after a late `sent`
-    cancelled an assigned retry. The current attempt is then that retry, which ended
-    `failed` without sending, and the report applies to this device's `sent` attempt,
-    whose SMS went out.
+    That is the current attempt, except for a `delivered` or `failed` report after a
+    late `sent` cancelled an assigned retry. The current attempt is then that retry,
+    which ended `failed` without sending, and the report applies to this device's
+    `sent` attempt, whose SMS went out.
     """
     if not _may_follow_late_sent(device_id, frame, message):
         return message.current_attempt
