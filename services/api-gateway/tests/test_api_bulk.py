@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -6,6 +7,7 @@ from typing import Any
 import asyncpg
 import pytest
 from api_test_helpers import ApiUser, MakeUser, count_rows, register_device
+from fastapi import FastAPI
 from httpx import AsyncClient, Response
 from redis.asyncio import Redis
 from sqlalchemy import select, update
@@ -779,6 +781,34 @@ async def test_bulk_idempotent_repeat(
     assert await count_rows(session_factory, SMSMessage) == 2
     assert await _sms_sent(session_factory, user) == 2
     assert len(await _stream_message_ids(redis, redis_keys)) == 2
+
+
+async def test_bulk_repeat_outlives_lower_limit(
+    app: FastAPI,
+    client: AsyncClient,
+    user: ApiUser,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A repeat returns the first result even after the limit it met has been lowered.
+    key = {"Idempotency-Key": "campaign-43"}
+    payload = {"recipients": _numbers(3), "body": "Hola"}
+    first = await _send_bulk(client, user, payload, headers=key)
+    resources = app.state.resources
+    lowered = resources.settings.model_copy(update={"BULK_MAX_RECIPIENTS": 2})
+    monkeypatch.setattr(
+        app.state, "resources", dataclasses.replace(resources, settings=lowered)
+    )
+
+    repeat = await _send_bulk(client, user, payload, headers=key)
+    new_key = await _send_bulk(
+        client, user, payload, headers={"Idempotency-Key": "campaign-44"}
+    )
+
+    assert first.status_code == 201
+    assert repeat.status_code == 200
+    assert repeat.json()["data"]["task_id"] == first.json()["data"]["task_id"]
+    assert new_key.status_code == 400
+    assert new_key.json()["error"] == "too_many_recipients"
 
 
 async def test_idempotency_key_scoped_per_endpoint(

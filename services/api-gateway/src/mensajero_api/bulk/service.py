@@ -287,10 +287,8 @@ async def send_bulk(
     the shared `body` and the device, and QuotaExceededError when the accepted messages
     do not all fit in this month's quota (then nothing is created).
     """
-    pairs = data.pairs()
-    if len(pairs) > settings.BULK_MAX_RECIPIENTS:
-        raise TooManyRecipientsError(len(pairs), settings.BULK_MAX_RECIPIENTS)
-
+    # Looked up before validating, as in the single send, so that a repeat returns the
+    # first result even if, say, BULK_MAX_RECIPIENTS has been lowered since.
     request_hash = _request_hash(data)
     if idempotency_key is not None:
         existing = await repository.get_task_by_idempotency_key(
@@ -298,6 +296,10 @@ async def send_bulk(
         )
         if existing is not None:
             return _replay(existing, request_hash)
+
+    pairs = data.pairs()
+    if len(pairs) > settings.BULK_MAX_RECIPIENTS:
+        raise TooManyRecipientsError(len(pairs), settings.BULK_MAX_RECIPIENTS)
 
     # A body shared by every recipient that cannot be sent is an error of the request.
     if data.body is not None:
