@@ -15,10 +15,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
+from mensajero_dispatcher.attempts import repository as attempts_repository
 from mensajero_dispatcher.devices import repository as device_repository
 from mensajero_dispatcher.messages import repository
 from mensajero_dispatcher.messages.repository import AnySelect
@@ -342,3 +344,106 @@ async def test_waiting_check_skips_other_users_backlog(pg_connection) -> None:
         await transaction.rollback()
 
     assert _rows_read(json.loads(plan)[0]["Plan"], "smsmessage") <= 10
+
+
+async def _insert_device_history(
+    connection: asyncpg.Connection, device_id: uuid.UUID
+) -> int:
+    """Insert a device with BACKLOG delivered messages and a few open ones (in flight,
+    some on a deleted device, some expired), analyze the table, and return how many
+    messages in the table are open."""
+    user_id = await _insert_user(connection, online=True, device_id=device_id)
+    # A second online device, so that unacknowledged tasks have somewhere to move.
+    await connection.execute(
+        "INSERT INTO smsdevice (id, user_id, name, api_key_hash, api_key_prefix,"
+        " status, last_heartbeat) VALUES ($1, $2, 'phone', $3, 'msj_', 'online', now())",
+        uuid.uuid4(),
+        user_id,
+        uuid.uuid4().hex,
+    )
+    await connection.execute(
+        "INSERT INTO smsmessage (id, user_id, device_id, type, status, to_number, body,"
+        " created_at, updated_at, assigned_at, sending_at, expires_at)"
+        " SELECT gen_random_uuid(), $1,"
+        "  CASE WHEN n > $3 AND n % 7 = 3 THEN NULL ELSE $2::uuid END, 'outgoing',"
+        "  CASE WHEN n <= $3 THEN 'delivered'"
+        "   WHEN n % 2 = 0 THEN 'assigned' ELSE 'sending' END,"
+        "  '+34600000000', 'hola', moment, moment, moment, moment,"
+        "  CASE WHEN n > $3 AND n % 5 = 0 THEN now() - interval '1 minute' END"
+        " FROM generate_series(1, $3::integer + 20) AS n,"
+        "  LATERAL (SELECT $4::timestamptz + n * interval '1 second' AS moment) AS times",
+        user_id,
+        device_id,
+        BACKLOG,
+        BACKLOG_START,
+    )
+    await connection.execute("ANALYZE smsmessage")
+    open_messages: int = await connection.fetchval(
+        "SELECT count(*) FROM smsmessage"
+        " WHERE status IN ('pending', 'assigned', 'sending')"
+    )
+    return open_messages
+
+
+def _rows_estimated(node: Mapping[str, Any], table: str) -> float:
+    """Return the rows that the plan estimates its scans of `table` to return."""
+    estimated = float(node["Plan Rows"]) if node.get("Relation Name") == table else 0.0
+    for child in node.get("Plans", []):
+        estimated += _rows_estimated(child, table)
+    return estimated
+
+
+# Builders of the statements that look for open messages by status, each given the
+# device that _insert_device_history inserts, with the partial index whose predicate
+# the statement matches, if it matches one.
+_OPEN_MESSAGE_CHECKS: dict[str, tuple[Callable[[uuid.UUID], AnySelect], str | None]] = {
+    "devices_with_tasks": (
+        lambda _: repository.devices_with_tasks_statement(0, None, PAGE),
+        "ix_smsmessage_device_id_in_flight",
+    ),
+    "in_flight_ids": (
+        lambda device_id: repository.in_flight_ids_statement([device_id], 0),
+        "ix_smsmessage_device_id_in_flight",
+    ),
+    "unacknowledged": (
+        lambda _: attempts_repository.unacknowledged_statement(
+            ack_timeout_s=0, silent_after_s=0, stuck_after_s=0, user_id=None, limit=PAGE
+        ),
+        None,
+    ),
+    "deleted_device_tasks": (
+        lambda _: attempts_repository.deleted_device_tasks_statement(PAGE),
+        "ix_smsmessage_device_id_in_flight",
+    ),
+    "expired": (
+        lambda _: attempts_repository.expired_statement(PAGE),
+        "ix_smsmessage_expires_at_open",
+    ),
+}
+
+
+@pytest.mark.parametrize("check", sorted(_OPEN_MESSAGE_CHECKS))
+async def test_open_message_check_generic_plan_skips_history(
+    pg_connection, check: str
+) -> None:
+    # With their statuses bound, the generic plans of these statements could use no
+    # partial index. They read every message of a device or the whole status index,
+    # and their cost grew with the history until Postgres compiled them with JIT on
+    # every run.
+    build_statement, partial_index = _OPEN_MESSAGE_CHECKS[check]
+    device_id = uuid.uuid4()
+    open_in_table = []
+
+    async def insert_history(connection: asyncpg.Connection) -> None:
+        open_in_table.append(await _insert_device_history(connection, device_id))
+
+    plan = await _generic_plan(
+        pg_connection, build_statement(device_id), insert_history
+    )
+
+    # Open messages (other tests running meanwhile may have some), not the delivered
+    # history, both read and in the estimate that the plan's cost comes from.
+    assert _rows_read(plan, "smsmessage") <= open_in_table[0] + 10
+    assert _rows_estimated(plan, "smsmessage") <= open_in_table[0] + 10
+    if partial_index is not None:
+        assert partial_index in json.dumps(plan)

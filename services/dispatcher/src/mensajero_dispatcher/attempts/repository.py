@@ -2,13 +2,29 @@
 
 Each one locks the rows it returns with FOR UPDATE SKIP LOCKED, so replicas running the
 same check at once split the work, and a row that a report is changing is left alone.
+
+The statuses that these checks look for are written into the SQL instead of bound, so
+that they match the predicates of the partial indexes of open messages on a generic plan
+too. Postgres plans that one without the parameters, and may cache it after five runs.
+Bound, such a plan read the status index, or every pending message, and estimated its
+rows as a share of the whole table. On a table of 3 million messages, that estimate made
+Postgres compile the check of unacknowledged tasks with JIT on every run.
 """
 
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import ColumnElement, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_common.models import (
@@ -33,6 +49,25 @@ def _not_expired() -> ColumnElement[bool]:
     return or_(SMSMessage.expires_at.is_(None), SMSMessage.expires_at > func.now())
 
 
+# The select of the id, device and attempts of stalled messages.
+StalledSelect = Select[uuid.UUID, uuid.UUID | None, int]
+
+
+async def _lock_stalled(
+    session: AsyncSession, statement: StalledSelect
+) -> list[StalledTask]:
+    rows = (await session.execute(statement)).all()
+    return [StalledTask(row.id, row.device_id, max(row.attempts, 1)) for row in rows]
+
+
+def _status_in(*statuses: MessageStatus) -> ColumnElement[bool]:
+    """Test the status against `statuses` written as SQL literals (see the module's
+    docstring)."""
+    return SMSMessage.status.in_(
+        [literal_column(f"'{status.value}'") for status in statuses]
+    )
+
+
 async def lock_unacknowledged(
     session: AsyncSession,
     *,
@@ -50,6 +85,25 @@ async def lock_unacknowledged(
     has passed whatever its device's state. A device that is alive but slow keeps its
     tasks until then, because moving them would only add work to a busy system.
     """
+    statement = unacknowledged_statement(
+        ack_timeout_s=ack_timeout_s,
+        silent_after_s=silent_after_s,
+        stuck_after_s=stuck_after_s,
+        user_id=user_id,
+        limit=limit,
+    )
+    return await _lock_stalled(session, statement)
+
+
+def unacknowledged_statement(
+    *,
+    ack_timeout_s: float,
+    silent_after_s: float,
+    stuck_after_s: float,
+    user_id: uuid.UUID | None,
+    limit: int,
+) -> StalledSelect:
+    """Build the statement of lock_unacknowledged."""
     another_device_online = exists().where(
         SMSDevice.user_id == SMSMessage.user_id,
         SMSDevice.id != SMSMessage.device_id,
@@ -67,7 +121,7 @@ async def lock_unacknowledged(
         select(SMSMessage.id, SMSMessage.device_id, SMSMessage.attempts)
         .where(
             SMSMessage.type == MessageType.OUTGOING.value,
-            SMSMessage.status == MessageStatus.ASSIGNED.value,
+            _status_in(MessageStatus.ASSIGNED),
             SMSMessage.requested_device_id.is_(None),
             waited_s > timedelta(seconds=ack_timeout_s),
             or_(~device_alive, waited_s > timedelta(seconds=stuck_after_s)),
@@ -80,8 +134,7 @@ async def lock_unacknowledged(
     )
     if user_id is not None:
         statement = statement.where(SMSMessage.user_id == user_id)
-    rows = (await session.execute(statement)).all()
-    return [StalledTask(row.id, row.device_id, max(row.attempts, 1)) for row in rows]
+    return statement
 
 
 async def release_to_pending(session: AsyncSession, message_id: uuid.UUID) -> bool:
@@ -102,19 +155,22 @@ async def lock_unreported(
     session: AsyncSession, *, report_timeout_s: float, limit: int
 ) -> list[StalledTask]:
     """Lock `sending` messages acknowledged more than `report_timeout_s` seconds ago."""
-    statement = (
+    return await _lock_stalled(session, unreported_statement(report_timeout_s, limit))
+
+
+def unreported_statement(report_timeout_s: float, limit: int) -> StalledSelect:
+    """Build the statement of lock_unreported."""
+    return (
         select(SMSMessage.id, SMSMessage.device_id, SMSMessage.attempts)
         .where(
             SMSMessage.type == MessageType.OUTGOING.value,
-            SMSMessage.status == MessageStatus.SENDING.value,
+            _status_in(MessageStatus.SENDING),
             SMSMessage.sending_at < func.now() - timedelta(seconds=report_timeout_s),
         )
         .order_by(SMSMessage.sending_at, SMSMessage.id)
         .limit(limit)
         .with_for_update(of=SMSMessage, skip_locked=True)
     )
-    rows = (await session.execute(statement)).all()
-    return [StalledTask(row.id, row.device_id, max(row.attempts, 1)) for row in rows]
 
 
 async def lock_deleted_device_tasks(
@@ -125,21 +181,22 @@ async def lock_deleted_device_tasks(
     Deleting a device sets `device_id` to NULL on its messages (ON DELETE SET NULL), and
     an assignment always sets it, so an in-flight message without a device lost its own.
     """
-    statement = (
+    return await _lock_stalled(session, deleted_device_tasks_statement(limit))
+
+
+def deleted_device_tasks_statement(limit: int) -> StalledSelect:
+    """Build the statement of lock_deleted_device_tasks."""
+    return (
         select(SMSMessage.id, SMSMessage.device_id, SMSMessage.attempts)
         .where(
             SMSMessage.type == MessageType.OUTGOING.value,
-            SMSMessage.status.in_(
-                [MessageStatus.ASSIGNED.value, MessageStatus.SENDING.value]
-            ),
+            _status_in(MessageStatus.ASSIGNED, MessageStatus.SENDING),
             SMSMessage.device_id.is_(None),
         )
         .order_by(SMSMessage.id)
         .limit(limit)
         .with_for_update(of=SMSMessage, skip_locked=True)
     )
-    rows = (await session.execute(statement)).all()
-    return [StalledTask(row.id, row.device_id, max(row.attempts, 1)) for row in rows]
 
 
 async def lock_expired(session: AsyncSession, *, limit: int) -> list[StalledTask]:
@@ -147,13 +204,16 @@ async def lock_expired(session: AsyncSession, *, limit: int) -> list[StalledTask
 
     A `sending` message is left to finish: its phone has the SMS in hand already.
     """
-    statement = (
+    return await _lock_stalled(session, expired_statement(limit))
+
+
+def expired_statement(limit: int) -> StalledSelect:
+    """Build the statement of lock_expired."""
+    return (
         select(SMSMessage.id, SMSMessage.device_id, SMSMessage.attempts)
         .where(
             SMSMessage.type == MessageType.OUTGOING.value,
-            SMSMessage.status.in_(
-                [MessageStatus.PENDING.value, MessageStatus.ASSIGNED.value]
-            ),
+            _status_in(MessageStatus.PENDING, MessageStatus.ASSIGNED),
             SMSMessage.expires_at.is_not(None),
             SMSMessage.expires_at <= func.now(),
         )
@@ -161,5 +221,3 @@ async def lock_expired(session: AsyncSession, *, limit: int) -> list[StalledTask
         .limit(limit)
         .with_for_update(of=SMSMessage, skip_locked=True)
     )
-    rows = (await session.execute(statement)).all()
-    return [StalledTask(row.id, row.device_id, max(row.attempts, 1)) for row in rows]

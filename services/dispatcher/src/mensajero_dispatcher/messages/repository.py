@@ -422,6 +422,17 @@ async def mark_failed(
     return (await session.execute(statement)).scalar_one_or_none()
 
 
+# Written into the SQL instead of bound, as in _IN_FLIGHT_SQL, so that the statements
+# that look for in-flight messages by device match the predicate of
+# ix_smsmessage_device_id_in_flight on a generic plan too. Bound, the generic plan of
+# list_devices_with_tasks read every message with a device, the delivered history
+# included. Statements that take messages by id keep their statuses bound (see
+# _PENDING_BY_ID_SQL).
+_IS_IN_FLIGHT = SMSMessage.status.in_(
+    [literal_column(f"'{status.value}'") for status in IN_FLIGHT_STATUSES]
+)
+
+
 async def list_devices_with_tasks(
     session: AsyncSession,
     *,
@@ -431,10 +442,19 @@ async def list_devices_with_tasks(
 ) -> list[uuid.UUID]:
     """Return up to `limit` devices, in id order after `after`, that hold in-flight messages
     assigned more than `assigned_before_s` seconds ago."""
+    statement = devices_with_tasks_statement(assigned_before_s, after, limit)
+    device_ids = (await session.execute(statement)).scalars()
+    return [device_id for device_id in device_ids if device_id is not None]
+
+
+def devices_with_tasks_statement(
+    assigned_before_s: float, after: uuid.UUID | None, limit: int
+) -> Select[uuid.UUID | None]:
+    """Build the statement of list_devices_with_tasks."""
     statement = (
         select(SMSMessage.device_id)
         .where(
-            SMSMessage.status.in_(IN_FLIGHT_STATUSES),
+            _IS_IN_FLIGHT,
             SMSMessage.device_id.is_not(None),
             SMSMessage.assigned_at < func.now() - timedelta(seconds=assigned_before_s),
             _not_expired(),
@@ -445,8 +465,7 @@ async def list_devices_with_tasks(
     )
     if after is not None:
         statement = statement.where(SMSMessage.device_id > after)
-    device_ids = (await session.execute(statement)).scalars()
-    return [device_id for device_id in device_ids if device_id is not None]
+    return statement
 
 
 async def list_in_flight_ids(
@@ -456,12 +475,19 @@ async def list_in_flight_ids(
     assigned_before_s: float,
 ) -> list[tuple[uuid.UUID, uuid.UUID]]:
     """Return (message id, device id) of the in-flight messages of these devices."""
-    statement = select(SMSMessage.id, SMSMessage.device_id).where(
+    statement = in_flight_ids_statement(device_ids, assigned_before_s)
+    return [(row.id, row.device_id) for row in (await session.execute(statement)).all()]
+
+
+def in_flight_ids_statement(
+    device_ids: Collection[uuid.UUID], assigned_before_s: float
+) -> Select[uuid.UUID, uuid.UUID | None]:
+    """Build the statement of list_in_flight_ids."""
+    return select(SMSMessage.id, SMSMessage.device_id).where(
         SMSMessage.device_id.in_(device_ids),
-        SMSMessage.status.in_(IN_FLIGHT_STATUSES),
+        _IS_IN_FLIGHT,
         SMSMessage.assigned_at < func.now() - timedelta(seconds=assigned_before_s),
     )
-    return [(row.id, row.device_id) for row in (await session.execute(statement)).all()]
 
 
 async def load_in_flight_tasks(
