@@ -247,6 +247,32 @@ async def _emails(url: str) -> list[str]:
     return [row["email"] for row in rows]
 
 
+def test_migration_indexes_listing_filters(scratch_database_url: str) -> None:
+    upgrade(scratch_database_url, "0017")
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+    command.downgrade(alembic_config(scratch_database_url), "0016")
+    downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+
+    assert "(user_id, status, created_at, id) WHERE" in (
+        upgraded["ix_smsmessage_user_id_status_created_at_id_failed"]
+    )
+    assert upgraded["ix_smsmessage_user_id_to_number_created_at_id"].endswith(
+        "(user_id, to_number, created_at, id)"
+    )
+    assert upgraded["ix_smsmessage_user_id_from_number_created_at_id"].endswith(
+        "(user_id, from_number, created_at, id) WHERE (from_number IS NOT NULL)"
+    )
+    assert upgraded["ix_smsmessage_user_id_created_at_id_incoming"].endswith(
+        "(user_id, created_at, id) WHERE ((type)::text = 'incoming'::text)"
+    )
+    for old in ("ix_smsmessage_status", "ix_smsmessage_to_number"):
+        assert old not in upgraded
+        assert old in downgraded
+    assert downgraded["ix_smsmessage_from_number"].endswith("(from_number)")
+    assert "ix_smsmessage_user_id_status_created_at_id_failed" not in downgraded
+    assert "ix_smsmessage_user_id_created_at_id_incoming" not in downgraded
+
+
 def test_migration_normalizes_emails_to_nfkc(scratch_database_url: str) -> None:
     upgrade(scratch_database_url, "0015")
     asyncio.run(

@@ -227,11 +227,10 @@ class SMSMessage(Base):
     # Not indexed: with only two values, an index on it narrows no query enough to pay
     # for its writes.
     type: Mapped[MessageType] = mapped_column(String(16), nullable=False)
-    status: Mapped[MessageStatus] = mapped_column(
-        String(16), nullable=False, index=True
-    )
-    to_number: Mapped[str | None] = mapped_column(String(32), index=True)
-    from_number: Mapped[str | None] = mapped_column(String(32), index=True)
+    # Indexed with user_id, as are the numbers, by the listing's indexes below.
+    status: Mapped[MessageStatus] = mapped_column(String(16), nullable=False)
+    to_number: Mapped[str | None] = mapped_column(String(32))
+    from_number: Mapped[str | None] = mapped_column(String(32))
     body: Mapped[str] = mapped_column(Text, nullable=False)
     segments: Mapped[int] = mapped_column(
         Integer, nullable=False, server_default=text("1")
@@ -276,6 +275,40 @@ class SMSMessage(Base):
 
     __table_args__ = (
         Index("ix_smsmessage_user_id_created_at_id", "user_id", "created_at", "id"),
+        # The listing's filters of a user's messages, each read in (created_at, id) order
+        # so that a page stops at its limit. Without them, a filter that matches few
+        # messages walked the user's whole history (see migration 0017).
+        # Only the statuses that are rare in a history and have no index of their own.
+        Index(
+            "ix_smsmessage_user_id_status_created_at_id_failed",
+            "user_id",
+            "status",
+            "created_at",
+            "id",
+            postgresql_where=text("status IN ('failed', 'expired')"),
+        ),
+        Index(
+            "ix_smsmessage_user_id_to_number_created_at_id",
+            "user_id",
+            "to_number",
+            "created_at",
+            "id",
+        ),
+        Index(
+            "ix_smsmessage_user_id_from_number_created_at_id",
+            "user_id",
+            "from_number",
+            "created_at",
+            "id",
+            postgresql_where=text("from_number IS NOT NULL"),
+        ),
+        Index(
+            "ix_smsmessage_user_id_created_at_id_incoming",
+            "user_id",
+            "created_at",
+            "id",
+            postgresql_where=text("type = 'incoming'"),
+        ),
         # Only the messages of bulk requests. Every change of a message writes a new
         # entry in each index that contains it, and most messages have no bulk_id.
         Index(

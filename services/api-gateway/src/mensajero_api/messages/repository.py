@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, literal_column, select, union_all
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -134,6 +134,40 @@ async def get_message_by_idempotency_key(
     return (await session.scalars(statement)).one_or_none()
 
 
+def _literal(value: MessageStatus | MessageType) -> ColumnElement[str]:
+    """Return an enum value written into the SQL, so that a generic plan can still use
+    a partial index whose predicate names it."""
+    return literal_column(f"'{value.value}'")
+
+
+def _filter_branches(filters: MessageFilters) -> list[list[ColumnElement[bool]]]:
+    """Return the conditions of each branch of the listing: one per status and number
+    column asked for, which never match the same row.
+
+    Each branch is read in (created_at, id) order, along the index of its status or
+    number where migration 0017 made one, and stops at the page's limit. One condition
+    `status IN (…)` or `to_number = … OR from_number = …` has no such index, so Postgres
+    would gather every match, or walk the user's history.
+    """
+    statuses: list[ColumnElement[bool] | None] = [
+        SMSMessage.status == _literal(status) for status in filters.statuses
+    ] or [None]
+    numbers: list[ColumnElement[bool] | None] = [None]
+    if filters.phone is not None:
+        numbers = [
+            SMSMessage.to_number == filters.phone,
+            and_(
+                SMSMessage.from_number == filters.phone,
+                SMSMessage.to_number.is_distinct_from(filters.phone),
+            ),
+        ]
+    return [
+        [test for test in (status, number) if test is not None]
+        for status in statuses
+        for number in numbers
+    ]
+
+
 async def list_messages(
     session: AsyncSession,
     user_id: uuid.UUID,
@@ -152,26 +186,54 @@ async def list_messages(
     await check_cursor_origin(
         session, after, SMSMessage.created_at, SMSMessage.id, owner
     )
-    statement = select(SMSMessage).where(SMSMessage.user_id == user_id)
-    if filters.statuses:
-        statement = statement.where(SMSMessage.status.in_(filters.statuses))
-    if filters.type is not None:
-        statement = statement.where(SMSMessage.type == filters.type)
-    if filters.device_id is not None:
-        statement = statement.where(SMSMessage.device_id == filters.device_id)
-    if filters.phone is not None:
-        statement = statement.where(
-            or_(
-                SMSMessage.to_number == filters.phone,
-                SMSMessage.from_number == filters.phone,
-            )
-        )
-    if filters.created_from is not None:
-        statement = statement.where(SMSMessage.created_at >= filters.created_from)
-    if filters.created_before is not None:
-        statement = statement.where(SMSMessage.created_at < filters.created_before)
-
-    statement = keyset_walk(
-        statement, SMSMessage.created_at, SMSMessage.id, after, descending=descending
+    statement = listing_statement(
+        user_id, filters, after=after, descending=descending, limit=limit
     )
-    return (await session.scalars(statement.limit(limit))).all()
+    return (await session.scalars(statement)).all()
+
+
+def listing_statement(
+    user_id: uuid.UUID,
+    filters: MessageFilters,
+    *,
+    after: Cursor | None,
+    descending: bool,
+    limit: int,
+) -> Select[SMSMessage]:
+    """Build the statement of list_messages."""
+    common = [SMSMessage.user_id == user_id]
+    if filters.type is not None:
+        common.append(SMSMessage.type == _literal(filters.type))
+    if filters.device_id is not None:
+        common.append(SMSMessage.device_id == filters.device_id)
+    if filters.created_from is not None:
+        common.append(SMSMessage.created_at >= filters.created_from)
+    if filters.created_before is not None:
+        common.append(SMSMessage.created_at < filters.created_before)
+
+    branches = _filter_branches(filters)
+    if len(branches) == 1:
+        statement = select(SMSMessage).where(*common, *branches[0])
+        return keyset_walk(
+            statement,
+            SMSMessage.created_at,
+            SMSMessage.id,
+            after,
+            descending=descending,
+        ).limit(limit)
+
+    pages = [
+        keyset_walk(
+            select(SMSMessage.id).where(*common, *tests),
+            SMSMessage.created_at,
+            SMSMessage.id,
+            after,
+            descending=descending,
+        ).limit(limit)
+        for tests in branches
+    ]
+    page = union_all(*pages).subquery()
+    statement = select(SMSMessage).join(page, SMSMessage.id == page.c.id)
+    return keyset_walk(
+        statement, SMSMessage.created_at, SMSMessage.id, None, descending=descending
+    ).limit(limit)

@@ -1,0 +1,143 @@
+"""The message listing reads about one page, whatever a user's history holds.
+
+Each test inserts a history in a transaction that is rolled back, analyzes it there, and
+runs the listing's statement under EXPLAIN ANALYZE. Before the listing's indexes by user,
+a filter that matched none of the history (`status=failed`, `/incoming`) read all of it,
+and a phone filter read every user's messages to or from that number.
+"""
+
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.dialects import postgresql
+
+from mensajero_api.messages.repository import MessageFilters, listing_statement
+from mensajero_common.models import MessageStatus, MessageType
+
+HISTORY = 3000
+PAGE = 50
+NUMBER = "+34600000001"
+
+
+async def _insert_user(connection: asyncpg.Connection) -> uuid.UUID:
+    user_id = uuid.uuid4()
+    await connection.execute(
+        'INSERT INTO "user" (id, email, hashed_password) VALUES ($1, $2, $3)',
+        user_id,
+        f"{user_id}@example.com",
+        "unused",
+    )
+    return user_id
+
+
+async def _insert_history(
+    connection: asyncpg.Connection,
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Insert HISTORY delivered messages to NUMBER for one user, and one such message
+    for a second user; return both users' ids."""
+    busy, quiet = await _insert_user(connection), await _insert_user(connection)
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    rows = [(busy, start + timedelta(seconds=index)) for index in range(HISTORY)] + [
+        (quiet, start)
+    ]
+    await connection.copy_records_to_table(
+        "smsmessage",
+        records=[
+            (uuid.uuid4(), user_id, "outgoing", "delivered", NUMBER, "hola", at, at)
+            for user_id, at in rows
+        ],
+        columns=(
+            "id",
+            "user_id",
+            "type",
+            "status",
+            "to_number",
+            "body",
+            "created_at",
+            "updated_at",
+        ),
+    )
+    await connection.execute("ANALYZE smsmessage")
+    return busy, quiet
+
+
+def _rows_read(node: Mapping[str, Any]) -> int:
+    """Return the rows that the plan's scans of smsmessage read, filtered ones included."""
+    read = 0
+    if node.get("Relation Name") == "smsmessage":
+        read += node["Actual Rows"] * node["Actual Loops"]
+        read += node.get("Rows Removed by Filter", 0)
+        read += node.get("Rows Removed by Index Recheck", 0)
+    for child in node.get("Plans", []):
+        read += _rows_read(child)
+    return read
+
+
+async def _listing_reads(
+    connection: asyncpg.Connection, filters: MessageFilters, *, busy_user: bool
+) -> int:
+    """Insert the history, run the listing's first page under EXPLAIN ANALYZE, and
+    return the messages it read, then roll everything back."""
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        busy, quiet = await _insert_history(connection)
+        # On a few thousand rows, a sequential scan is the cheapest way to fetch even
+        # one page by id. On a real history Postgres reads the page by its ids.
+        await connection.execute("SET LOCAL enable_seqscan = off")
+        statement = listing_statement(
+            busy if busy_user else quiet,
+            filters,
+            after=None,
+            descending=True,
+            limit=PAGE + 1,
+        )
+        sql = statement.compile(
+            dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+        )
+        plan = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+    finally:
+        await transaction.rollback()
+    return _rows_read(json.loads(plan)[0]["Plan"])
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        MessageFilters(statuses=(MessageStatus.FAILED,)),
+        MessageFilters(statuses=(MessageStatus.FAILED, MessageStatus.EXPIRED)),
+        MessageFilters(type=MessageType.INCOMING),
+        MessageFilters(phone="+34699999999"),
+    ],
+    ids=["one_status", "two_statuses", "incoming", "other_number"],
+)
+async def test_rare_filter_skips_history(
+    pg_connection: asyncpg.Connection, filters: MessageFilters
+) -> None:
+    read = await _listing_reads(pg_connection, filters, busy_user=True)
+
+    assert read <= PAGE
+
+
+async def test_common_filter_reads_one_page(pg_connection: asyncpg.Connection) -> None:
+    filters = MessageFilters(statuses=(MessageStatus.DELIVERED,), phone=NUMBER)
+
+    read = await _listing_reads(pg_connection, filters, busy_user=True)
+
+    # The number's two branches, each stopped at the page's limit.
+    assert read <= 2 * (PAGE + 1)
+
+
+async def test_phone_filter_skips_other_users(
+    pg_connection: asyncpg.Connection,
+) -> None:
+    read = await _listing_reads(
+        pg_connection, MessageFilters(phone=NUMBER), busy_user=False
+    )
+
+    assert read <= 2
