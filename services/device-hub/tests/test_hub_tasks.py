@@ -245,6 +245,46 @@ def message_queries() -> Iterator[list[str]]:
         event.remove(Engine, "before_cursor_execute", record)
 
 
+@contextlib.contextmanager
+def backlog_check_fails(times: int) -> Iterator[list[str]]:
+    """Make the hub's first `times` backlog checks in Postgres fail as a refused
+    connection does, and record the statements that failed."""
+    failed: list[str] = []
+
+    def fail(*args: Any) -> None:
+        statement = str(args[2])
+        if len(failed) < times and statement.lstrip().startswith(
+            "SELECT smsmessage.id, smsmessage.attempts"
+        ):
+            failed.append(statement)
+            raise ConnectionRefusedError("Postgres unavailable (injected by the test)")
+
+    event.listen(Engine, "before_cursor_execute", fail)
+    try:
+        yield failed
+    finally:
+        event.remove(Engine, "before_cursor_execute", fail)
+
+
+async def test_backlog_pushed_after_failed_check(
+    hub_url: str,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+) -> None:
+    device = await create_device(session_factory)
+    message = await create_outgoing(session_factory, device)
+    await push_task(redis, redis_keys, device, message)
+
+    with backlog_check_fails(times=2) as failed:
+        async with open_socket(hub_url, device.api_key) as socket:
+            # Retried after 1 s, then 2 s, on the same connection.
+            task = await receive_type(socket, "task", timeout_s=10.0)
+
+    assert len(failed) == 2
+    assert task["message_id"] == str(message.id)
+
+
 async def test_live_task_pushed_without_query(
     hub_url: str,
     session_factory: Sessions,

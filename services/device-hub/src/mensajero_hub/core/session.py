@@ -31,6 +31,7 @@ from mensajero_common.protocol import (
     SmsReportFrame,
 )
 from mensajero_common.status import IN_FLIGHT_STATUSES
+from mensajero_common.transient import is_transient
 from mensajero_hub.core import frames
 from mensajero_hub.core.frames import (
     ConnectionReplacedError,
@@ -60,6 +61,11 @@ PUSH_BATCH_SIZE = 100
 # How long closing a connection may wait for the transport, e.g. on a peer that stopped
 # reading; the session is released even if the close frame could not be written.
 CLOSE_TIMEOUT_S = 5.0
+# After a push round failed because Postgres or Redis was unavailable, the session reads
+# the stream again after this delay, doubled for each further failure in a row up to
+# PUSH_RETRY_MAX_DELAY_S.
+PUSH_RETRY_DELAY_S = 1.0
+PUSH_RETRY_MAX_DELAY_S = 30.0
 
 
 def observe_push_latency(task: dict[str, Any]) -> None:
@@ -97,6 +103,8 @@ class DeviceSession:
         "_backlog_pushed",
         "_carried",
         "_hub",
+        "_push_failures",
+        "_push_retry",
         "_push_task",
         "_read_pending",
         "_service",
@@ -147,6 +155,10 @@ class DeviceSession:
         self._carried: list[CarriedTask] | None = None
         # Set once the tasks queued before this connection opened have been pushed.
         self._backlog_pushed = False
+        # Push rounds failed in a row on an unavailable Postgres or Redis, and the timer
+        # of the next try.
+        self._push_failures = 0
+        self._push_retry: asyncio.TimerHandle | None = None
 
     @property
     def log(self) -> Any:
@@ -201,6 +213,9 @@ class DeviceSession:
     def stop_background_work(self) -> None:
         if self._push_task is not None and not self._push_task.done():
             self._push_task.cancel()
+        if self._push_retry is not None:
+            self._push_retry.cancel()
+            self._push_retry = None
         self._carried = None
         self.state.forget_all()
 
@@ -483,8 +498,14 @@ class DeviceSession:
             self._push_task = None
 
     async def _push_until_idle(self) -> None:
+        # A round moves the cursor past the entries it reads before it pushes them. So a
+        # round that fails on an unavailable Postgres or Redis puts the cursor back, and
+        # the retry reads those entries again. The state remembers the entries already
+        # pushed, so none is pushed twice on this connection.
+        cursor = self.state.read_cursor
         try:
             while self.is_open:
+                cursor = self.state.read_cursor
                 if self._read_pending:
                     self._read_pending = False
                     # Each task carried so far was in the stream before its message was
@@ -495,10 +516,35 @@ class DeviceSession:
                     carried, self._carried = self._carried, None
                     await self._push_carried(carried)
                 else:
+                    self._push_failures = 0
                     return
-        except Exception:
-            # The tasks stay in the stream: the next wake or connection pushes them.
-            self.log.exception("pushing tasks failed")
+        except Exception as error:
+            if not is_transient(error):
+                # The tasks stay in the stream: the next connection pushes them.
+                self.log.exception("pushing tasks failed")
+                return
+            self.state.read_cursor = cursor
+            self._read_pending = True
+            self._push_failures += 1
+            delay_s = min(
+                PUSH_RETRY_MAX_DELAY_S,
+                PUSH_RETRY_DELAY_S * 2 ** (self._push_failures - 1),
+            )
+            self.log.warning(
+                "pushing tasks failed: Postgres or Redis is unavailable",
+                error=repr(error),
+                retry_in_s=delay_s,
+                failures=self._push_failures,
+            )
+            if self._push_retry is not None:
+                self._push_retry.cancel()
+            self._push_retry = asyncio.get_running_loop().call_later(
+                delay_s, self._retry_push
+            )
+
+    def _retry_push(self) -> None:
+        self._push_retry = None
+        self.wake()
 
     async def _push_new_tasks(self) -> None:
         while self.is_open:
