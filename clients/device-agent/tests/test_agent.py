@@ -680,3 +680,72 @@ def test_cli_rejects_bad_incoming() -> None:
 
     assert result.returncode == 2
     assert "SENDER:TEXT" in result.stderr
+
+
+class DeliveryGatedBackend(SendingBackend):
+    """Sends at once and reports delivery only when the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def send(self, task: dict[str, Any]) -> SendOutcome:
+        return SendOutcome.sent()
+
+    async def wait_for_delivery(self, task: dict[str, Any]) -> SendOutcome | None:
+        await self.gate.wait()
+        return SendOutcome("delivered")
+
+
+async def test_state_file_keeps_unacked_report(
+    settings: Settings,
+    session_factory: Sessions,
+    redis: Redis,
+    redis_keys: RedisKeys,
+    tmp_path: Path,
+) -> None:
+    device_id, user_id, api_key = await create_device(session_factory)
+    port = free_port()
+    state_file = tmp_path / "handled.jsonl"
+    backend = DeliveryGatedBackend()
+
+    # The `delivered` report is queued while the hub is down, and the agent stops
+    # before any hub acknowledges it.
+    async with contextlib.AsyncExitStack() as first_hub:
+        url = await first_hub.enter_async_context(serve_hub_on(settings, port))
+        async with running_agent(
+            url, api_key, backend, ledger=MessageLedger(state_file)
+        ) as (_, events, _):
+            await events.wait_for("registered")
+            message_id = await queue_message(
+                session_factory, redis, redis_keys, device_id, user_id
+            )
+            await events.wait_for(
+                "report_ack", message_id=str(message_id), status="sent"
+            )
+            await first_hub.aclose()
+            await events.wait_for("disconnected")
+            backend.gate.set()
+            await events.wait_for(
+                "report", message_id=str(message_id), status="delivered"
+            )
+    before_restart = await load_message(session_factory, message_id)
+
+    # The server never offers a `sent` message again, so only the kept report can
+    # move it on.
+    async with (
+        serve_hub_on(settings, port) as url,
+        running_agent(
+            url, api_key, fast_backend(), ledger=MessageLedger(state_file)
+        ) as (agent, events, _),
+    ):
+        ack = await events.wait_for(
+            "report_ack", message_id=str(message_id), status="delivered"
+        )
+        pending = agent.pending_count
+
+    after_restart = await load_message(session_factory, message_id)
+    assert before_restart.status == MessageStatus.SENT
+    assert ack["status"] == "delivered"
+    assert after_restart.status == MessageStatus.DELIVERED
+    assert pending == 0
+    assert MessageLedger(state_file).unacknowledged_frames() == {}

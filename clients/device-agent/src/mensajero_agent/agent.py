@@ -16,8 +16,9 @@ would send the same fields.
 
 Reports and incoming SMS wait in an outbox until their `ack` arrives and are sent again
 after each reconnect, because the hub applies each of them once however often it gets
-them. A task offered again is never sent again: the agent reports the outcome it recorded.
-Only a new `attempt` of a message whose send failed with nothing sent is sent again (the
+them. With a ledger file, the outbox outlives a restart of the agent too. A task
+offered again is never sent again: the agent reports the outcome it recorded. Only a
+new `attempt` of a message whose send failed with nothing sent is sent again (the
 server's retry), and a task past its `expires_at` is reported `expired` and not sent.
 """
 
@@ -233,8 +234,9 @@ class Agent:
         self._queued_request_ids: set[str] = set()
         self._pacer: FramePacer | None = None
         self._stopping = asyncio.Event()
-        # request_id → frame of every report and incoming SMS not acknowledged yet.
-        self._outbox: dict[str, dict[str, Any]] = {}
+        # request_id → frame of every report and incoming SMS not acknowledged yet,
+        # starting with those that a ledger file kept from an earlier run.
+        self._outbox: dict[str, dict[str, Any]] = self.ledger.unacknowledged_frames()
         self._sent_at_s: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         # request_id of a `sending` report → the answer its send waits for.
@@ -482,6 +484,7 @@ class Agent:
         if isinstance(request_id, str):
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)
+            self.ledger.drop_frame(request_id)
             self._answer_claim(request_id, frame)
         if of == "sms_report":
             self._emit(
@@ -522,6 +525,7 @@ class Agent:
         if isinstance(request_id, str) and code in PERMANENT_ERRORS:
             self._outbox.pop(request_id, None)
             self._sent_at_s.pop(request_id, None)
+            self.ledger.drop_frame(request_id)
             self._answer_claim(request_id, frame)
 
     def _wait_retry_after(self, code: object, retry_after_s: float) -> None:
@@ -748,7 +752,12 @@ class Agent:
 
     def _queue(self, frame: dict[str, Any]) -> str:
         request_id = uuid.uuid4().hex
-        self._outbox[request_id] = {**frame, "request_id": request_id}
+        entry = {**frame, "request_id": request_id}
+        self._outbox[request_id] = entry
+        # A `sending` claim is not kept, because after a restart the server offers its
+        # task again and the agent claims it anew.
+        if frame["type"] != "sms_report" or frame["status"] != "sending":
+            self.ledger.keep_frame(request_id, entry)
         if self.registered.is_set():
             self._send_outbox_item(request_id)
         return request_id

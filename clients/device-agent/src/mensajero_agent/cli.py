@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--state-file",
         type=Path,
-        help="file that records handled message ids across runs (default: memory only)",
+        help=(
+            "file that records handled message ids, and the reports and incoming SMS "
+            "not acknowledged yet, across runs (default: memory only)"
+        ),
     )
     parser.add_argument(
         "--run-for-s",

@@ -5,11 +5,18 @@ reconnect. The agent then reports the outcome it recorded instead of sending aga
 new `attempt` of a message whose recorded send failed with nothing sent is sent again:
 that is the server's retry. With a file, the record survives restarts: each change is
 appended as one JSON line, and the last line of a message wins when the file is read back.
+
+With a file, the ledger also keeps the outbox: every report and incoming SMS frame that
+waits for its `ack`, as the device protocol requires. The server offers a task again
+only while its message is `assigned` or `sending`, so a `delivered` report lost with
+the agent's memory would leave the message `sent` for good. `sending` claims are not
+kept, because the server offers their task again.
 """
 
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -35,6 +42,8 @@ class MessageLedger:
         self.path = path
         self.max_records = max_records
         self._records: OrderedDict[str, Outcome] = OrderedDict()
+        # request_id → frame of each outbox entry kept in the file and not acknowledged.
+        self._unacknowledged: OrderedDict[str, dict[str, Any]] = OrderedDict()
         if path is not None and path.exists():
             self._load(path)
 
@@ -63,8 +72,32 @@ class MessageLedger:
                 "attempt": attempt,
                 "retryable": retryable,
             }
-            with self.path.open("ab") as file:
-                file.write(orjson.dumps(line) + b"\n")
+            self._append(line)
+
+    def unacknowledged_frames(self) -> dict[str, dict[str, Any]]:
+        """Return the kept outbox frames by request_id, oldest first."""
+        return dict(self._unacknowledged)
+
+    def keep_frame(self, request_id: str, frame: dict[str, Any]) -> None:
+        """Keep an outbox frame in the file until `drop_frame` forgets it.
+
+        Without a file, the agent's own outbox is the only copy, so this does nothing.
+        """
+        if self.path is None:
+            return
+        self._unacknowledged[request_id] = frame
+        self._append({"outbox": request_id, "frame": frame})
+
+    def drop_frame(self, request_id: str) -> None:
+        """Forget an outbox frame once it is acknowledged or rejected for good."""
+        if self._unacknowledged.pop(request_id, None) is None:
+            return
+        self._append({"acknowledged": request_id})
+
+    def _append(self, line: dict[str, Any]) -> None:
+        assert self.path is not None
+        with self.path.open("ab") as file:
+            file.write(orjson.dumps(line) + b"\n")
 
     def _remember(self, message_id: str, outcome: Outcome) -> None:
         self._records[message_id] = outcome
@@ -77,6 +110,12 @@ class MessageLedger:
             for line in file:
                 try:
                     item = orjson.loads(line)
+                    if "outbox" in item:
+                        self._unacknowledged[str(item["outbox"])] = dict(item["frame"])
+                        continue
+                    if "acknowledged" in item:
+                        self._unacknowledged.pop(str(item["acknowledged"]), None)
+                        continue
                     self._remember(
                         str(item["message_id"]),
                         Outcome(
@@ -86,6 +125,7 @@ class MessageLedger:
                             bool(item.get("retryable", True)),
                         ),
                     )
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    # A line cut short by a crash while it was written.
+                except (ValueError, KeyError, TypeError):
+                    # A line cut short by a crash while it was written (orjson's
+                    # JSONDecodeError is a ValueError).
                     continue
