@@ -84,6 +84,14 @@ def test_ledger_keeps_last_outcome(tmp_path: Path) -> None:
     assert len(reloaded) == 2
 
 
+def test_ledger_creates_missing_folder(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "phone.jsonl"
+
+    MessageLedger(path).record("m1", "sent")
+
+    assert MessageLedger(path).get("m1") is not None
+
+
 def test_ledger_forgets_oldest_beyond_limit() -> None:
     ledger = MessageLedger(max_records=2)
     for message_id in ("a", "b", "c"):

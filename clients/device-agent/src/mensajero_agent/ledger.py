@@ -46,6 +46,8 @@ class MessageLedger:
         self._unacknowledged: OrderedDict[str, dict[str, Any]] = OrderedDict()
         if path is not None and path.exists():
             self._load(path)
+        elif path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
         return len(self._records)
