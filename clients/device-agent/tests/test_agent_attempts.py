@@ -252,7 +252,6 @@ async def test_agent_sends_only_after_claim() -> None:
     assert dropped["attempt"] == 1
 
 
-
 @asynccontextmanager
 async def claim_holding_relay(hub_url: str) -> AsyncIterator[tuple[str, Any, Any]]:
     """Relay an agent's connection to the hub and hold its first `sending` report until
@@ -280,7 +279,10 @@ async def claim_holding_relay(hub_url: str) -> AsyncIterator[tuple[str, Any, Any
                 async for raw in hub_socket:
                     await agent_socket.send(raw)
 
-            directions = [asyncio.create_task(to_hub()), asyncio.create_task(to_agent())]
+            directions = [
+                asyncio.create_task(to_hub()),
+                asyncio.create_task(to_agent()),
+            ]
             await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
             for direction in directions:
                 direction.cancel()

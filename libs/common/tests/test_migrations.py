@@ -253,8 +253,9 @@ def test_migration_indexes_listing_filters(scratch_database_url: str) -> None:
     command.downgrade(alembic_config(scratch_database_url), "0016")
     downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
 
-    assert "(user_id, status, created_at, id) WHERE" in (
-        upgraded["ix_smsmessage_user_id_status_created_at_id_failed"]
+    assert (
+        "(user_id, status, created_at, id) WHERE"
+        in (upgraded["ix_smsmessage_user_id_status_created_at_id_failed"])
     )
     assert upgraded["ix_smsmessage_user_id_to_number_created_at_id"].endswith(
         "(user_id, to_number, created_at, id)"
