@@ -28,8 +28,10 @@ def create_engine(
     Each connection carries `application_name` (the service's name), so that
     `pg_stat_activity` and the server's logs tell which service holds or runs what.
 
-    A pooled connection that Postgres or the network has closed is replaced when it is
-    checked out (see `_replace_closed_connection`). One that breaks while in use fails
+    Opening a connection fails after DATABASE_CONNECT_TIMEOUT_S, and a statement after
+    DATABASE_COMMAND_TIMEOUT_S, with TimeoutError, which is_transient counts as an
+    unavailable Postgres. A pooled connection that Postgres or the network has closed
+    is replaced when it is checked out (see `_replace_closed_connection`). One that breaks while in use fails
     that transaction, and SQLAlchemy then discards every idle connection of the pool.
     """
     engine = create_async_engine(
@@ -39,7 +41,11 @@ def create_engine(
         # pool_pre_ping would cost three round trips (BEGIN, a ping, ROLLBACK) on every
         # checkout; asyncpg already marks a connection closed when the server closes its socket.
         pool_pre_ping=False,
-        connect_args={"server_settings": {"application_name": application_name}},
+        connect_args={
+            "server_settings": {"application_name": application_name},
+            "timeout": settings.DATABASE_CONNECT_TIMEOUT_S,
+            "command_timeout": settings.DATABASE_COMMAND_TIMEOUT_S,
+        },
     )
     event.listen(engine.sync_engine.pool, "checkout", _replace_closed_connection)
     return engine

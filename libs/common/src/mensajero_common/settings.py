@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     # scarce.
     DATABASE_POOL_SIZE: Annotated[int, Field(ge=1)] = 20
     DATABASE_MAX_OVERFLOW: Annotated[int, Field(ge=0)] = 0
+    # Seconds that the services wait for a new Postgres connection, and for a statement's
+    # result. Without them, a Postgres host that stopped responding (behind a firewall
+    # that drops packets, for example) left requests waiting until TCP gave up. The
+    # migrations do not use them, because an index build may take longer.
+    DATABASE_CONNECT_TIMEOUT_S: Annotated[float, Field(gt=0)] = 10.0
+    DATABASE_COMMAND_TIMEOUT_S: Annotated[float, Field(gt=0)] = 30.0
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # Every Redis key the project writes starts with this, so that several installs or test
     # runs can share one Redis server.
