@@ -1,7 +1,8 @@
-"""The message listing reads about one page, whatever a user's history holds.
+"""The message listing reads about one page, whatever a user's history holds, and its
+branches (one per status and number column) page in order.
 
-Each test inserts a history in a transaction that is rolled back, analyzes it there, and
-runs the listing's statement under EXPLAIN ANALYZE. Before the listing's indexes by user,
+Each plan test inserts a history in a transaction that is rolled back, analyzes it
+there, and runs the listing's statement under EXPLAIN ANALYZE. Before the listing's indexes by user,
 a filter that matched none of the history (`status=failed`, `/incoming`) read all of it,
 and a phone filter read every user's messages to or from that number.
 """
@@ -14,10 +15,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from api_test_helpers import ApiUser
+from httpx import AsyncClient
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.messages.repository import MessageFilters, listing_statement
-from mensajero_common.models import MessageStatus, MessageType
+from mensajero_common.models import MessageStatus, MessageType, SMSMessage
+
+MESSAGES_URL = "/api/v1/sms/messages"
 
 HISTORY = 3000
 PAGE = 50
@@ -141,3 +147,113 @@ async def test_phone_filter_skips_other_users(
     )
 
     assert read <= 2
+
+
+async def _insert_branch_history(
+    session_factory: async_sessionmaker[AsyncSession], user: ApiUser
+) -> list[SMSMessage]:
+    """Insert messages of several statuses to, from, or to and from NUMBER, several
+    of them sharing a created_at; return them."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    other = "+34699999999"
+    shapes = [
+        (MessageStatus.FAILED, NUMBER, None),
+        (MessageStatus.DELIVERED, NUMBER, NUMBER),
+        (MessageStatus.FAILED, other, NUMBER),
+        (MessageStatus.DELIVERED, other, None),
+        (MessageStatus.SENT, NUMBER, NUMBER),
+        (MessageStatus.DELIVERED, None, NUMBER),
+    ]
+    messages = []
+    for index in range(24):
+        status, to_number, from_number = shapes[index % len(shapes)]
+        messages.append(
+            SMSMessage(
+                user_id=user.id,
+                type=MessageType.OUTGOING,
+                status=status,
+                to_number=to_number,
+                from_number=from_number,
+                body="hola",
+                # Two messages at each instant, so that pages of 3 split ties.
+                created_at=start + timedelta(minutes=index // 2),
+            )
+        )
+    async with session_factory() as session:
+        session.add_all(messages)
+        await session.commit()
+    return messages
+
+
+def _matches(
+    message: SMSMessage,
+    statuses: set[str],
+    phone: str | None,
+    dates: tuple[datetime, datetime] | None,
+) -> bool:
+    if statuses and message.status.value not in statuses:
+        return False
+    if phone is not None and phone not in (message.to_number, message.from_number):
+        return False
+    return dates is None or dates[0] <= message.created_at <= dates[1]
+
+
+async def _walk_listing(
+    client: AsyncClient, user: ApiUser, params: list[tuple[str, str]]
+) -> list[str]:
+    """Follow next_cursor from the first page to the last; return the ids in order."""
+    listed: list[str] = []
+    cursor = None
+    for _ in range(100):
+        request = [*params, *([("cursor", cursor)] if cursor else [])]
+        response = await client.get(MESSAGES_URL, params=request, headers=user.headers)
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        listed.extend(item["id"] for item in data["items"])
+        cursor = data["next_cursor"]
+        if cursor is None:
+            return listed
+    raise AssertionError(f"the listing never ended: {params}")
+
+
+async def test_branches_page_in_order(
+    client: AsyncClient,
+    user: ApiUser,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    messages = await _insert_branch_history(session_factory, user)
+    dates = (
+        datetime(2026, 1, 1, 0, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, 0, 8, tzinfo=UTC),
+    )
+    cases: list[tuple[list[str], str | None, tuple[datetime, datetime] | None]] = [
+        (["failed", "delivered"], NUMBER, None),
+        (["failed", "failed"], NUMBER, None),
+        (["delivered", "delivered"], None, None),
+        ([], NUMBER, None),
+        (["delivered", "failed"], NUMBER, dates),
+    ]
+
+    for statuses, phone, bounds in cases:
+        params = [("status", status) for status in statuses]
+        if phone is not None:
+            params.append(("phone", phone))
+        if bounds is not None:
+            params.append(("date_from", bounds[0].isoformat()))
+            params.append(("date_to", bounds[1].isoformat()))
+        matching = [
+            message
+            for message in messages
+            if _matches(message, set(statuses), phone, bounds)
+        ]
+        ordered = sorted(matching, key=lambda message: (message.created_at, message.id))
+        expected = [str(message.id) for message in ordered]
+        assert expected, statuses
+
+        for order in ("asc", "desc"):
+            listed = await _walk_listing(
+                client, user, [*params, ("limit", "3"), ("order", order)]
+            )
+
+            wanted = expected if order == "asc" else expected[::-1]
+            assert listed == wanted, (statuses, phone, bounds, order)

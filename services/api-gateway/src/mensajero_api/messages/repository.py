@@ -149,8 +149,11 @@ def _filter_branches(filters: MessageFilters) -> list[list[ColumnElement[bool]]]
     `status IN (…)` or `to_number = … OR from_number = …` has no such index, so Postgres
     would gather every match, or walk the user's history.
     """
+    # A status repeated in the query would make two identical branches, so two copies
+    # of each of its messages.
     statuses: list[ColumnElement[bool] | None] = [
-        SMSMessage.status == _literal(status) for status in filters.statuses
+        SMSMessage.status == _literal(status)
+        for status in dict.fromkeys(filters.statuses)
     ] or [None]
     numbers: list[ColumnElement[bool] | None] = [None]
     if filters.phone is not None:
