@@ -92,6 +92,20 @@ def test_ledger_creates_missing_folder(tmp_path: Path) -> None:
     assert MessageLedger(path).get("m1") is not None
 
 
+def test_ledger_after_line_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    MessageLedger(path).record("m1", "sent")
+    # A crash while a line was written leaves it without its end of line.
+    with path.open("ab") as file:
+        file.write(b'{"outbox": "r1", "fra')
+
+    MessageLedger(path).keep_frame("r2", {"type": "sms_report", "status": "delivered"})
+    reloaded = MessageLedger(path)
+
+    assert reloaded.get("m1") is not None
+    assert list(reloaded.unacknowledged_frames()) == ["r2"]
+
+
 def test_ledger_forgets_oldest_beyond_limit() -> None:
     ledger = MessageLedger(max_records=2)
     for message_id in ("a", "b", "c"):

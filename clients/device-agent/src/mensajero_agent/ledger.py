@@ -13,6 +13,7 @@ the agent's memory would leave the message `sent` for good. `sending` claims are
 kept, because the server offers their task again.
 """
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,12 @@ class MessageLedger:
         self._append({"acknowledged": request_id})
 
     def _append(self, line: dict[str, Any]) -> None:
+        self._append_raw(orjson.dumps(line) + b"\n")
+
+    def _append_raw(self, data: bytes) -> None:
         assert self.path is not None
         with self.path.open("ab") as file:
-            file.write(orjson.dumps(line) + b"\n")
+            file.write(data)
 
     def _remember(self, message_id: str, outcome: Outcome) -> None:
         self._records[message_id] = outcome
@@ -131,3 +135,9 @@ class MessageLedger:
                     # A line cut short by a crash while it was written (orjson's
                     # JSONDecodeError is a ValueError).
                     continue
+            # Ends such a line, so that the next line appended is not joined to it and
+            # lost with it on the next read.
+            if file.tell() > 0:
+                file.seek(-1, os.SEEK_END)
+                if file.read(1) != b"\n":
+                    self._append_raw(b"\n")
