@@ -31,6 +31,7 @@ from mensajero_common.models import (
 )
 from mensajero_common.settings import Settings
 from mensajero_common.testing import scaled
+from mensajero_hub.core.session import PUSH_RETRY_MAX_DELAY_S, push_retry_delay_s
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -554,3 +555,13 @@ async def test_task_after_unread_entry_reads_stream(
         str(unannounced.id),
         str(last.id),
     ]
+
+
+def test_push_retry_delay_doubles_to_max() -> None:
+    delays = [push_retry_delay_s(failures) for failures in (1, 2, 3, 5, 6)]
+
+    assert delays == [1.0, 2.0, 4.0, 16.0, PUSH_RETRY_MAX_DELAY_S]
+    # From 1,025 failures on (about 8.5 hours at the maximum delay), 1.0 * 2 ** (n - 1)
+    # overflows a float.
+    assert push_retry_delay_s(1025) == PUSH_RETRY_MAX_DELAY_S
+    assert push_retry_delay_s(100_000) == PUSH_RETRY_MAX_DELAY_S

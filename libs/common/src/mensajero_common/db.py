@@ -31,8 +31,9 @@ def create_engine(
     Opening a connection fails after DATABASE_CONNECT_TIMEOUT_S, and a statement after
     DATABASE_COMMAND_TIMEOUT_S, with TimeoutError, which is_transient counts as an
     unavailable Postgres. A pooled connection that Postgres or the network has closed
-    is replaced when it is checked out (see `_replace_closed_connection`). One that breaks while in use fails
-    that transaction, and SQLAlchemy then discards every idle connection of the pool.
+    is replaced when it is checked out (see `_replace_closed_connection`). One that
+    breaks while in use fails that transaction, and SQLAlchemy then discards every idle
+    connection of the pool.
     """
     engine = create_async_engine(
         settings.DATABASE_URL,

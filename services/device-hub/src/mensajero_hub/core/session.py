@@ -68,6 +68,14 @@ PUSH_RETRY_DELAY_S = 1.0
 PUSH_RETRY_MAX_DELAY_S = 30.0
 
 
+def push_retry_delay_s(failures: int) -> float:
+    """Return the wait before the next push round after `failures` failed in a row."""
+    # The exponent is capped, because from 1,025 failures on the float product would
+    # raise OverflowError. 2**30 is far past any maximum delay.
+    exponent = min(failures - 1, 30)
+    return min(PUSH_RETRY_MAX_DELAY_S, PUSH_RETRY_DELAY_S * 2**exponent)
+
+
 def observe_push_latency(task: dict[str, Any]) -> None:
     """Record the time from the message's creation to its task frame being sent."""
     created = task.get("created_at")
@@ -526,10 +534,7 @@ class DeviceSession:
             self.state.read_cursor = cursor
             self._read_pending = True
             self._push_failures += 1
-            delay_s = min(
-                PUSH_RETRY_MAX_DELAY_S,
-                PUSH_RETRY_DELAY_S * 2 ** (self._push_failures - 1),
-            )
+            delay_s = push_retry_delay_s(self._push_failures)
             self.log.warning(
                 "pushing tasks failed: Postgres or Redis is unavailable",
                 error=repr(error),
