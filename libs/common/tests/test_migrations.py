@@ -1,5 +1,6 @@
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -272,6 +273,41 @@ def test_migration_indexes_listing_filters(scratch_database_url: str) -> None:
     assert downgraded["ix_smsmessage_from_number"].endswith("(from_number)")
     assert "ix_smsmessage_user_id_status_created_at_id_failed" not in downgraded
     assert "ix_smsmessage_user_id_created_at_id_incoming" not in downgraded
+
+
+def _hold_snapshot(url: str, seconds: float, held: threading.Event) -> None:
+    """Keep a repeatable read transaction, and so its snapshot, open for `seconds`."""
+
+    async def hold() -> None:
+        connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+        transaction = connection.transaction(isolation="repeatable_read")
+        await transaction.start()
+        await connection.fetchval("SELECT count(*) FROM smsmessage")
+        held.set()
+        await asyncio.sleep(seconds)
+        await transaction.rollback()
+        await connection.close()
+
+    asyncio.run(hold())
+
+
+def test_migration_waits_for_long_transaction(scratch_database_url: str) -> None:
+    # A transaction older than the index builds, as a pg_dump holds, for longer than
+    # the migrations' lock timeout of 5 s.
+    upgrade(scratch_database_url, "0016")
+    held = threading.Event()
+    holder = threading.Thread(
+        target=_hold_snapshot, args=(scratch_database_url, 7, held)
+    )
+    holder.start()
+    try:
+        assert held.wait(timeout=30)
+        upgrade(scratch_database_url, "0017")
+    finally:
+        holder.join()
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+
+    assert "ix_smsmessage_user_id_created_at_id_incoming" in upgraded
 
 
 def test_migration_normalizes_emails_to_nfkc(scratch_database_url: str) -> None:

@@ -24,7 +24,8 @@ Revises: 0016
 Create Date: 2026-12-06 00:00:00
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import op
@@ -84,10 +85,27 @@ def _create(name: str, columns: list[str], predicate: str | None) -> None:
     )
 
 
-def upgrade() -> None:
-    # CONCURRENTLY lets sends and reports write while the indexes build. It cannot run
-    # in a transaction. The new indexes are built before the old ones go.
+@contextmanager
+def _concurrent_block() -> Iterator[None]:
+    """Run the block outside a transaction, with no lock timeout.
+
+    CONCURRENTLY lets sends and reports write while an index builds, and cannot run in a
+    transaction. It waits for every transaction older than the build, a pg_dump say,
+    which the environment's lock timeout would turn into a failed migration. Its own
+    lock blocks no read or write, so the wait harms nothing.
+    """
     with op.get_context().autocommit_block():
+        previous = op.get_bind().exec_driver_sql("SHOW lock_timeout").scalar()
+        op.execute("SET lock_timeout = 0")
+        try:
+            yield
+        finally:
+            op.execute(f"SET lock_timeout = '{previous}'")
+
+
+def upgrade() -> None:
+    # The new indexes are built before the old ones go.
+    with _concurrent_block():
         for name, columns, predicate in NEW_INDEXES:
             _create(name, columns, predicate)
         for name, _ in OLD_INDEXES:
@@ -95,7 +113,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.get_context().autocommit_block():
+    with _concurrent_block():
         for name, column in OLD_INDEXES:
             _create(name, [column], None)
         for name, _, _ in NEW_INDEXES:
