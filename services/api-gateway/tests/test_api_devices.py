@@ -5,6 +5,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from api_test_helpers import (
     ApiUser,
@@ -13,14 +14,16 @@ from api_test_helpers import (
     register_device,
     walk_pages,
 )
-from httpx import AsyncClient
+from httpx import ASGITransport, AsyncClient
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from mensajero_api.main import create_app
 from mensajero_common import apikeys
 from mensajero_common.keys import RedisKeys
 from mensajero_common.models import DeviceStatus, SMSDevice, UserQuota
+from mensajero_common.settings import Settings
 
 DEVICES_URL = "/api/v1/sms/devices"
 
@@ -289,6 +292,50 @@ async def test_rotate_key_reports_device_offline(
     assert response.json()["data"]["status"] == "offline"
     assert stored is not None
     assert stored.status == DeviceStatus.OFFLINE
+
+
+async def test_delete_device_outlasts_command_timeout(
+    settings: Settings, make_user: MakeUser, pg_connection: asyncpg.Connection
+) -> None:
+    # The delete sets NULL on the device's messages. A message locked by another
+    # transaction makes it wait, as a long history does, past the command timeout.
+    app = create_app(settings.model_copy(update={"DATABASE_COMMAND_TIMEOUT_S": 1.0}))
+    owner = await make_user(plan="free")
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        device = await register_device(client, owner)
+        message_id = uuid.uuid4()
+        await pg_connection.execute(
+            "INSERT INTO smsmessage (id, user_id, device_id, type, status, to_number,"
+            " body) VALUES ($1, $2, $3, 'outgoing', 'delivered', '+34600000000', '')",
+            message_id,
+            owner.id,
+            uuid.UUID(device["device_id"]),
+        )
+        locker = pg_connection.transaction()
+        await locker.start()
+        await pg_connection.execute(
+            "SELECT 1 FROM smsmessage WHERE id = $1 FOR UPDATE", message_id
+        )
+        release = asyncio.get_running_loop().call_later(
+            2.5, lambda: asyncio.ensure_future(locker.rollback())
+        )
+        try:
+            deleted = await client.delete(
+                f"{DEVICES_URL}/{device['device_id']}", headers=owner.headers
+            )
+        finally:
+            release.cancel()
+            if pg_connection.is_in_transaction():
+                await locker.rollback()
+        device_id = await pg_connection.fetchval(
+            "SELECT device_id FROM smsmessage WHERE id = $1", message_id
+        )
+
+    assert deleted.status_code == 200, deleted.text
+    assert device_id is None
 
 
 async def test_delete_device_frees_slot(

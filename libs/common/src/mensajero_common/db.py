@@ -105,6 +105,13 @@ async def driver_connection(
     return driver
 
 
+# Seconds allowed to a delete whose foreign keys set NULL on, or delete, every row of a
+# long history: a device's messages and attempts, or a webhook's deliveries. With a
+# million messages such a delete took 20 s on a 2-core machine, which
+# DATABASE_COMMAND_TIMEOUT_S would cut off on every try.
+CASCADING_DELETE_TIMEOUT_S = 600.0
+
+
 Model = TypeVar("Model", bound=DeclarativeBase)
 
 
