@@ -108,7 +108,6 @@ async def _deliver(
     window_s: float,
 ) -> dict[str, Any]:
     """Queue `total` deliveries and return how fast the fast endpoints received theirs."""
-    delivery_ids = await _record_events(run, users, total)
     fast_expected = sum(
         1
         for number in range(total)
@@ -116,7 +115,10 @@ async def _deliver(
     )
     redis = ArqRedis.from_url(run.data.redis_url)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sink_port}") as sink:
+        # Reset before the deliveries are committed: the sender's sweep may queue and
+        # send some of them before _queue does, and their arrivals must count.
         await sink.post("/reset")
+        delivery_ids = await _record_events(run, users, total)
         before = run.cpu_snapshot()
         queued_at = time.monotonic()
         await _queue(redis, run.data.keys, delivery_ids)
@@ -134,7 +136,15 @@ async def _deliver(
     last = max(
         (stats[name]["last"] for name in fast_names if name in stats), default=ended_at
     )
-    elapsed_s = (last if received >= fast_expected else ended_at) - queued_at
+    # The sink's times come from the same monotonic clock. A delivery that the sweep
+    # sent before _queue began starts the window early.
+    first = min(
+        (stats[name]["first"] for name in fast_names if name in stats),
+        default=queued_at,
+    )
+    elapsed_s = (last if received >= fast_expected else ended_at) - min(
+        first, queued_at
+    )
     return {
         "deliveries": len(delivery_ids),
         "fast_expected": fast_expected,
