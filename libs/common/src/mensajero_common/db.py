@@ -1,5 +1,6 @@
 """Engine and session factories for Postgres (asyncpg)."""
 
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -110,6 +111,29 @@ async def driver_connection(
 # million messages such a delete took 20 s on a 2-core machine, which
 # DATABASE_COMMAND_TIMEOUT_S would cut off on every try.
 CASCADING_DELETE_TIMEOUT_S = 600.0
+
+
+async def delete_owned_row(
+    session: AsyncSession,
+    model: type[DeclarativeBase],
+    row_id: uuid.UUID,
+    user_id: uuid.UUID,
+) -> bool:
+    """Delete the row of `model` with this id and owner; tell whether it existed.
+
+    For a device or a webhook, whose foreign keys set NULL on, or delete, a whole
+    history: the statement gets CASCADING_DELETE_TIMEOUT_S instead of
+    DATABASE_COMMAND_TIMEOUT_S.
+    """
+    table = model.__table__.name  # type: ignore[attr-defined]
+    connection = await driver_connection(session)
+    deleted = await connection.fetchval(
+        f"DELETE FROM {table} WHERE id = $1 AND user_id = $2 RETURNING id",
+        row_id,
+        user_id,
+        timeout=CASCADING_DELETE_TIMEOUT_S,
+    )
+    return deleted is not None
 
 
 Model = TypeVar("Model", bound=DeclarativeBase)

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
-from mensajero_common.db import CASCADING_DELETE_TIMEOUT_S, driver_connection
+from mensajero_common.db import delete_owned_row
 from mensajero_common.models import DeviceStatus, SMSDevice
 
 
@@ -80,16 +80,5 @@ async def get_device(
 async def delete_device(
     session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID
 ) -> bool:
-    """Delete the device; tell whether it existed. Its messages keep device_id NULL.
-
-    Setting NULL on a long history takes long, so the statement gets
-    CASCADING_DELETE_TIMEOUT_S instead of DATABASE_COMMAND_TIMEOUT_S.
-    """
-    connection = await driver_connection(session)
-    deleted = await connection.fetchval(
-        "DELETE FROM smsdevice WHERE id = $1 AND user_id = $2 RETURNING id",
-        device_id,
-        user_id,
-        timeout=CASCADING_DELETE_TIMEOUT_S,
-    )
-    return deleted is not None
+    """Delete the device; tell whether it existed. Its messages keep device_id NULL."""
+    return await delete_owned_row(session, SMSDevice, device_id, user_id)

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
-from mensajero_common.db import CASCADING_DELETE_TIMEOUT_S, driver_connection
+from mensajero_common.db import delete_owned_row
 from mensajero_common.models import (
     WebhookAttempt,
     WebhookConfig,
@@ -78,19 +78,9 @@ async def count_webhooks(session: AsyncSession, user_id: uuid.UUID) -> int:
 async def delete_webhook(
     session: AsyncSession, user_id: uuid.UUID, webhook_id: uuid.UUID
 ) -> bool:
-    """Delete the webhook with its deliveries; tell whether it existed.
-
-    Its deliveries and their attempts go with it, so the statement gets
-    CASCADING_DELETE_TIMEOUT_S instead of DATABASE_COMMAND_TIMEOUT_S.
-    """
-    connection = await driver_connection(session)
-    deleted = await connection.fetchval(
-        "DELETE FROM webhookconfig WHERE id = $1 AND user_id = $2 RETURNING id",
-        webhook_id,
-        user_id,
-        timeout=CASCADING_DELETE_TIMEOUT_S,
-    )
-    return deleted is not None
+    """Delete the webhook with its deliveries and their attempts; tell whether it
+    existed."""
+    return await delete_owned_row(session, WebhookConfig, webhook_id, user_id)
 
 
 async def list_deliveries(
