@@ -83,8 +83,8 @@ async def _failure_within(
 
 
 async def test_silent_server_times_out(settings: Settings) -> None:
-    # A server that accepts connections and never answers, as a Postgres host behind a
-    # firewall that drops its packets would look.
+    # A server that accepts connections and never responds, as a Postgres host behind
+    # a firewall that drops its packets would look.
     held: list[asyncio.StreamWriter] = []
 
     async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -91,7 +91,7 @@ async def test_trailing_slash_redirect_keeps_the_client_url(
             "/api/v1/sms/messages/?limit=5&order=asc", headers=user.headers
         )
         unknown = await client.get("/api/v1/nothing-here/")
-        # Followed with its method and body, as a 307 asks.
+        # Followed with its method and body, as a 307 requires.
         followed = await client.post(
             "/api/v1/sms/send/",
             headers=user.headers,

@@ -82,7 +82,7 @@ class MessageLedger:
         return dict(self._unacknowledged)
 
     def keep_frame(self, request_id: str, frame: dict[str, Any]) -> None:
-        """Keep an outbox frame in the file until `drop_frame` forgets it.
+        """Keep an outbox frame in the file until `drop_frame` removes it.
 
         Without a file, the agent's own outbox is the only copy, so this does nothing.
         """

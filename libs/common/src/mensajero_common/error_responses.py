@@ -46,7 +46,7 @@ class EnvelopeJSONResponse(JSONResponse):
             return jsonutil.dumps(content)
         except TypeError:
             # orjson rejects a lone surrogate, which an error may repeat from the
-            # request: the error is answered with U+FFFD in its place, not a 500.
+            # request. The response carries U+FFFD in its place, not a 500.
             return jsonutil.dumps(_without_surrogates(content))
 
 
