@@ -1,12 +1,20 @@
 """Engine and session factories for Postgres (asyncpg)."""
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import event, exc, text
+from sqlalchemy import (
+    ColumnElement,
+    SQLColumnExpression,
+    event,
+    exc,
+    literal_column,
+    text,
+)
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -104,6 +112,23 @@ async def driver_connection(
         # SQLAlchemy's asyncpg adapter sends BEGIN with the session's first statement.
         await session.execute(text("SELECT 1"))
     return driver
+
+
+def sql_literal(value: StrEnum) -> ColumnElement[str]:
+    """Return an enum value written into the SQL instead of bound.
+
+    Postgres may cache a generic plan of a prepared statement after five runs, made
+    without the bound values. Such a plan can use a partial index whose predicate names
+    a status only when the statement writes that status itself.
+    """
+    return literal_column(f"'{value.value}'")
+
+
+def literal_in(
+    column: SQLColumnExpression[Any], values: Iterable[StrEnum]
+) -> ColumnElement[bool]:
+    """Return `column IN (…)` with `values` written into the SQL (see sql_literal)."""
+    return column.in_([sql_literal(value) for value in values])
 
 
 # Seconds allowed to a delete whose foreign keys set NULL on, or delete, every row of a

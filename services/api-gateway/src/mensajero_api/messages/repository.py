@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, literal_column, select, union_all
+from sqlalchemy import ColumnElement, Select, and_, select, union_all
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
 from mensajero_common import jsonutil
-from mensajero_common.db import driver_connection
+from mensajero_common.db import driver_connection, sql_literal
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
 
 
@@ -134,12 +134,6 @@ async def get_message_by_idempotency_key(
     return (await session.scalars(statement)).one_or_none()
 
 
-def _literal(value: MessageStatus | MessageType) -> ColumnElement[str]:
-    """Return an enum value written into the SQL, so that a generic plan can still use
-    a partial index whose predicate names it."""
-    return literal_column(f"'{value.value}'")
-
-
 def _filter_branches(filters: MessageFilters) -> list[list[ColumnElement[bool]]]:
     """Return the conditions of each branch of the listing: one per status and number
     column asked for, which never match the same row.
@@ -152,7 +146,7 @@ def _filter_branches(filters: MessageFilters) -> list[list[ColumnElement[bool]]]
     # A status repeated in the query would make two identical branches, so two copies
     # of each of its messages.
     statuses: list[ColumnElement[bool] | None] = [
-        SMSMessage.status == _literal(status)
+        SMSMessage.status == sql_literal(status)
         for status in dict.fromkeys(filters.statuses)
     ] or [None]
     numbers: list[ColumnElement[bool] | None] = [None]
@@ -206,7 +200,7 @@ def listing_statement(
     """Build the statement of list_messages."""
     common = [SMSMessage.user_id == user_id]
     if filters.type is not None:
-        common.append(SMSMessage.type == _literal(filters.type))
+        common.append(SMSMessage.type == sql_literal(filters.type))
     if filters.device_id is not None:
         common.append(SMSMessage.device_id == filters.device_id)
     if filters.created_from is not None:

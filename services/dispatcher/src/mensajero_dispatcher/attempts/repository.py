@@ -20,13 +20,13 @@ from sqlalchemy import (
     Select,
     exists,
     func,
-    literal_column,
     or_,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.db import literal_in
 from mensajero_common.models import (
     DeviceStatus,
     MessageStatus,
@@ -63,9 +63,7 @@ async def _lock_stalled(
 def _status_in(*statuses: MessageStatus) -> ColumnElement[bool]:
     """Test the status against `statuses` written as SQL literals (see the module's
     docstring)."""
-    return SMSMessage.status.in_(
-        [literal_column(f"'{status.value}'") for status in statuses]
-    )
+    return literal_in(SMSMessage.status, statuses)
 
 
 async def lock_unacknowledged(

@@ -7,6 +7,7 @@ from datetime import timedelta
 from sqlalchemy import Select, func, literal_column, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.db import literal_in
 from mensajero_common.models import (
     DeviceStatus,
     MessageStatus,
@@ -63,11 +64,8 @@ def waiting_messages_statement(
         .where(
             SMSMessage.user_id == SMSDevice.user_id,
             SMSMessage.type == MessageType.OUTGOING,
-            SMSMessage.status.in_(
-                [
-                    literal_column(f"'{status.value}'")
-                    for status in (MessageStatus.PENDING, MessageStatus.ASSIGNED)
-                ]
+            literal_in(
+                SMSMessage.status, (MessageStatus.PENDING, MessageStatus.ASSIGNED)
             ),
         )
         .limit(1)

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mensajero_common.db import driver_connection
+from mensajero_common.db import driver_connection, literal_in
 from mensajero_common.models import (
     AttemptStatus,
     DeviceStatus,
@@ -428,9 +428,7 @@ async def mark_failed(
 # list_devices_with_tasks read every message with a device, the delivered history
 # included. Statements that take messages by id keep their statuses bound (see
 # _PENDING_BY_ID_SQL).
-_IS_IN_FLIGHT = SMSMessage.status.in_(
-    [literal_column(f"'{status.value}'") for status in IN_FLIGHT_STATUSES]
-)
+_IS_IN_FLIGHT = literal_in(SMSMessage.status, IN_FLIGHT_STATUSES)
 
 
 async def list_devices_with_tasks(

@@ -7,13 +7,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import Select, and_, func, literal_column, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common.db import literal_in, sql_literal
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
 
-OPEN_STATUSES = (
-    MessageStatus.PENDING.value,
-    MessageStatus.ASSIGNED.value,
-    MessageStatus.SENDING.value,
-)
+OPEN_STATUSES = (MessageStatus.PENDING, MessageStatus.ASSIGNED, MessageStatus.SENDING)
 
 Cursor = tuple[datetime, uuid.UUID]
 
@@ -35,9 +32,8 @@ class StaleMessage:
 # parameters. Bound, they left that plan to scan the whole table and sort every open
 # message, on every page.
 _IS_OPEN_OUTGOING = and_(
-    SMSMessage.type.concat(literal_column("''"))
-    == literal_column(f"'{MessageType.OUTGOING.value}'"),
-    SMSMessage.status.in_([literal_column(f"'{status}'") for status in OPEN_STATUSES]),
+    SMSMessage.type.concat(literal_column("''")) == sql_literal(MessageType.OUTGOING),
+    literal_in(SMSMessage.status, OPEN_STATUSES),
 )
 
 
