@@ -9,9 +9,7 @@ and a phone filter read every user's messages to or from that number.
 
 import json
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 import pytest
@@ -22,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.messages.repository import MessageFilters, listing_statement
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
+from mensajero_common.testing import rows_read
 
 MESSAGES_URL = "/api/v1/sms/messages"
 
@@ -72,18 +71,6 @@ async def _insert_history(
     return busy, quiet
 
 
-def _rows_read(node: Mapping[str, Any]) -> int:
-    """Return the rows that the plan's scans of smsmessage read, filtered ones included."""
-    read = 0
-    if node.get("Relation Name") == "smsmessage":
-        read += node["Actual Rows"] * node["Actual Loops"]
-        read += node.get("Rows Removed by Filter", 0)
-        read += node.get("Rows Removed by Index Recheck", 0)
-    for child in node.get("Plans", []):
-        read += _rows_read(child)
-    return read
-
-
 async def _listing_reads(
     connection: asyncpg.Connection, filters: MessageFilters, *, busy_user: bool
 ) -> int:
@@ -109,7 +96,7 @@ async def _listing_reads(
         plan = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
     finally:
         await transaction.rollback()
-    return _rows_read(json.loads(plan)[0]["Plan"])
+    return rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
 
 
 @pytest.mark.parametrize(
@@ -255,5 +242,5 @@ async def test_branches_page_in_order(
                 client, user, [*params, ("limit", "3"), ("order", order)]
             )
 
-            wanted = expected if order == "asc" else expected[::-1]
-            assert listed == wanted, (statuses, phone, bounds, order)
+            expected_order = expected if order == "asc" else expected[::-1]
+            assert listed == expected_order, (statuses, phone, bounds, order)

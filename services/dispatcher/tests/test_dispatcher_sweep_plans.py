@@ -20,6 +20,7 @@ from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
+from mensajero_common.testing import rows_read
 from mensajero_dispatcher.attempts import repository as attempts_repository
 from mensajero_dispatcher.devices import repository as device_repository
 from mensajero_dispatcher.messages import repository
@@ -132,7 +133,7 @@ async def _messages_read(
         plan = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
     finally:
         await transaction.rollback()
-    return _rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
+    return rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
 
 
 async def _generic_plan(
@@ -172,18 +173,6 @@ def _sql_literal(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     return "'" + str(getattr(value, "value", value)) + "'"
-
-
-def _rows_read(node: Mapping[str, Any], table: str) -> int:
-    """Return the rows that the plan's scans of `table` read, filtered ones included."""
-    read = 0
-    if node.get("Relation Name") == table:
-        read += node["Actual Rows"] * node["Actual Loops"]
-        read += node.get("Rows Removed by Filter", 0)
-        read += node.get("Rows Removed by Index Recheck", 0)
-    for child in node.get("Plans", []):
-        read += _rows_read(child, table)
-    return read
 
 
 async def test_assignable_page_reads_one_page(pg_connection) -> None:
@@ -247,7 +236,7 @@ async def test_waiting_check_skips_delivered_history(pg_connection) -> None:
 
     # Waiting messages (other tests running meanwhile may have some), not the user's
     # history of delivered ones.
-    assert _rows_read(plan, "smsmessage") <= waiting_in_table[0] + 10
+    assert rows_read(plan, "smsmessage") <= waiting_in_table[0] + 10
 
 
 async def test_stale_sweep_generic_plan_reads_one_page(pg_connection) -> None:
@@ -261,7 +250,7 @@ async def test_stale_sweep_generic_plan_reads_one_page(pg_connection) -> None:
     )
 
     assert "ix_smsmessage_updated_at_open" in json.dumps(plan)
-    assert _rows_read(plan, "smsmessage") <= 2 * PAGE
+    assert rows_read(plan, "smsmessage") <= 2 * PAGE
 
 
 async def _insert_user_with_history(
@@ -317,7 +306,7 @@ async def test_in_flight_count_skips_pending_backlog(pg_connection) -> None:
         await transaction.rollback()
 
     # In-flight messages (other tests running meanwhile may have some), not the backlog.
-    read = _rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
+    read = rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
     assert read <= in_flight_in_table + 10
 
 
@@ -343,7 +332,7 @@ async def test_waiting_check_skips_other_users_backlog(pg_connection) -> None:
     finally:
         await transaction.rollback()
 
-    assert _rows_read(json.loads(plan)[0]["Plan"], "smsmessage") <= 10
+    assert rows_read(json.loads(plan)[0]["Plan"], "smsmessage") <= 10
 
 
 async def _insert_device_history(
@@ -443,7 +432,7 @@ async def test_open_message_check_generic_plan_skips_history(
 
     # Open messages (other tests running meanwhile may have some), not the delivered
     # history, both read and in the estimate that the plan's cost comes from.
-    assert _rows_read(plan, "smsmessage") <= open_in_table[0] + 10
+    assert rows_read(plan, "smsmessage") <= open_in_table[0] + 10
     assert _rows_estimated(plan, "smsmessage") <= open_in_table[0] + 10
     if partial_index is not None:
         assert partial_index in json.dumps(plan)

@@ -393,3 +393,16 @@ def _index_names(node: Mapping[str, Any]) -> set[str]:
     for child in node.get("Plans", []):
         names |= _index_names(child)
     return names
+
+
+def rows_read(plan: Mapping[str, Any], table: str) -> int:
+    """Return the rows that the scans of `table` in an EXPLAIN ANALYZE plan (FORMAT JSON,
+    one node) read, filtered ones included."""
+    read = 0
+    if plan.get("Relation Name") == table:
+        read += plan["Actual Rows"] * plan["Actual Loops"]
+        read += plan.get("Rows Removed by Filter", 0)
+        read += plan.get("Rows Removed by Index Recheck", 0)
+    for child in plan.get("Plans", []):
+        read += rows_read(child, table)
+    return read
