@@ -85,10 +85,10 @@ async def _failure_within(
 async def test_silent_server_times_out(settings: Settings) -> None:
     # A server that accepts connections and never responds, as a Postgres host behind
     # a firewall that drops its packets would look.
-    held: list[asyncio.StreamWriter] = []
+    accepted: list[asyncio.StreamWriter] = []
 
     async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
+        accepted.append(writer)
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -103,12 +103,12 @@ async def test_silent_server_times_out(settings: Settings) -> None:
         error = await _failure_within(_backend(engine), scaled(10))
     finally:
         await engine.dispose()
-        for writer in held:
+        for writer in accepted:
             writer.close()
         server.close()
         await server.wait_closed()
 
-    assert held
+    assert accepted
     assert is_transient(error)
 
 

@@ -275,7 +275,7 @@ def test_migration_indexes_listing_filters(scratch_database_url: str) -> None:
     assert "ix_smsmessage_user_id_created_at_id_incoming" not in downgraded
 
 
-def _hold_snapshot(url: str, seconds: float, held: threading.Event) -> None:
+def _hold_snapshot(url: str, seconds: float, taken: threading.Event) -> None:
     """Keep a repeatable read transaction, and so its snapshot, open for `seconds`."""
 
     async def hold() -> None:
@@ -283,7 +283,7 @@ def _hold_snapshot(url: str, seconds: float, held: threading.Event) -> None:
         transaction = connection.transaction(isolation="repeatable_read")
         await transaction.start()
         await connection.fetchval("SELECT count(*) FROM smsmessage")
-        held.set()
+        taken.set()
         await asyncio.sleep(seconds)
         await transaction.rollback()
         await connection.close()
@@ -295,13 +295,13 @@ def test_migration_waits_for_long_transaction(scratch_database_url: str) -> None
     # A transaction older than the index builds, as a pg_dump holds, for longer than
     # the migrations' lock timeout of 5 s.
     upgrade(scratch_database_url, "0016")
-    held = threading.Event()
+    snapshot_taken = threading.Event()
     holder = threading.Thread(
-        target=_hold_snapshot, args=(scratch_database_url, 7, held)
+        target=_hold_snapshot, args=(scratch_database_url, 7, snapshot_taken)
     )
     holder.start()
     try:
-        assert held.wait(timeout=30)
+        assert snapshot_taken.wait(timeout=30)
         upgrade(scratch_database_url, "0017")
     finally:
         holder.join()

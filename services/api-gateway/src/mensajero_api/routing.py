@@ -1,4 +1,4 @@
-"""How requests find their route: HEAD as GET, and trailing-slash redirects.
+"""Request routing beyond FastAPI's own: HEAD as GET, and trailing-slash redirects.
 
 FastAPI routes HEAD only to routes that declare it, so a monitor or `curl -I` on a GET
 route got 405. Starlette's trailing-slash redirect builds an absolute Location from
