@@ -1,4 +1,5 @@
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -282,6 +283,79 @@ async def test_reports_of_one_message_apply_in_order(
     assert (await load_message(session_factory, message.id)).status == "delivered"
     events = await events_by_message(session_factory)
     assert events[message.id] == ["sms_sent", "sms_delivered"]
+
+
+async def test_delivered_skipping_sent_adds_sms_sent(
+    writer: ReportWriter, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    async with session_factory() as db:
+        db.add(
+            WebhookConfig(
+                user_id=device.user_id,
+                url="https://example.com/hook",
+                secret_key="secret",
+                events=["sms_sent"],
+            )
+        )
+        await db.commit()
+    messages = [await create_outgoing(session_factory, device) for _ in range(2)]
+
+    # Plain forward moves: `delivered` straight after `sending`, with no `sent`.
+    for status in ("sending", "delivered"):
+        outcomes = await apply_all(
+            writer, [(device, report_frame(m.id, status)) for m in messages]
+        )
+        assert all(isinstance(outcome, ReportOutcome) for outcome in outcomes)
+
+    async with session_factory() as db:
+        rows = (
+            await db.execute(
+                select(WebhookEvent.message_id, WebhookEvent.event, WebhookEvent.body)
+            )
+        ).all()
+    assert sorted((row.message_id, row.event) for row in rows) == sorted(
+        (message.id, "sms_sent") for message in messages
+    )
+    for row in rows:
+        assert json.loads(row.body)["status"] == "sent"
+    for message in messages:
+        stored = await load_message(session_factory, message.id)
+        assert stored.status == "delivered"
+        assert stored.sent_at is not None
+        assert stored.sent_at <= stored.delivered_at
+
+
+async def test_delivered_part_adds_sms_sent(
+    writer: ReportWriter, session_factory: Sessions
+) -> None:
+    device = await create_device(session_factory)
+    await subscribe_to_all(session_factory, device.user_id)
+    message = await create_outgoing(session_factory, device)
+
+    for status in ("sending", "delivered"):
+        (outcome,) = await apply_all(
+            writer,
+            [
+                (
+                    device,
+                    SmsReportFrame(
+                        type="sms_report",
+                        message_id=message.id,
+                        status=status,
+                        part=1 if status == "delivered" else None,
+                        parts=1 if status == "delivered" else None,
+                    ),
+                )
+            ],
+        )
+        assert isinstance(outcome, ReportOutcome)
+
+    events = await events_by_message(session_factory)
+    assert sorted(events[message.id]) == ["sms_delivered", "sms_sent"]
+    stored = await load_message(session_factory, message.id)
+    assert stored.status == "delivered"
+    assert stored.sent_at is not None
 
 
 async def test_writer_applies_queued_reports_on_stop(

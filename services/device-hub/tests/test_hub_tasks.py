@@ -378,7 +378,7 @@ async def test_late_sent_after_delivered_changes_nothing(
     assert late["type"] == "ack"
     assert late["status"] == "delivered"
     assert after.status == MessageStatus.DELIVERED
-    assert after.sent_at is None
+    assert after.sent_at == before.sent_at
     assert after.updated_at == before.updated_at
 
 

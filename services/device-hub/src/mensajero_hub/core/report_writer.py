@@ -224,7 +224,7 @@ class ReportWriter:
             for (index, _, _, _), outcome in zip(moves, moved, strict=True):
                 results[index] = outcome
 
-            await _record_status_events(db, batch, results)
+            await _record_status_events(db, batch, results, messages)
         return [results[index] for index in range(len(batch))]
 
     async def _queue_webhooks(self, delivery_ids: list[uuid.UUID]) -> None:
@@ -283,12 +283,32 @@ def _resolve(item: QueuedReport, result: Result) -> None:
         item.future.set_result(result)
 
 
+def _status_events(
+    change: repository.MessageChange, locked: LockedMessage | None
+) -> list[tuple[str, MessageStatus]]:
+    """Return the webhook events of a status change, each with the status its body names.
+
+    A message that reaches `delivered` without having been `sent` (its phone reported
+    `delivered` straight after `sending`, or late after `failed`) gets `sms_sent` first,
+    so that a subscriber to `sms_sent` hears of every message that went out.
+    """
+    events = [(STATUS_EVENTS[change.status], change.status)]
+    skipped_sent = locked is None or locked.status is not MessageStatus.SENT
+    if change.status is MessageStatus.DELIVERED and skipped_sent:
+        events.insert(0, (webhooks.EVENT_SMS_SENT, MessageStatus.SENT))
+    return events
+
+
 async def _record_status_events(
-    db: AsyncSession, batch: list[QueuedReport], results: dict[int, Result]
+    db: AsyncSession,
+    batch: list[QueuedReport],
+    results: dict[int, Result],
+    messages: dict[uuid.UUID, LockedMessage],
 ) -> None:
-    """Record the webhook event of each status change in the batch, adding its
+    """Record the webhook events of each status change in the batch, adding their
     deliveries to the report's outcome.
 
+    `messages` holds each message as the batch locked it, before its report applied.
     One query first finds which users subscribe to which events, so that a change
     without a subscribed webhook costs no statement of its own.
     """
@@ -307,21 +327,22 @@ async def _record_status_events(
         db, {change.user_id for _, _, change in changed}
     )
     for item, outcome, change in changed:
-        event = STATUS_EVENTS[change.status]
-        if (change.user_id, event) not in wanted:
-            continue
-        outcome.delivery_ids += await webhook_outbox.record_message_event(
-            db,
-            event=event,
-            user_id=change.user_id,
-            message_id=item.frame.message_id,
-            from_number=change.from_number,
-            to_number=change.to_number,
-            body=change.body,
-            timestamp=change.changed_at,
-            device_id=item.device_id,
-            status=change.status.value,
-            # Only `sms_failed` carries an error, as the README documents.
-            error=change.error if event == webhooks.EVENT_SMS_FAILED else None,
-            segments=change.segments,
-        )
+        locked = messages.get(item.frame.message_id)
+        for event, status in _status_events(change, locked):
+            if (change.user_id, event) not in wanted:
+                continue
+            outcome.delivery_ids += await webhook_outbox.record_message_event(
+                db,
+                event=event,
+                user_id=change.user_id,
+                message_id=item.frame.message_id,
+                from_number=change.from_number,
+                to_number=change.to_number,
+                body=change.body,
+                timestamp=change.changed_at,
+                device_id=item.device_id,
+                status=status.value,
+                # Only `sms_failed` carries an error, as the README documents.
+                error=change.error if event == webhooks.EVENT_SMS_FAILED else None,
+                segments=change.segments,
+            )

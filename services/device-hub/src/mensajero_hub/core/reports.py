@@ -421,19 +421,20 @@ async def _record_late_outcome(
     keeps the error of its `failed` report, so its history still shows that report.
     """
     timestamp_column = TIMESTAMP_COLUMNS[status]
+    values: dict[str, object] = {
+        "status": status.value,
+        timestamp_column: func.now(),
+        "error": None,
+        "next_attempt_at": None,
+        "device_id": device_id,
+        "from_number": from_number,
+    }
+    if status is MessageStatus.DELIVERED:
+        values["sent_at"] = func.coalesce(SMSMessage.sent_at, func.now())
     statement = (
         update(SMSMessage)
         .where(SMSMessage.id == message.id, SMSMessage.status == message.status.value)
-        .values(
-            {
-                "status": status.value,
-                timestamp_column: func.now(),
-                "error": None,
-                "next_attempt_at": None,
-                "device_id": device_id,
-                "from_number": from_number,
-            }
-        )
+        .values(values)
         .returning(
             SMSMessage.user_id,
             SMSMessage.from_number,

@@ -250,6 +250,9 @@ def _advance_statement(status: MessageStatus) -> Update:
             _messages.c.from_number, _device_number_subquery()
         ),
     }
+    if status is MessageStatus.DELIVERED:
+        # A delivered SMS went out, also when its phone never reported `sent`.
+        values["sent_at"] = func.coalesce(_messages.c.sent_at, func.now())
     return (
         update(_messages)
         .where(
@@ -307,11 +310,24 @@ async def advance_message_status(
 
 # Statuses that advance_messages moves a message to, each with its timestamp column.
 FORWARD_STATUSES = (MessageStatus.SENDING, MessageStatus.SENT, MessageStatus.DELIVERED)
-_FORWARD_TIMESTAMPS = ",\n".join(
-    f"{TIMESTAMP_COLUMNS[status]} = CASE WHEN moves.to_status = '{status.value}' "
-    f"THEN now() ELSE smsmessage.{TIMESTAMP_COLUMNS[status]} END"
-    for status in FORWARD_STATUSES
-)
+
+
+def _forward_timestamp(status: MessageStatus) -> str:
+    """Build the SET clause of a forward status's timestamp column in _ADVANCE_MESSAGES.
+
+    A move to `delivered` also fills `sent_at` when the phone never reported `sent`.
+    """
+    column = TIMESTAMP_COLUMNS[status]
+    cases = [f"WHEN moves.to_status = '{status.value}' THEN now()"]
+    if status is MessageStatus.SENT:
+        cases.append(
+            f"WHEN moves.to_status = '{MessageStatus.DELIVERED.value}' "
+            "THEN COALESCE(smsmessage.sent_at, now())"
+        )
+    return f"{column} = CASE {' '.join(cases)} ELSE smsmessage.{column} END"
+
+
+_FORWARD_TIMESTAMPS = ",\n".join(_forward_timestamp(s) for s in FORWARD_STATUSES)
 # Sent on the session's asyncpg connection, inside its transaction: through SQLAlchemy,
 # binding the arrays and building the result cost more CPU than the statement.
 _ADVANCE_MESSAGES = f"""
