@@ -275,6 +275,20 @@ def test_migration_indexes_listing_filters(scratch_database_url: str) -> None:
     assert "ix_smsmessage_user_id_created_at_id_incoming" not in downgraded
 
 
+def test_migration_indexes_messages_by_device(scratch_database_url: str) -> None:
+    upgrade(scratch_database_url, "0018")
+    upgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+    command.downgrade(alembic_config(scratch_database_url), "0017")
+    downgraded = asyncio.run(_indexes(scratch_database_url, "smsmessage"))
+
+    assert "ix_smsmessage_device_id" not in upgraded
+    assert upgraded["ix_smsmessage_device_id_created_at_id"].endswith(
+        "(device_id, created_at, id)"
+    )
+    assert "ix_smsmessage_device_id_created_at_id" not in downgraded
+    assert downgraded["ix_smsmessage_device_id"].endswith("(device_id)")
+
+
 def _hold_snapshot(url: str, seconds: float, taken: threading.Event) -> None:
     """Keep a repeatable read transaction, and so its snapshot, open for `seconds`."""
 

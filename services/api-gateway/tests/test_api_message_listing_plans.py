@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from mensajero_api.messages.repository import MessageFilters, listing_statement
 from mensajero_common.models import MessageStatus, MessageType, SMSMessage
-from mensajero_common.testing import rows_read
+from mensajero_common.testing import generic_plan, rows_read
 
 MESSAGES_URL = "/api/v1/sms/messages"
 
@@ -134,6 +134,80 @@ async def test_phone_filter_skips_other_users(
     )
 
     assert read <= 2
+
+
+async def _insert_two_devices(
+    connection: asyncpg.Connection, user_id: uuid.UUID, devices: list[uuid.UUID]
+) -> None:
+    """Insert the user with two devices, HISTORY older messages on the first and
+    HISTORY newer ones on the second."""
+    await connection.execute(
+        'INSERT INTO "user" (id, email, hashed_password) VALUES ($1, $2, $3)',
+        user_id,
+        f"{user_id}@example.com",
+        "unused",
+    )
+    for number, device_id in enumerate(devices):
+        await connection.execute(
+            """INSERT INTO smsdevice (id, user_id, name, api_key_hash, api_key_prefix)
+            VALUES ($1, $2, $3, $4, 'sk_test')""",
+            device_id,
+            user_id,
+            f"phone {number}",
+            device_id.hex,
+        )
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    at = [start + timedelta(seconds=index) for index in range(2 * HISTORY)]
+    await connection.copy_records_to_table(
+        "smsmessage",
+        records=[
+            (
+                uuid.uuid4(),
+                user_id,
+                devices[index // HISTORY],
+                "outgoing",
+                "delivered",
+                NUMBER,
+                "hola",
+                at[index],
+                at[index],
+            )
+            for index in range(2 * HISTORY)
+        ],
+        columns=(
+            "id",
+            "user_id",
+            "device_id",
+            "type",
+            "status",
+            "to_number",
+            "body",
+            "created_at",
+            "updated_at",
+        ),
+    )
+    await connection.execute("ANALYZE smsmessage")
+    await connection.execute("SET LOCAL enable_seqscan = off")
+
+
+async def test_device_filter_reads_one_page(pg_connection: asyncpg.Connection) -> None:
+    user_id = uuid.uuid4()
+    devices = [uuid.uuid4(), uuid.uuid4()]
+    statement = listing_statement(
+        user_id,
+        MessageFilters(device_id=devices[0]),
+        after=None,
+        descending=True,
+        limit=PAGE + 1,
+    )
+
+    plan = await generic_plan(
+        pg_connection,
+        statement,
+        lambda connection: _insert_two_devices(connection, user_id, devices),
+    )
+
+    assert rows_read(plan, "smsmessage") <= PAGE + 1
 
 
 async def _insert_branch_history(

@@ -10,17 +10,15 @@ and sorted every pending message.
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
-from mensajero_common.testing import rows_read
+from mensajero_common.testing import generic_plan, rows_read
 from mensajero_dispatcher.attempts import repository as attempts_repository
 from mensajero_dispatcher.devices import repository as device_repository
 from mensajero_dispatcher.messages import repository
@@ -136,45 +134,6 @@ async def _messages_read(
     return rows_read(json.loads(plan)[0]["Plan"], "smsmessage")
 
 
-async def _generic_plan(
-    connection: asyncpg.Connection,
-    statement: Select[Any],
-    insert_rows: Callable[[asyncpg.Connection], Awaitable[object]],
-) -> dict[str, Any]:
-    """Run `statement` on the rows that `insert_rows` inserts, as a prepared statement on
-    its generic plan, and return that plan with EXPLAIN ANALYZE's figures. The generic
-    plan is the one Postgres may cache after five runs, made without the parameters."""
-    compiled = statement.compile(
-        dialect=asyncpg_dialect.dialect(), compile_kwargs={"render_postcompile": True}
-    )
-    arguments = ", ".join(
-        _sql_literal(compiled.params[name]) for name in compiled.positiontup or ()
-    )
-    transaction = connection.transaction()
-    await transaction.start()
-    try:
-        await insert_rows(connection)
-        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        await connection.execute(f"PREPARE generic_statement AS {compiled}")
-        try:
-            plan = await connection.fetchval(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE generic_statement({arguments})"
-            )
-        finally:
-            await connection.execute("DEALLOCATE generic_statement")
-    finally:
-        await transaction.rollback()
-    return dict(json.loads(plan)[0]["Plan"])
-
-
-def _sql_literal(value: object) -> str:
-    if isinstance(value, timedelta):
-        return f"interval '{value.total_seconds()} seconds'"
-    if isinstance(value, int):
-        return str(value)
-    return "'" + str(getattr(value, "value", value)) + "'"
-
-
 async def test_assignable_page_reads_one_page(pg_connection) -> None:
     statement = repository.assignable_pending_statement(0, None, PAGE)
 
@@ -196,12 +155,12 @@ async def test_generic_plans_use_pending_indexes(pg_connection) -> None:
     async def insert_backlog(connection: asyncpg.Connection) -> None:
         await _insert_backlog(connection, retries=True)
 
-    assignable = await _generic_plan(
+    assignable = await generic_plan(
         pg_connection,
         repository.assignable_pending_statement(0, None, PAGE),
         insert_backlog,
     )
-    retries = await _generic_plan(
+    retries = await generic_plan(
         pg_connection, repository.due_retries_statement(None, PAGE), insert_backlog
     )
 
@@ -228,7 +187,7 @@ async def test_waiting_check_skips_delivered_history(pg_connection) -> None:
             )
         )
 
-    plan = await _generic_plan(
+    plan = await generic_plan(
         pg_connection,
         device_repository.waiting_messages_statement([device_id]),
         insert_history,
@@ -243,7 +202,7 @@ async def test_stale_sweep_generic_plan_reads_one_page(pg_connection) -> None:
     async def insert_backlog(connection: asyncpg.Connection) -> None:
         await _insert_backlog(connection, retries=False)
 
-    plan = await _generic_plan(
+    plan = await generic_plan(
         pg_connection,
         recovery_repository.stale_messages_statement(60, None, PAGE),
         insert_backlog,
@@ -426,9 +385,7 @@ async def test_open_message_check_generic_plan_skips_history(
     async def insert_history(connection: asyncpg.Connection) -> None:
         open_in_table.append(await _insert_device_history(connection, device_id))
 
-    plan = await _generic_plan(
-        pg_connection, build_statement(device_id), insert_history
-    )
+    plan = await generic_plan(pg_connection, build_statement(device_id), insert_history)
 
     # Open messages (other tests running meanwhile may have some), not the delivered
     # history, both read and in the estimate that the plan's cost comes from.

@@ -219,8 +219,9 @@ class SMSMessage(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("user.id", ondelete="CASCADE"), nullable=False
     )
+    # Indexed by ix_smsmessage_device_id_created_at_id below.
     device_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("smsdevice.id", ondelete="SET NULL"), index=True
+        ForeignKey("smsdevice.id", ondelete="SET NULL")
     )
     # Set when the sender asked for this device; the dispatcher then never moves the message.
     requested_device_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
@@ -311,6 +312,8 @@ class SMSMessage(Base):
         ),
         # Only the messages of bulk requests. Every change of a message writes a new
         # entry in each index that contains it, and most messages have no bulk_id.
+        # The listing's device filter reads a page of one device in order.
+        Index("ix_smsmessage_device_id_created_at_id", "device_id", "created_at", "id"),
         Index(
             "ix_smsmessage_bulk_id",
             "bulk_id",

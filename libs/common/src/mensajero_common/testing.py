@@ -8,13 +8,15 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.engine import make_url
 
 from mensajero_common.settings import Settings
@@ -406,3 +408,46 @@ def rows_read(plan: Mapping[str, Any], table: str) -> int:
     for child in plan.get("Plans", []):
         read += rows_read(child, table)
     return read
+
+
+async def generic_plan(
+    connection: asyncpg.Connection,
+    statement: Any,
+    insert_rows: Callable[[asyncpg.Connection], Awaitable[object]],
+) -> dict[str, Any]:
+    """Run a SQLAlchemy `statement` on the rows that `insert_rows` inserts, as a prepared
+    statement on its generic plan, and return that plan with EXPLAIN ANALYZE's figures.
+
+    The generic plan is the one Postgres may cache after five runs, made without the
+    parameters. Everything runs in a transaction that is rolled back.
+    """
+    compiled = statement.compile(
+        dialect=asyncpg_dialect.dialect(), compile_kwargs={"render_postcompile": True}
+    )
+    arguments = ", ".join(
+        _parameter_literal(compiled.params[name]) for name in compiled.positiontup or ()
+    )
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        await insert_rows(connection)
+        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await connection.execute(f"PREPARE generic_statement AS {compiled}")
+        try:
+            plan = await connection.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE generic_statement({arguments})"
+            )
+        finally:
+            await connection.execute("DEALLOCATE generic_statement")
+    finally:
+        await transaction.rollback()
+    return dict(json.loads(plan)[0]["Plan"])
+
+
+def _parameter_literal(value: object) -> str:
+    """Write a statement's parameter as SQL, for EXECUTE of a prepared statement."""
+    if isinstance(value, timedelta):
+        return f"interval '{value.total_seconds()} seconds'"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(getattr(value, "value", value)) + "'"

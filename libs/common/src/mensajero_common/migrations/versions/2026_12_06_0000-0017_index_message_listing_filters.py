@@ -24,11 +24,13 @@ Revises: 0016
 Create Date: 2026-12-06 00:00:00
 """
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import op
+from mensajero_common.migration_ops import (
+    concurrent_block,
+    create_index_concurrently,
+    drop_index_concurrently,
+)
 
 revision: str = "0017"
 down_revision: str | None = "0016"
@@ -66,55 +68,18 @@ OLD_INDEXES = (
 )
 
 
-def _drop(name: str) -> None:
-    op.drop_index(
-        name, table_name="smsmessage", postgresql_concurrently=True, if_exists=True
-    )
-
-
-def _create(name: str, columns: list[str], predicate: str | None) -> None:
-    # A failed concurrent build leaves an invalid index behind, so a retry drops it first.
-    _drop(name)
-    op.create_index(
-        name,
-        "smsmessage",
-        columns,
-        unique=False,
-        postgresql_concurrently=True,
-        postgresql_where=sa.text(predicate) if predicate else None,
-    )
-
-
-@contextmanager
-def _concurrent_block() -> Iterator[None]:
-    """Run the block outside a transaction, with no lock timeout.
-
-    CONCURRENTLY lets sends and reports write while an index builds, and cannot run in a
-    transaction. It waits for every transaction older than the build, a pg_dump say,
-    which the environment's lock timeout would turn into a failed migration. Its own
-    lock blocks no read or write, so the wait harms nothing.
-    """
-    with op.get_context().autocommit_block():
-        previous = op.get_bind().exec_driver_sql("SHOW lock_timeout").scalar()
-        op.execute("SET lock_timeout = 0")
-        try:
-            yield
-        finally:
-            op.execute(f"SET lock_timeout = '{previous}'")
-
-
 def upgrade() -> None:
     # The new indexes are built before the old ones go.
-    with _concurrent_block():
+    with concurrent_block():
         for name, columns, predicate in NEW_INDEXES:
-            _create(name, columns, predicate)
+            create_index_concurrently("smsmessage", name, columns, predicate)
         for name, _ in OLD_INDEXES:
-            _drop(name)
+            drop_index_concurrently("smsmessage", name)
 
 
 def downgrade() -> None:
-    with _concurrent_block():
+    with concurrent_block():
         for name, column in OLD_INDEXES:
-            _create(name, [column], None)
+            create_index_concurrently("smsmessage", name, [column])
         for name, _, _ in NEW_INDEXES:
-            _drop(name)
+            drop_index_concurrently("smsmessage", name)
