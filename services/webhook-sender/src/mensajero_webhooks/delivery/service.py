@@ -1,6 +1,7 @@
 """One delivery attempt: claim it, POST it, record it, and schedule the retry."""
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -24,6 +25,7 @@ from mensajero_common.transient import is_transient
 from mensajero_common.webhook_outbox import DELIVERY_JOB, delivery_job_id
 from mensajero_common.webhooks import DISABLED_GONE, AttemptResult
 from mensajero_webhooks.delivery import repository
+from mensajero_webhooks.delivery.backoff import RetryBackoff
 from mensajero_webhooks.delivery.gates import BreakerChange, Health, WebhookGates
 from mensajero_webhooks.delivery.http_client import post_event
 from mensajero_webhooks.delivery.repository import ClaimedDelivery, ParkedDelivery
@@ -66,7 +68,11 @@ class DeliveryContext:
     # here once every job and drain task has ended were cut off before their POST, so
     # `close` releases them.
     unposted: dict[uuid.UUID, ClaimedDelivery] = field(init=False, default_factory=dict)
-    closing: bool = field(init=False, default=False)
+    # Set by `begin_close`. From then on no parked delivery is started, and drain tasks
+    # waiting to retry end at once.
+    close_requested: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    # Paces the drain tasks' retries after Postgres or Redis failed.
+    backoff: RetryBackoff = field(init=False, default_factory=RetryBackoff)
     # Releases the parked deliveries while arq waits for the running jobs after SIGTERM.
     release_task: asyncio.Task[None] | None = field(init=False, default=None)
 
@@ -76,6 +82,10 @@ class DeliveryContext:
             breaker_failures=self.settings.WEBHOOK_BREAKER_FAILURES,
             breaker_open_s=self.settings.WEBHOOK_BREAKER_OPEN_S,
         )
+
+    @property
+    def closing(self) -> bool:
+        return self.close_requested.is_set()
 
     @property
     def lease_s(self) -> float:
@@ -114,7 +124,7 @@ class DeliveryContext:
         """
         if self.closing:
             return
-        self.closing = True
+        self.close_requested.set()
         for timer in self.reopen_timers.values():
             timer.cancel()
         self.reopen_timers.clear()
@@ -242,18 +252,52 @@ async def attempt_delivery(context: DeliveryContext, delivery_id: uuid.UUID) -> 
 
     Then, until WEBHOOK_TIMEOUT_S has passed, the job goes on with the deliveries parked
     behind the same webhook, so that a freed slot is used without a trip through Redis.
+    If an attempt raises, drain tasks take those parked deliveries over before the
+    error propagates.
     """
     deadline = time.monotonic() + context.settings.WEBHOOK_TIMEOUT_S
     claim_result = await _claim(context, delivery_id, None)
     if claim_result is None:
         return "not_due"
 
-    if isinstance(claim_result, ParkedDelivery):
-        status = PARKED
-    else:
-        status = await _attempt(context, claim_result)
-    await drain_parked(context, claim_result.webhook_id, deadline)
+    webhook_id = claim_result.webhook_id
+    try:
+        if isinstance(claim_result, ParkedDelivery):
+            status = PARKED
+        else:
+            status = await _attempt(context, claim_result)
+        await drain_parked(context, webhook_id, deadline)
+    except BaseException as error:
+        # A cancelled job hands them over too, unless the worker is stopping.
+        _hand_parked_to_drainers(context, webhook_id, error)
+        raise
+    context.backoff.record_success()
     return status
+
+
+def _hand_parked_to_drainers(
+    context: DeliveryContext, webhook_id: uuid.UUID, error: BaseException
+) -> None:
+    """Start drain tasks for the webhook's parked deliveries after a job's attempt raised.
+
+    Without them, the parked deliveries would wait until a later job of the webhook
+    drains them, or until their parking runs out (`park_s`) and the sweep queues them
+    again. After a transient failure the drain tasks wait for the process's backoff
+    before their first claim.
+    """
+    if is_transient(error):
+        retry_in_s = context.backoff.record_failure()
+    else:
+        retry_in_s = context.backoff.wait_s()
+    if context.gates.parked_count(webhook_id) and not context.closing:
+        logger.warning(
+            "delivery attempt failed, parked deliveries handed to drain tasks",
+            webhook_id=str(webhook_id),
+            parked=context.gates.parked_count(webhook_id),
+            retry_in_s=round(retry_in_s, 1),
+            error=repr(error),
+        )
+    start_drainers(context, webhook_id)
 
 
 async def _claim(
@@ -342,12 +386,14 @@ async def _repark_missed(context: DeliveryContext, parked: ParkedDelivery) -> No
 
 async def drain_parked(
     context: DeliveryContext, webhook_id: uuid.UUID, deadline: float
-) -> None:
-    """Attempt the webhook's parked deliveries while its gate admits them and time is left.
+) -> int:
+    """Attempt the webhook's parked deliveries while its gate admits them and time is left,
+    and return how many claims reached Postgres.
 
     Work left when the deadline passes goes to a drain task of this process.
     """
     gates = context.gates
+    claims = 0
     while time.monotonic() < deadline and not context.closing:
         parked = gates.take_parked(webhook_id)
         if parked is None:
@@ -363,12 +409,14 @@ async def drain_parked(
             # after all, its token no longer matches and releasing it changes nothing.
             gates.park(webhook_id, delivery_id, parked_until)
             raise
+        claims += 1
         if isinstance(claim_result, ClaimedDelivery):
             await _attempt(context, claim_result)
         else:
             # The sweep handed the delivery to another job after its parking expired.
             gates.release(webhook_id, Health.UNKNOWN)
     start_drainers(context, webhook_id)
+    return claims
 
 
 def start_drainers(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
@@ -382,15 +430,48 @@ def start_drainers(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
 
 
 async def _drain_task(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
+    """Drain the webhook's parked deliveries, retrying after each transient failure once
+    the process's backoff allows it.
+
+    A delivery whose claim failed is parked again with its token, so the retry claims it
+    with that token, and no other process can claim it until its parking runs out. One
+    whose attempt failed after its claim keeps its lease, as any failed attempt does.
+    """
     try:
-        await drain_parked(context, webhook_id, math.inf)
-    except Exception:
-        # The parked deliveries stay pending in Postgres, and the sweep queues them again.
-        logger.exception(
-            "draining parked deliveries failed", webhook_id=str(webhook_id)
-        )
+        while await _backoff_waited(context):
+            try:
+                claims = await drain_parked(context, webhook_id, math.inf)
+            except Exception as error:
+                if not is_transient(error):
+                    # The parked deliveries stay pending in Postgres, and the sweep
+                    # queues them again once their parking runs out.
+                    logger.exception(
+                        "draining parked deliveries failed", webhook_id=str(webhook_id)
+                    )
+                    return
+                retry_in_s = context.backoff.record_failure()
+                logger.warning(
+                    "draining parked deliveries failed, retrying",
+                    webhook_id=str(webhook_id),
+                    parked=context.gates.parked_count(webhook_id),
+                    retry_in_s=round(retry_in_s, 1),
+                    error=repr(error),
+                )
+                continue
+            if claims:
+                context.backoff.record_success()
+            return
     finally:
         context.gates.drainer_ended(webhook_id)
+
+
+async def _backoff_waited(context: DeliveryContext) -> bool:
+    """Wait until the process's backoff allows a retry; return False if closing began."""
+    wait_s = context.backoff.wait_s()
+    if wait_s > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(context.close_requested.wait(), wait_s)
+    return not context.closing
 
 
 def _schedule_probe(context: DeliveryContext, webhook_id: uuid.UUID) -> None:
