@@ -583,8 +583,9 @@ class Agent:
             return
         if _has_expired(frame):
             error = "expires_at passed before sending"
-            self.ledger.record(message_id, "expired", error, attempt=attempt)
-            self._report(message_id, "expired", error, attempt=attempt)
+            with self.ledger.atomic():
+                self.ledger.record(message_id, "expired", error, attempt=attempt)
+                self._report(message_id, "expired", error, attempt=attempt)
             return
 
         task = asyncio.create_task(self._send_sms(message_id, frame, attempt))
@@ -599,17 +600,18 @@ class Agent:
             # A send cut short by a restart: its outcome is unknown, and sending it again
             # could deliver the SMS twice, so the server must not retry it either.
             error = "send interrupted by an agent restart; not sent again"
-            self.ledger.record(
-                message_id, "failed", error, attempt=attempt, retryable=False
-            )
-            self._report(
-                message_id,
-                "failed",
-                error,
-                attempt=attempt,
-                retryable=False,
-                resent=True,
-            )
+            with self.ledger.atomic():
+                self.ledger.record(
+                    message_id, "failed", error, attempt=attempt, retryable=False
+                )
+                self._report(
+                    message_id,
+                    "failed",
+                    error,
+                    attempt=attempt,
+                    retryable=False,
+                    resent=True,
+                )
             return
         # Under a newer attempt too: an SMS that went out under an earlier attempt is
         # reported for the current one, not sent again.
@@ -633,8 +635,7 @@ class Agent:
             outcome = await self.backend.send(task)
         except Exception as error:
             outcome = SendOutcome.failed(f"backend error: {error}")
-        self.ledger.record(message_id, outcome.status, outcome.error, attempt=attempt)
-        self._report_outcome(message_id, task, outcome, attempt)
+        self._record_and_report(message_id, task, outcome, attempt)
         if outcome.status != "sent":
             return
 
@@ -644,8 +645,7 @@ class Agent:
             delivery = SendOutcome.failed(f"backend error: {error}")
         if delivery is None:
             return
-        self.ledger.record(message_id, delivery.status, delivery.error, attempt=attempt)
-        self._report_outcome(message_id, task, delivery, attempt)
+        self._record_and_report(message_id, task, delivery, attempt)
 
     async def _claim(self, message_id: str, attempt: int | None) -> bool:
         """Report `sending` and wait for its answer; return whether to send the SMS.
@@ -687,6 +687,25 @@ class Agent:
         claim = self._claims.get(request_id)
         if claim is not None and not claim.done():
             claim.set_result(reply)
+
+    def _record_and_report(
+        self,
+        message_id: str,
+        task: dict[str, Any],
+        outcome: SendOutcome,
+        attempt: int | None,
+    ) -> None:
+        """Record an outcome and queue its reports as one change of the ledger file.
+
+        Written apart, a crash between the two could keep the outcome and lose the
+        report. The server does not offer a `sent` task again, so nothing would then
+        send its lost `delivered` report.
+        """
+        with self.ledger.atomic():
+            self.ledger.record(
+                message_id, outcome.status, outcome.error, attempt=attempt
+            )
+            self._report_outcome(message_id, task, outcome, attempt)
 
     def _report_outcome(
         self,
