@@ -91,6 +91,9 @@ async def test_trailing_slash_redirect_keeps_the_client_url(
             "/api/v1/sms/messages/?limit=5&order=asc", headers=user.headers
         )
         unknown = await client.get("/api/v1/nothing-here/")
+        encoded = await client.get(
+            "/api/v1/sms/messages/%2541%20%3F/", headers=user.headers
+        )
         # Followed with its method and body, as a 307 requires.
         followed = await client.post(
             "/api/v1/sms/send/",
@@ -105,6 +108,8 @@ async def test_trailing_slash_redirect_keeps_the_client_url(
     assert listing.headers["location"] == "/api/v1/sms/messages?limit=5&order=asc"
     assert unknown.status_code == 404
     assert unknown.json()["error"] == "not_found"
+    assert encoded.status_code == 307
+    assert encoded.headers["location"] == "/api/v1/sms/messages/%2541%20%3F"
     assert followed.status_code == 201
 
 

@@ -6,10 +6,14 @@ the request's Host header and scheme, so behind a proxy that terminates TLS it c
 point a client, with its credentials, at plain http. Its Location here is relative.
 """
 
-from starlette.datastructures import URL
+from urllib.parse import quote
+
 from starlette.responses import RedirectResponse
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+# The characters that a path segment may hold unencoded (RFC 3986, section 3.3), and "/".
+PATH_SAFE_CHARACTERS = "/:@!$&'()*+,;=-._~"
 
 
 class HeadAsGetMiddleware:
@@ -46,10 +50,23 @@ def use_relative_slash_redirects(router: Router) -> None:
             }
             matches = (route.matches(toggled)[0] for route in router.routes)
             if any(match is not Match.NONE for match in matches):
-                url = URL(scope=toggled)
-                location = f"{url.path}?{url.query}" if url.query else url.path
+                location = _relative_location(toggled)
                 await RedirectResponse(location)(scope, receive, send)
                 return
         await not_found(scope, receive, send)
 
     router.default = redirect_or_not_found
+
+
+def _relative_location(scope: Scope) -> str:
+    """Return the path and query of the request in `scope`, as a relative URL.
+
+    The scope's path is decoded, so it is encoded again: unencoded, `/%2541` would
+    redirect to `/%41`, which names another path. A leading `//` would make the
+    Location name another host, so its second slash is encoded.
+    """
+    path = quote(scope["path"], safe=PATH_SAFE_CHARACTERS)
+    if path.startswith("//"):
+        path = "/%2F" + path[2:]
+    query = scope.get("query_string", b"").decode("latin-1")
+    return f"{path}?{query}" if query else path
