@@ -26,6 +26,8 @@ from service_processes import (
     wait_for_healthz,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from mensajero_common.settings import Settings
 from mensajero_common.testing import WebhookReceiver, free_port, scaled, serve_app
@@ -203,6 +205,16 @@ async def _run_full_flow(
             },
             headers=with_key,
         )
+
+        # A phone aimed at the API's port by mistake: the API refuses the handshake,
+        # and uvicorn logs the refused path with its query string.
+        with pytest.raises(InvalidStatus):
+            async with connect(
+                services.api_url.replace("http://", "ws://")
+                + f"/api/v1/android/ws?api_key={device['api_key']}",
+                open_timeout=scaled(5),
+            ):
+                pass
 
         await services.processes.start(
             "agent",

@@ -1,11 +1,38 @@
 """Structured logging setup shared by the services."""
 
 import logging
+import re
 import sys
 
 import structlog
 
 from mensajero_common.settings import Settings
+
+
+class DeviceSecretsFilter(logging.Filter):
+    """Keep device API keys and SMS bodies out of the log lines of uvicorn and websockets.
+
+    uvicorn logs every WebSocket handshake at INFO with its path and query string
+    ('"WebSocket /api/v1/android/ws?api_key=…" [accepted]'), and a device's key travels in
+    the query string. That includes a phone aimed at the wrong service's port, which
+    refuses the handshake with 403 or 404. At DEBUG, the websockets library logs the start of every frame
+    ("< %s", "> %s"), which shows the bodies of tasks and incoming SMS; the hub's own
+    "frame received" line replaces those.
+    """
+
+    _api_key = re.compile(r"(api_key=)[^&\s\"']+")
+    _frame_formats = frozenset({"< %s", "> %s"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str):
+            return True
+        if record.msg in self._frame_formats:
+            return False
+        message = record.getMessage()
+        if "api_key=" in message:
+            record.msg = self._api_key.sub(r"\1[redacted]", message)
+            record.args = None
+        return True
 
 
 def configure_logging(settings: Settings, service: str) -> None:
@@ -44,6 +71,7 @@ def configure_logging(settings: Settings, service: str) -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(DeviceSecretsFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.LOG_LEVEL.upper())

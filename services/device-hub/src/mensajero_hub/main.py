@@ -1,7 +1,5 @@
 """Entry point of `mensajero-hub`: the device WebSocket endpoint on uvicorn."""
 
-import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,36 +26,6 @@ from mensajero_hub.transport import websocket
 WEBSOCKET_IMPLEMENTATION = "websockets-sansio"
 # Seconds uvicorn waits at shutdown for sessions to finish recording their disconnects.
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 25
-
-
-class DeviceSecretsFilter(logging.Filter):
-    """Keep device API keys and SMS bodies out of the log lines of uvicorn and websockets.
-
-    uvicorn logs every WebSocket handshake at INFO with its path and query string
-    ('"WebSocket /api/v1/android/ws?api_key=…" [accepted]'), and a device's key travels in
-    the query string. At DEBUG, the websockets library logs the start of every frame
-    ("< %s", "> %s"), which shows the bodies of tasks and incoming SMS; the hub's own
-    "frame received" line replaces those.
-    """
-
-    _api_key = re.compile(r"(api_key=)[^&\s\"']+")
-    _frame_formats = frozenset({"< %s", "> %s"})
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not isinstance(record.msg, str):
-            return True
-        if record.msg in self._frame_formats:
-            return False
-        message = record.getMessage()
-        if "api_key=" in message:
-            record.msg = self._api_key.sub(r"\1[redacted]", message)
-            record.args = None
-        return True
-
-
-def install_log_filters() -> None:
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(DeviceSecretsFilter())
 
 
 def websocket_options(settings: Settings) -> dict[str, Any]:
@@ -139,7 +107,6 @@ def create_app(settings: Settings | None = None) -> HubApp:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings, "device-hub")
-    install_log_filters()
     app = create_app(settings)
     configure_garbage_collector()
     uvicorn.run(
