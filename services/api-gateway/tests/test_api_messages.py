@@ -829,6 +829,13 @@ async def test_list_filters(
         {"date_from": "2026-01-15T12:00:00Z", "date_to": "2026-01-15T12:00:00Z"}
     ) == {str(sent)}
     assert await ids({"status": "delivered"}) == set()
+    # An unencoded "+" in a query string arrives as a space.
+    unencoded = await client.get(
+        f"{MESSAGES_URL}?phone=+34612345678&date_to=2026-02-15T13:00:00+01:00",
+        headers=owner.headers,
+    )
+    assert unencoded.status_code == 200, unencoded.text
+    assert [item["id"] for item in unencoded.json()["data"]["items"]] == [str(failed)]
 
     inverted = await client.get(
         MESSAGES_URL,

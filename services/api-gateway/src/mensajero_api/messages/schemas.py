@@ -1,5 +1,6 @@
 """Request and response bodies of sending and reading messages."""
 
+import re
 import uuid
 from datetime import date, datetime
 from typing import Any, Literal
@@ -125,6 +126,10 @@ class MessagePage(BaseModel):
     limit: int
 
 
+# A time followed by a space and a UTC offset, where the offset's "+" was lost.
+_UNENCODED_PLUS_OFFSET = re.compile(r"^(.+T[\d:.]+) (\d{2}(?::?\d{2})?)$")
+
+
 class MessageListQuery(QueryParameters):
     """Query parameters of the message listings."""
 
@@ -160,6 +165,10 @@ class MessageListQuery(QueryParameters):
     def _read_date_or_datetime(
         cls, value: Any, handler: ValidatorFunctionWrapHandler
     ) -> Any:
+        # A "+" written unencoded in a query string arrives as a space, so
+        # 2026-12-06T01:00:00+01:00 arrives as 2026-12-06T01:00:00 01:00.
+        if isinstance(value, str):
+            value = _UNENCODED_PLUS_OFFSET.sub(r"\1+\2", value)
         # Kept a date, not midnight, so that date_to=2024-01-31 can include all of that day.
         if isinstance(value, str) and len(value) == len("YYYY-MM-DD"):
             try:

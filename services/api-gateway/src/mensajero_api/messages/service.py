@@ -27,7 +27,7 @@ from mensajero_api.messages.schemas import (
     SendRequest,
 )
 from mensajero_api.pagination import Listing, decode_cursor, split_page
-from mensajero_api.phones import normalize_phone_number
+from mensajero_api.phones import InvalidPhoneNumberError, normalize_phone_number
 from mensajero_api.quotas import service as quotas_service
 from mensajero_common import jsonutil, queues
 from mensajero_common.errors import ConflictError, NotFoundError, ValidationFailedError
@@ -401,7 +401,7 @@ def _build_filters(
 
     phone = None
     if query.phone is not None:
-        phone = normalize_phone_number(query.phone, user.default_region)
+        phone = _read_phone_filter(query.phone, user.default_region)
     return MessageFilters(
         statuses=tuple(query.status or ()),
         type=message_type or query.type,
@@ -410,6 +410,26 @@ def _build_filters(
         created_from=created_from,
         created_before=created_before,
     )
+
+
+def _read_phone_filter(number: str, default_region: str | None) -> str:
+    """Return the `phone` filter in E.164, or raise InvalidPhoneNumberError.
+
+    A "+" written unencoded in a query string reaches the API as a space, so
+    `phone=+34612345678` arrives as " 34612345678". A number that starts with a space
+    and is invalid as written is read again with the "+"; a number valid as written is
+    kept as it is, so no filter that worked before changes meaning.
+    """
+    try:
+        return normalize_phone_number(number, default_region)
+    except InvalidPhoneNumberError as error:
+        if not number.startswith(" ") or number.startswith("  "):
+            raise
+        as_written = error
+    try:
+        return normalize_phone_number("+" + number[1:], default_region)
+    except InvalidPhoneNumberError:
+        raise as_written from None
 
 
 async def list_messages(
