@@ -150,6 +150,21 @@ async def test_stack_names_missing_redis(
     assert "apt-get install redis-server" in str(raised.value)
 
 
+async def test_stack_names_refused_redis_database(
+    settings: Settings, processes: ProcessGroup
+) -> None:
+    redis_url = settings.REDIS_URL.rsplit("/", 1)[0] + "/99"
+    runner, _ = await _start_stack(processes, settings, REDIS_URL=redis_url)
+
+    returncode = await asyncio.wait_for(runner.process.wait(), scaled(30))
+
+    output = b"".join(line for _, line in runner.lines)
+    assert returncode == 1
+    assert b"the Redis at REDIS_URL refuses the connection" in output
+    assert b"DB index is out of range" in output
+    assert b"Traceback" not in output
+
+
 async def test_stack_probes_servers(settings: Settings) -> None:
     assert await stack.postgres_responds(settings.DATABASE_URL)
     assert await stack.redis_responds(settings.REDIS_URL)

@@ -381,6 +381,21 @@ async def redis_responds(redis_url: str) -> bool:
     return True
 
 
+async def redis_refusal(redis_url: str) -> str | None:
+    """Return why the Redis at the URL refuses this client, such as a wrong password or a
+    database index out of range, or None when it accepts it."""
+    client: Redis = Redis.from_url(
+        redis_url, socket_connect_timeout=2, socket_timeout=2
+    )
+    try:
+        await client.ping()
+    except (AuthenticationError, ResponseError) as error:
+        return str(error)
+    finally:
+        await client.aclose()
+    return None
+
+
 def find_redis_server() -> Path | None:
     on_path = shutil.which("redis-server")
     if on_path is not None:
@@ -520,6 +535,13 @@ class Stack:
                 redis,
                 lambda: redis_responds(settings.REDIS_URL),
                 SERVER_START_TIMEOUT_S,
+            )
+        refusal = await redis_refusal(settings.REDIS_URL)
+        if refusal is not None:
+            raise StackError(
+                f"the Redis at REDIS_URL refuses the connection: {refusal}. Check the "
+                "password and the database index at the end of REDIS_URL (0 to 15 on a "
+                "default Redis server)"
             )
 
         self._require_free_ports()
