@@ -19,7 +19,7 @@ from mensajero_common.models import WebhookConfig, WebhookDelivery
 from mensajero_common.settings import Settings
 from mensajero_common.testing import RebindingDNS, WebhookReceiver, scaled, serve_app
 from mensajero_common.webhook_outbox import record_message_event
-from mensajero_common.webhooks import DISABLED_GONE, EVENTS, verify
+from mensajero_common.webhooks import DISABLED_GONE, EVENTS, USER_AGENT, verify
 from mensajero_webhooks.delivery import repository as sender_repository
 
 SessionFactory = async_sessionmaker[AsyncSession]
@@ -278,6 +278,8 @@ async def test_webhook_test_reports_answer_and_logs_it(
         body,
         headers["x-webhook-signature"],
     )
+    # The same User-Agent as the webhook-sender's events.
+    assert headers["user-agent"] == USER_AGENT
     items = log.json()["data"]["items"]
     assert len(items) == 1
     assert items[0]["event"] == "webhook_test"

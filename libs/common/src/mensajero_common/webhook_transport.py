@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import httpcore
 import httpx
 
-from mensajero_common.webhooks import resolve_public_addresses
+from mensajero_common.webhooks import USER_AGENT, resolve_public_addresses
 
 # httpcore raises its own exceptions, and httpx's transport maps them to the httpx
 # classes of the same name. Subclasses come before their bases.
@@ -179,5 +179,7 @@ def create_webhook_client(*, allow_private: bool) -> httpx.AsyncClient:
     gives.
     """
     return httpx.AsyncClient(
-        transport=CheckedTransport(allow_private=allow_private), trust_env=False
+        transport=CheckedTransport(allow_private=allow_private),
+        trust_env=False,
+        headers={"User-Agent": USER_AGENT},
     )

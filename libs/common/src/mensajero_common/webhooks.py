@@ -33,6 +33,9 @@ EVENT_SMS_DELIVERED = "sms_delivered"
 EVENT_SMS_FAILED = "sms_failed"
 EVENTS = (EVENT_SMS_RECEIVED, EVENT_SMS_SENT, EVENT_SMS_DELIVERED, EVENT_SMS_FAILED)
 
+# The User-Agent of every webhook POST, test events included.
+USER_AGENT = "Mensajero-Webhooks/0.1"
+
 SECRET_PREFIX = "whsec_"
 
 # Codes of `webhookconfig.disabled_reason`, why the webhook-sender deactivated a webhook.

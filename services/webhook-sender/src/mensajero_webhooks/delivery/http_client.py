@@ -25,6 +25,7 @@ from mensajero_common.webhooks import (
     DISCONNECTED,
     PROTOCOL_ERROR,
     TLS_FAILED,
+    USER_AGENT,
     AttemptClock,
     AttemptResult,
     UnsafeWebhookURLError,
@@ -34,7 +35,6 @@ from mensajero_common.webhooks import (
     signature_headers,
 )
 
-USER_AGENT = "Mensajero-Webhooks/0.1"
 # httpx's default expiry of idle connections. Servers that close idle connections after
 # 5 s (uvicorn's default) then get the same connection reuse as with httpx.
 KEEPALIVE_EXPIRY_S = 5.0
