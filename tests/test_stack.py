@@ -108,20 +108,41 @@ async def test_stack_starts_own_servers(
     assert (run_dir / "postgres" / "PG_VERSION").exists()
 
 
+async def _restarted_pid(runner: Child, name: str, old_pid: int) -> int:
+    """Wait until the runner has started `name` again, and return its new pid."""
+    async with asyncio.timeout(scaled(30)):
+        while (pid := _started_pids(runner)[name]) == old_pid:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return pid
+
+
 @pytest.mark.e2e
-async def test_stack_stops_when_service_dies(
+async def test_stack_restarts_service_that_dies(
     settings: Settings, processes: ProcessGroup, redis
 ) -> None:
-    runner, _ = await _start_stack(processes, settings)
+    runner, api_port = await _start_stack(processes, settings)
     await _wait_for_line(runner, READY_LINE, timeout_s=60)
-    pids = _started_pids(runner)
+    first = _started_pids(runner)
+    await asyncio.sleep(stack.RESTART_MIN_UPTIME_S)
 
-    os.kill(pids["dispatcher"], signal.SIGKILL)
+    os.kill(first["dispatcher"], signal.SIGKILL)
+    second_pid = await _restarted_pid(runner, "dispatcher", first["dispatcher"])
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{api_port}/healthz")
+
+    assert any(b"starting it again" in line for _, line in runner.lines)
+    assert runner.process.returncode is None
+    assert response.status_code == 200
+
+    # Well within RESTART_MIN_UPTIME_S of its restart, as a service failing on its own.
+    os.kill(second_pid, signal.SIGKILL)
     returncode = await asyncio.wait_for(runner.process.wait(), scaled(30))
 
     assert returncode == 1
-    assert any(b"dispatcher exited with code" in line for _, line in runner.lines)
-    assert [name for name, pid in pids.items() if _is_running(pid)] == []
+    assert any(b"so the whole stack stops" in line for _, line in runner.lines)
+    assert [
+        name for name, pid in _started_pids(runner).items() if _is_running(pid)
+    ] == []
 
 
 async def test_stack_names_missing_postgres(

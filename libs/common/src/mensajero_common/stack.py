@@ -65,6 +65,11 @@ STOP_TIMEOUT_S = 10.0
 # waits (SHUTDOWN_GRACE_MARGIN_S in mensajero_webhooks.main).
 WEBHOOK_STOP_MARGIN_S = 5.0
 CHECK_INTERVAL_S = 0.2
+# A service that exits after running this long is started again, after RESTART_DELAY_S.
+# One that exits sooner, from its start or its last restart, is failing on its own (a
+# setting, a port, a bug), so the whole stack stops and shows its output.
+RESTART_MIN_UPTIME_S = 10.0
+RESTART_DELAY_S = 1.0
 OUTPUT_CHUNK_BYTES = 65536
 # Under MENSAJERO_RUN_DIR: the key that signs the local stack's tokens when SECRET_KEY is
 # the default.
@@ -110,6 +115,8 @@ class Child:
     process: asyncio.subprocess.Process
     output: asyncio.Task[None]
     stop_signal: signal.Signals = signal.SIGTERM
+    # The event loop's time when the process started.
+    started_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
     @property
     def exited(self) -> bool:
@@ -640,6 +647,14 @@ class Stack:
                 wait.cancel()
         return waits[next(iter(done))]
 
+    async def restart(self, child: Child) -> Child:
+        """Start an exited service again, in its place among the services."""
+        await child.output
+        script = dict(SERVICES)[child.name]
+        restarted = await start_child(child.name, [find_script(script)])
+        self.services[self.services.index(child)] = restarted
+        return restarted
+
     async def stop(self) -> None:
         """Stop the services, then the servers they use."""
         timeouts = (service_stop_timeout_s(self.settings), STOP_TIMEOUT_S)
@@ -689,12 +704,22 @@ async def run_stack(settings: Settings, run_dir: Path) -> int:
     try:
         await _unless_stopped(stop, stack.start())
         stack.print_urls()
-        exited = await _unless_stopped(stop, stack.wait_for_exit())
-        say(
-            f"{exited.name} exited with code {exited.process.returncode}, "
-            "so the whole stack stops"
-        )
-        return 1
+        while True:
+            exited = await _unless_stopped(stop, stack.wait_for_exit())
+            uptime_s = loop.time() - exited.started_at
+            code = exited.process.returncode
+            if exited not in stack.services or uptime_s < RESTART_MIN_UPTIME_S:
+                say(
+                    f"{exited.name} exited with code {code} after {uptime_s:.0f} s, "
+                    "so the whole stack stops; see its output above"
+                )
+                return 1
+            say(
+                f"{exited.name} exited with code {code} after {uptime_s:.0f} s; "
+                f"starting it again in {RESTART_DELAY_S:.0f} s"
+            )
+            await _unless_stopped(stop, asyncio.sleep(RESTART_DELAY_S))
+            await stack.restart(exited)
     except Interrupted:
         return 0
     except StackError as error:
