@@ -19,11 +19,16 @@ from mensajero_common.keys import RedisKeys
 
 DELIVERY_JOB = "webhook_delivery.send"
 
+# The webhooks are locked FOR KEY SHARE, as the deliveries' foreign key check would lock
+# them. A webhook that a concurrent transaction is deleting is waited for and then
+# skipped once that delete commits. Without the lock the statement would read it, insert
+# its delivery, and fail on the foreign key, losing the caller's whole transaction.
 _RECORD_EVENT = text(
     """
     WITH hooks AS (
         SELECT id FROM webhookconfig
         WHERE user_id = :user_id AND is_active AND CAST(:event AS varchar) = ANY(events)
+        FOR KEY SHARE
     ),
     inserted AS (
         INSERT INTO webhookevent (id, user_id, message_id, event, body)

@@ -73,11 +73,25 @@ async def count_usable_api_keys(
 
 
 async def get_api_key(
-    session: AsyncSession, user_id: uuid.UUID, key_id: uuid.UUID
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    key_id: uuid.UUID,
+    *,
+    for_update: bool = False,
 ) -> UserApiKey | None:
+    """Find the user's key; with `for_update`, lock its row (FOR NO KEY UPDATE) until the
+    transaction ends and read its current values.
+
+    The request may have authenticated with this very key, so the session can hold it
+    already, with the values read before the lock.
+    """
     statement = select(UserApiKey).where(
         UserApiKey.id == key_id, UserApiKey.user_id == user_id
     )
+    if for_update:
+        statement = statement.with_for_update(key_share=True).execution_options(
+            populate_existing=True
+        )
     return (await session.scalars(statement)).one_or_none()
 
 

@@ -117,9 +117,11 @@ async def list_api_keys(
 
 
 async def get_api_key(
-    session: AsyncSession, user: User, key_id: uuid.UUID
+    session: AsyncSession, user: User, key_id: uuid.UUID, *, for_update: bool = False
 ) -> UserApiKey:
-    api_key = await repository.get_api_key(session, user.id, key_id)
+    api_key = await repository.get_api_key(
+        session, user.id, key_id, for_update=for_update
+    )
     if api_key is None:
         raise ApiKeyNotFoundError(key_id)
     return api_key
@@ -128,8 +130,12 @@ async def get_api_key(
 async def revoke_api_key(
     session: AsyncSession, user: User, key_id: uuid.UUID
 ) -> UserApiKey:
-    """Revoke the key and commit; revoking it again keeps the first revocation time."""
-    api_key = await get_api_key(session, user, key_id)
+    """Revoke the key and commit; revoking it again keeps the first revocation time.
+
+    The row is locked before revoked_at is read, so that of concurrent revocations only
+    the first one writes it.
+    """
+    api_key = await get_api_key(session, user, key_id, for_update=True)
     if api_key.revoked_at is None:
         api_key.revoked_at = datetime.now(UTC)
         await session.commit()

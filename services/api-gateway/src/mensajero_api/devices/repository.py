@@ -4,6 +4,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -68,12 +69,32 @@ async def list_devices(
     return (await session.scalars(statement.limit(limit))).all()
 
 
+# Row locks that get_device can take until the transaction ends: "update" (FOR NO KEY
+# UPDATE) before changing the device's row, "key_share" (FOR KEY SHARE) before inserting
+# a message that references it. Only the first makes other updates of the device wait.
+DeviceLock = Literal["update", "key_share"]
+
+
 async def get_device(
-    session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    device_id: uuid.UUID,
+    *,
+    lock: DeviceLock | None = None,
 ) -> SMSDevice | None:
+    """Find the user's device, and lock its row if `lock` is given.
+
+    Either lock makes a concurrent delete of the device wait for the caller's
+    transaction. When the delete commits first, the locked read returns None, so the
+    caller never goes on to update a row that is gone or reference it.
+    """
     statement = select(SMSDevice).where(
         SMSDevice.id == device_id, SMSDevice.user_id == user_id
     )
+    if lock is not None:
+        statement = statement.with_for_update(
+            read=lock == "key_share", key_share=True
+        ).execution_options(populate_existing=True)
     return (await session.scalars(statement)).one_or_none()
 
 

@@ -55,9 +55,15 @@ def _key_expiry(expires_in_days: int | None) -> datetime | None:
 
 
 async def get_device(
-    session: AsyncSession, user: User, device_id: uuid.UUID
+    session: AsyncSession,
+    user: User,
+    device_id: uuid.UUID,
+    *,
+    lock: repository.DeviceLock | None = None,
 ) -> SMSDevice:
-    device = await repository.get_device(session, user.id, device_id)
+    """Return the user's device, its row locked if `lock` is given (see
+    repository.get_device), or raise DeviceNotFoundError."""
+    device = await repository.get_device(session, user.id, device_id, lock=lock)
     if device is None:
         raise DeviceNotFoundError(device_id)
     return device
@@ -118,6 +124,18 @@ async def register_device(
     return device, api_key
 
 
+async def _save_and_reload(session: AsyncSession, device: SMSDevice) -> None:
+    """Write the changes to a device that get_device locked, load it back, and commit.
+
+    updated_at is set by the database on UPDATE, so it is read back. That happens
+    before the commit, while the row is still locked: once the commit releases it, a
+    concurrent delete may remove the row, and the read would fail.
+    """
+    await session.flush()
+    await session.refresh(device)
+    await session.commit()
+
+
 async def update_device(
     session: AsyncSession,
     redis: Redis,
@@ -126,7 +144,7 @@ async def update_device(
     device_id: uuid.UUID,
     data: DeviceUpdate,
 ) -> SMSDevice:
-    device = await get_device(session, user, device_id)
+    device = await get_device(session, user, device_id, lock="update")
     changes = data.model_dump(include=data.model_fields_set)
     if changes.get("phone_number") is not None:
         changes["phone_number"] = normalize_phone_number(
@@ -136,9 +154,7 @@ async def update_device(
     was_active = device.is_active
     for name, value in changes.items():
         setattr(device, name, value)
-    await session.commit()
-    # updated_at is set by the database on UPDATE, so load it back.
-    await session.refresh(device)
+    await _save_and_reload(session, device)
 
     if was_active and not device.is_active:
         logger.info("device disabled", user_id=str(user.id), device_id=str(device.id))
@@ -159,7 +175,7 @@ async def rotate_api_key(
 
     The new key expires after `expires_in_days`, or never when it is None.
     """
-    device = await get_device(session, user, device_id)
+    device = await get_device(session, user, device_id, lock="update")
     api_key = apikeys.generate_api_key(settings.DEVICE_API_KEY_PREFIX)
     device.api_key_hash = apikeys.hash_api_key(api_key)
     device.api_key_prefix = apikeys.display_prefix(api_key)
@@ -168,8 +184,7 @@ async def rotate_api_key(
     # device-hub writes the same status when the connection ends.
     if device.status == DeviceStatus.ONLINE:
         device.status = DeviceStatus.OFFLINE
-    await session.commit()
-    await session.refresh(device)
+    await _save_and_reload(session, device)
 
     logger.info(
         "device API key rotated", user_id=str(user.id), device_id=str(device.id)

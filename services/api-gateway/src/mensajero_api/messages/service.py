@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.blank_text import is_blank
@@ -42,6 +43,9 @@ from mensajero_common.segments import count_segments
 from mensajero_common.settings import Settings
 
 logger = structlog.get_logger(__name__)
+
+# Postgres SQLSTATE of foreign_key_violation.
+FOREIGN_KEY_VIOLATION = "23503"
 
 # Marks the request kind in the stored request hash, so that one key reused for another
 # endpoint (a bulk send, say) counts as a different request.
@@ -167,10 +171,19 @@ def check_body(body: str, settings: Settings) -> None:
 async def check_sending_device(
     session: AsyncSession, user: User, device_id: uuid.UUID | None
 ) -> None:
-    """Raise unless `device_id` is None or an active device of the user."""
+    """Raise unless `device_id` is None or an active device of the user.
+
+    The device's row stays locked (FOR KEY SHARE, as the message's foreign key check
+    would lock it) until the transaction ends. So a concurrent delete of the device
+    waits for the message instead of removing the row that its insert references. The
+    lock is taken before the quota row's, in the order in which the delete takes them,
+    so a send and a delete cannot deadlock on these two rows.
+    """
     if device_id is None:
         return
-    device = await devices_service.get_device(session, user, device_id)
+    device = await devices_service.get_device(
+        session, user, device_id, lock="key_share"
+    )
     if not device.is_active:
         raise devices_service.DeviceInactiveError(device.id)
 
@@ -282,7 +295,17 @@ async def _insert_then_charge(
     # The insert comes before the quota charge: a concurrent request with the same key
     # waits on it and then replays this message, instead of being refused by a quota
     # that this message has just used up.
-    message = await repository.insert_outgoing(session, values)
+    try:
+        message = await repository.insert_outgoing(session, values)
+    except IntegrityError as error:
+        # The rollback before this call released the lock of check_sending_device, and
+        # the device has been deleted since.
+        if (
+            values["device_id"] is None
+            or getattr(error.orig, "sqlstate", None) != FOREIGN_KEY_VIOLATION
+        ):
+            raise
+        raise devices_service.DeviceNotFoundError(values["device_id"]) from None
     if message is None:
         assert idempotency_key is not None
         existing = await repository.get_message_by_idempotency_key(

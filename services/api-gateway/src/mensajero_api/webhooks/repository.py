@@ -18,11 +18,25 @@ from mensajero_common.models import (
 
 
 async def get_webhook(
-    session: AsyncSession, user_id: uuid.UUID, webhook_id: uuid.UUID
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    webhook_id: uuid.UUID,
+    *,
+    for_update: bool = False,
 ) -> WebhookConfig | None:
+    """Find the user's webhook; with `for_update`, lock its row (FOR NO KEY UPDATE)
+    until the transaction ends.
+
+    The lock makes a concurrent delete of the webhook wait. When the delete commits
+    first, the locked read returns None instead of a row that the update would miss.
+    """
     statement = select(WebhookConfig).where(
         WebhookConfig.id == webhook_id, WebhookConfig.user_id == user_id
     )
+    if for_update:
+        statement = statement.with_for_update(key_share=True).execution_options(
+            populate_existing=True
+        )
     return (await session.scalars(statement)).one_or_none()
 
 

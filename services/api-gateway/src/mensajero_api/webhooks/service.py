@@ -169,9 +169,15 @@ async def _check_url(settings: Settings, url: str) -> None:
 
 
 async def get_webhook(
-    session: AsyncSession, user: User, webhook_id: uuid.UUID
+    session: AsyncSession,
+    user: User,
+    webhook_id: uuid.UUID,
+    *,
+    for_update: bool = False,
 ) -> WebhookConfig:
-    webhook = await repository.get_webhook(session, user.id, webhook_id)
+    webhook = await repository.get_webhook(
+        session, user.id, webhook_id, for_update=for_update
+    )
     if webhook is None:
         raise WebhookNotFoundError(webhook_id)
     return webhook
@@ -238,7 +244,7 @@ async def update_webhook(
     webhook_id: uuid.UUID,
     data: WebhookUpdate,
 ) -> WebhookConfig:
-    webhook = await get_webhook(session, user, webhook_id)
+    await get_webhook(session, user, webhook_id)
     changes = data.model_dump(exclude_unset=True)
     if changes.get("events") is not None:
         changes["events"] = _check_events(changes["events"])
@@ -247,6 +253,9 @@ async def update_webhook(
     if changes.get("secret_key") is not None:
         _check_secret(changes["secret_key"])
 
+    # Read again with the row locked, after the URL check, which may wait on DNS: a
+    # delete that committed meanwhile gives 404 here instead of an UPDATE of no row.
+    webhook = await get_webhook(session, user, webhook_id, for_update=True)
     for field, value in changes.items():
         if value is not None:
             setattr(webhook, field, value)
