@@ -298,3 +298,41 @@ async def test_full_run_logs_no_secrets(
     )
     assert secret_leaks == []
     assert body_leaks == []
+
+
+async def test_agent_with_wrong_url_logs_no_key(
+    debug_services: RunningServices,
+) -> None:
+    # The websockets library quotes the whole URL in its errors, and the agent sends
+    # the key in the URL's query.
+    device_key = f"mdk_{uuid.uuid4().hex}{uuid.uuid4().hex}"
+    hub_path = "/api/v1/android/ws"
+    api_ws_url = debug_services.api_url.replace("http://", "ws://", 1) + hub_path
+    processes = debug_services.processes
+    # The API's port, as when --url names the wrong port.
+    wrong_port = await processes.start(
+        "agent-wrong-port",
+        ["mensajero-agent", "--url", api_ws_url, "--run-for-s", "2"],
+        {**debug_services.env, "MENSAJERO_DEVICE_API_KEY": device_key},
+    )
+    wrong_scheme = await processes.start(
+        "agent-wrong-scheme",
+        ["mensajero-agent", "--url", debug_services.api_url + hub_path],
+        {**debug_services.env, "MENSAJERO_DEVICE_API_KEY": device_key},
+    )
+    async with asyncio.timeout(scaled(20)):
+        await wrong_port.process.wait()
+        await wrong_scheme.process.wait()
+    await processes.stop_all()
+
+    # The API's log has the request line, query included.
+    logs = ["agent-wrong-port", "agent-wrong-scheme", "api"]
+    leaks = _find_leaks(processes.log_dir, {"device key": device_key}, logs)
+    wrong_port_log = wrong_port.log_path.read_text()
+    wrong_scheme_log = wrong_scheme.log_path.read_text()
+
+    assert wrong_port.process.returncode == 0, wrong_port_log
+    assert "another service" in wrong_port_log
+    assert wrong_scheme.process.returncode == 2, wrong_scheme_log
+    assert "invalid --url" in wrong_scheme_log
+    assert leaks == []

@@ -20,12 +20,18 @@ them. With a ledger file, the outbox outlives a restart of the agent too. A task
 offered again is never sent again: the agent reports the outcome it recorded. Only a
 new `attempt` of a message whose send failed with nothing sent is sent again (the
 server's retry), and a task past its `expires_at` is reported `expired` and not sent.
+
+`stop()` stops gracefully: the agent takes no new task, lets the sends in flight finish
+and their reports reach the hub within `stop_grace_s`, and only then cuts short what is
+left (see `Agent.stop`). A `sent` SMS whose delivery report was still due when the agent
+stopped or was killed gets that report after a restart with the same ledger file.
 """
 
 import asyncio
 import contextlib
 import random
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,13 +39,19 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
 
 from mensajero_agent import __version__
 from mensajero_agent.backend import SendingBackend, SendOutcome, SimulatedBackend
 from mensajero_agent.events import EventHandler, make_event
 from mensajero_agent.ledger import MessageLedger, Outcome
 from mensajero_agent.pacing import FramePacer, frame_rate_per_s
+from mensajero_agent.urls import handshake_failure_message, redact_api_key
 
 PROTOCOL_VERSION = 1
 
@@ -84,6 +96,12 @@ REGISTER_PERMANENT_ERRORS = frozenset(
 # The agent's own close of a connection whose `register` the hub rejected.
 CLOSE_NORMAL = 1000
 REASON_REGISTER_REJECTED = "register rejected"
+
+# After the stop grace period, the seconds that `stop()` waits for the acks of the
+# `failed` reports of the sends it cut short, before it closes the connection.
+STOP_REPORT_WAIT_S = 1.0
+# The error of a send that `stop()` cut short before the SMS went out.
+SEND_CUT_BY_STOP = "send cancelled before the SMS went out, because the agent stopped"
 
 
 class AgentStoppedError(Exception):
@@ -156,6 +174,9 @@ class AgentConfig:
     # register ack applies when it is lower or this is None, and DEFAULT_FRAMES_PER_S
     # of mensajero_agent.pacing when the ack has none either.
     max_frames_per_s: float | None = None
+    # Seconds that `stop()` waits for the sends in flight to finish and for the hub to
+    # acknowledge their reports, before it cuts the sends short.
+    stop_grace_s: float = 5.0
 
 
 @dataclass
@@ -233,7 +254,15 @@ class Agent:
         self._outgoing: asyncio.Queue[_Outgoing] | None = None
         self._queued_request_ids: set[str] = set()
         self._pacer: FramePacer | None = None
+        # Set by `stop()`: no new task is sent from then on.
         self._stopping = asyncio.Event()
+        # Set when the stop grace period ends, early on a second `stop()`.
+        self._grace_over = asyncio.Event()
+        # Set once the agent stops for good: it closes and does not reconnect.
+        self._closed = asyncio.Event()
+        # Set on each change that may end a wait of `stop()`: a send that ends, an ack,
+        # the end of a connection.
+        self._progress = asyncio.Event()
         # request_id → frame of every report and incoming SMS not acknowledged yet,
         # starting with those that a ledger file kept from an earlier run.
         self._outbox: dict[str, dict[str, Any]] = self.ledger.unacknowledged_frames()
@@ -260,10 +289,11 @@ class Agent:
     async def run(self) -> None:
         """Connect and serve until `stop()`; raise AgentStoppedError on a fatal close."""
         attempt = 0
+        self._resume_deliveries()
         try:
-            while not self._stopping.is_set():
+            while not self._closed.is_set():
                 code, reason, was_registered = await self._connect_once()
-                if self._stopping.is_set():
+                if self._closed.is_set():
                     break
                 if self._register_rejection is not None:
                     self._emit(
@@ -303,14 +333,56 @@ class Agent:
                 )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay_s):
-                        await self._stopping.wait()
+                        await self._closed.wait()
         finally:
-            for task in list(self._in_flight.values()):
-                task.cancel()
+            self._closed.set()
+            await self._cancel_in_flight()
             self._emit("stopped")
 
     async def stop(self) -> None:
+        """Stop taking tasks, let the sends in flight finish, then close.
+
+        1. From now on a task that needs a send is left to the server, which offers it
+           again on the next connection.
+        2. Wait up to `stop_grace_s` until no send is in flight and, while connected, the
+           hub has acknowledged every report and incoming SMS of the outbox.
+        3. Cancel the sends still in flight. A send that the backend had not finished is
+           reported `failed` and retryable when the backend guarantees that nothing went
+           out (see SendingBackend.unsent_when_cancelled). Otherwise its ledger record
+           stays `sending`, an unknown outcome that is never sent again. A `sent` SMS
+           keeps its delivery report due for the next run with the same ledger file.
+           A task whose `sending` claim got no answer yet is not reported, because the
+           answer may say that the SMS went out. The server offers it again on the next
+           connection, and ends it after its report timeout if the agent does not return.
+        4. Wait up to STOP_REPORT_WAIT_S for the acks of those reports, then close.
+
+        A second call while the first one waits, such as a second Ctrl-C, ends the grace
+        period at once.
+        """
+        if self._closed.is_set():
+            return
+        if self._stopping.is_set():
+            self._grace_over.set()
+            self._progress.set()
+            return
+
         self._stopping.set()
+        self._emit(
+            "stopping",
+            in_flight=len(self._in_flight),
+            grace_s=self.config.stop_grace_s,
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.stop_grace_s):
+                await self._wait_until(self._drained, stop_at_grace_end=True)
+        self._grace_over.set()
+
+        await self._cancel_in_flight()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_REPORT_WAIT_S):
+                await self._wait_until(self._outbox_settled)
+
+        self._closed.set()
         socket = self._socket
         if socket is not None:
             await socket.close(1000, "agent stopping")
@@ -342,6 +414,31 @@ class Agent:
         """Reports and incoming SMS that wait for an ack."""
         return len(self._outbox)
 
+    # Stopping.
+
+    def _outbox_settled(self) -> bool:
+        """Tell whether the outbox has nothing left that could be acknowledged now."""
+        connected = self._outgoing is not None and self.registered.is_set()
+        return not connected or not self._outbox
+
+    def _drained(self) -> bool:
+        return not self._in_flight and self._outbox_settled()
+
+    async def _wait_until(
+        self, condition: Callable[[], bool], *, stop_at_grace_end: bool = False
+    ) -> None:
+        while not condition():
+            if stop_at_grace_end and self._grace_over.is_set():
+                return
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def _cancel_in_flight(self) -> None:
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # One connection.
 
     async def _connect_once(self) -> tuple[int, str, bool]:
@@ -365,13 +462,19 @@ class Agent:
                 user_agent_header=self.config.app_version,
             ) as socket:
                 self._socket = socket
+                if self._closed.is_set():
+                    # `stop()` closed the agent while the handshake was under way.
+                    return CLOSE_NORMAL, "agent stopping", False
                 self._emit("connected", url=url_without_key(self.config.url))
                 return await self._serve(socket)
         except ConnectionClosed as closed:
             code, reason = self._close_details(closed)
             return code, reason, self.registered.is_set()
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as error:
-            self._emit("error", error="connect_failed", message=str(error))
+            message = str(error)
+            if isinstance(error, InvalidStatus):
+                message = handshake_failure_message(error)
+            self._emit("error", error="connect_failed", message=message)
             return 1006, str(error), False
         finally:
             self._socket = None
@@ -421,6 +524,7 @@ class Agent:
         finally:
             self._outgoing = None
             self._pacer = None
+            self._progress.set()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -486,6 +590,7 @@ class Agent:
             self._sent_at_s.pop(request_id, None)
             self.ledger.drop_frame(request_id)
             self._answer_claim(request_id, frame)
+            self._progress.set()
         if of == "sms_report":
             self._emit(
                 "report_ack",
@@ -527,6 +632,7 @@ class Agent:
             self._sent_at_s.pop(request_id, None)
             self.ledger.drop_frame(request_id)
             self._answer_claim(request_id, frame)
+            self._progress.set()
 
     def _wait_retry_after(self, code: object, retry_after_s: float) -> None:
         """Send nothing for `retry_after_s` after `rate_limited`, and reconnect no sooner
@@ -587,10 +693,46 @@ class Agent:
                 self.ledger.record(message_id, "expired", error, attempt=attempt)
                 self._report(message_id, "expired", error, attempt=attempt)
             return
+        if self._stopping.is_set():
+            # The task stays with the server, which offers it again on the next
+            # connection.
+            self._emit(
+                "task_dropped",
+                message_id=message_id,
+                attempt=attempt,
+                status=None,
+                reason="stopping",
+                error=None,
+            )
+            return
 
-        task = asyncio.create_task(self._send_sms(message_id, frame, attempt))
+        self._start_in_flight(message_id, self._send_sms(message_id, frame, attempt))
+
+    def _start_in_flight(
+        self, message_id: str, work: Coroutine[Any, Any, None]
+    ) -> None:
+        task = asyncio.create_task(work)
         self._in_flight[message_id] = task
-        task.add_done_callback(lambda _: self._in_flight.pop(message_id, None))
+
+        def forget(_: "asyncio.Task[None]") -> None:
+            self._in_flight.pop(message_id, None)
+            self._progress.set()
+
+        task.add_done_callback(forget)
+
+    def _resume_deliveries(self) -> None:
+        """Wait again for the delivery reports that were due when an earlier run ended.
+
+        The wait starts over, because the ledger does not store how long the earlier one
+        had left.
+        """
+        for message_id, outcome in self.ledger.deliveries_due():
+            if message_id in self._in_flight:
+                continue
+            task = {"message_id": message_id, "attempt": outcome.attempt}
+            self._start_in_flight(
+                message_id, self._await_delivery(message_id, task, outcome.attempt)
+            )
 
     def _report_known(
         self, message_id: str, known: Outcome, attempt: int | None
@@ -633,17 +775,43 @@ class Agent:
 
         try:
             outcome = await self.backend.send(task)
+        except asyncio.CancelledError:
+            self._record_cut_send(message_id, attempt)
+            raise
         except Exception as error:
             outcome = SendOutcome.failed(f"backend error: {error}")
-        self._record_and_report(message_id, task, outcome, attempt)
-        if outcome.status != "sent":
-            return
+        sent = outcome.status == "sent"
+        self._record_and_report(message_id, task, outcome, attempt, delivery_due=sent)
+        if sent:
+            await self._await_delivery(message_id, task, attempt)
 
+    def _record_cut_send(self, message_id: str, attempt: int | None) -> None:
+        """Report `failed` and retryable for a send cancelled before it returned, when
+        the backend guarantees that nothing went out.
+
+        Otherwise the record stays `sending`: the outcome is unknown, and the next start
+        with the same ledger file reports the message `failed` and not retryable.
+        """
+        if not self.backend.unsent_when_cancelled:
+            return
+        with self.ledger.atomic():
+            self.ledger.record(message_id, "failed", SEND_CUT_BY_STOP, attempt=attempt)
+            self._report(message_id, "failed", SEND_CUT_BY_STOP, attempt=attempt)
+
+    async def _await_delivery(
+        self, message_id: str, task: dict[str, Any], attempt: int | None
+    ) -> None:
+        """Wait for the delivery report of a sent SMS, then record and report it.
+
+        Until then the ledger record is `sent` with `delivery_due`, so that a cancel or a
+        kill leaves the wait to the next run (see `_resume_deliveries`).
+        """
         try:
             delivery = await self.backend.wait_for_delivery(task)
         except Exception as error:
             delivery = SendOutcome.failed(f"backend error: {error}")
         if delivery is None:
+            self.ledger.record(message_id, "sent", attempt=attempt)
             return
         self._record_and_report(message_id, task, delivery, attempt)
 
@@ -694,6 +862,8 @@ class Agent:
         task: dict[str, Any],
         outcome: SendOutcome,
         attempt: int | None,
+        *,
+        delivery_due: bool = False,
     ) -> None:
         """Record an outcome and queue its reports as one change of the ledger file.
 
@@ -703,7 +873,11 @@ class Agent:
         """
         with self.ledger.atomic():
             self.ledger.record(
-                message_id, outcome.status, outcome.error, attempt=attempt
+                message_id,
+                outcome.status,
+                outcome.error,
+                attempt=attempt,
+                delivery_due=delivery_due,
             )
             self._report_outcome(message_id, task, outcome, attempt)
 
@@ -900,8 +1074,13 @@ class Agent:
                 item.written.set_result(None)
 
     def _emit(self, event_name: str, /, **fields: Any) -> None:
-        if self._on_event is not None:
-            self._on_event(make_event(event_name, **fields))
+        if self._on_event is None:
+            return
+        # Error texts of the websockets library quote the URL, and with it the key.
+        for name, value in fields.items():
+            if isinstance(value, str):
+                fields[name] = redact_api_key(value, self.config.api_key)
+        self._on_event(make_event(event_name, **fields))
 
 
 def _fail_waiters(

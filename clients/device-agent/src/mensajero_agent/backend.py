@@ -29,6 +29,11 @@ class SendOutcome:
 class SendingBackend(ABC):
     """Sends the SMS of a task; a real phone would call Android's SmsManager here."""
 
+    # True when a `send` cancelled before it returns never sent the SMS. The agent then
+    # reports such a send `failed` and retryable when it stops. Otherwise the outcome of
+    # a cancelled send is unknown, so the agent never sends that attempt again.
+    unsent_when_cancelled: bool = False
+
     @abstractmethod
     async def send(self, task: dict[str, Any]) -> SendOutcome:
         """Send the task's SMS and return whether the network accepted it."""
@@ -38,7 +43,8 @@ class SendingBackend(ABC):
         """Wait for the delivery report of a sent SMS; None when none will come.
 
         Returns `SendOutcome("delivered")`, or `failed` when the network reports that the
-        SMS could not be delivered.
+        SMS could not be delivered. After a restart of the agent, `task` has only
+        `message_id` and `attempt`, because the state file does not keep the task.
         """
 
 
@@ -47,7 +53,10 @@ class SimulatedBackend(SendingBackend):
 
     Delivery reports come `delivery_delay_ms` after a successful send; with
     `delivery_reports=False` none come, like a phone whose carrier sends no reports.
+    A send cancelled during its delay has sent nothing.
     """
+
+    unsent_when_cancelled = True
 
     def __init__(
         self,

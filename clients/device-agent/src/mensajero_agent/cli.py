@@ -1,13 +1,15 @@
 """`mensajero-agent`: run a simulated phone against a device-hub.
 
 Prints one JSON line per event on stdout (connected, registered, task, task_dropped,
-report, report_ack, incoming, incoming_ack, error, paused, disconnected, stopped) so that scripts and
-demos can follow it. The exit statuses are in EXIT_STATUSES.
+report, report_ack, incoming, incoming_ack, error, paused, disconnected, stopping,
+stopped) so that scripts and demos can follow it. The exit statuses are in EXIT_STATUSES.
+No output contains the API key.
 """
 
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -27,6 +29,7 @@ from mensajero_agent.agent import (
 from mensajero_agent.backend import SimulatedBackend
 from mensajero_agent.ledger import MessageLedger
 from mensajero_agent.pacing import DEFAULT_FRAMES_PER_S
+from mensajero_agent.urls import invalid_url_reason, redact_api_key
 
 DEFAULT_URL = "ws://127.0.0.1:8001/api/v1/android/ws"
 API_KEY_ENV = "MENSAJERO_DEVICE_API_KEY"
@@ -36,7 +39,8 @@ EXIT_STOPPED_BY_SERVER = 3
 EXIT_REGISTER_REJECTED = 4
 EXIT_STATUSES = f"""\
 exit status:
-  0  stopped by Ctrl-C, SIGTERM or --run-for-s
+  0  stopped by Ctrl-C, SIGTERM or --run-for-s (a second Ctrl-C or SIGTERM ends the
+     --stop-grace-s wait at once)
   {EXIT_INVALID_KEY}  invalid options, or an invalid API key or a disabled device or account
      (close code 4001)
   {EXIT_STOPPED_BY_SERVER}  the key was revoked, or another connection with the same key
@@ -144,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many seconds (default: run until stopped)",
     )
     parser.add_argument(
+        "--stop-grace-s",
+        type=float,
+        default=5.0,
+        help="on Ctrl-C, SIGTERM or --run-for-s, seconds to let the sends in flight "
+        "finish and be reported before they are cut short (default 5)",
+    )
+    parser.add_argument(
         "--backoff-max-s",
         type=float,
         default=30.0,
@@ -160,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 def print_event(event: dict[str, Any]) -> None:
     sys.stdout.write(orjson.dumps(event).decode() + "\n")
     sys.stdout.flush()
+
+
+def print_error(text: str, api_key: str) -> None:
+    # The hub's close reason and messages are printed too, so they are redacted.
+    sys.stderr.write(redact_api_key(text, api_key) + "\n")
 
 
 def stopped_hint(error: AgentStoppedError) -> str:
@@ -209,6 +225,7 @@ async def run(args: argparse.Namespace) -> int:
             language=args.language,
             report_parts=args.report_parts,
             max_frames_per_s=args.max_frames_per_s,
+            stop_grace_s=args.stop_grace_s,
         ),
         SimulatedBackend(
             send_delay_ms=args.send_delay_ms,
@@ -236,11 +253,11 @@ async def run(args: argparse.Namespace) -> int:
     try:
         await agent.run()
     except RegisterRejectedError as error:
-        sys.stderr.write(f"mensajero-agent: {error}\n")
+        print_error(f"mensajero-agent: {error}", args.api_key)
         sys.stderr.write(register_rejected_hint(error) + "\n")
         return EXIT_REGISTER_REJECTED
     except AgentStoppedError as error:
-        sys.stderr.write(f"mensajero-agent: {error}\n")
+        print_error(f"mensajero-agent: {error}", args.api_key)
         if error.code != CLOSE_INVALID_API_KEY:
             return EXIT_STOPPED_BY_SERVER
         sys.stderr.write(stopped_hint(error) + "\n")
@@ -256,6 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error(f"missing API key: pass --api-key or set {API_KEY_ENV}")
+    url_problem = invalid_url_reason(args.url)
+    if url_problem is not None:
+        redacted_url = redact_api_key(args.url, args.api_key)
+        parser.error(
+            f"invalid --url {redacted_url!r}: {url_problem}. Use the device-hub's WebSocket "
+            f"URL, such as {DEFAULT_URL}"
+        )
     if not 0.0 <= args.failure_rate <= 1.0:
         parser.error(
             f"invalid --failure-rate {args.failure_rate}: use a value from 0 to 1"
@@ -263,6 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.send_delay_ms < 0 or args.delivery_delay_ms < 0:
         parser.error(
             "invalid delay: --send-delay-ms and --delivery-delay-ms must be 0 or more"
+        )
+
+    if not (math.isfinite(args.stop_grace_s) and args.stop_grace_s >= 0):
+        parser.error(
+            f"invalid --stop-grace-s {args.stop_grace_s}: use a number of seconds, "
+            "0 or more"
         )
 
     if args.max_frames_per_s is not None and not args.max_frames_per_s > 0:

@@ -1,16 +1,19 @@
 """Events the agent reports as it works, and a recorder that tests wait on.
 
 Every event is a dict with `event` (its name), `at` (ISO 8601 UTC) and its own fields:
-connected, registered, task, task_dropped (a task whose `sending` claim the server
-rejected, so the agent did not send it), report, report_ack, incoming, incoming_ack,
-error, paused (sending stopped for the `retry_after_s` of a `rate_limited` error),
-disconnected, stopped. The command line prints each one as a JSON line.
+connected, registered, task, task_dropped (a task that the agent did not send, see
+below), report, report_ack, incoming, incoming_ack, error, paused (sending stopped for
+the `retry_after_s` of a `rate_limited` error), disconnected, stopping (`stop()` began,
+with the sends `in_flight` and the `grace_s` it waits for them), stopped. The command
+line prints each one as a JSON line.
 
 A task_dropped event has the message's `status` from the server's reply and a
 `reason`: `moved` (the task went to another attempt or back to the queue), `ended`
 (the message failed or expired), `already_sent` (the SMS went out before, under this
 attempt or an earlier one, possibly from another phone) or `rejected` (an `error`
-frame, whose code is in `error`).
+frame, whose code is in `error`). Those are replies to the agent's `sending` claim.
+A task that came while the agent was stopping has `reason` `stopping`, `status` None
+and no claim, and the server offers it again on the next connection.
 """
 
 import asyncio

@@ -10,7 +10,9 @@ With a file, the ledger also keeps the outbox: every report and incoming SMS fra
 waits for its `ack`, as the device protocol requires. The server offers a task again
 only while its message is `assigned` or `sending`, so a `delivered` report lost with
 the agent's memory would leave the message `sent` for good. `sending` claims are not
-kept, because the server offers their task again.
+kept, because the server offers their task again. For the same reason, a `sent` record
+whose delivery report has not come yet is marked `delivery_due`, so that the agent
+waits for that report again after a restart.
 
 The changes made inside one `atomic()` block, such as an outcome and the report frame
 that carries it, are appended as one line with one write call. A crash of the agent,
@@ -61,6 +63,8 @@ class Outcome:
     attempt: int | None = None
     # False when a `failed` send may have gone out anyway, so it must never be retried.
     retryable: bool = True
+    # True on a `sent` record whose delivery report the agent still waits for.
+    delivery_due: bool = False
 
 
 class MessageLedger:
@@ -117,11 +121,20 @@ class MessageLedger:
         *,
         attempt: int | None = None,
         retryable: bool = True,
+        delivery_due: bool = False,
     ) -> None:
-        outcome = Outcome(status, error, attempt, retryable)
+        outcome = Outcome(status, error, attempt, retryable, delivery_due)
         self._remember(message_id, outcome)
         if self.path is not None:
             self._append(_record_line(message_id, outcome))
+
+    def deliveries_due(self) -> list[tuple[str, Outcome]]:
+        """Return the `sent` records whose delivery report is still due, oldest first."""
+        return [
+            (message_id, outcome)
+            for message_id, outcome in self._records.items()
+            if outcome.status == "sent" and outcome.delivery_due
+        ]
 
     def unacknowledged_frames(self) -> dict[str, dict[str, Any]]:
         """Return the kept outbox frames by request_id, oldest first."""
@@ -291,18 +304,23 @@ class MessageLedger:
                 item.get("error"),
                 item.get("attempt"),
                 bool(item.get("retryable", True)),
+                # Absent from the lines of earlier versions.
+                bool(item.get("delivery_due", False)),
             ),
         )
 
 
 def _record_line(message_id: str, outcome: Outcome) -> dict[str, Any]:
-    return {
+    line: dict[str, Any] = {
         "message_id": message_id,
         "status": outcome.status,
         "error": outcome.error,
         "attempt": outcome.attempt,
         "retryable": outcome.retryable,
     }
+    if outcome.delivery_due:
+        line["delivery_due"] = True
+    return line
 
 
 def _fsync_folder(folder: Path) -> None:
