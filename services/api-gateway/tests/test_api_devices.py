@@ -270,12 +270,15 @@ async def test_rotate_key(
     await pubsub.aclose()
 
 
-async def test_rotate_key_reports_device_offline(
+@pytest.mark.parametrize("change", ["rotate", "disable"])
+async def test_closing_change_reports_device_offline(
     client: AsyncClient,
     user: ApiUser,
     session_factory: async_sessionmaker[AsyncSession],
+    change: str,
 ) -> None:
-    # Rotating closes the live connection, so the response must not show "online".
+    # Rotating the key or disabling the device closes the live connection, so the
+    # response must not show "online".
     device = await register_device(client, user)
     async with session_factory() as session:
         row = await session.get(SMSDevice, uuid.UUID(device["device_id"]))
@@ -283,9 +286,13 @@ async def test_rotate_key_reports_device_offline(
         row.status = DeviceStatus.ONLINE
         await session.commit()
 
-    response = await client.post(
-        f"{DEVICES_URL}/{device['device_id']}/rotate-key", headers=user.headers
-    )
+    url = f"{DEVICES_URL}/{device['device_id']}"
+    if change == "rotate":
+        response = await client.post(f"{url}/rotate-key", headers=user.headers)
+    else:
+        response = await client.put(
+            url, json={"is_active": False}, headers=user.headers
+        )
     stored = await _device_row(session_factory, device["device_id"])
 
     assert response.status_code == 200, response.text

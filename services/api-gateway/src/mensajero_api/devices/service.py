@@ -154,12 +154,25 @@ async def update_device(
     was_active = device.is_active
     for name, value in changes.items():
         setattr(device, name, value)
+    disabled = was_active and not device.is_active
+    if disabled:
+        _show_offline(device)
     await _save_and_reload(session, device)
 
-    if was_active and not device.is_active:
+    if disabled:
         logger.info("device disabled", user_id=str(user.id), device_id=str(device.id))
         await _close_connection(redis, keys, device.id, CHANNEL_DISABLE)
     return device
+
+
+def _show_offline(device: SMSDevice) -> None:
+    """Mark an online device offline, because the caller closes its connection.
+
+    The response then does not show it online. The device-hub writes the same status
+    when the connection ends.
+    """
+    if device.status == DeviceStatus.ONLINE:
+        device.status = DeviceStatus.OFFLINE
 
 
 async def rotate_api_key(
@@ -180,10 +193,7 @@ async def rotate_api_key(
     device.api_key_hash = apikeys.hash_api_key(api_key)
     device.api_key_prefix = apikeys.display_prefix(api_key)
     device.api_key_expires_at = _key_expiry(expires_in_days)
-    # Its connection is closed below, so the response does not show it online. The
-    # device-hub writes the same status when the connection ends.
-    if device.status == DeviceStatus.ONLINE:
-        device.status = DeviceStatus.OFFLINE
+    _show_offline(device)
     await _save_and_reload(session, device)
 
     logger.info(
