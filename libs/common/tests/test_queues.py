@@ -2,8 +2,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from redis.asyncio import Redis
 
 from mensajero_common import queues
+from mensajero_common.keys import RedisKeys
 
 CREATED_AT = datetime(2026, 12, 5, 9, 30, 0, 123456, tzinfo=UTC)
 
@@ -58,3 +60,39 @@ def test_malformed_entry_carries_no_message(name: bytes, value: bytes) -> None:
     fields = _entry(_message())
     fields[name] = value
     assert queues.read_new_message(fields) is None
+
+
+async def _queued(
+    redis: Redis, keys: RedisKeys, device_id: uuid.UUID
+) -> list[tuple[uuid.UUID, int]]:
+    tasks = await queues.read_device_tasks(redis, keys, device_id)
+    return [(message_id, task["attempt"]) for _, message_id, task in tasks]
+
+
+async def test_remove_device_tasks_up_to_attempt(
+    redis: Redis, redis_keys: RedisKeys
+) -> None:
+    phone, other_phone = uuid.uuid4(), uuid.uuid4()
+    retried, cancelled, kept, elsewhere = (uuid.uuid4() for _ in range(4))
+    for device_id, message_id, attempt in [
+        (phone, retried, 1),
+        (phone, retried, 2),
+        (phone, cancelled, 1),
+        (phone, kept, 1),
+        (other_phone, elsewhere, 3),
+    ]:
+        task = {"message_id": str(message_id), "attempt": attempt}
+        await queues.push_device_task(redis, redis_keys, device_id, message_id, task)
+
+    removed = await queues.remove_device_tasks(
+        redis,
+        redis_keys,
+        [(phone, retried, 1), (phone, cancelled, 1), (other_phone, elsewhere, 3)],
+    )
+    nothing = await queues.remove_device_tasks(redis, redis_keys, [])
+
+    assert removed == 3
+    assert nothing == 0
+    # The entry of the later attempt stays, as with remove_device_task.
+    assert await _queued(redis, redis_keys, phone) == [(retried, 2), (kept, 1)]
+    assert await _queued(redis, redis_keys, other_phone) == []

@@ -175,6 +175,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "date_from ({date_from}) es posterior a date_to ({date_to}).",
         "en": "date_from ({date_from}) is later than date_to ({date_to}).",
     },
+    "message_not_cancellable": {
+        "es": "El mensaje {message_id} está en estado '{status}' y ya no se puede cancelar: solo se cancela un mensaje 'pending' o 'assigned', antes de que un teléfono empiece a enviarlo.",
+        "en": "Message {message_id} is '{status}' and can no longer be cancelled: only a 'pending' or 'assigned' message can be cancelled, before a phone starts sending it.",
+    },
     # Quotas.
     # `.one` and `.zero` variants are picked by the count param that _COUNT_PARAMS names.
     "quota_exceeded_sms": {
@@ -268,6 +272,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Esta Idempotency-Key ya se usó: se devuelve el envío masivo creado la primera vez.",
         "en": "This Idempotency-Key was already used: returning the bulk send created the first time.",
     },
+    "bulk_cancelled": {
+        "es": "Mensajes cancelados: {cancelled}. Los que un teléfono ya había empezado a enviar y los ya terminados no cambian.",
+        "en": "Messages cancelled: {cancelled}. Those that a phone had started sending and those already finished are unchanged.",
+    },
     # Rate limits.
     "rate_limited": {
         "es": "Demasiadas solicitudes: el límite es {limit}. Inténtalo de nuevo en {retry_after} s.",
@@ -305,6 +313,10 @@ MESSAGES: dict[str, dict[str, str]] = {
     "message_replayed": {
         "es": "Esta Idempotency-Key ya se usó: se devuelve el mensaje creado la primera vez.",
         "en": "This Idempotency-Key was already used: returning the message created the first time.",
+    },
+    "message_cancelled": {
+        "es": "Mensaje cancelado: no se enviará.",
+        "en": "Message cancelled: it will not be sent.",
     },
     # Device protocol.
     "invalid_api_key": {

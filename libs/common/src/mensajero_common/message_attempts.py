@@ -1,4 +1,5 @@
-"""Attempts of outgoing messages: starting one, ending one, retrying, expiring, refunding.
+"""Attempts of outgoing messages: starting one, ending one, retrying, expiring,
+cancelling, refunding.
 
 Both the device-hub (a `failed` or `expired` report) and the dispatcher (a missed deadline,
 an expiry) end attempts, so the rules live here once. Every function runs in the caller's
@@ -54,6 +55,12 @@ from mensajero_common.webhooks import EVENT_SMS_FAILED
 ERROR_NO_REPORT = "no_report"
 ERROR_EXPIRED = "expired"
 ERROR_NO_ACK = "no_ack"
+ERROR_CANCELLED = "cancelled"
+
+# Statuses of a message that no phone has claimed. A phone claims its attempt with a
+# `sending` report, which moves the message to `sending` in the transaction whose `ack`
+# lets the phone send.
+UNCLAIMED_STATUSES = frozenset({MessageStatus.PENDING, MessageStatus.ASSIGNED})
 
 # Attempt statuses after which the attempt is over.
 ENDED_ATTEMPT_STATUSES = frozenset(
@@ -461,6 +468,30 @@ async def expire_message(
         segments=message.segments,
     )
     return AttemptEnd(MessageStatus.EXPIRED, None, delivery_ids)
+
+
+async def cancel_message(
+    session: AsyncSession, settings: Settings, message: LockedMessage
+) -> AttemptEnd | None:
+    """End a message that no phone has claimed `failed` with the error `cancelled`,
+    record `sms_failed`, and give its quota charge back.
+
+    An `assigned` message's attempt ends `failed` too, so the `ack` of its phone's later
+    claim names `failed` and the phone does not send. Only `pending` and `assigned`
+    messages can be cancelled; for any other, nothing changes and None is returned.
+    """
+    if message.status not in UNCLAIMED_STATUSES:
+        return None
+    if message.status is MessageStatus.ASSIGNED:
+        await record_attempt_status(
+            session, message, AttemptStatus.FAILED, error=ERROR_CANCELLED
+        )
+    # A retry follows only a failure that sent nothing, so no SMS of a message that no
+    # phone has claimed can have gone out.
+    delivery_ids = await end_failed(
+        session, settings, message, ERROR_CANCELLED, refund=True
+    )
+    return AttemptEnd(MessageStatus.FAILED, None, delivery_ids)
 
 
 # Gives the charge back once per message, and only while the quota row still counts the

@@ -291,6 +291,44 @@ async def remove_device_task(
     return int(await redis.xdel(stream, *stale))
 
 
+async def remove_device_tasks(
+    redis: Redis,
+    keys: RedisKeys,
+    tasks: Iterable[tuple[uuid.UUID, uuid.UUID, int]],
+) -> int:
+    """Delete the entries of each (device id, message id, attempt) up to that attempt,
+    like remove_device_task, reading each device's stream once; return how many."""
+    # The attempt up to which each message's entries go, by device and message id.
+    up_to_by_device: dict[uuid.UUID, dict[bytes, int]] = {}
+    for device_id, message_id, attempt in tasks:
+        up_to_by_device.setdefault(device_id, {})[str(message_id).encode()] = attempt
+    if not up_to_by_device:
+        return 0
+
+    device_ids = list(up_to_by_device)
+    async with redis.pipeline(transaction=False) as pipe:
+        for device_id in device_ids:
+            pipe.xrange(keys.device_tasks_stream(device_id))
+        streams = await pipe.execute()
+
+    removed = 0
+    for device_id, entries in zip(device_ids, streams, strict=True):
+        up_to = up_to_by_device[device_id]
+        stale = []
+        for stream_id, fields in entries:
+            up_to_attempt = up_to.get(fields.get(b"message_id", b""))
+            if up_to_attempt is None:
+                continue
+            # As in select_task_entries, an entry of a later attempt stays.
+            entry_attempt = _entry_attempt(fields)
+            if entry_attempt is None or entry_attempt <= up_to_attempt:
+                stale.append(stream_id)
+        if stale:
+            stream = keys.device_tasks_stream(device_id)
+            removed += int(await redis.xdel(stream, *stale))
+    return removed
+
+
 async def publish_device_control(
     redis: Redis, keys: RedisKeys, device_id: uuid.UUID, message: str
 ) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mensajero_common import message_attempts
 from mensajero_common.db import driver_connection
 from mensajero_common.models import MessageStatus, SMSBulkTask, SMSMessage
 
@@ -204,3 +205,24 @@ async def count_by_status(
     )
     rows = (await session.execute(statement)).all()
     return {MessageStatus(status): count for status, count in rows}
+
+
+async def list_unclaimed_ids(
+    session: AsyncSession, user_id: uuid.UUID, task_id: uuid.UUID
+) -> list[uuid.UUID]:
+    """Return the ids of the task's messages that no phone has claimed, in id order.
+
+    They are read without a lock, so the caller locks them and checks them again.
+    """
+    statement = (
+        select(SMSMessage.id)
+        .where(
+            SMSMessage.bulk_id == task_id,
+            SMSMessage.user_id == user_id,
+            SMSMessage.status.in_(
+                [status.value for status in message_attempts.UNCLAIMED_STATUSES]
+            ),
+        )
+        .order_by(SMSMessage.id)
+    )
+    return list((await session.scalars(statement)).all())

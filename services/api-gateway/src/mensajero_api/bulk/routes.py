@@ -1,11 +1,13 @@
 """Sending one SMS to many recipients, and following its progress."""
 
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Response, status
 
 from mensajero_api.bulk import service
 from mensajero_api.bulk.schemas import (
+    BulkCancelResult,
     BulkProgress,
     BulkRejection,
     BulkSendRequest,
@@ -33,6 +35,22 @@ def _rejections(task: SMSBulkTask, language: str) -> list[BulkRejection]:
         BulkRejection(**service.describe_rejection(item, language))
         for item in task.rejected
     ]
+
+
+def _progress_fields(
+    progress: service.BulkProgressCounts, language: str
+) -> dict[str, Any]:
+    task = progress.task
+    return {
+        "task_id": task.id,
+        "status": "processing" if progress.in_flight else "completed",
+        "total_recipients": task.total_recipients,
+        "accepted": len(task.message_ids),
+        "counts": progress.counts,
+        "rejected": _rejections(task, language),
+        "device_id": task.requested_device_id,
+        "created_at": task.created_at,
+    }
 
 
 @router.post(
@@ -105,15 +123,30 @@ async def read_bulk_progress(
 ) -> Envelope[BulkProgress]:
     """Count the messages of a bulk send by status; another user's task is a 404."""
     progress = await service.get_progress(session, user, task_id)
-    task = progress.task
-    result = BulkProgress(
-        task_id=task.id,
-        status="processing" if progress.in_flight else "completed",
-        total_recipients=task.total_recipients,
-        accepted=len(task.message_ids),
-        counts=progress.counts,
-        rejected=_rejections(task, language),
-        device_id=task.requested_device_id,
-        created_at=task.created_at,
+    return Envelope(data=BulkProgress(**_progress_fields(progress, language)))
+
+
+@router.post("/bulk/{task_id}/cancel", responses=error_responses(401, 404, 422))
+async def cancel_bulk(
+    task_id: uuid.UUID,
+    user: CurrentUser,
+    session: SessionDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    settings: SettingsDep,
+    language: LanguageDep,
+) -> Envelope[BulkCancelResult]:
+    """Cancel every message of a bulk send that no phone has started sending: 200 with
+    the task as GET /api/v1/sms/bulk/{task_id} returns it, and `cancelled`.
+
+    Each message is cancelled as by POST /api/v1/sms/messages/{message_id}/cancel.
+    Messages that a phone has claimed, and those that have ended, are left as they are.
+    Repeating the request returns 200 with `cancelled: 0` once nothing is left to
+    cancel. Errors: 404 `bulk_task_not_found` (also for another user's task).
+    """
+    outcome = await service.cancel_bulk(session, redis, keys, settings, user, task_id)
+    result = BulkCancelResult(
+        **_progress_fields(outcome.progress, language), cancelled=outcome.cancelled
     )
-    return Envelope(data=result)
+    confirmation = translate("bulk_cancelled", language, cancelled=outcome.cancelled)
+    return Envelope(data=result, message=confirmation)

@@ -119,3 +119,10 @@ class BulkProgress(BaseModel):
     rejected: list[BulkRejection]
     device_id: uuid.UUID | None = Field(description="The device asked for, if any.")
     created_at: datetime
+
+
+class BulkCancelResult(BulkProgress):
+    cancelled: int = Field(
+        description="Messages that this request cancelled; 0 when none was left to "
+        "cancel."
+    )

@@ -5,6 +5,9 @@ rejected one by one and not charged, and the rest go out. The quota for all of t
 charged in conditional UPDATEs (all or nothing), the messages are inserted a chunk at a
 time while the next chunk is validated, and the transaction commits before the
 dispatcher is signalled, by one Redis script call after the response has gone out.
+
+Cancelling a task cancels each of its messages that no phone has claimed, with the rules
+of a single message's cancel, a batch per transaction.
 """
 
 import hashlib
@@ -21,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.bulk import repository
 from mensajero_api.bulk.schemas import BulkSendRequest
+from mensajero_api.messages import cancellation
 from mensajero_api.messages import service as messages_service
 from mensajero_api.quotas import service as quotas_service
-from mensajero_common import jsonutil, queues
+from mensajero_common import jsonutil, message_attempts, queues
 from mensajero_common.errors import NotFoundError, ValidationFailedError
 from mensajero_common.i18n import translate
 from mensajero_common.keys import RedisKeys
@@ -55,6 +59,11 @@ REASON_DUPLICATE = "duplicate"
 # Recipients validated, and their messages inserted, per chunk: Postgres inserts one
 # chunk while the next is validated.
 INSERT_CHUNK = 250
+# Messages cancelled per transaction, as many as in a dispatcher batch. A phone's claim
+# of a locked message, and with it the hub's whole report batch, waits until the
+# transaction ends. Each message costs several statements, an estimated 6 to 10 ms from
+# one run of 1000 messages on a busy development machine.
+CANCEL_BATCH_SIZE = 100
 
 
 class TooManyRecipientsError(ValidationFailedError):
@@ -116,6 +125,13 @@ class BulkProgressCounts:
     @property
     def in_flight(self) -> bool:
         return any(self.counts[status] for status in IN_FLIGHT_STATUSES)
+
+
+@dataclass(frozen=True)
+class BulkCancelOutcome:
+    progress: BulkProgressCounts
+    # Messages that this request cancelled.
+    cancelled: int
 
 
 def describe_rejection(item: dict[str, Any], language: str) -> dict[str, Any]:
@@ -429,3 +445,48 @@ async def get_progress(
     found = await repository.count_by_status(session, user.id, task_id)
     counts = {status: found.get(status, 0) for status in OUTGOING_STATUSES}
     return BulkProgressCounts(task=task, counts=counts)
+
+
+async def cancel_bulk(
+    session: AsyncSession,
+    redis: Redis,
+    keys: RedisKeys,
+    settings: Settings,
+    user: User,
+    task_id: uuid.UUID,
+) -> BulkCancelOutcome:
+    """Cancel every message of the task that no phone has claimed, and return the
+    task's progress afterwards.
+
+    Each batch of CANCEL_BATCH_SIZE messages is locked in id order, the order of the
+    device-hub's report batches, then cancelled and committed. After the commit its
+    tasks leave the device streams and its webhooks are queued. If a batch fails, the
+    earlier ones stay cancelled, and repeating the request cancels the rest. Messages
+    that a phone has claimed, and those that have ended, stay as they are. Raises
+    BulkTaskNotFoundError for a task that does not exist or belongs to another user.
+    """
+    task = await repository.get_task(session, user.id, task_id)
+    if task is None:
+        raise BulkTaskNotFoundError(task_id)
+
+    message_ids = await repository.list_unclaimed_ids(session, user.id, task_id)
+    cancelled = 0
+    for start in range(0, len(message_ids), CANCEL_BATCH_SIZE):
+        batch = cancellation.Cancellation()
+        locked = await message_attempts.lock_messages(
+            session, message_ids[start : start + CANCEL_BATCH_SIZE]
+        )
+        await cancellation.cancel_locked(session, settings, locked.values(), batch)
+        await session.commit()
+        await cancellation.finish_cancellation(redis, keys, batch)
+        cancelled += len(batch.message_ids)
+    if cancelled:
+        logger.info(
+            "bulk send cancelled",
+            user_id=str(user.id),
+            task_id=str(task_id),
+            cancelled=cancelled,
+        )
+
+    progress = await get_progress(session, user, task_id)
+    return BulkCancelOutcome(progress, cancelled)

@@ -13,7 +13,7 @@ from mensajero_api.deps import (
 )
 from mensajero_api.envelope import Envelope, error_responses
 from mensajero_api.jsonbody import JSONBodyRoute
-from mensajero_api.messages import service
+from mensajero_api.messages import cancellation, service
 from mensajero_api.messages.schemas import (
     IncomingListQuery,
     MessageListQuery,
@@ -129,6 +129,42 @@ async def read_message(
     """Read one message; the id may be in any letter case."""
     message = await service.get_message(session, user, message_id)
     return Envelope(data=MessagePublic.from_model(message))
+
+
+@router.post(
+    "/messages/{message_id}/cancel", responses=error_responses(401, 404, 409, 422)
+)
+async def cancel_message(
+    message_id: uuid.UUID,
+    user: CurrentUser,
+    session: SessionDep,
+    resources: ResourcesDep,
+    language: LanguageDep,
+) -> Envelope[MessagePublic]:
+    """Cancel a message that no phone has started sending: 200 with the message as GET
+    returns it, now `failed` with the error `cancelled`.
+
+    A `pending` message can be cancelled, and an `assigned` one until its phone claims it
+    (reports `sending`). A phone that claims it afterwards gets an `ack` naming `failed`
+    and does not send it. The SMS goes back to the monthly quota, unless it was charged
+    before the latest monthly reset, and `sms_failed` is sent with the error `cancelled`.
+    Cancelling it again returns 200 and changes nothing.
+
+    Errors: 404 `message_not_found` (also for another user's message); 409
+    `message_not_cancellable`, with the message's `status`, for any other message.
+    """
+    message = await cancellation.cancel_message(
+        session,
+        resources.redis,
+        resources.keys,
+        resources.settings,
+        user,
+        message_id,
+    )
+    return Envelope(
+        data=MessagePublic.from_model(message),
+        message=translate("message_cancelled", language),
+    )
 
 
 @router.get("/incoming", responses=error_responses(400, 401, 404, 422))
