@@ -1,3 +1,4 @@
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, select, text, update
@@ -13,6 +14,7 @@ from mensajero_common.models import (
     WebhookConfig,
     WebhookEvent,
 )
+from mensajero_common.testing import scaled
 from mensajero_common.webhooks import EVENT_SMS_FAILED
 from mensajero_dispatcher.attempts.service import (
     end_tasks_of_deleted_devices,
@@ -204,6 +206,43 @@ async def test_no_refund_after_quota_reset(ctx, factory, session_factory):
     assert refunded is False
     assert (await factory.reload(message)).quota_refunded_at is None
     assert await factory.sms_sent_this_month(user) == 0
+
+
+async def test_no_refund_when_reset_commits_first(ctx, factory, pg_connection):
+    # The reset commits while the refund waits for the quota row's lock, after the
+    # refund's snapshot was taken.
+    user = await factory.user()
+    await factory.quota(user, sms_sent_this_month=1)
+    message = await factory.message(user, age_s=3 * 86400)
+    await pg_connection.execute(
+        "UPDATE userquota SET last_reset_date = current_date - 10 WHERE user_id = $1",
+        user.id,
+    )
+    reset = pg_connection.transaction()
+    await reset.start()
+    # As the monthly reset, then five sends of the new period.
+    await pg_connection.execute(
+        "UPDATE userquota SET last_reset_date = current_date, sms_sent_this_month = 5 "
+        "WHERE user_id = $1",
+        user.id,
+    )
+
+    async def refund() -> bool:
+        async with session_scope(ctx.session_factory) as session:
+            return await message_attempts.refund_quota(session, message.id, user.id)
+
+    refunding = asyncio.create_task(refund())
+    async with asyncio.timeout(scaled(10)):
+        while not await pg_connection.fetchval(  # noqa: ASYNC110
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ):
+            await asyncio.sleep(0.02)
+    await reset.commit()
+    refunded = await refunding
+
+    assert refunded is False
+    assert await factory.sms_sent_this_month(user) == 5
 
 
 async def test_retries_never_charge_again(ctx, factory):

@@ -496,7 +496,10 @@ async def cancel_message(
 
 # Gives the charge back once per message, and only while the quota row still counts the
 # period of the charge: a message created before the row's latest reset was charged to a
-# count that the reset already cleared.
+# count that the reset already cleared. The final UPDATE checks the period again, because
+# a reset that commits while it waits for the row's lock is not in the statement's
+# snapshot, which the first check reads; Postgres checks the final UPDATE's WHERE again on
+# the row as that reset left it.
 _REFUND = text(
     """
     WITH refunded AS (
@@ -509,11 +512,13 @@ _REFUND = text(
                 AND smsmessage.created_at
                     >= (userquota.last_reset_date::timestamp AT TIME ZONE 'UTC')
           )
-        RETURNING id
+        RETURNING created_at
     )
     UPDATE userquota
     SET sms_sent_this_month = GREATEST(sms_sent_this_month - 1, 0), updated_at = now()
-    WHERE user_id = :user_id AND EXISTS (SELECT 1 FROM refunded)
+    WHERE user_id = :user_id
+      AND (SELECT created_at FROM refunded)
+          >= (userquota.last_reset_date::timestamp AT TIME ZONE 'UTC')
     RETURNING user_id
     """
 )
