@@ -39,3 +39,24 @@ def test_httpx_request_lines_are_not_logged(
     assert "s3cr3t" not in output
     assert "a warning of httpx" in output
     assert "a debug line of ours" in output
+
+
+@pytest.mark.parametrize("name", ["api_key", "api%5Fkey", "API%5fKEY"])
+@pytest.mark.usefixtures("restore_logging")
+def test_handshake_lines_hide_device_keys(
+    settings: Settings, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    configure_logging(settings, "test")
+
+    # What uvicorn logs for a refused WebSocket handshake. Starlette decodes the name of
+    # a query parameter, so an encoded `_` authenticates as well.
+    logging.getLogger("uvicorn.error").info(
+        '%s - "WebSocket %s" %d',
+        "127.0.0.1:50000",
+        f"/api/v1/android/ws?{name}=mdk_s3cr3t&x=1",
+        403,
+    )
+
+    output = capsys.readouterr().err
+    assert "mdk_s3cr3t" not in output
+    assert f"{name}=[redacted]&x=1" in output

@@ -20,7 +20,8 @@ class DeviceSecretsFilter(logging.Filter):
     "frame received" line replaces those.
     """
 
-    _api_key = re.compile(r"(api_key=)[^&\s\"']+")
+    # Starlette decodes the names of query parameters, so `api%5Fkey=` authenticates too.
+    _api_key = re.compile(r"(api(?:_|%5f)key=)[^&\s\"']+", re.IGNORECASE)
     _frame_formats = frozenset({"< %s", "> %s"})
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -29,8 +30,9 @@ class DeviceSecretsFilter(logging.Filter):
         if record.msg in self._frame_formats:
             return False
         message = record.getMessage()
-        if "api_key=" in message:
-            record.msg = self._api_key.sub(r"\1[redacted]", message)
+        redacted = self._api_key.sub(r"\1[redacted]", message)
+        if redacted != message:
+            record.msg = redacted
             record.args = None
         return True
 

@@ -127,7 +127,7 @@ class MessagePage(BaseModel):
 
 
 # A time followed by a space and a UTC offset, where the offset's "+" was lost.
-_UNENCODED_PLUS_OFFSET = re.compile(r"^(.+T[\d:.]+) (\d{2}(?::?\d{2})?)$")
+_UNENCODED_PLUS_OFFSET = re.compile(r"^(.+[T ][\d:.]+) (\d{2}(?::?\d{2})?)$")
 
 
 class MessageListQuery(QueryParameters):
