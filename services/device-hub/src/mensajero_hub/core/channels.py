@@ -89,6 +89,7 @@ class DeviceChannelRouter:
             async with self._command_lock:
                 await self._connected_pubsub().subscribe(channel)
         except BaseException:
+            self._drop_confirmation(channel, confirmed)
             await self._drop_reference(device_id)
             raise
         try:
@@ -96,6 +97,25 @@ class DeviceChannelRouter:
                 await asyncio.shield(confirmed)
         except TimeoutError:
             log.warning("subscription not confirmed in time", device_id=str(device_id))
+
+    def _drop_confirmation(
+        self, channel: bytes, confirmed: asyncio.Future[None]
+    ) -> None:
+        """Remove the waiter of a SUBSCRIBE that failed or was cancelled.
+
+        Left queued, it would take the confirmation of the channel's next SUBSCRIBE, so
+        that caller and every later one would wait SUBSCRIBE_CONFIRM_TIMEOUT_S.
+
+        NOTE: a SUBSCRIBE cancelled after Redis received it is still confirmed, and that
+        confirmation releases the channel's next caller early, as a timeout does.
+        """
+        waiting = self._confirmations.get(channel)
+        if waiting is None:
+            return
+        with contextlib.suppress(ValueError):
+            waiting.remove(confirmed)
+        if not waiting:
+            del self._confirmations[channel]
 
     async def unsubscribe(self, device_id: uuid.UUID) -> None:
         """Drop one user of the device's subscription; the last one unsubscribes."""
