@@ -56,3 +56,50 @@ def test_collector_configured_at_startup() -> None:
     assert live_frozen == "True"
     assert few_tracked == "True"
     assert young_threshold == "True"
+
+
+PERIODIC_CHILD = textwrap.dedent(
+    """
+    import gc
+    import time
+    import weakref
+
+    from mensajero_common.startup import (
+        YOUNG_COLLECTION_THRESHOLD,
+        start_full_collections,
+    )
+
+
+    class Node:
+        pass
+
+
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, 10, 10)
+    # A cycle that reaches the oldest generation while alive, then becomes garbage, as
+    # the objects of a closed connection do. No young collection can free it.
+    garbage = Node()
+    garbage.self = garbage
+    collected = weakref.ref(garbage)
+    gc.collect()
+    del garbage
+
+    start_full_collections(0.2)
+    deadline = time.monotonic() + 10
+    while collected() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(collected() is None)
+    """
+)
+
+
+def test_full_collection_runs_periodically() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PERIODIC_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"]

@@ -42,7 +42,8 @@ def test_backoff_counts_failures_in_wait_once() -> None:
     assert backoff.record_failure() == pytest.approx(first_s / 2)
     assert backoff.failures == 1
 
-    clock.now += first_s / 2
+    # Exactly the end of the first wait: two halves added may fall short of it.
+    clock.now = 100.0 + first_s
     second_s = backoff.record_failure()
     assert backoff.failures == 2
     assert 1.6 <= second_s <= 2.4
