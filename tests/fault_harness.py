@@ -342,69 +342,6 @@ class FaultStack:
             return int(count or 0)
 
 
-class PostgresOutage:
-    """A TCP proxy to Postgres that can go down: the services connect through it, and
-    `cut()` drops every open connection and refuses new ones until `restore()`."""
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream_host = upstream_host
-        self.upstream_port = upstream_port
-        self.port = 0
-        self.down = False
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def cut(self) -> None:
-        self.down = True
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    def restore(self) -> None:
-        self.down = False
-
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        if self.down:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(
-                self.upstream_host, self.upstream_port
-            )
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(
-            self._pipe(reader, up_writer),
-            self._pipe(up_reader, writer),
-            return_exceptions=True,
-        )
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            while chunk := await reader.read(65536):
-                writer.write(chunk)
-                await writer.drain()
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-
 @dataclass(frozen=True)
 class FaultReport:
     name: str

@@ -17,7 +17,6 @@ import pytest
 from fault_harness import (
     FaultScale,
     FaultStack,
-    PostgresOutage,
     stack_environment,
     summarize,
 )
@@ -38,7 +37,13 @@ from mensajero_common.models import (
 )
 from mensajero_common.protocol import CLOSE_SERVICE_RESTART
 from mensajero_common.settings import Settings
-from mensajero_common.testing import WebhookReceiver, free_port, scaled, serve_app
+from mensajero_common.testing import (
+    PostgresProxy,
+    WebhookReceiver,
+    free_port,
+    scaled,
+    serve_app,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -284,7 +289,7 @@ async def test_postgres_outage_heals(
     # The services reach Postgres through a proxy that goes down for 10 s while
     # messages flow; the test itself writes to Postgres directly.
     url = make_url(settings.DATABASE_URL)
-    outage = PostgresOutage(url.host or "127.0.0.1", url.port or 5432)
+    outage = PostgresProxy(url.host or "127.0.0.1", url.port or 5432)
     await outage.start()
     hub_port = free_port()
     env = stack_environment(settings, hub_port)

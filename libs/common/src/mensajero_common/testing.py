@@ -451,3 +451,69 @@ def _parameter_literal(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     return "'" + str(getattr(value, "value", value)) + "'"
+
+
+class PostgresProxy:
+    """A TCP proxy to Postgres that can go down, for outage tests: clients connect
+    through it, `cut()` aborts every open connection and rejects new ones until
+    `restore()`, and `rejected` counts the connections rejected meanwhile."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.down = False
+        self.rejected = 0
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.WriteTransport] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self.down = True
+        for transport in list(self._transports):
+            transport.abort()
+        self._transports.clear()
+
+    def restore(self) -> None:
+        self.down = False
+
+    async def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self.down:
+            self.rejected += 1
+            writer.transport.abort()
+            return
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                self.upstream_host, self.upstream_port
+            )
+        except OSError:
+            writer.transport.abort()
+            return
+        self._transports.update((writer.transport, upstream_writer.transport))
+        await asyncio.gather(
+            self._pipe(reader, upstream_writer),
+            self._pipe(upstream_reader, writer),
+            return_exceptions=True,
+        )
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            self._transports.discard(writer.transport)
+            writer.transport.abort()
