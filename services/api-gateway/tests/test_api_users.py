@@ -247,6 +247,26 @@ async def test_login_wrong_password(client: AsyncClient, user: ApiUser) -> None:
     assert response.headers["www-authenticate"] == "Bearer"
 
 
+async def test_login_as_json_names_form(client: AsyncClient, user: ApiUser) -> None:
+    credentials = {"username": user.email, "password": user.password}
+
+    spanish = await client.post(LOGIN_URL, json=credentials)
+    english = await client.post(
+        LOGIN_URL,
+        content=json.dumps(credentials),
+        headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "Accept-Language": "en",
+        },
+    )
+
+    assert spanish.status_code == 415
+    assert spanish.json()["error"] == "login_form_required"
+    assert "formulario" in spanish.json()["message"]
+    assert english.status_code == 415
+    assert "as a form" in english.json()["message"]
+
+
 async def test_login_unknown_email(client: AsyncClient) -> None:
     response = await client.post(
         LOGIN_URL, data={"username": "nobody@example.com", "password": "whatever1"}

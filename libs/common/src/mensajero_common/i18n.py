@@ -64,6 +64,12 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "Esto es una API key de usuario, no un token de acceso: envíala en la cabecera 'X-API-Key', no en 'Authorization: Bearer'.",
         "en": "This is a user API key, not an access token: send it in the 'X-API-Key' header, not in 'Authorization: Bearer'.",
     },
+    "login_form_required": {
+        "es": "Envía username y password como formulario "
+        "(application/x-www-form-urlencoded), no como JSON.",
+        "en": "Send username and password as a form "
+        "(application/x-www-form-urlencoded), not as JSON.",
+    },
     "invalid_credentials": {
         "es": "Correo o contraseña incorrectos.",
         "en": "Incorrect email or password.",

@@ -13,13 +13,36 @@ from mensajero_api.deps import PasswordsDep, SessionDep, SettingsDep
 from mensajero_api.envelope import error_responses
 from mensajero_api.jsonbody import JSONBodyRoute
 from mensajero_api.types import normalize_email, normalize_email_before_nfkc
+from mensajero_common.errors import AppError
 from mensajero_common.throttle import client_address
 
 router = APIRouter(prefix="/api/v1/login", tags=["login"], route_class=JSONBodyRoute)
 
 
+class LoginFormRequiredError(AppError):
+    """A login sent as JSON, which OAuth2's password flow does not read."""
+
+    status_code = 415
+    code = "login_form_required"
+
+
+def reject_json_login(request: Request) -> None:
+    """Raise LoginFormRequiredError for a JSON body.
+
+    Without it, a JSON login got 422 for missing `username` and `password` although the
+    body held both, with no hint that a form was expected.
+    """
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        raise LoginFormRequiredError()
+
+
 @router.post(
-    "/access-token", responses=error_responses(401, 403, 422, login_throttle=True)
+    "/access-token",
+    responses=error_responses(401, 403, 415, 422, login_throttle=True),
+    # Before the form's fields, whose errors would come first otherwise.
+    dependencies=[Depends(reject_json_login)],
 )
 async def login_access_token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
