@@ -63,9 +63,10 @@ CASES = {
         "POST", SEND_URL, {"json": {"body": "Hola"}}, "to", "body", "missing",
         "Este campo es obligatorio.", "This field is required.",
     ),
+    # Its own type, or it would read as a send missing its `body` field.
     "missing_body": Case(
         "POST", SEND_URL, {"headers": {"Content-Type": "application/json"}},
-        "body", "body", "missing",
+        "body", "body", "missing_body",
         "Falta el cuerpo de la solicitud: envía un objeto JSON.",
         "The request body is missing: send a JSON object.",
     ),

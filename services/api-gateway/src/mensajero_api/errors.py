@@ -103,7 +103,9 @@ def describe_validation_item(item: Any, language: str, document: Any) -> dict[st
             extra["reason"] = body_reason
             context.update(max_depth=MAX_JSON_DEPTH, max_digits=max_integer_digits())
     elif error_type == "missing" and location == "body" and not location_path:
-        message_type = "missing_body"
+        # A type of its own: as `missing` it would read as a send without its `body`
+        # field, whose item also has `"field": "body"`.
+        error_type = message_type = "missing_body"
     elif error_type == "extra_forbidden" and location == "query":
         message_type = "extra_forbidden_query"
     reason = context.get("reason")
