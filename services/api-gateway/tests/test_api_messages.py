@@ -190,6 +190,7 @@ async def test_send_malformed_numbers(
         "+999123456789": "invalid_country_code",
         "+52123": "too_short",
         "": "not_a_number",
+        "   ": "not_a_number",
     }
 
     for number, reason in cases.items():
@@ -200,6 +201,9 @@ async def test_send_malformed_numbers(
         assert body["number"] == number
         assert body["reason"] == reason, number
         assert "E.164" in body["message"]
+        # A blank number is named missing, not quoted as "the number  is invalid".
+        assert ("Falta el número" in body["message"]) == (not number.strip()), number
+        assert "  " not in body["message"], number
 
     assert await count_rows(session_factory, SMSMessage) == 0
     assert await _stream_message_ids(redis, redis_keys) == []

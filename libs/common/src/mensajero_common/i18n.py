@@ -161,6 +161,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": "El número {number} no es válido: {reason}. Usa el formato E.164, por ejemplo +525512345678.",
         "en": "The number {number} is invalid: {reason}. Use the E.164 format, for example +525512345678.",
     },
+    "phone_number_blank": {
+        "es": "Falta el número de teléfono: escríbelo en formato E.164, por ejemplo +525512345678.",
+        "en": "The phone number is missing: write it in the E.164 format, for example +525512345678.",
+    },
     "empty_body": {
         "es": "El texto del mensaje está vacío o solo contiene espacios o caracteres invisibles.",
         "en": "The message body is empty or contains only whitespace or invisible characters.",

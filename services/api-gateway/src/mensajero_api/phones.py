@@ -9,7 +9,12 @@ class InvalidPhoneNumberError(ValidationFailedError):
 
     def __init__(self, number: str, reason: str) -> None:
         super().__init__(
-            number=number, reason=reason, details={"number": number, "reason": reason}
+            # A blank number would read "The number  is invalid", so it has a message
+            # of its own; the code and the reason stay those of any invalid number.
+            message_key=None if number.strip() else "phone_number_blank",
+            number=number,
+            reason=reason,
+            details={"number": number, "reason": reason},
         )
 
 
