@@ -626,6 +626,20 @@ async def test_cli_exits_4_on_rejected_name(
     assert events[-1] == "stopped"
 
 
+async def test_cli_quotes_server_in_english(
+    hub: str, session_factory: Sessions
+) -> None:
+    _, _, api_key = await create_device(session_factory)
+
+    # No --language: the hub's own default is Spanish.
+    result = await asyncio.to_thread(
+        run_cli, "--url", hub, "--api-key", api_key, "--name", "a\tb", timeout_s=10
+    )
+
+    assert result.returncode == 4
+    assert "control characters" in result.stderr
+
+
 async def test_cli_prints_events_as_json_lines(
     hub: str, session_factory: Sessions, redis: Redis, redis_keys: RedisKeys
 ) -> None:

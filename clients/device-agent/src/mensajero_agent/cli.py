@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest wait between reconnect attempts, in seconds (default 30)",
     )
     parser.add_argument(
-        "--language", help="Accept-Language for server messages (es or en)"
+        "--language",
+        default="en",
+        help="Accept-Language for server messages, which the agent quotes in its own "
+        "English lines (es or en, default en)",
     )
     parser.add_argument("--seed", type=int, help="random seed for failures and backoff")
     parser.add_argument("--version", action="version", version=__version__)
