@@ -136,43 +136,53 @@ async def test_phone_filter_skips_other_users(
     assert read <= 2
 
 
-async def _insert_two_devices(
+# Devices of the device filter's test besides the two it reads, with a few messages each.
+# With only two devices in the table, the generic plan estimates that half of a user's
+# messages match any device, so walking the user's history looks as cheap as reading the
+# device's index, and which one Postgres picks varies.
+OTHER_DEVICES = 200
+OTHER_DEVICE_MESSAGES = 5
+
+
+async def _insert_devices(
     connection: asyncpg.Connection, user_id: uuid.UUID, devices: list[uuid.UUID]
 ) -> None:
-    """Insert the user with two devices, HISTORY older messages on the first and
-    HISTORY newer ones on the second."""
+    """Insert the user with its devices: HISTORY older messages on the first, HISTORY
+    newer ones on the second, and a few of the newest on each of OTHER_DEVICES more."""
     await connection.execute(
         'INSERT INTO "user" (id, email, hashed_password) VALUES ($1, $2, $3)',
         user_id,
         f"{user_id}@example.com",
         "unused",
     )
-    for number, device_id in enumerate(devices):
-        await connection.execute(
-            """INSERT INTO smsdevice (id, user_id, name, api_key_hash, api_key_prefix)
-            VALUES ($1, $2, $3, $4, 'sk_test')""",
-            device_id,
-            user_id,
-            f"phone {number}",
-            device_id.hex,
-        )
+    others = [uuid.uuid4() for _ in range(OTHER_DEVICES)]
+    await connection.copy_records_to_table(
+        "smsdevice",
+        records=[
+            (device_id, user_id, f"phone {number}", device_id.hex, "sk_test")
+            for number, device_id in enumerate([*devices, *others])
+        ],
+        columns=("id", "user_id", "name", "api_key_hash", "api_key_prefix"),
+    )
+    owners = [devices[index // HISTORY] for index in range(2 * HISTORY)]
+    owners += [device for device in others for _ in range(OTHER_DEVICE_MESSAGES)]
     start = datetime(2025, 1, 1, tzinfo=UTC)
-    at = [start + timedelta(seconds=index) for index in range(2 * HISTORY)]
+    at = [start + timedelta(seconds=index) for index in range(len(owners))]
     await connection.copy_records_to_table(
         "smsmessage",
         records=[
             (
                 uuid.uuid4(),
                 user_id,
-                devices[index // HISTORY],
+                device_id,
                 "outgoing",
                 "delivered",
                 NUMBER,
                 "hola",
-                at[index],
-                at[index],
+                created_at,
+                created_at,
             )
-            for index in range(2 * HISTORY)
+            for device_id, created_at in zip(owners, at, strict=True)
         ],
         columns=(
             "id",
@@ -204,7 +214,7 @@ async def test_device_filter_reads_one_page(pg_connection: asyncpg.Connection) -
     plan = await generic_plan(
         pg_connection,
         statement,
-        lambda connection: _insert_two_devices(connection, user_id, devices),
+        lambda connection: _insert_devices(connection, user_id, devices),
     )
 
     assert rows_read(plan, "smsmessage") <= PAGE + 1
