@@ -1,5 +1,6 @@
 """Cancelling a message, or the messages of a bulk send, that no phone has claimed."""
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -488,3 +489,48 @@ async def test_bulk_cancel_other_users_task(
         row = await _load(session_factory, uuid.UUID(message_id))
         assert row.status == MessageStatus.PENDING
     assert await _sms_sent(session_factory, owner) == 2
+
+
+@pytest.mark.parametrize("delete_delay_s", [0.0, 0.05])
+async def test_bulk_cancel_and_device_delete_race(
+    client: AsyncClient,
+    make_user: MakeUser,
+    session_factory: SessionFactory,
+    delete_delay_s: float,
+) -> None:
+    owner = await make_user(plan="pro")
+    device = await register_device(client, owner)
+    device_id = uuid.UUID(device["id"])
+    task = await _send_bulk(client, owner, 1000)
+    ids = [uuid.UUID(value) for value in task["message_ids"]]
+    async with session_factory() as session:
+        await session.execute(
+            update(SMSMessage)
+            .where(SMSMessage.id.in_(ids))
+            .values(
+                status=MessageStatus.ASSIGNED,
+                device_id=device_id,
+                attempts=1,
+                assigned_at=datetime.now(UTC),
+            )
+        )
+        await message_attempts.start_attempts(
+            session, [(message_id, 1, device_id) for message_id in ids]
+        )
+        await session.commit()
+
+    # The delete nulls the device_id of every message while the cancel holds a batch
+    # of them locked.
+    cancel = asyncio.create_task(
+        client.post(f"{PROGRESS_URL}/{task['task_id']}/cancel", headers=owner.headers)
+    )
+    await asyncio.sleep(delete_delay_s)
+    delete = await client.delete(
+        f"/api/v1/sms/devices/{device_id}", headers=owner.headers
+    )
+    cancelled = await cancel
+
+    assert delete.status_code == 200, delete.text
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["data"]["cancelled"] == 1000
+    assert await _sms_sent(session_factory, owner) == 0

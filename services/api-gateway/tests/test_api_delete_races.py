@@ -197,6 +197,13 @@ async def test_device_delete_and_send_do_not_deadlock(
     device = await register_device(client, user)
     earlier = await send_sms(client, user, device_id=device["id"])
     assert earlier.status_code == 201, earlier.text
+    # Delivered, so the delete does not lock it before the device's row.
+    async with session_factory() as session:
+        await session.execute(
+            text("UPDATE smsmessage SET status = 'delivered' WHERE id = :id"),
+            {"id": uuid.UUID(earlier.json()["data"]["message_id"])},
+        )
+        await session.commit()
 
     async with session_factory() as blocker:
         # The delete sets device_id NULL on the earlier message, so it stops there with

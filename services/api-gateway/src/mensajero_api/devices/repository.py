@@ -11,7 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mensajero_api.pagination import Cursor, check_cursor_origin, keyset_walk
 from mensajero_common.db import delete_owned_row
-from mensajero_common.models import DeviceStatus, SMSDevice
+from mensajero_common.models import DeviceStatus, MessageStatus, SMSDevice, SMSMessage
+
+# Message statuses that are not final: other transactions may still lock such messages.
+_OPEN_MESSAGE_STATUSES = (
+    MessageStatus.PENDING,
+    MessageStatus.ASSIGNED,
+    MessageStatus.SENDING,
+    MessageStatus.SENT,
+)
 
 
 @dataclass(frozen=True)
@@ -102,4 +110,18 @@ async def delete_device(
     session: AsyncSession, user_id: uuid.UUID, device_id: uuid.UUID
 ) -> bool:
     """Delete the device; tell whether it existed. Its messages keep device_id NULL."""
+    # The foreign key's ON DELETE SET NULL rewrites the device's messages in no fixed
+    # order, but bulk cancels and the hub's report batches lock many messages in id
+    # order. Locking the open messages in id order first makes the delete wait for
+    # those transactions instead of deadlocking with them.
+    await session.execute(
+        select(SMSMessage.id)
+        .where(
+            SMSMessage.device_id == device_id,
+            SMSMessage.user_id == user_id,
+            SMSMessage.status.in_([status.value for status in _OPEN_MESSAGE_STATUSES]),
+        )
+        .order_by(SMSMessage.id)
+        .with_for_update()
+    )
     return await delete_owned_row(session, SMSDevice, device_id, user_id)
