@@ -255,19 +255,20 @@ def select_task_entries(
     removed.
     """
     wanted = str(message_id).encode()
-    selected = []
-    for stream_id, fields in entries:
-        if fields.get(b"message_id") != wanted:
-            continue
-        attempt = _entry_attempt(fields)
-        if (
-            up_to_attempt is not None
-            and attempt is not None
-            and attempt > up_to_attempt
-        ):
-            continue
-        selected.append(stream_id)
-    return selected
+    return [
+        stream_id
+        for stream_id, fields in entries
+        if fields.get(b"message_id") == wanted and _within(fields, up_to_attempt)
+    ]
+
+
+def _within(fields: Mapping[bytes, bytes], up_to_attempt: int | None) -> bool:
+    """Tell whether an entry's attempt is at most `up_to_attempt` (any, when None).
+
+    An entry without a readable attempt counts as within.
+    """
+    attempt = _entry_attempt(fields)
+    return up_to_attempt is None or attempt is None or attempt <= up_to_attempt
 
 
 async def remove_device_task(
@@ -297,7 +298,10 @@ async def remove_device_tasks(
     tasks: Iterable[tuple[uuid.UUID, uuid.UUID, int]],
 ) -> int:
     """Delete the entries of each (device id, message id, attempt) up to that attempt,
-    like remove_device_task, reading each device's stream once; return how many."""
+    like remove_device_task, and return how many were deleted.
+
+    Two round trips serve every device: one reads the streams, one deletes the entries.
+    """
     # The attempt up to which each message's entries go, by device and message id.
     up_to_by_device: dict[uuid.UUID, dict[bytes, int]] = {}
     for device_id, message_id, attempt in tasks:
@@ -311,22 +315,25 @@ async def remove_device_tasks(
             pipe.xrange(keys.device_tasks_stream(device_id))
         streams = await pipe.execute()
 
-    removed = 0
+    stale_by_device: dict[uuid.UUID, list[bytes]] = {}
     for device_id, entries in zip(device_ids, streams, strict=True):
         up_to = up_to_by_device[device_id]
-        stale = []
-        for stream_id, fields in entries:
-            up_to_attempt = up_to.get(fields.get(b"message_id", b""))
-            if up_to_attempt is None:
-                continue
-            # As in select_task_entries, an entry of a later attempt stays.
-            entry_attempt = _entry_attempt(fields)
-            if entry_attempt is None or entry_attempt <= up_to_attempt:
-                stale.append(stream_id)
+        stale = [
+            stream_id
+            for stream_id, fields in entries
+            if (message := fields.get(b"message_id")) in up_to
+            and _within(fields, up_to[message])
+        ]
         if stale:
-            stream = keys.device_tasks_stream(device_id)
-            removed += int(await redis.xdel(stream, *stale))
-    return removed
+            stale_by_device[device_id] = stale
+    if not stale_by_device:
+        return 0
+
+    async with redis.pipeline(transaction=False) as pipe:
+        for device_id, stale in stale_by_device.items():
+            pipe.xdel(keys.device_tasks_stream(device_id), *stale)
+        counts = await pipe.execute()
+    return sum(int(count) for count in counts)
 
 
 async def publish_device_control(

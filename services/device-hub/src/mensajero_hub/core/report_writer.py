@@ -241,37 +241,15 @@ class ReportWriter:
     ) -> None:
         """Delete the stream entries of the attempts these reports ended, in two round
         trips for the whole batch."""
-        if not removals:
-            return
-        wanted = [
-            (item.device_id, item.frame.message_id, outcome.remove_up_to_attempt)
-            for _, item, outcome in removals
-        ]
-        device_ids = list(dict.fromkeys(device_id for device_id, _, _ in wanted))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for device_id in device_ids:
-                pipe.xrange(self.keys.device_tasks_stream(device_id))
-            streams = await pipe.execute()
-
-        stale_by_device: dict[uuid.UUID, list[bytes]] = {}
-        entries_by_device = dict(zip(device_ids, streams, strict=True))
-        for device_id, message_id, up_to_attempt in wanted:
-            stale_by_device.setdefault(device_id, []).extend(
-                queues.select_task_entries(
-                    entries_by_device[device_id],
-                    message_id,
-                    up_to_attempt=up_to_attempt,
-                )
-            )
-        stale_by_device = {
-            device_id: stale for device_id, stale in stale_by_device.items() if stale
-        }
-        if not stale_by_device:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for device_id, stale in stale_by_device.items():
-                pipe.xdel(self.keys.device_tasks_stream(device_id), *stale)
-            await pipe.execute()
+        await queues.remove_device_tasks(
+            self.redis,
+            self.keys,
+            [
+                (item.device_id, item.frame.message_id, outcome.remove_up_to_attempt)
+                for _, item, outcome in removals
+                if outcome.remove_up_to_attempt is not None
+            ],
+        )
 
 
 def _resolve(item: QueuedReport, result: Result) -> None:
