@@ -171,7 +171,7 @@ async def test_stack_names_missing_redis(
     assert "apt-get install redis-server" in str(raised.value)
 
 
-async def test_stack_names_refused_redis_database(
+async def test_stack_names_rejected_redis_database(
     settings: Settings, processes: ProcessGroup
 ) -> None:
     redis_url = settings.REDIS_URL.rsplit("/", 1)[0] + "/99"
@@ -181,7 +181,7 @@ async def test_stack_names_refused_redis_database(
 
     output = b"".join(line for _, line in runner.lines)
     assert returncode == 1
-    assert b"the Redis at REDIS_URL refuses the connection" in output
+    assert b"the Redis at REDIS_URL rejects the connection" in output
     assert b"DB index is out of range" in output
     assert b"Traceback" not in output
 

@@ -213,7 +213,7 @@ async def test_kill_between_outcome_and_report_keeps_report(
             if child.returncode is None:
                 child.kill()
             await child.communicate()
-    kept = MessageLedger(state_file).unacknowledged_frames()
+    unacknowledged = MessageLedger(state_file).unacknowledged_frames()
 
     async with (
         serve_hub_on(settings, port) as url,
@@ -227,7 +227,7 @@ async def test_kill_between_outcome_and_report_keeps_report(
     row = await load_message(session_factory, message_id)
 
     assert child.returncode == -signal.SIGKILL
-    assert [frame["status"] for frame in kept.values()] == ["delivered"]
+    assert [frame["status"] for frame in unacknowledged.values()] == ["delivered"]
     assert row.status == MessageStatus.DELIVERED
 
 
@@ -326,7 +326,7 @@ def test_ledger_compacts_at_load(tmp_path: Path) -> None:
 def compaction_step(ledger: MessageLedger, index: int) -> None:
     """Apply step `index` of a sequence whose superseded lines soon call for compaction.
 
-    Every message takes four steps, and the frame of every third one stays kept.
+    Every message takes four steps, and the frame of every third one stays unacknowledged.
     """
     message_id = f"m{index // 4}"
     request_id = f"r{index // 4}"

@@ -73,12 +73,12 @@ async def test_remove_device_tasks_up_to_attempt(
     redis: Redis, redis_keys: RedisKeys
 ) -> None:
     phone, other_phone = uuid.uuid4(), uuid.uuid4()
-    retried, cancelled, kept, elsewhere = (uuid.uuid4() for _ in range(4))
+    retried, cancelled, untouched, elsewhere = (uuid.uuid4() for _ in range(4))
     for device_id, message_id, attempt in [
         (phone, retried, 1),
         (phone, retried, 2),
         (phone, cancelled, 1),
-        (phone, kept, 1),
+        (phone, untouched, 1),
         (other_phone, elsewhere, 3),
     ]:
         task = {"message_id": str(message_id), "attempt": attempt}
@@ -94,5 +94,5 @@ async def test_remove_device_tasks_up_to_attempt(
     assert removed == 3
     assert nothing == 0
     # The entry of the later attempt stays, as with remove_device_task.
-    assert await _queued(redis, redis_keys, phone) == [(retried, 2), (kept, 1)]
+    assert await _queued(redis, redis_keys, phone) == [(retried, 2), (untouched, 1)]
     assert await _queued(redis, redis_keys, other_phone) == []

@@ -29,8 +29,10 @@ PAGE = 50
 NUMBER = "+34600000001"
 
 
-async def _insert_user(connection: asyncpg.Connection) -> uuid.UUID:
-    user_id = uuid.uuid4()
+async def _insert_user(
+    connection: asyncpg.Connection, user_id: uuid.UUID | None = None
+) -> uuid.UUID:
+    user_id = user_id or uuid.uuid4()
     await connection.execute(
         'INSERT INTO "user" (id, email, hashed_password) VALUES ($1, $2, $3)',
         user_id,
@@ -149,12 +151,8 @@ async def _insert_devices(
 ) -> None:
     """Insert the user with its devices: HISTORY older messages on the first, HISTORY
     newer ones on the second, and a few of the newest on each of OTHER_DEVICES more."""
-    await connection.execute(
-        'INSERT INTO "user" (id, email, hashed_password) VALUES ($1, $2, $3)',
-        user_id,
-        f"{user_id}@example.com",
-        "unused",
-    )
+    await _insert_user(connection, user_id)
+
     others = [uuid.uuid4() for _ in range(OTHER_DEVICES)]
     await connection.copy_records_to_table(
         "smsdevice",
@@ -164,6 +162,7 @@ async def _insert_devices(
         ],
         columns=("id", "user_id", "name", "api_key_hash", "api_key_prefix"),
     )
+
     owners = [devices[index // HISTORY] for index in range(2 * HISTORY)]
     owners += [device for device in others for _ in range(OTHER_DEVICE_MESSAGES)]
     start = datetime(2025, 1, 1, tzinfo=UTC)
@@ -196,6 +195,7 @@ async def _insert_devices(
             "updated_at",
         ),
     )
+
     await connection.execute("ANALYZE smsmessage")
     await connection.execute("SET LOCAL enable_seqscan = off")
 

@@ -359,22 +359,22 @@ async def test_bulk_cancel_and_claims_race(
                 for message_id in message_ids
                 if acks[message_id]["status"] == "sending"
             ]
-            refused = [
+            rejected_claims = [
                 message_id
                 for message_id in message_ids
                 if acks[message_id]["status"] == "failed"
             ]
-            assert len(claimed) + len(refused) == BULK_RACE_SIZE
-            assert data["cancelled"] == len(refused)
-            assert data["counts"]["failed"] == len(refused)
+            assert len(claimed) + len(rejected_claims) == BULK_RACE_SIZE
+            assert data["cancelled"] == len(rejected_claims)
+            assert data["counts"]["failed"] == len(rejected_claims)
             assert data["counts"]["sending"] == len(claimed)
-            for message_id in refused:
+            for message_id in rejected_claims:
                 row = await load_message(session_factory, message_id)
                 assert row.status == MessageStatus.FAILED
                 assert row.error == "cancelled"
             for message_id in claimed:
                 row = await load_message(session_factory, message_id)
                 assert row.status == MessageStatus.SENDING
-            cancelled_in_all += len(refused)
+            cancelled_in_all += len(rejected_claims)
 
     assert await _sms_sent(session_factory, device.user_id) == total - cancelled_in_all

@@ -351,8 +351,8 @@ class Agent:
            out (see SendingBackend.unsent_when_cancelled). Otherwise its ledger record
            stays `sending`, an unknown outcome that is never sent again. A `sent` SMS
            keeps its delivery report due for the next run with the same ledger file.
-           A task whose `sending` claim got no answer yet is not reported, because the
-           answer may say that the SMS went out. The server offers it again on the next
+           A task whose `sending` claim has no `ack` yet is not reported, because that
+           `ack` may name a status in which the SMS went out. The server offers it again on the next
            connection, and ends it after its report timeout if the agent does not return.
         4. Wait up to STOP_REPORT_WAIT_S for the acks of those reports, then close.
 

@@ -496,10 +496,10 @@ async def cancel_message(
 
 # Gives the charge back once per message, and only while the quota row still counts the
 # period of the charge: a message created before the row's latest reset was charged to a
-# count that the reset already cleared. The final UPDATE checks the period again, because
-# a reset that commits while it waits for the row's lock is not in the statement's
-# snapshot, which the first check reads; Postgres checks the final UPDATE's WHERE again on
-# the row as that reset left it.
+# count that the reset already cleared. The first check reads the statement's snapshot,
+# which misses a reset that commits while the final UPDATE waits for the row's lock. So the
+# final UPDATE checks the period again: Postgres evaluates its WHERE again on the row as
+# that reset left it.
 _REFUND = text(
     """
     WITH refunded AS (

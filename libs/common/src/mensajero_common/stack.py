@@ -388,8 +388,8 @@ async def redis_responds(redis_url: str) -> bool:
     return True
 
 
-async def redis_refusal(redis_url: str) -> str | None:
-    """Return why the Redis at the URL refuses this client, such as a wrong password or a
+async def redis_rejection(redis_url: str) -> str | None:
+    """Return why the Redis at the URL rejects this client, such as a wrong password or a
     database index out of range, or None when it accepts it."""
     client: Redis = Redis.from_url(
         redis_url, socket_connect_timeout=2, socket_timeout=2
@@ -543,10 +543,10 @@ class Stack:
                 lambda: redis_responds(settings.REDIS_URL),
                 SERVER_START_TIMEOUT_S,
             )
-        refusal = await redis_refusal(settings.REDIS_URL)
-        if refusal is not None:
+        rejection = await redis_rejection(settings.REDIS_URL)
+        if rejection is not None:
             raise StackError(
-                f"the Redis at REDIS_URL refuses the connection: {refusal}. Check the "
+                f"the Redis at REDIS_URL rejects the connection: {rejection}. Check the "
                 "password and the database index at the end of REDIS_URL (0 to 15 on a "
                 "default Redis server)"
             )

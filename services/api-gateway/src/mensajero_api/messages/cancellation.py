@@ -87,8 +87,8 @@ async def finish_cancellation(
     """Remove the committed cancellation's tasks from their device streams and queue its
     webhook deliveries.
 
-    A Redis failure is logged and not raised. The hub drops a task left in a stream when
-    it reads it, or answers the phone's claim of it with `failed`, and the
+    A Redis failure is logged and not raised. A task left in a stream is dropped by the
+    hub when it reads it, or the phone's claim of it gets an `ack` naming `failed`. The
     webhook-sender's sweep sends the deliveries later.
     """
     try:

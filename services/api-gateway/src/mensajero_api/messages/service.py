@@ -176,8 +176,8 @@ async def check_sending_device(
     The device's row stays locked (FOR KEY SHARE, as the message's foreign key check
     would lock it) until the transaction ends. So a concurrent delete of the device
     waits for the message instead of removing the row that its insert references. The
-    lock is taken before the quota row's, in the order in which the delete takes them,
-    so a send and a delete cannot deadlock on these two rows.
+    send takes this lock before the quota row's, as the delete takes its locks of the
+    two rows, so a send and a delete cannot deadlock on them.
     """
     if device_id is None:
         return
@@ -440,7 +440,7 @@ def _read_phone_filter(number: str, default_region: str | None) -> str:
 
     A "+" written unencoded in a query string reaches the API as a space, so
     `phone=+34612345678` arrives as " 34612345678". A number that starts with a space
-    and is invalid as written is read again with the "+"; a number valid as written is
+    and is invalid as written is read again with the "+". A number valid as written is
     kept as it is, so no filter that worked before changes meaning.
     """
     try:
